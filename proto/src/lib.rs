@@ -1,0 +1,26 @@
+//! Flotilla's wire protocol (generated from `flotilla/v1/*.proto`), the join token
+//! format, the limits every side enforces, the TLS pieces agent and CLI share, and the
+//! one telemetry setup all binaries use.
+
+pub mod limits;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+
+/// Generated protobuf and gRPC code for package `flotilla.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("flotilla.v1");
+}
+
+/// Lower-case hex SHA-256 of `bytes`: the fingerprint of a CA certificate (DER).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Installs ring as rustls' process-wide crypto provider. Every binary calls this
+/// once at start; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

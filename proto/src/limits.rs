@@ -1,0 +1,119 @@
+//! Limits shared by server, agent and CLI. Every input from outside has one.
+
+/// Largest gRPC message either side decodes.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest CSR the server parses.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+/// Longest hostname, os, arch, version or machine id string.
+pub const MAX_FACT_LEN: usize = 255;
+/// Most labels on a node or a token.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key.
+pub const MAX_LABEL_KEY_LEN: usize = 63;
+/// Longest label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 255;
+/// Longest group name.
+pub const MAX_GROUP_NAME_LEN: usize = 63;
+/// Longest free-text description.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Largest desired node count of a group.
+pub const MAX_DESIRED: u32 = 1_000_000;
+/// Largest number of joins one token may allow.
+pub const MAX_TOKEN_USES: u32 = 1_000_000;
+/// Longest token lifetime.
+pub const MAX_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
+/// Most audit entries returned by one call.
+pub const MAX_AUDIT_PAGE: u32 = 10_000;
+/// Artifact bytes per streamed chunk.
+pub const ARTIFACT_CHUNK_BYTES: usize = 64 * 1024;
+/// Longest error or log tail in a report.
+pub const MAX_REPORT_TEXT: usize = 8 * 1024;
+
+/// Why a name, label or fact was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} is longer than {max} bytes")]
+    TooLong { what: &'static str, max: usize },
+    #[error("{what} {value:?} may only contain a-z, A-Z, 0-9, '-', '_' and '.'")]
+    BadChar { what: &'static str, value: String },
+    #[error("too many labels: {count} (at most {max})")]
+    TooManyLabels { count: usize, max: usize },
+}
+
+/// Checks a group name, label key or similar identifier: 1..=max bytes of
+/// `[A-Za-z0-9._-]`, not starting with '.' or '-'.
+pub fn check_name(what: &'static str, value: &str, max: usize) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(NameError::TooLong { what, max });
+    }
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if !value.chars().all(ok_char) || value.starts_with(['.', '-']) {
+        return Err(NameError::BadChar {
+            what,
+            value: value.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks free text (facts, descriptions, label values): bounded, no control characters.
+pub fn check_text(what: &'static str, value: &str, max: usize) -> Result<(), NameError> {
+    if value.len() > max {
+        return Err(NameError::TooLong { what, max });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(NameError::BadChar {
+            what,
+            value: value.escape_debug().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a label set: count, key shape and value length.
+pub fn check_labels<'a>(
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), NameError> {
+    let count = labels.len();
+    if count > MAX_LABELS {
+        return Err(NameError::TooManyLabels {
+            count,
+            max: MAX_LABELS,
+        });
+    }
+    for (k, v) in labels {
+        check_name("label key", k, MAX_LABEL_KEY_LEN)?;
+        check_text("label value", v, MAX_LABEL_VALUE_LEN)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("group", "store-eu_1.a", 63).is_ok());
+        assert_eq!(
+            check_name("group", "", 63),
+            Err(NameError::Empty { what: "group" })
+        );
+        assert!(check_name("group", "../etc", 63).is_err());
+        assert!(check_name("group", "a/b", 63).is_err());
+        assert!(check_name("group", "-x", 63).is_err());
+        assert!(check_name("group", &"a".repeat(64), 63).is_err());
+    }
+
+    #[test]
+    fn text_refuses_control_characters() {
+        assert!(check_text("hostname", "web-1", 10).is_ok());
+        assert!(check_text("hostname", "a\nb", 10).is_err());
+        assert!(check_text("hostname", "abcdefghijk", 10).is_err());
+    }
+}

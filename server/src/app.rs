@@ -1,0 +1,17 @@
+//! What every service of a running server shares.
+
+use std::sync::Arc;
+
+use crate::audit::AuditLog;
+use crate::ca::CertAuthority;
+use crate::config::ServerConfig;
+use crate::fleet::Fleet;
+use crate::store::Db;
+
+pub struct App {
+    pub cfg: ServerConfig,
+    pub db: Db,
+    pub fleet: Arc<Fleet>,
+    pub ca: CertAuthority,
+    pub audit: AuditLog,
+}

@@ -1,0 +1,122 @@
+//! `flotilla-server`: initialise a data directory, or serve it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flotilla_server::config::{FileConfig, ServerConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "flotilla-server", version, about = "Flotilla control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the CA, the server certificate and a first admin credential.
+    Init {
+        /// Data directory to create.
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = flotilla_server::config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// DNS name or IP address agents use to reach the server (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Name of the first admin credential.
+        #[arg(long, default_value = "admin")]
+        admin_name: String,
+        /// Server URL to record in the admin credential file.
+        #[arg(long)]
+        server_url: Option<String>,
+    },
+    /// Serve gRPC over TLS.
+    Run {
+        /// TOML config file; flags and environment variables win over it.
+        #[arg(long, env = "FLOTILLA_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "FLOTILLA_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on (port 0 picks a free one; see <data-dir>/server.addr).
+        #[arg(long, env = "FLOTILLA_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// How often agents heartbeat (e.g. 15s).
+        #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+        heartbeat_interval: Option<Duration>,
+        /// How long an active node may be offline before a standby replaces it.
+        #[arg(long, env = "FLOTILLA_OFFLINE_GRACE", value_parser = humantime::parse_duration)]
+        offline_grace: Option<Duration>,
+        /// After a start, how long no node is declared lost.
+        #[arg(long, env = "FLOTILLA_STARTUP_GRACE", value_parser = humantime::parse_duration)]
+        startup_grace: Option<Duration>,
+        /// Lifetime of node certificates (default 30 days).
+        #[arg(long, env = "FLOTILLA_NODE_CERT_LIFETIME", value_parser = humantime::parse_duration)]
+        node_cert_lifetime: Option<Duration>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    flotilla_proto::install_crypto_provider();
+    flotilla_proto::telemetry::init("info");
+    match Cli::parse().command {
+        Command::Init {
+            data_dir,
+            names,
+            admin_name,
+            server_url,
+        } => {
+            let done =
+                flotilla_server::server::init(&data_dir, &names, &admin_name, server_url).await?;
+            println!("initialised {}", data_dir.display());
+            println!("CA fingerprint (sha256): {}", done.ca_fingerprint);
+            println!("admin credential: {}", done.credential_path.display());
+            Ok(())
+        }
+        Command::Run {
+            config,
+            data_dir,
+            listen,
+            heartbeat_interval,
+            offline_grace,
+            startup_grace,
+            node_cert_lifetime,
+        } => {
+            let mut file = match config {
+                Some(path) => FileConfig::load(&path)?,
+                None => FileConfig::default(),
+            };
+            // Flags and environment (already merged by clap) win over the file.
+            file.data_dir = data_dir.or(file.data_dir);
+            file.listen = listen.or(file.listen);
+            file.heartbeat_interval = heartbeat_interval.or(file.heartbeat_interval);
+            file.offline_grace = offline_grace.or(file.offline_grace);
+            file.startup_grace = startup_grace.or(file.startup_grace);
+            file.node_cert_lifetime = node_cert_lifetime.or(file.node_cert_lifetime);
+            let cfg = ServerConfig::merge(file);
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("stopping");
+                stop.cancel();
+            });
+            flotilla_server::server::run(cfg, listener, shutdown).await
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

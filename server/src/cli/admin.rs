@@ -1,0 +1,523 @@
+//! The CLI's admin commands: one function per command group, each a thin layer
+//! over one AdminService call and its output.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use flotilla_proto::pb;
+use serde_json::{Value, json};
+
+use super::connect::{Target, status_error};
+use super::output::{Output, time};
+use crate::credential_file::CredentialFile;
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} must look like key=value"))
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a join token for a group.
+    Create {
+        #[arg(long)]
+        group: String,
+        /// Lifetime (e.g. 1h, 7d).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        max_uses: u32,
+        /// Label stamped on each node that joins (key=value, repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Joined nodes wait as pending until accepted.
+        #[arg(long)]
+        approval: bool,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens.
+    List,
+    /// Revoke a token: it can no longer be used to join.
+    Revoke { id: String },
+    /// Give a token a new lifetime (and optionally more uses).
+    Extend {
+        id: String,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value_t = 0)]
+        max_uses: u32,
+    },
+}
+
+fn token_json(t: &pb::TokenInfo) -> Value {
+    json!({
+        "id": t.id, "group": t.group, "created_at": t.created_at, "expires_at": t.expires_at,
+        "max_uses": t.max_uses, "uses": t.uses, "labels": t.labels,
+        "requires_approval": t.requires_approval, "revoked": t.revoked,
+        "description": t.description, "created_by": t.created_by,
+    })
+}
+
+fn token_row(t: &pb::TokenInfo) -> Vec<String> {
+    let state = if t.revoked {
+        "revoked"
+    } else if t.expires_at <= crate::model::now_secs() {
+        "expired"
+    } else if t.uses >= t.max_uses {
+        "used up"
+    } else {
+        "valid"
+    };
+    vec![
+        t.id.clone(),
+        t.group.clone(),
+        format!("{}/{}", t.uses, t.max_uses),
+        time(t.expires_at),
+        state.to_string(),
+        if t.requires_approval { "yes" } else { "no" }.to_string(),
+    ]
+}
+
+const TOKEN_HEADERS: &[&str] = &["ID", "GROUP", "USES", "EXPIRES", "STATE", "APPROVAL"];
+
+pub async fn token(target: &Target, out: Output, cmd: TokenCmd) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    match cmd {
+        TokenCmd::Create {
+            group,
+            ttl,
+            max_uses,
+            labels,
+            approval,
+            description,
+        } => {
+            let r = c
+                .create_token(pb::CreateTokenRequest {
+                    group,
+                    ttl_secs: ttl.as_secs().max(1),
+                    max_uses,
+                    labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                    requires_approval: approval,
+                    description,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let info = r.info.unwrap_or_default();
+            out.object(
+                &format!(
+                    "{}\n\ntoken {} for group {}: {} use(s), expires {}. Shown once; keep it secret.",
+                    r.token,
+                    info.id,
+                    info.group,
+                    info.max_uses,
+                    time(info.expires_at)
+                ),
+                json!({ "token": r.token, "info": token_json(&info) }),
+            );
+        }
+        TokenCmd::List => {
+            let r = c
+                .list_tokens(pb::ListTokensRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.table(
+                TOKEN_HEADERS,
+                r.tokens.iter().map(token_row).collect(),
+                Value::Array(r.tokens.iter().map(token_json).collect()),
+            );
+        }
+        TokenCmd::Revoke { id } => {
+            let t = c
+                .revoke_token(pb::RevokeTokenRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.object(&format!("token {} revoked", t.id), token_json(&t));
+        }
+        TokenCmd::Extend { id, ttl, max_uses } => {
+            let t = c
+                .extend_token(pb::ExtendTokenRequest {
+                    id,
+                    ttl_secs: ttl.as_secs().max(1),
+                    max_uses,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.object(
+                &format!(
+                    "token {} now expires {} with {} use(s)",
+                    t.id,
+                    time(t.expires_at),
+                    t.max_uses
+                ),
+                token_json(&t),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum GroupCmd {
+    /// Set a group's desired node count.
+    Set {
+        name: String,
+        #[arg(long)]
+        desired: u32,
+        /// Nodes a rollout may take out of service at once.
+        #[arg(long)]
+        max_unavailable: Option<u32>,
+    },
+    /// List groups with their counts and deficit.
+    List,
+    /// Print each change of the groups' counts as it happens (for provisioning tools).
+    Watch {
+        /// Only this group.
+        name: Option<String>,
+    },
+}
+
+fn group_json(g: &pb::GroupStatus) -> Value {
+    json!({
+        "name": g.name, "desired": g.desired, "max_unavailable": g.max_unavailable,
+        "active": g.active, "healthy_active": g.healthy_active, "standby": g.standby,
+        "pending": g.pending, "online": g.online, "deficit": g.deficit, "total": g.total,
+    })
+}
+
+fn group_row(g: &pb::GroupStatus) -> Vec<String> {
+    vec![
+        g.name.clone(),
+        g.desired.map_or("-".into(), |d| d.to_string()),
+        format!("{}/{}", g.healthy_active, g.active),
+        g.standby.to_string(),
+        g.pending.to_string(),
+        format!("{}/{}", g.online, g.total),
+        g.deficit.to_string(),
+    ]
+}
+
+pub async fn group(target: &Target, out: Output, cmd: GroupCmd) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    match cmd {
+        GroupCmd::Set {
+            name,
+            desired,
+            max_unavailable,
+        } => {
+            let g = c
+                .set_group(pb::SetGroupRequest {
+                    name,
+                    desired,
+                    max_unavailable,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.object(
+                &format!(
+                    "group {}: desired {}, healthy active {}, standby {}, deficit {}",
+                    g.name,
+                    g.desired.unwrap_or(0),
+                    g.healthy_active,
+                    g.standby,
+                    g.deficit
+                ),
+                group_json(&g),
+            );
+        }
+        GroupCmd::List => {
+            let r = c
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.table(
+                &[
+                    "GROUP",
+                    "DESIRED",
+                    "ACTIVE (HEALTHY/ALL)",
+                    "STANDBY",
+                    "PENDING",
+                    "ONLINE",
+                    "DEFICIT",
+                ],
+                r.groups.iter().map(group_row).collect(),
+                Value::Array(r.groups.iter().map(group_json).collect()),
+            );
+        }
+        GroupCmd::Watch { name } => {
+            let mut stream = c
+                .watch_groups(pb::WatchGroupsRequest {
+                    group: name.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            use std::io::Write;
+            while let Some(g) = stream.message().await.map_err(status_error)? {
+                if out.json {
+                    println!("{}", group_json(&g));
+                } else {
+                    println!(
+                        "{} group={} desired={} active={} healthy_active={} standby={} pending={} online={} deficit={}",
+                        crate::model::now_secs(),
+                        g.name,
+                        g.desired.map_or("-".into(), |d| d.to_string()),
+                        g.active,
+                        g.healthy_active,
+                        g.standby,
+                        g.pending,
+                        g.online,
+                        g.deficit
+                    );
+                }
+                std::io::stdout().flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum NodesCmd {
+    /// List nodes.
+    List {
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Show one node.
+    Show { id: String },
+    /// Accept a pending node.
+    Accept { id: String },
+    /// Reject a pending node.
+    Reject { id: String },
+    /// Revoke a node: its session ends and its certificate is refused.
+    Revoke { id: String },
+}
+
+fn role_name(r: i32) -> &'static str {
+    match pb::Role::try_from(r).unwrap_or(pb::Role::Unspecified) {
+        pb::Role::Active => "active",
+        pb::Role::Standby => "standby",
+        pb::Role::Pending => "pending",
+        pb::Role::Unspecified => "-",
+    }
+}
+
+fn node_json(n: &pb::NodeInfo) -> Value {
+    let f = n.facts.clone().unwrap_or_default();
+    json!({
+        "id": n.id, "group": n.group, "status": n.status, "role": role_name(n.role),
+        "online": n.online, "labels": n.labels, "joined_at": n.joined_at, "last_seen": n.last_seen,
+        "certificate_serial": n.certificate_serial, "certificate_not_after": n.certificate_not_after,
+        "token_id": n.token_id,
+        "facts": { "hostname": f.hostname, "os": f.os, "arch": f.arch,
+                   "agent_version": f.agent_version, "machine_id": f.machine_id },
+    })
+}
+
+fn node_row(n: &pb::NodeInfo) -> Vec<String> {
+    let f = n.facts.clone().unwrap_or_default();
+    vec![
+        n.id.clone(),
+        n.group.clone(),
+        n.status.clone(),
+        role_name(n.role).to_string(),
+        if n.online { "online" } else { "offline" }.to_string(),
+        f.hostname,
+        time(n.last_seen),
+    ]
+}
+
+pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    let req = |id: String| pb::NodeActionRequest { id };
+    let (verb, node) = match cmd {
+        NodesCmd::List { group } => {
+            let r = c
+                .list_nodes(pb::ListNodesRequest {
+                    group: group.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.table(
+                &[
+                    "NODE",
+                    "GROUP",
+                    "STATUS",
+                    "ROLE",
+                    "ONLINE",
+                    "HOSTNAME",
+                    "LAST SEEN",
+                ],
+                r.nodes.iter().map(node_row).collect(),
+                Value::Array(r.nodes.iter().map(node_json).collect()),
+            );
+            return Ok(());
+        }
+        NodesCmd::Show { id } => (None, c.get_node(pb::GetNodeRequest { id }).await),
+        NodesCmd::Accept { id } => (Some("accepted"), c.accept_node(req(id)).await),
+        NodesCmd::Reject { id } => (Some("rejected"), c.reject_node(req(id)).await),
+        NodesCmd::Revoke { id } => (Some("revoked"), c.revoke_node(req(id)).await),
+    };
+    let n = node.map_err(status_error)?.into_inner();
+    let human = match verb {
+        Some(v) => format!("node {} {v}", n.id),
+        None => {
+            let f = n.facts.clone().unwrap_or_default();
+            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(
+                "node:        {}\ngroup:       {}\nstatus:      {}\nrole:        {}\nonline:      {}\nhostname:    {}\nos/arch:     {}/{}\nagent:       {}\nlabels:      {}\njoined:      {}\nlast seen:   {}\ncertificate: serial {} valid until {}",
+                n.id,
+                n.group,
+                n.status,
+                role_name(n.role),
+                n.online,
+                f.hostname,
+                f.os,
+                f.arch,
+                f.agent_version,
+                labels.join(","),
+                time(n.joined_at),
+                time(n.last_seen),
+                n.certificate_serial,
+                time(n.certificate_not_after)
+            )
+        }
+    };
+    out.object(&human, node_json(&n));
+    Ok(())
+}
+
+pub async fn audit(target: &Target, out: Output, limit: u32) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    let r = c
+        .list_audit(pb::ListAuditRequest { limit })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    out.table(
+        &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+        r.entries
+            .iter()
+            .map(|e| {
+                vec![
+                    e.seq.to_string(),
+                    time(e.at_unix_ms / 1000),
+                    e.actor.clone(),
+                    e.action.clone(),
+                    e.target.clone(),
+                    e.detail.clone(),
+                ]
+            })
+            .collect(),
+        Value::Array(
+            r.entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "seq": e.seq, "at_unix_ms": e.at_unix_ms, "actor": e.actor,
+                        "action": e.action, "target": e.target,
+                        "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::Null),
+                    })
+                })
+                .collect(),
+        ),
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum CredentialCmd {
+    /// Create an operator credential and write it to a file.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// viewer, operator, publisher or admin.
+        #[arg(long)]
+        role: String,
+        /// Where to write the credential file (owner-only permissions).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List credentials.
+    List,
+}
+
+pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> anyhow::Result<()> {
+    let (mut c, cred) = target.admin().await?;
+    match cmd {
+        CredentialCmd::Create {
+            name,
+            role,
+            out: path,
+        } => {
+            let r = c
+                .create_credential(pb::CreateCredentialRequest { name, role })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            CredentialFile {
+                credential: r.credential,
+                ca_certificate: cred.ca_certificate,
+                server: target.server.clone().or(cred.server),
+            }
+            .save(&path)?;
+            let info = r.info.unwrap_or_default();
+            out.object(
+                &format!(
+                    "credential {} ({}) written to {}",
+                    info.name,
+                    info.role,
+                    path.display()
+                ),
+                json!({ "id": info.id, "name": info.name, "role": info.role, "file": path }),
+            );
+        }
+        CredentialCmd::List => {
+            let r = c
+                .list_credentials(pb::ListCredentialsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.table(
+                &["ID", "NAME", "ROLE", "CREATED"],
+                r.credentials
+                    .iter()
+                    .map(|c| vec![c.id.clone(), c.name.clone(), c.role.clone(), time(c.created_at)])
+                    .collect(),
+                Value::Array(
+                    r.credentials
+                        .iter()
+                        .map(|c| json!({ "id": c.id, "name": c.name, "role": c.role, "created_at": c.created_at }))
+                        .collect(),
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn whoami(target: &Target, out: Output) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    let r = c
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    out.object(
+        &format!("{} (role {})", r.name, r.role),
+        json!({ "name": r.name, "role": r.role }),
+    );
+    Ok(())
+}

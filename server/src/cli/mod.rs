@@ -1,0 +1,64 @@
+//! The `flotilla` operator CLI: tokens, groups, nodes, audit, credentials and a
+//! local dev fleet. Human tables by default, `--json` for scripts.
+
+mod admin;
+pub mod connect;
+mod dev;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+pub use connect::Target;
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "Operate a Flotilla fleet")]
+pub struct Cli {
+    #[command(flatten)]
+    target: Target,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(admin::TokenCmd),
+    /// Groups and their desired node counts.
+    #[command(subcommand)]
+    Group(admin::GroupCmd),
+    /// Joined nodes.
+    #[command(subcommand)]
+    Nodes(admin::NodesCmd),
+    /// The audit log of every change.
+    Audit {
+        /// How many of the newest entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Operator credentials (admin only).
+    #[command(subcommand)]
+    Credential(admin::CredentialCmd),
+    /// Show who the credential authenticates as.
+    Whoami,
+    /// Start a local dev fleet: a server and agents, on this machine.
+    Dev(dev::DevArgs),
+}
+
+/// Entry point of the `flotilla` binary.
+pub async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let out = output::Output { json: cli.json };
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Token(cmd) => admin::token(&cli.target, out, cmd).await,
+        Command::Group(cmd) => admin::group(&cli.target, out, cmd).await,
+        Command::Nodes(cmd) => admin::nodes(&cli.target, out, cmd).await,
+        Command::Audit { limit } => admin::audit(&cli.target, out, limit).await,
+        Command::Credential(cmd) => admin::credential(&cli.target, out, cmd).await,
+        Command::Whoami => admin::whoami(&cli.target, out).await,
+    }
+}

@@ -1,0 +1,117 @@
+//! Server configuration: a TOML file, environment variables and flags, with flags
+//! winning over the environment, the environment over the file, the file over
+//! defaults. The precedence of flags and environment is clap's; this module merges
+//! the file underneath.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Settings as read from a TOML file; every field optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub offline_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub startup_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub node_cert_lifetime: Option<Duration>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// The settings a running server uses.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub heartbeat_interval: Duration,
+    pub offline_grace: Duration,
+    pub startup_grace: Duration,
+    pub node_cert_lifetime: Duration,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/flotilla-server";
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+pub const DEFAULT_OFFLINE_GRACE: Duration = Duration::from_secs(60);
+pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl ServerConfig {
+    /// Settings for a data dir with every default; tests start from here.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self::merge(FileConfig {
+            data_dir: Some(data_dir),
+            ..FileConfig::default()
+        })
+    }
+
+    /// Fills what `file` leaves out with defaults. A startup grace left out is
+    /// twice the offline grace, and at least a minute, so that after a restart
+    /// every agent's backoff has had time to bring it back.
+    pub fn merge(file: FileConfig) -> Self {
+        let offline_grace = file.offline_grace.unwrap_or(DEFAULT_OFFLINE_GRACE);
+        Self {
+            data_dir: file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            listen: file
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            heartbeat_interval: file.heartbeat_interval.unwrap_or(DEFAULT_HEARTBEAT),
+            offline_grace,
+            startup_grace: file
+                .startup_grace
+                .unwrap_or_else(|| (offline_grace * 2).max(Duration::from_secs(60))),
+            node_cert_lifetime: file
+                .node_cert_lifetime
+                .unwrap_or(DEFAULT_NODE_CERT_LIFETIME),
+        }
+    }
+
+    /// Checks the values make sense together.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.heartbeat_interval >= Duration::from_millis(100),
+            "heartbeat interval must be at least 100ms"
+        );
+        anyhow::ensure!(
+            self.node_cert_lifetime >= Duration::from_secs(3),
+            "node certificate lifetime must be at least 3s"
+        );
+        Ok(())
+    }
+
+    /// Where the bound address is written once the server listens.
+    pub fn addr_file(&self) -> PathBuf {
+        self.data_dir.join("server.addr")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_defaults_and_refuses_unknown_keys() {
+        let f: FileConfig =
+            toml::from_str("offline_grace = \"5s\"\nlisten = \"127.0.0.1:9\"").unwrap();
+        let c = ServerConfig::merge(f);
+        assert_eq!(c.offline_grace, Duration::from_secs(5));
+        assert_eq!(c.startup_grace, Duration::from_secs(60));
+        assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT);
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! Enrollment: a join token and a CSR become a node record and a client
+//! certificate. The token is checked first, the CSR parsed next, and only then is
+//! a use counted, so a bad request costs the token nothing.
+
+use std::collections::BTreeMap;
+
+use flotilla_proto::limits;
+use flotilla_proto::token::random_string;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::model::{Facts, NodeRecord, NodeStatus, Role, now_secs};
+
+/// A join request, validated.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub token_id: String,
+    pub token_secret: String,
+    pub csr_der: Vec<u8>,
+    pub facts: Facts,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a join produced.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub node: NodeRecord,
+    pub certificate_pem: String,
+    pub rejoined: bool,
+}
+
+/// Checks the facts an agent sends.
+pub fn check_facts(f: &Facts) -> Result<()> {
+    for (what, v) in [
+        ("hostname", &f.hostname),
+        ("os", &f.os),
+        ("arch", &f.arch),
+        ("agent version", &f.agent_version),
+    ] {
+        limits::check_text(what, v, limits::MAX_FACT_LEN)?;
+    }
+    if f.machine_id.is_empty() {
+        return Err(Error::InvalidArgument("machine id is empty".into()));
+    }
+    limits::check_text("machine id", &f.machine_id, limits::MAX_FACT_LEN)?;
+    Ok(())
+}
+
+pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
+    check_facts(&req.facts)?;
+    limits::check_labels(req.labels.iter())?;
+    if req.csr_der.is_empty() || req.csr_der.len() > limits::MAX_CSR_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "the CSR must be 1 to {} bytes of DER",
+            limits::MAX_CSR_BYTES
+        )));
+    }
+    // Refuse early, before any work, with the token's own reason.
+    let rec = crate::tokens::get(&app.db, &req.token_id).await?;
+    crate::tokens::check(rec.as_ref(), &req.token_id, &req.token_secret, now_secs())?;
+
+    let existing = app.fleet.node_by_machine(&req.facts.machine_id).await?;
+    let existing =
+        existing.filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected));
+    let node_id = existing
+        .as_ref()
+        .map_or_else(|| format!("node-{}", random_string(12)), |n| n.id.clone());
+    let cert = app
+        .ca
+        .issue_node_cert(&req.csr_der, &node_id, app.cfg.node_cert_lifetime)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+
+    let token = crate::tokens::consume(&app.db, &req.token_id, &req.token_secret).await?;
+    let mut labels = req.labels.clone();
+    // Labels the token stamps win over what the agent asks for.
+    labels.extend(token.labels.clone());
+    let rejoined = existing.is_some();
+    let node = match existing {
+        Some(mut n) => {
+            n.group = token.group.clone();
+            n.facts = req.facts.clone();
+            n.labels = labels;
+            n.token_id = token.id.clone();
+            n.cert_serial = cert.serial_hex.clone();
+            n.cert_not_after = cert.not_after;
+            n
+        }
+        None => NodeRecord {
+            id: node_id.clone(),
+            group: token.group.clone(),
+            status: if token.requires_approval {
+                NodeStatus::Pending
+            } else {
+                NodeStatus::Accepted
+            },
+            role: Role::Standby,
+            facts: req.facts.clone(),
+            labels,
+            joined_at: now_secs(),
+            token_id: token.id.clone(),
+            cert_serial: cert.serial_hex.clone(),
+            cert_not_after: cert.not_after,
+            revision: 1,
+            last_seen: 0,
+        },
+    };
+    let node = app.fleet.save_node(node).await?;
+    app.audit
+        .record(
+            &format!("token:{}", token.id),
+            if rejoined { "node.rejoin" } else { "node.join" },
+            &node.id,
+            serde_json::json!({
+                "group": node.group,
+                "hostname": node.facts.hostname,
+                "status": node.status.as_str(),
+                "certificate_serial": node.cert_serial,
+            }),
+        )
+        .await?;
+    tracing::info!(node = %node.id, group = %node.group, rejoined, "node joined");
+    Ok(Joined {
+        node,
+        certificate_pem: cert.pem,
+        rejoined,
+    })
+}

@@ -1,0 +1,543 @@
+//! The live fleet: node and group records cached in memory, open sessions and their
+//! liveness, and the reconciler that assigns roles and pushes each node's desired
+//! state the moment it changes. Liveness lives here only: heartbeats never write
+//! to the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flotilla_proto::pb;
+use tokio::sync::{Mutex, Notify, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::membership::{self, Member, Policy};
+use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
+use crate::store::Db;
+
+/// Timing of liveness and roles.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetConfig {
+    /// How often agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long an active node may be offline before a standby replaces it.
+    pub offline_grace: Duration,
+    /// After a server start, how long nobody is declared lost.
+    pub startup_grace: Duration,
+}
+
+/// A node's open session, as the fleet tracks it.
+struct Session {
+    id: u64,
+    desired: watch::Sender<pb::DesiredState>,
+    cancel: CancellationToken,
+}
+
+/// What a newly opened session gets.
+pub struct SessionGrant {
+    pub id: u64,
+    pub desired: watch::Receiver<pb::DesiredState>,
+    /// Cancelled when the node is revoked or a newer session replaces this one.
+    pub cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: HashMap<String, NodeRecord>,
+    groups: BTreeMap<String, GroupRecord>,
+    sessions: HashMap<String, Session>,
+    /// When each node seen since start went offline. Nodes never seen since the
+    /// server started count as offline since the start.
+    offline_since: HashMap<String, Instant>,
+    last_seen: HashMap<String, i64>,
+    published: HashMap<String, pb::GroupStatus>,
+}
+
+/// The live fleet. One per server process.
+pub struct Fleet {
+    db: Db,
+    cfg: FleetConfig,
+    started: Instant,
+    state: Mutex<State>,
+    wake: Notify,
+    group_events: broadcast::Sender<pb::GroupStatus>,
+    next_session: AtomicU64,
+}
+
+pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
+    match (status, role) {
+        (NodeStatus::Accepted, Role::Active) => pb::Role::Active,
+        (NodeStatus::Accepted, Role::Standby) => pb::Role::Standby,
+        (NodeStatus::Pending, _) => pb::Role::Pending,
+        _ => pb::Role::Unspecified,
+    }
+}
+
+impl Fleet {
+    /// Loads every node and group from the store.
+    pub async fn load(db: Db, cfg: FleetConfig) -> Result<Arc<Self>> {
+        let mut state = State::default();
+        for n in db.list::<NodeRecord>(keys::NODES).await? {
+            state.nodes.insert(n.id.clone(), n);
+        }
+        for g in db.list::<GroupRecord>(keys::GROUPS).await? {
+            state.groups.insert(g.name.clone(), g);
+        }
+        let (group_events, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            db,
+            cfg,
+            started: Instant::now(),
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            group_events,
+            next_session: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.cfg
+    }
+
+    fn desired_of(&self, st: &State, node: &NodeRecord) -> pb::DesiredState {
+        let group = st.groups.get(&node.group);
+        pb::DesiredState {
+            revision: node.revision + group.map_or(0, |g| g.revision),
+            node_id: node.id.clone(),
+            group: node.group.clone(),
+            desired_count: group.and_then(|g| g.desired).unwrap_or(0),
+            unmanaged: group.is_none_or(|g| g.desired.is_none()),
+            role: role_to_pb(node.status, node.role) as i32,
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+        }
+    }
+
+    /// Sends a node its current desired state if it has a session.
+    fn push(&self, st: &State, node_id: &str) {
+        if let (Some(session), Some(node)) = (st.sessions.get(node_id), st.nodes.get(node_id)) {
+            let desired = self.desired_of(st, node);
+            session.desired.send_if_modified(|cur| {
+                if cur.revision < desired.revision {
+                    *cur = desired;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Registers a node's new session, replacing (and ending) an older one.
+    pub async fn open_session(&self, node_id: &str) -> Result<SessionGrant> {
+        let mut st = self.state.lock().await;
+        let node = st
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| Error::PermissionDenied(format!("node {node_id} is not known")))?;
+        match node.status {
+            NodeStatus::Revoked => {
+                return Err(Error::PermissionDenied(format!(
+                    "node {node_id} has been revoked"
+                )));
+            }
+            NodeStatus::Rejected => {
+                return Err(Error::PermissionDenied(format!(
+                    "node {node_id} was rejected by an operator"
+                )));
+            }
+            NodeStatus::Pending | NodeStatus::Accepted => {}
+        }
+        let desired = self.desired_of(&st, node);
+        let (tx, rx) = watch::channel(desired);
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        if let Some(old) = st.sessions.insert(
+            node_id.to_string(),
+            Session {
+                id,
+                desired: tx,
+                cancel: cancel.clone(),
+            },
+        ) {
+            old.cancel.cancel();
+        }
+        st.offline_since.remove(node_id);
+        st.last_seen.insert(node_id.to_string(), now_secs());
+        drop(st);
+        self.wake.notify_one();
+        Ok(SessionGrant {
+            id,
+            desired: rx,
+            cancel,
+        })
+    }
+
+    /// Records the end of a session (if it is still the node's current one).
+    pub async fn close_session(&self, node_id: &str, session_id: u64) {
+        let mut st = self.state.lock().await;
+        if st.sessions.get(node_id).is_some_and(|s| s.id == session_id) {
+            st.sessions.remove(node_id);
+            st.offline_since.insert(node_id.to_string(), Instant::now());
+            st.last_seen.insert(node_id.to_string(), now_secs());
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Updates a node's facts if the agent reports new ones.
+    pub async fn update_facts(&self, node_id: &str, facts: crate::model::Facts) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let Some(node) = st.nodes.get(node_id) else {
+            return Ok(());
+        };
+        if node.facts == facts {
+            return Ok(());
+        }
+        let mut node = node.clone();
+        node.facts = facts;
+        self.db.put(&keys::node(node_id), &node).await?;
+        st.nodes.insert(node_id.to_string(), node);
+        Ok(())
+    }
+
+    /// The node bound to a machine id, if any.
+    pub async fn node_by_machine(&self, machine_id: &str) -> Result<Option<NodeRecord>> {
+        let Some(id) = self.db.get::<String>(&keys::machine(machine_id)).await? else {
+            return Ok(None);
+        };
+        Ok(self.state.lock().await.nodes.get(&id).cloned())
+    }
+
+    /// Stores a node record (new or re-joined) and reconciles its group.
+    pub async fn save_node(&self, mut node: NodeRecord) -> Result<NodeRecord> {
+        let mut st = self.state.lock().await;
+        if let Some(old) = st.nodes.get(&node.id) {
+            node.revision = node.revision.max(old.revision + 1);
+        }
+        if !st.groups.contains_key(&node.group) {
+            let g = GroupRecord::unmanaged(&node.group);
+            self.db.create(&keys::group(&g.name), &g).await?;
+            st.groups.insert(g.name.clone(), g);
+        }
+        self.db.put(&keys::node(&node.id), &node).await?;
+        self.db
+            .put(&keys::machine(&node.facts.machine_id), &node.id)
+            .await?;
+        st.nodes.insert(node.id.clone(), node.clone());
+        let group = node.group.clone();
+        self.reconcile_group(&mut st, &group).await?;
+        let node = st.nodes[&node.id].clone();
+        drop(st);
+        self.wake.notify_one();
+        Ok(node)
+    }
+
+    /// Records a node's renewed certificate.
+    pub async fn set_certificate(&self, node_id: &str, serial: &str, not_after: i64) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let mut node = st
+            .nodes
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
+        node.cert_serial = serial.to_string();
+        node.cert_not_after = not_after;
+        self.db.put(&keys::node(node_id), &node).await?;
+        st.nodes.insert(node_id.to_string(), node);
+        Ok(())
+    }
+
+    /// The status a node must have to hold a session or renew, else why not.
+    pub async fn check_node_allowed(&self, node_id: &str) -> Result<NodeRecord> {
+        let st = self.state.lock().await;
+        let node = st
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| Error::PermissionDenied(format!("node {node_id} is not known")))?;
+        match node.status {
+            NodeStatus::Revoked => Err(Error::PermissionDenied(format!(
+                "node {node_id} has been revoked"
+            ))),
+            NodeStatus::Rejected => Err(Error::PermissionDenied(format!(
+                "node {node_id} was rejected by an operator"
+            ))),
+            _ => Ok(node.clone()),
+        }
+    }
+
+    /// Changes a node's status (accept, reject, revoke). Rejecting or revoking ends
+    /// its session at once.
+    pub async fn set_node_status(&self, node_id: &str, to: NodeStatus) -> Result<NodeRecord> {
+        let mut st = self.state.lock().await;
+        let mut node = st
+            .nodes
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
+        let allowed = match (node.status, to) {
+            (NodeStatus::Pending, NodeStatus::Accepted | NodeStatus::Rejected) => true,
+            (NodeStatus::Pending | NodeStatus::Accepted, NodeStatus::Revoked) => true,
+            (from, to) => from == to,
+        };
+        if !allowed {
+            return Err(Error::FailedPrecondition(format!(
+                "node {node_id} is {}; it cannot become {}",
+                node.status.as_str(),
+                to.as_str()
+            )));
+        }
+        if node.status == to {
+            return Ok(node);
+        }
+        node.status = to;
+        node.role = Role::Standby;
+        node.revision += 1;
+        self.db.put(&keys::node(node_id), &node).await?;
+        st.nodes.insert(node_id.to_string(), node.clone());
+        if matches!(to, NodeStatus::Revoked | NodeStatus::Rejected)
+            && let Some(session) = st.sessions.remove(node_id)
+        {
+            session.cancel.cancel();
+            st.offline_since.insert(node_id.to_string(), Instant::now());
+        }
+        let group = node.group.clone();
+        self.reconcile_group(&mut st, &group).await?;
+        self.push(&st, node_id);
+        let node = st.nodes[node_id].clone();
+        drop(st);
+        self.wake.notify_one();
+        Ok(node)
+    }
+
+    /// Creates a group without a desired count if it does not exist.
+    pub async fn ensure_group(&self, name: &str) -> Result<()> {
+        let mut st = self.state.lock().await;
+        if !st.groups.contains_key(name) {
+            let g = GroupRecord::unmanaged(name);
+            self.db.create(&keys::group(name), &g).await?;
+            st.groups.insert(name.to_string(), g);
+            self.publish_status(&mut st, name);
+        }
+        Ok(())
+    }
+
+    /// Sets a group's desired count (and max unavailable), then reconciles.
+    pub async fn set_group(
+        &self,
+        name: &str,
+        desired: u32,
+        max_unavailable: Option<u32>,
+    ) -> Result<pb::GroupStatus> {
+        let mut st = self.state.lock().await;
+        let mut g = st
+            .groups
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| GroupRecord::unmanaged(name));
+        g.desired = Some(desired);
+        if let Some(m) = max_unavailable {
+            g.max_unavailable = m;
+        }
+        g.revision += 1;
+        self.db.put(&keys::group(name), &g).await?;
+        st.groups.insert(name.to_string(), g);
+        self.reconcile_group(&mut st, name).await?;
+        let ids: Vec<String> = st
+            .nodes
+            .values()
+            .filter(|n| n.group == name)
+            .map(|n| n.id.clone())
+            .collect();
+        for id in ids {
+            self.push(&st, &id);
+        }
+        Ok(self.status_of(&st, name))
+    }
+
+    fn status_of(&self, st: &State, name: &str) -> pb::GroupStatus {
+        let g = st.groups.get(name);
+        let mut c = membership::Counts::default();
+        for n in st.nodes.values().filter(|n| n.group == name) {
+            let online = st.sessions.contains_key(&n.id);
+            match n.status {
+                NodeStatus::Pending => c.pending += 1,
+                NodeStatus::Accepted => match n.role {
+                    Role::Active => {
+                        c.active += 1;
+                        if online {
+                            c.healthy_active += 1;
+                        }
+                    }
+                    Role::Standby => c.standby += 1,
+                },
+                NodeStatus::Rejected | NodeStatus::Revoked => continue,
+            }
+            c.total += 1;
+            if online {
+                c.online += 1;
+            }
+        }
+        let desired = g.and_then(|g| g.desired);
+        pb::GroupStatus {
+            name: name.to_string(),
+            desired,
+            max_unavailable: g.map_or(1, |g| g.max_unavailable),
+            active: c.active,
+            healthy_active: c.healthy_active,
+            standby: c.standby,
+            pending: c.pending,
+            online: c.online,
+            deficit: c.deficit(desired),
+            total: c.total,
+        }
+    }
+
+    fn publish_status(&self, st: &mut State, name: &str) {
+        let status = self.status_of(st, name);
+        if st.published.get(name) != Some(&status) {
+            st.published.insert(name.to_string(), status.clone());
+            let _ = self.group_events.send(status);
+        }
+    }
+
+    /// Status of every group (or one).
+    pub async fn group_statuses(&self, only: Option<&str>) -> Vec<pb::GroupStatus> {
+        let st = self.state.lock().await;
+        st.groups
+            .keys()
+            .filter(|n| only.is_none_or(|o| o == n.as_str()))
+            .map(|n| self.status_of(&st, n))
+            .collect()
+    }
+
+    /// Group status changes from now on.
+    pub fn subscribe_groups(&self) -> broadcast::Receiver<pb::GroupStatus> {
+        self.group_events.subscribe()
+    }
+
+    /// Node records with their online state and last-seen time.
+    pub async fn nodes(&self, group: Option<&str>) -> Vec<(NodeRecord, bool, i64)> {
+        let st = self.state.lock().await;
+        let mut out: Vec<_> = st
+            .nodes
+            .values()
+            .filter(|n| group.is_none_or(|g| g == n.group))
+            .map(|n| {
+                (
+                    n.clone(),
+                    st.sessions.contains_key(&n.id),
+                    st.last_seen.get(&n.id).copied().unwrap_or(n.last_seen),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.group.cmp(&b.0.group).then(a.0.id.cmp(&b.0.id)));
+        out
+    }
+
+    pub async fn node(&self, id: &str) -> Option<(NodeRecord, bool, i64)> {
+        let st = self.state.lock().await;
+        st.nodes.get(id).map(|n| {
+            (
+                n.clone(),
+                st.sessions.contains_key(id),
+                st.last_seen.get(id).copied().unwrap_or(n.last_seen),
+            )
+        })
+    }
+
+    /// Assigns roles in one group, persists the changes, pushes them, and
+    /// publishes the group's status.
+    async fn reconcile_group(&self, st: &mut State, name: &str) -> Result<()> {
+        let now = Instant::now();
+        let members: Vec<Member> = st
+            .nodes
+            .values()
+            .filter(|n| n.group == name && n.status == NodeStatus::Accepted)
+            .map(|n| {
+                let online = st.sessions.contains_key(&n.id);
+                let since = st.offline_since.get(&n.id).copied().unwrap_or(self.started);
+                Member {
+                    id: n.id.clone(),
+                    role: n.role,
+                    joined_at: n.joined_at,
+                    online,
+                    offline_for: (!online).then(|| now.saturating_duration_since(since)),
+                }
+            })
+            .collect();
+        let desired = st.groups.get(name).and_then(|g| g.desired);
+        let policy = Policy {
+            grace: self.cfg.offline_grace,
+            starting: now.saturating_duration_since(self.started) < self.cfg.startup_grace,
+        };
+        let assignment = membership::assign_roles(desired, &members, policy);
+        if let Some(hold) = assignment.held {
+            let lost = members.iter().any(|m| {
+                m.role == Role::Active && m.offline_for.is_some_and(|d| d >= self.cfg.offline_grace)
+            });
+            if lost {
+                tracing::warn!(group = name, ?hold, "not replacing lost active nodes yet");
+            }
+        }
+        for (id, role) in assignment.changes {
+            let Some(mut node) = st.nodes.get(&id).cloned() else {
+                continue;
+            };
+            tracing::info!(node = %id, group = name, from = ?node.role, to = ?role, "role change");
+            node.role = role;
+            node.revision += 1;
+            self.db.put(&keys::node(&id), &node).await?;
+            st.nodes.insert(id.clone(), node);
+            self.push(st, &id);
+        }
+        self.publish_status(st, name);
+        Ok(())
+    }
+
+    /// Reconciles every group: on wake-ups, and when the next grace period ends.
+    pub async fn run_reconciler(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = {
+                let mut st = self.state.lock().await;
+                let names: Vec<String> = st.groups.keys().cloned().collect();
+                for name in names {
+                    if let Err(e) = self.reconcile_group(&mut st, &name).await {
+                        tracing::error!(group = %name, error = %e, "reconcile failed");
+                    }
+                }
+                self.next_deadline(&st)
+            };
+            let sleep = next.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// When an offline active node's grace ends, or the startup grace does.
+    fn next_deadline(&self, st: &State) -> Option<Instant> {
+        let now = Instant::now();
+        let startup_end = self.started + self.cfg.startup_grace;
+        let mut next: Option<Instant> = (startup_end > now).then_some(startup_end);
+        for n in st.nodes.values() {
+            if n.status == NodeStatus::Accepted
+                && n.role == Role::Active
+                && !st.sessions.contains_key(&n.id)
+            {
+                let since = st.offline_since.get(&n.id).copied().unwrap_or(self.started);
+                // A little past the deadline so the check sees it expired.
+                let at = since + self.cfg.offline_grace + Duration::from_millis(10);
+                if at > now {
+                    next = Some(next.map_or(at, |x| x.min(at)));
+                }
+            }
+        }
+        next
+    }
+}

@@ -1,0 +1,427 @@
+//! AdminService: operator calls, each authenticated by a bearer credential, checked
+//! against the role it needs, and (when it changes state) audited before it is
+//! acknowledged.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use flotilla_proto::{limits, pb};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::app::App;
+use crate::credentials::{self, Caller};
+use crate::error::Error;
+use crate::model::{NodeRecord, NodeStatus, OperatorRole, TokenRecord};
+use crate::tokens::{self, TokenSpec};
+
+pub struct AdminApi {
+    pub app: Arc<App>,
+}
+
+fn token_info(t: TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id,
+        group: t.group,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        max_uses: t.max_uses,
+        uses: t.uses,
+        labels: t.labels.into_iter().collect(),
+        requires_approval: t.requires_approval,
+        revoked: t.revoked,
+        description: t.description,
+        created_by: t.created_by,
+    }
+}
+
+fn node_info((n, online, last_seen): (NodeRecord, bool, i64)) -> pb::NodeInfo {
+    pb::NodeInfo {
+        role: crate::fleet::role_to_pb(n.status, n.role) as i32,
+        id: n.id,
+        group: n.group,
+        status: n.status.as_str().to_string(),
+        online,
+        facts: Some(n.facts.into()),
+        labels: n.labels.into_iter().collect(),
+        joined_at: n.joined_at,
+        last_seen,
+        certificate_serial: n.cert_serial,
+        certificate_not_after: n.cert_not_after,
+        token_id: n.token_id,
+    }
+}
+
+impl AdminApi {
+    async fn caller<T>(&self, req: &Request<T>, needed: OperatorRole) -> Result<Caller, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "no operator credential sent (use --credential or FLOTILLA_CREDENTIAL)",
+                )
+            })?
+            .to_str()
+            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+        let bearer = header.strip_prefix("Bearer ").ok_or_else(|| {
+            Status::unauthenticated("authorization must be \"Bearer <credential>\"")
+        })?;
+        let caller = credentials::authenticate(&self.app.db, bearer).await?;
+        caller.require(needed)?;
+        Ok(caller)
+    }
+
+    async fn audit(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), Status> {
+        self.app
+            .audit
+            .record(&caller.name, action, target, detail)
+            .await?;
+        Ok(())
+    }
+
+    fn node_id(id: &str) -> Result<(), Status> {
+        limits::check_name("node id", id, 64).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    async fn node_action(
+        &self,
+        request: Request<pb::NodeActionRequest>,
+        to: NodeStatus,
+        action: &str,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let id = request.into_inner().id;
+        Self::node_id(&id)?;
+        self.app.fleet.set_node_status(&id, to).await?;
+        self.audit(&caller, action, &id, serde_json::json!({}))
+            .await?;
+        let info = self
+            .app
+            .fleet
+            .node(&id)
+            .await
+            .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
+        Ok(Response::new(node_info(info)))
+    }
+}
+
+type GroupStream = Pin<Box<dyn Stream<Item = Result<pb::GroupStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = self.caller(&request, OperatorRole::Viewer).await?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            name: caller.name,
+            role: caller.role.as_str().to_string(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let r = request.into_inner();
+        let spec = TokenSpec {
+            group: r.group,
+            ttl_secs: r.ttl_secs,
+            max_uses: r.max_uses,
+            labels: r.labels.into_iter().collect(),
+            requires_approval: r.requires_approval,
+            description: r.description,
+        };
+        let (token, rec) =
+            tokens::create(&self.app.db, spec, self.app.ca.fingerprint(), &caller.name).await?;
+        self.app.fleet.ensure_group(&rec.group).await?;
+        self.audit(
+            &caller,
+            "token.create",
+            &rec.id,
+            serde_json::json!({
+                "group": rec.group,
+                "max_uses": rec.max_uses,
+                "expires_at": rec.expires_at,
+                "requires_approval": rec.requires_approval,
+            }),
+        )
+        .await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: token.to_string(),
+            info: Some(token_info(rec)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let tokens = tokens::list(&self.app.db).await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.into_iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let id = request.into_inner().id;
+        let rec = tokens::revoke(&self.app.db, &id).await?;
+        self.audit(&caller, "token.revoke", &id, serde_json::json!({}))
+            .await?;
+        Ok(Response::new(token_info(rec)))
+    }
+
+    async fn extend_token(
+        &self,
+        request: Request<pb::ExtendTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let r = request.into_inner();
+        let rec = tokens::extend(&self.app.db, &r.id, r.ttl_secs, r.max_uses).await?;
+        self.audit(
+            &caller,
+            "token.extend",
+            &r.id,
+            serde_json::json!({ "expires_at": rec.expires_at, "max_uses": rec.max_uses }),
+        )
+        .await?;
+        Ok(Response::new(token_info(rec)))
+    }
+
+    async fn set_group(
+        &self,
+        request: Request<pb::SetGroupRequest>,
+    ) -> Result<Response<pb::GroupStatus>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let r = request.into_inner();
+        limits::check_name("group", &r.name, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
+        if r.desired > limits::MAX_DESIRED {
+            return Err(Status::invalid_argument(format!(
+                "desired count {} is above the limit of {}",
+                r.desired,
+                limits::MAX_DESIRED
+            )));
+        }
+        if r.max_unavailable.is_some_and(|m| m > limits::MAX_DESIRED) {
+            return Err(Status::invalid_argument("max unavailable is too large"));
+        }
+        let status = self
+            .app
+            .fleet
+            .set_group(&r.name, r.desired, r.max_unavailable)
+            .await?;
+        self.audit(
+            &caller,
+            "group.set",
+            &r.name,
+            serde_json::json!({ "desired": r.desired, "max_unavailable": status.max_unavailable }),
+        )
+        .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: self.app.fleet.group_statuses(None).await,
+        }))
+    }
+
+    type WatchGroupsStream = GroupStream;
+
+    async fn watch_groups(
+        &self,
+        request: Request<pb::WatchGroupsRequest>,
+    ) -> Result<Response<Self::WatchGroupsStream>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let only = request.into_inner().group;
+        let only = (!only.is_empty()).then_some(only);
+        let fleet = self.app.fleet.clone();
+        // Subscribe before the snapshot so no change falls between them.
+        let mut events = fleet.subscribe_groups();
+        let snapshot = fleet.group_statuses(only.as_deref()).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            for s in snapshot {
+                if tx.send(Ok(s)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = events.recv() => match ev {
+                        Ok(s) => {
+                            if only.as_deref().is_some_and(|o| o != s.name) {
+                                continue;
+                            }
+                            if tx.send(Ok(s)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            // Fell behind: send the current state of everything watched.
+                            for s in fleet.group_statuses(only.as_deref()).await {
+                                if tx.send(Ok(s)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let group = request.into_inner().group;
+        let nodes = self
+            .app
+            .fleet
+            .nodes((!group.is_empty()).then_some(group.as_str()))
+            .await;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.into_iter().map(node_info).collect(),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let id = request.into_inner().id;
+        Self::node_id(&id)?;
+        let info = self
+            .app
+            .fleet
+            .node(&id)
+            .await
+            .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
+        Ok(Response::new(node_info(info)))
+    }
+
+    async fn accept_node(
+        &self,
+        request: Request<pb::NodeActionRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        self.node_action(request, NodeStatus::Accepted, "node.accept")
+            .await
+    }
+
+    async fn reject_node(
+        &self,
+        request: Request<pb::NodeActionRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        self.node_action(request, NodeStatus::Rejected, "node.reject")
+            .await
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::NodeActionRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        self.node_action(request, NodeStatus::Revoked, "node.revoke")
+            .await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n.min(limits::MAX_AUDIT_PAGE),
+        };
+        let entries = self.app.audit.tail(limit as usize).await?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::AuditEntry {
+                    seq: e.seq,
+                    at_unix_ms: e.at_ms,
+                    actor: e.actor,
+                    action: e.action,
+                    target: e.target,
+                    detail: e.detail.to_string(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_credential(
+        &self,
+        request: Request<pb::CreateCredentialRequest>,
+    ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
+        let caller = self.caller(&request, OperatorRole::Admin).await?;
+        let r = request.into_inner();
+        let role = OperatorRole::parse(&r.role).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown role {:?}: use viewer, operator, publisher or admin",
+                r.role
+            ))
+        })?;
+        let (bearer, rec) = credentials::create(&self.app.db, &r.name, role).await?;
+        self.audit(
+            &caller,
+            "credential.create",
+            &rec.name,
+            serde_json::json!({ "id": rec.id, "role": role.as_str() }),
+        )
+        .await?;
+        Ok(Response::new(pb::CreateCredentialResponse {
+            credential: bearer,
+            info: Some(pb::CredentialInfo {
+                id: rec.id,
+                name: rec.name,
+                role: rec.role.as_str().to_string(),
+                created_at: rec.created_at,
+            }),
+        }))
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        self.caller(&request, OperatorRole::Admin).await?;
+        let creds = credentials::list(&self.app.db).await?;
+        Ok(Response::new(pb::ListCredentialsResponse {
+            credentials: creds
+                .into_iter()
+                .map(|c| pb::CredentialInfo {
+                    id: c.id,
+                    name: c.name,
+                    role: c.role.as_str().to_string(),
+                    created_at: c.created_at,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,299 @@
+//! AgentService: enrollment, the live session, certificate renewal, reports and
+//! artifact fetch. Every call but Enroll identifies the node by its client
+//! certificate, and refuses revoked or rejected nodes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::limits;
+use flotilla_proto::pb::{self, agent_message, server_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::app::App;
+use crate::enroll::{self, JoinRequest};
+use crate::error::Error;
+use crate::model::{ReportRecord, keys, now_ms};
+
+pub struct AgentApi {
+    pub app: Arc<App>,
+}
+
+/// The node id in the caller's client certificate.
+fn node_of<T>(req: &Request<T>) -> Result<String, Status> {
+    let certs = req.peer_certs().ok_or_else(|| {
+        Status::unauthenticated("this call needs the node's client certificate (join first)")
+    })?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
+    crate::ca::node_id_of(first)
+        .filter(|id| id.starts_with("node-"))
+        .ok_or_else(|| Status::unauthenticated("the client certificate does not name a node"))
+}
+
+impl AgentApi {
+    async fn run_session(
+        app: Arc<App>,
+        node_id: String,
+        mut inbound: Streaming<pb::AgentMessage>,
+        grant: crate::fleet::SessionGrant,
+        tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+    ) {
+        let mut desired = grant.desired;
+        let deadline = app.cfg.heartbeat_interval * 3 + Duration::from_secs(1);
+        let first = desired.borrow_and_update().clone();
+        let mut ok = tx
+            .send(Ok(pb::ServerMessage {
+                kind: Some(server_message::Kind::Desired(first)),
+            }))
+            .await
+            .is_ok();
+        while ok {
+            tokio::select! {
+                _ = grant.cancel.cancelled() => {
+                    let status = match app.fleet.check_node_allowed(&node_id).await {
+                        Err(e) => Status::from(e),
+                        Ok(_) => Status::aborted("replaced by a newer session of this node"),
+                    };
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let msg = desired.borrow_and_update().clone();
+                    ok = tx
+                        .send(Ok(pb::ServerMessage {
+                            kind: Some(server_message::Kind::Desired(msg)),
+                        }))
+                        .await
+                        .is_ok();
+                }
+                msg = tokio::time::timeout(deadline, inbound.message()) => match msg {
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) => break,
+                    Ok(Err(status)) => {
+                        tracing::debug!(node = %node_id, %status, "session stream error");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::info!(node = %node_id, "no heartbeat in {deadline:?}; closing session");
+                        break;
+                    }
+                },
+            }
+        }
+        app.fleet.close_session(&node_id, grant.id).await;
+        tracing::debug!(node = %node_id, "session ended");
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let pb::EnrollRequest {
+            token_id,
+            token_secret,
+            csr_der,
+            facts,
+            labels,
+        } = request.into_inner();
+        let facts = facts.ok_or_else(|| Status::invalid_argument("facts are missing"))?;
+        let joined = enroll::join(
+            &self.app,
+            JoinRequest {
+                token_id,
+                token_secret,
+                csr_der,
+                facts: facts.into(),
+                labels: labels.into_iter().collect(),
+            },
+        )
+        .await?;
+        let role = crate::fleet::role_to_pb(joined.node.status, joined.node.role);
+        Ok(Response::new(pb::EnrollResponse {
+            node_id: joined.node.id,
+            certificate_pem: joined.certificate_pem,
+            ca_certificate_pem: self.app.ca.cert_pem().to_string(),
+            group: joined.node.group,
+            role: role as i32,
+            rejoined: joined.rejoined,
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<pb::ServerMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let node_id = node_of(&request)?;
+        self.app.fleet.check_node_allowed(&node_id).await?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30s"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(agent_message::Kind::Hello(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be Hello",
+                ));
+            }
+        };
+        if let Some(facts) = hello.facts {
+            let facts: crate::model::Facts = facts.into();
+            enroll::check_facts(&facts)?;
+            self.app.fleet.update_facts(&node_id, facts).await?;
+        }
+        let grant = self.app.fleet.open_session(&node_id).await?;
+        tracing::debug!(node = %node_id, last_revision = hello.last_revision, "session opened");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(Self::run_session(
+            self.app.clone(),
+            node_id,
+            inbound,
+            grant,
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let node_id = node_of(&request)?;
+        self.app.fleet.check_node_allowed(&node_id).await?;
+        let csr = request.into_inner().csr_der;
+        let cert = self
+            .app
+            .ca
+            .issue_node_cert(&csr, &node_id, self.app.cfg.node_cert_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.app
+            .fleet
+            .set_certificate(&node_id, &cert.serial_hex, cert.not_after)
+            .await?;
+        self.app
+            .audit
+            .record(
+                &format!("node:{node_id}"),
+                "node.renew",
+                &node_id,
+                serde_json::json!({ "certificate_serial": cert.serial_hex }),
+            )
+            .await?;
+        Ok(Response::new(pb::RenewCertificateResponse {
+            certificate_pem: cert.pem,
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let node_id = node_of(&request)?;
+        self.app.fleet.check_node_allowed(&node_id).await?;
+        let r = request.into_inner();
+        flotilla_proto::limits::check_name("report id", &r.report_id, 64).map_err(Error::from)?;
+        flotilla_proto::limits::check_name("manifest id", &r.manifest_id, 128)
+            .map_err(Error::from)?;
+        if r.error.len() > limits::MAX_REPORT_TEXT || r.log_tail.len() > limits::MAX_REPORT_TEXT {
+            return Err(Status::invalid_argument(format!(
+                "report error and log tail are limited to {} bytes each",
+                limits::MAX_REPORT_TEXT
+            )));
+        }
+        if pb::PatchPhase::try_from(r.phase).is_err() || r.phase == 0 {
+            return Err(Status::invalid_argument(format!(
+                "unknown patch phase {}",
+                r.phase
+            )));
+        }
+        let rec = ReportRecord {
+            report_id: r.report_id.clone(),
+            node_id: node_id.clone(),
+            manifest_id: r.manifest_id,
+            phase: r.phase,
+            at_ms: r.at_unix_ms,
+            error: r.error,
+            log_tail: r.log_tail,
+            received_ms: now_ms(),
+        };
+        let recorded = self
+            .app
+            .db
+            .create(&keys::report(&node_id, &r.report_id), &rec)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ReportResponse { recorded }))
+    }
+
+    type FetchArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let node_id = node_of(&request)?;
+        self.app.fleet.check_node_allowed(&node_id).await?;
+        let r = request.into_inner();
+        if r.sha256.len() != 64 || !r.sha256.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
+            return Err(Status::invalid_argument(
+                "sha256 must be 64 lower-case hex characters",
+            ));
+        }
+        let path = self.app.cfg.data_dir.join("artifacts").join(&r.sha256);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| Status::not_found(format!("no artifact with sha256 {}", r.sha256)))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
+        if r.offset > len {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the artifact's end ({len} bytes)",
+                r.offset
+            )));
+        }
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        file.seek(std::io::SeekFrom::Start(r.offset))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // A small channel bounds what a slow downloader holds on the server.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut offset = r.offset;
+            let mut buf = vec![0u8; limits::ARTIFACT_CHUNK_BYTES];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let chunk = pb::ArtifactChunk {
+                            offset,
+                            data: buf[..n].to_vec(),
+                        };
+                        offset += n as u64;
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,40 @@
+//! The gRPC edge: protobuf in, domain calls, protobuf out. Only this module and
+//! `fleet` (which builds the pushed desired state) know protobuf types.
+
+pub mod admin;
+pub mod agent;
+
+use flotilla_proto::pb;
+
+use crate::model::Facts;
+
+impl From<pb::NodeFacts> for Facts {
+    fn from(f: pb::NodeFacts) -> Self {
+        let pb::NodeFacts {
+            hostname,
+            os,
+            arch,
+            agent_version,
+            machine_id,
+        } = f;
+        Self {
+            hostname,
+            os,
+            arch,
+            agent_version,
+            machine_id,
+        }
+    }
+}
+
+impl From<Facts> for pb::NodeFacts {
+    fn from(f: Facts) -> Self {
+        Self {
+            hostname: f.hostname,
+            os: f.os,
+            arch: f.arch,
+            agent_version: f.agent_version,
+            machine_id: f.machine_id,
+        }
+    }
+}

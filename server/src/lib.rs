@@ -1,0 +1,19 @@
+//! The Flotilla control plane: store, CA, tokens, membership, the live fleet and
+//! its gRPC services; and the operator CLI behind the `flotilla` binary.
+
+pub mod app;
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod credential_file;
+pub mod credentials;
+pub mod enroll;
+pub mod error;
+pub mod fleet;
+pub mod grpc;
+pub mod membership;
+pub mod model;
+pub mod server;
+pub mod store;
+pub mod tokens;

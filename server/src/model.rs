@@ -1,0 +1,230 @@
+//! The records the server keeps, as stored (JSON) and keyed in the store.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch, now.
+pub fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub mod keys {
+    pub const TOKENS: &str = "tokens/";
+    pub const NODES: &str = "nodes/";
+    pub const MACHINES: &str = "machines/";
+    pub const GROUPS: &str = "groups/";
+    pub const AUDIT: &str = "audit/";
+    pub const CREDENTIALS: &str = "credentials/";
+    pub const REPORTS: &str = "reports/";
+
+    pub fn token(id: &str) -> String {
+        format!("{TOKENS}{id}")
+    }
+    pub fn node(id: &str) -> String {
+        format!("{NODES}{id}")
+    }
+    /// The machine id is hashed so any string is a safe key.
+    pub fn machine(machine_id: &str) -> String {
+        format!(
+            "{MACHINES}{}",
+            flotilla_proto::sha256_hex(machine_id.as_bytes())
+        )
+    }
+    pub fn group(name: &str) -> String {
+        format!("{GROUPS}{name}")
+    }
+    pub fn audit(seq: u64) -> String {
+        format!("{AUDIT}{seq:020}")
+    }
+    pub fn credential(id: &str) -> String {
+        format!("{CREDENTIALS}{id}")
+    }
+    pub fn report(node: &str, report_id: &str) -> String {
+        format!("{REPORTS}{node}/{report_id}")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub secret_sha256: String,
+    pub group: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub max_uses: u32,
+    pub uses: u32,
+    pub labels: BTreeMap<String, String>,
+    pub requires_approval: bool,
+    pub revoked: bool,
+    pub description: String,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Waiting for an operator (token required approval).
+    Pending,
+    Accepted,
+    Rejected,
+    Revoked,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub agent_version: String,
+    pub machine_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub group: String,
+    pub status: NodeStatus,
+    pub role: Role,
+    pub facts: Facts,
+    pub labels: BTreeMap<String, String>,
+    pub joined_at: i64,
+    pub token_id: String,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+    /// Grows on every change of this node's own desired state (role, status).
+    /// The revision sent to the agent is this plus the group's revision, a sum of
+    /// two counters that only grow.
+    pub revision: u64,
+    /// Last time a session of this node ended or was seen; 0 if never.
+    pub last_seen: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    /// None: no desired count, every accepted node is active.
+    pub desired: Option<u32>,
+    pub max_unavailable: u32,
+    /// Grows on every change of the group's part of desired state.
+    pub revision: u64,
+}
+
+impl GroupRecord {
+    pub fn unmanaged(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            desired: None,
+            max_unavailable: 1,
+            revision: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorRole {
+    Viewer,
+    Operator,
+    Publisher,
+    Admin,
+}
+
+impl OperatorRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Publisher => "publisher",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(Self::Viewer),
+            "operator" => Some(Self::Operator),
+            "publisher" => Some(Self::Publisher),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    /// Whether a credential with this role may do what `needed` guards.
+    /// Roles are not a ladder: a publisher publishes but does not manage tokens.
+    pub fn allows(self, needed: OperatorRole) -> bool {
+        self == Self::Admin || self == needed || needed == Self::Viewer
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub id: String,
+    pub name: String,
+    pub role: OperatorRole,
+    pub secret_sha256: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportRecord {
+    pub report_id: String,
+    pub node_id: String,
+    pub manifest_id: String,
+    pub phase: i32,
+    pub at_ms: i64,
+    pub error: String,
+    pub log_tail: String,
+    pub received_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OperatorRole::*;
+
+    #[test]
+    fn roles_are_not_a_ladder() {
+        assert!(Viewer.allows(Viewer));
+        assert!(!Viewer.allows(Operator));
+        assert!(Operator.allows(Operator));
+        assert!(!Operator.allows(Publisher));
+        assert!(!Publisher.allows(Operator));
+        assert!(Publisher.allows(Viewer));
+        assert!(Admin.allows(Admin) && Admin.allows(Operator) && Admin.allows(Publisher));
+        assert!(!Operator.allows(Admin));
+    }
+}

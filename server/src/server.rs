@@ -1,0 +1,150 @@
+//! Setting up a data directory (`init`) and serving it (`run`): bind, then run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use flotilla_proto::{limits, pb};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::app::App;
+use crate::audit::AuditLog;
+use crate::ca::{CertAuthority, TlsPaths};
+use crate::config::ServerConfig;
+use crate::credential_file::CredentialFile;
+use crate::fleet::{Fleet, FleetConfig};
+use crate::model::OperatorRole;
+use crate::store::{Db, SledStore};
+
+/// What `init` created.
+#[derive(Debug)]
+pub struct Initialized {
+    pub ca_fingerprint: String,
+    pub credential_path: PathBuf,
+}
+
+fn open_db(data_dir: &Path) -> anyhow::Result<Db> {
+    let store = SledStore::open(&data_dir.join("db"))
+        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+    Ok(Db::new(Arc::new(store)))
+}
+
+/// Creates the CA, the server certificate for `names`, and a first admin
+/// credential (written to `<data-dir>/admin.credential`).
+pub async fn init(
+    data_dir: &Path,
+    names: &[String],
+    admin_name: &str,
+    server_url: Option<String>,
+) -> anyhow::Result<Initialized> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let ca = CertAuthority::create(&TlsPaths::in_dir(data_dir), names)?;
+    let db = open_db(data_dir)?;
+    let (bearer, rec) = crate::credentials::create(&db, admin_name, OperatorRole::Admin).await?;
+    let audit = AuditLog::open(db.clone()).await?;
+    audit
+        .record(
+            "server",
+            "server.init",
+            admin_name,
+            serde_json::json!({ "ca_fingerprint": ca.fingerprint(), "credential_id": rec.id }),
+        )
+        .await?;
+    let credential_path = data_dir.join("admin.credential");
+    CredentialFile {
+        credential: bearer,
+        ca_certificate: ca.cert_pem().to_string(),
+        server: server_url,
+    }
+    .save(&credential_path)?;
+    Ok(Initialized {
+        ca_fingerprint: ca.fingerprint().to_string(),
+        credential_path,
+    })
+}
+
+/// Serves the data directory on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let paths = TlsPaths::in_dir(&cfg.data_dir);
+    let ca = CertAuthority::load(&paths).with_context(|| {
+        format!(
+            "no usable CA in {} (run `flotilla-server init` first)",
+            cfg.data_dir.display()
+        )
+    })?;
+    let server_cert = std::fs::read_to_string(&paths.server_cert)
+        .with_context(|| format!("cannot read {}", paths.server_cert.display()))?;
+    let server_key = std::fs::read_to_string(&paths.server_key)
+        .with_context(|| format!("cannot read {}", paths.server_key.display()))?;
+    let db = open_db(&cfg.data_dir)?;
+    let fleet = Fleet::load(
+        db.clone(),
+        FleetConfig {
+            heartbeat_interval: cfg.heartbeat_interval,
+            offline_grace: cfg.offline_grace,
+            startup_grace: cfg.startup_grace,
+        },
+    )
+    .await?;
+    let audit = AuditLog::open(db.clone()).await?;
+    let app = Arc::new(App {
+        cfg: cfg.clone(),
+        db,
+        fleet: fleet.clone(),
+        ca,
+        audit,
+    });
+    let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(server_cert, server_key))
+        .client_ca_root(Certificate::from_pem(app.ca.cert_pem()))
+        // Enroll and the admin calls come without a client certificate; every
+        // other agent call checks for one.
+        .client_auth_optional(true);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::agent_service_server::AgentServiceServer<crate::grpc::agent::AgentApi>>()
+        .await;
+
+    let agent = pb::agent_service_server::AgentServiceServer::new(crate::grpc::agent::AgentApi {
+        app: app.clone(),
+    })
+    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+    let admin = pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {
+        app: app.clone(),
+    })
+    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+
+    let addr = listener.local_addr()?;
+    crate::ca::write_atomic(&cfg.addr_file(), addr.to_string().as_bytes(), false)?;
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "flotilla-server listening");
+
+    Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .add_service(health_service)
+        .add_service(agent)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled(),
+        )
+        .await
+        .context("gRPC server failed")?;
+    shutdown.cancel();
+    let _ = reconciler.await;
+    tracing::info!("flotilla-server stopped");
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The storage trait every server component uses: typed records over a key-value
+//! store with prefix scan, compare-and-swap and watch. Backends: sled (one process).
+//! Nothing above this module knows which backend it runs on.
+
+mod sled_store;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use sled_store::SledStore;
+
+/// A failure of the backend itself (I/O, corruption, lost connection).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend error: {0}")]
+    Backend(String),
+    #[error("record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// Key-value storage. Every write is durable when its future resolves.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// All entries whose key starts with `prefix`, in key order.
+    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The entry with the greatest key under `prefix`.
+    async fn last_in_prefix(&self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, StoreError>;
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Sets `key` to `new` (None deletes) only if it currently holds `expected`
+    /// (None = absent). Returns false, changing nothing, if it did not.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError>;
+    /// Changes under `prefix` from now on.
+    fn watch_prefix(&self, prefix: &str) -> tokio::sync::mpsc::Receiver<WatchEvent>;
+}
+
+/// Typed JSON records over a [`Store`].
+#[derive(Clone)]
+pub struct Db {
+    store: Arc<dyn Store>,
+}
+
+/// Outcome of [`Db::update`]'s closure.
+pub enum Update<T> {
+    /// Write this value.
+    Put(T),
+    /// Leave the record as it is.
+    Keep,
+}
+
+impl Db {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    pub fn raw(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+        serde_json::to_vec(value).expect("records always serialise")
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.store.get(key).await? {
+            Some(bytes) => Ok(Some(Self::decode(key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.store.put(key, Self::encode(value)).await
+    }
+
+    /// Inserts only if `key` is absent; false if it existed.
+    pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, StoreError> {
+        self.store
+            .compare_and_swap(key, None, Some(Self::encode(value)))
+            .await
+    }
+
+    pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
+        self.store
+            .scan_prefix(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, v)| Self::decode(&k, &v))
+            .collect()
+    }
+
+    pub async fn last<T: DeserializeOwned>(&self, prefix: &str) -> Result<Option<T>, StoreError> {
+        match self.store.last_in_prefix(prefix).await? {
+            Some((k, v)) => Ok(Some(Self::decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Read-modify-write with compare-and-swap, retried on conflict. `f` sees the
+    /// current record and decides; its error aborts without writing. Returns the
+    /// record as stored afterwards.
+    pub async fn update<T, E, F>(
+        &self,
+        key: &str,
+        mut f: F,
+    ) -> Result<Result<Option<T>, E>, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> Result<Update<T>, E>,
+    {
+        loop {
+            let current = self.store.get(key).await?;
+            let decoded = match &current {
+                Some(bytes) => Some(Self::decode::<T>(key, bytes)?),
+                None => None,
+            };
+            match f(decoded) {
+                Err(e) => return Ok(Err(e)),
+                Ok(Update::Keep) => {
+                    let again = match &current {
+                        Some(bytes) => Some(Self::decode::<T>(key, bytes)?),
+                        None => None,
+                    };
+                    return Ok(Ok(again));
+                }
+                Ok(Update::Put(value)) => {
+                    let bytes = Self::encode(&value);
+                    if self
+                        .store
+                        .compare_and_swap(key, current.as_deref(), Some(bytes))
+                        .await?
+                    {
+                        return Ok(Ok(Some(value)));
+                    }
+                }
+            }
+        }
+    }
+}
