@@ -216,8 +216,9 @@ impl CertAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        // A little slack for clocks that run behind.
-        params.not_before = now - Duration::from_secs(300);
+        // A little slack for clocks that run behind, small against the lifetime so
+        // that "renew at two thirds" stays well after issue.
+        params.not_before = now - (lifetime / 10).min(Duration::from_secs(300));
         params.not_after = now + lifetime;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.as_ref());

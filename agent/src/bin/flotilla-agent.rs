@@ -1,0 +1,223 @@
+//! `flotilla-agent`: joins a host to a Flotilla fleet and keeps its session.
+//!
+//! A thin command line over the `flotilla_agent` library: it resolves flags,
+//! environment and config file, runs the library on a current-thread runtime (one
+//! session needs no more), and turns errors into messages with context.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flotilla_agent::config::{self, FileConfig};
+use flotilla_agent::{JoinOptions, RunOptions, Status, backoff};
+
+/// Flotilla agent: joins a fleet with a token and keeps one live session to the server.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-agent", version)]
+struct Cli {
+    /// TOML config file (state_dir, servers, role_hook, max_backoff, labels).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_AGENT_CONFIG",
+        value_name = "PATH"
+    )]
+    config: Option<PathBuf>,
+
+    /// Where the agent keeps its state [default: /var/lib/flotilla-agent].
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_AGENT_STATE_DIR",
+        value_name = "DIR"
+    )]
+    state_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join the fleet with a join token (once per host).
+    Join(JoinArgs),
+    /// Hold the session: heartbeats, desired state, certificate renewal.
+    Run(RunArgs),
+    /// Show what the agent holds and whether it is connected.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// Server URL (https://HOST:PORT); repeat for failover, tried in order.
+    #[arg(
+        long = "server",
+        env = "FLOTILLA_AGENT_SERVERS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    servers: Vec<String>,
+    /// Join token (flt1.<id>.<secret>.<ca-sha256>).
+    #[arg(
+        long,
+        env = "FLOTILLA_AGENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: String,
+    /// Label to ask for, key=value; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Machine id to state instead of /etc/machine-id.
+    #[arg(long, env = "FLOTILLA_AGENT_MACHINE_ID", value_name = "ID")]
+    machine_id: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Server URL to use instead of those given at join; repeatable.
+    #[arg(
+        long = "server",
+        env = "FLOTILLA_AGENT_SERVERS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    servers: Vec<String>,
+    /// Program to run when the node's role changes.
+    #[arg(long, env = "FLOTILLA_AGENT_ROLE_HOOK", value_name = "PATH")]
+    role_hook: Option<PathBuf>,
+    /// Longest wait between reconnect attempts [default: 30s].
+    #[arg(long, env = "FLOTILLA_AGENT_MAX_BACKOFF", value_name = "DURATION", value_parser = parse_duration)]
+    max_backoff: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Print status.json as it is.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    config::parse_label(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    flotilla_proto::install_crypto_provider();
+    flotilla_proto::telemetry::init("info");
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", render(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once: library errors often
+/// already quote their source in their own message.
+fn render(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let file =
+        FileConfig::load_optional(cli.config.as_deref()).context("cannot load the config")?;
+    let state_dir = file.state_dir(cli.state_dir);
+    match cli.command {
+        Command::Join(args) => join(args, &file, state_dir),
+        Command::Run(args) => run(args, &file, state_dir),
+        Command::Status(args) => status(&args, &state_dir),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
+    let opts = JoinOptions {
+        servers: file.servers(args.servers),
+        token: args.token,
+        labels: file.labels(args.labels),
+        machine_id: args.machine_id,
+        state_dir,
+    };
+    let joined = runtime()?
+        .block_on(flotilla_agent::join(opts))
+        .context("cannot join the fleet")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&joined)?);
+    } else {
+        println!(
+            "joined as node {} in group {} (role {})",
+            joined.node_id, joined.group, joined.role
+        );
+        if joined.rejoined {
+            println!("(the server gave this host its existing node back)");
+        }
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
+    let opts = RunOptions {
+        servers: file.servers(args.servers),
+        role_hook: file.role_hook(args.role_hook),
+        max_backoff: file.max_backoff(args.max_backoff, backoff::DEFAULT_CAP)?,
+        ..RunOptions::new(state_dir)
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let shutdown = shutdown_signal().context("cannot listen for stop signals")?;
+        flotilla_agent::run(opts, shutdown)
+            .await
+            .context("the agent stopped")
+    })
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    })
+}
+
+fn status(args: &StatusArgs, state_dir: &std::path::Path) -> Result<()> {
+    let status = Status::read(state_dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.summary());
+    }
+    Ok(())
+}

@@ -1,0 +1,486 @@
+//! The one live session to the server: connect over mutual TLS, say Hello, send
+//! heartbeats, take desired state as it is pushed, renew the certificate in time,
+//! and reconnect (with backoff and failover) whenever the session drops.
+//!
+//! An idle agent does no work but its heartbeat: the only timers are the heartbeat
+//! interval and the certificate-renewal deadline, and everything else waits on the
+//! network.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_proto::limits;
+use flotilla_proto::pb::agent_service_client::AgentServiceClient;
+use flotilla_proto::pb::{self, agent_message, server_message};
+use flotilla_proto::tls::{self, TlsError};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backoff::{self, Backoff};
+use crate::cert::{self, CertError, CertInfo};
+use crate::facts;
+use crate::hook::{self, RoleChange, RoleHook};
+use crate::refusal::{self, Refusal};
+use crate::state::{Desired, Identity, Ordering, Role, StateError, Store};
+use crate::status::Status;
+use renewal::{
+    AdoptError, RENEW_RETRY_BASE, RENEW_RETRY_CAP, RenewCall, RenewFailure, request_renewal,
+};
+
+/// How long opening a session (connection made, waiting for the server's answer)
+/// may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shortest heartbeat interval honoured, whatever the server asks: a bad value
+/// must not turn every agent into a busy loop.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Kernel TCP keepalive: detects a vanished server without waking the agent.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Messages waiting to go to the server; heartbeats beyond it are skipped.
+const OUTBOUND_QUEUE: usize = 8;
+
+/// What `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Where the state is.
+    pub state_dir: PathBuf,
+    /// Server URLs to use instead of the ones stored at join (none: the stored ones).
+    pub servers: Vec<String>,
+    /// Program to run on role changes.
+    pub role_hook: Option<PathBuf>,
+    /// How long the role hook may run.
+    pub hook_timeout: Duration,
+    /// Cap on the reconnect backoff.
+    pub max_backoff: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for everything but the state directory.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            servers: Vec::new(),
+            role_hook: None,
+            hook_timeout: hook::DEFAULT_TIMEOUT,
+            max_backoff: backoff::DEFAULT_CAP,
+        }
+    }
+}
+
+/// Why the agent stopped other than by being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("not joined: run `flotilla-agent join` first (no identity in {state_dir})")]
+    NotJoined { state_dir: PathBuf },
+    #[error("no server to connect to: pass --server https://HOST:PORT")]
+    NoServers,
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("invalid server URL or TLS material: {0}")]
+    Tls(#[from] TlsError),
+    #[error("the node's stored certificate is unusable: {0} (join again with a new token)")]
+    Cert(#[from] CertError),
+    #[error(
+        "the server refused this node: {0}. The node was probably revoked or removed, or \
+         its certificate expired while the agent was stopped; remove the state directory \
+         and join again with a new token"
+    )]
+    Rejected(String),
+}
+
+/// How one session attempt ended.
+#[derive(Debug)]
+enum Outcome {
+    /// Never opened.
+    Failed(String),
+    /// Was open for `up_for`, then ended.
+    Ended { up_for: Duration, reason: String },
+    /// The certificate was renewed: reconnect at once with the new one.
+    Renewed,
+    /// The server refused the node.
+    Rejected(String),
+    /// Something local is broken.
+    Fatal(RunError),
+}
+
+impl From<Refusal> for Outcome {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Refused(reason) => Self::Rejected(reason),
+            Refusal::Transient(reason) => Self::Failed(reason),
+        }
+    }
+}
+
+/// The running agent.
+struct Agent {
+    store: Store,
+    node: Identity,
+    cert: CertInfo,
+    held: Desired,
+    servers: Vec<String>,
+    connected: bool,
+    hooks: mpsc::UnboundedSender<RoleChange>,
+}
+
+/// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
+/// local state fails (then `Err`).
+pub async fn run<F>(opts: RunOptions, shutdown: F) -> Result<(), RunError>
+where
+    F: Future<Output = ()> + Send,
+{
+    let store = Store::open(&opts.state_dir)?;
+    let node = store.identity()?.ok_or_else(|| RunError::NotJoined {
+        state_dir: opts.state_dir.clone(),
+    })?;
+    let held = store.desired()?.unwrap_or(Desired::initial(Role::Pending));
+    let servers = if opts.servers.is_empty() {
+        node.servers.clone()
+    } else {
+        opts.servers.clone()
+    };
+    if servers.is_empty() {
+        return Err(RunError::NoServers);
+    }
+    for url in &servers {
+        tls::host_port(url)?;
+    }
+    let cert = cert::cert_info(&node.cert_pem)?;
+    if cert.not_after <= cert::unix_now() {
+        tracing::warn!(
+            not_after = cert.not_after,
+            "the node certificate has expired; the server will probably refuse it"
+        );
+    }
+
+    let hook = opts
+        .role_hook
+        .as_ref()
+        .map(|p| RoleHook::new(p, opts.hook_timeout));
+    let (hooks, worker) = spawn_hook_worker(store.clone(), hook);
+    // A role change persisted before a crash, whose hook never ran, runs now.
+    let hooked = store.hooked_role()?;
+    if hooked != Some(held.role) {
+        let _ = hooks.send(RoleChange {
+            node_id: node.node_id.clone(),
+            group: node.group.clone(),
+            role: held.role,
+            previous_role: hooked,
+            desired_count: held.desired_count,
+        });
+    }
+
+    let mut agent = Agent {
+        store,
+        node,
+        cert,
+        held,
+        servers,
+        connected: false,
+        hooks,
+    };
+    tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
+    agent.publish_status();
+    let result = agent.reconnect_loop(opts.max_backoff, shutdown).await;
+    agent.set_connected(false);
+    // A hook cut short here has not been recorded as handled: it runs again at the
+    // next start. Waiting for the aborted worker makes sure its hook process is
+    // killed and its handle on the database released before `run` returns.
+    worker.abort();
+    let _ = worker.await;
+    match &result {
+        Ok(()) => tracing::info!("agent stopped"),
+        Err(e) => tracing::error!(error = %e, "agent stopping"),
+    }
+    result
+}
+
+/// Runs role hooks one at a time, in order, off the session's path so heartbeats
+/// go on while a hook runs. Records each handled role.
+fn spawn_hook_worker(
+    store: Store,
+    hook: Option<RoleHook>,
+) -> (
+    mpsc::UnboundedSender<RoleChange>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<RoleChange>();
+    let worker = tokio::spawn(async move {
+        while let Some(change) = rx.recv().await {
+            match &hook {
+                Some(hook) => {
+                    hook.run(&change).await;
+                }
+                None => tracing::debug!(role = %change.role, "no role hook configured"),
+            }
+            if let Err(e) = store.save_hooked_role(change.role) {
+                tracing::warn!(error = %e, "cannot record that the role hook ran");
+            }
+        }
+    });
+    (tx, worker)
+}
+
+fn heartbeat_timer(interval_ms: u32) -> Interval {
+    let period = Duration::from_millis(u64::from(interval_ms)).max(MIN_HEARTBEAT);
+    // The Hello just sent counts as the first sign of life: first tick one period on.
+    let mut timer = tokio::time::interval_at(Instant::now() + period, period);
+    timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    timer
+}
+
+fn message(kind: agent_message::Kind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+impl Agent {
+    /// Sessions, one after another, until shutdown or a fatal outcome.
+    async fn reconnect_loop<F: Future<Output = ()>>(
+        &mut self,
+        max_backoff: Duration,
+        shutdown: F,
+    ) -> Result<(), RunError> {
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff::new(backoff::BASE, max_backoff);
+        let mut index = 0;
+        loop {
+            let url = self.servers[index].clone();
+            let outcome = tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                outcome = self.session(&url) => outcome,
+            };
+            self.set_connected(false);
+            match outcome {
+                Outcome::Renewed => {
+                    tracing::info!(%url, "reconnecting with the renewed certificate");
+                    continue;
+                }
+                Outcome::Rejected(reason) => return Err(RunError::Rejected(reason)),
+                Outcome::Fatal(e) => return Err(e),
+                Outcome::Ended { up_for, reason } => {
+                    tracing::warn!(%url, up_for = ?up_for, %reason, "session ended");
+                    // A session that lasted proves this server healthy: retry it
+                    // first. One that did not counts as a failed attempt.
+                    if !backoff.session_ended(up_for) {
+                        index = (index + 1) % self.servers.len();
+                    }
+                }
+                Outcome::Failed(reason) => {
+                    tracing::warn!(%url, %reason, "cannot open a session");
+                    index = (index + 1) % self.servers.len();
+                }
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(delay = ?delay, next = %self.servers[index], "reconnecting");
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One session with `url`, from connect to its end.
+    async fn session(&mut self, url: &str) -> Outcome {
+        let endpoint = match tls::endpoint(
+            url,
+            &self.node.ca_pem,
+            Some((&self.node.cert_pem, &self.node.key_pem)),
+        ) {
+            Ok(e) => e.tcp_keepalive(Some(TCP_KEEPALIVE)),
+            Err(e) => return Outcome::Fatal(e.into()),
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return refusal::classify_error(&e).prefixed(url).into(),
+        };
+        let mut client = AgentServiceClient::new(channel)
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let hello = message(agent_message::Kind::Hello(pb::Hello {
+            last_revision: self.held.revision,
+            facts: Some(facts::node_facts(&self.node.machine_id)),
+        }));
+        // A fresh queue always has room.
+        let _ = tx.try_send(hello);
+        let opening = tokio::time::timeout(OPEN_TIMEOUT, client.session(ReceiverStream::new(rx)));
+        let mut inbound = match opening.await {
+            Err(_) => {
+                return Outcome::Failed(format!(
+                    "{url}: no answer to the session request within {OPEN_TIMEOUT:?}"
+                ));
+            }
+            Ok(Err(status)) => return refusal::classify_status(&status).prefixed(url).into(),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let opened = Instant::now();
+        self.set_connected(true);
+        tracing::info!(%url, node_id = %self.node.node_id, "session open");
+
+        let mut heartbeat = heartbeat_timer(self.held.heartbeat_interval_ms);
+        let renewal = tokio::time::sleep(self.until_renewal());
+        tokio::pin!(renewal);
+        let mut renewing: Option<RenewCall> = None;
+        let mut renew_backoff = Backoff::new(RENEW_RETRY_BASE, RENEW_RETRY_CAP);
+        let ended = |reason: String| Outcome::Ended {
+            up_for: opened.elapsed(),
+            reason,
+        };
+        loop {
+            tokio::select! {
+                received = inbound.message() => match received {
+                    Ok(Some(msg)) => {
+                        let before = self.held.heartbeat_interval_ms;
+                        if let Err(e) = self.on_server_message(msg) {
+                            return Outcome::Fatal(e);
+                        }
+                        if self.held.heartbeat_interval_ms != before {
+                            heartbeat = heartbeat_timer(self.held.heartbeat_interval_ms);
+                        }
+                    }
+                    Ok(None) => return ended("the server closed the session".into()),
+                    Err(status) => match refusal::classify_status(&status) {
+                        Refusal::Refused(reason) => return Outcome::Rejected(reason),
+                        Refusal::Transient(reason) => return ended(reason),
+                    },
+                },
+                _ = heartbeat.tick() => {
+                    match tx.try_send(message(agent_message::Kind::Heartbeat(pb::Heartbeat {}))) {
+                        Ok(()) => tracing::trace!("heartbeat"),
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::debug!("the server is not reading; heartbeat skipped");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return ended("the request stream closed".into());
+                        }
+                    }
+                }
+                () = &mut renewal, if renewing.is_none() => {
+                    if cert::unix_now() < self.cert.renew_at() {
+                        // Woke early (a capped timer, or the clock was set back).
+                        renewal.as_mut().reset(Instant::now() + self.until_renewal());
+                    } else {
+                        tracing::info!(not_after = self.cert.not_after, "renewing the node certificate");
+                        renewing = Some(Box::pin(request_renewal(client.clone())));
+                    }
+                }
+                result = async {
+                    match renewing.as_mut() {
+                        Some(call) => call.await,
+                        None => std::future::pending().await,
+                    }
+                }, if renewing.is_some() => {
+                    renewing = None;
+                    let failure = match result {
+                        Ok((key, pem)) => match self.adopt_certificate(key, pem) {
+                            Ok(()) => return Outcome::Renewed,
+                            Err(AdoptError::Fatal(e)) => return Outcome::Fatal(e),
+                            Err(AdoptError::Unusable(reason)) => reason,
+                        },
+                        Err(RenewFailure::Rejected(reason)) => return Outcome::Rejected(reason),
+                        Err(RenewFailure::Retry(reason)) => reason,
+                    };
+                    let delay = renew_backoff.next_delay().max(Duration::from_secs(1));
+                    tracing::warn!(reason = %failure, retry_in = ?delay, "certificate renewal failed");
+                    renewal.as_mut().reset(Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    /// Takes in one message from the server.
+    fn on_server_message(&mut self, msg: pb::ServerMessage) -> Result<(), RunError> {
+        let Some(server_message::Kind::Desired(desired)) = msg.kind else {
+            tracing::debug!("ignoring a server message of an unknown kind");
+            return Ok(());
+        };
+        self.on_desired(&desired)
+    }
+
+    /// Takes in a desired state: ignores an older one, persists a newer one (flushed)
+    /// before acting on it, then queues the role hook if the role changed.
+    fn on_desired(&mut self, msg: &pb::DesiredState) -> Result<(), RunError> {
+        if !msg.node_id.is_empty() && msg.node_id != self.node.node_id {
+            tracing::warn!(for_node = %msg.node_id, "ignoring desired state meant for another node");
+            return Ok(());
+        }
+        match self.held.order(msg.revision) {
+            Ordering::Older => {
+                tracing::debug!(
+                    held = self.held.revision,
+                    received = msg.revision,
+                    "ignoring an older desired state"
+                );
+                return Ok(());
+            }
+            Ordering::Same => {
+                tracing::trace!(revision = msg.revision, "desired state unchanged");
+                return Ok(());
+            }
+            Ordering::Newer => {}
+        }
+        let Some(next) = Desired::from_proto(msg, self.held.heartbeat_interval_ms) else {
+            tracing::warn!(
+                revision = msg.revision,
+                role = msg.role,
+                "ignoring a desired state with no valid role"
+            );
+            return Ok(());
+        };
+        let previous = self.held;
+        if !msg.group.is_empty() && msg.group != self.node.group {
+            let mut node = self.node.clone();
+            node.group = msg.group.clone();
+            self.store.save_identity_and_desired(&node, &next)?;
+            tracing::info!(from = %self.node.group, to = %node.group, "node moved to another group");
+            self.node = node;
+        } else {
+            self.store.save_desired(&next)?;
+        }
+        self.held = next;
+        tracing::info!(
+            revision = next.revision, role = %next.role, desired_count = next.desired_count,
+            unmanaged = next.unmanaged, heartbeat_ms = next.heartbeat_interval_ms,
+            "new desired state"
+        );
+        if next.role != previous.role {
+            tracing::info!(from = %previous.role, to = %next.role, "role changed");
+            let _ = self.hooks.send(RoleChange {
+                node_id: self.node.node_id.clone(),
+                group: self.node.group.clone(),
+                role: next.role,
+                previous_role: Some(previous.role),
+                desired_count: next.desired_count,
+            });
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    fn set_connected(&mut self, connected: bool) {
+        if self.connected != connected {
+            self.connected = connected;
+            self.publish_status();
+        }
+    }
+
+    /// Rewrites status.json. Failing to is logged, not fatal: it is a report, and
+    /// the session matters more.
+    fn publish_status(&self) {
+        let written = Status::new(&self.node, &self.held, &self.servers, self.connected)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.write(self.store.dir()).map_err(|e| e.to_string()));
+        if let Err(error) = written {
+            tracing::warn!(%error, "cannot update status.json");
+        }
+    }
+}
+
+mod renewal;
+
+#[cfg(test)]
+mod tests;

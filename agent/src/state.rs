@@ -1,0 +1,424 @@
+//! The agent's durable state: its identity and the last desired state it holds, in a
+//! sled database under `<state-dir>/db`.
+//!
+//! Every write is flushed to disk before the call returns, so the agent never acts on,
+//! or acknowledges, something a crash could take back. sled locks its database against
+//! a second process; `status.json` (see [`crate::status`]) is what other processes read.
+
+use std::fmt;
+#[cfg(test)]
+use std::fs;
+#[cfg(test)]
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::pb;
+use serde::{Deserialize, Serialize};
+
+use crate::files::ensure_private_dir;
+
+/// Heartbeat interval used until the server says otherwise.
+pub const DEFAULT_HEARTBEAT_MS: u32 = 15_000;
+
+const IDENTITY_KEY: &[u8] = b"identity";
+const DESIRED_KEY: &[u8] = b"desired";
+const HOOKED_ROLE_KEY: &[u8] = b"hooked_role";
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "state directory {path} is in use by another flotilla-agent process \
+         (stop it first, or pick another --state-dir)"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot open the agent database in {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("agent database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("agent database holds a corrupt {what} record: {source}")]
+    Corrupt {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// Where a node stands in its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Waiting for an operator's approval.
+    Pending,
+    /// In service.
+    Active,
+    /// Joined and healthy, beyond the desired count.
+    Standby,
+}
+
+impl Role {
+    /// The role a protobuf enum value names; `None` for unspecified or unknown values.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match pb::Role::try_from(value).ok()? {
+            pb::Role::Pending => Some(Self::Pending),
+            pb::Role::Active => Some(Self::Active),
+            pb::Role::Standby => Some(Self::Standby),
+            pb::Role::Unspecified => None,
+        }
+    }
+
+    /// Lower-case name, as in status.json and the hook's environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Standby => "standby",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who this node is: what enrollment gave it, kept across restarts.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Id the server assigned.
+    pub node_id: String,
+    /// Group the node belongs to.
+    pub group: String,
+    /// The node's private key, PKCS#8 PEM. Never leaves the host.
+    pub key_pem: String,
+    /// The node's client certificate, PEM.
+    pub cert_pem: String,
+    /// The server CA pinned at join, PEM.
+    pub ca_pem: String,
+    /// Server URLs given at join, tried in order.
+    pub servers: Vec<String>,
+    /// Id (not secret) of the token the node joined with.
+    pub token_id: String,
+    /// Machine id stated at join; sent again in every Hello.
+    pub machine_id: String,
+    /// Certificate renewals since join.
+    pub renewals: u64,
+}
+
+// The private key stays out of debug output and logs.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("node_id", &self.node_id)
+            .field("group", &self.group)
+            .field("servers", &self.servers)
+            .field("token_id", &self.token_id)
+            .field("machine_id", &self.machine_id)
+            .field("renewals", &self.renewals)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The last desired state the agent holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// Revision; only ever grows.
+    pub revision: u64,
+    /// The node's role.
+    pub role: Role,
+    /// The group's desired node count (0 when unmanaged).
+    pub desired_count: u32,
+    /// True when the group has no desired count.
+    pub unmanaged: bool,
+    /// Heartbeat interval the server asked for.
+    pub heartbeat_interval_ms: u32,
+}
+
+/// How a received desired state relates to the one held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// Older than the one held: ignored.
+    Older,
+    /// The same revision: nothing to do.
+    Same,
+    /// Newer: to persist and act on.
+    Newer,
+}
+
+impl Desired {
+    /// The desired state enrollment implies: revision 0 with the role the server gave.
+    pub fn initial(role: Role) -> Self {
+        Self {
+            revision: 0,
+            role,
+            desired_count: 0,
+            unmanaged: false,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_MS,
+        }
+    }
+
+    /// Where `incoming_revision` stands against this held revision. Revisions only
+    /// grow, so a lower one is a stale message (a slow replica, a reordered push).
+    pub fn order(&self, incoming_revision: u64) -> Ordering {
+        match incoming_revision.cmp(&self.revision) {
+            std::cmp::Ordering::Less => Ordering::Older,
+            std::cmp::Ordering::Equal => Ordering::Same,
+            std::cmp::Ordering::Greater => Ordering::Newer,
+        }
+    }
+
+    /// The desired state a server message describes. `None` if it names no valid
+    /// role (a protocol error: acting on it could demote the node by accident).
+    /// A zero heartbeat interval means "unchanged".
+    pub fn from_proto(msg: &pb::DesiredState, current_heartbeat_ms: u32) -> Option<Self> {
+        Some(Self {
+            revision: msg.revision,
+            role: Role::from_proto(msg.role)?,
+            desired_count: msg.desired_count,
+            unmanaged: msg.unmanaged,
+            heartbeat_interval_ms: if msg.heartbeat_interval_ms == 0 {
+                current_heartbeat_ms
+            } else {
+                msg.heartbeat_interval_ms
+            },
+        })
+    }
+}
+
+/// Handle on the agent's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, StateError> {
+        ensure_private_dir(state_dir).map_err(|source| StateError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join("db");
+        let db = sled::Config::new()
+            .path(&path)
+            // Every write is flushed explicitly; sled's own periodic flusher would
+            // only wake an idle agent for nothing.
+            .flush_every_ms(None)
+            // A handful of small records: keep the cache small.
+            .cache_capacity(1 << 20)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                    StateError::Locked {
+                        path: state_dir.to_path_buf(),
+                    }
+                }
+                _ => StateError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        Ok(Self {
+            db,
+            dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// The state directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, StateError> {
+        match self.db.get(key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StateError::Corrupt { what, source }),
+        }
+    }
+
+    fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(value).map_err(|source| StateError::Corrupt { what, source })
+    }
+
+    /// Applies `batch` atomically and flushes it to disk.
+    fn commit(&self, batch: sled::Batch) -> Result<(), StateError> {
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The node's identity, if it has joined.
+    pub fn identity(&self) -> Result<Option<Identity>, StateError> {
+        self.get(IDENTITY_KEY, "identity")
+    }
+
+    /// The desired state held, if any.
+    pub fn desired(&self) -> Result<Option<Desired>, StateError> {
+        self.get(DESIRED_KEY, "desired state")
+    }
+
+    /// The role the role hook last ran for (or was skipped for, with no hook set).
+    /// Differs from the held role only if the agent stopped between persisting a
+    /// role change and running its hook: the hook is then run at the next start.
+    pub fn hooked_role(&self) -> Result<Option<Role>, StateError> {
+        self.get(HOOKED_ROLE_KEY, "hooked role")
+    }
+
+    /// Stores what a join produced, in one atomic, flushed write. The first role
+    /// counts as already handled: the hook runs on role changes, not at join.
+    pub fn save_joined(&self, identity: &Identity, desired: &Desired) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(IDENTITY_KEY, Self::encode(identity, "identity")?);
+        batch.insert(DESIRED_KEY, Self::encode(desired, "desired state")?);
+        batch.insert(HOOKED_ROLE_KEY, Self::encode(&desired.role, "hooked role")?);
+        self.commit(batch)
+    }
+
+    /// Replaces the identity (after a renewal), flushed.
+    pub fn save_identity(&self, identity: &Identity) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(IDENTITY_KEY, Self::encode(identity, "identity")?);
+        self.commit(batch)
+    }
+
+    /// Replaces the desired state held, flushed.
+    pub fn save_desired(&self, desired: &Desired) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(DESIRED_KEY, Self::encode(desired, "desired state")?);
+        self.commit(batch)
+    }
+
+    /// Replaces identity and desired state together (a desired state that moved the
+    /// node to another group), flushed.
+    pub fn save_identity_and_desired(
+        &self,
+        identity: &Identity,
+        desired: &Desired,
+    ) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(IDENTITY_KEY, Self::encode(identity, "identity")?);
+        batch.insert(DESIRED_KEY, Self::encode(desired, "desired state")?);
+        self.commit(batch)
+    }
+
+    /// Records that the hook has handled `role`, flushed.
+    pub fn save_hooked_role(&self, role: Role) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(HOOKED_ROLE_KEY, Self::encode(&role, "hooked role")?);
+        self.commit(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            node_id: "n-123".into(),
+            group: "stores-eu".into(),
+            key_pem: "KEY".into(),
+            cert_pem: "CERT".into(),
+            ca_pem: "CA".into(),
+            servers: vec!["https://a:7443".into(), "https://b:7443".into()],
+            token_id: "abcdefghij".into(),
+            machine_id: "m1".into(),
+            renewals: 2,
+        }
+    }
+
+    #[test]
+    fn state_survives_reopening_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let desired = Desired {
+            revision: 7,
+            role: Role::Standby,
+            desired_count: 3,
+            unmanaged: false,
+            heartbeat_interval_ms: 5000,
+        };
+        {
+            let store = Store::open(&state_dir).unwrap();
+            assert!(store.identity().unwrap().is_none());
+            store
+                .save_joined(&identity(), &Desired::initial(Role::Active))
+                .unwrap();
+            store.save_desired(&desired).unwrap();
+        }
+        let store = Store::open(&state_dir).unwrap();
+        assert_eq!(store.identity().unwrap(), Some(identity()));
+        assert_eq!(store.desired().unwrap(), Some(desired));
+        assert_eq!(store.hooked_role().unwrap(), Some(Role::Active));
+        let mode = fs::metadata(&state_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_second_opener_is_told_the_directory_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        // sled's lock is per process (fcntl) on some platforms; a second open in
+        // the same process may succeed. When it fails, it must say why.
+        if let Err(e) = Store::open(dir.path()) {
+            assert!(matches!(e, StateError::Locked { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn older_revisions_are_ignored_and_equal_ones_are_no_ops() {
+        let held = Desired {
+            revision: 10,
+            ..Desired::initial(Role::Active)
+        };
+        assert_eq!(held.order(9), Ordering::Older);
+        assert_eq!(held.order(0), Ordering::Older);
+        assert_eq!(held.order(10), Ordering::Same);
+        assert_eq!(held.order(11), Ordering::Newer);
+    }
+
+    #[test]
+    fn desired_from_proto_checks_the_role_and_keeps_the_interval() {
+        let msg = pb::DesiredState {
+            revision: 4,
+            node_id: "n".into(),
+            group: "g".into(),
+            desired_count: 2,
+            unmanaged: false,
+            role: pb::Role::Standby as i32,
+            heartbeat_interval_ms: 0,
+        };
+        let d = Desired::from_proto(&msg, 9000).unwrap();
+        assert_eq!(d.role, Role::Standby);
+        assert_eq!(d.heartbeat_interval_ms, 9000);
+        let msg = pb::DesiredState {
+            role: pb::Role::Unspecified as i32,
+            ..msg
+        };
+        assert!(Desired::from_proto(&msg, 9000).is_none());
+        assert!(Desired::from_proto(&pb::DesiredState { role: 99, ..msg }, 1).is_none());
+    }
+
+    #[test]
+    fn debug_output_leaves_out_the_private_key() {
+        assert!(!format!("{:?}", identity()).contains("KEY"));
+    }
+}

@@ -1,0 +1,391 @@
+//! The end-to-end harness: starts the real `flotilla-server`, `flotilla-agent` and
+//! `flotilla` binaries in temp dirs on port 0, waits on conditions with deadlines,
+//! and kills every process it started when dropped.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A built binary of the workspace. The test command builds them first
+/// (`cargo build --workspace --bins`); they sit next to the test's `deps/` dir.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir of the test executable");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_to(path: &Path) -> Stdio {
+    Stdio::from(
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("log file"),
+    )
+}
+
+fn kill_child(child: &mut Option<Child>, signal: nix::sys::signal::Signal) {
+    if let Some(c) = child.as_mut() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal);
+        let _ = c.wait();
+    }
+    *child = None;
+}
+
+/// Timing the tests give the server, short so grace periods pass quickly.
+pub const HEARTBEAT: &str = "300ms";
+pub const OFFLINE_GRACE: Duration = Duration::from_secs(2);
+
+/// One `flotilla-server` with its data dir.
+pub struct Server {
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub addr: Option<SocketAddr>,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// `flotilla-server init` in `dir/server`.
+    pub fn init(dir: &Path) -> Self {
+        let data_dir = dir.join("server");
+        let out = Command::new(bin("flotilla-server"))
+            .args([
+                "init",
+                "--name",
+                "127.0.0.1",
+                "--name",
+                "localhost",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .output()
+            .expect("run flotilla-server init");
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            log: dir.join("server.log"),
+            data_dir,
+            addr: None,
+            extra_args: vec![
+                "--heartbeat-interval".into(),
+                HEARTBEAT.into(),
+                "--offline-grace".into(),
+                format!("{}s", OFFLINE_GRACE.as_secs()),
+                "--startup-grace".into(),
+                "6s".into(),
+            ],
+            child: None,
+        }
+    }
+
+    /// Starts the server (on port 0 the first time, on the same address after)
+    /// and waits until it listens.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let addr_file = self.data_dir.join("server.addr");
+        let _ = fs::remove_file(&addr_file);
+        let listen = self
+            .addr
+            .map_or("127.0.0.1:0".to_string(), |a| a.to_string());
+        let child = Command::new(bin("flotilla-server"))
+            .args(["run", "--listen", &listen])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.extra_args)
+            .env("FLOTILLA_LOG", "info,flotilla_server=debug")
+            .stdout(Stdio::null())
+            .stderr(log_to(&self.log))
+            .spawn()
+            .expect("start flotilla-server");
+        self.child = Some(child);
+        let addr = wait_until("the server to listen", Duration::from_secs(20), || {
+            fs::read_to_string(&addr_file)
+                .ok()?
+                .trim()
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        self.addr = Some(addr);
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr.expect("server started"))
+    }
+
+    pub fn credential(&self) -> PathBuf {
+        self.data_dir.join("admin.credential")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        fs::read_to_string(self.data_dir.join("tls/ca.pem")).expect("ca.pem")
+    }
+
+    /// Stops with SIGKILL: nothing gets a chance to flush.
+    pub fn kill9(&mut self) {
+        kill_child(&mut self.child, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Stops with SIGTERM.
+    pub fn stop(&mut self) {
+        kill_child(&mut self.child, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Runs the `flotilla` CLI against this server with `credential`.
+    pub fn cli_as(&self, credential: &Path, args: &[&str]) -> Output {
+        Command::new(bin("flotilla"))
+            .args(args)
+            .env("FLOTILLA_SERVER", self.url())
+            .env("FLOTILLA_CREDENTIAL", credential)
+            .output()
+            .expect("run flotilla")
+    }
+
+    /// Runs the CLI as admin; panics unless it succeeds.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_as(&self.credential(), args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Runs the CLI as admin with `--json` and parses its output.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.cli(&a)).expect("CLI printed JSON")
+    }
+
+    /// Creates a join token and returns it.
+    pub fn token(&self, group: &str, max_uses: u32, extra: &[&str]) -> String {
+        let uses = max_uses.to_string();
+        let mut args = vec!["token", "create", "--group", group, "--max-uses", &uses];
+        args.extend_from_slice(extra);
+        self.cli_json(&args)["token"]
+            .as_str()
+            .expect("token string")
+            .to_string()
+    }
+
+    /// The status of one group.
+    pub fn group(&self, name: &str) -> Value {
+        let groups = self.cli_json(&["group", "list"]);
+        groups
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|g| g["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Every node, as `flotilla nodes list --json` shows them.
+    pub fn nodes(&self) -> Vec<Value> {
+        self.cli_json(&["nodes", "list"])
+            .as_array()
+            .expect("array")
+            .clone()
+    }
+
+    pub fn node(&self, id: &str) -> Value {
+        self.cli_json(&["nodes", "show", id])
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- server log ---\n{}",
+                fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// One `flotilla-agent` with its state dir.
+pub struct Agent {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub role_hook: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            state_dir: dir.join(name),
+            log: dir.join(format!("{name}.log")),
+            role_hook: None,
+            child: None,
+        }
+    }
+
+    /// `flotilla-agent join`, returning the process output.
+    pub fn join_output(&self, url: &str, token: &str, extra: &[&str]) -> Output {
+        Command::new(bin("flotilla-agent"))
+            .args(["join", "--json", "--server", url, "--token", token])
+            .args(["--machine-id", &format!("machine-{}", self.name)])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(extra)
+            .output()
+            .expect("run flotilla-agent join")
+    }
+
+    /// Joins and returns the node id; panics on failure.
+    pub fn join(&self, url: &str, token: &str) -> String {
+        let out = self.join_output(url, token, &[]);
+        assert!(
+            out.status.success(),
+            "join of {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("join --json output");
+        v["node_id"].as_str().expect("node_id").to_string()
+    }
+
+    /// Starts `flotilla-agent run`.
+    pub fn start(&mut self, servers: &[String]) {
+        assert!(self.child.is_none(), "agent already running");
+        let mut cmd = Command::new(bin("flotilla-agent"));
+        cmd.arg("run").arg("--state-dir").arg(&self.state_dir);
+        for s in servers {
+            cmd.args(["--server", s]);
+        }
+        cmd.args(["--max-backoff", "1s"]);
+        if let Some(h) = &self.role_hook {
+            cmd.arg("--role-hook").arg(h);
+        }
+        let child = cmd
+            .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log_to(&self.log))
+            .spawn()
+            .expect("start flotilla-agent");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        kill_child(&mut self.child, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The agent's own view (status.json), if it has written one.
+    pub fn status(&self) -> Option<Value> {
+        let text = fs::read_to_string(self.state_dir.join("status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
+        }
+        self.kill9();
+    }
+}
+
+/// A background `flotilla group watch --json`, its output in a file.
+pub struct Watch {
+    pub out: PathBuf,
+    child: Option<Child>,
+}
+
+impl Watch {
+    pub fn start(server: &Server, dir: &Path, group: &str) -> Self {
+        let out = dir.join(format!("watch-{group}.jsonl"));
+        let child = Command::new(bin("flotilla"))
+            .args(["group", "watch", group, "--json"])
+            .env("FLOTILLA_SERVER", server.url())
+            .env("FLOTILLA_CREDENTIAL", server.credential())
+            .stdout(log_to(&out))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start flotilla group watch");
+        Self {
+            out,
+            child: Some(child),
+        }
+    }
+
+    /// Every status printed so far.
+    pub fn events(&self) -> Vec<Value> {
+        fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        kill_child(&mut self.child, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Writes an executable role hook that appends "<role> <previous>" to `log`.
+pub fn role_hook(dir: &Path, name: &str, log: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("{name}-hook.sh"));
+    fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho \"$FLOTILLA_ROLE $FLOTILLA_PREVIOUS_ROLE $FLOTILLA_NODE_ID\" >> '{}'\n",
+            log.display()
+        ),
+    )
+    .expect("write hook");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    path
+}

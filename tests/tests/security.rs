@@ -1,0 +1,329 @@
+//! Who may do what: revoked nodes, operator roles, mutual TLS, and certificates
+//! the server builds itself whatever the CSR asks for.
+
+use std::time::Duration;
+
+use flotilla_e2e::{Agent, Server, wait_until};
+use flotilla_proto::pb;
+use flotilla_proto::pb::agent_service_client::AgentServiceClient;
+use flotilla_proto::token::JoinToken;
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    flotilla_proto::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn revoked_node_is_cut_off_and_cannot_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token = server.token("pos", 1, &[]);
+    let mut a = Agent::new(dir.path(), "till");
+    let id = a.join(&server.url(), &token);
+    a.start(&[server.url()]);
+    wait_until("the node to be online", T, || {
+        (server.node(&id)["online"] == true).then_some(())
+    });
+    server.cli(&["nodes", "revoke", &id]);
+    let status = wait_until("the revoked agent to stop", T, || a.try_exit());
+    assert!(!status.success());
+    assert!(a.log_text().contains("revoked"), "{}", a.log_text());
+    let node = server.node(&id);
+    assert_eq!(node["status"], "revoked");
+    assert_eq!(node["online"], false);
+    // Started again, it is refused again.
+    a.kill9();
+    a.start(&[server.url()]);
+    let status = wait_until("the agent to be refused again", T, || a.try_exit());
+    assert!(!status.success());
+    assert_eq!(server.node(&id)["online"], false);
+}
+
+#[test]
+fn viewer_cannot_change_anything_and_changes_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let viewer = dir.path().join("viewer.credential");
+    server.cli(&[
+        "credential",
+        "create",
+        "--name",
+        "alice",
+        "--role",
+        "viewer",
+        "--out",
+        viewer.to_str().unwrap(),
+    ]);
+    let out = server.cli_as(&viewer, &["token", "create", "--group", "g"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("needs role operator"),
+        "{err}"
+    );
+    let out = server.cli_as(&viewer, &["group", "set", "g", "--desired", "1"]);
+    assert!(!out.status.success());
+    // Reading is allowed.
+    let out = server.cli_as(&viewer, &["group", "list"]);
+    assert!(out.status.success());
+    // A made-up credential is refused outright.
+    let forged = dir.path().join("forged.credential");
+    let mut text = std::fs::read_to_string(&viewer).unwrap();
+    let start = text.find("credential = \"").unwrap() + 14 + 11;
+    text.replace_range(start..start + 4, "zzzz");
+    std::fs::write(&forged, text).unwrap();
+    let out = server.cli_as(&forged, &["group", "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+
+    let token = server.token("g", 1, &[]);
+    server.cli(&["group", "set", "g", "--desired", "1"]);
+    let id = Agent::new(dir.path(), "x").join(&server.url(), &token);
+    server.cli(&["nodes", "revoke", &id]);
+    let audit = server.cli_json(&["audit"]);
+    let entries: Vec<(String, String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_string(),
+                e["action"].as_str().unwrap().to_string(),
+                e["target"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (actor, action, target) in [
+        ("admin", "credential.create", "alice"),
+        ("admin", "group.set", "g"),
+        ("admin", "node.revoke", id.as_str()),
+    ] {
+        assert!(
+            entries.contains(&(actor.into(), action.into(), target.into())),
+            "{action} missing from {entries:?}"
+        );
+    }
+    assert!(entries.iter().any(|(_, a, t)| a == "node.join" && t == &id));
+    assert!(
+        entries
+            .iter()
+            .any(|(a, act, _)| a == "admin" && act == "token.create")
+    );
+    // Refused attempts changed nothing, so they are not in the log.
+    assert!(!entries.iter().any(|(a, _, _)| a == "alice"));
+    // Sequence numbers only grow.
+    let seqs: Vec<u64> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+}
+
+fn csr_asking_for_everything(key: &KeyPair) -> Vec<u8> {
+    let mut params = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "flotilla-server");
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+fn facts(machine: &str) -> pb::NodeFacts {
+    pb::NodeFacts {
+        hostname: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        agent_version: "0".into(),
+        machine_id: machine.into(),
+    }
+}
+
+#[test]
+fn server_builds_node_certificates_itself_and_requires_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token: JoinToken = server.token("g", 2, &[]).parse().unwrap();
+    let url = server.url();
+    let ca = server.ca_pem();
+    runtime().block_on(async {
+        let channel = flotilla_proto::tls::endpoint(&url, &ca, None)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut anon = AgentServiceClient::new(channel);
+        let key = KeyPair::generate().unwrap();
+        let resp = anon
+            .enroll(pb::EnrollRequest {
+                token_id: token.id.clone(),
+                token_secret: token.secret.clone(),
+                csr_der: csr_asking_for_everything(&key),
+                facts: Some(facts("m-1")),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+
+        let der = flotilla_proto::tls::first_pem_der(&resp.certificate_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, resp.node_id);
+        assert!(resp.node_id.starts_with("node-"));
+        let bc = cert
+            .basic_constraints()
+            .unwrap()
+            .expect("basic constraints present")
+            .value;
+        assert!(!bc.ca, "must not be a CA");
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth && !eku.any && eku.other.is_empty());
+        assert!(
+            cert.subject_alternative_name().unwrap().is_none(),
+            "no SANs from the CSR"
+        );
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        // 30 days, plus five minutes of slack before "now" for clocks behind.
+        assert_eq!(lifetime, 30 * 24 * 3600 + 300);
+        assert!(cert.raw_serial().len() >= 16, "random 127-bit serial");
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+
+        // Without a client certificate, every node call is refused.
+        let err = anon
+            .renew_certificate(pb::RenewCertificateRequest {
+                csr_der: csr_asking_for_everything(&key),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let hello = pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                last_revision: 0,
+                facts: Some(facts("m-1")),
+            })),
+        };
+        let err = anon
+            .session(tokio_stream::iter(vec![hello.clone()]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+
+        // With the issued certificate, it works (so the refusals above mean something).
+        let key_pem = key.serialize_pem();
+        let channel =
+            flotilla_proto::tls::endpoint(&url, &ca, Some((&resp.certificate_pem, &key_pem)))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut node = AgentServiceClient::new(channel);
+        let renewed = node
+            .renew_certificate(pb::RenewCertificateRequest {
+                csr_der: csr_asking_for_everything(&key),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(renewed.certificate_pem, resp.certificate_pem);
+
+        // A certificate for the same node id from another CA does not get through TLS.
+        let other_key = KeyPair::generate().unwrap();
+        let mut other = CertificateParams::default();
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other_ca = other.self_signed(&other_key).unwrap();
+        let issuer = rcgen::Issuer::new(other, other_key);
+        let mut leaf = CertificateParams::default();
+        leaf.distinguished_name
+            .push(DnType::CommonName, resp.node_id.clone());
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let _ = other_ca;
+        let foreign_key = leaf_key.serialize_pem();
+        let refused = async {
+            let channel =
+                flotilla_proto::tls::endpoint(&url, &ca, Some((&leaf_cert.pem(), &foreign_key)))
+                    .unwrap()
+                    .connect()
+                    .await?;
+            let mut c = AgentServiceClient::new(channel);
+            c.renew_certificate(pb::RenewCertificateRequest {
+                csr_der: csr_asking_for_everything(&leaf_key),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+        }
+        .await;
+        assert!(
+            refused.is_err(),
+            "a foreign CA's certificate must be refused"
+        );
+    });
+}
+
+#[test]
+fn certificates_renew_without_a_new_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server
+        .extra_args
+        .extend(["--node-cert-lifetime".into(), "6s".into()]);
+    server.start();
+    let token = server.token("g", 1, &[]);
+    let mut a = Agent::new(dir.path(), "r1");
+    let id = a.join(&server.url(), &token);
+    let first_serial = a.status().unwrap()["cert_serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        server.node(&id)["certificate_serial"],
+        Value::String(first_serial.clone())
+    );
+    a.start(&[server.url()]);
+    let renewed = wait_until("a renewal", T, || {
+        let s = a.status()?;
+        (s["renewals"].as_u64()? >= 1 && s["connected"] == true).then_some(s)
+    });
+    let new_serial = renewed["cert_serial"].as_str().unwrap();
+    assert_ne!(new_serial, first_serial);
+    wait_until("the server to record the new certificate", T, || {
+        let n = server.node(&id);
+        (n["certificate_serial"] == new_serial && n["online"] == true).then_some(())
+    });
+    // Still the same single node: no new join happened.
+    assert_eq!(server.nodes().len(), 1);
+    // Keeps renewing past the first certificate's expiry and stays online.
+    wait_until("a second renewal", T, || {
+        (a.status()?["renewals"].as_u64()? >= 2).then_some(())
+    });
+    wait_until("the node online on its newest certificate", T, || {
+        (server.node(&id)["online"] == true).then_some(())
+    });
+}
