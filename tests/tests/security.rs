@@ -159,6 +159,12 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
     let mut server = Server::init(dir.path());
     server.start();
     let token: JoinToken = server.token("g", 2, &[]).parse().unwrap();
+    let out = server.cli_as(
+        &server.credential(),
+        &["group", "set", "../etc", "--desired", "1"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
     let url = server.url();
     let ca = server.ca_pem();
     runtime().block_on(async {
@@ -168,6 +174,30 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
             .await
             .unwrap();
         let mut anon = AgentServiceClient::new(channel);
+        // Malformed joins are refused with what was wrong, and cost the token nothing.
+        for (csr, facts_sent, want) in [
+            (
+                b"garbage".to_vec(),
+                Some(facts("m-0")),
+                "invalid certificate signing request",
+            ),
+            (Vec::new(), Some(facts("m-0")), "CSR must be"),
+            (b"x".to_vec(), None, "facts are missing"),
+            (b"x".to_vec(), Some(facts("")), "machine id is empty"),
+        ] {
+            let err = anon
+                .enroll(pb::EnrollRequest {
+                    token_id: token.id.clone(),
+                    token_secret: token.secret.clone(),
+                    csr_der: csr,
+                    facts: facts_sent,
+                    labels: Default::default(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert!(err.message().contains(want), "{err}");
+        }
         let key = KeyPair::generate().unwrap();
         let resp = anon
             .enroll(pb::EnrollRequest {

@@ -173,7 +173,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("  flotilla group watch");
             println!();
             println!("Ctrl-C stops everything.");
-            tokio::signal::ctrl_c().await?;
+            wait_for_stop().await;
             println!("stopping...");
         }
         Err(e) => {
@@ -187,6 +187,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     stop(&mut children).await;
     println!("stopped");
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM from a supervisor: either way the children are stopped.
+async fn wait_for_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 async fn start_fleet(
