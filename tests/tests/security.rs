@@ -315,6 +315,8 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
             "a foreign CA's certificate must be refused"
         );
     });
+    // Only the one good join counted against the token.
+    assert_eq!(server.cli_json(&["token", "list"])[0]["uses"], 1);
 }
 
 #[test]
