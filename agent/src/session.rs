@@ -408,6 +408,12 @@ impl Agent {
             tracing::warn!(for_node = %msg.node_id, "ignoring desired state meant for another node");
             return Ok(());
         }
+        // The heartbeat interval is session configuration, not revisioned state:
+        // take it from any desired state, so a server that lowered it is obeyed
+        // even when nothing else changed.
+        if msg.heartbeat_interval_ms > 0 {
+            self.held.heartbeat_interval_ms = msg.heartbeat_interval_ms.max(100);
+        }
         match self.held.order(msg.revision) {
             Ordering::Older => {
                 tracing::debug!(

@@ -3,6 +3,7 @@
 //! one telemetry setup all binaries use.
 
 pub mod limits;
+pub mod manifest;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::audit::AuditLog;
 use crate::ca::CertAuthority;
 use crate::config::ServerConfig;
@@ -14,4 +16,6 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     pub ca: CertAuthority,
     pub audit: AuditLog,
+    /// Cancelled when the server stops: long-lived streams end so shutdown can finish.
+    pub shutdown: CancellationToken,
 }

@@ -82,7 +82,13 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             n.labels = labels;
             n.token_id = token.id.clone();
             n.cert_serial = cert.serial_hex.clone();
+            n.prev_cert_serial = String::new();
             n.cert_not_after = cert.not_after;
+            // A rejoin is a new trust decision: a token that needs approval puts
+            // the node back to pending, and the old certificate stops working.
+            if token.requires_approval {
+                n.status = NodeStatus::Pending;
+            }
             n
         }
         None => NodeRecord {
@@ -99,6 +105,7 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             joined_at: now_secs(),
             token_id: token.id.clone(),
             cert_serial: cert.serial_hex.clone(),
+            prev_cert_serial: String::new(),
             cert_not_after: cert.not_after,
             revision: 1,
             last_seen: 0,

@@ -242,20 +242,29 @@ impl Fleet {
             .get(node_id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
-        node.cert_serial = serial.to_string();
+        node.prev_cert_serial = std::mem::replace(&mut node.cert_serial, serial.to_string());
         node.cert_not_after = not_after;
         self.db.put(&keys::node(node_id), &node).await?;
         st.nodes.insert(node_id.to_string(), node);
         Ok(())
     }
 
-    /// The status a node must have to hold a session or renew, else why not.
-    pub async fn check_node_allowed(&self, node_id: &str) -> Result<NodeRecord> {
+    /// Whether a node presenting the certificate with `serial` may hold a session
+    /// or make a call: it must be known, neither revoked nor rejected, and the
+    /// certificate its current one (or the one just before a renewal).
+    pub async fn check_node_allowed(&self, node_id: &str, serial: &str) -> Result<NodeRecord> {
         let st = self.state.lock().await;
         let node = st
             .nodes
             .get(node_id)
             .ok_or_else(|| Error::PermissionDenied(format!("node {node_id} is not known")))?;
+        if serial != node.cert_serial
+            && (node.prev_cert_serial.is_empty() || serial != node.prev_cert_serial)
+        {
+            return Err(Error::Unauthenticated(format!(
+                "this certificate of node {node_id} has been replaced (the node joined again or renewed); it is no longer accepted"
+            )));
+        }
         match node.status {
             NodeStatus::Revoked => Err(Error::PermissionDenied(format!(
                 "node {node_id} has been revoked"

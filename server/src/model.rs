@@ -116,6 +116,11 @@ pub struct NodeRecord {
     pub token_id: String,
     pub cert_serial: String,
     pub cert_not_after: i64,
+    /// The certificate before the last renewal: still accepted, so an agent that
+    /// died between the server's answer and saving its new certificate can renew
+    /// again instead of being locked out.
+    #[serde(default)]
+    pub prev_cert_serial: String,
     /// Grows on every change of this node's own desired state (role, status).
     /// The revision sent to the agent is this plus the group's revision, a sum of
     /// two counters that only grow.

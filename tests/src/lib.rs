@@ -42,6 +42,20 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Like [`wait_until`], but returns None on timeout instead of panicking.
+pub fn wait_until_or_none<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn log_to(path: &Path) -> Stdio {
     Stdio::from(
         fs::OpenOptions::new()
@@ -157,9 +171,24 @@ impl Server {
         kill_child(&mut self.child, nix::sys::signal::Signal::SIGKILL);
     }
 
-    /// Stops with SIGTERM.
-    pub fn stop(&mut self) {
-        kill_child(&mut self.child, nix::sys::signal::Signal::SIGTERM);
+    /// Stops with SIGTERM and returns how long the server took to exit
+    /// (killing it after 30 s).
+    pub fn stop(&mut self) -> Duration {
+        let started = Instant::now();
+        if let Some(c) = self.child.as_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let exited =
+                wait_until_or_none(Duration::from_secs(30), || c.try_wait().ok().flatten());
+            if exited.is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.child = None;
+        started.elapsed()
     }
 
     /// Runs the `flotilla` CLI against this server with `credential`.

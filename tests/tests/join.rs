@@ -169,4 +169,16 @@ fn approval_keeps_node_pending_until_accepted() {
         .map(|e| e["action"].as_str().unwrap())
         .collect();
     assert!(actions.contains(&"node.accept") && actions.contains(&"node.reject"));
+
+    // SIGTERM stops the server promptly even with a session open.
+    let took = server.stop();
+    assert!(
+        took < Duration::from_secs(15),
+        "server took {took:?} to stop"
+    );
+    wait_until(
+        "the agent to see the server go",
+        Duration::from_secs(20),
+        || (a.status()?["connected"] == Value::Bool(false)).then_some(()),
+    );
 }

@@ -281,6 +281,24 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
             .unwrap()
             .into_inner();
         assert_ne!(renewed.certificate_pem, resp.certificate_pem);
+        // The certificate just replaced still works once (an agent that died before
+        // saving its new one can renew again); after the next renewal it does not.
+        let second = node
+            .renew_certificate(pb::RenewCertificateRequest {
+                csr_der: csr_asking_for_everything(&key),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(second.certificate_pem, renewed.certificate_pem);
+        let err = node
+            .renew_certificate(pb::RenewCertificateRequest {
+                csr_der: csr_asking_for_everything(&key),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert!(err.message().contains("has been replaced"), "{err}");
 
         // A certificate for the same node id from another CA does not get through TLS.
         let other_key = KeyPair::generate().unwrap();

@@ -254,6 +254,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let only = request.into_inner().group;
         let only = (!only.is_empty()).then_some(only);
         let fleet = self.app.fleet.clone();
+        let shutdown = self.app.shutdown.clone();
         // Subscribe before the snapshot so no change falls between them.
         let mut events = fleet.subscribe_groups();
         let snapshot = fleet.group_statuses(only.as_deref()).await;
@@ -267,6 +268,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
                     ev = events.recv() => match ev {
                         Ok(s) => {
                             if only.as_deref().is_some_and(|o| o != s.name) {

@@ -20,29 +20,53 @@ pub struct AgentApi {
     pub app: Arc<App>,
 }
 
-/// The node id in the caller's client certificate.
-fn node_of<T>(req: &Request<T>) -> Result<String, Status> {
+/// The node a call comes from: the subject and serial of its client certificate.
+struct Peer {
+    node_id: String,
+    serial: String,
+}
+
+fn peer_of<T>(req: &Request<T>) -> Result<Peer, Status> {
     let certs = req.peer_certs().ok_or_else(|| {
         Status::unauthenticated("this call needs the node's client certificate (join first)")
     })?;
     let first = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
-    crate::ca::node_id_of(first)
+    let (_, cert) = x509_parser::parse_x509_certificate(first)
+        .map_err(|_| Status::unauthenticated("the client certificate cannot be parsed"))?;
+    let node_id = crate::ca::node_id_of(first)
         .filter(|id| id.starts_with("node-"))
-        .ok_or_else(|| Status::unauthenticated("the client certificate does not name a node"))
+        .ok_or_else(|| Status::unauthenticated("the client certificate does not name a node"))?;
+    Ok(Peer {
+        node_id,
+        serial: hex::encode(cert.raw_serial()),
+    })
+}
+
+impl AgentApi {
+    /// Identifies the calling node and checks it may still call.
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let peer = peer_of(req)?;
+        self.app
+            .fleet
+            .check_node_allowed(&peer.node_id, &peer.serial)
+            .await?;
+        Ok(peer.node_id)
+    }
 }
 
 impl AgentApi {
     async fn run_session(
         app: Arc<App>,
-        node_id: String,
+        peer: Peer,
         mut inbound: Streaming<pb::AgentMessage>,
         grant: crate::fleet::SessionGrant,
         tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     ) {
+        let node_id = peer.node_id.clone();
         let mut desired = grant.desired;
-        let deadline = app.cfg.heartbeat_interval * 3 + Duration::from_secs(1);
+        let allowed = app.cfg.heartbeat_interval * 3 + Duration::from_secs(1);
         let first = desired.borrow_and_update().clone();
         let mut ok = tx
             .send(Ok(pb::ServerMessage {
@@ -50,10 +74,17 @@ impl AgentApi {
             }))
             .await
             .is_ok();
+        // Only messages from the agent move the deadline, not our own pushes.
+        let deadline = tokio::time::sleep(allowed);
+        tokio::pin!(deadline);
         while ok {
             tokio::select! {
+                _ = app.shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                    break;
+                }
                 _ = grant.cancel.cancelled() => {
-                    let status = match app.fleet.check_node_allowed(&node_id).await {
+                    let status = match app.fleet.check_node_allowed(&node_id, &peer.serial).await {
                         Err(e) => Status::from(e),
                         Ok(_) => Status::aborted("replaced by a newer session of this node"),
                     };
@@ -72,15 +103,15 @@ impl AgentApi {
                         .await
                         .is_ok();
                 }
-                msg = tokio::time::timeout(deadline, inbound.message()) => match msg {
-                    Ok(Ok(Some(_))) => {}
-                    Ok(Ok(None)) => break,
-                    Ok(Err(status)) => {
+                () = &mut deadline => {
+                    tracing::info!(node = %node_id, "no heartbeat in {allowed:?}; closing session");
+                    break;
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(_)) => deadline.as_mut().reset(tokio::time::Instant::now() + allowed),
+                    Ok(None) => break,
+                    Err(status) => {
                         tracing::debug!(node = %node_id, %status, "session stream error");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::info!(node = %node_id, "no heartbeat in {deadline:?}; closing session");
                         break;
                     }
                 },
@@ -133,8 +164,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let node_id = node_of(&request)?;
-        self.app.fleet.check_node_allowed(&node_id).await?;
+        let peer = peer_of(&request)?;
+        self.app
+            .fleet
+            .check_node_allowed(&peer.node_id, &peer.serial)
+            .await?;
+        let node_id = peer.node_id.clone();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
             .await
@@ -157,7 +192,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(Self::run_session(
             self.app.clone(),
-            node_id,
+            peer,
             inbound,
             grant,
             tx,
@@ -169,8 +204,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        let node_id = node_of(&request)?;
-        self.app.fleet.check_node_allowed(&node_id).await?;
+        let node_id = self.authorize(&request).await?;
         let csr = request.into_inner().csr_der;
         let cert = self
             .app
@@ -199,8 +233,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        let node_id = node_of(&request)?;
-        self.app.fleet.check_node_allowed(&node_id).await?;
+        let node_id = self.authorize(&request).await?;
         let r = request.into_inner();
         flotilla_proto::limits::check_name("report id", &r.report_id, 64).map_err(Error::from)?;
         flotilla_proto::limits::check_name("manifest id", &r.manifest_id, 128)
@@ -242,8 +275,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let node_id = node_of(&request)?;
-        self.app.fleet.check_node_allowed(&node_id).await?;
+        self.authorize(&request).await?;
         let r = request.into_inner();
         if r.sha256.len() != 64 || !r.sha256.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
             return Err(Status::invalid_argument(
