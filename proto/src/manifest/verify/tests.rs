@@ -48,7 +48,7 @@ fn at(s: &str) -> OffsetDateTime {
 #[test]
 fn one_trusted_signature_verifies() {
     let k = key();
-    let policy = TrustPolicy::new(&[k.pk_text.clone()], 1).unwrap();
+    let policy = TrustPolicy::new(std::slice::from_ref(&k.pk_text), 1).unwrap();
     let bytes = manifest_json();
     let m = policy
         .verify(bytes.as_bytes(), &[sign(&k, bytes.as_bytes())])
@@ -60,7 +60,7 @@ fn one_trusted_signature_verifies() {
 #[test]
 fn untrusted_key_is_refused() {
     let (trusted, other) = (key(), key());
-    let policy = TrustPolicy::new(&[trusted.pk_text.clone()], 1).unwrap();
+    let policy = TrustPolicy::new(std::slice::from_ref(&trusted.pk_text), 1).unwrap();
     let bytes = manifest_json();
     let err = policy
         .verify(bytes.as_bytes(), &[sign(&other, bytes.as_bytes())])
@@ -71,14 +71,14 @@ fn untrusted_key_is_refused() {
 #[test]
 fn modified_after_signing_is_refused() {
     let k = key();
-    let policy = TrustPolicy::new(&[k.pk_text.clone()], 1).unwrap();
+    let policy = TrustPolicy::new(std::slice::from_ref(&k.pk_text), 1).unwrap();
     let bytes = manifest_json();
     let sig = sign(&k, bytes.as_bytes());
     let tampered = bytes.replace("1.2.0\",\n  \"severity", "9.9.9\",\n  \"severity");
     assert_ne!(tampered, bytes);
     assert_eq!(
         policy
-            .verify(tampered.as_bytes(), &[sig.clone()])
+            .verify(tampered.as_bytes(), std::slice::from_ref(&sig))
             .unwrap_err(),
         ManifestError::Untrusted
     );
@@ -96,7 +96,9 @@ fn threshold_needs_distinct_keys() {
     let policy = TrustPolicy::new(&[a.pk_text.clone(), b.pk_text.clone()], 2).unwrap();
     let bytes = manifest_json();
     let sa = sign(&a, bytes.as_bytes());
-    let err = policy.verify(bytes.as_bytes(), &[sa.clone()]).unwrap_err();
+    let err = policy
+        .verify(bytes.as_bytes(), std::slice::from_ref(&sa))
+        .unwrap_err();
     assert_eq!(err, ManifestError::BelowThreshold { have: 1, need: 2 });
     // The same key twice is still one key.
     let sa2 = sign(&a, bytes.as_bytes());
@@ -113,7 +115,7 @@ fn threshold_needs_distinct_keys() {
 #[test]
 fn garbage_signature_is_named() {
     let k = key();
-    let policy = TrustPolicy::new(&[k.pk_text.clone()], 1).unwrap();
+    let policy = TrustPolicy::new(std::slice::from_ref(&k.pk_text), 1).unwrap();
     let err = policy
         .verify(manifest_json().as_bytes(), &["not a signature".into()])
         .unwrap_err();
