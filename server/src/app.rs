@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::ArtifactStore;
 use crate::audit::AuditLog;
 use crate::ca::CertAuthority;
 use crate::config::ServerConfig;
@@ -16,6 +17,7 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     pub ca: CertAuthority,
     pub audit: AuditLog,
+    pub artifacts: ArtifactStore,
     /// Cancelled when the server stops: long-lived streams end so shutdown can finish.
     pub shutdown: CancellationToken,
 }

@@ -78,7 +78,10 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
 pub fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().expect("path has a parent");
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()

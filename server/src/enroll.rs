@@ -109,6 +109,7 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             cert_not_after: cert.not_after,
             revision: 1,
             last_seen: 0,
+            installed: Default::default(),
         },
     };
     let node = app.fleet.save_node(node).await?;

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::membership::{self, Member, Policy};
 use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
+use crate::patches::PatchRecord;
 use crate::store::Db;
+use flotilla_proto::manifest::{Manifest, NodeTarget};
 
 /// Timing of liveness and roles.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +55,32 @@ struct State {
     offline_since: HashMap<String, Instant>,
     last_seen: HashMap<String, i64>,
     published: HashMap<String, pb::GroupStatus>,
+    /// Published patches with their parsed manifests, by id.
+    patches: BTreeMap<String, (PatchRecord, Manifest)>,
+}
+
+impl State {
+    /// The fleet's patch revision: the highest publish sequence. Part of every
+    /// node's desired-state revision.
+    fn patch_revision(&self) -> u64 {
+        self.patches.values().map(|(r, _)| r.seq).max().unwrap_or(0)
+    }
+}
+
+fn target_of(n: &NodeRecord) -> NodeTarget {
+    NodeTarget {
+        group: n.group.clone(),
+        labels: n.labels.clone(),
+        os: n.facts.os.clone(),
+        arch: n.facts.arch.clone(),
+    }
+}
+
+/// Whether a patch is meant for a node now: accepted, targeted, not expired.
+fn wants(n: &NodeRecord, m: &Manifest, now: time::OffsetDateTime) -> bool {
+    n.status == NodeStatus::Accepted
+        && m.expires_at > now
+        && flotilla_proto::manifest::check_target(m, &target_of(n)).is_ok()
 }
 
 /// The live fleet. One per server process.
@@ -85,6 +113,16 @@ impl Fleet {
         for g in db.list::<GroupRecord>(keys::GROUPS).await? {
             state.groups.insert(g.name.clone(), g);
         }
+        for p in db.list::<PatchRecord>(keys::PATCHES).await? {
+            match Manifest::parse(p.manifest.as_bytes()) {
+                Ok(m) => {
+                    state.patches.insert(p.id.clone(), (p, m));
+                }
+                Err(e) => {
+                    tracing::error!(patch = %p.id, error = %e, "stored patch does not parse; skipped")
+                }
+            }
+        }
         let (group_events, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             db,
@@ -103,14 +141,26 @@ impl Fleet {
 
     fn desired_of(&self, st: &State, node: &NodeRecord) -> pb::DesiredState {
         let group = st.groups.get(&node.group);
+        let now = time::OffsetDateTime::now_utc();
+        let manifests = st
+            .patches
+            .values()
+            .filter(|(_, m)| wants(node, m, now))
+            .map(|(r, _)| pb::SignedManifest {
+                id: r.id.clone(),
+                manifest: r.manifest.clone().into_bytes(),
+                signatures: r.signatures.clone(),
+            })
+            .collect();
         pb::DesiredState {
-            revision: node.revision + group.map_or(0, |g| g.revision),
+            revision: node.revision + group.map_or(0, |g| g.revision) + st.patch_revision(),
             node_id: node.id.clone(),
             group: node.group.clone(),
             desired_count: group.and_then(|g| g.desired).unwrap_or(0),
             unmanaged: group.is_none_or(|g| g.desired.is_none()),
             role: role_to_pb(node.status, node.role) as i32,
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+            manifests,
         }
     }
 
@@ -454,6 +504,113 @@ impl Fleet {
                 st.last_seen.get(id).copied().unwrap_or(n.last_seen),
             )
         })
+    }
+
+    /// Stores a verified patch and pushes it to every session it targets.
+    pub async fn add_patch(
+        &self,
+        manifest: String,
+        signatures: Vec<String>,
+        publisher: &str,
+        parsed: Manifest,
+    ) -> Result<PatchRecord> {
+        let mut st = self.state.lock().await;
+        if let Some((existing, _)) = st.patches.get(&parsed.id) {
+            if existing.manifest == manifest {
+                // Publishing the same signed bytes again is a no-op.
+                return Ok(existing.clone());
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "a different patch with id {} is already published; give the new one its own id",
+                parsed.id
+            )));
+        }
+        let record = PatchRecord {
+            id: parsed.id.clone(),
+            seq: st.patch_revision() + 1,
+            manifest,
+            signatures,
+            published_at: now_secs(),
+            published_by: publisher.to_string(),
+        };
+        if !self.db.create(&keys::patch(&record.id), &record).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "patch {} is already stored",
+                record.id
+            )));
+        }
+        st.patches
+            .insert(record.id.clone(), (record.clone(), parsed.clone()));
+        let now = time::OffsetDateTime::now_utc();
+        let targeted: Vec<String> = st
+            .nodes
+            .values()
+            .filter(|n| wants(n, &parsed, now))
+            .map(|n| n.id.clone())
+            .collect();
+        for id in &targeted {
+            self.push(&st, id);
+        }
+        tracing::info!(patch = %record.id, targeted = targeted.len(), "patch published");
+        Ok(record)
+    }
+
+    /// Notes that a node committed a patch: its component is at that version now.
+    pub async fn record_installed(&self, node_id: &str, patch_id: &str) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let Some((_, m)) = st.patches.get(patch_id) else {
+            return Ok(());
+        };
+        let (component, version) = (m.component.clone(), m.version.clone());
+        let Some(mut node) = st.nodes.get(node_id).cloned() else {
+            return Ok(());
+        };
+        if node.installed.get(&component) == Some(&version) {
+            return Ok(());
+        }
+        node.installed.insert(component, version);
+        self.db.put(&keys::node(node_id), &node).await?;
+        st.nodes.insert(node_id.to_string(), node);
+        Ok(())
+    }
+
+    /// Nodes (id, group) a patch targets now.
+    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String)> {
+        let st = self.state.lock().await;
+        let Some((_, m)) = st.patches.get(patch_id) else {
+            return Vec::new();
+        };
+        let now = time::OffsetDateTime::now_utc();
+        st.nodes
+            .values()
+            .filter(|n| wants(n, m, now))
+            .map(|n| (n.id.clone(), n.group.clone()))
+            .collect()
+    }
+
+    /// Summary of one patch.
+    pub async fn patch_info(&self, id: &str) -> Option<pb::PatchInfo> {
+        let st = self.state.lock().await;
+        let (r, m) = st.patches.get(id)?;
+        let now = time::OffsetDateTime::now_utc();
+        let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
+        Some(crate::patches::info(r, m, targeted))
+    }
+
+    /// Summaries of every patch, newest first.
+    pub async fn patch_infos(&self) -> Vec<pb::PatchInfo> {
+        let st = self.state.lock().await;
+        let now = time::OffsetDateTime::now_utc();
+        let mut out: Vec<(u64, pb::PatchInfo)> = st
+            .patches
+            .values()
+            .map(|(r, m)| {
+                let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
+                (r.seq, crate::patches::info(r, m, targeted))
+            })
+            .collect();
+        out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        out.into_iter().map(|(_, i)| i).collect()
     }
 
     /// Assigns roles in one group, persists the changes, pushes them, and

@@ -2,6 +2,7 @@
 //! its gRPC services; and the operator CLI behind the `flotilla` binary.
 
 pub mod app;
+pub mod artifacts;
 pub mod audit;
 pub mod ca;
 pub mod cli;
@@ -14,6 +15,8 @@ pub mod fleet;
 pub mod grpc;
 pub mod membership;
 pub mod model;
+pub mod patches;
 pub mod server;
 pub mod store;
 pub mod tokens;
+pub mod trust;

@@ -22,6 +22,7 @@ pub mod keys {
     pub const AUDIT: &str = "audit/";
     pub const CREDENTIALS: &str = "credentials/";
     pub const REPORTS: &str = "reports/";
+    pub const PATCHES: &str = "patches/";
 
     pub fn token(id: &str) -> String {
         format!("{TOKENS}{id}")
@@ -44,6 +45,9 @@ pub mod keys {
     }
     pub fn credential(id: &str) -> String {
         format!("{CREDENTIALS}{id}")
+    }
+    pub fn patch(id: &str) -> String {
+        format!("{PATCHES}{id}")
     }
     pub fn report(node: &str, report_id: &str) -> String {
         format!("{REPORTS}{node}/{report_id}")
@@ -127,6 +131,9 @@ pub struct NodeRecord {
     pub revision: u64,
     /// Last time a session of this node ended or was seen; 0 if never.
     pub last_seen: i64,
+    /// Component -> version, from the patches the node committed.
+    #[serde(default)]
+    pub installed: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

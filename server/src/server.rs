@@ -101,6 +101,7 @@ pub async fn run(
         fleet: fleet.clone(),
         ca,
         audit,
+        artifacts: crate::artifacts::ArtifactStore::open(&cfg.data_dir)?,
         shutdown: shutdown.clone(),
     });
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));

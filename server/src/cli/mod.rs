@@ -4,7 +4,9 @@
 mod admin;
 pub mod connect;
 mod dev;
+mod keys;
 mod output;
+mod patch;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +46,15 @@ enum Command {
     Credential(admin::CredentialCmd),
     /// Show who the credential authenticates as.
     Whoami,
+    /// Patch-signing keys.
+    #[command(subcommand)]
+    Key(keys::KeyCmd),
+    /// The fleet's patch-signing trust policy.
+    #[command(subcommand)]
+    Trust(keys::TrustCmd),
+    /// Signed patches: build, sign, publish, follow.
+    #[command(subcommand)]
+    Patch(patch::PatchCmd),
     /// Start a local dev fleet: a server and agents, on this machine.
     Dev(dev::DevArgs),
 }
@@ -60,5 +71,8 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Audit { limit } => admin::audit(&cli.target, out, limit).await,
         Command::Credential(cmd) => admin::credential(&cli.target, out, cmd).await,
         Command::Whoami => admin::whoami(&cli.target, out).await,
+        Command::Key(cmd) => keys::key(out, cmd),
+        Command::Trust(cmd) => keys::trust(&cli.target, out, cmd).await,
+        Command::Patch(cmd) => patch::patch(&cli.target, out, cmd).await,
     }
 }

@@ -53,7 +53,11 @@ fn node_info((n, online, last_seen): (NodeRecord, bool, i64)) -> pb::NodeInfo {
 }
 
 impl AdminApi {
-    async fn caller<T>(&self, req: &Request<T>, needed: OperatorRole) -> Result<Caller, Status> {
+    pub(super) async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        needed: OperatorRole,
+    ) -> Result<Caller, Status> {
         let header = req
             .metadata()
             .get("authorization")
@@ -72,7 +76,7 @@ impl AdminApi {
         Ok(caller)
     }
 
-    async fn audit(
+    pub(super) async fn audit(
         &self,
         caller: &Caller,
         action: &str,
@@ -425,5 +429,61 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn set_trust(
+        &self,
+        request: Request<pb::TrustPolicy>,
+    ) -> Result<Response<pb::TrustPolicy>, Status> {
+        super::publish::set_trust(self, request).await
+    }
+
+    async fn get_trust(
+        &self,
+        request: Request<pb::GetTrustRequest>,
+    ) -> Result<Response<pb::TrustPolicy>, Status> {
+        super::publish::get_trust(self, request).await
+    }
+
+    async fn artifact_status(
+        &self,
+        request: Request<pb::ArtifactStatusRequest>,
+    ) -> Result<Response<pb::ArtifactStatusResponse>, Status> {
+        super::publish::artifact_status(self, request).await
+    }
+
+    async fn upload_artifact(
+        &self,
+        request: Request<tonic::Streaming<pb::ArtifactUpload>>,
+    ) -> Result<Response<pb::ArtifactStatusResponse>, Status> {
+        super::publish::upload_artifact(self, request).await
+    }
+
+    async fn publish_patch(
+        &self,
+        request: Request<pb::PublishPatchRequest>,
+    ) -> Result<Response<pb::PatchInfo>, Status> {
+        super::publish::publish_patch(self, request).await
+    }
+
+    async fn list_patches(
+        &self,
+        request: Request<pb::ListPatchesRequest>,
+    ) -> Result<Response<pb::ListPatchesResponse>, Status> {
+        super::publish::list_patches(self, request).await
+    }
+
+    async fn get_patch(
+        &self,
+        request: Request<pb::GetPatchRequest>,
+    ) -> Result<Response<pb::PatchInfo>, Status> {
+        super::publish::get_patch(self, request).await
+    }
+
+    async fn patch_status(
+        &self,
+        request: Request<pb::PatchStatusRequest>,
+    ) -> Result<Response<pb::PatchStatusResponse>, Status> {
+        super::publish::patch_status(self, request).await
     }
 }

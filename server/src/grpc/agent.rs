@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::app::App;
 use crate::enroll::{self, JoinRequest};
 use crate::error::Error;
-use crate::model::{ReportRecord, keys, now_ms};
+use crate::model::{ReportRecord, now_ms};
 
 pub struct AgentApi {
     pub app: Arc<App>,
@@ -260,12 +260,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             log_tail: r.log_tail,
             received_ms: now_ms(),
         };
-        let recorded = self
-            .app
-            .db
-            .create(&keys::report(&node_id, &r.report_id), &rec)
-            .await
-            .map_err(Error::from)?;
+        let recorded = crate::patches::record_report(&self.app, &node_id, rec).await?;
         Ok(Response::new(pb::ReportResponse { recorded }))
     }
 
@@ -282,7 +277,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 "sha256 must be 64 lower-case hex characters",
             ));
         }
-        let path = self.app.cfg.data_dir.join("artifacts").join(&r.sha256);
+        let path = self.app.artifacts.path(&r.sha256);
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|_| Status::not_found(format!("no artifact with sha256 {}", r.sha256)))?;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod publish;
 
 use flotilla_proto::pb;
 

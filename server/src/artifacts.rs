@@ -1,0 +1,189 @@
+//! Content-addressed artifact files: `<data-dir>/artifacts/<sha256>`, written to a
+//! partial file, appended to in order (so uploads resume), then hashed, fsynced
+//! and renamed into place. A file under its digest's name always has that digest.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+
+use crate::error::{Error, Result};
+
+/// Largest artifact the server accepts.
+pub const MAX_ARTIFACT_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+
+pub struct ArtifactStore {
+    dir: PathBuf,
+}
+
+/// How much of an artifact the server holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub received: u64,
+    pub complete: bool,
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Internal(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// Checks a digest string's shape (it becomes a file name).
+pub fn check_sha256(s: &str) -> Result<()> {
+    if s.len() == 64 && s.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(
+            "sha256 must be 64 lower-case hex characters".into(),
+        ))
+    }
+}
+
+impl ArtifactStore {
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let dir = data_dir.join("artifacts");
+        std::fs::create_dir_all(dir.join("partial")).map_err(|e| io("create", &dir, e))?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(sha256)
+    }
+
+    fn partial(&self, sha256: &str) -> PathBuf {
+        self.dir.join("partial").join(sha256)
+    }
+
+    /// Size of a complete artifact, if present.
+    pub fn complete_size(&self, sha256: &str) -> Option<u64> {
+        std::fs::metadata(self.path(sha256)).ok().map(|m| m.len())
+    }
+
+    pub fn held(&self, sha256: &str, size: u64) -> Result<Held> {
+        check_sha256(sha256)?;
+        if let Some(len) = self.complete_size(sha256) {
+            if len != size {
+                return Err(Error::FailedPrecondition(format!(
+                    "artifact {sha256} is held with {len} bytes, not {size}"
+                )));
+            }
+            return Ok(Held {
+                received: len,
+                complete: true,
+            });
+        }
+        let received = std::fs::metadata(self.partial(sha256)).map_or(0, |m| m.len());
+        Ok(Held {
+            received,
+            complete: false,
+        })
+    }
+
+    /// Appends `data` at `offset` (which must be what the server holds).
+    pub fn append(&self, sha256: &str, size: u64, offset: u64, data: &[u8]) -> Result<Held> {
+        check_sha256(sha256)?;
+        if size > MAX_ARTIFACT_BYTES {
+            return Err(Error::ResourceExhausted(format!(
+                "artifact of {size} bytes is larger than the server's limit of {MAX_ARTIFACT_BYTES}"
+            )));
+        }
+        let held = self.held(sha256, size)?;
+        if held.complete {
+            return Ok(held);
+        }
+        if offset != held.received {
+            return Err(Error::FailedPrecondition(format!(
+                "upload of {sha256} must continue at byte {}, not {offset}",
+                held.received
+            )));
+        }
+        if offset + data.len() as u64 > size {
+            return Err(Error::InvalidArgument(format!(
+                "upload of {sha256} is longer than its declared {size} bytes"
+            )));
+        }
+        let path = self.partial(sha256);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io("open", &path, e))?;
+        f.write_all(data).map_err(|e| io("write", &path, e))?;
+        Ok(Held {
+            received: offset + data.len() as u64,
+            complete: false,
+        })
+    }
+
+    /// Fsyncs what was appended (so `received` is real after a crash), and when
+    /// every byte is there, checks the digest and moves the file into place.
+    pub fn settle(&self, sha256: &str, size: u64) -> Result<Held> {
+        let held = self.held(sha256, size)?;
+        if held.complete {
+            return Ok(held);
+        }
+        let path = self.partial(sha256);
+        if let Ok(f) = std::fs::File::open(&path) {
+            f.sync_all().map_err(|e| io("sync", &path, e))?;
+        }
+        if held.received < size {
+            return Ok(held);
+        }
+        let mut f = std::fs::File::open(&path).map_err(|e| io("open", &path, e))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| io("read", &path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != sha256 {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::InvalidArgument(format!(
+                "uploaded bytes have sha256 {actual}, not {sha256}; the upload was discarded"
+            )));
+        }
+        let dest = self.path(sha256);
+        std::fs::rename(&path, &dest).map_err(|e| io("rename", &dest, e))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync", &self.dir, e))?;
+        Ok(Held {
+            received: size,
+            complete: true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_resumes_and_checks_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path()).unwrap();
+        let data = b"hello artifact bytes".to_vec();
+        let sha = hex::encode(sha2::Sha256::digest(&data));
+        let size = data.len() as u64;
+        assert_eq!(store.held(&sha, size).unwrap().received, 0);
+        store.append(&sha, size, 0, &data[..5]).unwrap();
+        assert_eq!(store.settle(&sha, size).unwrap().received, 5);
+        // Resuming at the wrong offset is refused.
+        assert!(store.append(&sha, size, 0, &data[..5]).is_err());
+        store.append(&sha, size, 5, &data[5..]).unwrap();
+        let held = store.settle(&sha, size).unwrap();
+        assert!(held.complete);
+        assert_eq!(std::fs::read(store.path(&sha)).unwrap(), data);
+
+        let bad_sha = "0".repeat(64);
+        store.append(&bad_sha, 3, 0, b"abc").unwrap();
+        let err = store.settle(&bad_sha, 3).unwrap_err();
+        assert!(err.to_string().contains("discarded"), "{err}");
+        assert_eq!(store.held(&bad_sha, 3).unwrap().received, 0);
+        assert!(store.append(&bad_sha, 3, 0, b"abcd").is_err());
+        assert!(store.held("../x", 1).is_err());
+    }
+}

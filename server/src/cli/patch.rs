@@ -1,0 +1,506 @@
+//! `flotilla patch`: build a manifest from a spec, sign it, publish it with its
+//! artifacts (resumable uploads with a progress bar), and follow it.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use flotilla_proto::manifest::{
+    Artifact, HealthCheck, Install, Manifest, Rollback, SCHEMA_VERSION, Severity, Targets,
+};
+use flotilla_proto::pb;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Digest;
+
+use super::connect::{Target, status_error};
+use super::output::{Output, time};
+
+#[derive(Subcommand)]
+pub enum PatchCmd {
+    /// Build manifest.json from a spec (TOML): hashes the artifacts and copies
+    /// them next to the manifest in the output directory.
+    Build {
+        spec: PathBuf,
+        /// Output directory (default: beside the spec, named after the patch id).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Add a signature to a manifest (writes MANIFEST.<key-id>.minisig).
+    Sign {
+        manifest: PathBuf,
+        /// Secret key from `flotilla key generate` (or `minisign -G`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Upload a manifest's artifacts (resuming) and publish it with its signatures.
+    Publish {
+        manifest: PathBuf,
+        /// Signature files; default: MANIFEST.minisig and MANIFEST.*.minisig.
+        #[arg(long = "sig")]
+        sigs: Vec<PathBuf>,
+    },
+    /// List published patches.
+    List,
+    /// Show one patch.
+    Show { id: String },
+    /// Where each targeted node stands with a patch; failing nodes with reasons.
+    Status {
+        id: String,
+        /// Keep printing until every targeted node reached an outcome (or this long).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+    },
+}
+
+/// The spec `patch build` reads: the manifest's fields, with artifact paths
+/// instead of digests and a lifetime instead of times.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    id: String,
+    component: String,
+    version: String,
+    severity: Severity,
+    #[serde(with = "humantime_serde")]
+    expires_in: Duration,
+    #[serde(default)]
+    allow_downgrade: bool,
+    #[serde(default)]
+    targets: Targets,
+    artifacts: Vec<SpecArtifact>,
+    install: Install,
+    #[serde(default)]
+    health_check: Option<HealthCheck>,
+    #[serde(default)]
+    rollback: Option<Rollback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecArtifact {
+    name: String,
+    /// Relative to the spec file.
+    path: PathBuf,
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), size))
+}
+
+fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(spec_path)
+        .with_context(|| format!("cannot read {}", spec_path.display()))?;
+    let spec: Spec =
+        toml::from_str(&text).with_context(|| format!("invalid spec {}", spec_path.display()))?;
+    let base = spec_path.parent().unwrap_or(Path::new("."));
+    let out_dir = out_dir.unwrap_or_else(|| base.join(&spec.id));
+    std::fs::create_dir_all(&out_dir)?;
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
+    let mut artifacts = Vec::new();
+    for a in &spec.artifacts {
+        let src = base.join(&a.path);
+        let (sha256, size) = hash_file(&src)?;
+        let dest = out_dir.join(&a.name);
+        if std::fs::canonicalize(&src).ok() != std::fs::canonicalize(&dest).ok() {
+            std::fs::copy(&src, &dest)
+                .with_context(|| format!("cannot copy {} to {}", src.display(), dest.display()))?;
+        }
+        artifacts.push(Artifact {
+            name: a.name.clone(),
+            sha256,
+            size,
+        });
+    }
+    let manifest = Manifest {
+        schema: SCHEMA_VERSION,
+        id: spec.id,
+        component: spec.component,
+        version: spec.version,
+        severity: spec.severity,
+        issued_at: now,
+        expires_at: now + spec.expires_in,
+        allow_downgrade: spec.allow_downgrade,
+        targets: spec.targets,
+        artifacts,
+        install: spec.install,
+        health_check: spec.health_check,
+        rollback: spec.rollback,
+    };
+    manifest.validate()?;
+    let mut bytes = serde_json::to_vec_pretty(&manifest)?;
+    bytes.push(b'\n');
+    // Parse what we wrote, exactly as an agent will.
+    Manifest::parse(&bytes)?;
+    let path = out_dir.join("manifest.json");
+    crate::ca::write_atomic(&path, &bytes, false)?;
+    out.object(
+        &format!(
+            "wrote {} ({} artifact(s)); sign it with `flotilla patch sign {} --key KEY`",
+            path.display(),
+            manifest.artifacts.len(),
+            path.display()
+        ),
+        json!({ "manifest": path, "id": manifest.id, "artifacts": manifest.artifacts.len() }),
+    );
+    Ok(())
+}
+
+fn sign(
+    manifest: &Path,
+    key: &Path,
+    password_file: Option<&Path>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
+    Manifest::parse(&bytes).context("refusing to sign an invalid manifest")?;
+    let text =
+        std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let sk_box = minisign::SecretKeyBox::from_string(&text)?;
+    let sk = match sk_box.clone().into_unencrypted_secret_key() {
+        Ok(sk) => sk,
+        Err(_) => sk_box
+            .into_secret_key(super::keys::password(password_file)?)
+            .map_err(|e| anyhow::anyhow!("cannot unlock {}: {e}", key.display()))?,
+    };
+    let pk = minisign::PublicKey::from_secret_key(&sk)?;
+    let sig = minisign::sign(Some(&pk), &sk, bytes.as_slice(), None, None)?;
+    let key_id = hex::encode(pk.keynum());
+    let name = format!(
+        "{}.{key_id}.minisig",
+        manifest
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("manifest.json")
+    );
+    let path = manifest.with_file_name(name);
+    crate::ca::write_atomic(&path, sig.into_string().as_bytes(), false)?;
+    out.object(
+        &format!("signed with key {key_id}: {}", path.display()),
+        json!({ "signature": path, "key_id": key_id }),
+    );
+    Ok(())
+}
+
+/// MANIFEST.minisig and MANIFEST.*.minisig beside the manifest.
+fn default_sigs(manifest: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let name = manifest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("manifest path has no file name")?
+        .to_string();
+    let dir = manifest.parent().unwrap_or(Path::new("."));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        let Some(n) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if n.starts_with(&format!("{name}.")) && n.ends_with(".minisig") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+const UPLOAD_CHUNK: usize = 512 * 1024;
+
+async fn upload(c: &mut super::connect::Admin, path: &Path, a: &Artifact) -> anyhow::Result<()> {
+    let held = c
+        .artifact_status(pb::ArtifactStatusRequest {
+            sha256: a.sha256.clone(),
+            size: a.size,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if held.complete {
+        return Ok(());
+    }
+    let (sha, size) = hash_file(path)?;
+    if sha != a.sha256 || size != a.size {
+        bail!(
+            "{} does not match the manifest's digest and size",
+            path.display()
+        );
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(a.size)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(a.name.clone());
+    bar.set_position(held.received);
+    let mut file = std::fs::File::open(path)?;
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(held.received))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ArtifactUpload>(4);
+    let (sha256, offset, pbar) = (a.sha256.clone(), held.received, bar.clone());
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let mut first = true;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 && !first {
+                return Ok(());
+            }
+            let msg = pb::ArtifactUpload {
+                sha256: if first { sha256.clone() } else { String::new() },
+                size: if first { size } else { 0 },
+                offset: if first { offset } else { 0 },
+                data: buf[..n].to_vec(),
+            };
+            first = false;
+            if tx.blocking_send(msg).is_err() {
+                return Ok(());
+            }
+            pbar.inc(n as u64);
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    });
+    let result = c
+        .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    reader.await??;
+    bar.finish_and_clear();
+    if !result.complete {
+        bail!(
+            "upload of {} stopped at {} of {} bytes; run publish again to resume",
+            a.name,
+            result.received,
+            a.size
+        );
+    }
+    Ok(())
+}
+
+async fn publish(
+    target: &Target,
+    manifest_path: &Path,
+    sigs: Vec<PathBuf>,
+    out: Output,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(manifest_path)
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let manifest = Manifest::parse(&bytes)?;
+    let sigs = if sigs.is_empty() {
+        default_sigs(manifest_path)?
+    } else {
+        sigs
+    };
+    if sigs.is_empty() {
+        bail!(
+            "no signatures found beside {} (sign it with `flotilla patch sign` or `minisign -Sm`)",
+            manifest_path.display()
+        );
+    }
+    let mut signatures = Vec::new();
+    for s in &sigs {
+        signatures.push(
+            std::fs::read_to_string(s).with_context(|| format!("cannot read {}", s.display()))?,
+        );
+    }
+    let (mut c, _) = target.admin().await?;
+    let dir = manifest_path.parent().unwrap_or(Path::new("."));
+    for a in &manifest.artifacts {
+        upload(&mut c, &dir.join(&a.name), a).await?;
+    }
+    let info = c
+        .publish_patch(pb::PublishPatchRequest {
+            manifest: bytes,
+            signatures,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    out.object(
+        &format!(
+            "published {} ({} {}, {}) to {} node(s)",
+            info.id, info.component, info.version, info.severity, info.targeted
+        ),
+        info_json(&info),
+    );
+    Ok(())
+}
+
+fn info_json(p: &pb::PatchInfo) -> Value {
+    json!({
+        "id": p.id, "component": p.component, "version": p.version, "severity": p.severity,
+        "issued_at": p.issued_at, "expires_at": p.expires_at, "published_at": p.published_at,
+        "published_by": p.published_by, "targeted": p.targeted, "signatures": p.signatures,
+        "artifacts": p.artifacts.iter().map(|a| json!({"name": a.name, "sha256": a.sha256, "size": a.size})).collect::<Vec<_>>(),
+    })
+}
+
+fn is_outcome(phase: &str) -> bool {
+    matches!(phase, "committed" | "rolled_back" | "failed" | "rejected")
+}
+
+pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Result<()> {
+    match cmd {
+        PatchCmd::Build { spec, out_dir } => return build(&spec, out_dir, out),
+        PatchCmd::Sign {
+            manifest,
+            key,
+            password_file,
+        } => {
+            return sign(&manifest, &key, password_file.as_deref(), out);
+        }
+        PatchCmd::Publish { manifest, sigs } => return publish(target, &manifest, sigs, out).await,
+        _ => {}
+    }
+    let (mut c, _) = target.admin().await?;
+    match cmd {
+        PatchCmd::List => {
+            let r = c
+                .list_patches(pb::ListPatchesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.table(
+                &[
+                    "ID",
+                    "COMPONENT",
+                    "VERSION",
+                    "SEVERITY",
+                    "PUBLISHED",
+                    "EXPIRES",
+                    "TARGETED",
+                ],
+                r.patches
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.id.clone(),
+                            p.component.clone(),
+                            p.version.clone(),
+                            p.severity.clone(),
+                            time(p.published_at),
+                            time(p.expires_at),
+                            p.targeted.to_string(),
+                        ]
+                    })
+                    .collect(),
+                Value::Array(r.patches.iter().map(info_json).collect()),
+            );
+        }
+        PatchCmd::Show { id } => {
+            let p = c
+                .get_patch(pb::GetPatchRequest { id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.object(&String::from_utf8_lossy(&p.manifest), info_json(&p));
+        }
+        PatchCmd::Status { id, wait } => {
+            let deadline = wait.map(|w| std::time::Instant::now() + w);
+            loop {
+                let r = c
+                    .patch_status(pb::PatchStatusRequest { id: id.clone() })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let done = r.nodes.iter().all(|n| is_outcome(&n.phase));
+                let waiting = deadline.is_some_and(|d| !done && std::time::Instant::now() < d);
+                if !waiting {
+                    print_status(out, &r);
+                    if deadline.is_some() && !done {
+                        bail!("not every node reached an outcome in time");
+                    }
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        _ => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn print_status(out: Output, r: &pb::PatchStatusResponse) {
+    let p = r.patch.clone().unwrap_or_default();
+    let nodes: Vec<Value> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id, "group": n.group, "phase": n.phase, "first_at_ms": n.first_at_ms,
+                "updated_at_ms": n.updated_at_ms, "error": n.error, "log_tail": n.log_tail,
+            })
+        })
+        .collect();
+    let json = json!({ "patch": info_json(&p), "counts": r.counts, "nodes": nodes });
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+        return;
+    }
+    let mut counts: Vec<_> = r.counts.iter().collect();
+    counts.sort();
+    println!(
+        "{} ({} {}): {}",
+        p.id,
+        p.component,
+        p.version,
+        counts
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let failing: Vec<_> = r
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.phase.as_str(), "rolled_back" | "failed" | "rejected"))
+        .collect();
+    if !failing.is_empty() {
+        out.table(
+            &["NODE", "GROUP", "PHASE", "REASON"],
+            failing
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.node_id.clone(),
+                        n.group.clone(),
+                        n.phase.clone(),
+                        n.error.clone(),
+                    ]
+                })
+                .collect(),
+            Value::Null,
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! The publishing half of AdminService: trust policy, artifact uploads, patches
+//! and their status. The trait impl in `admin.rs` delegates here.
+
+use std::collections::HashMap;
+
+use flotilla_proto::pb;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::admin::AdminApi;
+use crate::model::OperatorRole;
+use crate::trust::TrustRecord;
+
+/// Largest chunk of one upload message.
+const MAX_UPLOAD_CHUNK: usize = 1024 * 1024;
+
+fn trust_pb(t: &TrustRecord) -> pb::TrustPolicy {
+    pb::TrustPolicy {
+        public_keys: t.public_keys.clone(),
+        threshold: t.threshold,
+        sha256: t.sha256(),
+    }
+}
+
+pub async fn set_trust(
+    api: &AdminApi,
+    request: Request<pb::TrustPolicy>,
+) -> Result<Response<pb::TrustPolicy>, Status> {
+    let caller = api.caller(&request, OperatorRole::Admin).await?;
+    let r = request.into_inner();
+    let record = TrustRecord::new(&r.public_keys, r.threshold)?;
+    crate::trust::set(&api.app.db, &record).await?;
+    api.audit(
+        &caller,
+        "trust.set",
+        "fleet",
+        serde_json::json!({ "keys": record.public_keys, "threshold": record.threshold, "sha256": record.sha256() }),
+    )
+    .await?;
+    Ok(Response::new(trust_pb(&record)))
+}
+
+pub async fn get_trust(
+    api: &AdminApi,
+    request: Request<pb::GetTrustRequest>,
+) -> Result<Response<pb::TrustPolicy>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let record = crate::trust::get(&api.app.db)
+        .await?
+        .ok_or_else(|| Status::not_found("no trust policy is set (flotilla trust set)"))?;
+    Ok(Response::new(trust_pb(&record)))
+}
+
+pub async fn artifact_status(
+    api: &AdminApi,
+    request: Request<pb::ArtifactStatusRequest>,
+) -> Result<Response<pb::ArtifactStatusResponse>, Status> {
+    api.caller(&request, OperatorRole::Publisher).await?;
+    let r = request.into_inner();
+    let held = api.app.artifacts.held(&r.sha256, r.size)?;
+    Ok(Response::new(pb::ArtifactStatusResponse {
+        sha256: r.sha256,
+        size: r.size,
+        received: held.received,
+        complete: held.complete,
+    }))
+}
+
+pub async fn upload_artifact(
+    api: &AdminApi,
+    request: Request<Streaming<pb::ArtifactUpload>>,
+) -> Result<Response<pb::ArtifactStatusResponse>, Status> {
+    let caller = api.caller(&request, OperatorRole::Publisher).await?;
+    let mut stream = request.into_inner();
+    let first = stream
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+    let (sha256, size) = (first.sha256.clone(), first.size);
+    let mut offset = first.offset;
+    let mut next = Some(first);
+    let store = &api.app.artifacts;
+    // Whatever arrived is kept (and fsynced) even if the stream breaks, so the
+    // next upload resumes from there.
+    let result: Result<(), Status> = async {
+        while let Some(msg) = next.take() {
+            if msg.data.len() > MAX_UPLOAD_CHUNK {
+                return Err(Status::invalid_argument(format!(
+                    "upload chunks are limited to {MAX_UPLOAD_CHUNK} bytes"
+                )));
+            }
+            let held = store.append(&sha256, size, offset, &msg.data)?;
+            offset = held.received;
+            next = stream.message().await?;
+        }
+        Ok(())
+    }
+    .await;
+    let settled = store.settle(&sha256, size);
+    result?;
+    let held = settled?;
+    if held.complete {
+        api.audit(
+            &caller,
+            "artifact.upload",
+            &sha256,
+            serde_json::json!({ "size": size }),
+        )
+        .await?;
+    }
+    Ok(Response::new(pb::ArtifactStatusResponse {
+        sha256,
+        size,
+        received: held.received,
+        complete: held.complete,
+    }))
+}
+
+pub async fn publish_patch(
+    api: &AdminApi,
+    request: Request<pb::PublishPatchRequest>,
+) -> Result<Response<pb::PatchInfo>, Status> {
+    let caller = api.caller(&request, OperatorRole::Publisher).await?;
+    let r = request.into_inner();
+    let (record, manifest) =
+        crate::patches::publish(&api.app, r.manifest, r.signatures, &caller.name).await?;
+    api.audit(
+        &caller,
+        "patch.publish",
+        &record.id,
+        serde_json::json!({
+            "component": manifest.component,
+            "version": manifest.version,
+            "severity": manifest.severity.as_str(),
+            "signatures": record.signatures.len(),
+        }),
+    )
+    .await?;
+    let info = api
+        .app
+        .fleet
+        .patch_info(&record.id)
+        .await
+        .ok_or_else(|| Status::internal("patch vanished after publish"))?;
+    Ok(Response::new(info))
+}
+
+pub async fn list_patches(
+    api: &AdminApi,
+    request: Request<pb::ListPatchesRequest>,
+) -> Result<Response<pb::ListPatchesResponse>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    Ok(Response::new(pb::ListPatchesResponse {
+        patches: api.app.fleet.patch_infos().await,
+    }))
+}
+
+pub async fn get_patch(
+    api: &AdminApi,
+    request: Request<pb::GetPatchRequest>,
+) -> Result<Response<pb::PatchInfo>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let id = request.into_inner().id;
+    api.app
+        .fleet
+        .patch_info(&id)
+        .await
+        .map(Response::new)
+        .ok_or_else(|| Status::not_found(format!("no patch with id {id}")))
+}
+
+pub async fn patch_status(
+    api: &AdminApi,
+    request: Request<pb::PatchStatusRequest>,
+) -> Result<Response<pb::PatchStatusResponse>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let id = request.into_inner().id;
+    let (info, nodes) = crate::patches::status(&api.app, &id).await?;
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for n in &nodes {
+        *counts.entry(n.phase.clone()).or_default() += 1;
+    }
+    Ok(Response::new(pb::PatchStatusResponse {
+        patch: Some(info),
+        counts,
+        nodes,
+    }))
+}

@@ -1,0 +1,240 @@
+//! Patches on the server: publishing (verify against the trust policy, check the
+//! artifacts are held, store, push), and what nodes report about each patch.
+
+use std::collections::BTreeMap;
+
+use flotilla_proto::manifest::Manifest;
+use flotilla_proto::pb;
+use serde::{Deserialize, Serialize};
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::model::keys;
+
+/// A published patch as stored: the exact signed bytes and their signatures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchRecord {
+    pub id: String,
+    /// Publish order; the fleet's patch revision is the highest.
+    pub seq: u64,
+    /// The manifest JSON exactly as signed (always UTF-8: it parsed as JSON).
+    pub manifest: String,
+    pub signatures: Vec<String>,
+    pub published_at: i64,
+    pub published_by: String,
+}
+
+/// Where one node stands with one patch, from its reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodePatchRecord {
+    pub node_id: String,
+    pub phase: String,
+    pub first_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub error: String,
+    pub log_tail: String,
+}
+
+pub fn state_key(patch: &str, node: &str) -> String {
+    format!("patchstate/{patch}/{node}")
+}
+
+pub fn state_prefix(patch: &str) -> String {
+    format!("patchstate/{patch}/")
+}
+
+/// The report phase names used in status output.
+pub fn phase_name(phase: pb::PatchPhase) -> &'static str {
+    use pb::PatchPhase as P;
+    match phase {
+        P::Unspecified => "unknown",
+        P::Received => "received",
+        P::Verified => "verified",
+        P::Downloaded => "downloaded",
+        P::Applying => "applying",
+        P::Applied => "applied",
+        P::Healthy => "healthy",
+        P::Committed => "committed",
+        P::RolledBack => "rolled_back",
+        P::Failed => "failed",
+        P::Rejected => "rejected",
+    }
+}
+
+/// Verifies and stores a manifest, then pushes it to the nodes it targets. The
+/// signature is checked once here, for the whole fleet; each agent checks again.
+pub async fn publish(
+    app: &App,
+    manifest: Vec<u8>,
+    signatures: Vec<String>,
+    publisher: &str,
+) -> Result<(PatchRecord, Manifest)> {
+    let trust = crate::trust::get(&app.db).await?.ok_or_else(|| {
+        Error::FailedPrecondition(
+            "no trust policy: an admin must first set the patch-signing keys (flotilla trust set)"
+                .into(),
+        )
+    })?;
+    let parsed = trust
+        .policy()?
+        .verify(&manifest, &signatures)
+        .map_err(|e| Error::InvalidArgument(format!("manifest refused: {e}")))?;
+    flotilla_proto::manifest::check_time(&parsed, time::OffsetDateTime::now_utc())
+        .map_err(|e| Error::InvalidArgument(format!("manifest refused: {e}")))?;
+    for a in &parsed.artifacts {
+        match app.artifacts.complete_size(&a.sha256) {
+            Some(size) if size == a.size => {}
+            Some(size) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "artifact {} ({}) is held with {size} bytes, the manifest says {}",
+                    a.name, a.sha256, a.size
+                )));
+            }
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "artifact {} ({}) has not been uploaded",
+                    a.name, a.sha256
+                )));
+            }
+        }
+    }
+    let text = String::from_utf8(manifest)
+        .map_err(|_| Error::InvalidArgument("manifest is not UTF-8".into()))?;
+    let record = app
+        .fleet
+        .add_patch(text, signatures, publisher, parsed.clone())
+        .await?;
+    Ok((record, parsed))
+}
+
+/// Records a node's report (once per report id) and updates its patch state.
+/// Returns false when the report had already been recorded.
+pub async fn record_report(
+    app: &App,
+    node_id: &str,
+    rec: crate::model::ReportRecord,
+) -> Result<bool> {
+    let key = keys::report(node_id, &rec.report_id);
+    if !app.db.create(&key, &rec).await? {
+        return Ok(false);
+    }
+    let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
+    let name = phase_name(phase).to_string();
+    let at = rec.at_ms;
+    app.db
+        .update(
+            &state_key(&rec.manifest_id, node_id),
+            |cur: Option<NodePatchRecord>| {
+                let next = match cur {
+                    // Reports arrive in order, but a late re-send must not undo a newer one.
+                    Some(c) if c.updated_at_ms > at => {
+                        return Ok::<_, Error>(crate::store::Update::Keep);
+                    }
+                    Some(c) => NodePatchRecord {
+                        phase: name.clone(),
+                        updated_at_ms: at,
+                        error: rec.error.clone(),
+                        log_tail: rec.log_tail.clone(),
+                        ..c
+                    },
+                    None => NodePatchRecord {
+                        node_id: node_id.to_string(),
+                        phase: name.clone(),
+                        first_at_ms: at,
+                        updated_at_ms: at,
+                        error: rec.error.clone(),
+                        log_tail: rec.log_tail.clone(),
+                    },
+                };
+                Ok(crate::store::Update::Put(next))
+            },
+        )
+        .await??;
+    if phase == pb::PatchPhase::Committed {
+        app.fleet
+            .record_installed(node_id, &rec.manifest_id)
+            .await?;
+    }
+    if matches!(
+        phase,
+        pb::PatchPhase::Committed
+            | pb::PatchPhase::RolledBack
+            | pb::PatchPhase::Failed
+            | pb::PatchPhase::Rejected
+    ) {
+        tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
+    }
+    Ok(true)
+}
+
+/// Per-node states of a patch: every targeted node (waiting if silent) and any
+/// other node that reported.
+pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodePatchState>)> {
+    let info = app
+        .fleet
+        .patch_info(id)
+        .await
+        .ok_or_else(|| Error::NotFound(format!("no patch with id {id}")))?;
+    let mut by_node: BTreeMap<String, pb::NodePatchState> = BTreeMap::new();
+    for (node, group) in app.fleet.targeted_nodes(id).await {
+        by_node.insert(
+            node.clone(),
+            pb::NodePatchState {
+                node_id: node,
+                group,
+                phase: "waiting".into(),
+                ..Default::default()
+            },
+        );
+    }
+    for r in app.db.list::<NodePatchRecord>(&state_prefix(id)).await? {
+        let group = match by_node.get(&r.node_id) {
+            Some(s) => s.group.clone(),
+            None => app
+                .fleet
+                .node(&r.node_id)
+                .await
+                .map(|(n, _, _)| n.group)
+                .unwrap_or_default(),
+        };
+        by_node.insert(
+            r.node_id.clone(),
+            pb::NodePatchState {
+                node_id: r.node_id,
+                group,
+                phase: r.phase,
+                first_at_ms: r.first_at_ms,
+                updated_at_ms: r.updated_at_ms,
+                error: r.error,
+                log_tail: r.log_tail,
+            },
+        );
+    }
+    Ok((info, by_node.into_values().collect()))
+}
+
+/// PatchInfo of a record.
+pub fn info(rec: &PatchRecord, m: &Manifest, targeted: u32) -> pb::PatchInfo {
+    pb::PatchInfo {
+        id: rec.id.clone(),
+        component: m.component.clone(),
+        version: m.version.clone(),
+        severity: m.severity.as_str().to_string(),
+        issued_at: m.issued_at.unix_timestamp(),
+        expires_at: m.expires_at.unix_timestamp(),
+        published_at: rec.published_at,
+        published_by: rec.published_by.clone(),
+        artifacts: m
+            .artifacts
+            .iter()
+            .map(|a| pb::ArtifactRef {
+                name: a.name.clone(),
+                sha256: a.sha256.clone(),
+                size: a.size,
+            })
+            .collect(),
+        targeted,
+        signatures: rec.signatures.len() as u32,
+        manifest: rec.manifest.clone().into_bytes(),
+    }
+}
