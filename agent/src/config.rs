@@ -47,6 +47,19 @@ pub struct FileConfig {
     pub max_backoff: Option<Duration>,
     /// Labels asked for at join.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Where the host's filesystem starts for patches (default "/").
+    pub root: Option<PathBuf>,
+    /// Directories `files` patches may write under (default /opt, /usr/local).
+    pub allowed_paths: Option<Vec<PathBuf>>,
+    /// Whether patch scripts (install or rollback) may run (default false).
+    pub allow_scripts: Option<bool>,
+    /// Largest artifact this host accepts, in bytes (default 1 GiB).
+    pub max_artifact_bytes: Option<u64>,
+    /// Longest a download may take, like "30m".
+    #[serde(default, with = "humantime_serde")]
+    pub download_deadline: Option<Duration>,
+    /// Slowest a download may go, in bytes per second, judged over 10 s.
+    pub min_download_rate: Option<u64>,
 }
 
 impl FileConfig {

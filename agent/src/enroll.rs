@@ -38,6 +38,10 @@ pub struct JoinOptions {
     pub machine_id: Option<String>,
     /// Where to keep the state.
     pub state_dir: PathBuf,
+    /// minisign public keys (file text or base64 line) to pin for patches.
+    pub trusted_keys: Vec<String>,
+    /// How many of them must sign each manifest.
+    pub trust_threshold: u32,
 }
 
 /// What a successful join produced.
@@ -142,6 +146,8 @@ pub async fn join(opts: JoinOptions) -> Result<Joined, JoinError> {
         token_id: token.id,
         machine_id,
         renewals: 0,
+        trusted_keys: opts.trusted_keys.clone(),
+        trust_threshold: opts.trust_threshold,
     };
     let desired = Desired::initial(role);
     store.save_joined(&identity, &desired)?;
@@ -238,6 +244,8 @@ mod tests {
             labels: BTreeMap::new(),
             machine_id: Some("m".into()),
             state_dir: dir.join("state"),
+            trusted_keys: Vec::new(),
+            trust_threshold: 1,
         }
     }
 

@@ -11,6 +11,8 @@ pub mod enroll;
 pub mod facts;
 pub mod files;
 pub mod hook;
+pub mod install;
+pub mod patch;
 pub mod refusal;
 pub mod session;
 pub mod state;

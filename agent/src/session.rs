@@ -22,6 +22,10 @@ use crate::backoff::{self, Backoff};
 use crate::cert::{self, CertError, CertInfo};
 use crate::facts;
 use crate::hook::{self, RoleChange, RoleHook};
+use crate::install::LocalPolicy;
+use crate::patch::Patches;
+use crate::patch::fetch::FetchLimits;
+use crate::patch::pipeline::{Offer, PipelineConfig};
 use crate::refusal::{self, Refusal};
 use crate::state::{Desired, Identity, Ordering, Role, StateError, Store};
 use crate::status::Status;
@@ -53,6 +57,28 @@ pub struct RunOptions {
     pub hook_timeout: Duration,
     /// Cap on the reconnect backoff.
     pub max_backoff: Duration,
+    /// Where the host's filesystem starts for patches ("/" unless several agents
+    /// share one machine).
+    pub root: PathBuf,
+    /// What this host lets patches do.
+    pub policy: LocalPolicy,
+    /// Download deadline and minimum rate.
+    pub fetch: FetchLimits,
+}
+
+/// Install paths allowed when the host's operator names none.
+pub const DEFAULT_ALLOWED_PATHS: &[&str] = &["/opt", "/usr/local"];
+/// Artifact size cap when the host's operator sets none.
+pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 1024 * 1024 * 1024;
+
+impl Default for LocalPolicy {
+    fn default() -> Self {
+        Self {
+            allowed_paths: DEFAULT_ALLOWED_PATHS.iter().map(PathBuf::from).collect(),
+            allow_scripts: false,
+            max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
+        }
+    }
 }
 
 impl RunOptions {
@@ -64,6 +90,9 @@ impl RunOptions {
             role_hook: None,
             hook_timeout: hook::DEFAULT_TIMEOUT,
             max_backoff: backoff::DEFAULT_CAP,
+            root: PathBuf::from("/"),
+            policy: LocalPolicy::default(),
+            fetch: FetchLimits::default(),
         }
     }
 }
@@ -122,6 +151,8 @@ struct Agent {
     servers: Vec<String>,
     connected: bool,
     hooks: mpsc::UnboundedSender<RoleChange>,
+    /// Where offered manifests go.
+    offers: tokio::sync::watch::Sender<Offer>,
 }
 
 /// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
@@ -171,6 +202,16 @@ where
         });
     }
 
+    let patches = Patches::start(
+        store.clone(),
+        PipelineConfig {
+            root: opts.root.clone(),
+            policy: opts.policy.clone(),
+            work_dir: opts.state_dir.clone(),
+            fetch: opts.fetch.clone(),
+            servers: servers.clone(),
+        },
+    )?;
     let mut agent = Agent {
         store,
         node,
@@ -179,11 +220,13 @@ where
         servers,
         connected: false,
         hooks,
+        offers: patches.offers.clone(),
     };
     tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
     agent.publish_status();
     let result = agent.reconnect_loop(opts.max_backoff, shutdown).await;
     agent.set_connected(false);
+    patches.stop().await;
     // A hook cut short here has not been recorded as handled: it runs again at the
     // next start. Waiting for the aborted worker makes sure its hook process is
     // killed and its handle on the database released before `run` returns.
@@ -414,7 +457,13 @@ impl Agent {
         if msg.heartbeat_interval_ms > 0 {
             self.held.heartbeat_interval_ms = msg.heartbeat_interval_ms.max(100);
         }
-        match self.held.order(msg.revision) {
+        let order = self.held.order(msg.revision);
+        if order != Ordering::Older {
+            // Offered even at the same revision: after a restart the pipeline needs
+            // the offer again, and it never starts a manifest twice.
+            self.offer(msg);
+        }
+        match order {
             Ordering::Older => {
                 tracing::debug!(
                     held = self.held.revision,
@@ -465,6 +514,23 @@ impl Agent {
         }
         self.publish_status();
         Ok(())
+    }
+
+    fn offer(&self, msg: &pb::DesiredState) {
+        let offer = Offer {
+            manifests: msg.manifests.clone(),
+            target: flotilla_proto::manifest::NodeTarget {
+                group: if msg.group.is_empty() {
+                    self.node.group.clone()
+                } else {
+                    msg.group.clone()
+                },
+                labels: msg.labels.clone().into_iter().collect(),
+                os: std::env::consts::OS.to_string(),
+                arch: std::env::consts::ARCH.to_string(),
+            },
+        };
+        let _ = self.offers.send(offer);
     }
 
     fn set_connected(&mut self, connected: bool) {

@@ -46,6 +46,8 @@ pub enum StateError {
         what: &'static str,
         source: serde_json::Error,
     },
+    #[error("cannot open the patch records: {0}")]
+    Patches(String),
 }
 
 /// Where a node stands in its group.
@@ -108,6 +110,13 @@ pub struct Identity {
     pub machine_id: String,
     /// Certificate renewals since join.
     pub renewals: u64,
+    /// minisign public keys pinned at join: the only keys whose signatures
+    /// count. No server can change them.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// How many distinct trusted keys must sign a manifest.
+    #[serde(default)]
+    pub trust_threshold: u32,
 }
 
 // The private key stays out of debug output and logs.
@@ -241,6 +250,13 @@ impl Store {
         &self.dir
     }
 
+    /// Opens (creating if needed) the named tree of this database. sled allows one
+    /// open database per process, so other durable records (the patch journal, the
+    /// report outbox) live in trees of this one.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StateError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     fn get<T: for<'de> Deserialize<'de>>(
         &self,
         key: &[u8],
@@ -342,6 +358,8 @@ mod tests {
             token_id: "abcdefghij".into(),
             machine_id: "m1".into(),
             renewals: 2,
+            trusted_keys: Vec::new(),
+            trust_threshold: 0,
         }
     }
 
@@ -405,6 +423,7 @@ mod tests {
             unmanaged: false,
             role: pb::Role::Standby as i32,
             heartbeat_interval_ms: 0,
+            ..Default::default()
         };
         let d = Desired::from_proto(&msg, 9000).unwrap();
         assert_eq!(d.role, Role::Standby);

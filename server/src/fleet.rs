@@ -161,6 +161,7 @@ impl Fleet {
             role: role_to_pb(node.status, node.role) as i32,
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
             manifests,
+            labels: node.labels.clone().into_iter().collect(),
         }
     }
 

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod patch;
+
 /// A built binary of the workspace. The test command builds them first
 /// (`cargo build --workspace --bins`); they sit next to the test's `deps/` dir.
 pub fn bin(name: &str) -> PathBuf {
@@ -273,6 +275,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     pub role_hook: Option<PathBuf>,
+    /// Extra arguments for `flotilla-agent run`.
+    pub run_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -283,8 +287,26 @@ impl Agent {
             state_dir: dir.join(name),
             log: dir.join(format!("{name}.log")),
             role_hook: None,
+            run_args: Vec::new(),
             child: None,
         }
+    }
+
+    /// This agent's own filesystem root for patches (`--root`).
+    pub fn root(&self) -> PathBuf {
+        self.state_dir.with_file_name(format!("{}-root", self.name))
+    }
+
+    /// Runs patches under its own root, allowing `/opt`.
+    pub fn with_root(mut self) -> Self {
+        std::fs::create_dir_all(self.root().join("opt")).expect("agent root");
+        self.run_args.extend([
+            "--root".to_string(),
+            self.root().to_string_lossy().into_owned(),
+            "--allow-path".to_string(),
+            "/opt".to_string(),
+        ]);
+        self
     }
 
     /// `flotilla-agent join`, returning the process output.
@@ -324,6 +346,7 @@ impl Agent {
         if let Some(h) = &self.role_hook {
             cmd.arg("--role-hook").arg(h);
         }
+        cmd.args(&self.run_args);
         let child = cmd
             .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
             .stdout(Stdio::null())
@@ -335,6 +358,10 @@ impl Agent {
 
     pub fn kill9(&mut self) {
         kill_child(&mut self.child, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Whether the process has exited, and how.

@@ -73,6 +73,13 @@ struct JoinArgs {
     /// Machine id to state instead of /etc/machine-id.
     #[arg(long, env = "FLOTILLA_AGENT_MACHINE_ID", value_name = "ID")]
     machine_id: Option<String>,
+    /// minisign public key file to pin for patch signatures; repeatable. Without
+    /// one the agent applies no patch.
+    #[arg(long = "trusted-key", value_name = "PATH")]
+    trusted_keys: Vec<PathBuf>,
+    /// How many distinct pinned keys must sign each manifest [default: 1].
+    #[arg(long, value_name = "N")]
+    trust_threshold: Option<u32>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -94,6 +101,24 @@ struct RunArgs {
     /// Longest wait between reconnect attempts [default: 30s].
     #[arg(long, env = "FLOTILLA_AGENT_MAX_BACKOFF", value_name = "DURATION", value_parser = parse_duration)]
     max_backoff: Option<Duration>,
+    /// Where the host's filesystem starts for patches [default: /].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Directory `files` patches may write under; repeatable [default: /opt, /usr/local].
+    #[arg(long = "allow-path", value_name = "DIR")]
+    allowed_paths: Vec<PathBuf>,
+    /// Let patches run install and rollback scripts.
+    #[arg(long)]
+    allow_scripts: bool,
+    /// Largest artifact accepted, in bytes [default: 1 GiB].
+    #[arg(long, value_name = "BYTES")]
+    max_artifact_bytes: Option<u64>,
+    /// Longest a download may take [default: 30m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    download_deadline: Option<Duration>,
+    /// Slowest a download may go, bytes per second over 10 s [default: 1024].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    min_download_rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -159,12 +184,26 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
+    let mut trusted_keys = Vec::new();
+    for path in &args.trusted_keys {
+        trusted_keys.push(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read trusted key {}", path.display()))?,
+        );
+    }
+    let trust_threshold = args.trust_threshold.unwrap_or(1);
+    if !trusted_keys.is_empty() {
+        flotilla_proto::manifest::TrustPolicy::new(&trusted_keys, trust_threshold as usize)
+            .context("the trusted keys given cannot be used")?;
+    }
     let opts = JoinOptions {
         servers: file.servers(args.servers),
         token: args.token,
         labels: file.labels(args.labels),
         machine_id: args.machine_id,
         state_dir,
+        trusted_keys,
+        trust_threshold,
     };
     let joined = runtime()?
         .block_on(flotilla_agent::join(opts))
@@ -184,11 +223,46 @@ fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
 }
 
 fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
+    let defaults = RunOptions::new(state_dir.clone());
+    let allowed_paths = if !args.allowed_paths.is_empty() {
+        args.allowed_paths
+    } else {
+        file.allowed_paths
+            .clone()
+            .unwrap_or(defaults.policy.allowed_paths.clone())
+    };
+    for p in &allowed_paths {
+        anyhow::ensure!(
+            p.is_absolute(),
+            "allowed path {} must be absolute",
+            p.display()
+        );
+    }
+    let mut fetch = defaults.fetch.clone();
+    if let Some(d) = args.download_deadline.or(file.download_deadline) {
+        fetch.deadline = d;
+    }
+    if let Some(r) = args.min_download_rate.or(file.min_download_rate) {
+        fetch.min_rate = r;
+    }
     let opts = RunOptions {
         servers: file.servers(args.servers),
         role_hook: file.role_hook(args.role_hook),
         max_backoff: file.max_backoff(args.max_backoff, backoff::DEFAULT_CAP)?,
-        ..RunOptions::new(state_dir)
+        root: args
+            .root
+            .or(file.root.clone())
+            .unwrap_or(defaults.root.clone()),
+        policy: flotilla_agent::install::LocalPolicy {
+            allowed_paths,
+            allow_scripts: args.allow_scripts || file.allow_scripts.unwrap_or(false),
+            max_artifact_bytes: args
+                .max_artifact_bytes
+                .or(file.max_artifact_bytes)
+                .unwrap_or(defaults.policy.max_artifact_bytes),
+        },
+        fetch,
+        ..defaults
     };
     let rt = runtime()?;
     rt.block_on(async {

@@ -26,6 +26,8 @@ fn joined_store(dir: &std::path::Path, role: Role) -> (Store, Identity) {
         token_id: "abcdefghij".into(),
         machine_id: "m".into(),
         renewals: 0,
+        trusted_keys: Vec::new(),
+        trust_threshold: 0,
     };
     let store = Store::open(dir).unwrap();
     store
@@ -47,6 +49,7 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         servers,
         connected: true,
         hooks,
+        offers: tokio::sync::watch::channel(Default::default()).0,
     };
     (agent, rx)
 }
@@ -60,6 +63,7 @@ fn desired(revision: u64, role: pb::Role) -> pb::DesiredState {
         unmanaged: false,
         role: role as i32,
         heartbeat_interval_ms: 2000,
+        ..Default::default()
     }
 }
 

@@ -235,6 +235,8 @@ pub fn join_opts(servers: Vec<String>, token: &JoinToken, state_dir: &Path) -> J
         labels: [("zone".to_string(), "eu-1".to_string())].into(),
         machine_id: Some("machine-1".into()),
         state_dir: state_dir.to_path_buf(),
+        trusted_keys: Vec::new(),
+        trust_threshold: 1,
     }
 }
 
@@ -248,6 +250,7 @@ pub fn desired(revision: u64, role: pb::Role) -> Result<pb::ServerMessage, GrpcS
             unmanaged: false,
             role: role as i32,
             heartbeat_interval_ms: 100,
+            ..Default::default()
         })),
     })
 }

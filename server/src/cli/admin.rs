@@ -319,7 +319,7 @@ fn node_json(n: &pb::NodeInfo) -> Value {
         "id": n.id, "group": n.group, "status": n.status, "role": role_name(n.role),
         "online": n.online, "labels": n.labels, "joined_at": n.joined_at, "last_seen": n.last_seen,
         "certificate_serial": n.certificate_serial, "certificate_not_after": n.certificate_not_after,
-        "token_id": n.token_id,
+        "token_id": n.token_id, "installed": n.installed,
         "facts": { "hostname": f.hostname, "os": f.os, "arch": f.arch,
                    "agent_version": f.agent_version, "machine_id": f.machine_id },
     })

@@ -49,6 +49,7 @@ fn node_info((n, online, last_seen): (NodeRecord, bool, i64)) -> pb::NodeInfo {
         certificate_serial: n.cert_serial,
         certificate_not_after: n.cert_not_after,
         token_id: n.token_id,
+        installed: n.installed.into_iter().collect(),
     }
 }
 

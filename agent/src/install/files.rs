@@ -1,0 +1,494 @@
+//! `files` installs: unpack a tar artifact into the destination, every file replaced
+//! atomically, with everything needed to undo it made durable first.
+//!
+//! Order of work, and what a crash at each point leaves:
+//! 1. Check the destination against the local policy, read the whole artifact and
+//!    check every entry, then check every target path on the host. Nothing written.
+//! 2. Copy each existing file that will be replaced to `work_dir/backup/<n>`, fsync.
+//!    Only the work directory changed; with no plan, rollback has nothing to do.
+//! 3. Write `work_dir/plan.json` (temp, fsync, rename, fsync dir): every target path,
+//!    whether it existed, its previous kind, mode, owner, symlink target and backup.
+//! 4. Create missing directories, then write each file and symlink as a temp file
+//!    next to it, fsynced, renamed over the target, directory fsynced; then set the
+//!    directory modes. From here on `rollback_files` restores the previous state.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, DirBuilder, File};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::manifest::Compression;
+
+use super::archive::{self, EntryKind, TarEntry};
+use super::plan::{
+    self, BACKUP_DIR, Finish, Kind, PLAN_FILE, PLAN_VERSION, Plan, PlanEntry, fsync_dir, parent_of,
+};
+use super::{InstallError, LocalPolicy};
+
+/// Mode of directories the artifact needs but does not list.
+const IMPLICIT_DIR_MODE: u32 = 0o755;
+
+/// What a `files` install wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesReport {
+    /// Every file and symlink installed, in archive order.
+    pub written: Vec<PathBuf>,
+}
+
+/// Installs the tar at `artifact` into `destination`. Synchronous: run it on a
+/// blocking thread. On an error after the plan was written, call `rollback_files`.
+pub fn install_files(
+    artifact: &Path,
+    compression: Compression,
+    destination: &Path,
+    policy: &LocalPolicy,
+    work_dir: &Path,
+) -> Result<FilesReport, InstallError> {
+    install_files_until(artifact, compression, destination, policy, work_dir, None)
+}
+
+/// `install_files`, stopping after `stop_after` files and symlinks so tests can
+/// leave the host as a crash would.
+pub(crate) fn install_files_until(
+    artifact: &Path,
+    compression: Compression,
+    destination: &Path,
+    policy: &LocalPolicy,
+    work_dir: &Path,
+    stop_after: Option<usize>,
+) -> Result<FilesReport, InstallError> {
+    let real_policy = canonical_policy(policy);
+    let real_dest = check_destination(destination, policy, &real_policy)?;
+    let plan_path = work_dir.join(PLAN_FILE);
+    // A plan here means an install that was never rolled back: planning again would
+    // record its half-applied state as "previous" and lose the real backups.
+    if fs::symlink_metadata(&plan_path).is_ok() {
+        return Err(InstallError::PlanExists { path: plan_path });
+    }
+    let file = File::open(artifact).map_err(|source| InstallError::Archive {
+        artifact: artifact.to_path_buf(),
+        source,
+    })?;
+    let entries = archive::read_entries(
+        &file,
+        compression,
+        artifact,
+        policy.max_artifact_bytes,
+        destination,
+    )?;
+    let allowed = |rel: &Path| {
+        policy.allows(&destination.join(rel)) && real_policy.allows(&real_dest.join(rel))
+    };
+    let mut plan = build_plan(destination, &entries, policy, &real_policy, &allowed)?;
+    make_backups(&mut plan, work_dir)?;
+    plan::write_plan(work_dir, &plan)?;
+    let apply = Apply {
+        file: &file,
+        compression,
+        artifact,
+        destination,
+        entries: &entries,
+        plan: &plan,
+    };
+    apply.run(stop_after)
+}
+
+/// The allowed paths as the filesystem resolves them, so a symlink inside an
+/// allowed tree cannot lead the install elsewhere, and a symlinked allowed path
+/// (`/opt` → `/data/opt`) still works.
+fn canonical_policy(policy: &LocalPolicy) -> LocalPolicy {
+    let mut real = policy.clone();
+    real.allowed_paths = policy
+        .allowed_paths
+        .iter()
+        .map(|p| fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    real
+}
+
+/// Where `path` really is: its deepest existing ancestor resolved, the rest appended.
+fn real_path(path: &Path) -> Result<PathBuf, InstallError> {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        match fs::canonicalize(existing) {
+            Ok(mut real) => {
+                real.extend(rest.iter().rev());
+                return Ok(real);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let (Some(name), Some(parent)) = (existing.file_name(), existing.parent()) else {
+                    return Err(InstallError::io("resolve", path, e));
+                };
+                rest.push(name);
+                existing = parent;
+            }
+            Err(e) => return Err(InstallError::io("resolve", existing, e)),
+        }
+    }
+}
+
+fn check_destination(
+    destination: &Path,
+    policy: &LocalPolicy,
+    real_policy: &LocalPolicy,
+) -> Result<PathBuf, InstallError> {
+    if !destination.is_absolute() {
+        return Err(InstallError::DestinationNotAbsolute {
+            destination: destination.to_path_buf(),
+        });
+    }
+    let not_allowed = || InstallError::DestinationNotAllowed {
+        destination: destination.to_path_buf(),
+    };
+    if !policy.overlaps(destination) {
+        return Err(not_allowed());
+    }
+    let real = real_path(destination)?;
+    if !real_policy.overlaps(&real) {
+        return Err(not_allowed());
+    }
+    Ok(real)
+}
+
+/// Plans the destination itself and every missing directory above it, top-down.
+fn plan_destination(
+    destination: &Path,
+    policy: &LocalPolicy,
+    real_policy: &LocalPolicy,
+) -> Result<Vec<PlanEntry>, InstallError> {
+    let not_dir = |p: &Path| InstallError::DestinationNotDirectory {
+        destination: p.to_path_buf(),
+    };
+    let mut missing = Vec::new();
+    let mut at = destination;
+    loop {
+        match fs::symlink_metadata(at) {
+            Ok(_) => {
+                // The destination (or an ancestor) may be a symlink to a directory:
+                // the real-path policy check already judged where it leads.
+                if !fs::metadata(at).is_ok_and(|m| m.is_dir()) {
+                    return Err(not_dir(at));
+                }
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !policy.allows(at) || !real_policy.allows(&real_path(at)?) {
+                    return Err(InstallError::DestinationNotAllowed {
+                        destination: at.to_path_buf(),
+                    });
+                }
+                missing.push(at);
+                at = at.parent().ok_or_else(|| not_dir(at))?;
+            }
+            Err(e) => return Err(InstallError::io("inspect", at, e)),
+        }
+    }
+    Ok(missing
+        .into_iter()
+        .rev()
+        .map(|p| PlanEntry::new(p.to_path_buf(), Kind::Dir, Some(IMPLICIT_DIR_MODE)))
+        .collect())
+}
+
+/// Checks every target path on the host and records its previous state.
+fn build_plan(
+    destination: &Path,
+    entries: &[TarEntry],
+    policy: &LocalPolicy,
+    real_policy: &LocalPolicy,
+    allowed: &dyn Fn(&Path) -> bool,
+) -> Result<Plan, InstallError> {
+    let mut out = plan_destination(destination, policy, real_policy)?;
+    let dest_created = !out.is_empty();
+    let not_allowed = |entry: String, rel: &Path| InstallError::EntryNotAllowed {
+        entry,
+        path: destination.join(rel),
+    };
+
+    // Every directory the entries need, listed or not; BTreeMap's path order puts
+    // each parent before its children.
+    let mut dirs: BTreeMap<&Path, Option<(&str, u32)>> = BTreeMap::new();
+    for e in entries {
+        if let EntryKind::Dir { mode } = e.kind {
+            dirs.insert(&e.rel, Some((&e.name, mode)));
+        }
+        for ancestor in e.rel.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                break;
+            }
+            dirs.entry(ancestor).or_insert(None);
+        }
+    }
+    let mut created: HashSet<&Path> = HashSet::new();
+    let parent_created = |created: &HashSet<&Path>, rel: &Path| {
+        dest_created || rel.parent().is_some_and(|p| created.contains(p))
+    };
+    for (rel, listed) in dirs {
+        let path = destination.join(rel);
+        if let Some((name, _)) = listed
+            && !allowed(rel)
+        {
+            return Err(not_allowed(name.to_owned(), rel));
+        }
+        let meta = if parent_created(&created, rel) {
+            None
+        } else {
+            lstat(&path)?
+        };
+        let Some(meta) = meta else {
+            if !allowed(rel) {
+                return Err(not_allowed(rel.display().to_string(), rel));
+            }
+            created.insert(rel);
+            let mode = listed.map_or(IMPLICIT_DIR_MODE, |(_, m)| m);
+            out.push(PlanEntry::new(path, Kind::Dir, Some(mode)));
+            continue;
+        };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            return Err(InstallError::HostSymlink { path });
+        }
+        if !ft.is_dir() {
+            return Err(InstallError::HostFileWhereDirectory { path });
+        }
+        // An existing directory the artifact only passes through is not a target.
+        if let Some((_, mode)) = listed {
+            let mut pe = PlanEntry::new(path, Kind::Dir, Some(mode));
+            record_prev(&mut pe, Kind::Dir, &meta);
+            out.push(pe);
+        }
+    }
+
+    for e in entries {
+        let (kind, mode) = match e.kind {
+            EntryKind::Dir { .. } => continue,
+            EntryKind::File { mode, .. } => (Kind::File, Some(mode)),
+            EntryKind::Symlink { .. } => (Kind::Symlink, None),
+        };
+        if !allowed(&e.rel) {
+            return Err(not_allowed(e.name.clone(), &e.rel));
+        }
+        let path = destination.join(&e.rel);
+        let meta = if parent_created(&created, &e.rel) {
+            None
+        } else {
+            lstat(&path)?
+        };
+        let mut pe = PlanEntry::new(path, kind, mode);
+        if let Some(meta) = meta {
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                return Err(InstallError::HostDirectoryWhereFile { path: pe.path });
+            } else if ft.is_file() {
+                record_prev(&mut pe, Kind::File, &meta);
+            } else if ft.is_symlink() {
+                // Replacing a symlink renames over the link itself, never through it.
+                let target = fs::read_link(&pe.path)
+                    .map_err(|err| InstallError::io("read the symlink", &pe.path, err))?;
+                if target.to_str().is_none() {
+                    return Err(InstallError::RollbackConflict {
+                        path: pe.path,
+                        reason:
+                            "its current symlink target is not UTF-8, so it could not be restored"
+                                .into(),
+                    });
+                }
+                record_prev(&mut pe, Kind::Symlink, &meta);
+                pe.prev_link_target = Some(target);
+            } else {
+                return Err(InstallError::HostSpecialFile { path: pe.path });
+            }
+        }
+        out.push(pe);
+    }
+    Ok(Plan {
+        version: PLAN_VERSION,
+        destination: destination.to_path_buf(),
+        entries: out,
+    })
+}
+
+fn lstat(path: &Path) -> Result<Option<fs::Metadata>, InstallError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(InstallError::io("inspect", path, e)),
+    }
+}
+
+fn record_prev(pe: &mut PlanEntry, kind: Kind, meta: &fs::Metadata) {
+    pe.existed = true;
+    pe.prev_kind = Some(kind);
+    pe.prev_mode = Some(meta.mode() & 0o7777);
+    pe.prev_uid = Some(meta.uid());
+    pe.prev_gid = Some(meta.gid());
+}
+
+/// Copies every file about to be replaced into `work_dir/backup/<n>`. The copies
+/// need no temp+rename: until the plan that names them is written, none is used.
+fn make_backups(plan: &mut Plan, work_dir: &Path) -> Result<(), InstallError> {
+    let dir = work_dir.join(BACKUP_DIR);
+    // Left by an attempt that crashed before writing its plan; nothing refers to it.
+    match fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(InstallError::io("clear the backup directory", &dir, e));
+        }
+        _ => {}
+    }
+    fs::create_dir_all(&dir).map_err(|e| InstallError::io("create", &dir, e))?;
+    let mut n = 0usize;
+    for pe in &mut plan.entries {
+        if pe.prev_kind != Some(Kind::File) {
+            continue;
+        }
+        let name = format!("{BACKUP_DIR}/{n}");
+        n += 1;
+        let dst = work_dir.join(&name);
+        let mut src =
+            File::open(&pe.path).map_err(|e| InstallError::io("open for backup", &pe.path, e))?;
+        // The file opened must be the one inspected, not something swapped in since.
+        let opened = src
+            .metadata()
+            .map_err(|e| InstallError::io("inspect", &pe.path, e))?;
+        let now =
+            fs::symlink_metadata(&pe.path).map_err(|e| InstallError::io("inspect", &pe.path, e))?;
+        if !opened.is_file() || opened.ino() != now.ino() || opened.dev() != now.dev() {
+            return Err(InstallError::HostSpecialFile {
+                path: pe.path.clone(),
+            });
+        }
+        let mut out = File::create(&dst).map_err(|e| InstallError::io("create", &dst, e))?;
+        let (sha, _) = plan::copy_hashing(&mut src, &mut out)
+            .map_err(|e| InstallError::io("back up", &pe.path, e))?;
+        out.sync_all()
+            .map_err(|e| InstallError::io("fsync", &dst, e))?;
+        pe.backup = Some(name);
+        pe.backup_sha256 = Some(sha);
+    }
+    fsync_dir(&dir).map_err(|e| InstallError::io("fsync directory", &dir, e))?;
+    fsync_dir(work_dir).map_err(|e| InstallError::io("fsync directory", work_dir, e))
+}
+
+/// Step 4: the host changes, in plan order.
+struct Apply<'a> {
+    file: &'a File,
+    compression: Compression,
+    artifact: &'a Path,
+    destination: &'a Path,
+    entries: &'a [TarEntry],
+    plan: &'a Plan,
+}
+
+impl Apply<'_> {
+    fn run(&self, stop_after: Option<usize>) -> Result<FilesReport, InstallError> {
+        for pe in &self.plan.entries {
+            if pe.kind == Kind::Dir && !pe.existed {
+                create_dir(&pe.path)?;
+            }
+        }
+        let changed = |name: &str| InstallError::ArtifactChanged {
+            artifact: self.artifact.to_path_buf(),
+            entry: name.to_owned(),
+        };
+        let io_err = |source| InstallError::Archive {
+            artifact: self.artifact.to_path_buf(),
+            source,
+        };
+        let mut written = Vec::new();
+        let mut archive = archive::open(self.file, self.compression, self.artifact)?;
+        let mut next = self.entries.iter();
+        for entry in archive.entries().map_err(io_err)? {
+            let mut entry = entry.map_err(io_err)?;
+            let Some(t) = archive::classify(&entry, self.artifact)? else {
+                continue;
+            };
+            // Same file, read again: anything but the entries checked is a change.
+            if next.next() != Some(&t) {
+                return Err(changed(&t.name));
+            }
+            if matches!(t.kind, EntryKind::Dir { .. }) {
+                continue;
+            }
+            if stop_after.is_some_and(|n| written.len() >= n) {
+                return Ok(FilesReport { written });
+            }
+            let path = self.destination.join(&t.rel);
+            check_parent(&path)?;
+            match &t.kind {
+                EntryKind::File { mode, size } => {
+                    let finish = Finish {
+                        mode: *mode,
+                        owner: None,
+                    };
+                    let verify = |_: &str, len: u64| {
+                        if len == *size {
+                            Ok(())
+                        } else {
+                            Err(changed(&t.name))
+                        }
+                    };
+                    plan::replace_file(&path, &mut entry, finish, &verify)?;
+                }
+                EntryKind::Symlink { target } => plan::replace_symlink(&path, target)?,
+                EntryKind::Dir { .. } => {}
+            }
+            written.push(path);
+        }
+        if next.next().is_some() {
+            return Err(changed("(end of archive)"));
+        }
+        // Directory modes last, deepest first: a read-only directory from the
+        // artifact must not stop its own files from being written.
+        for pe in self.plan.entries.iter().rev() {
+            if let (Kind::Dir, Some(mode)) = (pe.kind, pe.mode) {
+                set_dir_mode(&pe.path, mode)?;
+            }
+        }
+        Ok(FilesReport { written })
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), InstallError> {
+    // Private until its final mode is set at the end.
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Appeared since the check; fine only if it is a real directory.
+            let meta =
+                fs::symlink_metadata(path).map_err(|e| InstallError::io("inspect", path, e))?;
+            if !meta.file_type().is_dir() {
+                return Err(InstallError::HostFileWhereDirectory {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        Err(e) => return Err(InstallError::io("create directory", path, e)),
+    }
+    let parent = parent_of(path);
+    fsync_dir(parent).map_err(|e| InstallError::io("fsync directory", parent, e))
+}
+
+/// The parent was checked when planning; checked again right before writing, so a
+/// symlink swapped in since cannot redirect the write.
+fn check_parent(path: &Path) -> Result<(), InstallError> {
+    let parent = parent_of(path);
+    let meta = fs::symlink_metadata(parent).map_err(|e| InstallError::io("inspect", parent, e))?;
+    if meta.file_type().is_symlink() {
+        return Err(InstallError::HostSymlink {
+            path: parent.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn set_dir_mode(path: &Path, mode: u32) -> Result<(), InstallError> {
+    let meta = fs::symlink_metadata(path).map_err(|e| InstallError::io("inspect", path, e))?;
+    if !meta.file_type().is_dir() || meta.mode() & 0o7777 == mode {
+        return Ok(());
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| InstallError::io("set the mode of", path, e))?;
+    fsync_dir(path).map_err(|e| InstallError::io("fsync directory", path, e))
+}

@@ -1,0 +1,123 @@
+//! Applying a verified patch to the host: unpacking a `files` artifact with atomic
+//! replacement and an exact rollback, running a `script` program under a timeout, and
+//! running the health check.
+//!
+//! Crash safety of a `files` install rests on the per-patch work directory the
+//! pipeline hands in: backups of every file about to be replaced and a `plan.json`
+//! that lists every path the install touches are made durable there before the first
+//! change to the host, so `rollback_files` can restore the previous state after a
+//! crash at any point (see `files.rs` for the layout).
+
+mod archive;
+mod error;
+mod files;
+mod health;
+mod plan;
+mod rollback;
+mod script;
+
+#[cfg(test)]
+mod tests_files;
+#[cfg(test)]
+mod tests_refusals;
+#[cfg(test)]
+mod tests_script;
+#[cfg(test)]
+mod tests_util;
+
+use std::path::{Component, Path, PathBuf};
+
+pub use error::InstallError;
+pub use files::{FilesReport, install_files};
+pub use health::health_check;
+pub use rollback::rollback_files;
+pub use script::{ScriptOutput, run_program};
+
+/// Most entries a `files` artifact may have; every input has a limit.
+pub const MAX_TAR_ENTRIES: usize = 10_000;
+
+/// What this host lets patches do, whatever the signed manifest asks. Set by the
+/// host's operator in the agent's config, not by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPolicy {
+    /// Directories under which `files` installs may write.
+    pub allowed_paths: Vec<PathBuf>,
+    /// Whether `script` installs (and rollback scripts) may run at all.
+    pub allow_scripts: bool,
+    /// Cap on an artifact's size, and on what a `files` artifact unpacks to.
+    pub max_artifact_bytes: u64,
+}
+
+impl LocalPolicy {
+    /// Whether `path` is one of `allowed_paths` or lies under one. The comparison is
+    /// component-wise (`/opt/app2` is not under `/opt/app`), and a path that is not
+    /// absolute or has a `..` component is never allowed: `..` could climb out of the
+    /// allowed directory while still sharing its prefix.
+    pub fn allows(&self, path: &Path) -> bool {
+        is_normal_absolute(path)
+            && self
+                .allowed_paths
+                .iter()
+                .any(|a| is_normal_absolute(a) && path.starts_with(a))
+    }
+
+    /// Whether anything at or under `dir` may be written: `dir` is allowed, or it
+    /// contains an allowed path (destination `/opt/app` with only `/opt/app/bin`
+    /// allowed). Each entry is then checked on its own.
+    pub(crate) fn overlaps(&self, dir: &Path) -> bool {
+        self.allows(dir)
+            || (is_normal_absolute(dir)
+                && self
+                    .allowed_paths
+                    .iter()
+                    .any(|a| is_normal_absolute(a) && a.starts_with(dir)))
+    }
+}
+
+/// Absolute, with no `.` or `..` parts (`Path::components` already drops inner `.`).
+fn is_normal_absolute(path: &Path) -> bool {
+    let mut parts = path.components();
+    parts.next() == Some(Component::RootDir) && parts.all(|c| matches!(c, Component::Normal(_)))
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn policy(paths: &[&str]) -> LocalPolicy {
+        LocalPolicy {
+            allowed_paths: paths.iter().map(PathBuf::from).collect(),
+            allow_scripts: false,
+            max_artifact_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn allows_is_component_wise() {
+        let p = policy(&["/opt/app", "/srv/data/"]);
+        assert!(p.allows(Path::new("/opt/app")));
+        assert!(p.allows(Path::new("/opt/app/bin/x")));
+        assert!(p.allows(Path::new("/srv/data/x")));
+        assert!(!p.allows(Path::new("/opt/app2")));
+        assert!(!p.allows(Path::new("/opt/app2/x")));
+        assert!(!p.allows(Path::new("/opt")));
+        assert!(!p.allows(Path::new("/opt/app/../../etc/passwd")));
+        assert!(!p.allows(Path::new("opt/app/x")));
+    }
+
+    #[test]
+    fn relative_allowed_paths_allow_nothing() {
+        let p = policy(&["opt/app", ""]);
+        assert!(!p.allows(Path::new("/opt/app/x")));
+        assert!(!p.allows(Path::new("/x")));
+    }
+
+    #[test]
+    fn overlaps_takes_a_parent_of_an_allowed_path() {
+        let p = policy(&["/opt/app/bin"]);
+        assert!(p.overlaps(Path::new("/opt/app")));
+        assert!(p.overlaps(Path::new("/opt/app/bin/sub")));
+        assert!(!p.overlaps(Path::new("/opt/other")));
+        assert!(!p.allows(Path::new("/opt/app")));
+    }
+}

@@ -1,0 +1,282 @@
+//! Tests of `files` installs that must be refused, each leaving the host (the whole
+//! destination tree, and a directory outside it) exactly as it was, with no plan.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use flotilla_proto::manifest::Compression;
+use tar::EntryType;
+
+use super::tests_util::{Ent, Scratch, policy, snapshot, tar_bytes, write_artifact, write_mode};
+use super::{InstallError, LocalPolicy, MAX_TAR_ENTRIES, install_files};
+use crate::install::plan::PLAN_FILE;
+
+/// Host with some content under `dest` and a directory `outside` next to it that
+/// an escape would reach.
+fn host(s: &Scratch) {
+    write_mode(&s.dest.join("bin/tool"), b"old", 0o755);
+    write_mode(&s.dest.join("etc/conf"), b"conf", 0o644);
+    write_mode(&s.root.join("outside/passwd"), b"root:x:0:0", 0o644);
+}
+
+/// Installs `entries` under `pol` (default: dest allowed) and returns the error,
+/// after checking that nothing on the host or in the work dir's plan changed.
+fn refused_with(s: &Scratch, entries: &[Ent], pol: &LocalPolicy, dest: &Path) -> InstallError {
+    let before = snapshot(&s.root.join("dest"));
+    let outside = snapshot(&s.root.join("outside"));
+    let artifact = write_artifact(&s.art, entries, Compression::None);
+    let err = install_files(&artifact, Compression::None, dest, pol, &s.work)
+        .expect_err("the install must be refused");
+    assert_eq!(
+        snapshot(&s.root.join("dest")),
+        before,
+        "host changed by: {err}"
+    );
+    assert_eq!(
+        snapshot(&s.root.join("outside")),
+        outside,
+        "outside changed by: {err}"
+    );
+    assert!(
+        !s.work.join(PLAN_FILE).exists(),
+        "a plan was written for: {err}"
+    );
+    err
+}
+
+fn refused(entries: &[Ent]) -> InstallError {
+    let s = Scratch::new();
+    host(&s);
+    let pol = policy(&[&s.dest]);
+    refused_with(&s, entries, &pol, &s.dest)
+}
+
+fn ok_file() -> Ent {
+    Ent::File("bin/tool", b"new", 0o755)
+}
+
+#[test]
+fn parent_dir_entries_are_refused() {
+    for name in ["../outside/passwd", "bin/../../outside/passwd", ".."] {
+        let err = refused(&[ok_file(), Ent::File(name, b"pwned", 0o644)]);
+        assert!(
+            matches!(err, InstallError::ParentDirEntry { .. }),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
+#[test]
+fn absolute_entries_are_refused() {
+    let err = refused(&[ok_file(), Ent::File("/etc/flotilla-pwned", b"x", 0o644)]);
+    assert!(matches!(err, InstallError::AbsoluteEntry { .. }), "{err}");
+    assert!(err.to_string().contains("/etc/flotilla-pwned"), "{err}");
+}
+
+#[test]
+fn escaping_symlinks_are_refused() {
+    let err = refused(&[ok_file(), Ent::Symlink("bin/pw", "../../outside/passwd")]);
+    assert!(matches!(err, InstallError::SymlinkEscapes { .. }), "{err}");
+    assert!(err.to_string().contains("../../outside/passwd"), "{err}");
+
+    let err = refused(&[Ent::Symlink("pw", "/etc/passwd")]);
+    assert!(matches!(err, InstallError::SymlinkAbsolute { .. }), "{err}");
+    assert!(err.to_string().contains("/etc/passwd"), "{err}");
+
+    // Each link alone stays inside, but `..` after the first one climbs out.
+    let err = refused(&[
+        Ent::Symlink("a/up", ".."),
+        Ent::Symlink("b", "a/up/../../outside"),
+    ]);
+    assert!(
+        matches!(err, InstallError::SymlinkThroughSymlink { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn in_root_symlinks_with_dotdot_are_fine() {
+    let s = Scratch::new();
+    host(&s);
+    let pol = policy(&[&s.dest]);
+    let entries = [Ent::Symlink("bin/conf", "../etc/conf")];
+    let artifact = write_artifact(&s.art, &entries, Compression::None);
+    install_files(&artifact, Compression::None, &s.dest, &pol, &s.work).expect("install");
+}
+
+#[test]
+fn hardlinks_are_refused() {
+    let err = refused(&[ok_file(), Ent::Raw("bin/pw", EntryType::Link, "bin/tool")]);
+    assert!(matches!(err, InstallError::HardlinkEntry { .. }), "{err}");
+    assert!(err.to_string().contains("bin/pw"), "{err}");
+}
+
+#[test]
+fn device_and_fifo_entries_are_refused() {
+    for (etype, what) in [
+        (EntryType::Char, "character device"),
+        (EntryType::Block, "block device"),
+        (EntryType::Fifo, "fifo"),
+    ] {
+        let err = refused(&[ok_file(), Ent::Raw("dev/null", etype, "")]);
+        assert!(matches!(err, InstallError::SpecialEntry { .. }), "{err}");
+        assert!(
+            err.to_string().contains(what) && err.to_string().contains("dev/null"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn entries_outside_the_allowed_paths_are_refused() {
+    let s = Scratch::new();
+    host(&s);
+    // The destination contains an allowed path, so it is accepted; etc/ is not.
+    let bin = s.dest.join("bin");
+    let pol = policy(&[&bin]);
+    let err = refused_with(
+        &s,
+        &[ok_file(), Ent::File("etc/conf", b"evil", 0o644)],
+        &pol,
+        &s.dest,
+    );
+    assert!(matches!(err, InstallError::EntryNotAllowed { .. }), "{err}");
+    assert!(err.to_string().contains("etc/conf"), "{err}");
+}
+
+#[test]
+fn a_destination_outside_the_allowed_paths_is_refused() {
+    let s = Scratch::new();
+    host(&s);
+    let elsewhere = s.root.join("elsewhere");
+    let pol = policy(&[&elsewhere]);
+    let err = refused_with(&s, &[ok_file()], &pol, &s.dest);
+    assert!(
+        matches!(err, InstallError::DestinationNotAllowed { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&s.dest.display().to_string()),
+        "{err}"
+    );
+
+    // Allowed by name, but a symlink that really leads outside the allowed tree.
+    fs::create_dir(&elsewhere).expect("mkdir");
+    symlink(s.root.join("outside"), elsewhere.join("app")).expect("symlink");
+    let err = refused_with(&s, &[ok_file()], &pol, &elsewhere.join("app"));
+    assert!(
+        matches!(err, InstallError::DestinationNotAllowed { .. }),
+        "{err}"
+    );
+
+    let err = refused_with(&s, &[ok_file()], &pol, Path::new("relative/dest"));
+    assert!(
+        matches!(err, InstallError::DestinationNotAbsolute { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn duplicate_paths_are_refused() {
+    let err = refused(&[ok_file(), Ent::File("./bin//tool", b"again", 0o644)]);
+    assert!(matches!(err, InstallError::DuplicateEntry { .. }), "{err}");
+    assert!(err.to_string().contains("./bin//tool"), "{err}");
+}
+
+#[test]
+fn too_many_entries_are_refused() {
+    let s = Scratch::new();
+    host(&s);
+    let names: Vec<&'static str> = (0..=MAX_TAR_ENTRIES)
+        .map(|i| &*Box::leak(format!("f{i}").into_boxed_str()))
+        .collect();
+    let entries: Vec<Ent> = names.iter().map(|n| Ent::File(n, b"", 0o644)).collect();
+    let pol = policy(&[&s.dest]);
+    let err = refused_with(&s, &entries, &pol, &s.dest);
+    assert!(matches!(err, InstallError::TooManyEntries { .. }), "{err}");
+    assert!(err.to_string().contains("10000"), "{err}");
+}
+
+#[test]
+fn too_large_artifacts_are_refused() {
+    let s = Scratch::new();
+    host(&s);
+    let mut pol = policy(&[&s.dest]);
+    pol.max_artifact_bytes = 10;
+    let entries = [
+        Ent::File("a", b"123456", 0o644),
+        Ent::File("b", b"12345", 0o644),
+    ];
+    let err = refused_with(&s, &entries, &pol, &s.dest);
+    assert!(matches!(err, InstallError::TooLarge { limit: 10 }), "{err}");
+    assert!(err.to_string().contains("10 bytes"), "{err}");
+}
+
+#[test]
+fn host_kind_conflicts_are_refused() {
+    // A directory on the host where the artifact has a file.
+    let err = refused(&[Ent::File("etc", b"x", 0o644)]);
+    assert!(
+        matches!(err, InstallError::HostDirectoryWhereFile { .. }),
+        "{err}"
+    );
+    // A file on the host where the artifact needs a directory.
+    let err = refused(&[Ent::File("bin/tool/inner", b"x", 0o644)]);
+    assert!(
+        matches!(err, InstallError::HostFileWhereDirectory { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("bin/tool"), "{err}");
+}
+
+#[test]
+fn host_symlinks_on_the_way_are_refused() {
+    let s = Scratch::new();
+    host(&s);
+    symlink(s.root.join("outside"), s.dest.join("link")).expect("symlink");
+    let pol = policy(&[&s.dest]);
+    let err = refused_with(
+        &s,
+        &[ok_file(), Ent::File("link/passwd", b"pwned", 0o644)],
+        &pol,
+        &s.dest,
+    );
+    assert!(matches!(err, InstallError::HostSymlink { .. }), "{err}");
+    assert!(err.to_string().contains("link"), "{err}");
+    // The same when the artifact lists the directory itself.
+    let err = refused_with(&s, &[Ent::Dir("link/", 0o755)], &pol, &s.dest);
+    assert!(matches!(err, InstallError::HostSymlink { .. }), "{err}");
+}
+
+#[test]
+fn entries_under_an_entry_that_is_not_a_directory_are_refused() {
+    let err = refused(&[Ent::Symlink("x", "bin"), Ent::File("x/tool", b"x", 0o644)]);
+    assert!(
+        matches!(err, InstallError::EntryUnderNonDirectory { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn reserved_temp_names_are_refused() {
+    let err = refused(&[Ent::File("bin/.tool.flotilla-tmp", b"x", 0o644)]);
+    assert!(matches!(err, InstallError::ReservedName { .. }), "{err}");
+}
+
+#[test]
+fn a_truncated_artifact_is_refused() {
+    let s = Scratch::new();
+    host(&s);
+    let before = snapshot(&s.dest);
+    let mut bytes = tar_bytes(&[ok_file(), Ent::File("big", &[7u8; 4000], 0o644)]);
+    bytes.truncate(2048);
+    let artifact = s.art.join("cut.tar");
+    fs::write(&artifact, bytes).expect("write");
+    let pol = policy(&[&s.dest]);
+    let err =
+        install_files(&artifact, Compression::None, &s.dest, &pol, &s.work).expect_err("truncated");
+    assert!(matches!(err, InstallError::Archive { .. }), "{err}");
+    assert_eq!(snapshot(&s.dest), before);
+}

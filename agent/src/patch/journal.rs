@@ -1,0 +1,455 @@
+//! The durable patch journal: one entry per manifest, in the sled tree "journal" of
+//! the agent's database, keyed by manifest id.
+//!
+//! Each step of a patch is recorded (and flushed to disk) before the agent acts on it,
+//! so after a crash or power loss the agent resumes from what the journal says. A
+//! phase only moves forward, one step at a time, or ends in a final phase; a final
+//! entry never changes, which is what makes sure the same manifest is never applied
+//! twice.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use flotilla_proto::pb;
+use serde::{Deserialize, Serialize};
+
+/// Where a patch stands on this node.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
+    /// The manifest arrived and was recorded.
+    Received,
+    /// Signatures, expiry, target, version and local policy all passed.
+    Verified,
+    /// Every artifact is on disk and matches its digest.
+    Downloaded,
+    /// Installing has begun: a crash from here on is rolled back.
+    Applying,
+    /// Installed; the health check has not passed yet.
+    Applied,
+    /// The health check passed.
+    Healthy,
+    /// Done for good: the previous version's backup may go.
+    Committed,
+    /// Installed, then undone.
+    RolledBack,
+    /// Could not be carried out (download or install failed).
+    Failed,
+    /// Refused by a check before the host was touched.
+    Rejected,
+}
+
+impl Phase {
+    /// Every phase, in order (the forward path first, then the final failures).
+    pub const ALL: [Phase; 10] = [
+        Phase::Received,
+        Phase::Verified,
+        Phase::Downloaded,
+        Phase::Applying,
+        Phase::Applied,
+        Phase::Healthy,
+        Phase::Committed,
+        Phase::RolledBack,
+        Phase::Failed,
+        Phase::Rejected,
+    ];
+
+    /// True for phases an entry never leaves.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Committed | Self::RolledBack | Self::Failed | Self::Rejected
+        )
+    }
+
+    /// The protobuf enum value reported to the server.
+    pub fn to_proto(self) -> pb::PatchPhase {
+        match self {
+            Self::Received => pb::PatchPhase::Received,
+            Self::Verified => pb::PatchPhase::Verified,
+            Self::Downloaded => pb::PatchPhase::Downloaded,
+            Self::Applying => pb::PatchPhase::Applying,
+            Self::Applied => pb::PatchPhase::Applied,
+            Self::Healthy => pb::PatchPhase::Healthy,
+            Self::Committed => pb::PatchPhase::Committed,
+            Self::RolledBack => pb::PatchPhase::RolledBack,
+            Self::Failed => pb::PatchPhase::Failed,
+            Self::Rejected => pb::PatchPhase::Rejected,
+        }
+    }
+
+    /// Lower-case name, as the server's patch status shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "received",
+            Self::Verified => "verified",
+            Self::Downloaded => "downloaded",
+            Self::Applying => "applying",
+            Self::Applied => "applied",
+            Self::Healthy => "healthy",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled_back",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    /// The phase after this one on the forward path, if any.
+    fn next(self) -> Option<Self> {
+        match self {
+            Self::Received => Some(Self::Verified),
+            Self::Verified => Some(Self::Downloaded),
+            Self::Downloaded => Some(Self::Applying),
+            Self::Applying => Some(Self::Applied),
+            Self::Applied => Some(Self::Healthy),
+            Self::Healthy => Some(Self::Committed),
+            _ => None,
+        }
+    }
+
+    /// Whether an entry may move from `self` to `to`: one step forward, the same
+    /// (non-final) phase again (to update its details), or from any non-final phase
+    /// to RolledBack, Failed or Rejected. A final phase never changes.
+    pub fn may_become(self, to: Phase) -> bool {
+        if self.is_final() {
+            return false;
+        }
+        self == to
+            || self.next() == Some(to)
+            || matches!(to, Self::RolledBack | Self::Failed | Self::Rejected)
+    }
+
+    /// Whether a new entry may start in `self`: Received, or refused or failed
+    /// straight away.
+    pub fn may_start(self) -> bool {
+        matches!(self, Self::Received | Self::Rejected | Self::Failed)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One manifest's record.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Entry {
+    /// The manifest's id (the key).
+    pub manifest_id: String,
+    /// The manifest exactly as signed.
+    pub manifest: Vec<u8>,
+    /// Its minisign signatures.
+    pub signatures: Vec<String>,
+    /// The component it changes.
+    pub component: String,
+    /// The component's version after the patch.
+    pub version: String,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Unix seconds when the update started: expiry is judged against this.
+    pub started_at: i64,
+    /// Unix seconds of the last change.
+    pub updated_at: i64,
+    /// Why, for RolledBack, Failed and Rejected.
+    pub error: Option<String>,
+    /// The tail of an install script's or health check's output.
+    pub log_tail: String,
+}
+
+/// Why the journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("patch journal database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("patch journal entry {key:?} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the patch journal entry of manifest {id}: {source}")]
+    Encode {
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("a patch journal entry needs a manifest id")]
+    EmptyId,
+    #[error("manifest {id}: its patch cannot move from {from} to {to}")]
+    IllegalTransition { from: Phase, to: Phase, id: String },
+    #[error(
+        "manifest {id}: a new patch journal entry must start as received, rejected or failed, not {phase}"
+    )]
+    IllegalStart { phase: Phase, id: String },
+}
+
+/// Handle on the journal tree. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    tree: sled::Tree,
+}
+
+impl Journal {
+    /// The journal kept in `tree` (the agent's "journal" tree; see
+    /// [`crate::state::Store::tree`]).
+    pub fn open(tree: sled::Tree) -> Self {
+        Self { tree }
+    }
+
+    /// The entry of manifest `id`, if any.
+    pub fn get(&self, id: &str) -> Result<Option<Entry>, JournalError> {
+        self.tree
+            .get(id.as_bytes())?
+            .map(|bytes| decode(id.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Writes `entry` and flushes it to disk before returning: callers act only
+    /// after this. Refuses a phase change the journal does not allow.
+    pub fn record(&self, entry: &Entry) -> Result<(), JournalError> {
+        let id = &entry.manifest_id;
+        if id.is_empty() {
+            return Err(JournalError::EmptyId);
+        }
+        let new = serde_json::to_vec(entry).map_err(|source| JournalError::Encode {
+            id: id.clone(),
+            source,
+        })?;
+        loop {
+            let old = self.tree.get(id.as_bytes())?;
+            match &old {
+                None if !entry.phase.may_start() => {
+                    return Err(JournalError::IllegalStart {
+                        phase: entry.phase,
+                        id: id.clone(),
+                    });
+                }
+                None => {}
+                Some(bytes) => {
+                    let from = decode(id.as_bytes(), bytes)?.phase;
+                    if !from.may_become(entry.phase) {
+                        return Err(JournalError::IllegalTransition {
+                            from,
+                            to: entry.phase,
+                            id: id.clone(),
+                        });
+                    }
+                }
+            }
+            // Compare-and-swap: a concurrent writer cannot slip an illegal change in
+            // between the check and the write.
+            if self
+                .tree
+                .compare_and_swap(id.as_bytes(), old, Some(new.as_slice()))?
+                .is_ok()
+            {
+                break;
+            }
+        }
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// Every entry, by manifest id.
+    pub fn all(&self) -> Result<Vec<Entry>, JournalError> {
+        self.tree
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// Entries not in a final phase, the oldest started first.
+    pub fn unfinished(&self) -> Result<Vec<Entry>, JournalError> {
+        let mut entries: Vec<Entry> = self
+            .all()?
+            .into_iter()
+            .filter(|e| !e.phase.is_final())
+            .collect();
+        entries.sort_by(|a, b| {
+            (a.started_at, a.updated_at, &a.manifest_id).cmp(&(
+                b.started_at,
+                b.updated_at,
+                &b.manifest_id,
+            ))
+        });
+        Ok(entries)
+    }
+
+    /// Component -> version, from the latest committed entry of each component (by
+    /// `updated_at`; ties broken by manifest id, so the answer is stable).
+    pub fn installed_versions(&self) -> Result<BTreeMap<String, String>, JournalError> {
+        let mut latest: BTreeMap<String, Entry> = BTreeMap::new();
+        for e in self.all()? {
+            if e.phase != Phase::Committed {
+                continue;
+            }
+            let newer = latest.get(&e.component).is_none_or(|held| {
+                (e.updated_at, &e.manifest_id) > (held.updated_at, &held.manifest_id)
+            });
+            if newer {
+                latest.insert(e.component.clone(), e);
+            }
+        }
+        Ok(latest
+            .into_iter()
+            .map(|(component, e)| (component, e.version))
+            .collect())
+    }
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<Entry, JournalError> {
+    serde_json::from_slice(bytes).map_err(|source| JournalError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Phase::*;
+
+    fn entry(id: &str, component: &str, version: &str, phase: Phase, at: i64) -> Entry {
+        Entry {
+            manifest_id: id.into(),
+            manifest: br#"{"id":"x"}"#.to_vec(),
+            signatures: vec!["sig".into()],
+            component: component.into(),
+            version: version.into(),
+            phase,
+            started_at: at,
+            updated_at: at,
+            error: None,
+            log_tail: String::new(),
+        }
+    }
+
+    fn journal() -> (sled::Db, Journal) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let j = Journal::open(db.open_tree("journal").unwrap());
+        (db, j)
+    }
+
+    #[test]
+    fn the_transition_table() {
+        let forward = [
+            Received, Verified, Downloaded, Applying, Applied, Healthy, Committed,
+        ];
+        for from in Phase::ALL {
+            for to in Phase::ALL {
+                let expected = if from.is_final() {
+                    false
+                } else if matches!(to, RolledBack | Failed | Rejected) || from == to {
+                    true
+                } else {
+                    let i = forward.iter().position(|p| *p == from).unwrap();
+                    forward.get(i + 1) == Some(&to)
+                };
+                assert_eq!(from.may_become(to), expected, "{from} -> {to}");
+            }
+        }
+        // Spot checks of the table above.
+        assert!(Received.may_become(Verified));
+        assert!(!Received.may_become(Downloaded), "no skipping");
+        assert!(!Applied.may_become(Applying), "no going back");
+        assert!(Applying.may_become(RolledBack));
+        assert!(!Committed.may_become(RolledBack));
+        assert!(!Rejected.may_become(Rejected));
+        assert!(Received.may_start() && Rejected.may_start() && Failed.may_start());
+        assert!(!Applying.may_start() && !Committed.may_start());
+    }
+
+    #[test]
+    fn record_walks_forward_and_refuses_illegal_moves() {
+        let (_db, j) = journal();
+        let mut e = entry("m1", "app", "1.0.0", Applying, 10);
+        let err = j.record(&e).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::IllegalStart { phase: Applying, id } if id == "m1"),
+            "{err}"
+        );
+        for phase in [Received, Verified, Downloaded, Applying, Applied, Healthy] {
+            e.phase = phase;
+            j.record(&e).unwrap();
+            assert_eq!(j.get("m1").unwrap().unwrap().phase, phase);
+        }
+        e.phase = Verified;
+        let err = j.record(&e).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                JournalError::IllegalTransition { from: Healthy, to: Verified, id } if id == "m1"
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("healthy") && err.to_string().contains("m1"));
+        e.phase = Committed;
+        j.record(&e).unwrap();
+        e.phase = RolledBack;
+        assert!(matches!(
+            j.record(&e),
+            Err(JournalError::IllegalTransition {
+                from: Committed,
+                to: RolledBack,
+                ..
+            })
+        ));
+        assert_eq!(j.get("m1").unwrap().unwrap().phase, Committed);
+        assert!(j.get("other").unwrap().is_none());
+        e.manifest_id = String::new();
+        assert!(matches!(j.record(&e), Err(JournalError::EmptyId)));
+    }
+
+    #[test]
+    fn unfinished_are_oldest_first_and_installed_versions_take_the_latest_commit() {
+        let (_db, j) = journal();
+        let mut e = entry("late", "app", "2.0.0", Received, 300);
+        j.record(&e).unwrap();
+        e = entry("early", "app", "1.5.0", Received, 100);
+        j.record(&e).unwrap();
+        e = entry("failed", "app", "9.0.0", Failed, 50);
+        j.record(&e).unwrap();
+        let ids: Vec<String> = j
+            .unfinished()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.manifest_id)
+            .collect();
+        assert_eq!(ids, ["early", "late"]);
+
+        let commit = |id: &str, component: &str, version: &str, at: i64| {
+            let mut e = entry(id, component, version, Received, at);
+            j.record(&e).unwrap();
+            for phase in [Verified, Downloaded, Applying, Applied, Healthy, Committed] {
+                e.phase = phase;
+                j.record(&e).unwrap();
+            }
+        };
+        commit("a1", "app", "1.0.0", 10);
+        commit("a2", "app", "1.1.0", 20);
+        commit("o1", "openssl", "3.0.1", 15);
+        let installed = j.installed_versions().unwrap();
+        assert_eq!(installed.len(), 2);
+        assert_eq!(installed["app"], "1.1.0");
+        assert_eq!(installed["openssl"], "3.0.1");
+        assert_eq!(j.all().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn entries_survive_reopening_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = crate::state::Store::open(dir.path()).unwrap();
+            let j = Journal::open(store.tree("journal").unwrap());
+            j.record(&entry("m", "app", "1.0.0", Received, 1)).unwrap();
+        }
+        let store = crate::state::Store::open(dir.path()).unwrap();
+        let j = Journal::open(store.tree("journal").unwrap());
+        let e = j.get("m").unwrap().unwrap();
+        assert_eq!(e.phase, Received);
+        assert_eq!(e.manifest, br#"{"id":"x"}"#);
+        assert_eq!(Phase::RolledBack.to_proto(), pb::PatchPhase::RolledBack);
+        assert_eq!(Phase::RolledBack.as_str(), "rolled_back");
+    }
+}

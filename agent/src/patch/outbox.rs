@@ -1,0 +1,420 @@
+//! The report outbox: every patch phase the agent reaches is queued here, durably
+//! (the sled tree "outbox", keyed by a big-endian sequence number so iteration is in
+//! order), and re-sent until the server acknowledges it.
+//!
+//! Reports carry an id chosen once, at push: a re-send keeps it, and the server
+//! records each id once, so re-sending after a lost answer is harmless.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::{limits, pb};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::journal::Phase;
+use crate::backoff::{self, Backoff};
+
+/// How long one send may take before it counts as failed.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One report of a patch phase, as queued and as sent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Report {
+    /// Unique; kept across re-sends.
+    pub report_id: String,
+    /// The manifest it is about.
+    pub manifest_id: String,
+    /// The phase reached.
+    pub phase: Phase,
+    /// When, in Unix milliseconds.
+    pub at_unix_ms: i64,
+    /// Why, for RolledBack, Failed and Rejected (empty otherwise).
+    pub error: String,
+    /// The tail of a script's or health check's output.
+    pub log_tail: String,
+}
+
+impl Report {
+    /// A report with a fresh id, stamped now.
+    pub fn new(manifest_id: &str, phase: Phase, error: &str, log_tail: &str) -> Self {
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
+            report_id: report_id(),
+            manifest_id: manifest_id.to_string(),
+            phase,
+            at_unix_ms,
+            error: error.to_string(),
+            log_tail: log_tail.to_string(),
+        }
+    }
+
+    /// The request that carries this report.
+    pub fn to_proto(&self) -> pb::ReportRequest {
+        pb::ReportRequest {
+            report_id: self.report_id.clone(),
+            manifest_id: self.manifest_id.clone(),
+            phase: self.phase.to_proto() as i32,
+            at_unix_ms: self.at_unix_ms,
+            error: self.error.clone(),
+            log_tail: self.log_tail.clone(),
+        }
+    }
+}
+
+/// A fresh, random report id: 16 bytes, lower-case hex.
+pub fn report_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// Why the outbox could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("report outbox database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("report outbox key {key} is not an 8-byte sequence number")]
+    BadKey { key: String },
+    #[error("queued report {seq} is corrupt: {source}")]
+    Corrupt { seq: u64, source: serde_json::Error },
+    #[error("cannot encode the report about manifest {manifest_id}: {source}")]
+    Encode {
+        manifest_id: String,
+        source: serde_json::Error,
+    },
+    #[error("the report outbox has used up its sequence numbers")]
+    Exhausted,
+}
+
+/// Handle on the outbox. Cheap to clone; clones share one queue and one wake-up.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tree: sled::Tree,
+    /// The next sequence number. Held while a report is written, so sequence
+    /// order is the order reports became visible in.
+    next: Mutex<u64>,
+    /// Wakes the sender when a report is pushed.
+    pushed: Notify,
+}
+
+impl Outbox {
+    /// The outbox kept in `tree` (the agent's "outbox" tree; see
+    /// [`crate::state::Store::tree`]). Reports queued before a restart are still there.
+    pub fn open(tree: sled::Tree) -> Result<Self, OutboxError> {
+        let next = match tree.last()? {
+            None => 1,
+            Some((key, _)) => seq_of(&key)?.checked_add(1).ok_or(OutboxError::Exhausted)?,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tree,
+                next: Mutex::new(next),
+                pushed: Notify::new(),
+            }),
+        })
+    }
+
+    /// Queues `report`, flushed to disk before returning, then wakes the sender. An
+    /// error or log tail longer than the protocol allows is cut to fit (the error
+    /// keeps its start, the log its end), so the server never refuses it for size.
+    pub fn push(&self, mut report: Report) -> Result<(), OutboxError> {
+        report.error = keep_head(&report.error, limits::MAX_REPORT_TEXT);
+        report.log_tail = keep_tail(&report.log_tail, limits::MAX_REPORT_TEXT);
+        let bytes = serde_json::to_vec(&report).map_err(|source| OutboxError::Encode {
+            manifest_id: report.manifest_id.clone(),
+            source,
+        })?;
+        {
+            // The lock only guards a counter: a poisoned one is still right.
+            let mut next = self
+                .inner
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seq = *next;
+            let following = seq.checked_add(1).ok_or(OutboxError::Exhausted)?;
+            self.inner.tree.insert(seq.to_be_bytes(), bytes)?;
+            *next = following;
+        }
+        self.inner.tree.flush()?;
+        self.inner.pushed.notify_one();
+        Ok(())
+    }
+
+    /// Queued reports with their sequence numbers, oldest first.
+    pub fn pending(&self) -> Result<Vec<(u64, Report)>, OutboxError> {
+        self.inner
+            .tree
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                let seq = seq_of(&key)?;
+                let report = serde_json::from_slice(&value)
+                    .map_err(|source| OutboxError::Corrupt { seq, source })?;
+                Ok((seq, report))
+            })
+            .collect()
+    }
+
+    /// Removes report `seq` (the server acknowledged it), flushed.
+    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        self.inner.tree.remove(seq.to_be_bytes())?;
+        self.inner.tree.flush()?;
+        Ok(())
+    }
+
+    /// Returns once a report has been pushed since the last wait returned (at once if
+    /// one was pushed meanwhile: no wake-up is lost).
+    pub async fn wait(&self) {
+        self.inner.pushed.notified().await;
+    }
+}
+
+fn seq_of(key: &[u8]) -> Result<u64, OutboxError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| OutboxError::BadKey {
+            key: hex::encode(key),
+        })
+}
+
+/// The first at most `max` bytes of `s`, cut at a character boundary.
+fn keep_head(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The last at most `max` bytes of `s`, cut at a character boundary.
+fn keep_tail(s: &str, max: usize) -> String {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
+}
+
+/// Sends queued reports, in order, through `send` until each is acknowledged. A
+/// failed (or, after [`SEND_TIMEOUT`], hung) send is retried, same report, after the
+/// crate's backoff. With nothing queued it sleeps until a push. Returns when
+/// `shutdown` completes; a report whose answer was cut short stays queued and is sent
+/// again (the server ignores a report id it already has).
+pub async fn run_sender<F, Fut, S>(outbox: Outbox, mut send: F, shutdown: S)
+where
+    F: FnMut(Report) -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+    S: Future<Output = ()>,
+{
+    tokio::pin!(shutdown);
+    let mut backoff = Backoff::new(backoff::BASE, backoff::DEFAULT_CAP);
+    loop {
+        let queued = match outbox.pending() {
+            Ok(queued) => queued,
+            Err(OutboxError::Corrupt { seq, source }) => {
+                // It can never be sent; keeping it would block every later report.
+                tracing::error!(seq, error = %source, "dropping a corrupt queued report");
+                if let Err(e) = outbox.ack(seq) {
+                    tracing::warn!(seq, error = %e, "cannot drop the corrupt report");
+                    if pause(&mut backoff, &mut shutdown).await {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the report outbox");
+                if pause(&mut backoff, &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if queued.is_empty() {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                () = outbox.wait() => continue,
+            }
+        }
+        for (seq, report) in queued {
+            loop {
+                let attempt = tokio::time::timeout(SEND_TIMEOUT, send(report.clone()));
+                let result = tokio::select! {
+                    biased;
+                    () = &mut shutdown => return,
+                    result = attempt => result,
+                };
+                let failure = match result {
+                    Ok(Ok(())) => match outbox.ack(seq) {
+                        Ok(()) => {
+                            backoff.reset();
+                            break;
+                        }
+                        Err(e) => format!("cannot remove the acknowledged report: {e}"),
+                    },
+                    Ok(Err(status)) => {
+                        format!("server answered {:?}: {}", status.code(), status.message())
+                    }
+                    Err(_) => format!("no answer within {SEND_TIMEOUT:?}"),
+                };
+                tracing::warn!(
+                    seq,
+                    manifest = %report.manifest_id,
+                    phase = %report.phase,
+                    reason = %failure,
+                    "report not delivered; retrying"
+                );
+                if pause(&mut backoff, &mut shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps the next backoff delay; true if shutdown came first.
+async fn pause<S: Future<Output = ()>>(
+    backoff: &mut Backoff,
+    shutdown: &mut std::pin::Pin<&mut S>,
+) -> bool {
+    let delay = backoff.next_delay();
+    tokio::select! {
+        biased;
+        () = shutdown.as_mut() => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    fn temp_outbox() -> (sled::Db, Outbox) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let outbox = Outbox::open(db.open_tree("outbox").unwrap()).unwrap();
+        (db, outbox)
+    }
+
+    #[test]
+    fn reports_are_kept_in_order_across_restarts_until_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Report::new("m1", Phase::Received, "", "");
+        let second = Report::new("m1", Phase::Verified, "", "");
+        {
+            let store = crate::state::Store::open(dir.path()).unwrap();
+            let outbox = Outbox::open(store.tree("outbox").unwrap()).unwrap();
+            outbox.push(first.clone()).unwrap();
+            outbox.push(second.clone()).unwrap();
+            let seqs: Vec<u64> = outbox.pending().unwrap().iter().map(|p| p.0).collect();
+            assert_eq!(seqs, [1, 2]);
+            outbox.ack(1).unwrap();
+        }
+        let store = crate::state::Store::open(dir.path()).unwrap();
+        let outbox = Outbox::open(store.tree("outbox").unwrap()).unwrap();
+        assert_eq!(outbox.pending().unwrap(), vec![(2, second.clone())]);
+        let third = Report::new("m1", Phase::Downloaded, "", "");
+        outbox.push(third.clone()).unwrap();
+        // Sequence numbers go on after the last one kept, never back.
+        assert_eq!(outbox.pending().unwrap(), vec![(2, second), (3, third)]);
+        assert_ne!(first.report_id, report_id());
+        assert_eq!(first.report_id.len(), 32);
+    }
+
+    #[test]
+    fn oversized_texts_are_cut_to_the_protocol_limit() {
+        let (_db, outbox) = temp_outbox();
+        let long = "é".repeat(limits::MAX_REPORT_TEXT); // two bytes each
+        let mut report = Report::new("m", Phase::Failed, &long, "");
+        report.log_tail = format!("start{}end", "x".repeat(limits::MAX_REPORT_TEXT));
+        outbox.push(report).unwrap();
+        let (_, queued) = outbox.pending().unwrap().remove(0);
+        assert!(queued.error.len() <= limits::MAX_REPORT_TEXT);
+        assert!(queued.error.len() >= limits::MAX_REPORT_TEXT - 1);
+        assert_eq!(queued.log_tail.len(), limits::MAX_REPORT_TEXT);
+        assert!(queued.log_tail.ends_with("end"));
+        assert_eq!(queued.to_proto().phase, pb::PatchPhase::Failed as i32);
+    }
+
+    #[tokio::test]
+    async fn the_sender_retries_until_acknowledged_then_idles_until_a_push() {
+        let (_db, outbox) = temp_outbox();
+        outbox
+            .push(Report::new("m", Phase::Received, "", ""))
+            .unwrap();
+        outbox
+            .push(Report::new("m", Phase::Verified, "", ""))
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sender = tokio::spawn(run_sender(
+            outbox.clone(),
+            {
+                let calls = calls.clone();
+                move |report: Report| {
+                    let n = calls.fetch_add(1, SeqCst);
+                    let sent_tx = sent_tx.clone();
+                    async move {
+                        // The very first attempt fails: the same report comes again.
+                        if n == 0 {
+                            return Err(tonic::Status::unavailable("server restarting"));
+                        }
+                        let _ = sent_tx.send(report.phase);
+                        Ok(())
+                    }
+                }
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        assert_eq!(sent_rx.recv().await, Some(Phase::Received));
+        assert_eq!(sent_rx.recv().await, Some(Phase::Verified));
+        assert_eq!(calls.load(SeqCst), 3);
+        // Idle: nothing is sent while nothing is queued.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls.load(SeqCst), 3);
+        assert!(outbox.pending().unwrap().is_empty());
+        outbox
+            .push(Report::new("m", Phase::Downloaded, "", ""))
+            .unwrap();
+        assert_eq!(sent_rx.recv().await, Some(Phase::Downloaded));
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("the sender stops on shutdown")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_during_a_failing_send_leaves_the_report_queued() {
+        let (_db, outbox) = temp_outbox();
+        outbox
+            .push(Report::new("m", Phase::Received, "", ""))
+            .unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sender = tokio::spawn(run_sender(
+            outbox.clone(),
+            |_report: Report| async { Err(tonic::Status::unavailable("down")) },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("the sender stops on shutdown")
+            .unwrap();
+        assert_eq!(outbox.pending().unwrap().len(), 1);
+    }
+}

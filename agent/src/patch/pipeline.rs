@@ -1,0 +1,554 @@
+//! The patch pipeline: takes the manifests the server offers and walks each
+//! through Received → Verified → Downloaded → Applying → Applied → Healthy →
+//! Committed (or RolledBack / Failed / Rejected), recording each step in the
+//! journal (flushed) before acting on it and queueing a report for each. After a
+//! crash it resumes from the journal: an interrupted apply is rolled back, and a
+//! manifest the journal knows is never applied again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_proto::manifest::{self, Install, Manifest, NodeTarget, Rollback, TrustPolicy};
+use flotilla_proto::pb;
+use tokio::sync::watch;
+
+use super::fetch::{self, ClientSource, FetchLimits};
+use super::journal::{Entry, Journal, Phase};
+use super::outbox::{Outbox, Report};
+use crate::install::{self, LocalPolicy};
+use crate::state::Store;
+
+/// What the session hands over: the manifests offered and what the node is.
+#[derive(Debug, Clone, Default)]
+pub struct Offer {
+    pub manifests: Vec<pb::SignedManifest>,
+    pub target: NodeTarget,
+}
+
+/// How this host runs patches: set by the host's operator, never by the server.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Where the host's filesystem starts ("/" in production; a directory when
+    /// several agents share one machine, as in tests and the dev fleet).
+    pub root: PathBuf,
+    /// Paths (as manifests name them) that `files` installs may write under,
+    /// whether scripts may run, and the artifact size cap.
+    pub policy: LocalPolicy,
+    /// Where downloads and per-patch backups live (under the state dir).
+    pub work_dir: PathBuf,
+    pub fetch: FetchLimits,
+    /// Servers to download from, in order.
+    pub servers: Vec<String>,
+}
+
+pub struct Pipeline {
+    store: Store,
+    journal: Journal,
+    outbox: Outbox,
+    cfg: PipelineConfig,
+}
+
+/// How a step ended when it did not succeed.
+struct Stop {
+    phase: Phase,
+    error: String,
+    tail: String,
+}
+
+impl Stop {
+    fn new(phase: Phase, error: impl Into<String>) -> Self {
+        Self {
+            phase,
+            error: error.into(),
+            tail: String::new(),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `path` (absolute, as a manifest names it) inside `root`.
+pub fn under_root(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+impl Pipeline {
+    pub fn new(store: Store, journal: Journal, outbox: Outbox, cfg: PipelineConfig) -> Self {
+        Self {
+            store,
+            journal,
+            outbox,
+            cfg,
+        }
+    }
+
+    /// Resumes unfinished entries, then takes offers until `offers` closes.
+    pub async fn run(self, mut offers: watch::Receiver<Offer>) {
+        self.resume().await;
+        loop {
+            let offer = offers.borrow_and_update().clone();
+            for signed in offer.manifests {
+                match self.journal.get(&signed.id) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => self.start(signed, &offer.target).await,
+                    Err(e) => {
+                        tracing::error!(patch = %signed.id, error = %e, "cannot read the journal")
+                    }
+                }
+            }
+            if offers.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The host's local policy with its paths moved under the root.
+    fn host_policy(&self) -> LocalPolicy {
+        let mut p = self.cfg.policy.clone();
+        p.allowed_paths = p
+            .allowed_paths
+            .iter()
+            .map(|a| under_root(&self.cfg.root, &a.to_string_lossy()))
+            .collect();
+        p
+    }
+
+    fn patch_dir(&self, id: &str) -> PathBuf {
+        self.cfg.work_dir.join("patches").join(id)
+    }
+
+    fn artifact_dir(&self) -> PathBuf {
+        self.cfg.work_dir.join("artifacts")
+    }
+
+    /// Records `entry` in `phase` (flushed), then queues its report.
+    fn advance(&self, entry: &mut Entry, phase: Phase, error: &str, tail: &str) -> bool {
+        entry.phase = phase;
+        entry.updated_at = unix_now();
+        entry.error = (!error.is_empty()).then(|| error.to_string());
+        entry.log_tail = tail.to_string();
+        if let Err(e) = self.journal.record(entry) {
+            tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record a patch step; stopping it");
+            return false;
+        }
+        if phase.is_final() {
+            tracing::info!(patch = %entry.manifest_id, phase = phase.as_str(), error, "patch finished");
+        }
+        if let Err(e) = self
+            .outbox
+            .push(Report::new(&entry.manifest_id, phase, error, tail))
+        {
+            tracing::error!(patch = %entry.manifest_id, error = %e, "cannot queue a report");
+        }
+        true
+    }
+
+    async fn start(&self, signed: pb::SignedManifest, target: &NodeTarget) {
+        let mut entry = Entry {
+            manifest_id: signed.id.clone(),
+            manifest: signed.manifest,
+            signatures: signed.signatures,
+            component: String::new(),
+            version: String::new(),
+            phase: Phase::Received,
+            started_at: unix_now(),
+            updated_at: unix_now(),
+            error: None,
+            log_tail: String::new(),
+        };
+        if let Err(e) = self.journal.record(&entry) {
+            tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record a received patch");
+            return;
+        }
+        let _ = self
+            .outbox
+            .push(Report::new(&entry.manifest_id, Phase::Received, "", ""));
+        tracing::info!(patch = %entry.manifest_id, "patch received");
+        match self.verify(&entry, Some(target)) {
+            Ok(m) => {
+                entry.component = m.component.clone();
+                entry.version = m.version.clone();
+                if self.advance(&mut entry, Phase::Verified, "", "") {
+                    self.carry_on(entry, m).await;
+                }
+            }
+            Err(reason) => {
+                self.advance(&mut entry, Phase::Rejected, &reason, "");
+            }
+        }
+    }
+
+    /// Every check of the trust model, against the time the update started.
+    fn verify(&self, entry: &Entry, target: Option<&NodeTarget>) -> Result<Manifest, String> {
+        let identity = self
+            .store
+            .identity()
+            .map_err(|e| e.to_string())?
+            .ok_or("the agent has no identity")?;
+        if identity.trusted_keys.is_empty() {
+            return Err(
+                "no patch-signing keys are pinned on this host (join with --trusted-key)".into(),
+            );
+        }
+        let policy = TrustPolicy::new(&identity.trusted_keys, identity.trust_threshold as usize)
+            .map_err(|e| e.to_string())?;
+        let m = policy
+            .verify(&entry.manifest, &entry.signatures)
+            .map_err(|e| e.to_string())?;
+        if m.id != entry.manifest_id {
+            return Err(format!(
+                "the signed manifest's id is {:?}, but it was offered as {:?}",
+                m.id, entry.manifest_id
+            ));
+        }
+        let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
+            .map_err(|e| e.to_string())?;
+        manifest::check_time(&m, started).map_err(|e| e.to_string())?;
+        if let Some(target) = target {
+            manifest::check_target(&m, target).map_err(|e| e.to_string())?;
+        }
+        let installed = self
+            .journal
+            .installed_versions()
+            .map_err(|e| e.to_string())?;
+        manifest::check_version(&m, installed.get(&m.component).map(String::as_str))
+            .map_err(|e| e.to_string())?;
+        self.check_local_policy(&m)?;
+        Ok(m)
+    }
+
+    /// The host's own rules: install paths, scripts, size cap.
+    fn check_local_policy(&self, m: &Manifest) -> Result<(), String> {
+        let policy = &self.cfg.policy;
+        for a in &m.artifacts {
+            if a.size > policy.max_artifact_bytes {
+                return Err(format!(
+                    "artifact {} is {} bytes; this host's cap is {}",
+                    a.name, a.size, policy.max_artifact_bytes
+                ));
+            }
+        }
+        let scripts = matches!(m.install, Install::Script { .. })
+            || matches!(m.rollback, Some(Rollback::Script { .. }));
+        if scripts && !policy.allow_scripts {
+            return Err("this host's policy does not allow patch scripts".into());
+        }
+        if let Install::Files { destination, .. } = &m.install {
+            let dest = Path::new(destination);
+            let inside = policy.allowed_paths.iter().any(|a| dest.starts_with(a))
+                || policy.allowed_paths.iter().any(|a| a.starts_with(dest));
+            if !inside {
+                return Err(format!(
+                    "destination {destination} is outside this host's allowed paths {:?}",
+                    policy.allowed_paths
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Artifact sources over every server, with the node's current certificate.
+    fn source(&self) -> Result<ClientSource, String> {
+        let identity = self
+            .store
+            .identity()
+            .map_err(|e| e.to_string())?
+            .ok_or("the agent has no identity")?;
+        let mut servers = Vec::new();
+        for url in &self.cfg.servers {
+            let endpoint = flotilla_proto::tls::endpoint(
+                url,
+                &identity.ca_pem,
+                Some((&identity.cert_pem, &identity.key_pem)),
+            )
+            .map_err(|e| e.to_string())?;
+            let client = pb::agent_service_client::AgentServiceClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
+            servers.push((url.clone(), client));
+        }
+        Ok(ClientSource::new(servers))
+    }
+
+    async fn download(&self, m: &Manifest) -> Result<BTreeMap<String, PathBuf>, Stop> {
+        let source = self.source().map_err(|e| Stop::new(Phase::Failed, e))?;
+        let mut paths = BTreeMap::new();
+        for a in &m.artifacts {
+            let path = fetch::fetch(
+                &source,
+                a,
+                &self.artifact_dir(),
+                self.cfg.policy.max_artifact_bytes,
+                &self.cfg.fetch,
+            )
+            .await
+            .map_err(|e| Stop::new(Phase::Failed, format!("download failed: {e}")))?;
+            paths.insert(a.name.clone(), path);
+        }
+        Ok(paths)
+    }
+
+    fn env(&self, m: &Manifest, phase: &str) -> Vec<(String, String)> {
+        vec![
+            ("FLOTILLA_PATCH_ID".into(), m.id.clone()),
+            ("FLOTILLA_COMPONENT".into(), m.component.clone()),
+            ("FLOTILLA_VERSION".into(), m.version.clone()),
+            ("FLOTILLA_PHASE".into(), phase.into()),
+            (
+                "FLOTILLA_ROOT".into(),
+                self.cfg.root.to_string_lossy().into_owned(),
+            ),
+        ]
+    }
+
+    /// A runnable copy of a script artifact (downloads are not executable).
+    fn script_copy(&self, m: &Manifest, artifact: &str) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let a = m
+            .artifact(artifact)
+            .ok_or_else(|| format!("no artifact {artifact}"))?;
+        let src = self.artifact_dir().join(&a.sha256);
+        let dir = self.patch_dir(&m.id);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let dest = dir.join(format!("{artifact}.run"));
+        std::fs::copy(&src, &dest).map_err(|e| format!("cannot stage {artifact}: {e}"))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
+        Ok(dest)
+    }
+
+    async fn run_script(
+        &self,
+        m: &Manifest,
+        artifact: &str,
+        args: &[String],
+        timeout_secs: u64,
+        phase: &str,
+    ) -> Result<String, Stop> {
+        let program = self
+            .script_copy(m, artifact)
+            .map_err(|e| Stop::new(Phase::Failed, e))?;
+        let out = install::run_program(
+            &program,
+            args,
+            &self.env(m, phase),
+            Duration::from_secs(timeout_secs),
+        )
+        .await
+        .map_err(|e| Stop::new(Phase::Failed, e.to_string()))?;
+        if out.success {
+            Ok(out.tail)
+        } else {
+            Err(Stop {
+                phase: Phase::Failed,
+                error: format!(
+                    "{phase} script {artifact} exited with {}",
+                    out.code
+                        .map_or("a signal".to_string(), |c| format!("code {c}"))
+                ),
+                tail: out.tail,
+            })
+        }
+    }
+
+    /// Applies the install plan. Its journal step is already recorded.
+    async fn apply(&self, m: &Manifest) -> Result<String, Stop> {
+        match &m.install {
+            Install::Files {
+                artifact,
+                destination,
+                compression,
+            } => {
+                let a = m
+                    .artifact(artifact)
+                    .ok_or_else(|| Stop::new(Phase::Failed, format!("no artifact {artifact}")))?;
+                let src = self.artifact_dir().join(&a.sha256);
+                let dest = under_root(&self.cfg.root, destination);
+                let policy = self.host_policy();
+                let work = self.patch_dir(&m.id);
+                let compression = *compression;
+                let result = tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&work)?;
+                    install::install_files(&src, compression, &dest, &policy, &work)
+                        .map_err(std::io::Error::other)
+                })
+                .await
+                .map_err(|e| Stop::new(Phase::Failed, e.to_string()))?;
+                result
+                    .map(|r| format!("{} file(s) written", r.written.len()))
+                    .map_err(|e| Stop::new(Phase::Failed, e.to_string()))
+            }
+            Install::Script {
+                artifact,
+                timeout_secs,
+                args,
+            } => {
+                self.run_script(m, artifact, args, *timeout_secs, "install")
+                    .await
+            }
+        }
+    }
+
+    /// Undoes the install: files from their backup, a script install with its
+    /// rollback script. Err when the host could not be restored.
+    async fn undo(&self, m: &Manifest) -> Result<(), String> {
+        match (&m.install, &m.rollback) {
+            (Install::Files { .. }, _) => {
+                let work = self.patch_dir(&m.id);
+                tokio::task::spawn_blocking(move || install::rollback_files(&work))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            (
+                Install::Script { .. },
+                Some(Rollback::Script {
+                    artifact,
+                    timeout_secs,
+                }),
+            ) => self
+                .run_script(m, artifact, &[], *timeout_secs, "rollback")
+                .await
+                .map(|_| ())
+                .map_err(|s| s.error),
+            (Install::Script { .. }, _) => {
+                Err("the manifest has no rollback script for its install script".into())
+            }
+        }
+    }
+
+    /// Rolls back after a failure and records how that went.
+    async fn roll_back(&self, entry: &mut Entry, m: &Manifest, why: Stop) {
+        match self.undo(m).await {
+            Ok(()) => {
+                self.advance(entry, Phase::RolledBack, &why.error, &why.tail);
+            }
+            Err(e) => {
+                let error = format!("{}; rollback failed too: {e}", why.error);
+                self.advance(entry, Phase::Failed, &error, &why.tail);
+            }
+        }
+        self.cleanup(m);
+    }
+
+    /// Downloaded artifacts are not needed once an entry is final; backups stay
+    /// (a later rollback of a committed patch needs them).
+    fn cleanup(&self, m: &Manifest) {
+        for a in &m.artifacts {
+            let _ = std::fs::remove_file(self.artifact_dir().join(&a.sha256));
+        }
+    }
+
+    /// From Verified (or a later phase after a restart) to the end.
+    async fn carry_on(&self, mut entry: Entry, m: Manifest) {
+        if entry.phase == Phase::Verified {
+            match self.download(&m).await {
+                Ok(_) => {
+                    if !self.advance(&mut entry, Phase::Downloaded, "", "") {
+                        return;
+                    }
+                }
+                Err(stop) => {
+                    self.advance(&mut entry, stop.phase, &stop.error, &stop.tail);
+                    self.cleanup(&m);
+                    return;
+                }
+            }
+        }
+        if entry.phase == Phase::Downloaded {
+            if !self.advance(&mut entry, Phase::Applying, "", "") {
+                return;
+            }
+            match self.apply(&m).await {
+                Ok(tail) => {
+                    if !self.advance(&mut entry, Phase::Applied, "", &tail) {
+                        return;
+                    }
+                }
+                Err(stop) => {
+                    let why = Stop {
+                        error: format!("install failed: {}", stop.error),
+                        ..stop
+                    };
+                    self.roll_back(&mut entry, &m, why).await;
+                    return;
+                }
+            }
+        }
+        if entry.phase == Phase::Applied {
+            let tail = match &m.health_check {
+                Some(check) => match install::health_check(check, &self.env(&m, "health")).await {
+                    Ok(tail) => tail,
+                    Err(e) => {
+                        let why = Stop::new(Phase::RolledBack, format!("health check failed: {e}"));
+                        self.roll_back(&mut entry, &m, why).await;
+                        return;
+                    }
+                },
+                None => String::new(),
+            };
+            if !self.advance(&mut entry, Phase::Healthy, "", &tail) {
+                return;
+            }
+        }
+        if entry.phase == Phase::Healthy {
+            self.advance(&mut entry, Phase::Committed, "", "");
+            self.cleanup(&m);
+        }
+    }
+
+    /// Picks up where a crash left each unfinished entry.
+    async fn resume(&self) {
+        let entries = match self.journal.unfinished() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the journal to resume");
+                return;
+            }
+        };
+        for mut entry in entries {
+            tracing::info!(patch = %entry.manifest_id, phase = entry.phase.as_str(), "resuming patch");
+            let m = match Manifest::parse(&entry.manifest) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.advance(
+                        &mut entry,
+                        Phase::Failed,
+                        &format!("journal entry unreadable: {e}"),
+                        "",
+                    );
+                    continue;
+                }
+            };
+            match entry.phase {
+                // Verification is cheap and the trust rules may have changed: redo it,
+                // still against the time the update started.
+                // The offer (and so the node's target facts) is gone after a restart;
+                // the server only offered the manifest because it targets this node.
+                Phase::Received => match self.verify(&entry, None) {
+                    Ok(m) => {
+                        entry.component = m.component.clone();
+                        entry.version = m.version.clone();
+                        if self.advance(&mut entry, Phase::Verified, "", "") {
+                            self.carry_on(entry, m).await;
+                        }
+                    }
+                    Err(reason) => {
+                        self.advance(&mut entry, Phase::Rejected, &reason, "");
+                    }
+                },
+                // An apply cut short is never finished blind: restore the host.
+                Phase::Applying => {
+                    let why = Stop::new(
+                        Phase::RolledBack,
+                        "the agent stopped while applying; the host was restored",
+                    );
+                    self.roll_back(&mut entry, &m, why).await;
+                }
+                _ => self.carry_on(entry, m).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Helpers for patch tests: signing keys, artifacts, specs, and the build → sign →
+//! publish path through the real `flotilla` CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Server, bin};
+
+/// A minisign key pair made by `flotilla key generate --unencrypted`.
+pub struct Key {
+    pub secret: PathBuf,
+    pub public: PathBuf,
+}
+
+pub fn key(dir: &Path, name: &str) -> Key {
+    let prefix = dir.join(name);
+    let out = Command::new(bin("flotilla"))
+        .args(["key", "generate", "--unencrypted", "--out"])
+        .arg(&prefix)
+        .output()
+        .expect("run flotilla key generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Key {
+        secret: prefix.with_extension("key"),
+        public: prefix.with_extension("pub"),
+    }
+}
+
+/// A tar of `files` (path, content, mode).
+pub fn tar(path: &Path, files: &[(&str, &[u8], u32)]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).expect("create tar"));
+    for (name, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, *data).expect("append");
+    }
+    b.finish().expect("finish tar");
+}
+
+/// Writes a spec for a `files` patch of `artifact` into /opt/<component>.
+pub fn files_spec(dir: &Path, id: &str, version: &str, artifact: &Path, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"id = "{id}"
+component = "demo"
+version = "{version}"
+severity = "critical"
+expires_in = "30d"
+[[artifacts]]
+name = "payload.tar"
+path = "{}"
+[install]
+type = "files"
+artifact = "payload.tar"
+destination = "/opt/demo"
+{extra}
+"#,
+            artifact.display()
+        ),
+    )
+    .expect("write spec");
+    path
+}
+
+/// Runs `flotilla` with `args` against `server`; returns (success, stdout, stderr).
+pub fn cli(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = server.cli_as(&server.credential(), args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `patch build` into `dir/<id>/`, returning the manifest path.
+pub fn build(server: &Server, spec: &Path, out_dir: &Path) -> PathBuf {
+    let (ok, _, err) = cli(
+        server,
+        &[
+            "patch",
+            "build",
+            spec.to_str().unwrap(),
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "patch build failed: {err}");
+    out_dir.join("manifest.json")
+}
+
+pub fn sign(server: &Server, manifest: &Path, key: &Key) {
+    let (ok, _, err) = cli(
+        server,
+        &[
+            "patch",
+            "sign",
+            manifest.to_str().unwrap(),
+            "--key",
+            key.secret.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "patch sign failed: {err}");
+}
+
+pub fn publish(server: &Server, manifest: &Path) -> (bool, String, String) {
+    cli(server, &["patch", "publish", manifest.to_str().unwrap()])
+}
+
+/// Per-node phases of a patch from `flotilla patch status --json`.
+pub fn status(server: &Server, id: &str) -> serde_json::Value {
+    server.cli_json(&["patch", "status", id])
+}
+
+/// A tar whose entries are written byte for byte, so a test can make the
+/// malicious ones a real attacker would: `../`, absolute paths, symlinks out.
+pub fn raw_tar(path: &Path, entries: &[(&str, tar::EntryType, &[u8], &str)]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).expect("create tar"));
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_old();
+        {
+            let old = h.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, *data).expect("append raw entry");
+    }
+    b.finish().expect("finish tar");
+}
+
+/// Replaces a stored patch's manifest bytes in a stopped server's database,
+/// keeping its signatures: what an attacker holding the database could do.
+pub fn tamper_stored_manifest(server: &Server, id: &str, edit: impl Fn(&str) -> String) {
+    let db = sled::open(server.data_dir.join("db")).expect("open the server's store");
+    let key = format!("patches/{id}");
+    let raw = db.get(&key).expect("read").expect("patch stored");
+    let mut rec: serde_json::Value = serde_json::from_slice(&raw).expect("json");
+    let before = rec["manifest"].as_str().expect("manifest").to_string();
+    let after = edit(&before);
+    assert_ne!(before, after, "the edit must change the manifest");
+    rec["manifest"] = serde_json::Value::String(after);
+    db.insert(&key, serde_json::to_vec(&rec).unwrap())
+        .expect("write");
+    db.flush().expect("flush");
+}

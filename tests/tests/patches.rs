@@ -1,0 +1,363 @@
+//! Signed patches end to end: publish, push, verify, download, apply, health
+//! check, commit, report — with real processes, real TLS and real files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use flotilla_e2e::patch::{self, Key};
+use flotilla_e2e::{Agent, Server, wait_until};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A server with trust set to `keys` (threshold `threshold`), and `n` running
+/// agents with their own roots, each pinning `pinned` with `pin_threshold`.
+fn fleet(
+    dir: &Path,
+    n: usize,
+    keys: &[&Key],
+    threshold: u32,
+    pinned: &[&Key],
+    pin_threshold: u32,
+) -> (Server, Vec<Agent>) {
+    let mut server = Server::init(dir);
+    server.start();
+    let mut args = vec!["trust", "set", "--threshold"];
+    let t = threshold.to_string();
+    args.push(&t);
+    let key_paths: Vec<String> = keys
+        .iter()
+        .map(|k| k.public.to_string_lossy().into_owned())
+        .collect();
+    for k in &key_paths {
+        args.extend(["--key", k.as_str()]);
+    }
+    server.cli(&args);
+    let token = server.token("store", n as u32, &["--label", "site=berlin"]);
+    let mut join_args: Vec<String> = vec!["--trust-threshold".into(), pin_threshold.to_string()];
+    for k in pinned {
+        join_args.extend([
+            "--trusted-key".into(),
+            k.public.to_string_lossy().into_owned(),
+        ]);
+    }
+    let join_args: Vec<&str> = join_args.iter().map(String::as_str).collect();
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let mut a = Agent::new(dir, &format!("host{i}")).with_root();
+        let out = a.join_output(&server.url(), &token, &join_args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        a.start(&[server.url()]);
+        agents.push(a);
+    }
+    wait_until("every agent online", T, || {
+        (server.group("store")["online"] == n as u64).then_some(())
+    });
+    (server, agents)
+}
+
+fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {
+    patch::status(server, id)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_str().unwrap().to_string(),
+                n["phase"].as_str().unwrap().to_string(),
+                n["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_outcomes(server: &Server, id: &str, n: usize) -> Vec<(String, String, String)> {
+    wait_until("every node to reach an outcome", T, || {
+        let p = phases(server, id);
+        (p.len() == n
+            && p.iter().all(|(_, ph, _)| {
+                matches!(
+                    ph.as_str(),
+                    "committed" | "rolled_back" | "failed" | "rejected"
+                )
+            }))
+        .then_some(p)
+    })
+}
+
+/// Every file under `root`, with content and mode: what "the host unchanged" means.
+fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if meta.is_dir() {
+                out.push((rel, Vec::new(), meta.permissions().mode()));
+                stack.push(p);
+            } else {
+                out.push((
+                    rel,
+                    std::fs::read(&p).unwrap_or_default(),
+                    meta.permissions().mode(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn published_patch_commits_on_every_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (server, agents) = fleet(dir.path(), 3, &[&k], 1, &[&k], 1);
+    let artifact = dir.path().join("payload.tar");
+    patch::tar(
+        &artifact,
+        &[
+            ("bin/tool", b"#!/bin/sh\necho v2\n", 0o755),
+            ("etc/app.conf", b"level=2\n", 0o640),
+        ],
+    );
+    let spec = patch::files_spec(
+        dir.path(),
+        "demo-2.0.0",
+        "2.0.0",
+        &artifact,
+        "[health_check]\ncommand = [\"/bin/sh\", \"-c\", \"test -x \\\"$FLOTILLA_ROOT/opt/demo/bin/tool\\\"\"]\nretries = 2\ninterval_secs = 1\n[targets]\ngroups = [\"store\"]\nlabels = { site = \"berlin\" }\n",
+    );
+    let manifest = patch::build(&server, &spec, &dir.path().join("bundle"));
+    patch::sign(&server, &manifest, &k);
+    let started = Instant::now();
+    let (ok, out, err) = patch::publish(&server, &manifest);
+    assert!(ok, "publish failed: {err}");
+    assert!(out.contains("to 3 node(s)"), "{out}");
+    let outcomes = wait_outcomes(&server, "demo-2.0.0", 3);
+    let took = started.elapsed();
+    println!("publish -> all 3 agents committed: {took:?}");
+    assert!(
+        outcomes.iter().all(|(_, p, _)| p == "committed"),
+        "{outcomes:?}"
+    );
+    for a in &agents {
+        let tool = a.root().join("opt/demo/bin/tool");
+        assert_eq!(std::fs::read(&tool).unwrap(), b"#!/bin/sh\necho v2\n");
+        assert_eq!(
+            std::fs::metadata(&tool).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        let conf = a.root().join("opt/demo/etc/app.conf");
+        assert_eq!(std::fs::read(&conf).unwrap(), b"level=2\n");
+        assert_eq!(
+            std::fs::metadata(&conf).unwrap().permissions().mode() & 0o7777,
+            0o640
+        );
+    }
+    // The node's patch level is on the server.
+    for n in server.nodes() {
+        assert_eq!(n["installed"]["demo"], "2.0.0", "{n}");
+    }
+    // Status says so too, and the audit log has the publish.
+    let st = patch::status(&server, "demo-2.0.0");
+    assert_eq!(st["counts"]["committed"], 3);
+    let audit = server.cli_json(&["audit"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "patch.publish")
+    );
+    let _ = Value::Null;
+}
+
+/// Builds, signs (with each of `signers`) and publishes a files patch of `tar`.
+fn release(
+    server: &Server,
+    dir: &Path,
+    id: &str,
+    version: &str,
+    tar: &Path,
+    extra: &str,
+    signers: &[&Key],
+) -> std::path::PathBuf {
+    let spec = patch::files_spec(dir, id, version, tar, extra);
+    let manifest = patch::build(server, &spec, &dir.join(id));
+    for k in signers {
+        patch::sign(server, &manifest, k);
+    }
+    let (ok, _, err) = patch::publish(server, &manifest);
+    assert!(ok, "publish of {id} failed: {err}");
+    manifest
+}
+
+fn outcome(server: &Server, id: &str) -> (String, String) {
+    let p = wait_outcomes(server, id, 1);
+    (p[0].1.clone(), p[0].2.clone())
+}
+
+#[test]
+fn signature_and_version_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, k2, attacker) = (
+        patch::key(dir.path(), "k1"),
+        patch::key(dir.path(), "k2"),
+        patch::key(dir.path(), "attacker"),
+    );
+    // The server would take any one of three keys; the host pinned two and wants both.
+    let (mut server, mut agents) = fleet(dir.path(), 1, &[&k1, &k2, &attacker], 1, &[&k1, &k2], 2);
+    let root = agents[0].root();
+    let tar = dir.path().join("p.tar");
+    patch::tar(&tar, &[("VERSION", b"x\n", 0o644)]);
+    let before = snapshot(&root);
+
+    release(
+        &server,
+        dir.path(),
+        "by-attacker",
+        "1.0.0",
+        &tar,
+        "",
+        &[&attacker],
+    );
+    let (phase, error) = outcome(&server, "by-attacker");
+    assert_eq!(phase, "rejected");
+    assert!(
+        error.contains("no signature is from a trusted key"),
+        "{error}"
+    );
+
+    release(&server, dir.path(), "one-signer", "1.0.0", &tar, "", &[&k1]);
+    let (phase, error) = outcome(&server, "one-signer");
+    assert_eq!(phase, "rejected");
+    assert!(
+        error.contains("signed by 1 distinct trusted key(s); the trust policy needs 2"),
+        "{error}"
+    );
+
+    // The same key twice still counts once.
+    let spec = patch::files_spec(dir.path(), "same-key-twice", "1.0.0", &tar, "");
+    let manifest = patch::build(&server, &spec, &dir.path().join("same-key-twice"));
+    patch::sign(&server, &manifest, &k1);
+    let first = std::fs::read_dir(manifest.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".minisig"))
+        .unwrap();
+    std::fs::copy(
+        &first,
+        manifest.with_file_name("manifest.json.copy.minisig"),
+    )
+    .unwrap();
+    patch::sign(&server, &manifest, &k1);
+    assert!(patch::publish(&server, &manifest).0);
+    let (phase, error) = outcome(&server, "same-key-twice");
+    assert_eq!(phase, "rejected");
+    assert!(error.contains("signed by 1 distinct"), "{error}");
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "refused patches left the host untouched"
+    );
+
+    // A good 2.0.0, then 1.0.0 without the signed downgrade flag.
+    release(&server, dir.path(), "v2", "2.0.0", &tar, "", &[&k1, &k2]);
+    assert_eq!(outcome(&server, "v2").0, "committed");
+    let after_v2 = snapshot(&root);
+    release(&server, dir.path(), "v1", "1.0.0", &tar, "", &[&k1, &k2]);
+    let (phase, error) = outcome(&server, "v1");
+    assert_eq!(phase, "rejected");
+    assert!(
+        error.contains("would downgrade the installed 2.0.0"),
+        "{error}"
+    );
+    assert_eq!(snapshot(&root), after_v2);
+
+    // Someone with the server's database edits a published manifest: the
+    // signatures no longer match the bytes, and the host refuses it.
+    agents[0].kill9();
+    release(
+        &server,
+        dir.path(),
+        "edited",
+        "3.0.0",
+        &tar,
+        "",
+        &[&k1, &k2],
+    );
+    server.stop();
+    patch::tamper_stored_manifest(&server, "edited", |m| m.replace("/opt/demo", "/opt/evil"));
+    server.start();
+    agents[0].start(&[server.url()]);
+    let (phase, error) = outcome(&server, "edited");
+    assert_eq!(phase, "rejected");
+    assert!(
+        error.contains("no signature is from a trusted key"),
+        "{error}"
+    );
+    assert!(!root.join("opt/evil").exists());
+    assert_eq!(snapshot(&root), after_v2);
+}
+
+#[test]
+fn server_refuses_what_it_cannot_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let k1 = patch::key(dir.path(), "k1");
+    let other = patch::key(dir.path(), "other");
+    let mut server = Server::init(dir.path());
+    server.start();
+    let tar = dir.path().join("p.tar");
+    patch::tar(&tar, &[("VERSION", b"x\n", 0o644)]);
+    let spec = patch::files_spec(dir.path(), "p1", "1.0.0", &tar, "");
+    let manifest = patch::build(&server, &spec, &dir.path().join("p1"));
+    patch::sign(&server, &manifest, &other);
+    let (ok, _, err) = patch::publish(&server, &manifest);
+    assert!(!ok);
+    assert!(err.contains("no trust policy"), "{err}");
+    server.cli(&["trust", "set", "--key", k1.public.to_str().unwrap()]);
+    let (ok, _, err) = patch::publish(&server, &manifest);
+    assert!(!ok);
+    assert!(err.contains("no signature is from a trusted key"), "{err}");
+    // Edited after signing.
+    patch::sign(&server, &manifest, &k1);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("1.0.0", "1.0.1")).unwrap();
+    let (ok, _, err) = patch::publish(&server, &manifest);
+    assert!(!ok);
+    assert!(err.contains("manifest refused"), "{err}");
+    // Already expired.
+    let spec = patch::files_spec(dir.path(), "old", "1.0.0", &tar, "");
+    let s = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("expires_in = \"30d\"", "expires_in = \"1s\"");
+    std::fs::write(&spec, s).unwrap();
+    let manifest = patch::build(&server, &spec, &dir.path().join("old"));
+    patch::sign(&server, &manifest, &k1);
+    let built = Instant::now();
+    wait_until("the manifest to expire", T, || {
+        (built.elapsed() > Duration::from_millis(1100)).then_some(())
+    });
+    let (ok, _, err) = patch::publish(&server, &manifest);
+    assert!(!ok);
+    assert!(err.contains("expired"), "{err}");
+    assert_eq!(
+        server
+            .cli_json(&["patch", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
