@@ -361,3 +361,210 @@ fn server_refuses_what_it_cannot_verify() {
         0
     );
 }
+
+#[test]
+fn failing_health_check_restores_exactly_the_previous_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "k");
+    let (server, agents) = fleet(dir.path(), 1, &[&k], 1, &[&k], 1);
+    let root = agents[0].root();
+    // What the host runs today: version 1.
+    let v1 = dir.path().join("v1.tar");
+    patch::tar(
+        &v1,
+        &[
+            ("bin/tool", b"v1\n", 0o755),
+            ("etc/keep.conf", b"keep\n", 0o600),
+        ],
+    );
+    release(&server, dir.path(), "demo-1", "1.0.0", &v1, "", &[&k]);
+    assert_eq!(outcome(&server, "demo-1").0, "committed");
+    let before = snapshot(&root);
+
+    // Version 2 changes a file, adds files and a directory, and fails its check.
+    let v2 = dir.path().join("v2.tar");
+    patch::tar(
+        &v2,
+        &[
+            ("bin/tool", b"v2\n", 0o700),
+            ("bin/new", b"new\n", 0o755),
+            ("share/doc/README", b"docs\n", 0o644),
+        ],
+    );
+    let check = "[health_check]\ncommand = [\"/bin/sh\", \"-c\", \"echo service did not come up; exit 3\"]\nretries = 2\ninterval_secs = 1\n[rollback]\ntype = \"restore\"\n";
+    release(&server, dir.path(), "demo-2", "2.0.0", &v2, check, &[&k]);
+    let (phase, error) = outcome(&server, "demo-2");
+    assert_eq!(phase, "rolled_back");
+    assert!(error.contains("health check failed 2 time(s)"), "{error}");
+    let st = patch::status(&server, "demo-2");
+    assert!(
+        st["nodes"][0]["log_tail"]
+            .as_str()
+            .unwrap()
+            .contains("service did not come up"),
+        "{st}"
+    );
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "the host is exactly as before version 2"
+    );
+    // The node still runs version 1.
+    assert_eq!(server.nodes()[0]["installed"]["demo"], "1.0.0");
+}
+
+#[test]
+fn malicious_archives_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "k");
+    let (server, agents) = fleet(dir.path(), 1, &[&k], 1, &[&k], 1);
+    let root = agents[0].root();
+    std::fs::create_dir_all(root.join("opt/demo")).unwrap();
+    std::fs::write(root.join("opt/demo/existing"), b"untouched\n").unwrap();
+    let before = snapshot(&root);
+    use tar::EntryType::{Regular, Symlink};
+    let cases: &[(&str, &[(&str, tar::EntryType, &[u8], &str)], &str, &str)] = &[
+        (
+            "dotdot",
+            &[
+                ("ok.txt", Regular, b"fine", ""),
+                ("../escape.txt", Regular, b"evil", ""),
+            ],
+            "",
+            "..",
+        ),
+        (
+            "absolute",
+            &[("/etc/evil.conf", Regular, b"evil", "")],
+            "",
+            "absolute",
+        ),
+        (
+            "symlink-out",
+            &[
+                ("link", Symlink, b"", "../../../etc"),
+                ("ok.txt", Regular, b"x", ""),
+            ],
+            "",
+            "symlink",
+        ),
+        (
+            "outside-allowed",
+            &[("x.txt", Regular, b"x", "")],
+            "srv",
+            "outside this host's allowed paths",
+        ),
+    ];
+    for (id, entries, dest, want) in cases {
+        let t = dir.path().join(format!("{id}.tar"));
+        patch::raw_tar(&t, entries);
+        let spec = patch::files_spec(dir.path(), id, "1.0.0", &t, "");
+        if !dest.is_empty() {
+            let s = std::fs::read_to_string(&spec)
+                .unwrap()
+                .replace("/opt/demo", "/srv/demo");
+            std::fs::write(&spec, s).unwrap();
+        }
+        let manifest = patch::build(&server, &spec, &dir.path().join(id));
+        patch::sign(&server, &manifest, &k);
+        assert!(patch::publish(&server, &manifest).0);
+        let (phase, error) = outcome(&server, id);
+        // Refused while checking the archive (nothing touched, the empty
+        // rollback run anyway) or by the host's policy before any download.
+        assert!(
+            matches!(phase.as_str(), "rolled_back" | "failed" | "rejected"),
+            "{id}: {phase}"
+        );
+        assert!(error.to_lowercase().contains(want), "{id}: {error}");
+        assert_eq!(snapshot(&root), before, "{id} changed the host");
+    }
+    assert!(!root.join("opt/escape.txt").exists());
+    assert!(!dir.path().join("escape.txt").exists());
+}
+
+#[test]
+fn artifacts_that_do_not_match_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "k");
+    let mut server = Server::init(dir.path());
+    server.start();
+    server.cli(&["trust", "set", "--key", k.public.to_str().unwrap()]);
+    let token = server.token("store", 1, &[]);
+    let mut a = Agent::new(dir.path(), "host").with_root();
+    a.run_args
+        .extend(["--max-artifact-bytes".into(), "65536".into()]);
+    let out = a.join_output(
+        &server.url(),
+        &token,
+        &["--trusted-key", k.public.to_str().unwrap()],
+    );
+    assert!(out.status.success());
+    let root = a.root();
+    let before = snapshot(&root);
+
+    // Larger than this host's cap: refused before any download.
+    let big = dir.path().join("big.tar");
+    let noise: Vec<u8> = (0..100_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    patch::tar(&big, &[("blob", &noise, 0o644)]);
+    a.start(&[server.url()]);
+    release(&server, dir.path(), "too-big", "1.0.0", &big, "", &[&k]);
+    let (phase, error) = outcome(&server, "too-big");
+    assert_eq!(phase, "rejected");
+    assert!(error.contains("this host's cap is 65536"), "{error}");
+
+    // The server's copy of an artifact is swapped for other bytes of the same
+    // size (a tampered disk): the digest check catches it while streaming.
+    a.kill9();
+    let small = dir.path().join("small.tar");
+    patch::tar(&small, &[("VERSION", b"1\n", 0o644)]);
+    let manifest = release(
+        &server,
+        dir.path(),
+        "bad-digest",
+        "1.0.0",
+        &small,
+        "",
+        &[&k],
+    );
+    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let sha = m["artifacts"][0]["sha256"].as_str().unwrap();
+    let held = server.data_dir.join("artifacts").join(sha);
+    let mut bytes = std::fs::read(&held).unwrap();
+    bytes[600] ^= 0xff;
+    std::fs::write(&held, &bytes).unwrap();
+    a.start(&[server.url()]);
+    let (phase, error) = outcome(&server, "bad-digest");
+    assert_eq!(phase, "failed");
+    assert!(
+        error.contains("sha256") || error.contains("digest"),
+        "{error}"
+    );
+
+    // More bytes than the manifest declares.
+    a.kill9();
+    let small2 = dir.path().join("small2.tar");
+    patch::tar(&small2, &[("VERSION", b"2\n", 0o644)]);
+    let manifest = release(
+        &server,
+        dir.path(),
+        "oversized",
+        "1.0.1",
+        &small2,
+        "",
+        &[&k],
+    );
+    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let sha = m["artifacts"][0]["sha256"].as_str().unwrap();
+    let held = server.data_dir.join("artifacts").join(sha);
+    let mut bytes = std::fs::read(&held).unwrap();
+    bytes.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(&held, &bytes).unwrap();
+    a.start(&[server.url()]);
+    let (phase, error) = outcome(&server, "oversized");
+    assert_eq!(phase, "failed");
+    assert!(
+        error.contains("more") || error.contains("larger") || error.contains("declared"),
+        "{error}"
+    );
+    assert_eq!(snapshot(&root), before, "nothing was installed");
+}

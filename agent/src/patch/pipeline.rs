@@ -482,7 +482,15 @@ impl Pipeline {
                 Some(check) => match install::health_check(check, &self.env(&m, "health")).await {
                     Ok(tail) => tail,
                     Err(e) => {
-                        let why = Stop::new(Phase::RolledBack, format!("health check failed: {e}"));
+                        let tail = match &e {
+                            install::InstallError::HealthCheckFailed { tail, .. } => tail.clone(),
+                            _ => String::new(),
+                        };
+                        let why = Stop {
+                            phase: Phase::RolledBack,
+                            error: e.to_string(),
+                            tail,
+                        };
                         self.roll_back(&mut entry, &m, why).await;
                         return;
                     }
