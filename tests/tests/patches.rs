@@ -423,7 +423,9 @@ fn malicious_archives_are_refused_and_change_nothing() {
     std::fs::write(root.join("opt/demo/existing"), b"untouched\n").unwrap();
     let before = snapshot(&root);
     use tar::EntryType::{Regular, Symlink};
-    let cases: &[(&str, &[(&str, tar::EntryType, &[u8], &str)], &str, &str)] = &[
+    // (patch id, tar entries, destination override, expected error fragment)
+    type Entry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
+    let cases: &[(&str, &[Entry], &str, &str)] = &[
         (
             "dotdot",
             &[
