@@ -45,6 +45,17 @@ fn dev_fleet_starts_answers_and_stops_cleanly() {
                     .to_string()
             })
     });
+    // The signed demo patch reached every agent.
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("every agent committed the demo patch")),
+        "{printed:?}"
+    );
+    for i in 1..=2 {
+        let version = fleet_dir.join(format!("agent-{i}-root/opt/flotilla-demo/VERSION"));
+        assert_eq!(std::fs::read_to_string(version).unwrap(), "1.0.0\n");
+    }
     let credential = fleet_dir.join("server/admin.credential");
     let out = Command::new(bin("flotilla"))
         .args(["nodes", "list", "--json"])

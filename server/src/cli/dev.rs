@@ -158,6 +158,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 args.agents, args.group
             );
             println!("  state and logs: {}", dir.display());
+            println!(
+                "  demo patch:     {}/agent-N-root/opt/flotilla-demo",
+                dir.display()
+            );
             println!("  server:         {url}");
             println!();
             println!("Talk to it from another terminal:");
@@ -171,6 +175,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 args.agents.saturating_sub(1).max(1)
             );
             println!("  flotilla group watch");
+            println!("  flotilla patch list");
             println!();
             println!("Ctrl-C stops everything.");
             wait_for_stop().await;
@@ -217,6 +222,7 @@ async fn start_fleet(
         credential: Some(server_dir.join("admin.credential")),
     };
     let (mut admin, _) = target.admin().await?;
+    super::demo::prepare(dir, &mut admin).await?;
     let token = admin
         .create_token(pb::CreateTokenRequest {
             group: args.group.clone(),
@@ -238,14 +244,21 @@ async fn start_fleet(
                     .args(["join", "--server", &url, "--token", &token])
                     .arg("--machine-id")
                     .arg(format!("dev-agent-{i}"))
+                    .arg("--trusted-key")
+                    .arg(super::demo::public_key(dir))
                     .arg("--state-dir")
                     .arg(&state),
                 &format!("flotilla-agent join (agent {i})"),
             )
             .await?;
         }
+        // Each agent patches its own root, so several can share this machine.
+        let root = dir.join(format!("agent-{i}-root"));
+        std::fs::create_dir_all(root.join("opt"))?;
         let child = Command::new(agent_bin)
-            .args(["run", "--server", &url])
+            .args(["run", "--server", &url, "--allow-path", "/opt"])
+            .arg("--root")
+            .arg(&root)
             .arg("--state-dir")
             .arg(&state)
             .stdout(Stdio::null())
@@ -273,5 +286,10 @@ async fn start_fleet(
         }
     })
     .await?;
+    println!(
+        "{} agents online; rolling out a signed demo patch",
+        args.agents
+    );
+    super::demo::roll_out(dir, &target, &args.group, args.agents).await?;
     Ok(url)
 }

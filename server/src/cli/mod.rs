@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod connect;
+mod demo;
 mod dev;
 mod keys;
 mod output;

@@ -105,7 +105,7 @@ fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), size))
 }
 
-fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> anyhow::Result<()> {
+pub(super) fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(spec_path)
         .with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec: Spec =
@@ -163,7 +163,7 @@ fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> anyhow::Res
     Ok(())
 }
 
-fn sign(
+pub(super) fn sign(
     manifest: &Path,
     key: &Path,
     password_file: Option<&Path>,
@@ -308,7 +308,7 @@ async fn upload(c: &mut super::connect::Admin, path: &Path, a: &Artifact) -> any
     Ok(())
 }
 
-async fn publish(
+pub(super) async fn publish(
     target: &Target,
     manifest_path: &Path,
     sigs: Vec<PathBuf>,
