@@ -180,7 +180,23 @@ fn published_patch_commits_on_every_agent() {
             .iter()
             .any(|e| e["action"] == "patch.publish")
     );
-    let _ = Value::Null;
+
+    // Patches for another group or another architecture reach no node here.
+    for (id, targets) in [
+        ("for-other-group", "[targets]\ngroups = [\"other\"]\n"),
+        ("for-other-arch", "[targets]\narch = [\"riscv64\"]\n"),
+    ] {
+        let spec = patch::files_spec(dir.path(), id, "3.0.0", &artifact, targets);
+        let manifest = patch::build(&server, &spec, &dir.path().join(id));
+        patch::sign(&server, &manifest, &k);
+        let (ok, out, err) = patch::publish(&server, &manifest);
+        assert!(ok, "{err}");
+        assert!(out.contains("to 0 node(s)"), "{out}");
+        assert!(phases(&server, id).is_empty());
+    }
+    for n in server.nodes() {
+        assert_eq!(n["installed"]["demo"], "2.0.0", "{n}");
+    }
 }
 
 /// Builds, signs (with each of `signers`) and publishes a files patch of `tar`.

@@ -31,7 +31,7 @@ pub enum PatchCmd {
     /// Add a signature to a manifest (writes MANIFEST.<key-id>.minisig).
     Sign {
         manifest: PathBuf,
-        /// Secret key from `flotilla key generate` (or `minisign -G`).
+        /// Secret key from `flotilla key generate` (or a password-protected `minisign -G` key).
         #[arg(long)]
         key: PathBuf,
         #[arg(long)]
@@ -177,13 +177,24 @@ pub(super) fn sign(
     let sk_box = minisign::SecretKeyBox::from_string(&text)?;
     let sk = match sk_box.clone().into_unencrypted_secret_key() {
         Ok(sk) => sk,
-        Err(_) => sk_box
+        Err(e) if e.to_string().contains("might be encrypted") => sk_box
             .into_secret_key(super::keys::password(password_file)?)
             .map_err(|e| anyhow::anyhow!("cannot unlock {}: {e}", key.display()))?,
+        Err(e) => bail!(
+            "cannot use {}: {e} (an unencrypted key from `minisign -G -W` cannot be read here: \
+             sign with stock `minisign -Sm` instead, or use a key from `flotilla key generate`)",
+            key.display()
+        ),
     };
     let pk = minisign::PublicKey::from_secret_key(&sk)?;
     let sig = minisign::sign(Some(&pk), &sk, bytes.as_slice(), None, None)?;
-    let key_id = hex::encode(pk.keynum());
+    // The key id as minisign prints it (little-endian, upper case).
+    let key_id: String = pk
+        .keynum()
+        .iter()
+        .rev()
+        .map(|b| format!("{b:02X}"))
+        .collect();
     let name = format!(
         "{}.{key_id}.minisig",
         manifest
