@@ -560,3 +560,6 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
