@@ -498,6 +498,27 @@ fn malicious_archives_are_refused_and_change_nothing() {
     }
     assert!(!root.join("opt/escape.txt").exists());
     assert!(!dir.path().join("escape.txt").exists());
+
+    // A script patch on a host whose policy allows no scripts.
+    let script = dir.path().join("install.sh");
+    std::fs::write(&script, "#!/bin/sh\ntouch \"$FLOTILLA_ROOT/opt/ran\"\n").unwrap();
+    let spec = dir.path().join("script.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "id = \"script\"\ncomponent = \"tool\"\nversion = \"1.0.0\"\nseverity = \"low\"\nexpires_in = \"1d\"\n[[artifacts]]\nname = \"install.sh\"\npath = \"{}\"\n[install]\ntype = \"script\"\nartifact = \"install.sh\"\n",
+            script.display()
+        ),
+    )
+    .unwrap();
+    let manifest = patch::build(&server, &spec, &dir.path().join("script"));
+    patch::sign(&server, &manifest, &k);
+    assert!(patch::publish(&server, &manifest).0);
+    let (phase, error) = outcome(&server, "script");
+    assert_eq!(phase, "rejected");
+    assert!(error.contains("does not allow patch scripts"), "{error}");
+    assert!(!root.join("opt/ran").exists());
+    assert_eq!(snapshot(&root), before);
 }
 
 #[test]
