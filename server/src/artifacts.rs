@@ -10,7 +10,7 @@ use sha2::Digest;
 use crate::error::{Error, Result};
 
 /// Largest artifact the server accepts.
-pub const MAX_ARTIFACT_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+pub const MAX_ARTIFACT_BYTES: u64 = flotilla_proto::manifest::MAX_ARTIFACT_BYTES;
 
 pub struct ArtifactStore {
     dir: PathBuf,
@@ -60,6 +60,11 @@ impl ArtifactStore {
 
     pub fn held(&self, sha256: &str, size: u64) -> Result<Held> {
         check_sha256(sha256)?;
+        if size > MAX_ARTIFACT_BYTES {
+            return Err(Error::ResourceExhausted(format!(
+                "artifact of {size} bytes is larger than the server's limit of {MAX_ARTIFACT_BYTES}"
+            )));
+        }
         if let Some(len) = self.complete_size(sha256) {
             if len != size {
                 return Err(Error::FailedPrecondition(format!(
@@ -80,12 +85,6 @@ impl ArtifactStore {
 
     /// Appends `data` at `offset` (which must be what the server holds).
     pub fn append(&self, sha256: &str, size: u64, offset: u64, data: &[u8]) -> Result<Held> {
-        check_sha256(sha256)?;
-        if size > MAX_ARTIFACT_BYTES {
-            return Err(Error::ResourceExhausted(format!(
-                "artifact of {size} bytes is larger than the server's limit of {MAX_ARTIFACT_BYTES}"
-            )));
-        }
         let held = self.held(sha256, size)?;
         if held.complete {
             return Ok(held);

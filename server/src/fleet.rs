@@ -19,6 +19,12 @@ use crate::patches::PatchRecord;
 use crate::store::Db;
 use flotilla_proto::manifest::{Manifest, NodeTarget};
 
+/// Most patches one desired state carries (the newest ones).
+const MAX_MANIFESTS_PER_STATE: usize = 64;
+/// Bytes of manifests and signatures one desired state carries, well under the
+/// message limit.
+const MANIFEST_BYTES_PER_STATE: usize = flotilla_proto::limits::MAX_MESSAGE_BYTES / 2;
+
 /// Timing of liveness and roles.
 #[derive(Debug, Clone, Copy)]
 pub struct FleetConfig {
@@ -142,16 +148,30 @@ impl Fleet {
     fn desired_of(&self, st: &State, node: &NodeRecord) -> pb::DesiredState {
         let group = st.groups.get(&node.group);
         let now = time::OffsetDateTime::now_utc();
-        let manifests = st
+        // The newest patches that fit in one message, sent oldest first.
+        let mut wanted: Vec<&PatchRecord> = st
             .patches
             .values()
             .filter(|(_, m)| wants(node, m, now))
-            .map(|(r, _)| pb::SignedManifest {
+            .map(|(r, _)| r)
+            .collect();
+        wanted.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let mut budget = MANIFEST_BYTES_PER_STATE;
+        let mut manifests: Vec<pb::SignedManifest> = wanted
+            .into_iter()
+            .take(MAX_MANIFESTS_PER_STATE)
+            .take_while(|r| {
+                let size = r.manifest.len() + r.signatures.iter().map(String::len).sum::<usize>();
+                budget = budget.saturating_sub(size);
+                budget > 0
+            })
+            .map(|r| pb::SignedManifest {
                 id: r.id.clone(),
                 manifest: r.manifest.clone().into_bytes(),
                 signatures: r.signatures.clone(),
             })
             .collect();
+        manifests.reverse();
         pb::DesiredState {
             revision: node.revision + group.map_or(0, |g| g.revision) + st.patch_revision(),
             node_id: node.id.clone(),

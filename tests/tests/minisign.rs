@@ -111,6 +111,8 @@ fn fleet(dir: &Path, n: usize, key: &Key) -> (Server, Vec<Agent>) {
     let mut agents = Vec::new();
     for i in 0..n {
         let mut a = Agent::new(dir, &format!("host{i}")).with_root();
+        // The patch has a health check, which is a command: the host must allow it.
+        a.run_args.push("--allow-scripts".into());
         let out = a.join_output(&server.url(), &token, &join_args);
         assert!(
             out.status.success(),

@@ -12,7 +12,8 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(60);
 
 /// A server with trust set to `keys` (threshold `threshold`), and `n` running
-/// agents with their own roots, each pinning `pinned` with `pin_threshold`.
+/// agents with their own roots, each pinning `pinned` with `pin_threshold`, and
+/// allowing scripts (and so health checks) when `scripts`.
 fn fleet(
     dir: &Path,
     n: usize,
@@ -20,6 +21,7 @@ fn fleet(
     threshold: u32,
     pinned: &[&Key],
     pin_threshold: u32,
+    scripts: bool,
 ) -> (Server, Vec<Agent>) {
     let mut server = Server::init(dir);
     server.start();
@@ -46,6 +48,9 @@ fn fleet(
     let mut agents = Vec::new();
     for i in 0..n {
         let mut a = Agent::new(dir, &format!("host{i}")).with_root();
+        if scripts {
+            a.run_args.push("--allow-scripts".into());
+        }
         let out = a.join_output(&server.url(), &token, &join_args);
         assert!(
             out.status.success(),
@@ -122,7 +127,7 @@ fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
 fn published_patch_commits_on_every_agent() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
-    let (server, agents) = fleet(dir.path(), 3, &[&k], 1, &[&k], 1);
+    let (server, agents) = fleet(dir.path(), 3, &[&k], 1, &[&k], 1, true);
     let artifact = dir.path().join("payload.tar");
     patch::tar(
         &artifact,
@@ -233,7 +238,15 @@ fn signature_and_version_refusals() {
         patch::key(dir.path(), "attacker"),
     );
     // The server would take any one of three keys; the host pinned two and wants both.
-    let (mut server, mut agents) = fleet(dir.path(), 1, &[&k1, &k2, &attacker], 1, &[&k1, &k2], 2);
+    let (mut server, mut agents) = fleet(
+        dir.path(),
+        1,
+        &[&k1, &k2, &attacker],
+        1,
+        &[&k1, &k2],
+        2,
+        false,
+    );
     let root = agents[0].root();
     let tar = dir.path().join("p.tar");
     patch::tar(&tar, &[("VERSION", b"x\n", 0o644)]);
@@ -382,7 +395,7 @@ fn server_refuses_what_it_cannot_verify() {
 fn failing_health_check_restores_exactly_the_previous_files() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "k");
-    let (server, agents) = fleet(dir.path(), 1, &[&k], 1, &[&k], 1);
+    let (server, agents) = fleet(dir.path(), 1, &[&k], 1, &[&k], 1, true);
     let root = agents[0].root();
     // What the host runs today: version 1.
     let v1 = dir.path().join("v1.tar");
@@ -433,7 +446,7 @@ fn failing_health_check_restores_exactly_the_previous_files() {
 fn malicious_archives_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "k");
-    let (server, agents) = fleet(dir.path(), 1, &[&k], 1, &[&k], 1);
+    let (server, agents) = fleet(dir.path(), 1, &[&k], 1, &[&k], 1, false);
     let root = agents[0].root();
     std::fs::create_dir_all(root.join("opt/demo")).unwrap();
     std::fs::write(root.join("opt/demo/existing"), b"untouched\n").unwrap();

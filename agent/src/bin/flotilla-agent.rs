@@ -17,7 +17,7 @@ use flotilla_agent::{JoinOptions, RunOptions, Status, backoff};
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-agent", version)]
 struct Cli {
-    /// TOML config file (state_dir, servers, role_hook, max_backoff, labels).
+    /// TOML config file (see packaging/config/agent.toml for every key).
     #[arg(
         long,
         global = true,
@@ -191,6 +191,10 @@ fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
                 .with_context(|| format!("cannot read trusted key {}", path.display()))?,
         );
     }
+    anyhow::ensure!(
+        !(trusted_keys.is_empty() && args.trust_threshold.is_some()),
+        "--trust-threshold needs at least one --trusted-key"
+    );
     let trust_threshold = args.trust_threshold.unwrap_or(1);
     if !trusted_keys.is_empty() {
         flotilla_proto::manifest::TrustPolicy::new(&trusted_keys, trust_threshold as usize)

@@ -260,6 +260,20 @@ where
                         }
                         Err(e) => format!("cannot remove the acknowledged report: {e}"),
                     },
+                    // Malformed in the server's eyes: sending it again cannot help,
+                    // and keeping it would hold back every later report.
+                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                        tracing::error!(
+                            seq,
+                            manifest = %report.manifest_id,
+                            error = %status.message(),
+                            "the server refuses this report as malformed; dropping it"
+                        );
+                        match outbox.ack(seq) {
+                            Ok(()) => break,
+                            Err(e) => format!("cannot drop the refused report: {e}"),
+                        }
+                    }
                     Ok(Err(status)) => {
                         format!("server answered {:?}: {}", status.code(), status.message())
                     }

@@ -124,8 +124,16 @@ impl Pipeline {
         self.cfg.work_dir.join("artifacts")
     }
 
-    /// Records `entry` in `phase` (flushed), then queues its report.
+    /// Queues the report of `phase` (flushed), then records `entry` in `phase`
+    /// (flushed). In that order, a crash between the two can only repeat a
+    /// report (the step is redone from the journal), never lose the last one.
     fn advance(&self, entry: &mut Entry, phase: Phase, error: &str, tail: &str) -> bool {
+        if let Err(e) = self
+            .outbox
+            .push(Report::new(&entry.manifest_id, phase, error, tail))
+        {
+            tracing::error!(patch = %entry.manifest_id, error = %e, "cannot queue a report");
+        }
         entry.phase = phase;
         entry.updated_at = unix_now();
         entry.error = (!error.is_empty()).then(|| error.to_string());
@@ -137,16 +145,16 @@ impl Pipeline {
         if phase.is_final() {
             tracing::info!(patch = %entry.manifest_id, phase = phase.as_str(), error, "patch finished");
         }
-        if let Err(e) = self
-            .outbox
-            .push(Report::new(&entry.manifest_id, phase, error, tail))
-        {
-            tracing::error!(patch = %entry.manifest_id, error = %e, "cannot queue a report");
-        }
         true
     }
 
     async fn start(&self, signed: pb::SignedManifest, target: &NodeTarget) {
+        // The id becomes a journal key and goes back in reports: take only ids a
+        // manifest could have (the signed bytes must then agree).
+        if flotilla_proto::limits::check_name("manifest id", &signed.id, 128).is_err() {
+            tracing::warn!(id = %signed.id.escape_debug(), "ignoring an offer with an impossible manifest id");
+            return;
+        }
         let mut entry = Entry {
             manifest_id: signed.id.clone(),
             manifest: signed.manifest,
@@ -231,10 +239,16 @@ impl Pipeline {
                 ));
             }
         }
+        // A health check runs a command the manifest names, so it is a script too.
         let scripts = matches!(m.install, Install::Script { .. })
-            || matches!(m.rollback, Some(Rollback::Script { .. }));
+            || matches!(m.rollback, Some(Rollback::Script { .. }))
+            || m.health_check.is_some();
         if scripts && !policy.allow_scripts {
-            return Err("this host's policy does not allow patch scripts".into());
+            return Err(
+                "this host's policy does not allow patch scripts (install or rollback scripts, \
+                 or health-check commands)"
+                    .into(),
+            );
         }
         if let Install::Files { destination, .. } = &m.install {
             let dest = Path::new(destination);
@@ -419,8 +433,17 @@ impl Pipeline {
         }
     }
 
-    /// Rolls back after a failure and records how that went.
+    /// Rolls back after a failure and records how that went. The reason is
+    /// journaled first (same phase), so a crash mid-rollback resumes the rollback
+    /// instead of, say, re-running a health check on a half-restored host.
     async fn roll_back(&self, entry: &mut Entry, m: &Manifest, why: Stop) {
+        if !entry.phase.is_final() && entry.error.is_none() {
+            entry.error = Some(why.error.clone());
+            entry.updated_at = unix_now();
+            if let Err(e) = self.journal.record(entry) {
+                tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record the rollback; rolling back anyway");
+            }
+        }
         match self.undo(m).await {
             Ok(()) => {
                 self.advance(entry, Phase::RolledBack, &why.error, &why.tail);
@@ -438,6 +461,7 @@ impl Pipeline {
     fn cleanup(&self, m: &Manifest) {
         for a in &m.artifacts {
             let _ = std::fs::remove_file(self.artifact_dir().join(&a.sha256));
+            let _ = std::fs::remove_file(self.artifact_dir().join(format!("{}.part", a.sha256)));
         }
     }
 
@@ -547,6 +571,11 @@ impl Pipeline {
                         self.advance(&mut entry, Phase::Rejected, &reason, "");
                     }
                 },
+                // A rollback cut short: finish it.
+                Phase::Applying | Phase::Applied | Phase::Healthy if entry.error.is_some() => {
+                    let why = Stop::new(Phase::RolledBack, entry.error.clone().unwrap_or_default());
+                    self.roll_back(&mut entry, &m, why).await;
+                }
                 // An apply cut short is never finished blind: restore the host.
                 Phase::Applying => {
                     let why = Stop::new(

@@ -18,7 +18,9 @@ pub const MAX_SIGNATURE_BYTES: usize = 2048;
 /// Most artifacts in one manifest.
 pub const MAX_ARTIFACTS: usize = 16;
 /// Largest artifact any manifest may declare (a host's own cap is usually lower).
-pub const MAX_ARTIFACT_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+pub const MAX_ARTIFACT_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+/// Most keys in a trust policy.
+pub const MAX_TRUSTED_KEYS: usize = 32;
 /// Most entries in a target list.
 pub const MAX_TARGET_ENTRIES: usize = 256;
 /// Longest command line of a health check.

@@ -317,15 +317,28 @@ impl Manifest {
                 ));
             }
         }
-        match &self.rollback {
-            Some(Rollback::Script {
-                artifact,
-                timeout_secs,
-            }) => {
+        match (&self.install, &self.rollback) {
+            (
+                Install::Script { .. },
+                Some(Rollback::Script {
+                    artifact,
+                    timeout_secs,
+                }),
+            ) => {
                 known(artifact)?;
                 check_timeout(*timeout_secs)?;
             }
-            Some(Rollback::Restore) | None => {}
+            (Install::Files { .. }, Some(Rollback::Script { .. })) => {
+                return Err(invalid(
+                    "a files install is rolled back by restoring its backup: use rollback type \"restore\"",
+                ));
+            }
+            (Install::Script { .. }, Some(Rollback::Restore)) => {
+                return Err(invalid(
+                    "a script install has no backup to restore: give a rollback script",
+                ));
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -39,6 +39,13 @@ impl TrustPolicy {
         if parsed.is_empty() {
             return Err(ManifestError::Policy("no trusted keys".into()));
         }
+        if parsed.len() > super::MAX_TRUSTED_KEYS {
+            return Err(ManifestError::Policy(format!(
+                "{} keys; a trust policy holds at most {}",
+                parsed.len(),
+                super::MAX_TRUSTED_KEYS
+            )));
+        }
         if threshold == 0 || threshold > parsed.len() {
             return Err(ManifestError::Policy(format!(
                 "threshold {threshold} must be between 1 and the number of distinct keys ({})",

@@ -376,8 +376,14 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
         None => {
             let f = n.facts.clone().unwrap_or_default();
             let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut installed: Vec<String> = n
+                .installed
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            installed.sort();
             format!(
-                "node:        {}\ngroup:       {}\nstatus:      {}\nrole:        {}\nonline:      {}\nhostname:    {}\nos/arch:     {}/{}\nagent:       {}\nlabels:      {}\njoined:      {}\nlast seen:   {}\ncertificate: serial {} valid until {}",
+                "node:        {}\ngroup:       {}\nstatus:      {}\nrole:        {}\nonline:      {}\nhostname:    {}\nos/arch:     {}/{}\nagent:       {}\nlabels:      {}\njoined:      {}\nlast seen:   {}\ncertificate: serial {} valid until {}\ninstalled:   {}",
                 n.id,
                 n.group,
                 n.status,
@@ -391,7 +397,8 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
                 time(n.joined_at),
                 time(n.last_seen),
                 n.certificate_serial,
-                time(n.certificate_not_after)
+                time(n.certificate_not_after),
+                installed.join(", ")
             )
         }
     };

@@ -256,7 +256,14 @@ async fn start_fleet(
         let root = dir.join(format!("agent-{i}-root"));
         std::fs::create_dir_all(root.join("opt"))?;
         let child = Command::new(agent_bin)
-            .args(["run", "--server", &url, "--allow-path", "/opt"])
+            .args([
+                "run",
+                "--server",
+                &url,
+                "--allow-path",
+                "/opt",
+                "--allow-scripts",
+            ])
             .arg("--root")
             .arg(&root)
             .arg("--state-dir")

@@ -84,8 +84,9 @@ pub fn key(out: Output, cmd: KeyCmd) -> anyhow::Result<()> {
         minisign::KeyPair::generate_encrypted_keypair(password(password_file.as_deref())?)
     }
     .map_err(|e| anyhow::anyhow!("cannot generate the key pair: {e}"))?;
-    let sk_path = prefix.with_extension("key");
-    let pk_path = prefix.with_extension("pub");
+    // Appended, not replaced: `--out alice.2026` gives alice.2026.key.
+    let sk_path = PathBuf::from(format!("{}.key", prefix.display()));
+    let pk_path = PathBuf::from(format!("{}.pub", prefix.display()));
     let pk_text = kp.pk.to_box()?.into_string();
     write_file(&sk_path, &kp.sk.to_box(None)?.into_string(), true)?;
     write_file(&pk_path, &pk_text, false)?;

@@ -51,7 +51,7 @@ pub enum PatchCmd {
     /// Where each targeted node stands with a patch; failing nodes with reasons.
     Status {
         id: String,
-        /// Keep printing until every targeted node reached an outcome (or this long).
+        /// Wait (up to this long) until every targeted node reached an outcome, then print.
         #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<Duration>,
     },

@@ -162,6 +162,12 @@ fn strict_parsing() {
         Manifest::parse(huge.as_bytes()),
         Err(ManifestError::TooLarge { .. })
     ));
+    let script_rollback_for_files = good.replace(
+        "\"destination\": \"/opt/app\" }",
+        "\"destination\": \"/opt/app\" },\n  \"rollback\": { \"type\": \"script\", \"artifact\": \"app.tar\" }",
+    );
+    let err = Manifest::parse(script_rollback_for_files.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("restore"), "{err}");
     let schema2 = good.replace("\"schema\": 1,", "\"schema\": 2,");
     assert!(matches!(
         Manifest::parse(schema2.as_bytes()),
