@@ -23,7 +23,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        "{} is missing: build the binaries first (scripts/test does: cargo build --workspace --bins --features flotilla-server/fault-injection)",
         path.display()
     );
     path

@@ -31,7 +31,7 @@ pub use error::InstallError;
 pub use files::{FilesReport, install_files};
 pub use health::health_check;
 pub use rollback::rollback_files;
-pub use script::{ScriptOutput, run_program};
+pub use script::{ScriptOutput, kill_recorded, run_program, run_program_recorded};
 
 /// Most entries a `files` artifact may have; every input has a limit.
 pub const MAX_TAR_ENTRIES: usize = 10_000;

@@ -44,6 +44,48 @@ pub async fn run_program(
     env: &[(String, String)],
     timeout: Duration,
 ) -> Result<ScriptOutput, InstallError> {
+    run(program, args, env, timeout, None).await
+}
+
+/// Like [`run_program`], but records the program's process group in `pgid_file`
+/// while it runs, so that after a crash of the agent [`kill_recorded`] can stop
+/// a script that outlived it before anything else touches the host.
+pub async fn run_program_recorded(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+    pgid_file: &Path,
+) -> Result<ScriptOutput, InstallError> {
+    run(program, args, env, timeout, Some(pgid_file)).await
+}
+
+/// Kills the process group recorded in `pgid_file` by [`run_program_recorded`]
+/// if its leader still carries `marker` (a `KEY=value` the agent put in the
+/// script's environment, which survives `exec`; a recycled id belongs to someone
+/// else and is left alone), then removes the record.
+pub fn kill_recorded(pgid_file: &Path, marker: &str, program: &Path) {
+    let Ok(text) = std::fs::read_to_string(pgid_file) else {
+        return;
+    };
+    if let Ok(pgid) = text.trim().parse::<i32>() {
+        let environ = std::fs::read(format!("/proc/{pgid}/environ")).unwrap_or_default();
+        let ours = environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes());
+        if ours {
+            tracing::warn!(pgid, program = %program.display(), "stopping a script that outlived the agent");
+            kill_group(Some(pgid), program);
+        }
+    }
+    let _ = std::fs::remove_file(pgid_file);
+}
+
+async fn run(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+    pgid_file: Option<&Path>,
+) -> Result<ScriptOutput, InstallError> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -61,7 +103,37 @@ pub async fn run_program(
     })?;
     // process_group(0) makes the child its own group's leader: pgid == pid.
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    if let (Some(file), Some(id)) = (pgid_file, pgid)
+        && let Err(e) = write_synced(file, &id.to_string())
+    {
+        kill_group(pgid, program);
+        return Err(InstallError::Io {
+            action: "record the script's process group in",
+            path: file.to_path_buf(),
+            source: e,
+        });
+    }
+    let result = wait_for(&mut child, pgid, program, timeout).await;
+    if let Some(file) = pgid_file {
+        let _ = std::fs::remove_file(file);
+    }
+    result
+}
 
+/// Writes `text` to `path` and fsyncs it.
+fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+async fn wait_for(
+    child: &mut tokio::process::Child,
+    pgid: Option<i32>,
+    program: &Path,
+    timeout: Duration,
+) -> Result<ScriptOutput, InstallError> {
     let tail = Arc::new(Mutex::new(Vec::with_capacity(2 * TAIL_BYTES)));
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {

@@ -179,7 +179,7 @@ pub enum FetchError {
         actual: String,
     },
     #[error(
-        "artifact {name}: not complete within {deadline:?}; {received} of {size} bytes received (kept: a later fetch resumes)"
+        "artifact {name}: not complete within {deadline:?}; {received} of {size} bytes received"
     )]
     DeadlineExceeded {
         name: String,

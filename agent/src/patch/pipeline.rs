@@ -344,11 +344,12 @@ impl Pipeline {
         let program = self
             .script_copy(m, artifact)
             .map_err(|e| Stop::new(Phase::Failed, e))?;
-        let out = install::run_program(
+        let out = install::run_program_recorded(
             &program,
             args,
             &self.env(m, phase),
             Duration::from_secs(timeout_secs),
+            &self.patch_dir(&m.id).join(format!("{phase}.pgid")),
         )
         .await
         .map_err(|e| Stop::new(Phase::Failed, e.to_string()))?;
@@ -443,6 +444,16 @@ impl Pipeline {
             if let Err(e) = self.journal.record(entry) {
                 tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record the rollback; rolling back anyway");
             }
+        }
+        // An install script that outlived a crash of the agent must stop before
+        // anything is undone.
+        if let Install::Script { artifact, .. } = &m.install {
+            let dir = self.patch_dir(&m.id);
+            install::kill_recorded(
+                &dir.join("install.pgid"),
+                &format!("FLOTILLA_PATCH_ID={}", m.id),
+                &dir.join(format!("{artifact}.run")),
+            );
         }
         match self.undo(m).await {
             Ok(()) => {

@@ -296,15 +296,91 @@ impl pb::agent_service_server::AgentService for AgentApi {
         file.seek(std::io::SeekFrom::Start(r.offset))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::debug!(sha256 = %r.sha256, offset = r.offset, "artifact fetch");
+
+        #[cfg(feature = "fault-injection")]
+        mod fault {
+            //! TEST-ONLY fault injection (cargo feature `fault-injection`, never in a
+            //! shipped build): `FLOTILLA_FAULT_ARTIFACT_RATE` (bytes/s) throttles every
+            //! artifact stream; `FLOTILLA_FAULT_ARTIFACT_CUT_AFTER` (bytes) breaks the
+            //! first stream this process serves with `Unavailable` after that many bytes.
+            use std::sync::atomic::{AtomicBool, Ordering};
+            use std::time::Duration;
+
+            static CUT_DONE: AtomicBool = AtomicBool::new(false);
+
+            fn env(name: &str) -> Option<u64> {
+                std::env::var(name).ok()?.trim().parse().ok()
+            }
+
+            pub struct Faults {
+                rate: Option<u64>,
+                cut_left: Option<u64>,
+            }
+
+            impl Faults {
+                pub fn for_stream() -> Self {
+                    let rate = env("FLOTILLA_FAULT_ARTIFACT_RATE").filter(|r| *r > 0);
+                    let cut_left = env("FLOTILLA_FAULT_ARTIFACT_CUT_AFTER")
+                        .filter(|_| !CUT_DONE.swap(true, Ordering::SeqCst));
+                    if rate.is_some() || cut_left.is_some() {
+                        tracing::warn!(?rate, ?cut_left, "fault injection: artifact stream");
+                    }
+                    Self { rate, cut_left }
+                }
+
+                /// How many bytes to read next, or the cut.
+                pub fn next_len(&self, max: usize) -> Result<usize, tonic::Status> {
+                    let mut n = max as u64;
+                    if let Some(rate) = self.rate {
+                        n = n.min((rate / 10).max(1));
+                    }
+                    if let Some(left) = self.cut_left {
+                        if left == 0 {
+                            tracing::warn!("fault injection: cutting the artifact stream");
+                            return Err(tonic::Status::unavailable("fault injection: cut"));
+                        }
+                        n = n.min(left);
+                    }
+                    Ok(n as usize)
+                }
+
+                /// Accounts `n` bytes read, sleeping as long as they take at the rate.
+                pub async fn sent(&mut self, n: usize) {
+                    if let Some(left) = self.cut_left.as_mut() {
+                        *left = left.saturating_sub(n as u64);
+                    }
+                    if let Some(rate) = self.rate {
+                        let nanos = (n as u128 * 1_000_000_000 / u128::from(rate)) as u64;
+                        tokio::time::sleep(Duration::from_nanos(nanos)).await;
+                    }
+                }
+            }
+        }
+        #[cfg(feature = "fault-injection")]
+        let mut faults = fault::Faults::for_stream();
+
         // A small channel bounds what a slow downloader holds on the server.
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             let mut offset = r.offset;
             let mut buf = vec![0u8; limits::ARTIFACT_CHUNK_BYTES];
             loop {
-                match file.read(&mut buf).await {
+                #[cfg(feature = "fault-injection")]
+                let want = match faults.next_len(buf.len()) {
+                    Ok(n) => n,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                #[cfg(not(feature = "fault-injection"))]
+                let want = buf.len();
+                match file.read(&mut buf[..want]).await {
                     Ok(0) => break,
                     Ok(n) => {
+                        #[cfg(feature = "fault-injection")]
+                        faults.sent(n).await;
                         let chunk = pb::ArtifactChunk {
                             offset,
                             data: buf[..n].to_vec(),
