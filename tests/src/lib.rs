@@ -86,6 +86,8 @@ pub struct Server {
     pub log: PathBuf,
     pub addr: Option<SocketAddr>,
     pub extra_args: Vec<String>,
+    /// Extra environment for `flotilla-server run` (test-only fault injection).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -122,6 +124,7 @@ impl Server {
                 "--startup-grace".into(),
                 "6s".into(),
             ],
+            env: Vec::new(),
             child: None,
         }
     }
@@ -141,6 +144,7 @@ impl Server {
             .arg(&self.data_dir)
             .args(&self.extra_args)
             .env("FLOTILLA_LOG", "info,flotilla_server=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_to(&self.log))
             .spawn()

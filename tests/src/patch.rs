@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Server, bin};
+use std::time::Duration;
+
+use crate::{Agent, Server, bin, wait_until};
 
 /// A minisign key pair made by `flotilla key generate --unencrypted`.
 pub struct Key {
@@ -153,4 +155,74 @@ pub fn tamper_stored_manifest(server: &Server, id: &str, edit: impl Fn(&str) -> 
     db.insert(&key, serde_json::to_vec(&rec).unwrap())
         .expect("write");
     db.flush().expect("flush");
+}
+
+/// What [`fleet`] starts.
+#[derive(Default)]
+pub struct FleetOptions<'a> {
+    /// How many agents.
+    pub agents: usize,
+    /// Keys the server trusts, and how many must sign.
+    pub server_keys: &'a [&'a Key],
+    pub server_threshold: u32,
+    /// Keys each agent pins at join, and how many must sign.
+    pub pinned: &'a [&'a Key],
+    pub pin_threshold: u32,
+    /// Extra `flotilla-agent run` arguments (e.g. `--allow-scripts`).
+    pub run_args: &'a [&'a str],
+    /// Extra environment for the server (test-only fault injection).
+    pub server_env: &'a [(&'a str, String)],
+}
+
+/// A server with a trust policy and running agents in group "store" (label
+/// site=berlin), each with its own root allowing /opt; returns once all are online.
+pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
+    let mut server = Server::init(dir);
+    server.env = o
+        .server_env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    server.start();
+    let threshold = o.server_threshold.max(1).to_string();
+    let mut args = vec!["trust", "set", "--threshold", threshold.as_str()];
+    let key_paths: Vec<String> = o
+        .server_keys
+        .iter()
+        .map(|k| k.public.to_string_lossy().into_owned())
+        .collect();
+    for k in &key_paths {
+        args.extend(["--key", k.as_str()]);
+    }
+    server.cli(&args);
+    let token = server.token("store", o.agents as u32, &["--label", "site=berlin"]);
+    let mut join_args: Vec<String> = vec![
+        "--trust-threshold".into(),
+        o.pin_threshold.max(1).to_string(),
+    ];
+    for k in o.pinned {
+        join_args.extend([
+            "--trusted-key".into(),
+            k.public.to_string_lossy().into_owned(),
+        ]);
+    }
+    let join_args: Vec<&str> = join_args.iter().map(String::as_str).collect();
+    let mut agents = Vec::new();
+    for i in 0..o.agents {
+        let mut a = Agent::new(dir, &format!("host{i}")).with_root();
+        a.run_args.extend(o.run_args.iter().map(|s| s.to_string()));
+        let out = a.join_output(&server.url(), &token, &join_args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        a.start(&[server.url()]);
+        agents.push(a);
+    }
+    let n = o.agents as u64;
+    wait_until("every agent online", Duration::from_secs(60), || {
+        (server.group("store")["online"] == n).then_some(())
+    });
+    (server, agents)
 }

@@ -7,17 +7,14 @@
 //! The network faults come from the server's test-only `fault-injection` feature
 //! (`scripts/test` builds the binaries with it): `FLOTILLA_FAULT_ARTIFACT_RATE`
 //! throttles artifact streams, `FLOTILLA_FAULT_ARTIFACT_CUT_AFTER` breaks the first
-//! one. The harness passes no environment to the server, so servers with faults are
-//! started here (see [`start_with_faults`]).
+//! one; the harness passes them to the server's environment.
 
 use std::fs;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::patch::{self, Key};
-use flotilla_e2e::{Agent, Server, bin, wait_until};
+use flotilla_e2e::patch::{self, FleetOptions, Key};
+use flotilla_e2e::{Agent, Server, wait_until};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
@@ -25,87 +22,23 @@ const ID: &str = "demo-2.0.0";
 const FAULTS_MISSING: &str = "the server did not inject the fault: build the binaries with \
      `cargo build --workspace --bins --features flotilla-server/fault-injection` (scripts/test does)";
 
-/// A `flotilla-server run` started with extra environment; SIGKILLed on drop.
-struct FaultyServer {
-    child: Option<Child>,
-}
-
-impl Drop for FaultyServer {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `server` as the harness's `Server::start` does, plus `env`, and waits
-/// until it listens. The harness's own start passes no environment.
-fn start_with_faults(server: &mut Server, env: &[(&str, String)]) -> FaultyServer {
-    let addr_file = server.data_dir.join("server.addr");
-    let _ = fs::remove_file(&addr_file);
-    let listen = server
-        .addr
-        .map_or("127.0.0.1:0".to_string(), |a| a.to_string());
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&server.log)
-        .expect("server log");
-    let child = Command::new(bin("flotilla-server"))
-        .args(["run", "--listen", &listen])
-        .arg("--data-dir")
-        .arg(&server.data_dir)
-        .args(&server.extra_args)
-        .env("FLOTILLA_LOG", "info,flotilla_server=debug")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start flotilla-server");
-    let guard = FaultyServer { child: Some(child) };
-    let addr = wait_until("the server to listen", Duration::from_secs(20), || {
-        fs::read_to_string(&addr_file)
-            .ok()?
-            .trim()
-            .parse::<SocketAddr>()
-            .ok()
-    });
-    server.addr = Some(addr);
-    guard
-}
-
 /// One server (with `faults`) trusting one key, and one joined, running agent with
 /// its own root and `run_args`.
-fn fleet(
-    dir: &Path,
-    faults: &[(&str, String)],
-    run_args: &[&str],
-) -> (Server, FaultyServer, Agent, Key) {
+fn fleet(dir: &Path, faults: &[(&str, String)], run_args: &[&str]) -> (Server, Agent, Key) {
     let key = patch::key(dir, "release");
-    let mut server = Server::init(dir);
-    let proc = start_with_faults(&mut server, faults);
-    server.cli(&["trust", "set", "--key", key.public.to_str().unwrap()]);
-    let token = server.token("store", 1, &[]);
-    let mut agent = Agent::new(dir, "host0").with_root();
-    agent
-        .run_args
-        .extend(run_args.iter().map(|s| s.to_string()));
-    let out = agent.join_output(
-        &server.url(),
-        &token,
-        &["--trusted-key", key.public.to_str().unwrap()],
+    let (server, mut agents) = patch::fleet(
+        dir,
+        FleetOptions {
+            agents: 1,
+            server_keys: &[&key],
+            pinned: &[&key],
+            run_args,
+            server_env: faults,
+            ..FleetOptions::default()
+        },
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    agent.start(&[server.url()]);
-    wait_until("the agent online", T, || {
-        (server.group("store")["online"] == 1).then_some(())
-    });
-    (server, proc, agent, key)
+    let agent = agents.pop().expect("one agent");
+    (server, agent, key)
 }
 
 /// Writes a spec by hand (artifacts as (name, path), then `rest`: [install] and
@@ -305,7 +238,7 @@ fn download_resumes_after_a_broken_connection() {
     patch::tar(&tar, &[("blob.bin", &blob, 0o644)]);
     let size = fs::metadata(&tar).unwrap().len();
     let cut = size / 3;
-    let (server, _proc, agent, key) = fleet(
+    let (server, agent, key) = fleet(
         dir.path(),
         &[("FLOTILLA_FAULT_ARTIFACT_CUT_AFTER", cut.to_string())],
         &[],
@@ -362,7 +295,7 @@ fn trickling_download_gives_up_at_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let tar = dir.path().join("payload.tar");
     patch::tar(&tar, &[("blob.bin", &noise(16 << 10, 2), 0o644)]);
-    let (server, _proc, agent, key) = fleet(
+    let (server, agent, key) = fleet(
         dir.path(),
         &[("FLOTILLA_FAULT_ARTIFACT_RATE", "20".to_string())],
         // The agent has no flag for the rate window (10 s): the deadline is what
@@ -418,7 +351,7 @@ fn kill9_while_downloading_then_restart_commits() {
     let blob = noise(4 << 20, 3);
     let tar = dir.path().join("payload.tar");
     patch::tar(&tar, &[("blob.bin", &blob, 0o644)]);
-    let (server, _proc, mut agent, key) = fleet(
+    let (server, mut agent, key) = fleet(
         dir.path(),
         &[("FLOTILLA_FAULT_ARTIFACT_RATE", "200000".to_string())],
         &[],
@@ -545,7 +478,7 @@ fn kill9_while_applying_then_restart_rolls_back() {
     )
     .unwrap();
     let script = ScriptGroup(pid_file);
-    let (server, _proc, mut agent, key) = fleet(dir.path(), &[], &["--allow-scripts"]);
+    let (server, mut agent, key) = fleet(dir.path(), &[], &["--allow-scripts"]);
     let counts = agent.root().join("opt/demo");
     let started = Instant::now();
     let _ = release(
@@ -615,7 +548,7 @@ fn kill9_during_health_check_then_restart_commits_without_reapplying() {
         ],
     );
     // A health check runs a command, so the host must allow scripts.
-    let (server, _proc, mut agent, key) = fleet(dir.path(), &[], &["--allow-scripts"]);
+    let (server, mut agent, key) = fleet(dir.path(), &[], &["--allow-scripts"]);
     // The version before the patch: its backup shows whether the install ran twice
     // (a second run would back up 2, not 1).
     fs::create_dir_all(agent.root().join("opt/demo")).unwrap();

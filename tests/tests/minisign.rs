@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use flotilla_e2e::patch::{self, Key};
+use flotilla_e2e::patch::{self, FleetOptions, Key};
 use flotilla_e2e::{Agent, Server, bin, wait_until};
 use serde_json::Value;
 
@@ -100,32 +100,19 @@ fn signatures_beside(manifest: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// A server trusting `key` (threshold 1) and `n` running agents with their own
-/// roots, each pinning `key` at join (`--trusted-key`). Copied from patches.rs.
+/// A server trusting `key` and `n` running agents pinning it. The patch has a
+/// health check, which is a command: the hosts must allow scripts.
 fn fleet(dir: &Path, n: usize, key: &Key) -> (Server, Vec<Agent>) {
-    let mut server = Server::init(dir);
-    server.start();
-    server.cli(&["trust", "set", "--threshold", "1", "--key", s(&key.public)]);
-    let token = server.token("store", n as u32, &["--label", "site=berlin"]);
-    let join_args = ["--trust-threshold", "1", "--trusted-key", s(&key.public)];
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let mut a = Agent::new(dir, &format!("host{i}")).with_root();
-        // The patch has a health check, which is a command: the host must allow it.
-        a.run_args.push("--allow-scripts".into());
-        let out = a.join_output(&server.url(), &token, &join_args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        a.start(&[server.url()]);
-        agents.push(a);
-    }
-    wait_until("every agent online", T, || {
-        (server.group("store")["online"] == n as u64).then_some(())
-    });
-    (server, agents)
+    patch::fleet(
+        dir,
+        FleetOptions {
+            agents: n,
+            server_keys: &[key],
+            pinned: &[key],
+            run_args: &["--allow-scripts"],
+            ..FleetOptions::default()
+        },
+    )
 }
 
 /// (node id, phase, error) of every node a patch targets.

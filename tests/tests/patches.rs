@@ -5,15 +5,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::patch::{self, Key};
+use flotilla_e2e::patch::{self, FleetOptions, Key};
 use flotilla_e2e::{Agent, Server, wait_until};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A server with trust set to `keys` (threshold `threshold`), and `n` running
-/// agents with their own roots, each pinning `pinned` with `pin_threshold`, and
-/// allowing scripts (and so health checks) when `scripts`.
+/// A server trusting `keys` (k of them), and `n` agents pinning `pinned` (k of
+/// them), allowing scripts (and so health checks) when `scripts`.
 fn fleet(
     dir: &Path,
     n: usize,
@@ -23,47 +22,18 @@ fn fleet(
     pin_threshold: u32,
     scripts: bool,
 ) -> (Server, Vec<Agent>) {
-    let mut server = Server::init(dir);
-    server.start();
-    let mut args = vec!["trust", "set", "--threshold"];
-    let t = threshold.to_string();
-    args.push(&t);
-    let key_paths: Vec<String> = keys
-        .iter()
-        .map(|k| k.public.to_string_lossy().into_owned())
-        .collect();
-    for k in &key_paths {
-        args.extend(["--key", k.as_str()]);
-    }
-    server.cli(&args);
-    let token = server.token("store", n as u32, &["--label", "site=berlin"]);
-    let mut join_args: Vec<String> = vec!["--trust-threshold".into(), pin_threshold.to_string()];
-    for k in pinned {
-        join_args.extend([
-            "--trusted-key".into(),
-            k.public.to_string_lossy().into_owned(),
-        ]);
-    }
-    let join_args: Vec<&str> = join_args.iter().map(String::as_str).collect();
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let mut a = Agent::new(dir, &format!("host{i}")).with_root();
-        if scripts {
-            a.run_args.push("--allow-scripts".into());
-        }
-        let out = a.join_output(&server.url(), &token, &join_args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        a.start(&[server.url()]);
-        agents.push(a);
-    }
-    wait_until("every agent online", T, || {
-        (server.group("store")["online"] == n as u64).then_some(())
-    });
-    (server, agents)
+    patch::fleet(
+        dir,
+        FleetOptions {
+            agents: n,
+            server_keys: keys,
+            server_threshold: threshold,
+            pinned,
+            pin_threshold,
+            run_args: if scripts { &["--allow-scripts"] } else { &[] },
+            ..FleetOptions::default()
+        },
+    )
 }
 
 fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {

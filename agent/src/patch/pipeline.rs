@@ -155,7 +155,7 @@ impl Pipeline {
             tracing::warn!(id = %signed.id.escape_debug(), "ignoring an offer with an impossible manifest id");
             return;
         }
-        let mut entry = Entry {
+        let entry = Entry {
             manifest_id: signed.id.clone(),
             manifest: signed.manifest,
             signatures: signed.signatures,
@@ -175,7 +175,12 @@ impl Pipeline {
             .outbox
             .push(Report::new(&entry.manifest_id, Phase::Received, "", ""));
         tracing::info!(patch = %entry.manifest_id, "patch received");
-        match self.verify(&entry, Some(target)) {
+        self.verify_and_go_on(entry, Some(target)).await;
+    }
+
+    /// Verifies a received entry, then carries on with it or rejects it.
+    async fn verify_and_go_on(&self, mut entry: Entry, target: Option<&NodeTarget>) {
+        match self.verify(&entry, target) {
             Ok(m) => {
                 entry.component = m.component.clone();
                 entry.version = m.version.clone();
@@ -570,18 +575,7 @@ impl Pipeline {
                 // still against the time the update started.
                 // The offer (and so the node's target facts) is gone after a restart;
                 // the server only offered the manifest because it targets this node.
-                Phase::Received => match self.verify(&entry, None) {
-                    Ok(m) => {
-                        entry.component = m.component.clone();
-                        entry.version = m.version.clone();
-                        if self.advance(&mut entry, Phase::Verified, "", "") {
-                            self.carry_on(entry, m).await;
-                        }
-                    }
-                    Err(reason) => {
-                        self.advance(&mut entry, Phase::Rejected, &reason, "");
-                    }
-                },
+                Phase::Received => self.verify_and_go_on(entry, None).await,
                 // A rollback cut short: finish it.
                 Phase::Applying | Phase::Applied | Phase::Healthy if entry.error.is_some() => {
                     let why = Stop::new(Phase::RolledBack, entry.error.clone().unwrap_or_default());
