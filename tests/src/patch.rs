@@ -226,3 +226,66 @@ pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
     });
     (server, agents)
 }
+
+/// (node id, phase, error) of every node a patch targets or that reported on it.
+pub fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {
+    status(server, id)["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            let field = |k: &str| n[k].as_str().unwrap_or_default().to_string();
+            (field("node_id"), field("phase"), field("error"))
+        })
+        .collect()
+}
+
+/// Whether a phase is an outcome (nothing follows it).
+pub fn is_outcome(phase: &str) -> bool {
+    matches!(phase, "committed" | "rolled_back" | "failed" | "rejected")
+}
+
+/// Waits until `n` nodes reached an outcome for patch `id`, and returns them.
+pub fn wait_outcomes(server: &Server, id: &str, n: usize) -> Vec<(String, String, String)> {
+    wait_until(
+        "every node to reach an outcome",
+        Duration::from_secs(90),
+        || {
+            let p = phases(server, id);
+            (p.len() == n && p.iter().all(|(_, ph, _)| is_outcome(ph))).then_some(p)
+        },
+    )
+}
+
+/// Every file and directory under `root` with content and mode: what "the host
+/// unchanged" means.
+pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
+            let mode = meta.permissions().mode();
+            if meta.is_dir() {
+                out.push((rel, Vec::new(), mode));
+                stack.push(p);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap_or_default(), mode));
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -199,33 +199,6 @@ fn installed(server: &Server) -> Value {
     server.nodes()[0]["installed"].clone()
 }
 
-/// Every file under `root`, with content and mode: what "the host unchanged" means.
-fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            let meta = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if meta.is_dir() {
-                out.push((rel, Vec::new(), meta.permissions().mode()));
-                stack.push(p);
-            } else {
-                out.push((
-                    rel,
-                    fs::read(&p).unwrap_or_default(),
-                    meta.permissions().mode(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn lines(path: &Path) -> usize {
     fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }
@@ -302,7 +275,7 @@ fn trickling_download_gives_up_at_its_deadline() {
         // must end a download that trickles on and on.
         &["--min-download-rate", "1000", "--download-deadline", "5s"],
     );
-    let before = snapshot(&agent.root());
+    let before = patch::snapshot(&agent.root());
     let started = Instant::now();
     let _ = release(
         &server,
@@ -334,7 +307,11 @@ fn trickling_download_gives_up_at_its_deadline() {
         "{:?}",
         history.phases()
     );
-    assert_eq!(snapshot(&agent.root()), before, "the host is untouched");
+    assert_eq!(
+        patch::snapshot(&agent.root()),
+        before,
+        "the host is untouched"
+    );
     let partial: Vec<String> = fs::read_dir(agent.state_dir.join("artifacts"))
         .map(|rd| {
             rd.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))

@@ -8,13 +8,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use flotilla_e2e::patch::{self, FleetOptions, Key};
-use flotilla_e2e::{Agent, Server, bin, wait_until};
+use flotilla_e2e::{Agent, Server, bin};
 use serde_json::Value;
-
-const T: Duration = Duration::from_secs(60);
 
 /// Runs the stock `minisign` with `args` (stdin closed, so it can never wait on a
 /// password prompt). Panics, naming the fix, if it is not installed.
@@ -115,37 +112,6 @@ fn fleet(dir: &Path, n: usize, key: &Key) -> (Server, Vec<Agent>) {
     )
 }
 
-/// (node id, phase, error) of every node a patch targets.
-fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {
-    patch::status(server, id)["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["node_id"].as_str().unwrap().to_string(),
-                n["phase"].as_str().unwrap().to_string(),
-                n["error"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-/// Waits until each of `n` nodes reached an outcome and returns them.
-fn wait_outcomes(server: &Server, id: &str, n: usize) -> Vec<(String, String, String)> {
-    wait_until("every node to reach an outcome", T, || {
-        let p = phases(server, id);
-        (p.len() == n
-            && p.iter().all(|(_, ph, _)| {
-                matches!(
-                    ph.as_str(),
-                    "committed" | "rolled_back" | "failed" | "rejected"
-                )
-            }))
-        .then_some(p)
-    })
-}
-
 fn published(server: &Server) -> Vec<Value> {
     server
         .cli_json(&["patch", "list"])
@@ -197,7 +163,7 @@ fn stock_minisign_key_and_signature_commit_a_patch() {
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["signatures"], 1, "{list:?}");
 
-    let outcomes = wait_outcomes(&server, "demo-2.0.0", 1);
+    let outcomes = patch::wait_outcomes(&server, "demo-2.0.0", 1);
     assert_eq!(
         outcomes
             .iter()

@@ -36,63 +36,6 @@ fn fleet(
     )
 }
 
-fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {
-    patch::status(server, id)["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["node_id"].as_str().unwrap().to_string(),
-                n["phase"].as_str().unwrap().to_string(),
-                n["error"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn wait_outcomes(server: &Server, id: &str, n: usize) -> Vec<(String, String, String)> {
-    wait_until("every node to reach an outcome", T, || {
-        let p = phases(server, id);
-        (p.len() == n
-            && p.iter().all(|(_, ph, _)| {
-                matches!(
-                    ph.as_str(),
-                    "committed" | "rolled_back" | "failed" | "rejected"
-                )
-            }))
-        .then_some(p)
-    })
-}
-
-/// Every file under `root`, with content and mode: what "the host unchanged" means.
-fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd {
-            let p = e.unwrap().path();
-            let meta = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if meta.is_dir() {
-                out.push((rel, Vec::new(), meta.permissions().mode()));
-                stack.push(p);
-            } else {
-                out.push((
-                    rel,
-                    std::fs::read(&p).unwrap_or_default(),
-                    meta.permissions().mode(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn published_patch_commits_on_every_agent() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,7 +62,7 @@ fn published_patch_commits_on_every_agent() {
     let (ok, out, err) = patch::publish(&server, &manifest);
     assert!(ok, "publish failed: {err}");
     assert!(out.contains("to 3 node(s)"), "{out}");
-    let outcomes = wait_outcomes(&server, "demo-2.0.0", 3);
+    let outcomes = patch::wait_outcomes(&server, "demo-2.0.0", 3);
     let took = started.elapsed();
     println!("publish -> all 3 agents committed: {took:?}");
     assert!(
@@ -167,7 +110,7 @@ fn published_patch_commits_on_every_agent() {
         let (ok, out, err) = patch::publish(&server, &manifest);
         assert!(ok, "{err}");
         assert!(out.contains("to 0 node(s)"), "{out}");
-        assert!(phases(&server, id).is_empty());
+        assert!(patch::phases(&server, id).is_empty());
     }
     for n in server.nodes() {
         assert_eq!(n["installed"]["demo"], "2.0.0", "{n}");
@@ -195,7 +138,7 @@ fn release(
 }
 
 fn outcome(server: &Server, id: &str) -> (String, String) {
-    let p = wait_outcomes(server, id, 1);
+    let p = patch::wait_outcomes(server, id, 1);
     (p[0].1.clone(), p[0].2.clone())
 }
 
@@ -220,7 +163,7 @@ fn signature_and_version_refusals() {
     let root = agents[0].root();
     let tar = dir.path().join("p.tar");
     patch::tar(&tar, &[("VERSION", b"x\n", 0o644)]);
-    let before = snapshot(&root);
+    let before = patch::snapshot(&root);
 
     release(
         &server,
@@ -266,7 +209,7 @@ fn signature_and_version_refusals() {
     assert_eq!(phase, "rejected");
     assert!(error.contains("signed by 1 distinct"), "{error}");
     assert_eq!(
-        snapshot(&root),
+        patch::snapshot(&root),
         before,
         "refused patches left the host untouched"
     );
@@ -274,7 +217,7 @@ fn signature_and_version_refusals() {
     // A good 2.0.0, then 1.0.0 without the signed downgrade flag.
     release(&server, dir.path(), "v2", "2.0.0", &tar, "", &[&k1, &k2]);
     assert_eq!(outcome(&server, "v2").0, "committed");
-    let after_v2 = snapshot(&root);
+    let after_v2 = patch::snapshot(&root);
     release(&server, dir.path(), "v1", "1.0.0", &tar, "", &[&k1, &k2]);
     let (phase, error) = outcome(&server, "v1");
     assert_eq!(phase, "rejected");
@@ -282,7 +225,7 @@ fn signature_and_version_refusals() {
         error.contains("would downgrade the installed 2.0.0"),
         "{error}"
     );
-    assert_eq!(snapshot(&root), after_v2);
+    assert_eq!(patch::snapshot(&root), after_v2);
 
     // Someone with the server's database edits a published manifest: the
     // signatures no longer match the bytes, and the host refuses it.
@@ -307,7 +250,7 @@ fn signature_and_version_refusals() {
         "{error}"
     );
     assert!(!root.join("opt/evil").exists());
-    assert_eq!(snapshot(&root), after_v2);
+    assert_eq!(patch::snapshot(&root), after_v2);
 }
 
 #[test]
@@ -378,7 +321,7 @@ fn failing_health_check_restores_exactly_the_previous_files() {
     );
     release(&server, dir.path(), "demo-1", "1.0.0", &v1, "", &[&k]);
     assert_eq!(outcome(&server, "demo-1").0, "committed");
-    let before = snapshot(&root);
+    let before = patch::snapshot(&root);
 
     // Version 2 changes a file, adds files and a directory, and fails its check.
     let v2 = dir.path().join("v2.tar");
@@ -404,7 +347,7 @@ fn failing_health_check_restores_exactly_the_previous_files() {
         "{st}"
     );
     assert_eq!(
-        snapshot(&root),
+        patch::snapshot(&root),
         before,
         "the host is exactly as before version 2"
     );
@@ -420,7 +363,7 @@ fn malicious_archives_are_refused_and_change_nothing() {
     let root = agents[0].root();
     std::fs::create_dir_all(root.join("opt/demo")).unwrap();
     std::fs::write(root.join("opt/demo/existing"), b"untouched\n").unwrap();
-    let before = snapshot(&root);
+    let before = patch::snapshot(&root);
     use tar::EntryType::{Regular, Symlink};
     // (patch id, tar entries, destination override, expected error fragment)
     type Entry<'a> = (&'a str, tar::EntryType, &'a [u8], &'a str);
@@ -477,7 +420,7 @@ fn malicious_archives_are_refused_and_change_nothing() {
             "{id}: {phase}"
         );
         assert!(error.to_lowercase().contains(want), "{id}: {error}");
-        assert_eq!(snapshot(&root), before, "{id} changed the host");
+        assert_eq!(patch::snapshot(&root), before, "{id} changed the host");
     }
     assert!(!root.join("opt/escape.txt").exists());
     assert!(!dir.path().join("escape.txt").exists());
@@ -501,7 +444,7 @@ fn malicious_archives_are_refused_and_change_nothing() {
     assert_eq!(phase, "rejected");
     assert!(error.contains("does not allow patch scripts"), "{error}");
     assert!(!root.join("opt/ran").exists());
-    assert_eq!(snapshot(&root), before);
+    assert_eq!(patch::snapshot(&root), before);
 }
 
 #[test]
@@ -522,7 +465,7 @@ fn artifacts_that_do_not_match_are_refused() {
     );
     assert!(out.status.success());
     let root = a.root();
-    let before = snapshot(&root);
+    let before = patch::snapshot(&root);
 
     // Larger than this host's cap: refused before any download.
     let big = dir.path().join("big.tar");
@@ -588,5 +531,5 @@ fn artifacts_that_do_not_match_are_refused() {
         error.contains("more") || error.contains("larger") || error.contains("declared"),
         "{error}"
     );
-    assert_eq!(snapshot(&root), before, "nothing was installed");
+    assert_eq!(patch::snapshot(&root), before, "nothing was installed");
 }
