@@ -33,6 +33,11 @@ Options:
                         show in ps).
       --token-file FILE Read the join token from FILE.
   -l, --label KEY=VALUE Label to ask for; repeatable.
+  -k, --trusted-key FILE
+                        minisign public key to pin for patch signatures;
+                        repeatable. Without one the host applies no patch.
+      --trust-threshold N
+                        How many pinned keys must sign each patch (default 1).
       --no-start        Join only; do not enable or start the systemd unit.
   -h, --help            Show this help.
 
@@ -67,6 +72,8 @@ nl='
 '
 servers=''
 labels=''
+keys=''
+threshold=''
 token=${FLOTILLA_TOKEN:-}
 start=yes
 
@@ -114,6 +121,27 @@ while [ $# -gt 0 ]; do
             ;;
         --label=*)
             labels="${labels}${1#--label=}${nl}"
+            shift
+            ;;
+        -k | --trusted-key)
+            need_value "$1" $#
+            [ -r "$2" ] || die "cannot read trusted key $2"
+            keys="${keys}${2}${nl}"
+            shift 2
+            ;;
+        --trusted-key=*)
+            file=${1#--trusted-key=}
+            [ -r "$file" ] || die "cannot read trusted key $file"
+            keys="${keys}${file}${nl}"
+            shift
+            ;;
+        --trust-threshold)
+            need_value "$1" $#
+            threshold=$2
+            shift 2
+            ;;
+        --trust-threshold=*)
+            threshold=${1#--trust-threshold=}
             shift
             ;;
         --no-start)
@@ -184,8 +212,16 @@ else
         esac
         set -- "$@" --label "$label"
     done
+    for key in $keys; do
+        set -- "$@" --trusted-key "$key"
+    done
     IFS=$old_ifs
     set +f
+    if [ -n "$threshold" ]; then
+        [ -n "$keys" ] || die "--trust-threshold needs at least one --trusted-key"
+        set -- "$@" --trust-threshold "$threshold"
+    fi
+    [ -n "$keys" ] || say "warning: no --trusted-key given: this host will refuse every patch"
 
     # No --server at all is fine when the config file names servers; the agent
     # says so clearly when neither does.
