@@ -48,6 +48,7 @@ pub async fn create(db: &Db, name: &str, role: OperatorRole) -> Result<(String, 
             role,
             secret_sha256: flotilla_proto::sha256_hex(secret.as_bytes()),
             created_at: now_secs(),
+            revoked: false,
         };
         if db.create(&keys::credential(&id), &rec).await? {
             return Ok((format!("{id}.{secret}"), rec));
@@ -76,8 +77,49 @@ pub async fn authenticate(db: &Db, bearer: &str) -> Result<Caller> {
     if !crate::tokens::digest_eq(&hash, &rec.secret_sha256) {
         return Err(bad());
     }
+    if rec.revoked {
+        return Err(Error::Unauthenticated(format!(
+            "the operator credential {:?} has been revoked",
+            rec.name
+        )));
+    }
     Ok(Caller {
         name: rec.name,
         role: rec.role,
     })
+}
+
+/// Revokes the credential named `name`. Refuses to revoke the last admin
+/// credential still valid: that would lock every operator out.
+pub async fn revoke(db: &Db, name: &str) -> Result<CredentialRecord> {
+    let all = list(db).await?;
+    let rec = all
+        .iter()
+        .find(|c| c.name == name)
+        .cloned()
+        .ok_or_else(|| Error::NotFound(format!("no credential named {name:?}")))?;
+    if rec.revoked {
+        return Ok(rec);
+    }
+    let admins = all
+        .iter()
+        .filter(|c| c.role == OperatorRole::Admin && !c.revoked)
+        .count();
+    if rec.role == OperatorRole::Admin && admins <= 1 {
+        return Err(Error::FailedPrecondition(format!(
+            "{name:?} is the last admin credential; create another admin first"
+        )));
+    }
+    let updated = db
+        .update(
+            &keys::credential(&rec.id),
+            |cur: Option<CredentialRecord>| {
+                let mut c =
+                    cur.ok_or_else(|| Error::NotFound(format!("no credential named {name:?}")))?;
+                c.revoked = true;
+                Ok::<_, Error>(crate::store::Update::Put(c))
+            },
+        )
+        .await??;
+    updated.ok_or_else(|| Error::Internal("credential vanished".into()))
 }

@@ -200,6 +200,8 @@ pub struct CredentialRecord {
     pub role: OperatorRole,
     pub secret_sha256: String,
     pub created_at: i64,
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

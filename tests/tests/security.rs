@@ -120,6 +120,23 @@ fn viewer_cannot_change_anything_and_changes_are_audited() {
     );
     // Refused attempts changed nothing, so they are not in the log.
     assert!(!entries.iter().any(|(a, _, _)| a == "alice"));
+    // A revoked credential is refused from then on; the last admin cannot be revoked.
+    server.cli(&["credential", "revoke", "alice"]);
+    let out = server.cli_as(&viewer, &["group", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has been revoked"), "{err}");
+    let out = server.cli_as(&server.credential(), &["credential", "revoke", "admin"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("last admin credential"));
+    let audit = server.cli_json(&["audit"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "credential.revoke" && e["target"] == "alice")
+    );
     // Sequence numbers only grow.
     let seqs: Vec<u64> = audit
         .as_array()

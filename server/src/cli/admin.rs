@@ -459,6 +459,8 @@ pub enum CredentialCmd {
     },
     /// List credentials.
     List,
+    /// Revoke a credential: it is refused from now on.
+    Revoke { name: String },
 }
 
 pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> anyhow::Result<()> {
@@ -491,6 +493,17 @@ pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> any
                 json!({ "id": info.id, "name": info.name, "role": info.role, "file": path }),
             );
         }
+        CredentialCmd::Revoke { name } => {
+            let c = c
+                .revoke_credential(pb::RevokeCredentialRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.object(
+                &format!("credential {} ({}) revoked", c.name, c.role),
+                json!({ "id": c.id, "name": c.name, "role": c.role, "revoked": c.revoked }),
+            );
+        }
         CredentialCmd::List => {
             let r = c
                 .list_credentials(pb::ListCredentialsRequest {})
@@ -498,15 +511,23 @@ pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> any
                 .map_err(status_error)?
                 .into_inner();
             out.table(
-                &["ID", "NAME", "ROLE", "CREATED"],
+                &["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
                 r.credentials
                     .iter()
-                    .map(|c| vec![c.id.clone(), c.name.clone(), c.role.clone(), time(c.created_at)])
+                    .map(|c| {
+                        vec![
+                            c.id.clone(),
+                            c.name.clone(),
+                            c.role.clone(),
+                            time(c.created_at),
+                            if c.revoked { "yes" } else { "no" }.to_string(),
+                        ]
+                    })
                     .collect(),
                 Value::Array(
                     r.credentials
                         .iter()
-                        .map(|c| json!({ "id": c.id, "name": c.name, "role": c.role, "created_at": c.created_at }))
+                        .map(|c| json!({ "id": c.id, "name": c.name, "role": c.role, "created_at": c.created_at, "revoked": c.revoked }))
                         .collect(),
                 ),
             );

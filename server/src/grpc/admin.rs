@@ -409,6 +409,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 name: rec.name,
                 role: rec.role.as_str().to_string(),
                 created_at: rec.created_at,
+                revoked: rec.revoked,
             }),
         }))
     }
@@ -427,8 +428,32 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     name: c.name,
                     role: c.role.as_str().to_string(),
                     created_at: c.created_at,
+                    revoked: c.revoked,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        request: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::CredentialInfo>, Status> {
+        let caller = self.caller(&request, OperatorRole::Admin).await?;
+        let name = request.into_inner().name;
+        let rec = credentials::revoke(&self.app.db, &name).await?;
+        self.audit(
+            &caller,
+            "credential.revoke",
+            &rec.name,
+            serde_json::json!({ "id": rec.id, "role": rec.role.as_str() }),
+        )
+        .await?;
+        Ok(Response::new(pb::CredentialInfo {
+            id: rec.id,
+            name: rec.name,
+            role: rec.role.as_str().to_string(),
+            created_at: rec.created_at,
+            revoked: rec.revoked,
         }))
     }
 

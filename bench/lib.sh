@@ -1,0 +1,158 @@
+# Shared helpers for the bench/ scripts. Sourced, not run.
+#
+# Binaries: release builds in a target dir of their own, so a benchmark run never
+# disturbs (or is disturbed by) a debug build in target/:
+#
+#   CARGO_TARGET_DIR=<repo>/target/bench cargo build --release --workspace --bins
+#
+# FLOTILLA_BENCH_BIN=DIR uses binaries from DIR instead (no build).
+# KEEP_TMP=1 keeps the temporary directory (logs, state) after the run.
+
+set -euo pipefail
+
+BENCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH_TARGET="${BENCH_TARGET:-$BENCH_REPO/target/bench}"
+BIN="${FLOTILLA_BENCH_BIN:-$BENCH_TARGET/release}"
+
+# Nothing from the caller's environment may steer the programs we start.
+unset FLOTILLA_AGENT_CONFIG FLOTILLA_AGENT_STATE_DIR FLOTILLA_AGENT_SERVERS \
+    FLOTILLA_AGENT_ROLE_HOOK FLOTILLA_AGENT_MAX_BACKOFF FLOTILLA_AGENT_TOKEN \
+    FLOTILLA_AGENT_MACHINE_ID FLOTILLA_CONFIG FLOTILLA_DATA_DIR FLOTILLA_LISTEN \
+    FLOTILLA_HEARTBEAT_INTERVAL FLOTILLA_OFFLINE_GRACE FLOTILLA_STARTUP_GRACE \
+    FLOTILLA_NODE_CERT_LIFETIME FLOTILLA_SERVER FLOTILLA_CREDENTIAL FLOTILLA_KEY_PASSWORD \
+    FLOTILLA_LOG_FORMAT 2>/dev/null || true
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+for tool in jq ss awk; do
+    command -v "$tool" >/dev/null || die "$tool is needed"
+done
+
+ensure_binaries() {
+    local missing=0 b
+    for b in flotilla-server flotilla-agent flotilla; do
+        [ -x "$BIN/$b" ] || missing=1
+    done
+    if [ "$missing" = 1 ]; then
+        [ -z "${FLOTILLA_BENCH_BIN:-}" ] || die "no binaries in FLOTILLA_BENCH_BIN=$BIN"
+        log "release binaries missing in $BIN; building (about 10 minutes on 2 cores):"
+        log "  CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release --workspace --bins"
+        (cd "$BENCH_REPO" && CARGO_TARGET_DIR="$BENCH_TARGET" cargo build --release --workspace --bins) \
+            || die "release build failed"
+    fi
+}
+
+# Every process we start is recorded here; cleanup stops exactly these.
+BENCH_PIDS=()
+BENCH_TMP=""
+
+track() { BENCH_PIDS+=("$1"); }
+
+cleanup() {
+    local rc=$? pid live i
+    trap - EXIT INT TERM
+    if [ "${#BENCH_PIDS[@]}" -gt 0 ]; then
+        for pid in "${BENCH_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+        # At most 10 s for a clean stop, then SIGKILL.
+        for i in $(seq 1 100); do
+            live=0
+            for pid in "${BENCH_PIDS[@]}"; do
+                if kill -0 "$pid" 2>/dev/null; then live=1; break; fi
+            done
+            [ "$live" = 0 ] && break
+            sleep 0.1
+        done
+        for pid in "${BENCH_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+        wait 2>/dev/null || true
+    fi
+    if [ -n "$BENCH_TMP" ] && [ -d "$BENCH_TMP" ]; then
+        if [ "${KEEP_TMP:-0}" = 1 ] || [ "$rc" != 0 ]; then
+            log "kept $BENCH_TMP (logs and state)"
+        else
+            rm -rf "$BENCH_TMP"
+        fi
+    fi
+    exit "$rc"
+}
+
+make_tmp() {
+    BENCH_TMP="$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench-$1.XXXXXX")"
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+now_ms() { date +%s%3N; }
+now_ns() { date +%s%N; }
+
+# wait_file FILE SECONDS: until FILE exists and is not empty (checked every 50 ms).
+wait_file() {
+    local i
+    for i in $(seq 1 $(($2 * 20))); do
+        [ -s "$1" ] && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+# start_server DATA_DIR LOG LISTEN HEARTBEAT: starts `flotilla-server run`, sets
+# SERVER_PID and SERVER_ADDR (from DATA_DIR/server.addr).
+start_server() {
+    local data="$1" logf="$2" listen="$3" hb="$4"
+    rm -f "$data/server.addr"
+    "$BIN/flotilla-server" run --data-dir "$data" --listen "$listen" \
+        --heartbeat-interval "$hb" >>"$logf" 2>&1 &
+    SERVER_PID=$!
+    track "$SERVER_PID"
+    wait_file "$data/server.addr" 30 || { tail -20 "$logf" >&2; die "the server did not listen within 30 s"; }
+    SERVER_ADDR="$(tr -d '[:space:]' <"$data/server.addr")"
+}
+
+# init_server DATA_DIR: `flotilla-server init` for 127.0.0.1.
+init_server() {
+    "$BIN/flotilla-server" init --data-dir "$1" --name 127.0.0.1 --name localhost >/dev/null
+}
+
+# group_online GROUP: nodes online in GROUP per `flotilla group list --json`
+# (empty when the server does not answer).
+group_online() {
+    "$BIN/flotilla" --json group list 2>/dev/null \
+        | jq -r --arg g "$1" '.[] | select(.name == $g) | .online' 2>/dev/null || true
+}
+
+# proc_mem PID: "VmRSS_kB VmHWM_kB Pss_kB Threads"
+proc_mem() {
+    local rss hwm pss thr
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$1/status")
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$1/status")
+    thr=$(awk '/^Threads:/ {print $2}' "/proc/$1/status")
+    pss=$(awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo NA)
+    echo "$rss $hwm $pss $thr"
+}
+
+# proc_ticks PID: utime+stime of all threads (live and exited), in clock ticks.
+proc_ticks() {
+    awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
+
+# proc_runtime_ns PID: on-CPU time of the live threads in ns (schedstat).
+proc_runtime_ns() {
+    cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d\n", s }'
+}
+
+# proc_ctxsw PID: one line per live thread: "TID COMM VOLUNTARY NONVOLUNTARY".
+proc_ctxsw() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        awk -v tid="${t##*/}" '
+            /^Name:/ { name = $2 }
+            /^voluntary_ctxt_switches:/ { v = $2 }
+            /^nonvoluntary_ctxt_switches:/ { n = $2 }
+            END { print tid, name, v, n }' "$t/status" 2>/dev/null || true
+    done
+}
+
+fmt_kib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
+
+median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
