@@ -113,11 +113,11 @@ drt=$((rt1 - rt0))
 
 # Per-thread wakeups over the window (threads present at both ends; a thread
 # that exited in between is counted only in the total of the thread list it is in).
-wake_table="$(join -j1 <(echo "$ctx0" | sort -k1,1) <(echo "$ctx1" | sort -k1,1) \
+wake_table="$(LC_ALL=C join -j1 <(echo "$ctx0" | LC_ALL=C sort -k1,1) <(echo "$ctx1" | LC_ALL=C sort -k1,1) \
     | awk '{ d = ($6 + $7) - ($3 + $4); printf "%s %s %d %d\n", $1, $2, d, ($7 - $4) }')"
 wakeups="$(echo "$wake_table" | awk '{ s += $3 } END { print s + 0 }')"
-new_threads="$(join -v2 -j1 <(echo "$ctx0" | sort -k1,1) <(echo "$ctx1" | sort -k1,1) | wc -l)"
-gone_threads="$(join -v1 -j1 <(echo "$ctx0" | sort -k1,1) <(echo "$ctx1" | sort -k1,1) | wc -l)"
+new_threads="$(LC_ALL=C join -v2 -j1 <(echo "$ctx0" | LC_ALL=C sort -k1,1) <(echo "$ctx1" | LC_ALL=C sort -k1,1) | wc -l)"
+gone_threads="$(LC_ALL=C join -v1 -j1 <(echo "$ctx0" | LC_ALL=C sort -k1,1) <(echo "$ctx1" | LC_ALL=C sort -k1,1) | wc -l)"
 
 up=$((br1 - br0)); down=$((bs1 - bs0)); segs=$(((so1 - so0) + (si1 - si0)))
 # Each segment also costs Ethernet (14) + IPv4 (20) + TCP with timestamps (32) bytes.

@@ -39,8 +39,21 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Shortest heartbeat interval honoured, whatever the server asks: a bad value
 /// must not turn every agent into a busy loop.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
-/// Kernel TCP keepalive: detects a vanished server without waking the agent.
+/// Kernel TCP keepalive: detects a vanished server without waking the agent
+/// (while the connection is idle).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2 PING to the server: heartbeats keep the connection busy, so TCP
+/// keepalive never fires, and a server that vanished without closing the
+/// connection would otherwise be noticed only after the kernel's retransmission
+/// timeout (about 15 minutes). Four heartbeats apart, between 5 s and a minute
+/// (a ping a minute costs about 1 byte/s); an answer must come within two
+/// heartbeats, between 5 s and 20 s.
+fn ping_timing(heartbeat: Duration) -> (Duration, Duration) {
+    (
+        (heartbeat * 4).clamp(Duration::from_secs(5), Duration::from_secs(60)),
+        (heartbeat * 2).clamp(Duration::from_secs(5), Duration::from_secs(20)),
+    )
+}
 /// Messages waiting to go to the server; heartbeats beyond it are skipped.
 const OUTBOUND_QUEUE: usize = 8;
 
@@ -332,7 +345,14 @@ impl Agent {
             &self.node.ca_pem,
             Some((&self.node.cert_pem, &self.node.key_pem)),
         ) {
-            Ok(e) => e.tcp_keepalive(Some(TCP_KEEPALIVE)),
+            Ok(e) => {
+                let heartbeat = Duration::from_millis(u64::from(self.held.heartbeat_interval_ms));
+                let (every, within) = ping_timing(heartbeat);
+                e.tcp_keepalive(Some(TCP_KEEPALIVE))
+                    .http2_keep_alive_interval(every)
+                    .keep_alive_timeout(within)
+                    .keep_alive_while_idle(true)
+            }
             Err(e) => return Outcome::Fatal(e.into()),
         };
         let channel = match endpoint.connect().await {

@@ -160,6 +160,11 @@ impl Server {
         self.addr = Some(addr);
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("https://{}", self.addr.expect("server started"))
     }

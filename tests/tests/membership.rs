@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::{Agent, OFFLINE_GRACE, Server, Watch, role_hook, wait_until};
+use flotilla_e2e::{
+    Agent, OFFLINE_GRACE, Server, Watch, role_hook, wait_until, wait_until_or_none,
+};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -193,5 +195,44 @@ fn restart_keeps_state_and_does_not_promote_early() {
     assert!(
         log.contains("not replacing lost active nodes yet"),
         "server explains the hold"
+    );
+}
+
+#[test]
+fn agent_notices_a_server_that_stops_answering() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token = server.token("depot", 1, &[]);
+    let (mut agent, _) = start_agent(&server, dir.path(), "quiet", &token);
+    wait_until("the agent to learn the heartbeat interval", T, || {
+        (agent.status()?["connected"] == true).then_some(())
+    });
+    // Restarted, it sizes its pings from the server's (short) heartbeat interval.
+    agent.kill9();
+    // The killed process could not record that it disconnected.
+    std::fs::remove_file(agent.state_dir.join("status.json")).unwrap();
+    agent.start(&[server.url()]);
+    wait_until("the restarted agent to connect", T, || {
+        (agent.status()?["connected"] == true).then_some(())
+    });
+    // Frozen, the server's kernel still holds the connection open: only the
+    // agent's HTTP/2 pings can tell it nobody answers.
+    let pid = Pid::from_raw(server.pid().expect("server running") as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    let noticed = wait_until_or_none(T, || (agent.status()?["connected"] == false).then_some(()));
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert!(
+        noticed.is_some(),
+        "the agent never noticed the silent server"
+    );
+    println!("a silent server was noticed after {:?}", frozen.elapsed());
+    wait_until(
+        "the agent to reconnect once the server answers again",
+        T,
+        || (agent.status()?["connected"] == true).then_some(()),
     );
 }
