@@ -25,6 +25,7 @@ SETTLE="${SETTLE:-5}"
     || die "usage: $0 [SECONDS (1..3600)]"
 
 ensure_binaries
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 make_tmp idle
 T="$BENCH_TMP"
 log "temp dir $T"
@@ -75,6 +76,8 @@ PORTS0="$(agent_ports | tr '\n' ' ')"
 NPORTS="$(echo "$PORTS0" | wc -w)"
 [ "$NPORTS" -ge 1 ] || die "cannot find the agent's connection with ss -tnp"
 LPORT="$(echo "$PORTS0" | awk '{print $1}')"
+[ -n "$(ss -tinH state established "( sport = :$SPORT and dport = :$LPORT )" 2>/dev/null | grep -o 'bytes_received:[0-9]*')" ] \
+    || die "ss -tin shows no byte counters for the server socket of port $LPORT"
 
 # ---- window start ----
 ctx0="$(proc_ctxsw "$AGENT_PID")"
@@ -143,8 +146,10 @@ printf '%-34s %s B up, %s B down = %s B/s\n' "TCP payload (server socket)" "$up"
     "$(awk -v b="$((up + down))" -v s="$secs" 'BEGIN { printf "%.2f", b / s }')"
 printf '%-34s %s segments; ~%s B/s incl. headers\n' "TCP segments (both ways)" "$segs" \
     "$(awk -v b="$wire" -v s="$secs" 'BEGIN { printf "%.2f", b / s }')"
+printf '%-34s sent %s B, received %s B since connect\n' "server socket totals" "$bs1" "$br1"
 printf '%-34s %s; CPU %s ticks = %s%% of a core\n' "server (1 agent): RSS" "$(fmt_kib "$(echo "$smem" | awk '{print $1}')")" "$dsticks" \
     "$(awk -v t="$dsticks" -v hz="$HZ" -v s="$secs" 'BEGIN { printf "%.4f", 100 * t / hz / s }')"
+printf '%-34s %s at start, %s at end (other work on this machine)\n' "load average (1/5/15 min)" "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "wakeups per agent thread over the window (tid name total involuntary):"
 echo "$wake_table" | sed 's/^/  /'

@@ -30,6 +30,7 @@ PATCH_DEADLINE_S=120     # per round
 ONLINE_DEADLINE_S=300    # for N agents to come online, first and after the restart
 
 ensure_binaries
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 make_tmp agents
 T="$BENCH_TMP"
 log "temp dir $T; $N agents"
@@ -141,10 +142,9 @@ EOF
     while [ "$(now_ms)" -lt "$deadline" ]; do
         a="$(now_ms)"
         "$BIN/flotilla" --json patch status "$id" >"$w/status.json" 2>/dev/null || true
+        read -r committed bad < <(jq -r '"\(.counts.committed // 0) \([.nodes[] | select(.phase == "failed" or .phase == "rejected" or .phase == "rolled_back")] | length)"' "$w/status.json" 2>/dev/null || echo "0 0")
         b="$(now_ms)"
         polls=$((polls + 1)); poll_ms=$((poll_ms + b - a))
-        committed="$(jq -r '.counts.committed // 0' "$w/status.json" 2>/dev/null || echo 0)"
-        bad="$(jq -r '[.nodes[] | select(.phase == "failed" or .phase == "rejected" or .phase == "rolled_back")] | length' "$w/status.json" 2>/dev/null || echo 0)"
         if [ "$bad" != 0 ]; then
             jq -r '.nodes[] | select(.phase == "failed" or .phase == "rejected" or .phase == "rolled_back") | "\(.node_id) \(.phase): \(.error)"' "$w/status.json" | head -5 >&2
             die "patch $id: $bad node(s) did not commit"
@@ -161,19 +161,18 @@ EOF
     RESULTS+=($((done_at - t0)))
     PUBLISH_MS+=($((tp - t0)))
     AGENT_COMMIT_MS+=($((last_commit - t0)))
-    POLL_STATS+=("$polls polls, mean $((poll_ms / polls)) ms per status call")
+    POLL_STATS+=("$polls polls, mean $((poll_ms / polls)) ms per status call + jq")
     log "round $k ($id): all $N committed at $((done_at - t0)) ms after publish started" \
         "(publish command $((tp - t0)) ms; first agent report +$((first_seen - t0)) ms;" \
         "last agent commit +$((last_commit - t0)) ms; lower bound $(( ${prev_start:-$t0} - t0 )) ms;" \
-        "$polls polls, mean $((poll_ms / polls)) ms each)"
+        "$polls polls, mean $((poll_ms / polls)) ms each incl. jq)"
 done
 SMEM_AFTER_PATCHES="$(proc_mem "$SERVER_PID")"
 
 # ---- kill -9 the server, restart it on the same address ----
 log "kill -9 server pid $SERVER_PID; restarting on $ADDR"
 tk="$(now_ms)"
-kill -KILL "$SERVER_PID"
-wait "$SERVER_PID" 2>/dev/null || true
+{ kill -KILL "$SERVER_PID"; wait "$SERVER_PID"; } 2>/dev/null || true
 tk1="$(now_ms)"
 ts="$(now_ms)"
 start_server "$T/server" "$T/server.log" "$ADDR" 5s
@@ -213,4 +212,5 @@ printf '%-44s %s, Pss %s\n' "server RSS after the $ROUNDS patches" "$(fmt_kib "$
 read -r y_rss _ y_pss y_thr <<<"$SMEM_RECONNECTED"
 printf '%-44s %s, Pss %s, %s threads\n' "server RSS after restart, all reconnected" "$(fmt_kib "$y_rss")" "$(fmt_kib "$y_pss")" "$y_thr"
 printf '%-44s %s RSS total (max %s), %s Pss total\n' "agents' memory" "$(fmt_kib "$a_rss")" "$(fmt_kib "$a_max")" "$(fmt_kib "$a_pss")"
+printf '%-44s %s at start, %s at end (other work on this machine)\n' "load average (1/5/15 min)" "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "polling: patch status every 50 ms (or back to back when a call takes longer); group list every 100 ms."

@@ -383,83 +383,91 @@ fn is_outcome(phase: &str) -> bool {
 
 pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Result<()> {
     match cmd {
-        PatchCmd::Build { spec, out_dir } => return build(&spec, out_dir, out),
+        PatchCmd::Build { spec, out_dir } => build(&spec, out_dir, out),
         PatchCmd::Sign {
             manifest,
             key,
             password_file,
-        } => {
-            return sign(&manifest, &key, password_file.as_deref(), out);
-        }
-        PatchCmd::Publish { manifest, sigs } => return publish(target, &manifest, sigs, out).await,
-        _ => {}
-    }
-    let (mut c, _) = target.admin().await?;
-    match cmd {
-        PatchCmd::List => {
-            let r = c
-                .list_patches(pb::ListPatchesRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            out.table(
-                &[
-                    "ID",
-                    "COMPONENT",
-                    "VERSION",
-                    "SEVERITY",
-                    "PUBLISHED",
-                    "EXPIRES",
-                    "TARGETED",
-                ],
-                r.patches
-                    .iter()
-                    .map(|p| {
-                        vec![
-                            p.id.clone(),
-                            p.component.clone(),
-                            p.version.clone(),
-                            p.severity.clone(),
-                            time(p.published_at),
-                            time(p.expires_at),
-                            p.targeted.to_string(),
-                        ]
-                    })
-                    .collect(),
-                Value::Array(r.patches.iter().map(info_json).collect()),
-            );
-        }
+        } => sign(&manifest, &key, password_file.as_deref(), out),
+        PatchCmd::Publish { manifest, sigs } => publish(target, &manifest, sigs, out).await,
+        PatchCmd::List => list(target, out).await,
         PatchCmd::Show { id } => {
+            let (mut c, _) = target.admin().await?;
             let p = c
                 .get_patch(pb::GetPatchRequest { id })
                 .await
                 .map_err(status_error)?
                 .into_inner();
             out.object(&String::from_utf8_lossy(&p.manifest), info_json(&p));
+            Ok(())
         }
-        PatchCmd::Status { id, wait } => {
-            let deadline = wait.map(|w| std::time::Instant::now() + w);
-            loop {
-                let r = c
-                    .patch_status(pb::PatchStatusRequest { id: id.clone() })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                let done = r.nodes.iter().all(|n| is_outcome(&n.phase));
-                let waiting = deadline.is_some_and(|d| !done && std::time::Instant::now() < d);
-                if !waiting {
-                    print_status(out, &r);
-                    if deadline.is_some() && !done {
-                        bail!("not every node reached an outcome in time");
-                    }
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-        _ => unreachable!("handled above"),
+        PatchCmd::Status { id, wait } => status(target, out, id, wait).await,
     }
+}
+
+async fn list(target: &Target, out: Output) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    let r = c
+        .list_patches(pb::ListPatchesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    out.table(
+        &[
+            "ID",
+            "COMPONENT",
+            "VERSION",
+            "SEVERITY",
+            "PUBLISHED",
+            "EXPIRES",
+            "TARGETED",
+        ],
+        r.patches
+            .iter()
+            .map(|p| {
+                vec![
+                    p.id.clone(),
+                    p.component.clone(),
+                    p.version.clone(),
+                    p.severity.clone(),
+                    time(p.published_at),
+                    time(p.expires_at),
+                    p.targeted.to_string(),
+                ]
+            })
+            .collect(),
+        Value::Array(r.patches.iter().map(info_json).collect()),
+    );
     Ok(())
+}
+
+/// Prints a patch's status; with `wait`, first waits (up to that long) until
+/// every targeted node reached an outcome.
+async fn status(
+    target: &Target,
+    out: Output,
+    id: String,
+    wait: Option<Duration>,
+) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    loop {
+        let r = c
+            .patch_status(pb::PatchStatusRequest { id: id.clone() })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let done = r.nodes.iter().all(|n| is_outcome(&n.phase));
+        let waiting = deadline.is_some_and(|d| !done && std::time::Instant::now() < d);
+        if !waiting {
+            print_status(out, &r);
+            if deadline.is_some() && !done {
+                bail!("not every node reached an outcome in time");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn print_status(out: Output, r: &pb::PatchStatusResponse) {

@@ -17,7 +17,11 @@ use crate::membership::{self, Member, Policy};
 use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
 use crate::patches::PatchRecord;
 use crate::store::Db;
-use flotilla_proto::manifest::{Manifest, NodeTarget};
+
+mod published;
+
+use flotilla_proto::manifest::Manifest;
+use published::wants;
 
 /// Most patches one desired state carries (the newest ones).
 const MAX_MANIFESTS_PER_STATE: usize = 64;
@@ -71,22 +75,6 @@ impl State {
     fn patch_revision(&self) -> u64 {
         self.patches.values().map(|(r, _)| r.seq).max().unwrap_or(0)
     }
-}
-
-fn target_of(n: &NodeRecord) -> NodeTarget {
-    NodeTarget {
-        group: n.group.clone(),
-        labels: n.labels.clone(),
-        os: n.facts.os.clone(),
-        arch: n.facts.arch.clone(),
-    }
-}
-
-/// Whether a patch is meant for a node now: accepted, targeted, not expired.
-fn wants(n: &NodeRecord, m: &Manifest, now: time::OffsetDateTime) -> bool {
-    n.status == NodeStatus::Accepted
-        && m.expires_at > now
-        && flotilla_proto::manifest::check_target(m, &target_of(n)).is_ok()
 }
 
 /// The live fleet. One per server process.
@@ -525,113 +513,6 @@ impl Fleet {
                 st.last_seen.get(id).copied().unwrap_or(n.last_seen),
             )
         })
-    }
-
-    /// Stores a verified patch and pushes it to every session it targets.
-    pub async fn add_patch(
-        &self,
-        manifest: String,
-        signatures: Vec<String>,
-        publisher: &str,
-        parsed: Manifest,
-    ) -> Result<PatchRecord> {
-        let mut st = self.state.lock().await;
-        if let Some((existing, _)) = st.patches.get(&parsed.id) {
-            if existing.manifest == manifest {
-                // Publishing the same signed bytes again is a no-op.
-                return Ok(existing.clone());
-            }
-            return Err(Error::FailedPrecondition(format!(
-                "a different patch with id {} is already published; give the new one its own id",
-                parsed.id
-            )));
-        }
-        let record = PatchRecord {
-            id: parsed.id.clone(),
-            seq: st.patch_revision() + 1,
-            manifest,
-            signatures,
-            published_at: now_secs(),
-            published_by: publisher.to_string(),
-        };
-        if !self.db.create(&keys::patch(&record.id), &record).await? {
-            return Err(Error::FailedPrecondition(format!(
-                "patch {} is already stored",
-                record.id
-            )));
-        }
-        st.patches
-            .insert(record.id.clone(), (record.clone(), parsed.clone()));
-        let now = time::OffsetDateTime::now_utc();
-        let targeted: Vec<String> = st
-            .nodes
-            .values()
-            .filter(|n| wants(n, &parsed, now))
-            .map(|n| n.id.clone())
-            .collect();
-        for id in &targeted {
-            self.push(&st, id);
-        }
-        tracing::info!(patch = %record.id, targeted = targeted.len(), "patch published");
-        Ok(record)
-    }
-
-    /// Notes that a node committed a patch: its component is at that version now.
-    pub async fn record_installed(&self, node_id: &str, patch_id: &str) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let Some((_, m)) = st.patches.get(patch_id) else {
-            return Ok(());
-        };
-        let (component, version) = (m.component.clone(), m.version.clone());
-        let Some(mut node) = st.nodes.get(node_id).cloned() else {
-            return Ok(());
-        };
-        if node.installed.get(&component) == Some(&version) {
-            return Ok(());
-        }
-        node.installed.insert(component, version);
-        self.db.put(&keys::node(node_id), &node).await?;
-        st.nodes.insert(node_id.to_string(), node);
-        Ok(())
-    }
-
-    /// Nodes (id, group) a patch targets now.
-    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String)> {
-        let st = self.state.lock().await;
-        let Some((_, m)) = st.patches.get(patch_id) else {
-            return Vec::new();
-        };
-        let now = time::OffsetDateTime::now_utc();
-        st.nodes
-            .values()
-            .filter(|n| wants(n, m, now))
-            .map(|n| (n.id.clone(), n.group.clone()))
-            .collect()
-    }
-
-    /// Summary of one patch.
-    pub async fn patch_info(&self, id: &str) -> Option<pb::PatchInfo> {
-        let st = self.state.lock().await;
-        let (r, m) = st.patches.get(id)?;
-        let now = time::OffsetDateTime::now_utc();
-        let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-        Some(crate::patches::info(r, m, targeted))
-    }
-
-    /// Summaries of every patch, newest first.
-    pub async fn patch_infos(&self) -> Vec<pb::PatchInfo> {
-        let st = self.state.lock().await;
-        let now = time::OffsetDateTime::now_utc();
-        let mut out: Vec<(u64, pb::PatchInfo)> = st
-            .patches
-            .values()
-            .map(|(r, m)| {
-                let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-                (r.seq, crate::patches::info(r, m, targeted))
-            })
-            .collect();
-        out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
-        out.into_iter().map(|(_, i)| i).collect()
     }
 
     /// Assigns roles in one group, persists the changes, pushes them, and
