@@ -36,8 +36,8 @@ export FLOTILLA_SERVER="https://$SERVER_ADDR"
 export FLOTILLA_CREDENTIAL="$T/server/admin.credential"
 log "server pid $SERVER_PID on $SERVER_ADDR"
 
-TOKEN="$("$BIN/flotilla" --json token create --group bench-idle --max-uses 1 --ttl 1h | jq -r .token)"
-"$BIN/flotilla-agent" --state-dir "$T/agent" join --server "$FLOTILLA_SERVER" \
+TOKEN="$(cli --json token create --group bench-idle --max-uses 1 --ttl 1h | jq -r .token)"
+timeout 60 "$BIN/flotilla-agent" --state-dir "$T/agent" join --server "$FLOTILLA_SERVER" \
     --token "$TOKEN" --machine-id bench-idle-1 >/dev/null
 mkdir -p "$T/root/opt"
 "$BIN/flotilla-agent" --state-dir "$T/agent" run --root "$T/root" --allow-path /opt \
@@ -101,6 +101,7 @@ sticks1="$(proc_ticks "$SERVER_PID")"
 net1="$(sock_counters "$LPORT")"
 ctx1="$(proc_ctxsw "$AGENT_PID")"
 mem1="$(proc_mem "$AGENT_PID")"
+rss_split="$(awk '/^RssAnon:|^RssFile:|^RssShmem:/ { printf "%s %.1f MiB  ", $1, $2 / 1024 }' "/proc/$AGENT_PID/status")"
 PORTS1="$(agent_ports | tr '\n' ' ')"
 smem="$(proc_mem "$SERVER_PID")"
 
@@ -117,7 +118,7 @@ drt=$((rt1 - rt0))
 # Per-thread wakeups over the window (threads present at both ends; a thread
 # that exited in between is counted only in the total of the thread list it is in).
 wake_table="$(LC_ALL=C join -j1 <(echo "$ctx0" | LC_ALL=C sort -k1,1) <(echo "$ctx1" | LC_ALL=C sort -k1,1) \
-    | awk '{ d = ($6 + $7) - ($3 + $4); printf "%s %s %d %d\n", $1, $2, d, ($7 - $4) }')"
+    | awk '{ d = ($7 + $8) - ($3 + $4); printf "%s %s %d %d %.3f\n", $1, $2, d, ($8 - $4), ($9 - $5) / 1e6 }')"
 wakeups="$(echo "$wake_table" | awk '{ s += $3 } END { print s + 0 }')"
 new_threads="$(LC_ALL=C join -v2 -j1 <(echo "$ctx0" | LC_ALL=C sort -k1,1) <(echo "$ctx1" | LC_ALL=C sort -k1,1) | wc -l)"
 gone_threads="$(LC_ALL=C join -v1 -j1 <(echo "$ctx0" | LC_ALL=C sort -k1,1) <(echo "$ctx1" | LC_ALL=C sort -k1,1) | wc -l)"
@@ -128,10 +129,12 @@ wire=$((up + down + segs * 66))
 
 echo
 echo "flotilla-agent idle for ${secs}s (release build, server heartbeat interval 15s)"
+echo "$(provenance)"
 printf '%-34s %s\n' "measure" "value"
 printf '%-34s %s\n' "----------------------------------" "------------------------------"
 printf '%-34s %s (%s kB; %s at start)\n' "VmRSS (end of window)" "$(fmt_kib "$rss")" "$rss" "$(fmt_kib "$rss0")"
 printf '%-34s %s\n' "VmHWM (peak RSS)" "$(fmt_kib "$hwm")"
+printf '%-34s %s\n' "RSS split" "$rss_split"
 printf '%-34s %s (%s kB; %s at start)\n' "Pss (smaps_rollup)" "$(fmt_kib "$pss")" "$pss" "$(fmt_kib "$pss0")"
 printf '%-34s %s (%s at start; %s new, %s gone)\n' "threads" "$thr" "$thr0" "$new_threads" "$gone_threads"
 printf '%-34s %s ticks of 1/%s s = %s%% of a core\n' "CPU utime+stime over window" "$dticks" "$HZ" \
@@ -151,5 +154,5 @@ printf '%-34s %s; CPU %s ticks = %s%% of a core\n' "server (1 agent): RSS" "$(fm
     "$(awk -v t="$dsticks" -v hz="$HZ" -v s="$secs" 'BEGIN { printf "%.4f", 100 * t / hz / s }')"
 printf '%-34s %s at start, %s at end (other work on this machine)\n' "load average (1/5/15 min)" "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "wakeups per agent thread over the window (tid name total involuntary):"
+echo "wakeups per agent thread over the window (tid name wakeups involuntary on-CPU-ms):"
 echo "$wake_table" | sed 's/^/  /'

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the bench/ scripts. Sourced, not run.
 #
 # Binaries: release builds in a target dir of their own, so a benchmark run never
@@ -6,7 +7,8 @@
 #   CARGO_TARGET_DIR=<repo>/target/bench cargo build --release --workspace --bins
 #
 # FLOTILLA_BENCH_BIN=DIR uses binaries from DIR instead (no build).
-# KEEP_TMP=1 keeps the temporary directory (logs, state) after the run.
+# KEEP_TMP=1 keeps the temporary directory (logs, state) after the run; a run
+# that fails keeps it too (its path is printed).
 
 set -euo pipefail
 
@@ -114,10 +116,13 @@ init_server() {
     "$BIN/flotilla-server" init --data-dir "$1" --name 127.0.0.1 --name localhost >/dev/null
 }
 
+# cli ARGS...: the flotilla CLI, bounded in time (CLI_TIMEOUT seconds, default 30).
+cli() { timeout "${CLI_TIMEOUT:-30}" "$BIN/flotilla" "$@"; }
+
 # group_online GROUP: nodes online in GROUP per `flotilla group list --json`
-# (empty when the server does not answer).
+# (empty when the server does not answer within 10 s).
 group_online() {
-    "$BIN/flotilla" --json group list 2>/dev/null \
+    timeout 10 "$BIN/flotilla" --json group list 2>/dev/null \
         | jq -r --arg g "$1" '.[] | select(.name == $g) | .online' 2>/dev/null || true
 }
 
@@ -141,16 +146,26 @@ proc_runtime_ns() {
     cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d\n", s }'
 }
 
-# proc_ctxsw PID: one line per live thread: "TID COMM VOLUNTARY NONVOLUNTARY".
+# proc_ctxsw PID: one line per live thread:
+# "TID COMM VOLUNTARY NONVOLUNTARY ONCPU_NS".
 proc_ctxsw() {
-    local t
+    local t rt
     for t in /proc/"$1"/task/*; do
-        awk -v tid="${t##*/}" '
+        rt="$(awk '{ print $1 }' "$t/schedstat" 2>/dev/null || echo 0)"
+        awk -v tid="${t##*/}" -v rt="$rt" '
             /^Name:/ { name = $2 }
             /^voluntary_ctxt_switches:/ { v = $2 }
             /^nonvoluntary_ctxt_switches:/ { n = $2 }
-            END { print tid, name, v, n }' "$t/status" 2>/dev/null || true
+            END { print tid, name, v, n, rt }' "$t/status" 2>/dev/null || true
     done
+}
+
+# provenance: the source tree's commit and the binaries' build time.
+provenance() {
+    local rev dirty
+    rev="$(git -C "$BENCH_REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    dirty="$(git -C "$BENCH_REPO" status --porcelain --untracked-files=no -- . ':!bench' ':!docs/BENCHMARKS.md' 2>/dev/null | wc -l)"
+    echo "source $rev ($dirty modified files outside bench/); binaries $BIN, built $(date -r "$BIN/flotilla-agent" '+%F %T')"
 }
 
 fmt_kib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }

@@ -115,9 +115,9 @@ pub async fn record_report(
     rec: crate::model::ReportRecord,
 ) -> Result<bool> {
     let key = keys::report(node_id, &rec.report_id);
-    if !app.db.create(&key, &rec).await? {
-        return Ok(false);
-    }
+    // A re-sent report (its first answer lost) still updates the node's state
+    // below: the update is idempotent, and skipping it could lose the phase.
+    let new = app.db.create(&key, &rec).await?;
     let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
     let name = phase_name(phase).to_string();
     let at = rec.at_ms;
@@ -155,16 +155,18 @@ pub async fn record_report(
             .record_installed(node_id, &rec.manifest_id)
             .await?;
     }
-    if matches!(
-        phase,
-        pb::PatchPhase::Committed
-            | pb::PatchPhase::RolledBack
-            | pb::PatchPhase::Failed
-            | pb::PatchPhase::Rejected
-    ) {
+    if new
+        && matches!(
+            phase,
+            pb::PatchPhase::Committed
+                | pb::PatchPhase::RolledBack
+                | pb::PatchPhase::Failed
+                | pb::PatchPhase::Rejected
+        )
+    {
         tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
     }
-    Ok(true)
+    Ok(new)
 }
 
 /// Per-node states of a patch: every targeted node (waiting if silent) and any

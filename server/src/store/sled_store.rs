@@ -29,8 +29,15 @@ impl SledStore {
         Ok(Self { db })
     }
 
+    /// fsyncs on a blocking thread. sled 0.34's `flush_async` can stall for good
+    /// when many writers flush at once (seen with a few dozen agents reporting
+    /// together); the blocking `flush` does not.
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(backend)?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))?
+            .map_err(backend)?;
         Ok(())
     }
 }
