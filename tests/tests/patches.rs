@@ -137,6 +137,13 @@ fn release(
     manifest
 }
 
+/// The server's stored copy of a manifest's first artifact.
+fn held_artifact(server: &Server, manifest: &Path) -> std::path::PathBuf {
+    let m: Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let sha = m["artifacts"][0]["sha256"].as_str().unwrap();
+    server.data_dir.join("artifacts").join(sha)
+}
+
 fn outcome(server: &Server, id: &str) -> (String, String) {
     let p = patch::wait_outcomes(server, id, 1);
     (p[0].1.clone(), p[0].2.clone())
@@ -491,9 +498,7 @@ fn artifacts_that_do_not_match_are_refused() {
         "",
         &[&k],
     );
-    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    let sha = m["artifacts"][0]["sha256"].as_str().unwrap();
-    let held = server.data_dir.join("artifacts").join(sha);
+    let held = held_artifact(&server, &manifest);
     let mut bytes = std::fs::read(&held).unwrap();
     bytes[600] ^= 0xff;
     std::fs::write(&held, &bytes).unwrap();
@@ -518,9 +523,7 @@ fn artifacts_that_do_not_match_are_refused() {
         "",
         &[&k],
     );
-    let m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    let sha = m["artifacts"][0]["sha256"].as_str().unwrap();
-    let held = server.data_dir.join("artifacts").join(sha);
+    let held = held_artifact(&server, &manifest);
     let mut bytes = std::fs::read(&held).unwrap();
     bytes.extend_from_slice(&[0u8; 4096]);
     std::fs::write(&held, &bytes).unwrap();
