@@ -539,6 +539,7 @@ impl Agent {
     fn offer(&self, msg: &pb::DesiredState) {
         let offer = Offer {
             manifests: msg.manifests.clone(),
+            rollback: msg.rollback.clone(),
             target: flotilla_proto::manifest::NodeTarget {
                 group: if msg.group.is_empty() {
                     self.node.group.clone()

@@ -144,6 +144,18 @@ pub struct GroupRecord {
     pub max_unavailable: u32,
     /// Grows on every change of the group's part of desired state.
     pub revision: u64,
+    /// IANA time zone of the maintenance windows ("" is UTC).
+    #[serde(default)]
+    pub timezone: String,
+    /// Maintenance windows ("mon-fri 22:00-04:00"); none: any time.
+    #[serde(default)]
+    pub windows: Vec<String>,
+    /// Rollout defaults for patches reaching this group.
+    #[serde(default)]
+    pub rollout: crate::rollout::policy::PolicySpec,
+    /// Patch SLA per severity ("critical=30,high=90"); "" is the default.
+    #[serde(default)]
+    pub sla: String,
 }
 
 impl GroupRecord {
@@ -153,6 +165,10 @@ impl GroupRecord {
             desired: None,
             max_unavailable: 1,
             revision: 1,
+            timezone: String::new(),
+            windows: Vec::new(),
+            rollout: Default::default(),
+            sla: String::new(),
         }
     }
 }

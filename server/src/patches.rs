@@ -39,8 +39,18 @@ pub fn state_key(patch: &str, node: &str) -> String {
     format!("patchstate/{patch}/{node}")
 }
 
+pub const STATE_PREFIX: &str = "patchstate/";
+
 pub fn state_prefix(patch: &str) -> String {
-    format!("patchstate/{patch}/")
+    format!("{STATE_PREFIX}{patch}/")
+}
+
+/// The phase a stored name stands for (Unspecified for none).
+pub fn phase_from_name(name: &str) -> pb::PatchPhase {
+    (0..=32)
+        .filter_map(|i| pb::PatchPhase::try_from(i).ok())
+        .find(|p| phase_name(*p) == name)
+        .unwrap_or(pb::PatchPhase::Unspecified)
 }
 
 /// The report phase names used in status output.
@@ -58,6 +68,7 @@ pub fn phase_name(phase: pb::PatchPhase) -> &'static str {
         P::RolledBack => "rolled_back",
         P::Failed => "failed",
         P::Rejected => "rejected",
+        P::Reverting => "reverting",
     }
 }
 
@@ -68,6 +79,7 @@ pub async fn publish(
     manifest: Vec<u8>,
     signatures: Vec<String>,
     publisher: &str,
+    rollout: crate::fleet::RolloutRequest,
 ) -> Result<(PatchRecord, Manifest)> {
     let trust = crate::trust::get(&app.db).await?.ok_or_else(|| {
         Error::FailedPrecondition(
@@ -102,7 +114,7 @@ pub async fn publish(
         .map_err(|_| Error::InvalidArgument("manifest is not UTF-8".into()))?;
     let record = app
         .fleet
-        .add_patch(text, signatures, publisher, parsed.clone())
+        .add_patch(text, signatures, publisher, parsed.clone(), rollout)
         .await?;
     Ok((record, parsed))
 }
@@ -121,7 +133,8 @@ pub async fn record_report(
     let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
     let name = phase_name(phase).to_string();
     let at = rec.at_ms;
-    app.db
+    let stored = app
+        .db
         .update(
             &state_key(&rec.manifest_id, node_id),
             |cur: Option<NodePatchRecord>| {
@@ -150,9 +163,16 @@ pub async fn record_report(
             },
         )
         .await??;
-    if phase == pb::PatchPhase::Committed {
+    // The stored record is the newest report, which a late re-send never undoes.
+    if let Some(s) = stored {
         app.fleet
-            .record_installed(node_id, &rec.manifest_id)
+            .note_phase(
+                node_id,
+                &rec.manifest_id,
+                phase_from_name(&s.phase),
+                &s.error,
+                s.updated_at_ms,
+            )
             .await?;
     }
     if new
@@ -178,13 +198,13 @@ pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodeP
         .await
         .ok_or_else(|| Error::NotFound(format!("no patch with id {id}")))?;
     let mut by_node: BTreeMap<String, pb::NodePatchState> = BTreeMap::new();
-    for (node, group) in app.fleet.targeted_nodes(id).await {
+    for (node, group, waiting) in app.fleet.targeted_nodes(id).await {
         by_node.insert(
             node.clone(),
             pb::NodePatchState {
                 node_id: node,
                 group,
-                phase: "waiting".into(),
+                phase: waiting,
                 ..Default::default()
             },
         );
@@ -216,7 +236,12 @@ pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodeP
 }
 
 /// PatchInfo of a record.
-pub fn info(rec: &PatchRecord, m: &Manifest, targeted: u32) -> pb::PatchInfo {
+pub fn info(
+    rec: &PatchRecord,
+    m: &Manifest,
+    targeted: u32,
+    rollout: Option<&crate::rollout::record::RolloutRecord>,
+) -> pb::PatchInfo {
     pb::PatchInfo {
         id: rec.id.clone(),
         component: m.component.clone(),
@@ -238,5 +263,7 @@ pub fn info(rec: &PatchRecord, m: &Manifest, targeted: u32) -> pb::PatchInfo {
         targeted,
         signatures: rec.signatures.len() as u32,
         manifest: rec.manifest.clone().into_bytes(),
+        emergency: rollout.is_some_and(|r| r.emergency),
+        rollout_state: rollout.map_or("", |r| r.state.as_str()).to_string(),
     }
 }

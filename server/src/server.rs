@@ -105,6 +105,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
+    let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
 
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(server_cert, server_key))
@@ -147,6 +148,7 @@ pub async fn run(
         .context("gRPC server failed")?;
     shutdown.cancel();
     let _ = reconciler.await;
+    let _ = rollouts.await;
     tracing::info!("flotilla-server stopped");
     Ok(())
 }

@@ -400,7 +400,7 @@ impl Drop for Agent {
     }
 }
 
-/// A background `flotilla group watch --json`, its output in a file.
+/// A background `flotilla ... watch --json`, its output in a file.
 pub struct Watch {
     pub out: PathBuf,
     child: Option<Child>,
@@ -408,15 +408,32 @@ pub struct Watch {
 
 impl Watch {
     pub fn start(server: &Server, dir: &Path, group: &str) -> Self {
-        let out = dir.join(format!("watch-{group}.jsonl"));
+        Self::command(
+            server,
+            dir.join(format!("watch-{group}.jsonl")),
+            &["group", "watch", group],
+        )
+    }
+
+    /// A background `flotilla rollout watch PATCH --json`.
+    pub fn rollout(server: &Server, dir: &Path, patch: &str) -> Self {
+        Self::command(
+            server,
+            dir.join(format!("rollout-{patch}.jsonl")),
+            &["rollout", "watch", patch],
+        )
+    }
+
+    fn command(server: &Server, out: PathBuf, args: &[&str]) -> Self {
         let child = Command::new(bin("flotilla"))
-            .args(["group", "watch", group, "--json"])
+            .args(args)
+            .arg("--json")
             .env("FLOTILLA_SERVER", server.url())
             .env("FLOTILLA_CREDENTIAL", server.credential())
             .stdout(log_to(&out))
             .stderr(Stdio::null())
             .spawn()
-            .expect("start flotilla group watch");
+            .expect("start a flotilla watch");
         Self {
             out,
             child: Some(child),

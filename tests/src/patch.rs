@@ -172,6 +172,9 @@ pub struct FleetOptions<'a> {
     pub run_args: &'a [&'a str],
     /// Extra environment for the server (test-only fault injection).
     pub server_env: &'a [(&'a str, String)],
+    /// Site labels handed out in turn (agent i gets `site=sites[i % len]`);
+    /// empty: every agent is at site berlin.
+    pub sites: &'a [&'a str],
 }
 
 /// A server with a trust policy and running agents in group "store" (label
@@ -195,7 +198,13 @@ pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
         args.extend(["--key", k.as_str()]);
     }
     server.cli(&args);
-    let token = server.token("store", o.agents as u32, &["--label", "site=berlin"]);
+    // Token labels win over the agent's own, so per-agent sites need a bare token.
+    let token_labels: &[&str] = if o.sites.is_empty() {
+        &["--label", "site=berlin"]
+    } else {
+        &[]
+    };
+    let token = server.token("store", o.agents as u32, token_labels);
     let mut join_args: Vec<String> = vec![
         "--trust-threshold".into(),
         o.pin_threshold.max(1).to_string(),
@@ -206,12 +215,16 @@ pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
             k.public.to_string_lossy().into_owned(),
         ]);
     }
-    let join_args: Vec<&str> = join_args.iter().map(String::as_str).collect();
     let mut agents = Vec::new();
     for i in 0..o.agents {
-        let mut a = Agent::new(dir, &format!("host{i}")).with_root();
+        let mut a = Agent::new(dir, &format!("host{i:02}")).with_root();
         a.run_args.extend(o.run_args.iter().map(|s| s.to_string()));
-        let out = a.join_output(&server.url(), &token, &join_args);
+        let mut args: Vec<&str> = join_args.iter().map(String::as_str).collect();
+        let site = (!o.sites.is_empty()).then(|| format!("site={}", o.sites[i % o.sites.len()]));
+        if let Some(site) = &site {
+            args.extend(["--label", site.as_str()]);
+        }
+        let out = a.join_output(&server.url(), &token, &args);
         assert!(
             out.status.success(),
             "{}",

@@ -23,7 +23,7 @@ mod tests_refusals;
 #[cfg(test)]
 mod tests_script;
 #[cfg(test)]
-mod tests_util;
+pub(crate) mod tests_util;
 
 use std::path::{Component, Path, PathBuf};
 

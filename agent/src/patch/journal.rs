@@ -5,7 +5,9 @@
 //! so after a crash or power loss the agent resumes from what the journal says. A
 //! phase only moves forward, one step at a time, or ends in a final phase; a final
 //! entry never changes, which is what makes sure the same manifest is never applied
-//! twice.
+//! twice. The one exception is undoing a committed patch at the server's request:
+//! Committed → Reverting → RolledBack (or Failed), which never leads back to an
+//! install.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,6 +32,9 @@ pub enum Phase {
     Healthy,
     /// Done for good: the previous version's backup may go.
     Committed,
+    /// A committed patch is being undone, at the server's request (an aborted
+    /// rollout). Recorded before the host is touched; a crash resumes the undo.
+    Reverting,
     /// Installed, then undone.
     RolledBack,
     /// Could not be carried out (download or install failed).
@@ -39,8 +44,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// Every phase, in order (the forward path first, then the final failures).
-    pub const ALL: [Phase; 10] = [
+    /// Every phase, in order (the forward path first, then the undo of a committed
+    /// patch, then the final failures).
+    pub const ALL: [Phase; 11] = [
         Phase::Received,
         Phase::Verified,
         Phase::Downloaded,
@@ -48,12 +54,15 @@ impl Phase {
         Phase::Applied,
         Phase::Healthy,
         Phase::Committed,
+        Phase::Reverting,
         Phase::RolledBack,
         Phase::Failed,
         Phase::Rejected,
     ];
 
-    /// True for phases an entry never leaves.
+    /// True for phases an entry never leaves on its own: RolledBack, Failed and
+    /// Rejected for good, and Committed unless the server asks for it to be undone
+    /// (see [`Phase::may_become`]).
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -71,6 +80,7 @@ impl Phase {
             Self::Applied => pb::PatchPhase::Applied,
             Self::Healthy => pb::PatchPhase::Healthy,
             Self::Committed => pb::PatchPhase::Committed,
+            Self::Reverting => pb::PatchPhase::Reverting,
             Self::RolledBack => pb::PatchPhase::RolledBack,
             Self::Failed => pb::PatchPhase::Failed,
             Self::Rejected => pb::PatchPhase::Rejected,
@@ -87,6 +97,7 @@ impl Phase {
             Self::Applied => "applied",
             Self::Healthy => "healthy",
             Self::Committed => "committed",
+            Self::Reverting => "reverting",
             Self::RolledBack => "rolled_back",
             Self::Failed => "failed",
             Self::Rejected => "rejected",
@@ -107,15 +118,21 @@ impl Phase {
     }
 
     /// Whether an entry may move from `self` to `to`: one step forward, the same
-    /// (non-final) phase again (to update its details), or from any non-final phase
-    /// to RolledBack, Failed or Rejected. A final phase never changes.
+    /// phase again (to update its details), or to RolledBack, Failed or Rejected,
+    /// from any phase of the forward path before Committed. Undoing a committed
+    /// patch is its own path: Committed only becomes Reverting, and Reverting only
+    /// RolledBack or Failed. Any other final phase never changes.
     pub fn may_become(self, to: Phase) -> bool {
-        if self.is_final() {
-            return false;
+        match self {
+            Self::Committed => to == Self::Reverting,
+            Self::Reverting => matches!(to, Self::RolledBack | Self::Failed),
+            _ if self.is_final() => false,
+            _ => {
+                self == to
+                    || self.next() == Some(to)
+                    || matches!(to, Self::RolledBack | Self::Failed | Self::Rejected)
+            }
         }
-        self == to
-            || self.next() == Some(to)
-            || matches!(to, Self::RolledBack | Self::Failed | Self::Rejected)
     }
 
     /// Whether a new entry may start in `self`: Received, or refused or failed
@@ -277,7 +294,9 @@ impl Journal {
     }
 
     /// Component -> version, from the latest committed entry of each component (by
-    /// `updated_at`; ties broken by manifest id, so the answer is stable).
+    /// `updated_at`; ties broken by manifest id, so the answer is stable). A patch
+    /// being undone or undone no longer counts: its component is back at its newest
+    /// other committed entry, or absent.
     pub fn installed_versions(&self) -> Result<BTreeMap<String, String>, JournalError> {
         let mut latest: BTreeMap<String, Entry> = BTreeMap::new();
         for e in self.all()? {
@@ -338,7 +357,11 @@ mod tests {
         ];
         for from in Phase::ALL {
             for to in Phase::ALL {
-                let expected = if from.is_final() {
+                let expected = if from == Committed {
+                    to == Reverting
+                } else if from == Reverting {
+                    matches!(to, RolledBack | Failed)
+                } else if from.is_final() || to == Reverting {
                     false
                 } else if matches!(to, RolledBack | Failed | Rejected) || from == to {
                     true
@@ -358,6 +381,16 @@ mod tests {
         assert!(!Rejected.may_become(Rejected));
         assert!(Received.may_start() && Rejected.may_start() && Failed.may_start());
         assert!(!Applying.may_start() && !Committed.may_start());
+        // Undoing a committed patch: its own path, never back to an install.
+        assert!(Committed.may_become(Reverting));
+        assert!(Reverting.may_become(RolledBack) && Reverting.may_become(Failed));
+        assert!(!Reverting.may_become(Committed) && !Reverting.may_become(Rejected));
+        assert!(!Reverting.may_become(Applying) && !Reverting.may_become(Reverting));
+        assert!(!Healthy.may_become(Reverting) && !Applying.may_become(Reverting));
+        assert!(!RolledBack.may_become(Reverting) && !Failed.may_become(Reverting));
+        assert!(!Reverting.is_final() && !Reverting.may_start());
+        assert_eq!(Reverting.to_proto(), pb::PatchPhase::Reverting);
+        assert_eq!(Reverting.as_str(), "reverting");
     }
 
     #[test]
@@ -396,6 +429,18 @@ mod tests {
             })
         ));
         assert_eq!(j.get("m1").unwrap().unwrap().phase, Committed);
+        // Undone at the server's request, then never touched again.
+        e.phase = Reverting;
+        j.record(&e).unwrap();
+        assert_eq!(j.unfinished().unwrap().len(), 1, "an undo to resume");
+        e.phase = RolledBack;
+        j.record(&e).unwrap();
+        for phase in [Reverting, Committed, Received] {
+            e.phase = phase;
+            assert!(j.record(&e).is_err(), "{phase}");
+        }
+        assert_eq!(j.get("m1").unwrap().unwrap().phase, RolledBack);
+        assert!(j.unfinished().unwrap().is_empty());
         assert!(j.get("other").unwrap().is_none());
         e.manifest_id = String::new();
         assert!(matches!(j.record(&e), Err(JournalError::EmptyId)));
@@ -434,6 +479,24 @@ mod tests {
         assert_eq!(installed["app"], "1.1.0");
         assert_eq!(installed["openssl"], "3.0.1");
         assert_eq!(j.all().unwrap().len(), 6);
+
+        // Undoing the newest commit of a component goes back to the one before;
+        // undoing that one too leaves the component out.
+        let mut a2 = j.get("a2").unwrap().unwrap();
+        a2.phase = Reverting;
+        j.record(&a2).unwrap();
+        assert_eq!(j.installed_versions().unwrap()["app"], "1.0.0");
+        a2.phase = RolledBack;
+        j.record(&a2).unwrap();
+        assert_eq!(j.installed_versions().unwrap()["app"], "1.0.0");
+        let mut a1 = j.get("a1").unwrap().unwrap();
+        for phase in [Reverting, Failed] {
+            a1.phase = phase;
+            j.record(&a1).unwrap();
+        }
+        let installed = j.installed_versions().unwrap();
+        assert!(!installed.contains_key("app"), "{installed:?}");
+        assert_eq!(installed["openssl"], "3.0.1");
     }
 
     #[test]

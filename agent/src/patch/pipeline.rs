@@ -4,9 +4,15 @@
 //! journal (flushed) before acting on it and queueing a report for each. After a
 //! crash it resumes from the journal: an interrupted apply is rolled back, and a
 //! manifest the journal knows is never applied again.
+//!
+//! It also undoes committed patches the server asks it to (an aborted rollout):
+//! Committed → Reverting (recorded and reported before the host is touched) →
+//! RolledBack or Failed, with the signed manifest's rollback plan, its signatures
+//! checked again first. A crash while Reverting finishes the undo at the next start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_proto::manifest::{self, Install, Manifest, NodeTarget, Rollback, TrustPolicy};
@@ -19,10 +25,15 @@ use super::outbox::{Outbox, Report};
 use crate::install::{self, LocalPolicy};
 use crate::state::Store;
 
-/// What the session hands over: the manifests offered and what the node is.
+/// What the session hands over: the manifests offered, the committed patches to
+/// undo, and what the node is.
 #[derive(Debug, Clone, Default)]
 pub struct Offer {
     pub manifests: Vec<pb::SignedManifest>,
+    /// Ids of committed patches the server asks this node to undo (an aborted
+    /// rollout). Anything not committed here is ignored; an offered manifest with
+    /// one of these ids is not started.
+    pub rollback: Vec<String>,
     pub target: NodeTarget,
 }
 
@@ -47,6 +58,9 @@ pub struct Pipeline {
     journal: Journal,
     outbox: Outbox,
     cfg: PipelineConfig,
+    /// Committed patches the server asked to undo that could not be, with the
+    /// reason last reported, so the same refusal is not queued again at every offer.
+    refused: Mutex<BTreeMap<String, String>>,
 }
 
 /// How a step ended when it did not succeed.
@@ -66,6 +80,17 @@ impl Stop {
     }
 }
 
+/// Why a script install cannot be undone when its manifest gives no rollback script.
+pub const NO_ROLLBACK_PLAN: &str = "the manifest has no rollback plan";
+
+/// The reason a patch undone at the server's request carries.
+pub const REVERTED: &str = "rolled back at the server's request (the rollout was aborted)";
+
+/// The install plan a `files` install keeps in its patch directory, and the name it
+/// is retired to once restored (see `install::rollback_files`).
+const PLAN_FILE: &str = "plan.json";
+const DONE_PLAN_FILE: &str = "plan.rolled-back.json";
+
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -82,6 +107,7 @@ impl Pipeline {
             journal,
             outbox,
             cfg,
+            refused: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -90,17 +116,30 @@ impl Pipeline {
         self.resume().await;
         loop {
             let offer = offers.borrow_and_update().clone();
-            for signed in offer.manifests {
-                match self.journal.get(&signed.id) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => self.start(signed, &offer.target).await,
-                    Err(e) => {
-                        tracing::error!(patch = %signed.id, error = %e, "cannot read the journal")
-                    }
-                }
-            }
+            self.take(offer).await;
             if offers.changed().await.is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Acts on one offer: first undoes the committed patches it names, then starts
+    /// every offered manifest the journal does not know (and the server does not
+    /// ask to undo).
+    async fn take(&self, offer: Offer) {
+        for id in &offer.rollback {
+            self.revert(id).await;
+        }
+        for signed in offer.manifests {
+            if offer.rollback.contains(&signed.id) {
+                continue;
+            }
+            match self.journal.get(&signed.id) {
+                Ok(Some(_)) => continue,
+                Ok(None) => self.start(signed, &offer.target).await,
+                Err(e) => {
+                    tracing::error!(patch = %signed.id, error = %e, "cannot read the journal")
+                }
             }
         }
     }
@@ -196,6 +235,26 @@ impl Pipeline {
 
     /// Every check of the trust model, against the time the update started.
     fn verify(&self, entry: &Entry, target: Option<&NodeTarget>) -> Result<Manifest, String> {
+        let m = self.verify_signatures(entry)?;
+        let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
+            .map_err(|e| e.to_string())?;
+        manifest::check_time(&m, started).map_err(|e| e.to_string())?;
+        if let Some(target) = target {
+            manifest::check_target(&m, target).map_err(|e| e.to_string())?;
+        }
+        let installed = self
+            .journal
+            .installed_versions()
+            .map_err(|e| e.to_string())?;
+        manifest::check_version(&m, installed.get(&m.component).map(String::as_str))
+            .map_err(|e| e.to_string())?;
+        self.check_local_policy(&m)?;
+        Ok(m)
+    }
+
+    /// The entry's manifest, its signatures checked against the trust policy this
+    /// host pins now, and its id against the entry's.
+    fn verify_signatures(&self, entry: &Entry) -> Result<Manifest, String> {
         let identity = self
             .store
             .identity()
@@ -217,19 +276,6 @@ impl Pipeline {
                 m.id, entry.manifest_id
             ));
         }
-        let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
-            .map_err(|e| e.to_string())?;
-        manifest::check_time(&m, started).map_err(|e| e.to_string())?;
-        if let Some(target) = target {
-            manifest::check_target(&m, target).map_err(|e| e.to_string())?;
-        }
-        let installed = self
-            .journal
-            .installed_versions()
-            .map_err(|e| e.to_string())?;
-        manifest::check_version(&m, installed.get(&m.component).map(String::as_str))
-            .map_err(|e| e.to_string())?;
-        self.check_local_policy(&m)?;
         Ok(m)
     }
 
@@ -412,15 +458,18 @@ impl Pipeline {
     }
 
     /// Undoes the install: files from their backup, a script install with its
-    /// rollback script. Err when the host could not be restored.
-    async fn undo(&self, m: &Manifest) -> Result<(), String> {
+    /// rollback script (one still running from before a crash of the agent is
+    /// stopped first). Both are safe to repeat. Ok carries the rollback script's
+    /// output tail; Err when the host could not be restored.
+    async fn undo(&self, m: &Manifest) -> Result<String, Stop> {
         match (&m.install, &m.rollback) {
             (Install::Files { .. }, _) => {
                 let work = self.patch_dir(&m.id);
                 tokio::task::spawn_blocking(move || install::rollback_files(&work))
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| Stop::new(Phase::Failed, e.to_string()))?
+                    .map(|()| String::new())
+                    .map_err(|e| Stop::new(Phase::Failed, e.to_string()))
             }
             (
                 Install::Script { .. },
@@ -428,14 +477,20 @@ impl Pipeline {
                     artifact,
                     timeout_secs,
                 }),
-            ) => self
-                .run_script(m, artifact, &[], *timeout_secs, "rollback")
-                .await
-                .map(|_| ())
-                .map_err(|s| s.error),
-            (Install::Script { .. }, _) => {
-                Err("the manifest has no rollback script for its install script".into())
+            ) => {
+                let dir = self.patch_dir(&m.id);
+                install::kill_recorded(
+                    &dir.join("rollback.pgid"),
+                    &format!("FLOTILLA_PATCH_ID={}", m.id),
+                    &dir.join(format!("{artifact}.run")),
+                );
+                self.run_script(m, artifact, &[], *timeout_secs, "rollback")
+                    .await
             }
+            (Install::Script { .. }, _) => Err(Stop::new(
+                Phase::Failed,
+                "the manifest has no rollback script for its install script",
+            )),
         }
     }
 
@@ -461,11 +516,11 @@ impl Pipeline {
             );
         }
         match self.undo(m).await {
-            Ok(()) => {
+            Ok(_) => {
                 self.advance(entry, Phase::RolledBack, &why.error, &why.tail);
             }
             Err(e) => {
-                let error = format!("{}; rollback failed too: {e}", why.error);
+                let error = format!("{}; rollback failed too: {}", why.error, e.error);
                 self.advance(entry, Phase::Failed, &error, &why.tail);
             }
         }
@@ -547,6 +602,150 @@ impl Pipeline {
         }
     }
 
+    /// Undoes committed patch `id` at the server's request. Anything not committed
+    /// (unknown, still in progress, already undone, failed) is left alone. When the
+    /// patch cannot be undone it stays committed, and a Committed report says why.
+    async fn revert(&self, id: &str) {
+        let mut entry = match self.journal.get(id) {
+            Ok(Some(e)) if e.phase == Phase::Committed => e,
+            Ok(Some(e)) => {
+                tracing::debug!(patch = %id, phase = e.phase.as_str(), "asked to undo a patch that is not committed; ignoring");
+                return;
+            }
+            Ok(None) => {
+                tracing::debug!(patch = %id.escape_debug(), "asked to undo an unknown patch; ignoring");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(patch = %id.escape_debug(), error = %e, "cannot read the journal");
+                return;
+            }
+        };
+        let m = match self.prepare_revert(&entry, false).await {
+            Ok(m) => m,
+            Err(reason) => {
+                self.refuse_revert(&entry, &reason);
+                return;
+            }
+        };
+        self.refused_lock().remove(id);
+        tracing::info!(patch = %id, "undoing a committed patch at the server's request");
+        if self.advance(&mut entry, Phase::Reverting, "", "") {
+            self.finish_revert(entry, m).await;
+        }
+    }
+
+    /// Everything that must hold before a committed patch is undone, checked
+    /// before the host is touched: the stored manifest's signatures against the
+    /// trust policy pinned now (a tampered database cannot swap the rollback
+    /// plan), a rollback plan, the backup of a `files` install, and for a rollback
+    /// script, this host's leave to run scripts and the script itself on disk
+    /// (fetched again, digest checked, when it was cleaned up).
+    async fn prepare_revert(&self, entry: &Entry, resuming: bool) -> Result<Manifest, String> {
+        let m = self.verify_signatures(entry)?;
+        match (&m.install, &m.rollback) {
+            (Install::Files { .. }, _) => {
+                let dir = self.patch_dir(&m.id);
+                let present = |name: &str| std::fs::symlink_metadata(dir.join(name)).is_ok();
+                // A restore cut short may already have retired the plan.
+                let backup_kept = present(PLAN_FILE) || (resuming && present(DONE_PLAN_FILE));
+                if !backup_kept {
+                    return Err(format!(
+                        "the backup its install kept ({}) is gone",
+                        dir.join(PLAN_FILE).display()
+                    ));
+                }
+            }
+            (Install::Script { .. }, Some(Rollback::Script { artifact, .. })) => {
+                if !self.cfg.policy.allow_scripts {
+                    return Err("this host's policy does not allow patch scripts".into());
+                }
+                self.fetch_artifact(&m, artifact).await?;
+            }
+            (Install::Script { .. }, _) => return Err(NO_ROLLBACK_PLAN.into()),
+        }
+        Ok(m)
+    }
+
+    /// Artifact `name` of `m` on disk, fetched if missing, its digest checked.
+    async fn fetch_artifact(&self, m: &Manifest, name: &str) -> Result<PathBuf, String> {
+        let a = m
+            .artifact(name)
+            .ok_or_else(|| format!("no artifact {name}"))?;
+        let source = self.source()?;
+        fetch::fetch(
+            &source,
+            a,
+            &self.artifact_dir(),
+            self.cfg.policy.max_artifact_bytes,
+            &self.cfg.fetch,
+        )
+        .await
+        .map_err(|e| format!("download failed: {e}"))
+    }
+
+    fn refused_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        // Only a cache of what was reported: a poisoned one is still usable.
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tells the server a committed patch it asked to undo cannot be (a Committed
+    /// report with the reason), once per reason. The entry and the host stay as
+    /// they are; a later offer tries again.
+    fn refuse_revert(&self, entry: &Entry, reason: &str) {
+        let error = format!("cannot be rolled back: {reason}");
+        let mut refused = self.refused_lock();
+        if refused.get(&entry.manifest_id) == Some(&error) {
+            return;
+        }
+        tracing::warn!(patch = %entry.manifest_id, %error, "not undoing a committed patch");
+        match self.outbox.push(Report::new(
+            &entry.manifest_id,
+            Phase::Committed,
+            &error,
+            "",
+        )) {
+            Ok(()) => {
+                refused.insert(entry.manifest_id.clone(), error);
+            }
+            Err(e) => {
+                tracing::error!(patch = %entry.manifest_id, error = %e, "cannot queue a report")
+            }
+        }
+    }
+
+    /// Undoes a patch whose Reverting step is recorded, then records (and
+    /// reports) RolledBack, or Failed when the host could not be restored.
+    async fn finish_revert(&self, mut entry: Entry, m: Manifest) {
+        match self.undo(&m).await {
+            Ok(tail) => {
+                self.advance(&mut entry, Phase::RolledBack, REVERTED, &tail);
+            }
+            Err(stop) => {
+                let error = format!(
+                    "rolling back at the server's request failed: {}",
+                    stop.error
+                );
+                self.advance(&mut entry, Phase::Failed, &error, &stop.tail);
+            }
+        }
+        self.cleanup(&m);
+    }
+
+    /// Finishes an undo a crash cut short, after the same checks as at its start;
+    /// one that no longer passes ends Failed without touching the host.
+    async fn resume_revert(&self, mut entry: Entry) {
+        match self.prepare_revert(&entry, true).await {
+            Ok(m) => self.finish_revert(entry, m).await,
+            Err(reason) => {
+                let error = format!("cannot finish rolling back: {reason}");
+                self.advance(&mut entry, Phase::Failed, &error, "");
+            }
+        }
+    }
+
     /// Picks up where a crash left each unfinished entry.
     async fn resume(&self) {
         let entries = match self.journal.unfinished() {
@@ -576,6 +775,9 @@ impl Pipeline {
                 // The offer (and so the node's target facts) is gone after a restart;
                 // the server only offered the manifest because it targets this node.
                 Phase::Received => self.verify_and_go_on(entry, None).await,
+                // An undo the server asked for, cut short: finish it (both ways of
+                // undoing are safe to repeat).
+                Phase::Reverting => self.resume_revert(entry).await,
                 // A rollback cut short: finish it.
                 Phase::Applying | Phase::Applied | Phase::Healthy if entry.error.is_some() => {
                     let why = Stop::new(Phase::RolledBack, entry.error.clone().unwrap_or_default());

@@ -183,6 +183,8 @@ pub enum GroupCmd {
         /// Only this group.
         name: Option<String>,
     },
+    /// Show or change a group's maintenance windows, rollout defaults and SLA.
+    Config(super::rollout::GroupConfigArgs),
 }
 
 fn group_json(g: &pb::GroupStatus) -> Value {
@@ -206,6 +208,9 @@ fn group_row(g: &pb::GroupStatus) -> Vec<String> {
 }
 
 pub async fn group(target: &Target, out: Output, cmd: GroupCmd) -> anyhow::Result<()> {
+    if let GroupCmd::Config(args) = cmd {
+        return super::rollout::group_config(target, out, args).await;
+    }
     let (mut c, _) = target.admin().await?;
     match cmd {
         GroupCmd::Set {
@@ -283,6 +288,7 @@ pub async fn group(target: &Target, out: Output, cmd: GroupCmd) -> anyhow::Resul
                 std::io::stdout().flush()?;
             }
         }
+        GroupCmd::Config(_) => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -105,7 +105,7 @@ type = "restore"
     let manifest = bundle.join("manifest.json");
     super::patch::sign(&manifest, &dir.join("release.key"), None, out)?;
     let published = Instant::now();
-    super::patch::publish(target, &manifest, Vec::new(), out).await?;
+    super::patch::publish(target, &manifest, Vec::new(), Default::default(), out).await?;
     let (mut admin, _) = target.admin().await?;
     let mut last = String::new();
     loop {

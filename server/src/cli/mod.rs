@@ -8,6 +8,7 @@ mod dev;
 mod keys;
 mod output;
 mod patch;
+mod rollout;
 
 use clap::{Parser, Subcommand};
 
@@ -56,6 +57,12 @@ enum Command {
     /// Signed patches: build, sign, publish, follow.
     #[command(subcommand)]
     Patch(patch::PatchCmd),
+    /// Rollouts of published patches: progress, pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
+    /// Reports over the fleet.
+    #[command(subcommand)]
+    Report(rollout::ReportCmd),
     /// Start a local dev fleet: a server and agents, on this machine.
     Dev(dev::DevArgs),
 }
@@ -75,5 +82,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Key(cmd) => keys::key(out, cmd),
         Command::Trust(cmd) => keys::trust(&cli.target, out, cmd).await,
         Command::Patch(cmd) => patch::patch(&cli.target, out, cmd).await,
+        Command::Rollout(cmd) => rollout::rollout(&cli.target, out, cmd).await,
+        Command::Report(cmd) => rollout::report(&cli.target, out, cmd).await,
     }
 }

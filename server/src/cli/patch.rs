@@ -43,6 +43,15 @@ pub enum PatchCmd {
         /// Signature files; default: MANIFEST.minisig and MANIFEST.*.minisig.
         #[arg(long = "sig")]
         sigs: Vec<PathBuf>,
+        #[command(flatten)]
+        policy: super::rollout::PolicyArgs,
+        /// Send to every target at once, maintenance windows ignored (the
+        /// capacity guard still holds).
+        #[arg(long)]
+        emergency: bool,
+        /// With --emergency: ignore the capacity guard too.
+        #[arg(long, requires = "emergency")]
+        force: bool,
     },
     /// List published patches.
     List,
@@ -68,6 +77,10 @@ struct Spec {
     severity: Severity,
     #[serde(with = "humantime_serde")]
     expires_in: Duration,
+    /// When the fix was released (RFC 3339); default now. Compliance SLAs
+    /// count from it, so a vendor fix repackaged late is not "new".
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    issued_at: Option<time::OffsetDateTime>,
     #[serde(default)]
     allow_downgrade: bool,
     #[serde(default)]
@@ -135,7 +148,7 @@ pub(super) fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> 
         component: spec.component,
         version: spec.version,
         severity: spec.severity,
-        issued_at: now,
+        issued_at: spec.issued_at.unwrap_or(now),
         expires_at: now + spec.expires_in,
         allow_downgrade: spec.allow_downgrade,
         targets: spec.targets,
@@ -319,10 +332,19 @@ async fn upload(c: &mut super::connect::Admin, path: &Path, a: &Artifact) -> any
     Ok(())
 }
 
+/// How `publish` rolls the patch out.
+#[derive(Debug, Default)]
+pub(super) struct Publish {
+    pub rollout: Option<pb::RolloutPolicy>,
+    pub emergency: bool,
+    pub force: bool,
+}
+
 pub(super) async fn publish(
     target: &Target,
     manifest_path: &Path,
     sigs: Vec<PathBuf>,
+    how: Publish,
     out: Output,
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(manifest_path)
@@ -354,14 +376,27 @@ pub(super) async fn publish(
         .publish_patch(pb::PublishPatchRequest {
             manifest: bytes,
             signatures,
+            rollout: how.rollout,
+            emergency: how.emergency,
+            force: how.force,
         })
         .await
         .map_err(status_error)?
         .into_inner();
     out.object(
         &format!(
-            "published {} ({} {}, {}) to {} node(s)",
-            info.id, info.component, info.version, info.severity, info.targeted
+            "published {} ({} {}, {}){} to {} node(s); rollout {}",
+            info.id,
+            info.component,
+            info.version,
+            info.severity,
+            if info.emergency {
+                " as an EMERGENCY"
+            } else {
+                ""
+            },
+            info.targeted,
+            info.rollout_state
         ),
         info_json(&info),
     );
@@ -373,6 +408,7 @@ fn info_json(p: &pb::PatchInfo) -> Value {
         "id": p.id, "component": p.component, "version": p.version, "severity": p.severity,
         "issued_at": p.issued_at, "expires_at": p.expires_at, "published_at": p.published_at,
         "published_by": p.published_by, "targeted": p.targeted, "signatures": p.signatures,
+        "emergency": p.emergency, "rollout_state": p.rollout_state,
         "artifacts": p.artifacts.iter().map(|a| json!({"name": a.name, "sha256": a.sha256, "size": a.size})).collect::<Vec<_>>(),
     })
 }
@@ -389,7 +425,20 @@ pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Resul
             key,
             password_file,
         } => sign(&manifest, &key, password_file.as_deref(), out),
-        PatchCmd::Publish { manifest, sigs } => publish(target, &manifest, sigs, out).await,
+        PatchCmd::Publish {
+            manifest,
+            sigs,
+            policy,
+            emergency,
+            force,
+        } => {
+            let how = Publish {
+                rollout: policy.to_pb(),
+                emergency,
+                force,
+            };
+            publish(target, &manifest, sigs, how, out).await
+        }
         PatchCmd::List => list(target, out).await,
         PatchCmd::Show { id } => {
             let (mut c, _) = target.admin().await?;

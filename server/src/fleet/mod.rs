@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla_proto::pb;
@@ -18,10 +18,17 @@ use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
 use crate::patches::PatchRecord;
 use crate::store::Db;
 
+mod groups;
 mod published;
+mod rollouts;
 
 use flotilla_proto::manifest::Manifest;
 use published::wants;
+use rollouts::PhaseNote;
+pub use rollouts::RolloutRequest;
+
+use crate::rollout::plan::Waiting;
+use crate::rollout::record::{self as rollout_record, RolloutRecord};
 
 /// Most patches one desired state carries (the newest ones).
 const MAX_MANIFESTS_PER_STATE: usize = 64;
@@ -67,6 +74,12 @@ struct State {
     published: HashMap<String, pb::GroupStatus>,
     /// Published patches with their parsed manifests, by id.
     patches: BTreeMap<String, (PatchRecord, Manifest)>,
+    /// Each patch's rollout, by patch id.
+    rollouts: BTreeMap<String, RolloutRecord>,
+    /// Patch id -> node id -> the last phase the node reported.
+    phases: HashMap<String, HashMap<String, PhaseNote>>,
+    /// Patch id -> group -> what the group waited for at the last step.
+    waiting: HashMap<String, BTreeMap<String, Waiting>>,
 }
 
 impl State {
@@ -86,6 +99,11 @@ pub struct Fleet {
     wake: Notify,
     group_events: broadcast::Sender<pb::GroupStatus>,
     next_session: AtomicU64,
+    /// Wakes the rollout controller.
+    rollout_wake: Notify,
+    /// Set when nodes come, go or change: completed rollouts look again.
+    membership_changed: AtomicBool,
+    rollout_events: broadcast::Sender<String>,
 }
 
 pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
@@ -117,7 +135,27 @@ impl Fleet {
                 }
             }
         }
+        for r in db.list::<RolloutRecord>(rollout_record::PREFIX).await? {
+            state.rollouts.insert(r.patch_id.clone(), r);
+        }
+        for (key, r) in db
+            .list_keyed::<crate::patches::NodePatchRecord>(crate::patches::STATE_PREFIX)
+            .await?
+        {
+            let Some((patch, _)) = key[crate::patches::STATE_PREFIX.len()..].split_once('/') else {
+                continue;
+            };
+            state.phases.entry(patch.to_string()).or_default().insert(
+                r.node_id.clone(),
+                PhaseNote {
+                    phase: crate::patches::phase_from_name(&r.phase),
+                    error: r.error,
+                    at_ms: r.updated_at_ms,
+                },
+            );
+        }
         let (group_events, _) = broadcast::channel(1024);
+        let (rollout_events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
             db,
             cfg,
@@ -126,7 +164,17 @@ impl Fleet {
             wake: Notify::new(),
             group_events,
             next_session: AtomicU64::new(1),
+            rollout_wake: Notify::new(),
+            membership_changed: AtomicBool::new(true),
+            rollout_events,
         }))
+    }
+
+    /// Wakes the reconciler and the rollout controller after a change.
+    fn changed(&self) {
+        self.wake.notify_one();
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.rollout_wake.notify_one();
     }
 
     pub fn config(&self) -> &FleetConfig {
@@ -140,7 +188,7 @@ impl Fleet {
         let mut wanted: Vec<&PatchRecord> = st
             .patches
             .values()
-            .filter(|(_, m)| wants(node, m, now))
+            .filter(|(r, m)| wants(node, m, now) && st.released_to(&r.id, &node.group, &node.id))
             .map(|(r, _)| r)
             .collect();
         wanted.sort_by_key(|r| std::cmp::Reverse(r.seq));
@@ -161,7 +209,10 @@ impl Fleet {
             .collect();
         manifests.reverse();
         pb::DesiredState {
-            revision: node.revision + group.map_or(0, |g| g.revision) + st.patch_revision(),
+            revision: node.revision
+                + group.map_or(0, |g| g.revision)
+                + st.patch_revision()
+                + st.rollout_revision(),
             node_id: node.id.clone(),
             group: node.group.clone(),
             desired_count: group.and_then(|g| g.desired).unwrap_or(0),
@@ -170,6 +221,7 @@ impl Fleet {
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
             manifests,
             labels: node.labels.clone().into_iter().collect(),
+            rollback: st.rollbacks_for(&node.group, &node.id),
         }
     }
 
@@ -225,7 +277,7 @@ impl Fleet {
         st.offline_since.remove(node_id);
         st.last_seen.insert(node_id.to_string(), now_secs());
         drop(st);
-        self.wake.notify_one();
+        self.changed();
         Ok(SessionGrant {
             id,
             desired: rx,
@@ -241,7 +293,7 @@ impl Fleet {
             st.offline_since.insert(node_id.to_string(), Instant::now());
             st.last_seen.insert(node_id.to_string(), now_secs());
             drop(st);
-            self.wake.notify_one();
+            self.changed();
         }
     }
 
@@ -289,7 +341,7 @@ impl Fleet {
         self.reconcile_group(&mut st, &group).await?;
         let node = st.nodes[&node.id].clone();
         drop(st);
-        self.wake.notify_one();
+        self.changed();
         Ok(node)
     }
 
@@ -375,7 +427,7 @@ impl Fleet {
         self.push(&st, node_id);
         let node = st.nodes[node_id].clone();
         drop(st);
-        self.wake.notify_one();
+        self.changed();
         Ok(node)
     }
 
@@ -421,6 +473,8 @@ impl Fleet {
         for id in ids {
             self.push(&st, &id);
         }
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.rollout_wake.notify_one();
         Ok(self.status_of(&st, name))
     }
 

@@ -1,14 +1,14 @@
 //! The published patches as the live fleet sees them: storing a verified patch
-//! and pushing it to the sessions it targets, which nodes a patch targets, and
-//! the component versions nodes committed.
+//! with its rollout, and which nodes a patch targets.
 
 use flotilla_proto::manifest::{Manifest, NodeTarget};
 use flotilla_proto::pb;
 
-use super::Fleet;
+use super::{Fleet, RolloutRequest};
 use crate::error::{Error, Result};
-use crate::model::{NodeRecord, NodeStatus, keys, now_secs};
+use crate::model::{NodeRecord, NodeStatus, keys, now_ms, now_secs};
 use crate::patches::PatchRecord;
+use crate::rollout::record::RolloutRecord;
 
 fn target_of(n: &NodeRecord) -> NodeTarget {
     NodeTarget {
@@ -27,13 +27,15 @@ pub(super) fn wants(n: &NodeRecord, m: &Manifest, now: time::OffsetDateTime) -> 
 }
 
 impl Fleet {
-    /// Stores a verified patch and pushes it to every session it targets.
+    /// Stores a verified patch with its rollout and takes the rollout's first
+    /// step: the nodes it releases are told at once.
     pub async fn add_patch(
         &self,
         manifest: String,
         signatures: Vec<String>,
         publisher: &str,
         parsed: Manifest,
+        rollout: RolloutRequest,
     ) -> Result<PatchRecord> {
         let mut st = self.state.lock().await;
         if let Some((existing, _)) = st.patches.get(&parsed.id) {
@@ -54,6 +56,19 @@ impl Fleet {
             published_at: now_secs(),
             published_by: publisher.to_string(),
         };
+        // The rollout is stored first: a patch is never without one, so a crash
+        // here can never leave a patch released to everyone.
+        self.start_rollout(
+            &mut st,
+            RolloutRecord::new(
+                &record.id,
+                rollout.policy,
+                rollout.emergency,
+                rollout.force,
+                now_ms(),
+            ),
+        )
+        .await?;
         if !self.db.create(&keys::patch(&record.id), &record).await? {
             return Err(Error::FailedPrecondition(format!(
                 "patch {} is already stored",
@@ -63,40 +78,17 @@ impl Fleet {
         st.patches
             .insert(record.id.clone(), (record.clone(), parsed.clone()));
         let now = time::OffsetDateTime::now_utc();
-        let targeted: Vec<String> = st
-            .nodes
-            .values()
-            .filter(|n| wants(n, &parsed, now))
-            .map(|n| n.id.clone())
-            .collect();
-        for id in &targeted {
-            self.push(&st, id);
-        }
-        tracing::info!(patch = %record.id, targeted = targeted.len(), "patch published");
+        let targeted = st.nodes.values().filter(|n| wants(n, &parsed, now)).count();
+        tracing::info!(patch = %record.id, targeted, emergency = rollout.emergency, "patch published");
+        let mut busy = st.busy_nodes();
+        self.advance(&mut st, &record.id, &mut busy).await?;
+        drop(st);
+        self.rollout_wake.notify_one();
         Ok(record)
     }
 
-    /// Notes that a node committed a patch: its component is at that version now.
-    pub async fn record_installed(&self, node_id: &str, patch_id: &str) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let Some((_, m)) = st.patches.get(patch_id) else {
-            return Ok(());
-        };
-        let (component, version) = (m.component.clone(), m.version.clone());
-        let Some(mut node) = st.nodes.get(node_id).cloned() else {
-            return Ok(());
-        };
-        if node.installed.get(&component) == Some(&version) {
-            return Ok(());
-        }
-        node.installed.insert(component, version);
-        self.db.put(&keys::node(node_id), &node).await?;
-        st.nodes.insert(node_id.to_string(), node);
-        Ok(())
-    }
-
-    /// Nodes (id, group) a patch targets now.
-    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String)> {
+    /// Nodes (id, group, why it waits) a patch targets now.
+    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String, String)> {
         let st = self.state.lock().await;
         let Some((_, m)) = st.patches.get(patch_id) else {
             return Vec::new();
@@ -105,7 +97,13 @@ impl Fleet {
         st.nodes
             .values()
             .filter(|n| wants(n, m, now))
-            .map(|n| (n.id.clone(), n.group.clone()))
+            .map(|n| {
+                (
+                    n.id.clone(),
+                    n.group.clone(),
+                    Fleet::wait_reason(&st, patch_id, &n.group, &n.id),
+                )
+            })
             .collect()
     }
 
@@ -115,7 +113,7 @@ impl Fleet {
         let (r, m) = st.patches.get(id)?;
         let now = time::OffsetDateTime::now_utc();
         let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-        Some(crate::patches::info(r, m, targeted))
+        Some(crate::patches::info(r, m, targeted, st.rollouts.get(id)))
     }
 
     /// Summaries of every patch, newest first.
@@ -127,7 +125,10 @@ impl Fleet {
             .values()
             .map(|(r, m)| {
                 let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-                (r.seq, crate::patches::info(r, m, targeted))
+                (
+                    r.seq,
+                    crate::patches::info(r, m, targeted, st.rollouts.get(&r.id)),
+                )
             })
             .collect();
         out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));

@@ -512,4 +512,69 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::PatchStatusResponse>, Status> {
         super::publish::patch_status(self, request).await
     }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        super::rollout::list_rollouts(self, request).await
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutInfo>, Status> {
+        super::rollout::get_rollout(self, request).await
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::RolloutActionRequest>,
+    ) -> Result<Response<pb::RolloutInfo>, Status> {
+        super::rollout::pause_rollout(self, request).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::RolloutActionRequest>,
+    ) -> Result<Response<pb::RolloutInfo>, Status> {
+        super::rollout::resume_rollout(self, request).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::AbortRolloutRequest>,
+    ) -> Result<Response<pb::RolloutInfo>, Status> {
+        super::rollout::abort_rollout(self, request).await
+    }
+
+    type WatchRolloutStream = super::rollout::RolloutStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        super::rollout::watch_rollout(self, request).await
+    }
+
+    async fn configure_group(
+        &self,
+        request: Request<pb::ConfigureGroupRequest>,
+    ) -> Result<Response<pb::GroupConfig>, Status> {
+        super::rollout::configure_group(self, request).await
+    }
+
+    async fn get_group_config(
+        &self,
+        request: Request<pb::GetGroupConfigRequest>,
+    ) -> Result<Response<pb::GroupConfig>, Status> {
+        super::rollout::get_group_config(self, request).await
+    }
+
+    async fn compliance_report(
+        &self,
+        request: Request<pb::ComplianceReportRequest>,
+    ) -> Result<Response<pb::ComplianceReportResponse>, Status> {
+        super::rollout::compliance_report(self, request).await
+    }
 }

@@ -121,17 +121,35 @@ pub async fn publish_patch(
 ) -> Result<Response<pb::PatchInfo>, Status> {
     let caller = api.caller(&request, OperatorRole::Publisher).await?;
     let r = request.into_inner();
+    if r.force && !r.emergency {
+        return Err(Status::invalid_argument(
+            "--force only goes with --emergency: a normal rollout always keeps the capacity guard",
+        ));
+    }
+    let policy = crate::rollout::policy::PolicySpec::from_pb(r.rollout.as_ref())?;
+    let rollout = crate::fleet::RolloutRequest {
+        policy: policy.clone(),
+        emergency: r.emergency,
+        force: r.force,
+    };
     let (record, manifest) =
-        crate::patches::publish(&api.app, r.manifest, r.signatures, &caller.name).await?;
+        crate::patches::publish(&api.app, r.manifest, r.signatures, &caller.name, rollout).await?;
     api.audit(
         &caller,
-        "patch.publish",
+        if r.emergency {
+            "patch.publish.emergency"
+        } else {
+            "patch.publish"
+        },
         &record.id,
         serde_json::json!({
             "component": manifest.component,
             "version": manifest.version,
             "severity": manifest.severity.as_str(),
             "signatures": record.signatures.len(),
+            "emergency": r.emergency,
+            "force": r.force,
+            "rollout": policy,
         }),
     )
     .await?;

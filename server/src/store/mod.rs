@@ -110,6 +110,22 @@ impl Db {
             .collect()
     }
 
+    /// Every record under `prefix` with its key.
+    pub async fn list_keyed<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        self.store
+            .scan_prefix(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, v)| {
+                let t = Self::decode(&k, &v)?;
+                Ok((k, t))
+            })
+            .collect()
+    }
+
     pub async fn last<T: DeserializeOwned>(&self, prefix: &str) -> Result<Option<T>, StoreError> {
         match self.store.last_in_prefix(prefix).await? {
             Some((k, v)) => Ok(Some(Self::decode(&k, &v)?)),

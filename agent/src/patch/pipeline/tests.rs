@@ -1,7 +1,10 @@
 //! The pipeline's verdicts that need no server: expiry is judged against the time
-//! the update started, and a host with no pinned keys applies nothing.
+//! the update started, a host with no pinned keys applies nothing, and a committed
+//! patch the server asks to undo is undone (artifacts placed where a download
+//! would have left them).
 
 use super::*;
+use crate::install::tests_util::{Ent, snapshot, tar_bytes, write_mode};
 use crate::state::{Desired, Identity, Role};
 
 fn iso(t: time::OffsetDateTime) -> String {
@@ -11,6 +14,12 @@ fn iso(t: time::OffsetDateTime) -> String {
 
 /// A store holding an identity that pins `pk` (or nothing).
 fn pipeline(dir: &Path, pk: Option<String>) -> Pipeline {
+    pipeline_with(dir, pk, LocalPolicy::default())
+}
+
+/// `pipeline`, with this host policy. The host's root is `dir/root`, downloads and
+/// backups go under `dir`, and there is no server to download from.
+fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipeline {
     let store = Store::open(&dir.join("state")).unwrap();
     let identity = Identity {
         node_id: "node-1".into(),
@@ -36,12 +45,24 @@ fn pipeline(dir: &Path, pk: Option<String>) -> Pipeline {
         outbox,
         PipelineConfig {
             root: dir.join("root"),
-            policy: LocalPolicy::default(),
+            policy,
             work_dir: dir.to_path_buf(),
             fetch: FetchLimits::default(),
             servers: Vec::new(),
         },
     )
+}
+
+/// The minisign signature of `bytes` by `kp`.
+fn sign(kp: &minisign::KeyPair, bytes: &[u8]) -> String {
+    minisign::sign(Some(&kp.pk), &kp.sk, bytes, None, None)
+        .unwrap()
+        .into_string()
+}
+
+/// `kp`'s public key as a host pins it.
+fn public_key(kp: &minisign::KeyPair) -> String {
+    kp.pk.to_box().unwrap().into_string()
 }
 
 /// A signed entry whose manifest expired an hour ago, started at `started_at`.
@@ -59,9 +80,7 @@ fn expired_entry(started_at: i64) -> (Entry, String) {
         iso(now - time::Duration::hours(1)),
         "a".repeat(64)
     );
-    let sig = minisign::sign(Some(&kp.pk), &kp.sk, manifest.as_bytes(), None, None)
-        .unwrap()
-        .into_string();
+    let sig = sign(&kp, manifest.as_bytes());
     let entry = Entry {
         manifest_id: "p1".into(),
         manifest: manifest.into_bytes(),
@@ -74,7 +93,7 @@ fn expired_entry(started_at: i64) -> (Entry, String) {
         error: None,
         log_tail: String::new(),
     };
-    (entry, kp.pk.to_box().unwrap().into_string())
+    (entry, public_key(&kp))
 }
 
 #[test]
@@ -101,4 +120,448 @@ fn no_pinned_keys_means_nothing_is_applied() {
     let p = pipeline(dir.path(), None);
     let err = p.verify(&entry, None).unwrap_err();
     assert!(err.contains("no patch-signing keys are pinned"), "{err}");
+}
+
+// ---- Undoing committed patches at the server's request ----
+
+/// Component of every patch below.
+const COMPONENT: &str = "c";
+
+/// Signs manifests with one key and places their artifacts where a download
+/// would have left them.
+struct Publisher {
+    kp: minisign::KeyPair,
+}
+
+impl Publisher {
+    fn new() -> Self {
+        Self {
+            kp: minisign::KeyPair::generate_unencrypted_keypair().unwrap(),
+        }
+    }
+
+    fn public_key(&self) -> String {
+        public_key(&self.kp)
+    }
+
+    /// A valid manifest of `COMPONENT` at `version` with `artifacts` (name,
+    /// content), the `install` and optional `rollback` JSON objects, signed.
+    fn manifest(
+        &self,
+        id: &str,
+        version: &str,
+        artifacts: &[(&str, &[u8])],
+        install: &str,
+        rollback: Option<&str>,
+    ) -> pb::SignedManifest {
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        let artifacts: Vec<String> = artifacts
+            .iter()
+            .map(|(name, data)| {
+                format!(
+                    r#"{{"name":"{name}","sha256":"{}","size":{}}}"#,
+                    flotilla_proto::sha256_hex(data),
+                    data.len()
+                )
+            })
+            .collect();
+        let rollback = rollback.map_or(String::new(), |r| format!(r#","rollback":{r}"#));
+        let manifest = format!(
+            r#"{{"schema":1,"id":"{id}","component":"{COMPONENT}","version":"{version}","severity":"low",
+"issued_at":"{}","expires_at":"{}","artifacts":[{}],"install":{install}{rollback}}}"#,
+            iso(now - time::Duration::hours(1)),
+            iso(now + time::Duration::hours(1)),
+            artifacts.join(",")
+        );
+        pb::SignedManifest {
+            id: id.into(),
+            signatures: vec![sign(&self.kp, manifest.as_bytes())],
+            manifest: manifest.into_bytes(),
+        }
+    }
+}
+
+/// Puts `data` where the pipeline keeps downloaded artifacts.
+fn place_artifact(p: &Pipeline, data: &[u8]) {
+    std::fs::create_dir_all(p.artifact_dir()).unwrap();
+    std::fs::write(
+        p.artifact_dir().join(flotilla_proto::sha256_hex(data)),
+        data,
+    )
+    .unwrap();
+}
+
+/// A files patch of `COMPONENT` unpacking `entries` into /opt/c, its artifact placed.
+fn files_patch(
+    publisher: &Publisher,
+    p: &Pipeline,
+    id: &str,
+    version: &str,
+    entries: &[Ent],
+) -> pb::SignedManifest {
+    let tar = tar_bytes(entries);
+    place_artifact(p, &tar);
+    publisher.manifest(
+        id,
+        version,
+        &[("a.tar", &tar)],
+        r#"{"type":"files","artifact":"a.tar","destination":"/opt/c"}"#,
+        Some(r#"{"type":"restore"}"#),
+    )
+}
+
+/// A host policy allowing files under /opt/c and scripts if asked.
+fn host_policy(allow_scripts: bool) -> LocalPolicy {
+    LocalPolicy {
+        allowed_paths: vec![PathBuf::from("/opt/c")],
+        allow_scripts,
+        max_artifact_bytes: 16 << 20,
+    }
+}
+
+fn offer(manifests: &[&pb::SignedManifest], rollback: &[&str]) -> Offer {
+    Offer {
+        manifests: manifests.iter().map(|m| (*m).clone()).collect(),
+        rollback: rollback.iter().map(|id| id.to_string()).collect(),
+        target: NodeTarget::default(),
+    }
+}
+
+fn phase(p: &Pipeline, id: &str) -> Option<Phase> {
+    p.journal.get(id).unwrap().map(|e| e.phase)
+}
+
+/// The queued reports about `id`: (phase, error).
+fn reports(p: &Pipeline, id: &str) -> Vec<(Phase, String)> {
+    p.outbox
+        .pending()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r)| r.manifest_id == id)
+        .map(|(_, r)| (r.phase, r.error))
+        .collect()
+}
+
+/// Acknowledges every queued report, as a reachable server would.
+fn ack_all(p: &Pipeline) {
+    for (seq, _) in p.outbox.pending().unwrap() {
+        p.outbox.ack(seq).unwrap();
+    }
+}
+
+/// A fresh scratch directory (canonical, so a symlinked temp dir does not look
+/// like a symlink to the install) with the host's /opt/c holding version 0.
+fn host() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    write_mode(&dir.join("root/opt/c/bin/app"), b"app 0", 0o755);
+    write_mode(&dir.join("root/opt/c/etc/app.conf"), b"conf 0", 0o600);
+    (tmp, dir)
+}
+
+const V1: &[Ent] = &[
+    Ent::File("bin/app", b"app 1", 0o755),
+    Ent::File("lib/new.so", b"lib 1", 0o644),
+];
+const V2: &[Ent] = &[
+    Ent::File("bin/app", b"app 2", 0o750),
+    Ent::File("etc/app.conf", b"conf 2", 0o644),
+];
+
+/// Runs a pipeline as the agent starts one: resume, then the offer, then stop.
+async fn start(p: Pipeline, offer: Offer) {
+    let (tx, rx) = watch::channel(offer);
+    drop(tx);
+    p.run(rx).await;
+}
+
+#[tokio::test]
+async fn a_reverted_files_patch_restores_the_exact_previous_files() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let root = dir.join("root");
+    let before = snapshot(&root);
+
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    p.take(offer(&[&p1], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+    let at_v1 = snapshot(&root);
+    assert_ne!(at_v1, before);
+    let p2 = files_patch(&publisher, &p, "p2", "1.1.0", V2);
+    p.take(offer(&[&p1, &p2], &[])).await;
+    assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
+    assert_eq!(std::fs::read(root.join("opt/c/bin/app")).unwrap(), b"app 2");
+    assert_eq!(p.journal.installed_versions().unwrap()[COMPONENT], "1.1.0");
+    ack_all(&p);
+
+    // The rollout of p2 is aborted: the host goes back to p1's files, exactly.
+    p.take(offer(&[&p1], &["p2"])).await;
+    assert_eq!(phase(&p, "p2"), Some(Phase::RolledBack));
+    assert_eq!(snapshot(&root), at_v1);
+    assert_eq!(p.journal.installed_versions().unwrap()[COMPONENT], "1.0.0");
+    // Reported before acting, then the outcome.
+    assert_eq!(
+        reports(&p, "p2"),
+        [
+            (Phase::Reverting, String::new()),
+            (Phase::RolledBack, REVERTED.to_string())
+        ]
+    );
+    let entry = p.journal.get("p2").unwrap().unwrap();
+    assert_eq!(entry.error.as_deref(), Some(REVERTED));
+
+    // Then p1's too: back to what the host had before any patch.
+    p.take(offer(&[], &["p1"])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::RolledBack));
+    assert_eq!(snapshot(&root), before);
+    assert!(
+        !p.journal
+            .installed_versions()
+            .unwrap()
+            .contains_key(COMPONENT)
+    );
+
+    // Undone for good: offered again (and asked to undo again), nothing happens.
+    ack_all(&p);
+    p.take(offer(&[&p1, &p2], &["p1", "p2"])).await;
+    p.take(offer(&[&p1, &p2], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::RolledBack));
+    assert_eq!(phase(&p, "p2"), Some(Phase::RolledBack));
+    assert_eq!(snapshot(&root), before);
+    assert!(p.outbox.pending().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_crash_while_reverting_finishes_the_undo_at_the_next_start() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    for restored_already in [false, true] {
+        let id = if restored_already {
+            "p-late"
+        } else {
+            "p-early"
+        };
+        let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+        let m = files_patch(&publisher, &p, id, "1.0.0", V1);
+        p.take(offer(&[&m], &[])).await;
+        assert_eq!(phase(&p, id), Some(Phase::Committed));
+        assert_ne!(snapshot(&root), before);
+        // The agent records Reverting, then dies before (or, the second time,
+        // right after) restoring the files.
+        let mut entry = p.journal.get(id).unwrap().unwrap();
+        assert!(p.advance(&mut entry, Phase::Reverting, "", ""));
+        if restored_already {
+            install::rollback_files(&p.patch_dir(id)).unwrap();
+            assert_eq!(snapshot(&root), before);
+        }
+        drop(p);
+
+        // The next start finishes the undo, with no offer asking for it.
+        let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+        start(p, Offer::default()).await;
+        let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+        assert_eq!(phase(&p, id), Some(Phase::RolledBack), "{id}");
+        assert_eq!(snapshot(&root), before, "{id}");
+        let phases: Vec<Phase> = reports(&p, id).into_iter().map(|(ph, _)| ph).collect();
+        assert_eq!(phases.last(), Some(&Phase::RolledBack), "{id}");
+        assert!(
+            !p.journal
+                .installed_versions()
+                .unwrap()
+                .contains_key(COMPONENT)
+        );
+    }
+}
+
+/// A script patch: the install script writes a marker under the root, the
+/// rollback script (if any) removes it.
+fn script_patch(
+    publisher: &Publisher,
+    p: &Pipeline,
+    id: &str,
+    with_rollback: bool,
+) -> (pb::SignedManifest, &'static [u8]) {
+    const INSTALL: &[u8] = b"#!/bin/sh\nset -e\nmkdir -p \"$FLOTILLA_ROOT/opt/c\"\necho \"$FLOTILLA_VERSION\" > \"$FLOTILLA_ROOT/opt/c/marker\"\n";
+    const ROLLBACK: &[u8] =
+        b"#!/bin/sh\nset -e\necho undoing\nrm -f \"$FLOTILLA_ROOT/opt/c/marker\"\n";
+    place_artifact(p, INSTALL);
+    let mut artifacts: Vec<(&str, &[u8])> = vec![("install.sh", INSTALL)];
+    if with_rollback {
+        artifacts.push(("rollback.sh", ROLLBACK));
+    }
+    let m = publisher.manifest(
+        id,
+        "2.0.0",
+        &artifacts,
+        r#"{"type":"script","artifact":"install.sh","timeout_secs":30}"#,
+        with_rollback.then_some(r#"{"type":"script","artifact":"rollback.sh","timeout_secs":30}"#),
+    );
+    if with_rollback {
+        place_artifact(p, ROLLBACK);
+    }
+    (m, ROLLBACK)
+}
+
+#[tokio::test]
+async fn a_script_install_without_a_rollback_plan_stays_committed() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(true));
+    let (m, _) = script_patch(&publisher, &p, "s1", false);
+    p.take(offer(&[&m], &[])).await;
+    assert_eq!(phase(&p, "s1"), Some(Phase::Committed));
+    let marker = dir.join("root/opt/c/marker");
+    assert_eq!(std::fs::read(&marker).unwrap(), b"2.0.0\n");
+    ack_all(&p);
+
+    // Asked twice: refused once, with the reason, and the host is left alone.
+    p.take(offer(&[], &["s1"])).await;
+    p.take(offer(&[], &["s1"])).await;
+    assert_eq!(phase(&p, "s1"), Some(Phase::Committed));
+    assert!(marker.exists());
+    assert_eq!(
+        reports(&p, "s1"),
+        [(
+            Phase::Committed,
+            format!("cannot be rolled back: {NO_ROLLBACK_PLAN}")
+        )]
+    );
+    assert_eq!(p.journal.installed_versions().unwrap()[COMPONENT], "2.0.0");
+}
+
+#[tokio::test]
+async fn a_rollback_script_is_fetched_again_if_gone_and_run() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(true));
+    let (m, rollback) = script_patch(&publisher, &p, "s2", true);
+    p.take(offer(&[&m], &[])).await;
+    assert_eq!(phase(&p, "s2"), Some(Phase::Committed));
+    let marker = dir.join("root/opt/c/marker");
+    assert!(marker.exists());
+    ack_all(&p);
+
+    // The commit cleaned the artifacts up; a copy with the wrong bytes is not
+    // trusted, and with no server to fetch from the patch stays committed.
+    let at = p.artifact_dir().join(flotilla_proto::sha256_hex(rollback));
+    assert!(!at.exists());
+    std::fs::write(&at, b"#!/bin/sh\necho not the signed script\n").unwrap();
+    p.take(offer(&[], &["s2"])).await;
+    assert_eq!(phase(&p, "s2"), Some(Phase::Committed));
+    assert!(marker.exists());
+    let sent = reports(&p, "s2");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Phase::Committed);
+    assert!(
+        sent[0]
+            .1
+            .starts_with("cannot be rolled back: download failed"),
+        "{}",
+        sent[0].1
+    );
+    ack_all(&p);
+
+    // Once the script can be had, it runs.
+    place_artifact(&p, rollback);
+    p.take(offer(&[], &["s2"])).await;
+    assert_eq!(phase(&p, "s2"), Some(Phase::RolledBack));
+    assert!(!marker.exists());
+    let entry = p.journal.get("s2").unwrap().unwrap();
+    assert!(entry.log_tail.contains("undoing"), "{}", entry.log_tail);
+    let phases: Vec<Phase> = reports(&p, "s2").into_iter().map(|(ph, _)| ph).collect();
+    assert_eq!(phases, [Phase::Reverting, Phase::RolledBack]);
+    assert!(!at.exists(), "cleaned up again");
+}
+
+#[tokio::test]
+async fn a_tampered_journal_entry_is_not_undone() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(true));
+    let (m, _) = script_patch(&publisher, &p, "s3", true);
+    p.take(offer(&[&m], &[])).await;
+    assert_eq!(phase(&p, "s3"), Some(Phase::Committed));
+    ack_all(&p);
+
+    // Someone with write access to the database points the rollback elsewhere.
+    let mut entry = p.journal.get("s3").unwrap().unwrap();
+    let text = String::from_utf8(entry.manifest.clone()).unwrap();
+    entry.manifest = text
+        .replace(r#""timeout_secs":30}}"#, r#""timeout_secs":31}}"#)
+        .into_bytes();
+    assert_ne!(entry.manifest, m.manifest);
+    p.store
+        .tree("journal")
+        .unwrap()
+        .insert("s3", serde_json::to_vec(&entry).unwrap())
+        .unwrap();
+
+    // Even with the rollback script at hand, nothing runs.
+    script_patch(&publisher, &p, "s3", true);
+    p.take(offer(&[], &["s3"])).await;
+    assert_eq!(phase(&p, "s3"), Some(Phase::Committed));
+    assert!(dir.join("root/opt/c/marker").exists());
+    let sent = reports(&p, "s3");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Phase::Committed);
+    assert!(
+        sent[0]
+            .1
+            .starts_with("cannot be rolled back: no signature is from a trusted key"),
+        "{}",
+        sent[0].1
+    );
+}
+
+#[tokio::test]
+async fn only_committed_patches_are_undone() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let root = dir.join("root");
+    // One in progress (as a crash left it), one failed, and one offered in the
+    // same state that asks for it to be undone: never started.
+    let mid = files_patch(&publisher, &p, "mid", "1.0.0", V1);
+    let mut entry = Entry {
+        manifest_id: "mid".into(),
+        manifest: mid.manifest.clone(),
+        signatures: mid.signatures.clone(),
+        component: COMPONENT.into(),
+        version: "1.0.0".into(),
+        phase: Phase::Received,
+        started_at: unix_now(),
+        updated_at: unix_now(),
+        error: None,
+        log_tail: String::new(),
+    };
+    p.journal.record(&entry).unwrap();
+    for ph in [Phase::Verified, Phase::Downloaded] {
+        entry.phase = ph;
+        p.journal.record(&entry).unwrap();
+    }
+    let failed = Entry {
+        manifest_id: "failed".into(),
+        phase: Phase::Failed,
+        ..entry.clone()
+    };
+    p.journal.record(&failed).unwrap();
+    let fresh = files_patch(&publisher, &p, "fresh", "1.2.0", V2);
+    let before = snapshot(&root);
+
+    p.take(offer(
+        &[&fresh],
+        &["mid", "failed", "fresh", "unknown", "../x"],
+    ))
+    .await;
+    assert_eq!(phase(&p, "mid"), Some(Phase::Downloaded));
+    assert_eq!(phase(&p, "failed"), Some(Phase::Failed));
+    assert_eq!(phase(&p, "fresh"), None);
+    assert_eq!(phase(&p, "unknown"), None);
+    assert_eq!(snapshot(&root), before);
+    assert!(p.outbox.pending().unwrap().is_empty());
 }

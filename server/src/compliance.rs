@@ -1,0 +1,872 @@
+//! The compliance report: per node, the published patches it lacks and how long
+//! each has been outstanding against its group's SLA; fleet-wide time to
+//! remediate per severity. Pure computation over inputs the caller gathers from
+//! the server state, plus the table, JSON and CSV renderers.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use flotilla_proto::manifest::Severity;
+use serde::{Deserialize, Serialize};
+
+const MS_PER_DAY: i64 = 86_400_000;
+/// Highest severity first, as every listing shows them.
+const SEVERITIES: [Severity; 4] = [
+    Severity::Critical,
+    Severity::High,
+    Severity::Medium,
+    Severity::Low,
+];
+
+/// One node, as the report sees it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInput {
+    pub id: String,
+    pub group: String,
+    pub joined_at_ms: i64,
+    /// component -> installed version
+    pub installed: BTreeMap<String, String>,
+}
+
+/// One published patch and who has committed it.
+#[derive(Debug, Clone)]
+pub struct PatchInput {
+    pub id: String,
+    pub component: String,
+    pub version: String,
+    pub severity: Severity,
+    /// When the fix was issued (the signed `issued_at`): outstanding time
+    /// counts from it; time to remediate from it or the node's join, if later.
+    pub issued_at_ms: i64,
+    /// ids of the nodes this patch targets
+    pub targeted: BTreeSet<String>,
+    /// node id -> when the node committed this patch (ms)
+    pub committed_at_ms: BTreeMap<String, i64>,
+}
+
+/// SLA in days per severity for one group; `Sla::default()` = critical 30, high 90, medium 180, low 365.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sla {
+    pub critical_days: u32,
+    pub high_days: u32,
+    pub medium_days: u32,
+    pub low_days: u32,
+}
+
+impl Default for Sla {
+    /// Critical within 30 days is what PCI DSS asks; the rest are common practice.
+    fn default() -> Self {
+        Sla {
+            critical_days: 30,
+            high_days: 90,
+            medium_days: 180,
+            low_days: 365,
+        }
+    }
+}
+
+impl Sla {
+    pub fn days(&self, s: Severity) -> u32 {
+        match s {
+            Severity::Critical => self.critical_days,
+            Severity::High => self.high_days,
+            Severity::Medium => self.medium_days,
+            Severity::Low => self.low_days,
+        }
+    }
+
+    /// parse "critical=30,high=90" (unnamed severities keep their default)
+    pub fn parse(spec: &str) -> Result<Sla, String> {
+        let mut sla = Sla::default();
+        let mut seen = BTreeSet::new();
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (name, days) = item
+                .split_once('=')
+                .ok_or_else(|| format!("SLA entry {item:?}: expected SEVERITY=DAYS"))?;
+            let (name, days) = (name.trim().to_ascii_lowercase(), days.trim());
+            let severity = SEVERITIES
+                .into_iter()
+                .find(|s| s.as_str() == name)
+                .ok_or_else(|| {
+                    format!(
+                        "SLA entry {item:?}: unknown severity {name:?} (critical, high, medium, low)"
+                    )
+                })?;
+            if !seen.insert(severity) {
+                return Err(format!("SLA entry {item:?}: {name} is given twice"));
+            }
+            let days: u32 = days
+                .parse()
+                .map_err(|_| format!("SLA entry {item:?}: {days:?} is not a number of days"))?;
+            // Zero would make every patch overdue the moment it is published.
+            if days == 0 {
+                return Err(format!("SLA entry {item:?}: days must be at least 1"));
+            }
+            match severity {
+                Severity::Critical => sla.critical_days = days,
+                Severity::High => sla.high_days = days,
+                Severity::Medium => sla.medium_days = days,
+                Severity::Low => sla.low_days = days,
+            }
+        }
+        Ok(sla)
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub generated_at_ms: i64,
+    /// Overdue nodes first (most overdue first), then nodes missing patches,
+    /// then compliant nodes; ties by id.
+    pub nodes: Vec<NodeCompliance>,
+    /// One entry per severity that has any patch, most severe first.
+    pub remediation: Vec<SeverityStats>,
+}
+
+/// Where one node stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeCompliance {
+    pub id: String,
+    pub group: String,
+    pub installed: BTreeMap<String, String>,
+    /// Most overdue first, then most severe, then longest outstanding.
+    pub missing: Vec<MissingPatch>,
+    /// True when any missing patch is past its SLA.
+    pub overdue: bool,
+}
+
+/// A patch a node lacks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MissingPatch {
+    pub patch_id: String,
+    pub component: String,
+    pub version: String,
+    pub severity: Severity,
+    /// When the patch was issued.
+    pub outstanding_since_ms: i64,
+    pub outstanding_secs: i64,
+    pub sla_days: u32,
+    pub overdue: bool,
+    /// How far past the SLA; 0 when not overdue.
+    pub overdue_by_secs: i64,
+}
+
+/// Time to remediate and the backlog for one severity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SeverityStats {
+    pub severity: Severity,
+    /// Committed (patch, node) pairs.
+    pub remediated: u64,
+    /// Nearest-rank median of the time to remediate; None when nothing was.
+    pub median_secs: Option<i64>,
+    /// Nearest-rank 95th percentile; None when nothing was remediated.
+    pub p95_secs: Option<i64>,
+    /// (patch, node) pairs still missing.
+    pub outstanding: u64,
+    /// Of those, the ones past their SLA.
+    pub overdue: u64,
+}
+
+/// Builds the report. Only the nodes given are counted, in the node list and in
+/// the remediation stats alike, so a caller reporting on one group passes only
+/// that group's nodes.
+pub fn compute(
+    nodes: &[NodeInput],
+    patches: &[PatchInput],
+    sla_of_group: &dyn Fn(&str) -> Sla,
+    now_ms: i64,
+) -> Report {
+    let mut slas: BTreeMap<&str, Sla> = BTreeMap::new();
+    let mut out: Vec<NodeCompliance> = nodes
+        .iter()
+        .map(|node| {
+            let sla = slas
+                .entry(node.group.as_str())
+                .or_insert_with(|| sla_of_group(&node.group));
+            let mut missing: Vec<MissingPatch> = patches
+                .iter()
+                .filter(|p| lacks(node, p))
+                .map(|p| missing_patch(p, sla, now_ms))
+                .collect();
+            missing.sort_by(|a, b| {
+                b.overdue_by_secs
+                    .cmp(&a.overdue_by_secs)
+                    .then(b.severity.cmp(&a.severity))
+                    .then(b.outstanding_secs.cmp(&a.outstanding_secs))
+                    .then(a.patch_id.cmp(&b.patch_id))
+            });
+            NodeCompliance {
+                id: node.id.clone(),
+                group: node.group.clone(),
+                installed: node.installed.clone(),
+                overdue: missing.iter().any(|m| m.overdue),
+                missing,
+            }
+        })
+        .collect();
+    out.sort_by_cached_key(|n| {
+        let worst = n
+            .missing
+            .iter()
+            .map(|m| m.overdue_by_secs)
+            .max()
+            .unwrap_or(0);
+        let rank = if n.overdue {
+            0
+        } else if !n.missing.is_empty() {
+            1
+        } else {
+            2
+        };
+        (rank, Reverse(worst), n.id.clone())
+    });
+
+    let joined: BTreeMap<&str, i64> = nodes
+        .iter()
+        .map(|n| (n.id.as_str(), n.joined_at_ms))
+        .collect();
+    let remediation = SEVERITIES
+        .into_iter()
+        .filter(|&s| patches.iter().any(|p| p.severity == s))
+        .map(|severity| {
+            let mut times: Vec<i64> = patches
+                .iter()
+                .filter(|p| p.severity == severity)
+                .flat_map(|p| {
+                    p.committed_at_ms.iter().filter_map(|(node, &at)| {
+                        let since = p.issued_at_ms.max(*joined.get(node.as_str())?);
+                        Some(at.saturating_sub(since).max(0) / 1000)
+                    })
+                })
+                .collect();
+            times.sort_unstable();
+            let missing = out
+                .iter()
+                .flat_map(|n| &n.missing)
+                .filter(|m| m.severity == severity);
+            SeverityStats {
+                severity,
+                remediated: times.len() as u64,
+                median_secs: nearest_rank(&times, 50),
+                p95_secs: nearest_rank(&times, 95),
+                outstanding: missing.clone().count() as u64,
+                overdue: missing.filter(|m| m.overdue).count() as u64,
+            }
+        })
+        .collect();
+
+    Report {
+        generated_at_ms: now_ms,
+        nodes: out,
+        remediation,
+    }
+}
+
+/// Targeted, not committed, and not already at or past the patch's version
+/// (a later patch of the same component supersedes it).
+fn lacks(node: &NodeInput, patch: &PatchInput) -> bool {
+    if !patch.targeted.contains(&node.id) || patch.committed_at_ms.contains_key(&node.id) {
+        return false;
+    }
+    let Some(installed) = node.installed.get(&patch.component) else {
+        return true;
+    };
+    // The same text is the same version even when it is not semver.
+    if *installed == patch.version {
+        return false;
+    }
+    match (
+        semver::Version::parse(installed),
+        semver::Version::parse(&patch.version),
+    ) {
+        (Ok(have), Ok(want)) => have < want,
+        _ => true,
+    }
+}
+
+fn missing_patch(patch: &PatchInput, sla: &Sla, now_ms: i64) -> MissingPatch {
+    // Exposure counts from the fix's release even on a node that joined later:
+    // a new host built from an old image is out of compliance at once.
+    let since = patch.issued_at_ms;
+    let outstanding_ms = now_ms.saturating_sub(since).max(0);
+    let sla_days = sla.days(patch.severity);
+    let sla_ms = i64::from(sla_days) * MS_PER_DAY;
+    let overdue = outstanding_ms > sla_ms;
+    MissingPatch {
+        patch_id: patch.id.clone(),
+        component: patch.component.clone(),
+        version: patch.version.clone(),
+        severity: patch.severity,
+        outstanding_since_ms: since,
+        outstanding_secs: outstanding_ms / 1000,
+        sla_days,
+        overdue,
+        overdue_by_secs: if overdue {
+            (outstanding_ms - sla_ms) / 1000
+        } else {
+            0
+        },
+    }
+}
+
+/// The nearest-rank percentile of sorted values: the smallest value with at
+/// least `pct`% of the values at or below it.
+fn nearest_rank(sorted: &[i64], pct: usize) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (pct * sorted.len()).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+/// "41d 3h", "5h 12m", "7m".
+pub fn duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else {
+        format!("{m}m")
+    }
+}
+
+fn installed_list(installed: &BTreeMap<String, String>, sep: &str) -> String {
+    installed
+        .iter()
+        .map(|(c, v)| format!("{c}={v}"))
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
+/// Two tables for people: the nodes (one line per missing patch), then time to
+/// remediate per severity.
+pub fn to_table(r: &Report) -> String {
+    let mut nodes = Table::new();
+    nodes.load_preset(UTF8_BORDERS_ONLY);
+    nodes.set_header(vec![
+        "NODE",
+        "GROUP",
+        "INSTALLED",
+        "MISSING",
+        "OUTSTANDING/SLA",
+    ]);
+    for n in &r.nodes {
+        let (missing, outstanding) = if n.missing.is_empty() {
+            ("-".to_string(), "compliant".to_string())
+        } else {
+            let missing: Vec<String> = n
+                .missing
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} ({} {} {})",
+                        m.patch_id,
+                        m.severity.as_str(),
+                        m.component,
+                        m.version
+                    )
+                })
+                .collect();
+            let outstanding: Vec<String> = n
+                .missing
+                .iter()
+                .map(|m| {
+                    let flag = if m.overdue { " OVERDUE" } else { "" };
+                    format!("{} / {}d{flag}", duration(m.outstanding_secs), m.sla_days)
+                })
+                .collect();
+            (missing.join("\n"), outstanding.join("\n"))
+        };
+        let installed = if n.installed.is_empty() {
+            "-".to_string()
+        } else {
+            installed_list(&n.installed, "\n")
+        };
+        nodes.add_row(vec![
+            n.id.clone(),
+            n.group.clone(),
+            installed,
+            missing,
+            outstanding,
+        ]);
+    }
+
+    let mut stats = Table::new();
+    stats.load_preset(UTF8_BORDERS_ONLY);
+    stats.set_header(vec![
+        "SEVERITY",
+        "REMEDIATED",
+        "MEDIAN",
+        "P95",
+        "OUTSTANDING",
+        "OVERDUE",
+    ]);
+    let or_dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), duration);
+    for s in &r.remediation {
+        stats.add_row(vec![
+            s.severity.as_str().to_string(),
+            s.remediated.to_string(),
+            or_dash(s.median_secs),
+            or_dash(s.p95_secs),
+            s.outstanding.to_string(),
+            s.overdue.to_string(),
+        ]);
+    }
+
+    let overdue = r.nodes.iter().filter(|n| n.overdue).count();
+    let lacking = r.nodes.iter().filter(|n| !n.missing.is_empty()).count();
+    format!(
+        "Compliance at {}: {} nodes, {lacking} with missing patches, {overdue} overdue\n{nodes}\n\nTime to remediate\n{stats}\n",
+        generated_at(r.generated_at_ms),
+        r.nodes.len(),
+    )
+}
+
+fn generated_at(ms: i64) -> String {
+    jiff::Timestamp::from_second(ms.div_euclid(1000))
+        .map_or_else(|_| ms.to_string(), |t| t.to_string())
+}
+
+/// Pretty JSON of the whole report.
+pub fn to_json(r: &Report) -> String {
+    // Plain structs with string-keyed maps: serialising cannot fail.
+    serde_json::to_string_pretty(r).expect("report serialises to JSON")
+}
+
+/// One row per (node, missing patch); a node missing nothing gets one
+/// "compliant" row with the patch columns empty.
+pub fn to_csv(r: &Report) -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    // Writing into memory cannot fail, so neither can any record below.
+    let mut row = |fields: &[&str]| w.write_record(fields).expect("CSV into memory");
+    row(&[
+        "node",
+        "group",
+        "status",
+        "patch",
+        "component",
+        "version",
+        "severity",
+        "outstanding_secs",
+        "sla_days",
+        "overdue",
+        "installed",
+    ]);
+    for n in &r.nodes {
+        let installed = installed_list(&n.installed, ";");
+        if n.missing.is_empty() {
+            row(&[
+                &n.id,
+                &n.group,
+                "compliant",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                &installed,
+            ]);
+        }
+        for m in &n.missing {
+            let status = if m.overdue { "overdue" } else { "missing" };
+            row(&[
+                &n.id,
+                &n.group,
+                status,
+                &m.patch_id,
+                &m.component,
+                &m.version,
+                m.severity.as_str(),
+                &m.outstanding_secs.to_string(),
+                &m.sla_days.to_string(),
+                if m.overdue { "true" } else { "false" },
+                &installed,
+            ]);
+        }
+    }
+    let bytes = w.into_inner().expect("CSV into memory");
+    // Every field was a &str, so the output is UTF-8.
+    String::from_utf8(bytes).expect("CSV of UTF-8 fields is UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = MS_PER_DAY;
+    const HOUR: i64 = 3_600_000;
+    /// An arbitrary "now".
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn node(id: &str, group: &str, joined_at_ms: i64, installed: &[(&str, &str)]) -> NodeInput {
+        NodeInput {
+            id: id.into(),
+            group: group.into(),
+            joined_at_ms,
+            installed: installed
+                .iter()
+                .map(|(c, v)| (c.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn patch(
+        id: &str,
+        component: &str,
+        version: &str,
+        severity: Severity,
+        issued_at_ms: i64,
+        targeted: &[&str],
+        committed: &[(&str, i64)],
+    ) -> PatchInput {
+        PatchInput {
+            id: id.into(),
+            component: component.into(),
+            version: version.into(),
+            severity,
+            issued_at_ms,
+            targeted: targeted.iter().map(|s| s.to_string()).collect(),
+            committed_at_ms: committed.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
+        }
+    }
+
+    fn default_sla(_: &str) -> Sla {
+        Sla::default()
+    }
+
+    /// a: overdue on a critical patch; b: missing a high one within SLA;
+    /// c: compliant (committed); d: compliant (already has a newer version).
+    fn fleet() -> (Vec<NodeInput>, Vec<PatchInput>) {
+        let nodes = vec![
+            node("d", "pos", 0, &[("openssl", "3.0.9")]),
+            node("c", "pos", 0, &[("openssl", "3.0.2")]),
+            node("b", "pos", 0, &[("openssl", "3.0.1")]),
+            node("a", "pos", 0, &[("openssl", "3.0.1"), ("pos-app", "1.2.0")]),
+        ];
+        let patches = vec![
+            patch(
+                "ssl-302",
+                "openssl",
+                "3.0.2",
+                Severity::Critical,
+                NOW - 41 * DAY - 3 * HOUR,
+                &["a", "c", "d"],
+                &[("c", NOW - 40 * DAY)],
+            ),
+            patch(
+                "app-130",
+                "pos-app",
+                "1.3.0",
+                Severity::High,
+                NOW - 10 * DAY,
+                &["a", "b"],
+                &[],
+            ),
+        ];
+        (nodes, patches)
+    }
+
+    #[test]
+    fn overdue_nodes_come_first_with_exact_durations() {
+        let (nodes, patches) = fleet();
+        let r = compute(&nodes, &patches, &default_sla, NOW);
+        let order: Vec<&str> = r.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+
+        let a = &r.nodes[0];
+        assert!(a.overdue);
+        assert_eq!(a.missing.len(), 2);
+        let ssl = &a.missing[0];
+        assert_eq!(ssl.patch_id, "ssl-302");
+        assert_eq!(ssl.outstanding_since_ms, NOW - 41 * DAY - 3 * HOUR);
+        assert_eq!(ssl.outstanding_secs, (41 * 86_400) + 3 * 3600);
+        assert_eq!(ssl.sla_days, 30);
+        assert!(ssl.overdue);
+        assert_eq!(ssl.overdue_by_secs, 11 * 86_400 + 3 * 3600);
+        let app = &a.missing[1];
+        assert_eq!((app.patch_id.as_str(), app.overdue), ("app-130", false));
+        assert_eq!((app.outstanding_secs, app.sla_days), (10 * 86_400, 90));
+        assert_eq!(app.overdue_by_secs, 0);
+
+        assert!(!r.nodes[1].overdue);
+        assert_eq!(r.nodes[1].missing.len(), 1);
+        assert!(r.nodes[2].missing.is_empty() && r.nodes[3].missing.is_empty());
+
+        let table = to_table(&r);
+        assert!(table.contains("41d 3h / 30d OVERDUE"), "{table}");
+        assert!(table.contains("10d 0h / 90d"), "{table}");
+    }
+
+    #[test]
+    fn most_overdue_node_first_and_group_slas_apply() {
+        let nodes = vec![
+            node("x", "strict", 0, &[]),
+            node("y", "lax", 0, &[]),
+            node("z", "lax", 0, &[]),
+        ];
+        let patches = vec![patch(
+            "p",
+            "openssl",
+            "3.0.2",
+            Severity::Critical,
+            NOW - 20 * DAY,
+            &["x", "y", "z"],
+            &[],
+        )];
+        let sla = |group: &str| match group {
+            "strict" => Sla::parse("critical=7").expect("valid"),
+            _ => Sla::parse("critical=14").expect("valid"),
+        };
+        let r = compute(&nodes, &patches, &sla, NOW);
+        let order: Vec<(&str, i64)> = r
+            .nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.missing[0].overdue_by_secs))
+            .collect();
+        assert_eq!(
+            order,
+            [("x", 13 * 86_400), ("y", 6 * 86_400), ("z", 6 * 86_400)]
+        );
+    }
+
+    #[test]
+    fn superseded_or_targeted_elsewhere_is_not_missing() {
+        let nodes = vec![node("n", "g", 0, &[("openssl", "3.1.0"), ("odd", "weird")])];
+        let patches = vec![
+            // Superseded by the installed 3.1.0.
+            patch(
+                "old",
+                "openssl",
+                "3.0.2",
+                Severity::Critical,
+                0,
+                &["n"],
+                &[],
+            ),
+            // Same version installed.
+            patch(
+                "same",
+                "openssl",
+                "3.1.0",
+                Severity::Critical,
+                0,
+                &["n"],
+                &[],
+            ),
+            // Not targeted at n.
+            patch(
+                "other",
+                "openssl",
+                "9.0.0",
+                Severity::Critical,
+                0,
+                &["m"],
+                &[],
+            ),
+            // Unparsable installed version: not newer, so missing.
+            patch("odd-2", "odd", "2.0.0", Severity::Low, 0, &["n"], &[]),
+            // Not installed at all: missing.
+            patch(
+                "new-comp",
+                "agent",
+                "1.0.0",
+                Severity::Medium,
+                0,
+                &["n"],
+                &[],
+            ),
+        ];
+        let r = compute(&nodes, &patches, &default_sla, NOW);
+        let mut ids: Vec<&str> = r.nodes[0]
+            .missing
+            .iter()
+            .map(|m| m.patch_id.as_str())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["new-comp", "odd-2"]);
+    }
+
+    #[test]
+    fn outstanding_counts_from_the_release_even_for_a_later_node() {
+        let nodes = vec![
+            node("old", "g", NOW - 100 * DAY, &[]),
+            node("new", "g", NOW - 5 * DAY, &[]),
+        ];
+        let patches = vec![patch(
+            "p",
+            "openssl",
+            "3.0.2",
+            Severity::Critical,
+            NOW - 40 * DAY,
+            &["old", "new"],
+            &[],
+        )];
+        let r = compute(&nodes, &patches, &default_sla, NOW);
+        let new = r.nodes.iter().find(|n| n.id == "new").expect("node");
+        assert_eq!(new.missing[0].outstanding_since_ms, NOW - 40 * DAY);
+        assert_eq!(new.missing[0].outstanding_secs, 40 * 86_400);
+        assert!(new.overdue);
+        let old = r.nodes.iter().find(|n| n.id == "old").expect("node");
+        assert_eq!(old.missing[0].outstanding_secs, 40 * 86_400);
+        assert!(old.overdue);
+        // Equally overdue: ties go by id.
+        assert_eq!(r.nodes[0].id, "new");
+    }
+
+    #[test]
+    fn time_to_remediate_median_and_p95() {
+        // Ten nodes committing a critical patch after 1..=10 hours; one of them
+        // joined after publication, so its clock starts at its join.
+        let ids: Vec<String> = (1..=10).map(|i| format!("n{i:02}")).collect();
+        let mut nodes: Vec<NodeInput> = ids.iter().map(|id| node(id, "g", 0, &[])).collect();
+        let published = NOW - 30 * DAY;
+        nodes[9].joined_at_ms = published + 50 * HOUR;
+        let committed: Vec<(&str, i64)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let start = if i == 9 {
+                    published + 50 * HOUR
+                } else {
+                    published
+                };
+                (id.as_str(), start + (i as i64 + 1) * HOUR)
+            })
+            .collect();
+        let targeted: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let patches = vec![
+            patch(
+                "crit",
+                "openssl",
+                "3.0.2",
+                Severity::Critical,
+                published,
+                &targeted,
+                &committed,
+            ),
+            // A low patch nobody has committed, and one node is overdue on.
+            patch(
+                "low",
+                "zlib",
+                "1.3.1",
+                Severity::Low,
+                NOW - 400 * DAY,
+                &["n01"],
+                &[],
+            ),
+            // Committed before publication (clock skew): counts as zero.
+            patch(
+                "med",
+                "curl",
+                "8.0.0",
+                Severity::Medium,
+                published,
+                &["n01"],
+                &[("n01", published - HOUR)],
+            ),
+        ];
+        let r = compute(&nodes, &patches, &default_sla, NOW);
+        let sev: Vec<Severity> = r.remediation.iter().map(|s| s.severity).collect();
+        assert_eq!(sev, [Severity::Critical, Severity::Medium, Severity::Low]);
+
+        let crit = &r.remediation[0];
+        assert_eq!(crit.remediated, 10);
+        // Nearest rank: 50% of 10 is the 5th value, 95% the 10th.
+        assert_eq!(crit.median_secs, Some(5 * 3600));
+        assert_eq!(crit.p95_secs, Some(10 * 3600));
+        assert_eq!((crit.outstanding, crit.overdue), (0, 0));
+
+        let med = &r.remediation[1];
+        assert_eq!((med.remediated, med.median_secs), (1, Some(0)));
+
+        let low = &r.remediation[2];
+        assert_eq!(
+            (low.remediated, low.median_secs, low.p95_secs),
+            (0, None, None)
+        );
+        assert_eq!((low.outstanding, low.overdue), (1, 1));
+
+        assert_eq!(nearest_rank(&[1, 2, 3], 50), Some(2));
+        assert_eq!(nearest_rank(&[1, 2, 3, 4], 50), Some(2));
+        assert_eq!(nearest_rank(&(1..=20).collect::<Vec<_>>(), 95), Some(19));
+        assert_eq!(nearest_rank(&[7], 95), Some(7));
+        assert_eq!(nearest_rank(&[], 50), None);
+    }
+
+    #[test]
+    fn csv_parses_back_with_one_row_per_missing_patch() {
+        let (nodes, patches) = fleet();
+        let r = compute(&nodes, &patches, &default_sla, NOW);
+        let text = to_csv(&r);
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let header: Vec<String> = reader
+            .headers()
+            .expect("header")
+            .iter()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            header.join(","),
+            "node,group,status,patch,component,version,severity,outstanding_secs,sla_days,overdue,installed"
+        );
+        let rows: Vec<csv::StringRecord> =
+            reader.records().collect::<Result<_, _>>().expect("rows");
+        // a: 2 missing, b: 1, c and d: one compliant row each.
+        assert_eq!(rows.len(), 5);
+        assert_eq!(&rows[0][0], "a");
+        assert_eq!(&rows[0][2], "overdue");
+        assert_eq!(&rows[0][3], "ssl-302");
+        assert_eq!(&rows[0][7], (41 * 86_400 + 3 * 3600).to_string());
+        assert_eq!(&rows[0][9], "true");
+        assert_eq!(&rows[0][10], "openssl=3.0.1;pos-app=1.2.0");
+        assert_eq!(&rows[1][2], "missing");
+        assert_eq!(&rows[3][2], "compliant");
+        assert_eq!(&rows[3][3], "");
+        assert_eq!(&rows[3][10], "openssl=3.0.2");
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let (nodes, patches) = fleet();
+        let r = compute(&nodes, &patches, &default_sla, NOW);
+        let json = to_json(&r);
+        assert!(json.contains("\"severity\": \"critical\""), "{json}");
+        let back: Report = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn sla_parse() {
+        assert_eq!(Sla::parse("").expect("empty"), Sla::default());
+        let sla = Sla::parse("critical=15, High=60").expect("valid");
+        assert_eq!(
+            sla,
+            Sla {
+                critical_days: 15,
+                high_days: 60,
+                ..Sla::default()
+            }
+        );
+        assert_eq!(sla.days(Severity::Medium), 180);
+        assert!(Sla::parse("urgent=3").is_err());
+        assert!(Sla::parse("critical").is_err());
+        assert!(Sla::parse("critical=soon").is_err());
+        assert!(Sla::parse("critical=0").is_err());
+        assert!(Sla::parse("critical=-1").is_err());
+        assert!(Sla::parse("low=1,low=2").is_err());
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(41 * 86_400 + 3 * 3600 + 59), "41d 3h");
+        assert_eq!(duration(5 * 3600 + 12 * 60), "5h 12m");
+        assert_eq!(duration(7 * 60 + 5), "7m");
+        assert_eq!(duration(-5), "0m");
+    }
+}

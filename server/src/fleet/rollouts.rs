@@ -1,0 +1,739 @@
+//! The rollout controller: the one place that decides which targeted nodes get a
+//! patch now. It runs each rollout's step per group (waves, bake time, windows,
+//! capacity guard) on every change the fleet sees (a report, a node coming or
+//! going, an operator's command) and at the next bake end or window change;
+//! it records every release before the node is told, and pauses a rollout when
+//! its failures reach the threshold.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use flotilla_proto::pb;
+use tokio_util::sync::CancellationToken;
+
+use super::published::wants;
+use super::{Fleet, State};
+use crate::error::{Error, Result};
+use crate::model::{GroupRecord, NodeStatus, now_ms};
+use crate::rollout::plan::{self, GroupView, Mode, Progress, Target, Waiting};
+use crate::rollout::policy::{Policy, PolicySpec};
+use crate::rollout::record::{self, RolloutRecord, RolloutState};
+use crate::rollout::window::Schedule;
+
+/// Bursts of reports are taken in one pass after this pause.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// What a publish asks of its rollout.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutRequest {
+    pub policy: PolicySpec,
+    pub emergency: bool,
+    pub force: bool,
+}
+
+/// A node's last reported phase of one patch, and its error.
+#[derive(Debug, Clone)]
+pub(super) struct PhaseNote {
+    pub phase: pb::PatchPhase,
+    pub error: String,
+    /// When the node reported it (unix ms).
+    pub at_ms: i64,
+}
+
+fn is_failure(p: pb::PatchPhase) -> bool {
+    matches!(
+        p,
+        pb::PatchPhase::RolledBack | pb::PatchPhase::Failed | pb::PatchPhase::Rejected
+    )
+}
+
+fn is_final(p: pb::PatchPhase) -> bool {
+    p == pb::PatchPhase::Committed || is_failure(p)
+}
+
+/// The progress of a released node from its last report.
+fn progress_of(note: Option<&PhaseNote>) -> Progress {
+    match note.map(|n| n.phase) {
+        Some(pb::PatchPhase::Committed) => Progress::Committed,
+        Some(p) if is_failure(p) => Progress::Failed,
+        _ => Progress::Applying,
+    }
+}
+
+/// A group's maintenance schedule; one that no longer parses counts as closed,
+/// so a bad record can only hold a rollout back, never let it run outside hours.
+fn schedule_of(g: Option<&GroupRecord>) -> Option<Schedule> {
+    let g = g?;
+    match Schedule::parse(&g.timezone, &g.windows) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(group = %g.name, error = %e, "stored maintenance windows do not parse");
+            None
+        }
+    }
+}
+
+fn window_open(g: Option<&GroupRecord>, now_secs: i64) -> bool {
+    match g {
+        None => true,
+        Some(_) => schedule_of(g).is_some_and(|s| s.is_open(now_secs)),
+    }
+}
+
+impl State {
+    /// Whether a patch is in a node's desired state: released to it by a
+    /// rollout that was not aborted. Patches stored before rollouts existed
+    /// have no record and count as released to all.
+    pub(super) fn released_to(&self, patch_id: &str, group: &str, node: &str) -> bool {
+        match self.rollouts.get(patch_id) {
+            None => true,
+            Some(r) => r.state != RolloutState::Aborted && r.is_released(group, node),
+        }
+    }
+
+    /// Patches this node committed whose rollout was aborted with rollback.
+    pub(super) fn rollbacks_for(&self, group: &str, node: &str) -> Vec<String> {
+        self.rollouts
+            .values()
+            .filter(|r| {
+                r.state == RolloutState::Aborted && r.rollback && r.is_released(group, node)
+            })
+            .filter(|r| {
+                self.phases
+                    .get(&r.patch_id)
+                    .and_then(|p| p.get(node))
+                    .is_some_and(|n| {
+                        matches!(
+                            n.phase,
+                            pb::PatchPhase::Committed | pb::PatchPhase::Reverting
+                        )
+                    })
+            })
+            .map(|r| r.patch_id.clone())
+            .collect()
+    }
+
+    /// Sum of the rollouts' revisions: part of every desired-state revision.
+    pub(super) fn rollout_revision(&self) -> u64 {
+        self.rollouts.values().map(|r| r.revision).sum()
+    }
+
+    /// Nodes applying some patch now: released and not finished (a node that
+    /// never got the patch of an aborted rollout is not).
+    pub(super) fn busy_nodes(&self) -> HashSet<String> {
+        let mut busy = HashSet::new();
+        for r in self.rollouts.values() {
+            let phases = self.phases.get(&r.patch_id);
+            for g in r.groups.values() {
+                for id in &g.released {
+                    let note = phases.and_then(|p| p.get(id));
+                    let unfinished = match note {
+                        None => r.state != RolloutState::Aborted,
+                        Some(n) => !is_final(n.phase),
+                    };
+                    if unfinished {
+                        busy.insert(id.clone());
+                    }
+                }
+            }
+        }
+        busy
+    }
+
+    /// Online accepted nodes of a group not applying any patch.
+    fn in_service(&self, group: &str, busy: &HashSet<String>) -> u32 {
+        self.nodes
+            .values()
+            .filter(|n| {
+                n.group == group
+                    && n.status == NodeStatus::Accepted
+                    && self.sessions.contains_key(&n.id)
+                    && !busy.contains(&n.id)
+            })
+            .count() as u32
+    }
+
+    /// Targeted node ids per group, for one patch.
+    fn targets_by_group(&self, patch_id: &str) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let Some((_, m)) = self.patches.get(patch_id) else {
+            return out;
+        };
+        let now = time::OffsetDateTime::now_utc();
+        for n in self.nodes.values().filter(|n| wants(n, m, now)) {
+            out.entry(n.group.clone()).or_default().push(n.id.clone());
+        }
+        out
+    }
+
+    fn policy_for(&self, r: &RolloutRecord, group: &str) -> Policy {
+        let defaults = self
+            .groups
+            .get(group)
+            .map(|g| g.rollout.clone())
+            .unwrap_or_default();
+        let spec = r.policy.over(&defaults);
+        if r.emergency {
+            Policy::emergency(&spec)
+        } else {
+            Policy::resolve(&spec)
+        }
+    }
+}
+
+impl Fleet {
+    /// Stores a new rollout (before its patch, so no patch is ever without one)
+    /// and takes its first step.
+    pub(super) async fn start_rollout(&self, st: &mut State, r: RolloutRecord) -> Result<()> {
+        self.db.put(&record::key(&r.patch_id), &r).await?;
+        let id = r.patch_id.clone();
+        st.rollouts.insert(id.clone(), r);
+        Ok(())
+    }
+
+    /// Takes one step of a rollout in every group it reaches: pauses it on too
+    /// many failures, releases what may start, records and pushes. `busy` (the
+    /// nodes applying some patch) grows by the nodes released. Returns the
+    /// next moment (unix ms) something changes by itself (bake end, window).
+    pub(super) async fn advance(
+        &self,
+        st: &mut State,
+        patch_id: &str,
+        busy: &mut HashSet<String>,
+    ) -> Result<Option<i64>> {
+        let Some(mut r) = st.rollouts.get(patch_id).cloned() else {
+            return Ok(None);
+        };
+        if !r.state.releases() {
+            st.waiting.remove(patch_id);
+            return Ok(None);
+        }
+        let now = now_ms();
+        let targets = st.targets_by_group(patch_id);
+        let phases = st.phases.get(patch_id);
+        let mut changed = false;
+        // Every group has finished, or only offline nodes are left in its last wave.
+        let mut all_settled = true;
+        let mut next: Option<i64> = None;
+        let mut releases: Vec<String> = Vec::new();
+        let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
+        // Failures since the last resume against each group's threshold.
+        if r.state == RolloutState::Running {
+            for (group, ids) in &targets {
+                let policy = st.policy_for(&r, group);
+                let Some(pos) = r.groups.get(group) else {
+                    continue;
+                };
+                let failed: Vec<(&String, &PhaseNote)> = pos
+                    .released
+                    .iter()
+                    .filter_map(|id| phases.and_then(|p| p.get(id)).map(|n| (id, n)))
+                    .filter(|(_, n)| is_failure(n.phase))
+                    .collect();
+                let new_failures = (failed.len() as u32).saturating_sub(pos.failures_acknowledged);
+                let threshold = policy.failure_threshold.of(ids.len()).max(1) as u32;
+                if let Some((node, note)) = failed.last()
+                    && new_failures >= threshold
+                {
+                    let reason = format!(
+                        "{new_failures} failure(s) in group {group} reached the threshold of {threshold}: node {node}: {}",
+                        if note.error.is_empty() {
+                            "no error given"
+                        } else {
+                            &note.error
+                        }
+                    );
+                    tracing::warn!(patch = patch_id, %reason, "rollout paused");
+                    r.state = RolloutState::Paused;
+                    r.reason = reason;
+                    r.updated_at_ms = now;
+                    self.db.put(&record::key(patch_id), &r).await?;
+                    st.rollouts.insert(patch_id.to_string(), r);
+                    st.waiting.remove(patch_id);
+                    let _ = self.rollout_events.send(patch_id.to_string());
+                    return Ok(None);
+                }
+            }
+        }
+        for (group, ids) in &targets {
+            let g = st.groups.get(group);
+            let policy = st.policy_for(&r, group);
+            let pos = r.groups.entry(group.clone()).or_default();
+            let view_targets: Vec<Target<'_>> = ids
+                .iter()
+                .map(|id| {
+                    let node = &st.nodes[id];
+                    let released = pos.released.contains(id);
+                    Target {
+                        id,
+                        online: st.sessions.contains_key(id),
+                        progress: released.then(|| progress_of(phases.and_then(|p| p.get(id)))),
+                        busy_elsewhere: !released && busy.contains(id),
+                        spread: policy
+                            .spread_label
+                            .as_ref()
+                            .and_then(|l| node.labels.get(l))
+                            .map_or("", String::as_str),
+                    }
+                })
+                .collect();
+            let view = GroupView {
+                desired: g.and_then(|g| g.desired),
+                max_unavailable: g.map_or(1, |g| g.max_unavailable),
+                in_service: st.in_service(group, busy),
+                window_open: window_open(g, now / 1000),
+            };
+            let mode = Mode {
+                emergency: r.emergency,
+                force: r.force,
+            };
+            let step = plan::step(&policy, mode, view, &view_targets, pos, now);
+            if !step.waiting.settled() && pos.lowest_in_service.is_none_or(|l| view.in_service < l)
+            {
+                pos.lowest_in_service = Some(view.in_service);
+                changed = true;
+            }
+            changed |= step.changed;
+            all_settled &= step.waiting == Waiting::Done
+                || (step.waiting == Waiting::Offline && pos.wave + 1 == policy.waves.len());
+            match step.waiting {
+                Waiting::Bake(until) => next = Some(next.map_or(until, |n| n.min(until))),
+                Waiting::Window => {
+                    if let Some(at) = schedule_of(g).and_then(|s| s.next_change(now / 1000)) {
+                        let at = at * 1000;
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
+                }
+                _ => {}
+            }
+            if !step.release.is_empty() {
+                tracing::info!(patch = patch_id, group = %group, wave = pos.wave, nodes = step.release.len(), "releasing");
+                pos.released.extend(step.release.iter().cloned());
+                releases.extend(step.release);
+                changed = true;
+            }
+            waiting.insert(group.clone(), step.waiting);
+        }
+        if r.state == RolloutState::Running && releases.is_empty() && all_settled {
+            r.state = RolloutState::Completed;
+            tracing::info!(patch = patch_id, "rollout completed");
+            changed = true;
+        }
+        if !releases.is_empty() {
+            r.revision += 1;
+        }
+        if changed {
+            r.updated_at_ms = now;
+            // Durable before any node is told.
+            self.db.put(&record::key(patch_id), &r).await?;
+        }
+        st.rollouts.insert(patch_id.to_string(), r);
+        st.waiting.insert(patch_id.to_string(), waiting);
+        for id in &releases {
+            self.push(st, id);
+        }
+        busy.extend(releases);
+        let _ = self.rollout_events.send(patch_id.to_string());
+        Ok(next)
+    }
+
+    /// Records a node's phase of a patch (already stored by the caller), keeps
+    /// its installed versions, and wakes the controller.
+    pub async fn note_phase(
+        &self,
+        node_id: &str,
+        patch_id: &str,
+        phase: pb::PatchPhase,
+        error: &str,
+        at_ms: i64,
+    ) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let before = st
+            .phases
+            .entry(patch_id.to_string())
+            .or_default()
+            .insert(
+                node_id.to_string(),
+                PhaseNote {
+                    phase,
+                    error: error.to_string(),
+                    at_ms,
+                },
+            )
+            .map(|n| n.phase);
+        let undone = phase == pb::PatchPhase::RolledBack
+            && matches!(
+                before,
+                Some(pb::PatchPhase::Committed | pb::PatchPhase::Reverting)
+            );
+        if phase == pb::PatchPhase::Committed || undone {
+            self.refresh_installed(&mut st, node_id, patch_id).await?;
+        }
+        // A node that committed after its rollout was aborted with rollback
+        // must hear that it is to undo it.
+        if phase == pb::PatchPhase::Committed
+            && let Some(r) = st.rollouts.get_mut(patch_id)
+            && r.state == RolloutState::Aborted
+            && r.rollback
+        {
+            r.revision += 1;
+            let r = r.clone();
+            self.db.put(&record::key(patch_id), &r).await?;
+            self.push(&st, node_id);
+        }
+        drop(st);
+        self.rollout_wake.notify_one();
+        Ok(())
+    }
+
+    /// Sets a node's version of the component `patch_id` changes: the newest
+    /// patch of that component it has committed (and not undone), or none.
+    async fn refresh_installed(&self, st: &mut State, node_id: &str, patch_id: &str) -> Result<()> {
+        let Some((_, m)) = st.patches.get(patch_id) else {
+            return Ok(());
+        };
+        let component = m.component.clone();
+        let newest = st
+            .patches
+            .values()
+            .filter(|(_, m)| m.component == component)
+            .filter(|(r, _)| {
+                st.phases
+                    .get(&r.id)
+                    .and_then(|p| p.get(node_id))
+                    .is_some_and(|n| n.phase == pb::PatchPhase::Committed)
+            })
+            .max_by_key(|(r, _)| r.seq)
+            .map(|(_, m)| m.version.clone());
+        let Some(mut node) = st.nodes.get(node_id).cloned() else {
+            return Ok(());
+        };
+        if node.installed.get(&component) == newest.as_ref() {
+            return Ok(());
+        }
+        match newest {
+            Some(v) => node.installed.insert(component, v),
+            None => node.installed.remove(&component),
+        };
+        self.db
+            .put(&crate::model::keys::node(node_id), &node)
+            .await?;
+        st.nodes.insert(node_id.to_string(), node);
+        Ok(())
+    }
+
+    /// Advances every rollout on each change in the fleet and when a bake time
+    /// ends or a maintenance window opens.
+    pub async fn run_rollouts(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = {
+                let mut st = self.state.lock().await;
+                // A completed rollout only has work when nodes come, go or
+                // change groups, or while it still holds a returning node back.
+                let membership = self.membership_changed.swap(false, Ordering::Relaxed);
+                let ids: Vec<String> = st
+                    .rollouts
+                    .values()
+                    .filter(|r| match r.state {
+                        RolloutState::Running => true,
+                        RolloutState::Completed => {
+                            membership
+                                || st
+                                    .waiting
+                                    .get(&r.patch_id)
+                                    .is_some_and(|w| w.values().any(|w| !w.settled()))
+                        }
+                        _ => false,
+                    })
+                    .map(|r| r.patch_id.clone())
+                    .collect();
+                let mut busy = st.busy_nodes();
+                let mut next: Option<i64> = None;
+                for id in ids {
+                    match self.advance(&mut st, &id, &mut busy).await {
+                        Ok(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(patch = %id, error = %e, "rollout step failed"),
+                    }
+                }
+                next
+            };
+            let sleep = next.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis((at - now_ms()).max(0) as u64 + 5)
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.rollout_wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(COALESCE) => {}
+            }
+        }
+    }
+
+    /// Rollout ids (patch ids) as their state changes.
+    pub fn subscribe_rollouts(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.rollout_events.subscribe()
+    }
+
+    /// Pauses a running (or converging) rollout: no new node starts.
+    pub async fn pause_rollout(&self, id: &str, by: &str) -> Result<pb::RolloutInfo> {
+        self.change_rollout(id, |r| match r.state {
+            RolloutState::Aborted => Err(Error::FailedPrecondition(format!(
+                "rollout {id} was aborted; publish a new patch instead"
+            ))),
+            _ => {
+                r.state = RolloutState::Paused;
+                r.reason = format!("paused by {by}");
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Resumes a paused rollout; failures seen so far no longer count.
+    pub async fn resume_rollout(&self, id: &str) -> Result<pb::RolloutInfo> {
+        let failures: BTreeMap<String, u32> = {
+            let st = self.state.lock().await;
+            let phases = st.phases.get(id);
+            st.rollouts
+                .get(id)
+                .map(|r| {
+                    r.groups
+                        .iter()
+                        .map(|(g, p)| {
+                            let n = p
+                                .released
+                                .iter()
+                                .filter(|n| {
+                                    phases
+                                        .and_then(|ph| ph.get(*n))
+                                        .is_some_and(|x| is_failure(x.phase))
+                                })
+                                .count();
+                            (g.clone(), n as u32)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        self.change_rollout(id, |r| match r.state {
+            RolloutState::Paused => {
+                r.state = RolloutState::Running;
+                r.reason.clear();
+                for (g, p) in r.groups.iter_mut() {
+                    p.failures_acknowledged = failures.get(g).copied().unwrap_or(0);
+                }
+                Ok(())
+            }
+            s => Err(Error::FailedPrecondition(format!(
+                "rollout {id} is {}, not paused",
+                s.as_str()
+            ))),
+        })
+        .await
+    }
+
+    /// Aborts a rollout: no new node starts; with `rollback`, nodes that
+    /// committed undo the patch.
+    pub async fn abort_rollout(
+        &self,
+        id: &str,
+        rollback: bool,
+        by: &str,
+    ) -> Result<pb::RolloutInfo> {
+        self.change_rollout(id, |r| {
+            if r.state == RolloutState::Aborted && (r.rollback || !rollback) {
+                return Ok(());
+            }
+            r.state = RolloutState::Aborted;
+            r.rollback = rollback;
+            r.reason = format!(
+                "aborted by {by}{}",
+                if rollback {
+                    ", committed nodes roll back"
+                } else {
+                    ""
+                }
+            );
+            r.revision += 1;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies an operator's change to a rollout, stores it, tells the nodes
+    /// it released and wakes the controller.
+    async fn change_rollout(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut RolloutRecord) -> Result<()>,
+    ) -> Result<pb::RolloutInfo> {
+        let mut st = self.state.lock().await;
+        let mut r = st
+            .rollouts
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no rollout for patch {id}")))?;
+        f(&mut r)?;
+        r.updated_at_ms = now_ms();
+        self.db.put(&record::key(id), &r).await?;
+        let released: Vec<String> = r
+            .groups
+            .values()
+            .flat_map(|g| g.released.iter().cloned())
+            .collect();
+        st.rollouts.insert(id.to_string(), r);
+        for n in &released {
+            self.push(&st, n);
+        }
+        let info = self.rollout_info_locked(&st, id).expect("just stored");
+        drop(st);
+        let _ = self.rollout_events.send(id.to_string());
+        self.rollout_wake.notify_one();
+        Ok(info)
+    }
+
+    /// One rollout's state and progress per group.
+    pub async fn rollout_info(&self, id: &str) -> Option<pb::RolloutInfo> {
+        let st = self.state.lock().await;
+        self.rollout_info_locked(&st, id)
+    }
+
+    /// Every rollout, newest first.
+    pub async fn rollout_infos(&self) -> Vec<pb::RolloutInfo> {
+        let st = self.state.lock().await;
+        let mut out: Vec<pb::RolloutInfo> = st
+            .rollouts
+            .keys()
+            .filter_map(|id| self.rollout_info_locked(&st, id))
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.started_at_ms));
+        out
+    }
+
+    fn rollout_info_locked(&self, st: &State, id: &str) -> Option<pb::RolloutInfo> {
+        let r = st.rollouts.get(id)?;
+        let (_, m) = st.patches.get(id)?;
+        let targets = st.targets_by_group(id);
+        let busy = st.busy_nodes();
+        let phases = st.phases.get(id);
+        let waiting = st.waiting.get(id);
+        let mut groups = Vec::new();
+        let mut failures = 0;
+        let names: std::collections::BTreeSet<&String> =
+            targets.keys().chain(r.groups.keys()).collect();
+        for group in names {
+            let ids = targets.get(group).map(Vec::as_slice).unwrap_or(&[]);
+            let pos = r.groups.get(group).cloned().unwrap_or_default();
+            let policy = st.policy_for(r, group);
+            let g = st.groups.get(group);
+            let (mut committed, mut failed, mut applying) = (0, 0, 0);
+            for n in &pos.released {
+                match progress_of(phases.and_then(|p| p.get(n))) {
+                    Progress::Committed => committed += 1,
+                    Progress::Failed => failed += 1,
+                    Progress::Applying => applying += 1,
+                }
+            }
+            failures += failed;
+            let spread_values = policy
+                .spread_label
+                .as_ref()
+                .map(|l| {
+                    ids.iter()
+                        .map(|id| st.nodes[id].labels.get(l).cloned().unwrap_or_default())
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .len()
+                })
+                .unwrap_or(1);
+            let sizes = plan::wave_sizes(&policy, ids.len(), spread_values);
+            let wait = match r.state {
+                RolloutState::Paused => "paused".to_string(),
+                RolloutState::Aborted => "aborted".to_string(),
+                _ => waiting
+                    .and_then(|w| w.get(group))
+                    .map_or("", |w| w.as_str())
+                    .to_string(),
+            };
+            let bake_until_ms = match waiting.and_then(|w| w.get(group)) {
+                Some(Waiting::Bake(t)) => *t,
+                _ => 0,
+            };
+            let view = GroupView {
+                desired: g.and_then(|g| g.desired),
+                max_unavailable: g.map_or(1, |g| g.max_unavailable),
+                in_service: st.in_service(group, &busy),
+                window_open: true,
+            };
+            groups.push(pb::RolloutGroup {
+                group: group.clone(),
+                wave: pos.wave as u32,
+                waves: sizes.len() as u32,
+                targeted: ids.len() as u32,
+                released: pos.released.len() as u32,
+                committed,
+                failed,
+                applying,
+                waiting_for: wait,
+                bake_until_ms,
+                in_service: view.in_service,
+                min_in_service: if r.force { 0 } else { view.min_in_service() },
+                waves_progress: sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, size)| pb::WaveProgress {
+                        index: i as u32,
+                        size: *size as u32,
+                        started_at_ms: pos.wave_started_ms.get(&i).copied().unwrap_or(0),
+                        done_at_ms: pos.wave_done_ms.get(&i).copied().unwrap_or(0),
+                    })
+                    .collect(),
+                lowest_in_service: pos.lowest_in_service.unwrap_or(view.in_service),
+            });
+        }
+        Some(pb::RolloutInfo {
+            patch_id: r.patch_id.clone(),
+            state: r.state.as_str().to_string(),
+            reason: r.reason.clone(),
+            emergency: r.emergency,
+            force: r.force,
+            policy: Some(r.policy.to_pb()),
+            started_at_ms: r.started_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            groups,
+            failures,
+            rollback: r.rollback,
+            component: m.component.clone(),
+            version: m.version.clone(),
+            severity: m.severity.as_str().to_string(),
+        })
+    }
+
+    /// Why a targeted node does not have a patch yet, as patch status shows it.
+    pub(super) fn wait_reason(st: &State, patch_id: &str, group: &str, node: &str) -> String {
+        let Some(r) = st.rollouts.get(patch_id) else {
+            return "waiting".into();
+        };
+        match r.state {
+            RolloutState::Aborted => return "not started (aborted)".into(),
+            RolloutState::Paused => return "waiting (paused)".into(),
+            _ => {}
+        }
+        if !st.sessions.contains_key(node) {
+            return "waiting (offline)".into();
+        }
+        if r.is_released(group, node) {
+            return "waiting".into();
+        }
+        match st.waiting.get(patch_id).and_then(|w| w.get(group)) {
+            Some(Waiting::Window) => "waiting for window".into(),
+            Some(Waiting::Capacity) => "waiting for capacity".into(),
+            _ => "waiting for wave".into(),
+        }
+    }
+}

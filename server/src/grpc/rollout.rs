@@ -1,0 +1,192 @@
+//! The rollout half of AdminService: rollout control and watching, group
+//! maintenance windows and rollout defaults, and the compliance report. The
+//! trait impl in `admin.rs` delegates here.
+
+use std::pin::Pin;
+
+use flotilla_proto::{limits, pb};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::admin::AdminApi;
+use crate::error::Error;
+use crate::model::OperatorRole;
+
+pub type RolloutStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutInfo, Status>> + Send>>;
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("no rollout for patch {id}"))
+}
+
+pub async fn list_rollouts(
+    api: &AdminApi,
+    request: Request<pb::ListRolloutsRequest>,
+) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    Ok(Response::new(pb::ListRolloutsResponse {
+        rollouts: api.app.fleet.rollout_infos().await,
+    }))
+}
+
+pub async fn get_rollout(
+    api: &AdminApi,
+    request: Request<pb::GetRolloutRequest>,
+) -> Result<Response<pb::RolloutInfo>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let id = request.into_inner().patch_id;
+    api.app
+        .fleet
+        .rollout_info(&id)
+        .await
+        .map(Response::new)
+        .ok_or_else(|| not_found(&id))
+}
+
+pub async fn pause_rollout(
+    api: &AdminApi,
+    request: Request<pb::RolloutActionRequest>,
+) -> Result<Response<pb::RolloutInfo>, Status> {
+    let caller = api.caller(&request, OperatorRole::Operator).await?;
+    let id = request.into_inner().patch_id;
+    let info = api.app.fleet.pause_rollout(&id, &caller.name).await?;
+    api.audit(&caller, "rollout.pause", &id, serde_json::json!({}))
+        .await?;
+    Ok(Response::new(info))
+}
+
+pub async fn resume_rollout(
+    api: &AdminApi,
+    request: Request<pb::RolloutActionRequest>,
+) -> Result<Response<pb::RolloutInfo>, Status> {
+    let caller = api.caller(&request, OperatorRole::Operator).await?;
+    let id = request.into_inner().patch_id;
+    let info = api.app.fleet.resume_rollout(&id).await?;
+    api.audit(&caller, "rollout.resume", &id, serde_json::json!({}))
+        .await?;
+    Ok(Response::new(info))
+}
+
+pub async fn abort_rollout(
+    api: &AdminApi,
+    request: Request<pb::AbortRolloutRequest>,
+) -> Result<Response<pb::RolloutInfo>, Status> {
+    let caller = api.caller(&request, OperatorRole::Operator).await?;
+    let r = request.into_inner();
+    let info = api
+        .app
+        .fleet
+        .abort_rollout(&r.patch_id, r.rollback, &caller.name)
+        .await?;
+    api.audit(
+        &caller,
+        "rollout.abort",
+        &r.patch_id,
+        serde_json::json!({ "rollback": r.rollback }),
+    )
+    .await?;
+    Ok(Response::new(info))
+}
+
+/// Sends the rollout now and on every change (equal states are sent once),
+/// until it ends or the caller goes away.
+pub async fn watch_rollout(
+    api: &AdminApi,
+    request: Request<pb::GetRolloutRequest>,
+) -> Result<Response<RolloutStream>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let id = request.into_inner().patch_id;
+    let fleet = api.app.fleet.clone();
+    let shutdown = api.app.shutdown.clone();
+    // Subscribe before the first snapshot so no change falls between them.
+    let mut events = fleet.subscribe_rollouts();
+    let first = fleet
+        .rollout_info(&id)
+        .await
+        .ok_or_else(|| not_found(&id))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut last = first;
+        if tx.send(Ok(last.clone())).await.is_err() {
+            return;
+        }
+        loop {
+            if crate::rollout::record::RolloutState::ended_str(&last.state)
+                && last.groups.iter().all(|g| g.applying == 0)
+            {
+                return;
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = shutdown.cancelled() => return,
+                ev = events.recv() => match ev {
+                    Ok(changed) if changed != id => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+            let Some(now) = fleet.rollout_info(&id).await else {
+                return;
+            };
+            if now != last {
+                last = now;
+                if tx.send(Ok(last.clone())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}
+
+pub async fn configure_group(
+    api: &AdminApi,
+    request: Request<pb::ConfigureGroupRequest>,
+) -> Result<Response<pb::GroupConfig>, Status> {
+    let caller = api.caller(&request, OperatorRole::Operator).await?;
+    let r = request.into_inner();
+    limits::check_name("group", &r.name, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
+    let config = api.app.fleet.configure_group(&r).await?;
+    api.audit(
+        &caller,
+        "group.configure",
+        &r.name,
+        serde_json::json!({
+            "timezone": config.timezone,
+            "windows": config.windows,
+            "sla": config.sla,
+            "rollout": config.rollout.as_ref().map(|p| serde_json::json!({
+                "waves": p.waves,
+                "bake_secs": p.bake_secs,
+                "max_applying": p.max_applying,
+                "failure_threshold": p.failure_threshold,
+                "spread_label": p.spread_label,
+            })),
+        }),
+    )
+    .await?;
+    Ok(Response::new(config))
+}
+
+pub async fn get_group_config(
+    api: &AdminApi,
+    request: Request<pb::GetGroupConfigRequest>,
+) -> Result<Response<pb::GroupConfig>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let name = request.into_inner().name;
+    Ok(Response::new(api.app.fleet.group_config(&name).await?))
+}
+
+pub async fn compliance_report(
+    api: &AdminApi,
+    request: Request<pb::ComplianceReportRequest>,
+) -> Result<Response<pb::ComplianceReportResponse>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let group = request.into_inner().group;
+    let group = (!group.is_empty()).then_some(group);
+    let report = api.app.fleet.compliance(group.as_deref()).await?;
+    Ok(Response::new(pb::ComplianceReportResponse {
+        report_json: crate::compliance::to_json(&report),
+    }))
+}

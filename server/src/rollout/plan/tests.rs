@@ -1,0 +1,311 @@
+//! The step function against hand-built groups.
+
+use std::time::Duration;
+
+use super::*;
+
+fn policy(waves: &[Amount], bake_secs: u64) -> Policy {
+    Policy {
+        waves: waves.to_vec(),
+        bake: Duration::from_secs(bake_secs),
+        max_applying: 0,
+        failure_threshold: Amount::Count(1),
+        spread_label: None,
+    }
+}
+
+struct Fleet {
+    ids: Vec<String>,
+    sites: Vec<String>,
+    online: Vec<bool>,
+    progress: Vec<Option<Progress>>,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Self {
+        Self {
+            ids: (0..n).map(|i| format!("n{i:02}")).collect(),
+            sites: vec![String::new(); n],
+            online: vec![true; n],
+            progress: vec![None; n],
+        }
+    }
+
+    fn targets(&self) -> Vec<Target<'_>> {
+        (0..self.ids.len())
+            .map(|i| Target {
+                id: &self.ids[i],
+                online: self.online[i],
+                progress: self.progress[i],
+                busy_elsewhere: false,
+                spread: &self.sites[i],
+            })
+            .collect()
+    }
+
+    fn release(&mut self, ids: &[String]) {
+        for id in ids {
+            let i = self.ids.iter().position(|x| x == id).unwrap();
+            assert!(self.progress[i].is_none(), "{id} released twice");
+            self.progress[i] = Some(Progress::Applying);
+        }
+    }
+
+    fn commit_all(&mut self) {
+        for p in self.progress.iter_mut().flatten() {
+            *p = Progress::Committed;
+        }
+    }
+
+    fn in_service(&self) -> u32 {
+        (0..self.ids.len())
+            .filter(|&i| self.online[i] && self.progress[i] != Some(Progress::Applying))
+            .count() as u32
+    }
+}
+
+fn open(in_service: u32) -> GroupView {
+    GroupView {
+        desired: None,
+        max_unavailable: 1,
+        in_service,
+        window_open: true,
+    }
+}
+
+#[test]
+fn canary_then_waves_after_each_finishes_and_bakes() {
+    let p = policy(
+        &[Amount::Count(1), Amount::Percent(25), Amount::Percent(100)],
+        60,
+    );
+    let mut f = Fleet::new(20);
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), open(20), &f.targets(), &mut pos, 0);
+    assert_eq!(s.release, vec!["n00"]);
+    f.release(&s.release);
+    // The canary has not finished: nobody else starts.
+    let s = step(&p, Mode::default(), open(19), &f.targets(), &mut pos, 1_000);
+    assert!(s.release.is_empty());
+    assert_eq!(s.waiting, Waiting::Wave);
+    f.commit_all();
+    // Finished at 2 s: baking for 60 s.
+    let s = step(&p, Mode::default(), open(20), &f.targets(), &mut pos, 2_000);
+    assert_eq!(s.waiting, Waiting::Bake(62_000));
+    assert!(s.release.is_empty());
+    let s = step(
+        &p,
+        Mode::default(),
+        open(20),
+        &f.targets(),
+        &mut pos,
+        62_000,
+    );
+    assert_eq!(s.release.len(), 4, "25% of 20 is 5, the canary among them");
+    assert_eq!(pos.wave, 1);
+    f.release(&s.release);
+    f.commit_all();
+    let s = step(
+        &p,
+        Mode::default(),
+        open(20),
+        &f.targets(),
+        &mut pos,
+        70_000,
+    );
+    assert_eq!(s.waiting, Waiting::Bake(130_000));
+    let s = step(
+        &p,
+        Mode::default(),
+        open(20),
+        &f.targets(),
+        &mut pos,
+        130_000,
+    );
+    assert_eq!(s.release.len(), 15);
+    f.release(&s.release);
+    f.commit_all();
+    let s = step(
+        &p,
+        Mode::default(),
+        open(20),
+        &f.targets(),
+        &mut pos,
+        131_000,
+    );
+    assert_eq!(s.waiting, Waiting::Done);
+    assert_eq!(pos.wave_started_ms.len(), 3);
+    assert_eq!(pos.wave_done_ms.get(&0), Some(&2_000));
+}
+
+#[test]
+fn capacity_guard_never_goes_below_the_floor() {
+    // 10 nodes, desired 8, max_unavailable 1: at least 7 in service.
+    let p = policy(&[Amount::Percent(100)], 0);
+    let mut f = Fleet::new(10);
+    let mut pos = GroupProgress::default();
+    let group = |f: &Fleet| GroupView {
+        desired: Some(8),
+        max_unavailable: 1,
+        in_service: f.in_service(),
+        window_open: true,
+    };
+    let mut rounds = 0;
+    loop {
+        let s = step(
+            &p,
+            Mode::default(),
+            group(&f),
+            &f.targets(),
+            &mut pos,
+            rounds,
+        );
+        f.release(&s.release);
+        assert!(f.in_service() >= 7, "guard broken: {}", f.in_service());
+        if s.waiting == Waiting::Done {
+            break;
+        }
+        if s.release.is_empty() {
+            f.commit_all();
+        }
+        rounds += 1;
+        assert!(rounds < 50);
+    }
+    assert_eq!(pos.lowest_in_service, Some(7));
+}
+
+#[test]
+fn two_offline_leave_room_for_one_and_three_offline_for_none() {
+    let p = policy(&[Amount::Percent(100)], 0);
+    let mut f = Fleet::new(10);
+    f.online[8] = false;
+    f.online[9] = false;
+    let g = |f: &Fleet| GroupView {
+        desired: Some(8),
+        max_unavailable: 1,
+        in_service: f.in_service(),
+        window_open: true,
+    };
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), g(&f), &f.targets(), &mut pos, 0);
+    assert_eq!(s.release.len(), 1);
+    f.release(&s.release);
+    let s = step(&p, Mode::default(), g(&f), &f.targets(), &mut pos, 1);
+    assert!(s.release.is_empty());
+    assert_eq!(s.waiting, Waiting::Capacity);
+    f.commit_all();
+    f.online[7] = false;
+    let s = step(&p, Mode::default(), g(&f), &f.targets(), &mut pos, 2);
+    assert!(s.release.is_empty(), "7 in service is the floor");
+    assert_eq!(s.waiting, Waiting::Capacity);
+    // Force ignores the guard.
+    let forced = Mode {
+        emergency: true,
+        force: true,
+    };
+    let s = step(&p, forced, g(&f), &f.targets(), &mut pos, 3);
+    assert_eq!(s.release.len(), 6);
+}
+
+#[test]
+fn window_holds_normal_rollouts_but_not_emergencies() {
+    let p = policy(&[Amount::Count(1), Amount::Percent(100)], 3600);
+    let f = Fleet::new(5);
+    let closed = GroupView {
+        window_open: false,
+        ..open(5)
+    };
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), closed, &f.targets(), &mut pos, 0);
+    assert_eq!(s.waiting, Waiting::Window);
+    assert!(s.release.is_empty());
+    let emergency = Mode {
+        emergency: true,
+        force: false,
+    };
+    let s = step(&p, emergency, closed, &f.targets(), &mut pos, 0);
+    assert_eq!(s.release.len(), 5, "every target in one step");
+}
+
+#[test]
+fn canary_takes_one_node_per_site_and_waves_spread() {
+    let mut p = policy(
+        &[Amount::Count(1), Amount::Percent(50), Amount::Percent(100)],
+        0,
+    );
+    p.spread_label = Some("site".into());
+    let mut f = Fleet::new(12);
+    for (i, s) in f.sites.iter_mut().enumerate() {
+        *s = ["a", "b", "c"][i % 3].to_string();
+    }
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), open(12), &f.targets(), &mut pos, 0);
+    let sites: BTreeSet<&str> = s
+        .release
+        .iter()
+        .map(|id| f.sites[f.ids.iter().position(|x| x == id).unwrap()].as_str())
+        .collect();
+    assert_eq!(s.release.len(), 3);
+    assert_eq!(sites.len(), 3, "one per site: {:?}", s.release);
+    f.release(&s.release);
+    f.commit_all();
+    let s = step(&p, Mode::default(), open(12), &f.targets(), &mut pos, 1);
+    assert_eq!(s.release.len(), 3, "50% of 12 is 6");
+    let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
+    f.release(&s.release);
+    for (i, pr) in f.progress.iter().enumerate() {
+        if pr.is_some() {
+            *per_site.entry(&f.sites[i]).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        per_site.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2]
+    );
+}
+
+#[test]
+fn max_applying_limits_each_group() {
+    let mut p = policy(&[Amount::Percent(100)], 0);
+    p.max_applying = 2;
+    let mut f = Fleet::new(6);
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), open(6), &f.targets(), &mut pos, 0);
+    assert_eq!(s.release.len(), 2);
+    f.release(&s.release);
+    let s = step(&p, Mode::default(), open(4), &f.targets(), &mut pos, 1);
+    assert!(s.release.is_empty());
+    assert_eq!(s.waiting, Waiting::Capacity);
+}
+
+#[test]
+fn a_node_that_arrives_later_is_released_in_the_last_wave() {
+    let p = policy(&[Amount::Count(1), Amount::Percent(100)], 0);
+    let mut f = Fleet::new(3);
+    f.progress = vec![Some(Progress::Committed); 3];
+    let mut pos = GroupProgress {
+        wave: 1,
+        ..Default::default()
+    };
+    let s = step(&p, Mode::default(), open(3), &f.targets(), &mut pos, 0);
+    assert_eq!(s.waiting, Waiting::Done);
+    f.ids.push("late".into());
+    f.sites.push(String::new());
+    f.online.push(true);
+    f.progress.push(None);
+    let s = step(&p, Mode::default(), open(4), &f.targets(), &mut pos, 1);
+    assert_eq!(s.release, vec!["late"]);
+}
+
+#[test]
+fn offline_leftovers_settle_the_group() {
+    let p = policy(&[Amount::Percent(100)], 0);
+    let mut f = Fleet::new(3);
+    f.online[2] = false;
+    f.progress[0] = Some(Progress::Committed);
+    f.progress[1] = Some(Progress::Failed);
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), open(2), &f.targets(), &mut pos, 0);
+    assert_eq!(s.waiting, Waiting::Offline);
+    assert!(s.waiting.settled());
+}
