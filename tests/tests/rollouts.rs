@@ -625,3 +625,142 @@ fn compliance_report_lists_the_overdue_node_first() {
     println!("{table}");
     assert!(table.contains("OVERDUE"), "{table}");
 }
+
+#[test]
+fn server_killed_mid_rollout_goes_on_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (mut server, _agents) = fleet(dir.path(), &k, 4, &[]);
+    let m = make_patch(&server, dir.path(), &k, "k-2.0.0", "demo", "2.0.0", "");
+    publish(&server, &m, &["--waves", "1,100%", "--bake", "3s"]);
+    let before = wait_until("the canary baking", T, || {
+        let r = rollout(&server, "k-2.0.0");
+        (r["groups"][0]["waiting_for"] == "bake").then_some(r)
+    });
+    let canary: Vec<_> = nodes(&server, "k-2.0.0")
+        .into_iter()
+        .filter(|n| n.1 == "committed")
+        .collect();
+    assert_eq!(canary.len(), 1);
+    server.kill9();
+    server.start();
+    let after = wait_state(&server, "k-2.0.0", "completed");
+    // The wave's end was durable: the bake ran from it, not from the restart.
+    assert_eq!(
+        before["groups"][0]["waves_progress"][0]["done_at_ms"],
+        after["groups"][0]["waves_progress"][0]["done_at_ms"]
+    );
+    let ns = nodes(&server, "k-2.0.0");
+    assert!(ns.iter().all(|n| n.1 == "committed"), "{ns:?}");
+    // The canary was not sent the patch again: its first report is unchanged.
+    let again = ns.iter().find(|n| n.0 == canary[0].0).unwrap();
+    assert_eq!(again.2, canary[0].2);
+}
+
+#[test]
+fn bad_rollout_input_is_refused_with_what_was_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (server, _agents) = fleet(dir.path(), &k, 1, &[]);
+    let m = make_patch(&server, dir.path(), &k, "b-2.0.0", "demo", "2.0.0", "");
+    let refused = |args: &[&str], wanted: &str| {
+        let (ok, _, err) = patch::cli(&server, args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    };
+    let manifest = m.to_str().unwrap();
+    refused(
+        &["patch", "publish", manifest, "--waves", "1,50%"],
+        "last wave",
+    );
+    refused(
+        &["patch", "publish", manifest, "--waves", "0,100%"],
+        "at least 1",
+    );
+    refused(
+        &["patch", "publish", manifest, "--waves", "x,100%"],
+        "node count",
+    );
+    refused(
+        &["patch", "publish", manifest, "--failure-threshold", "150%"],
+        "between 1% and 100%",
+    );
+    refused(&["patch", "publish", manifest, "--force"], "--emergency");
+    // Nothing was published by the refused calls.
+    assert!(
+        server
+            .cli_json(&["patch", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    refused(
+        &[
+            "group",
+            "config",
+            "store",
+            "--timezone",
+            "Mars/Base",
+            "--window",
+            "daily 01:00-02:00",
+        ],
+        "Mars/Base",
+    );
+    refused(
+        &[
+            "group",
+            "config",
+            "store",
+            "--window",
+            "mon-fri 25:00-04:00",
+        ],
+        "25",
+    );
+    refused(
+        &[
+            "group",
+            "config",
+            "store",
+            "--window",
+            "someday 01:00-02:00",
+        ],
+        "someday",
+    );
+    refused(
+        &["group", "config", "store", "--sla", "critical=0"],
+        "at least 1",
+    );
+    refused(
+        &["group", "config", "store", "--sla", "urgent=3"],
+        "unknown severity",
+    );
+    let g = server.cli_json(&["group", "config", "store"]);
+    assert_eq!(g["windows"].as_array().unwrap().len(), 0, "{g}");
+    assert_eq!(g["timezone"], "UTC");
+    publish(&server, &m, &[]);
+    wait_state(&server, "b-2.0.0", "completed");
+    refused(&["rollout", "resume", "b-2.0.0"], "not paused");
+    refused(&["rollout", "show", "nope"], "no rollout for patch nope");
+    refused(
+        &["report", "compliance", "--group", "nope"],
+        "no group named nope",
+    );
+    let cred = dir.path().join("viewer.credential");
+    server.cli(&[
+        "credential",
+        "create",
+        "--name",
+        "ro",
+        "--role",
+        "viewer",
+        "--out",
+        cred.to_str().unwrap(),
+    ]);
+    let out = server.cli_as(&cred, &["rollout", "pause", "b-2.0.0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs role operator"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -20,6 +20,8 @@ use crate::store::Db;
 
 mod groups;
 mod published;
+mod rollout_commands;
+mod rollout_view;
 mod rollouts;
 
 use flotilla_proto::manifest::Manifest;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::published::wants;
 use super::{Fleet, State};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{GroupRecord, NodeStatus, now_ms};
 use crate::rollout::plan::{self, GroupView, Mode, Progress, Target, Waiting};
 use crate::rollout::policy::{Policy, PolicySpec};
@@ -42,7 +42,7 @@ pub(super) struct PhaseNote {
     pub at_ms: i64,
 }
 
-fn is_failure(p: pb::PatchPhase) -> bool {
+pub(super) fn is_failure(p: pb::PatchPhase) -> bool {
     matches!(
         p,
         pb::PatchPhase::RolledBack | pb::PatchPhase::Failed | pb::PatchPhase::Rejected
@@ -54,7 +54,7 @@ fn is_final(p: pb::PatchPhase) -> bool {
 }
 
 /// The progress of a released node from its last report.
-fn progress_of(note: Option<&PhaseNote>) -> Progress {
+pub(super) fn progress_of(note: Option<&PhaseNote>) -> Progress {
     match note.map(|n| n.phase) {
         Some(pb::PatchPhase::Committed) => Progress::Committed,
         Some(p) if is_failure(p) => Progress::Failed,
@@ -143,7 +143,7 @@ impl State {
     }
 
     /// Online accepted nodes of a group not applying any patch.
-    fn in_service(&self, group: &str, busy: &HashSet<String>) -> u32 {
+    pub(super) fn in_service(&self, group: &str, busy: &HashSet<String>) -> u32 {
         self.nodes
             .values()
             .filter(|n| {
@@ -156,7 +156,7 @@ impl State {
     }
 
     /// Targeted node ids per group, for one patch.
-    fn targets_by_group(&self, patch_id: &str) -> BTreeMap<String, Vec<String>> {
+    pub(super) fn targets_by_group(&self, patch_id: &str) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let Some((_, m)) = self.patches.get(patch_id) else {
             return out;
@@ -168,7 +168,7 @@ impl State {
         out
     }
 
-    fn policy_for(&self, r: &RolloutRecord, group: &str) -> Policy {
+    pub(super) fn policy_for(&self, r: &RolloutRecord, group: &str) -> Policy {
         let defaults = self
             .groups
             .get(group)
@@ -472,268 +472,6 @@ impl Fleet {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(COALESCE) => {}
             }
-        }
-    }
-
-    /// Rollout ids (patch ids) as their state changes.
-    pub fn subscribe_rollouts(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.rollout_events.subscribe()
-    }
-
-    /// Pauses a running (or converging) rollout: no new node starts.
-    pub async fn pause_rollout(&self, id: &str, by: &str) -> Result<pb::RolloutInfo> {
-        self.change_rollout(id, |r| match r.state {
-            RolloutState::Aborted => Err(Error::FailedPrecondition(format!(
-                "rollout {id} was aborted; publish a new patch instead"
-            ))),
-            _ => {
-                r.state = RolloutState::Paused;
-                r.reason = format!("paused by {by}");
-                Ok(())
-            }
-        })
-        .await
-    }
-
-    /// Resumes a paused rollout; failures seen so far no longer count.
-    pub async fn resume_rollout(&self, id: &str) -> Result<pb::RolloutInfo> {
-        let failures: BTreeMap<String, u32> = {
-            let st = self.state.lock().await;
-            let phases = st.phases.get(id);
-            st.rollouts
-                .get(id)
-                .map(|r| {
-                    r.groups
-                        .iter()
-                        .map(|(g, p)| {
-                            let n = p
-                                .released
-                                .iter()
-                                .filter(|n| {
-                                    phases
-                                        .and_then(|ph| ph.get(*n))
-                                        .is_some_and(|x| is_failure(x.phase))
-                                })
-                                .count();
-                            (g.clone(), n as u32)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        self.change_rollout(id, |r| match r.state {
-            RolloutState::Paused => {
-                r.state = RolloutState::Running;
-                r.reason.clear();
-                for (g, p) in r.groups.iter_mut() {
-                    p.failures_acknowledged = failures.get(g).copied().unwrap_or(0);
-                }
-                Ok(())
-            }
-            s => Err(Error::FailedPrecondition(format!(
-                "rollout {id} is {}, not paused",
-                s.as_str()
-            ))),
-        })
-        .await
-    }
-
-    /// Aborts a rollout: no new node starts; with `rollback`, nodes that
-    /// committed undo the patch.
-    pub async fn abort_rollout(
-        &self,
-        id: &str,
-        rollback: bool,
-        by: &str,
-    ) -> Result<pb::RolloutInfo> {
-        self.change_rollout(id, |r| {
-            if r.state == RolloutState::Aborted && (r.rollback || !rollback) {
-                return Ok(());
-            }
-            r.state = RolloutState::Aborted;
-            r.rollback = rollback;
-            r.reason = format!(
-                "aborted by {by}{}",
-                if rollback {
-                    ", committed nodes roll back"
-                } else {
-                    ""
-                }
-            );
-            r.revision += 1;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Applies an operator's change to a rollout, stores it, tells the nodes
-    /// it released and wakes the controller.
-    async fn change_rollout(
-        &self,
-        id: &str,
-        f: impl FnOnce(&mut RolloutRecord) -> Result<()>,
-    ) -> Result<pb::RolloutInfo> {
-        let mut st = self.state.lock().await;
-        let mut r = st
-            .rollouts
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no rollout for patch {id}")))?;
-        f(&mut r)?;
-        r.updated_at_ms = now_ms();
-        self.db.put(&record::key(id), &r).await?;
-        let released: Vec<String> = r
-            .groups
-            .values()
-            .flat_map(|g| g.released.iter().cloned())
-            .collect();
-        st.rollouts.insert(id.to_string(), r);
-        for n in &released {
-            self.push(&st, n);
-        }
-        let info = self.rollout_info_locked(&st, id).expect("just stored");
-        drop(st);
-        let _ = self.rollout_events.send(id.to_string());
-        self.rollout_wake.notify_one();
-        Ok(info)
-    }
-
-    /// One rollout's state and progress per group.
-    pub async fn rollout_info(&self, id: &str) -> Option<pb::RolloutInfo> {
-        let st = self.state.lock().await;
-        self.rollout_info_locked(&st, id)
-    }
-
-    /// Every rollout, newest first.
-    pub async fn rollout_infos(&self) -> Vec<pb::RolloutInfo> {
-        let st = self.state.lock().await;
-        let mut out: Vec<pb::RolloutInfo> = st
-            .rollouts
-            .keys()
-            .filter_map(|id| self.rollout_info_locked(&st, id))
-            .collect();
-        out.sort_by_key(|r| std::cmp::Reverse(r.started_at_ms));
-        out
-    }
-
-    fn rollout_info_locked(&self, st: &State, id: &str) -> Option<pb::RolloutInfo> {
-        let r = st.rollouts.get(id)?;
-        let (_, m) = st.patches.get(id)?;
-        let targets = st.targets_by_group(id);
-        let busy = st.busy_nodes();
-        let phases = st.phases.get(id);
-        let waiting = st.waiting.get(id);
-        let mut groups = Vec::new();
-        let mut failures = 0;
-        let names: std::collections::BTreeSet<&String> =
-            targets.keys().chain(r.groups.keys()).collect();
-        for group in names {
-            let ids = targets.get(group).map(Vec::as_slice).unwrap_or(&[]);
-            let pos = r.groups.get(group).cloned().unwrap_or_default();
-            let policy = st.policy_for(r, group);
-            let g = st.groups.get(group);
-            let (mut committed, mut failed, mut applying) = (0, 0, 0);
-            for n in &pos.released {
-                match progress_of(phases.and_then(|p| p.get(n))) {
-                    Progress::Committed => committed += 1,
-                    Progress::Failed => failed += 1,
-                    Progress::Applying => applying += 1,
-                }
-            }
-            failures += failed;
-            let spread_values = policy
-                .spread_label
-                .as_ref()
-                .map(|l| {
-                    ids.iter()
-                        .map(|id| st.nodes[id].labels.get(l).cloned().unwrap_or_default())
-                        .collect::<std::collections::BTreeSet<_>>()
-                        .len()
-                })
-                .unwrap_or(1);
-            let sizes = plan::wave_sizes(&policy, ids.len(), spread_values);
-            let wait = match r.state {
-                RolloutState::Paused => "paused".to_string(),
-                RolloutState::Aborted => "aborted".to_string(),
-                _ => waiting
-                    .and_then(|w| w.get(group))
-                    .map_or("", |w| w.as_str())
-                    .to_string(),
-            };
-            let bake_until_ms = match waiting.and_then(|w| w.get(group)) {
-                Some(Waiting::Bake(t)) => *t,
-                _ => 0,
-            };
-            let view = GroupView {
-                desired: g.and_then(|g| g.desired),
-                max_unavailable: g.map_or(1, |g| g.max_unavailable),
-                in_service: st.in_service(group, &busy),
-                window_open: true,
-            };
-            groups.push(pb::RolloutGroup {
-                group: group.clone(),
-                wave: pos.wave as u32,
-                waves: sizes.len() as u32,
-                targeted: ids.len() as u32,
-                released: pos.released.len() as u32,
-                committed,
-                failed,
-                applying,
-                waiting_for: wait,
-                bake_until_ms,
-                in_service: view.in_service,
-                min_in_service: if r.force { 0 } else { view.min_in_service() },
-                waves_progress: sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, size)| pb::WaveProgress {
-                        index: i as u32,
-                        size: *size as u32,
-                        started_at_ms: pos.wave_started_ms.get(&i).copied().unwrap_or(0),
-                        done_at_ms: pos.wave_done_ms.get(&i).copied().unwrap_or(0),
-                    })
-                    .collect(),
-                lowest_in_service: pos.lowest_in_service.unwrap_or(view.in_service),
-            });
-        }
-        Some(pb::RolloutInfo {
-            patch_id: r.patch_id.clone(),
-            state: r.state.as_str().to_string(),
-            reason: r.reason.clone(),
-            emergency: r.emergency,
-            force: r.force,
-            policy: Some(r.policy.to_pb()),
-            started_at_ms: r.started_at_ms,
-            updated_at_ms: r.updated_at_ms,
-            groups,
-            failures,
-            rollback: r.rollback,
-            component: m.component.clone(),
-            version: m.version.clone(),
-            severity: m.severity.as_str().to_string(),
-        })
-    }
-
-    /// Why a targeted node does not have a patch yet, as patch status shows it.
-    pub(super) fn wait_reason(st: &State, patch_id: &str, group: &str, node: &str) -> String {
-        let Some(r) = st.rollouts.get(patch_id) else {
-            return "waiting".into();
-        };
-        match r.state {
-            RolloutState::Aborted => return "not started (aborted)".into(),
-            RolloutState::Paused => return "waiting (paused)".into(),
-            _ => {}
-        }
-        if !st.sessions.contains_key(node) {
-            return "waiting (offline)".into();
-        }
-        if r.is_released(group, node) {
-            return "waiting".into();
-        }
-        match st.waiting.get(patch_id).and_then(|w| w.get(group)) {
-            Some(Waiting::Window) => "waiting for window".into(),
-            Some(Waiting::Capacity) => "waiting for capacity".into(),
-            _ => "waiting for wave".into(),
         }
     }
 }

@@ -1,0 +1,151 @@
+//! How a rollout looks from outside: its progress per group and wave, and why
+//! a targeted node does not have the patch yet.
+
+use std::collections::BTreeSet;
+
+use flotilla_proto::pb;
+
+use super::rollouts::progress_of;
+use super::{Fleet, State};
+use crate::rollout::plan::{self, GroupView, Progress, Waiting};
+use crate::rollout::record::RolloutState;
+
+impl Fleet {
+    /// One rollout's state and progress per group.
+    pub async fn rollout_info(&self, id: &str) -> Option<pb::RolloutInfo> {
+        let st = self.state.lock().await;
+        self.rollout_info_locked(&st, id)
+    }
+
+    /// Every rollout, newest first.
+    pub async fn rollout_infos(&self) -> Vec<pb::RolloutInfo> {
+        let st = self.state.lock().await;
+        let mut out: Vec<pb::RolloutInfo> = st
+            .rollouts
+            .keys()
+            .filter_map(|id| self.rollout_info_locked(&st, id))
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.started_at_ms));
+        out
+    }
+
+    pub(super) fn rollout_info_locked(&self, st: &State, id: &str) -> Option<pb::RolloutInfo> {
+        let r = st.rollouts.get(id)?;
+        let (_, m) = st.patches.get(id)?;
+        let targets = st.targets_by_group(id);
+        let busy = st.busy_nodes();
+        let phases = st.phases.get(id);
+        let waiting = st.waiting.get(id);
+        let mut groups = Vec::new();
+        let mut failures = 0;
+        let names: BTreeSet<&String> = targets.keys().chain(r.groups.keys()).collect();
+        for group in names {
+            let ids = targets.get(group).map(Vec::as_slice).unwrap_or(&[]);
+            let pos = r.groups.get(group).cloned().unwrap_or_default();
+            let policy = st.policy_for(r, group);
+            let g = st.groups.get(group);
+            let (mut committed, mut failed, mut applying) = (0, 0, 0);
+            for n in &pos.released {
+                match progress_of(phases.and_then(|p| p.get(n))) {
+                    Progress::Committed => committed += 1,
+                    Progress::Failed => failed += 1,
+                    Progress::Applying => applying += 1,
+                }
+            }
+            failures += failed;
+            let spread_values = policy
+                .spread_label
+                .as_ref()
+                .map(|l| {
+                    ids.iter()
+                        .map(|id| st.nodes[id].labels.get(l).cloned().unwrap_or_default())
+                        .collect::<BTreeSet<_>>()
+                        .len()
+                })
+                .unwrap_or(1);
+            let sizes = plan::wave_sizes(&policy, ids.len(), spread_values);
+            let wait = match r.state {
+                RolloutState::Paused => "paused".to_string(),
+                RolloutState::Aborted => "aborted".to_string(),
+                _ => waiting
+                    .and_then(|w| w.get(group))
+                    .map_or("", |w| w.as_str())
+                    .to_string(),
+            };
+            let bake_until_ms = match waiting.and_then(|w| w.get(group)) {
+                Some(Waiting::Bake(t)) => *t,
+                _ => 0,
+            };
+            let view = GroupView {
+                desired: g.and_then(|g| g.desired),
+                max_unavailable: g.map_or(1, |g| g.max_unavailable),
+                in_service: st.in_service(group, &busy),
+                window_open: true,
+            };
+            groups.push(pb::RolloutGroup {
+                group: group.clone(),
+                wave: pos.wave as u32,
+                waves: sizes.len() as u32,
+                targeted: ids.len() as u32,
+                released: pos.released.len() as u32,
+                committed,
+                failed,
+                applying,
+                waiting_for: wait,
+                bake_until_ms,
+                in_service: view.in_service,
+                min_in_service: if r.force { 0 } else { view.min_in_service() },
+                waves_progress: sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, size)| pb::WaveProgress {
+                        index: i as u32,
+                        size: *size as u32,
+                        started_at_ms: pos.wave_started_ms.get(&i).copied().unwrap_or(0),
+                        done_at_ms: pos.wave_done_ms.get(&i).copied().unwrap_or(0),
+                    })
+                    .collect(),
+                lowest_in_service: pos.lowest_in_service.unwrap_or(view.in_service),
+            });
+        }
+        Some(pb::RolloutInfo {
+            patch_id: r.patch_id.clone(),
+            state: r.state.as_str().to_string(),
+            reason: r.reason.clone(),
+            emergency: r.emergency,
+            force: r.force,
+            policy: Some(r.policy.to_pb()),
+            started_at_ms: r.started_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            groups,
+            failures,
+            rollback: r.rollback,
+            component: m.component.clone(),
+            version: m.version.clone(),
+            severity: m.severity.as_str().to_string(),
+        })
+    }
+
+    /// Why a targeted node does not have a patch yet, as patch status shows it.
+    pub(super) fn wait_reason(st: &State, patch_id: &str, group: &str, node: &str) -> String {
+        let Some(r) = st.rollouts.get(patch_id) else {
+            return "waiting".into();
+        };
+        match r.state {
+            RolloutState::Aborted => return "not started (aborted)".into(),
+            RolloutState::Paused => return "waiting (paused)".into(),
+            _ => {}
+        }
+        if !st.sessions.contains_key(node) {
+            return "waiting (offline)".into();
+        }
+        if r.is_released(group, node) {
+            return "waiting".into();
+        }
+        match st.waiting.get(patch_id).and_then(|w| w.get(group)) {
+            Some(Waiting::Window) => "waiting for window".into(),
+            Some(Waiting::Capacity) => "waiting for capacity".into(),
+            _ => "waiting for wave".into(),
+        }
+    }
+}
