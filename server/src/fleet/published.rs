@@ -80,8 +80,8 @@ impl Fleet {
         let now = time::OffsetDateTime::now_utc();
         let targeted = st.nodes.values().filter(|n| wants(n, &parsed, now)).count();
         tracing::info!(patch = %record.id, targeted, emergency = rollout.emergency, "patch published");
-        let mut busy = st.busy_nodes();
-        self.advance(&mut st, &record.id, &mut busy).await?;
+        let mut load = st.load();
+        self.advance(&mut st, &record.id, &mut load).await?;
         drop(st);
         self.rollout_wake.notify_one();
         Ok(record)

@@ -33,7 +33,7 @@ impl Fleet {
         let r = st.rollouts.get(id)?;
         let (_, m) = st.patches.get(id)?;
         let targets = st.targets_by_group(id);
-        let busy = st.busy_nodes();
+        let load = st.load();
         let phases = st.phases.get(id);
         let waiting = st.waiting.get(id);
         let mut groups = Vec::new();
@@ -79,7 +79,7 @@ impl Fleet {
             let view = GroupView {
                 desired: g.and_then(|g| g.desired),
                 max_unavailable: g.map_or(1, |g| g.max_unavailable),
-                in_service: st.in_service(group, &busy),
+                in_service: load.in_service(group),
                 window_open: true,
             };
             groups.push(pb::RolloutGroup {

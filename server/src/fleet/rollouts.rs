@@ -5,7 +5,7 @@
 //! it records every release before the node is told, and pauses a rollout when
 //! its failures reach the threshold.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -31,6 +31,29 @@ pub struct RolloutRequest {
     pub policy: PolicySpec,
     pub emergency: bool,
     pub force: bool,
+}
+
+/// What the capacity guard looks at, computed once per controller pass and
+/// kept current as the pass releases nodes.
+#[derive(Debug, Default)]
+pub(super) struct Load {
+    busy: HashSet<String>,
+    in_service: HashMap<String, u32>,
+}
+
+impl Load {
+    pub(super) fn in_service(&self, group: &str) -> u32 {
+        self.in_service.get(group).copied().unwrap_or(0)
+    }
+
+    /// Released nodes stop counting as in service (they were online and idle:
+    /// only such nodes are released).
+    fn released(&mut self, group: &str, ids: &[String]) {
+        if let Some(n) = self.in_service.get_mut(group) {
+            *n = n.saturating_sub(ids.len() as u32);
+        }
+        self.busy.extend(ids.iter().cloned());
+    }
 }
 
 /// A node's last reported phase of one patch, and its error.
@@ -120,16 +143,16 @@ impl State {
         self.rollouts.values().map(|r| r.revision).sum()
     }
 
-    /// Nodes applying some patch now: released and not finished (a node that
-    /// never got the patch of an aborted rollout is not).
-    pub(super) fn busy_nodes(&self) -> HashSet<String> {
+    /// Which nodes are applying some patch now (released and not finished; a
+    /// node that never got the patch of an aborted rollout is not), and how
+    /// many nodes each group has in service: accepted, online, applying nothing.
+    pub(super) fn load(&self) -> Load {
         let mut busy = HashSet::new();
         for r in self.rollouts.values() {
             let phases = self.phases.get(&r.patch_id);
             for g in r.groups.values() {
                 for id in &g.released {
-                    let note = phases.and_then(|p| p.get(id));
-                    let unfinished = match note {
+                    let unfinished = match phases.and_then(|p| p.get(id)) {
                         None => r.state != RolloutState::Aborted,
                         Some(n) => !is_final(n.phase),
                     };
@@ -139,20 +162,16 @@ impl State {
                 }
             }
         }
-        busy
-    }
-
-    /// Online accepted nodes of a group not applying any patch.
-    pub(super) fn in_service(&self, group: &str, busy: &HashSet<String>) -> u32 {
-        self.nodes
-            .values()
-            .filter(|n| {
-                n.group == group
-                    && n.status == NodeStatus::Accepted
-                    && self.sessions.contains_key(&n.id)
-                    && !busy.contains(&n.id)
-            })
-            .count() as u32
+        let mut in_service: HashMap<String, u32> = HashMap::new();
+        for n in self.nodes.values() {
+            if n.status == NodeStatus::Accepted
+                && self.sessions.contains_key(&n.id)
+                && !busy.contains(&n.id)
+            {
+                *in_service.entry(n.group.clone()).or_default() += 1;
+            }
+        }
+        Load { busy, in_service }
     }
 
     /// Targeted node ids per group, for one patch.
@@ -194,14 +213,14 @@ impl Fleet {
     }
 
     /// Takes one step of a rollout in every group it reaches: pauses it on too
-    /// many failures, releases what may start, records and pushes. `busy` (the
-    /// nodes applying some patch) grows by the nodes released. Returns the
+    /// many failures, releases what may start, records and pushes; `load`
+    /// follows the nodes released. Returns the
     /// next moment (unix ms) something changes by itself (bake end, window).
     pub(super) async fn advance(
         &self,
         st: &mut State,
         patch_id: &str,
-        busy: &mut HashSet<String>,
+        load: &mut Load,
     ) -> Result<Option<i64>> {
         let Some(mut r) = st.rollouts.get(patch_id).cloned() else {
             return Ok(None);
@@ -270,7 +289,7 @@ impl Fleet {
                         id,
                         online: st.sessions.contains_key(id),
                         progress: released.then(|| progress_of(phases.and_then(|p| p.get(id)))),
-                        busy_elsewhere: !released && busy.contains(id),
+                        busy_elsewhere: !released && load.busy.contains(id),
                         spread: policy
                             .spread_label
                             .as_ref()
@@ -282,7 +301,7 @@ impl Fleet {
             let view = GroupView {
                 desired: g.and_then(|g| g.desired),
                 max_unavailable: g.map_or(1, |g| g.max_unavailable),
-                in_service: st.in_service(group, busy),
+                in_service: load.in_service(group),
                 window_open: window_open(g, now / 1000),
             };
             let mode = Mode {
@@ -311,6 +330,7 @@ impl Fleet {
             if !step.release.is_empty() {
                 tracing::info!(patch = patch_id, group = %group, wave = pos.wave, nodes = step.release.len(), "releasing");
                 pos.released.extend(step.release.iter().cloned());
+                load.released(group, &step.release);
                 releases.extend(step.release);
                 changed = true;
             }
@@ -334,7 +354,6 @@ impl Fleet {
         for id in &releases {
             self.push(st, id);
         }
-        busy.extend(releases);
         let _ = self.rollout_events.send(patch_id.to_string());
         Ok(next)
     }
@@ -449,10 +468,10 @@ impl Fleet {
                     })
                     .map(|r| r.patch_id.clone())
                     .collect();
-                let mut busy = st.busy_nodes();
+                let mut load = st.load();
                 let mut next: Option<i64> = None;
                 for id in ids {
-                    match self.advance(&mut st, &id, &mut busy).await {
+                    match self.advance(&mut st, &id, &mut load).await {
                         Ok(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),
                         Ok(None) => {}
                         Err(e) => tracing::error!(patch = %id, error = %e, "rollout step failed"),
