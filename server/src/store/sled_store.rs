@@ -1,6 +1,11 @@
 //! The embedded backend: one sled database, flushed before every write returns.
+//! Writers that arrive while a flush runs share the next one (group commit), so
+//! a burst of reports costs a few fsyncs, not one each.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use super::{Store, StoreError, WatchEvent};
 
@@ -8,6 +13,30 @@ use super::{Store, StoreError, WatchEvent};
 #[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
+    commit: Arc<GroupCommit>,
+}
+
+/// Flush bookkeeping. A writer takes a ticket after its write is in sled's
+/// memory; a flush that starts after a ticket was taken makes that write
+/// durable. One writer at a time runs the flush; the others wait for it.
+#[derive(Default)]
+struct GroupCommit {
+    state: Mutex<CommitState>,
+    done: Notify,
+}
+
+#[derive(Default)]
+struct CommitState {
+    /// Tickets handed out so far.
+    issued: u64,
+    /// Every ticket up to this one is durable.
+    durable: u64,
+    /// A flush is running.
+    running: bool,
+    /// The last flush failed: tickets up to `failed_upto` get this error.
+    failed: Option<(u64, String)>,
+    /// Flushes run so far (for tests and metrics).
+    flushes: u64,
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -26,19 +55,77 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(backend)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            commit: Arc::default(),
+        })
     }
 
-    /// fsyncs on a blocking thread. sled 0.34's `flush_async` can stall for good
+    /// Returns once everything written before the call is on disk. The fsync
+    /// runs on a blocking thread: sled 0.34's `flush_async` can stall for good
     /// when many writers flush at once (seen with a few dozen agents reporting
     /// together); the blocking `flush` does not.
     async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Backend(format!("flush task failed: {e}")))?
-            .map_err(backend)?;
-        Ok(())
+        let ticket = {
+            let mut s = self.commit.state.lock().expect("commit state");
+            s.issued += 1;
+            s.issued
+        };
+        loop {
+            // Registered before looking, so a flush ending in between still wakes us.
+            let done = self.commit.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let upto = {
+                let mut s = self.commit.state.lock().expect("commit state");
+                if let Some((failed_upto, e)) = &s.failed
+                    && ticket <= *failed_upto
+                    && ticket > s.durable
+                {
+                    return Err(StoreError::Backend(e.clone()));
+                }
+                if ticket <= s.durable {
+                    return Ok(());
+                }
+                if s.running {
+                    None
+                } else {
+                    s.running = true;
+                    // This flush covers every ticket issued until now.
+                    Some(s.issued)
+                }
+            };
+            let Some(upto) = upto else {
+                done.await;
+                continue;
+            };
+            // The flush and its bookkeeping run to the end on their own thread
+            // even if this writer's request is dropped meanwhile; otherwise
+            // `running` could stay set and every later writer would wait.
+            let db = self.db.clone();
+            let commit = self.commit.clone();
+            let flushed = tokio::task::spawn_blocking(move || {
+                let result = db.flush();
+                let mut s = commit.state.lock().expect("commit state");
+                s.running = false;
+                s.flushes += 1;
+                match result {
+                    Ok(_) => s.durable = s.durable.max(upto),
+                    Err(e) => s.failed = Some((upto, e.to_string())),
+                }
+                drop(s);
+                commit.done.notify_waiters();
+            })
+            .await;
+            if let Err(e) = flushed {
+                return Err(StoreError::Backend(format!("flush task failed: {e}")));
+            }
+        }
+    }
+
+    /// How many fsyncs have run.
+    pub fn flushes(&self) -> u64 {
+        self.commit.state.lock().expect("commit state").flushes
     }
 }
 
@@ -175,6 +262,29 @@ mod tests {
         let r: Result<Option<u32>, &str> = db.update("n", |_| Err("no")).await.unwrap();
         assert_eq!(r, Err("no"));
         assert_eq!(db.get::<u32>("n").await.unwrap(), Some(1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_share_flushes_and_all_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 400;
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let writes: Vec<_> = (0..n)
+                .map(|i| {
+                    let s = s.clone();
+                    tokio::spawn(async move { s.put(&format!("r/{i:04}"), vec![1; 64]).await })
+                })
+                .collect();
+            for w in writes {
+                w.await.unwrap().unwrap();
+            }
+            println!("{n} writes, {} flushes", s.flushes());
+            assert!(s.flushes() >= 1);
+            assert!(s.flushes() < n as u64, "no write shared a flush");
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.scan_prefix("r/").await.unwrap().len(), n);
     }
 
     #[tokio::test]
