@@ -1,16 +1,19 @@
-//! Group settings beyond the desired count: maintenance windows, rollout
-//! defaults and the patch SLA; and the compliance report built from the
-//! fleet's installed versions and reports.
+//! Groups: desired counts and the status provisioning tools watch, settings
+//! beyond the count (maintenance windows, rollout defaults, patch SLA), and the
+//! compliance report built from the fleet's installed versions and reports.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 
 use flotilla_proto::pb;
+use tokio::sync::broadcast;
 
-use super::Fleet;
 use super::published::wants;
+use super::{Fleet, State};
 use crate::compliance::{self, NodeInput, PatchInput, Sla};
 use crate::error::{Error, Result};
-use crate::model::{GroupRecord, NodeStatus, keys, now_ms};
+use crate::membership;
+use crate::model::{GroupRecord, NodeStatus, Role, keys, now_ms};
 use crate::rollout::policy::PolicySpec;
 use crate::rollout::window::Schedule;
 
@@ -43,6 +46,114 @@ fn config_of(g: &GroupRecord) -> pb::GroupConfig {
 }
 
 impl Fleet {
+    /// Creates a group without a desired count if it does not exist.
+    pub async fn ensure_group(&self, name: &str) -> Result<()> {
+        let mut st = self.state.lock().await;
+        if !st.groups.contains_key(name) {
+            let g = GroupRecord::unmanaged(name);
+            self.db.create(&keys::group(name), &g).await?;
+            st.groups.insert(name.to_string(), g);
+            self.publish_status(&mut st, name);
+        }
+        Ok(())
+    }
+
+    /// Sets a group's desired count (and max unavailable), then reconciles.
+    pub async fn set_group(
+        &self,
+        name: &str,
+        desired: u32,
+        max_unavailable: Option<u32>,
+    ) -> Result<pb::GroupStatus> {
+        let mut st = self.state.lock().await;
+        let mut g = st
+            .groups
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| GroupRecord::unmanaged(name));
+        g.desired = Some(desired);
+        if let Some(m) = max_unavailable {
+            g.max_unavailable = m;
+        }
+        g.revision += 1;
+        self.db.put(&keys::group(name), &g).await?;
+        st.groups.insert(name.to_string(), g);
+        self.reconcile_group(&mut st, name).await?;
+        let ids: Vec<String> = st
+            .nodes
+            .values()
+            .filter(|n| n.group == name)
+            .map(|n| n.id.clone())
+            .collect();
+        for id in ids {
+            self.push(&st, &id);
+        }
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.rollout_wake.notify_one();
+        Ok(self.status_of(&st, name))
+    }
+
+    fn status_of(&self, st: &State, name: &str) -> pb::GroupStatus {
+        let g = st.groups.get(name);
+        let mut c = membership::Counts::default();
+        for n in st.nodes.values().filter(|n| n.group == name) {
+            let online = st.sessions.contains_key(&n.id);
+            match n.status {
+                NodeStatus::Pending => c.pending += 1,
+                NodeStatus::Accepted => match n.role {
+                    Role::Active => {
+                        c.active += 1;
+                        if online {
+                            c.healthy_active += 1;
+                        }
+                    }
+                    Role::Standby => c.standby += 1,
+                },
+                NodeStatus::Rejected | NodeStatus::Revoked => continue,
+            }
+            c.total += 1;
+            if online {
+                c.online += 1;
+            }
+        }
+        let desired = g.and_then(|g| g.desired);
+        pb::GroupStatus {
+            name: name.to_string(),
+            desired,
+            max_unavailable: g.map_or(1, |g| g.max_unavailable),
+            active: c.active,
+            healthy_active: c.healthy_active,
+            standby: c.standby,
+            pending: c.pending,
+            online: c.online,
+            deficit: c.deficit(desired),
+            total: c.total,
+        }
+    }
+
+    pub(super) fn publish_status(&self, st: &mut State, name: &str) {
+        let status = self.status_of(st, name);
+        if st.published.get(name) != Some(&status) {
+            st.published.insert(name.to_string(), status.clone());
+            let _ = self.group_events.send(status);
+        }
+    }
+
+    /// Status of every group (or one).
+    pub async fn group_statuses(&self, only: Option<&str>) -> Vec<pb::GroupStatus> {
+        let st = self.state.lock().await;
+        st.groups
+            .keys()
+            .filter(|n| only.is_none_or(|o| o == n.as_str()))
+            .map(|n| self.status_of(&st, n))
+            .collect()
+    }
+
+    /// Group status changes from now on.
+    pub fn subscribe_groups(&self) -> broadcast::Receiver<pb::GroupStatus> {
+        self.group_events.subscribe()
+    }
+
     /// Changes a group's windows, rollout defaults or SLA (creating the group
     /// if needed). Everything is checked before anything is stored.
     pub async fn configure_group(&self, r: &pb::ConfigureGroupRequest) -> Result<pb::GroupConfig> {
@@ -74,8 +185,7 @@ impl Fleet {
         let config = config_of(&g);
         st.groups.insert(r.name.clone(), g);
         drop(st);
-        self.membership_changed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.membership_changed.store(true, Ordering::Relaxed);
         self.rollout_wake.notify_one();
         Ok(config)
     }
