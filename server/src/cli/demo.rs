@@ -104,8 +104,16 @@ type = "restore"
     super::patch::build(&spec, Some(bundle.clone()), out)?;
     let manifest = bundle.join("manifest.json");
     super::patch::sign(&manifest, &dir.join("release.key"), None, out)?;
+    // A canary first, then everyone: the rollout a real fleet would use.
+    let how = super::patch::Publish {
+        rollout: Some(pb::RolloutPolicy {
+            waves: vec!["1".into(), "100%".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let published = Instant::now();
-    super::patch::publish(target, &manifest, Vec::new(), Default::default(), out).await?;
+    super::patch::publish(target, &manifest, Vec::new(), how, out).await?;
     let (mut admin, _) = target.admin().await?;
     let mut last = String::new();
     loop {
