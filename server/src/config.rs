@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub startup_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub node_cert_lifetime: Option<Duration>,
+    pub max_connections_per_sec: Option<u32>,
 }
 
 impl FileConfig {
@@ -43,6 +44,8 @@ pub struct ServerConfig {
     pub offline_grace: Duration,
     pub startup_grace: Duration,
     pub node_cert_lifetime: Duration,
+    /// New connections (TLS handshakes) let in per second; 0: no limit.
+    pub max_connections_per_sec: u32,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -50,6 +53,9 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/flotilla-server";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const DEFAULT_OFFLINE_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Well under what one core handshakes per second, so a reconnect storm leaves
+/// room for the sessions already up.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SEC: u32 = 1000;
 
 impl ServerConfig {
     /// Settings for a data dir with every default; tests start from here.
@@ -78,6 +84,9 @@ impl ServerConfig {
             node_cert_lifetime: file
                 .node_cert_lifetime
                 .unwrap_or(DEFAULT_NODE_CERT_LIFETIME),
+            max_connections_per_sec: file
+                .max_connections_per_sec
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SEC),
         }
     }
 

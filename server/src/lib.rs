@@ -1,6 +1,7 @@
 //! The Flotilla control plane: store, CA, tokens, membership, the live fleet and
 //! its gRPC services; and the operator CLI behind the `flotilla` binary.
 
+pub mod admission;
 pub mod app;
 pub mod artifacts;
 pub mod audit;

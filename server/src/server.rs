@@ -141,7 +141,7 @@ pub async fn run(
         .add_service(agent)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::admission::incoming(listener, cfg.max_connections_per_sec),
             shutdown.cancelled(),
         )
         .await

@@ -55,6 +55,10 @@ enum Command {
         /// Lifetime of node certificates (default 30 days).
         #[arg(long, env = "FLOTILLA_NODE_CERT_LIFETIME", value_parser = humantime::parse_duration)]
         node_cert_lifetime: Option<Duration>,
+        /// New connections (TLS handshakes) let in per second, so a reconnect
+        /// storm is taken in turn (default 1000; 0: no limit).
+        #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS_PER_SEC")]
+        max_connections_per_sec: Option<u32>,
     },
 }
 
@@ -84,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             offline_grace,
             startup_grace,
             node_cert_lifetime,
+            max_connections_per_sec,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -96,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
             file.offline_grace = offline_grace.or(file.offline_grace);
             file.startup_grace = startup_grace.or(file.startup_grace);
             file.node_cert_lifetime = node_cert_lifetime.or(file.node_cert_lifetime);
+            file.max_connections_per_sec = max_connections_per_sec.or(file.max_connections_per_sec);
             let cfg = ServerConfig::merge(file);
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
