@@ -24,6 +24,8 @@ use crate::rollout::window::Schedule;
 
 /// Bursts of reports are taken in one pass after this pause.
 const COALESCE: Duration = Duration::from_millis(20);
+/// Completed rollouts look at nodes that came or went at most this often.
+const MEMBERSHIP_PASS: Duration = Duration::from_millis(250);
 
 /// What a publish asks of its rollout.
 #[derive(Debug, Clone, Default)]
@@ -446,12 +448,22 @@ impl Fleet {
     /// Advances every rollout on each change in the fleet and when a bake time
     /// ends or a maintenance window opens.
     pub async fn run_rollouts(self: Arc<Self>, shutdown: CancellationToken) {
+        // When completed rollouts last looked at the fleet.
+        let mut last_full = std::time::Instant::now()
+            .checked_sub(MEMBERSHIP_PASS)
+            .unwrap_or_else(std::time::Instant::now);
         loop {
             let next = {
                 let mut st = self.state.lock().await;
                 // A completed rollout only has work when nodes come, go or
                 // change groups, or while it still holds a returning node back.
-                let membership = self.membership_changed.swap(false, Ordering::Relaxed);
+                // During a reconnect storm membership changes all the time:
+                // completed rollouts look at most every MEMBERSHIP_PASS.
+                let full_due = last_full.elapsed() >= MEMBERSHIP_PASS;
+                let membership = full_due && self.membership_changed.swap(false, Ordering::Relaxed);
+                if membership {
+                    last_full = std::time::Instant::now();
+                }
                 let ids: Vec<String> = st
                     .rollouts
                     .values()
@@ -476,6 +488,14 @@ impl Fleet {
                         Ok(None) => {}
                         Err(e) => tracing::error!(patch = %id, error = %e, "rollout step failed"),
                     }
+                }
+                if self.membership_changed.load(Ordering::Relaxed) {
+                    // A change still waits for the next full pass.
+                    let at = now_ms()
+                        + MEMBERSHIP_PASS
+                            .saturating_sub(last_full.elapsed())
+                            .as_millis() as i64;
+                    next = Some(next.map_or(at, |n| n.min(at)));
                 }
                 next
             };
