@@ -255,7 +255,8 @@ impl Fleet {
                     .collect();
                 let new_failures = (failed.len() as u32).saturating_sub(pos.failures_acknowledged);
                 let threshold = policy.failure_threshold.of(ids.len()).max(1) as u32;
-                if let Some((node, note)) = failed.last()
+                // The reason names the latest failure.
+                if let Some((node, note)) = failed.iter().max_by_key(|(_, n)| n.at_ms)
                     && new_failures >= threshold
                 {
                     let reason = format!(
