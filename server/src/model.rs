@@ -21,7 +21,6 @@ pub mod keys {
     pub const GROUPS: &str = "groups/";
     pub const AUDIT: &str = "audit/";
     pub const CREDENTIALS: &str = "credentials/";
-    pub const REPORTS: &str = "reports/";
     pub const PATCHES: &str = "patches/";
 
     pub fn token(id: &str) -> String {
@@ -48,9 +47,6 @@ pub mod keys {
     }
     pub fn patch(id: &str) -> String {
         format!("{PATCHES}{id}")
-    }
-    pub fn report(node: &str, report_id: &str) -> String {
-        format!("{REPORTS}{node}/{report_id}")
     }
 }
 
@@ -230,7 +226,9 @@ pub struct AuditRecord {
     pub detail: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A node's report on a patch, as received (kept as the node's patch state,
+/// not on its own).
+#[derive(Debug, Clone)]
 pub struct ReportRecord {
     pub report_id: String,
     pub node_id: String,
@@ -239,7 +237,6 @@ pub struct ReportRecord {
     pub at_ms: i64,
     pub error: String,
     pub log_tail: String,
-    pub received_ms: i64,
 }
 
 #[cfg(test)]

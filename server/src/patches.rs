@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::model::keys;
 
 /// A published patch as stored: the exact signed bytes and their signatures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +32,9 @@ pub struct NodePatchRecord {
     pub updated_at_ms: i64,
     pub error: String,
     pub log_tail: String,
+    /// The report that set this state: a re-send of it changes nothing.
+    #[serde(default)]
+    pub last_report_id: String,
 }
 
 pub fn state_key(patch: &str, node: &str) -> String {
@@ -119,35 +121,39 @@ pub async fn publish(
     Ok((record, parsed))
 }
 
-/// Records a node's report (once per report id) and updates its patch state.
-/// Returns false when the report had already been recorded.
+/// Records a node's report in its patch state: one write, no per-report record
+/// (a fleet sends several reports per node and patch). Returns false for a
+/// re-send of the last report (its first answer was lost) or a report older
+/// than the one stored; neither changes anything.
 pub async fn record_report(
     app: &App,
     node_id: &str,
     rec: crate::model::ReportRecord,
 ) -> Result<bool> {
-    let key = keys::report(node_id, &rec.report_id);
-    // A re-sent report (its first answer lost) still updates the node's state
-    // below: the update is idempotent, and skipping it could lose the phase.
-    let new = app.db.create(&key, &rec).await?;
     let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
     let name = phase_name(phase).to_string();
     let at = rec.at_ms;
+    let mut new = false;
     let stored = app
         .db
         .update(
             &state_key(&rec.manifest_id, node_id),
             |cur: Option<NodePatchRecord>| {
+                new = false;
                 let next = match cur {
+                    Some(c) if c.last_report_id == rec.report_id => {
+                        return Ok::<_, Error>(crate::store::Update::Keep);
+                    }
                     // Reports arrive in order, but a late re-send must not undo a newer one.
                     Some(c) if c.updated_at_ms > at => {
-                        return Ok::<_, Error>(crate::store::Update::Keep);
+                        return Ok(crate::store::Update::Keep);
                     }
                     Some(c) => NodePatchRecord {
                         phase: name.clone(),
                         updated_at_ms: at,
                         error: rec.error.clone(),
                         log_tail: rec.log_tail.clone(),
+                        last_report_id: rec.report_id.clone(),
                         ..c
                     },
                     None => NodePatchRecord {
@@ -157,8 +163,10 @@ pub async fn record_report(
                         updated_at_ms: at,
                         error: rec.error.clone(),
                         log_tail: rec.log_tail.clone(),
+                        last_report_id: rec.report_id.clone(),
                     },
                 };
+                new = true;
                 Ok(crate::store::Update::Put(next))
             },
         )

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::app::App;
 use crate::enroll::{self, JoinRequest};
 use crate::error::Error;
-use crate::model::{ReportRecord, now_ms};
+use crate::model::ReportRecord;
 
 pub struct AgentApi {
     pub app: Arc<App>,
@@ -258,7 +258,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
             at_ms: r.at_unix_ms,
             error: r.error,
             log_tail: r.log_tail,
-            received_ms: now_ms(),
         };
         let recorded = crate::patches::record_report(&self.app, &node_id, rec).await?;
         Ok(Response::new(pb::ReportResponse { recorded }))
