@@ -454,6 +454,7 @@ impl Fleet {
             .checked_sub(MEMBERSHIP_PASS)
             .unwrap_or_else(std::time::Instant::now);
         loop {
+            let pass_started = std::time::Instant::now();
             let next = {
                 let mut st = self.state.lock().await;
                 // A completed rollout only has work when nodes come, go or
@@ -500,6 +501,7 @@ impl Fleet {
                 }
                 next
             };
+            let pass = pass_started.elapsed();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis((at - now_ms()).max(0) as u64 + 5)
             });
@@ -508,9 +510,12 @@ impl Fleet {
                 _ = self.rollout_wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
             }
+            // A pass over a large fleet takes a while: leave at least twice
+            // that to everything else (sessions, reports) before the next.
+            let pause = COALESCE.max(pass * 2);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(COALESCE) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

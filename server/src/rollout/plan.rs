@@ -284,30 +284,46 @@ pub fn step(
 
 /// Picks up to `quota` candidates, each time from the label value with the
 /// fewest nodes released so far (ties by value), so no site takes a wave alone.
+/// Within a value, nodes go by id. O(n log n): a fleet-wide emergency picks
+/// thousands at once.
 fn spread_pick(
     targets: &[Target<'_>],
     candidates: &mut Vec<&Target<'_>>,
     quota: usize,
 ) -> Vec<String> {
-    let mut per_value: BTreeMap<&str, usize> = BTreeMap::new();
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, VecDeque};
+    let mut released: BTreeMap<&str, usize> = BTreeMap::new();
     for t in targets {
-        let c = per_value.entry(t.spread).or_default();
+        let c = released.entry(t.spread).or_default();
         if t.progress.is_some() {
             *c += 1;
         }
     }
-    candidates.sort_by(|a, b| a.id.cmp(b.id));
+    candidates.sort_by(|a, b| (a.spread, a.id).cmp(&(b.spread, b.id)));
+    let mut queues: BTreeMap<&str, VecDeque<&Target<'_>>> = BTreeMap::new();
+    for t in candidates.iter() {
+        queues.entry(t.spread).or_default().push_back(t);
+    }
+    // Min-heap on (released so far, value).
+    let mut heap: BinaryHeap<Reverse<(usize, &str)>> =
+        queues.keys().map(|v| Reverse((released[v], *v))).collect();
     let mut chosen = Vec::new();
     while chosen.len() < quota {
-        let best = candidates
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, t)| (per_value[t.spread], t.spread));
-        let Some((i, _)) = best else { break };
-        let t = candidates.remove(i);
-        *per_value.get_mut(t.spread).expect("counted above") += 1;
+        let Some(Reverse((count, value))) = heap.pop() else {
+            break;
+        };
+        let queue = queues.get_mut(value).expect("a queue per value");
+        let Some(t) = queue.pop_front() else {
+            continue;
+        };
         chosen.push(t.id.to_string());
+        if !queue.is_empty() {
+            heap.push(Reverse((count + 1, value)));
+        }
     }
+    let taken: std::collections::HashSet<&str> = chosen.iter().map(String::as_str).collect();
+    candidates.retain(|t| !taken.contains(t.id));
     chosen
 }
 

@@ -309,3 +309,36 @@ fn offline_leftovers_settle_the_group() {
     assert_eq!(s.waiting, Waiting::Offline);
     assert!(s.waiting.settled());
 }
+
+#[test]
+fn a_large_wave_spreads_evenly_over_sites() {
+    let mut p = policy(&[Amount::Percent(50), Amount::Percent(100)], 0);
+    p.spread_label = Some("site".into());
+    let mut f = Fleet::new(9_000);
+    for (i, s) in f.sites.iter_mut().enumerate() {
+        // Uneven sites: a has half the nodes.
+        *s = if i % 2 == 0 {
+            "a"
+        } else if i % 4 == 1 {
+            "b"
+        } else {
+            "c"
+        }
+        .to_string();
+    }
+    let mut pos = GroupProgress::default();
+    let s = step(&p, Mode::default(), open(9_000), &f.targets(), &mut pos, 0);
+    assert_eq!(s.release.len(), 4_500);
+    f.release(&s.release);
+    let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, pr) in f.progress.iter().enumerate() {
+        if pr.is_some() {
+            *per_site.entry(&f.sites[i]).or_default() += 1;
+        }
+    }
+    // b and c have 2,250 nodes each: 1,500 from every site.
+    assert_eq!(
+        per_site.values().copied().collect::<Vec<_>>(),
+        vec![1_500, 1_500, 1_500]
+    );
+}
