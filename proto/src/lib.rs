@@ -2,6 +2,7 @@
 //! format, the limits every side enforces, the TLS pieces agent and CLI share, and the
 //! one telemetry setup all binaries use.
 
+pub mod codec;
 pub mod limits;
 pub mod manifest;
 pub mod telemetry;
