@@ -9,12 +9,16 @@ use flotilla_proto::limits;
 use flotilla_proto::pb::{self, agent_message, server_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::enroll::{self, JoinRequest};
 use crate::error::Error;
 use crate::model::ReportRecord;
+
+type SessionStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
 
 pub struct AgentApi {
     pub app: Arc<App>,
@@ -56,53 +60,83 @@ impl AgentApi {
     }
 }
 
+/// What the outbound half of a session carries between messages.
+struct Outbound {
+    app: Arc<App>,
+    peer: Peer,
+    desired: tokio::sync::watch::Receiver<pb::DesiredState>,
+    /// Cancelled when the node is revoked or a newer session replaces this one.
+    replaced: CancellationToken,
+    /// Cancelled when the inbound half ends (agent gone, silent, or done).
+    ended: CancellationToken,
+    first: bool,
+    done: bool,
+}
+
+fn desired_message(d: pb::DesiredState) -> pb::ServerMessage {
+    pb::ServerMessage {
+        kind: Some(server_message::Kind::Desired(d)),
+    }
+}
+
+/// The server's half of a session: the desired state now, then on every
+/// change, and a closing status when the server stops or the session is
+/// replaced. A stream over the session's watch channel, not a task with a
+/// queue: an idle session should cost the server as little as possible.
+fn outbound(o: Outbound) -> SessionStream {
+    Box::pin(futures::stream::unfold(o, |mut o| async move {
+        if o.done {
+            return None;
+        }
+        if o.first {
+            o.first = false;
+            let d = o.desired.borrow_and_update().clone();
+            return Some((Ok(desired_message(d)), o));
+        }
+        tokio::select! {
+            _ = o.app.shutdown.cancelled() => {
+                o.done = true;
+                Some((Err(Status::unavailable("the server is shutting down")), o))
+            }
+            _ = o.replaced.cancelled() => {
+                let status = match o.app.fleet.check_node_allowed(&o.peer.node_id, &o.peer.serial).await {
+                    Err(e) => Status::from(e),
+                    Ok(_) => Status::aborted("replaced by a newer session of this node"),
+                };
+                o.done = true;
+                Some((Err(status), o))
+            }
+            _ = o.ended.cancelled() => None,
+            changed = o.desired.changed() => match changed {
+                Err(_) => None,
+                Ok(()) => {
+                    let d = o.desired.borrow_and_update().clone();
+                    Some((Ok(desired_message(d)), o))
+                }
+            },
+        }
+    }))
+}
+
 impl AgentApi {
-    async fn run_session(
+    /// The agent's half of a session: heartbeats keep it alive; silence past
+    /// three intervals, the agent leaving, a replacement or shutdown end it.
+    async fn watch_inbound(
         app: Arc<App>,
-        peer: Peer,
+        node_id: String,
         mut inbound: Streaming<pb::AgentMessage>,
-        grant: crate::fleet::SessionGrant,
-        tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+        session_id: u64,
+        replaced: CancellationToken,
+        ended: CancellationToken,
     ) {
-        let node_id = peer.node_id.clone();
-        let mut desired = grant.desired;
         let allowed = app.cfg.heartbeat_interval * 3 + Duration::from_secs(1);
-        let first = desired.borrow_and_update().clone();
-        let mut ok = tx
-            .send(Ok(pb::ServerMessage {
-                kind: Some(server_message::Kind::Desired(first)),
-            }))
-            .await
-            .is_ok();
         // Only messages from the agent move the deadline, not our own pushes.
         let deadline = tokio::time::sleep(allowed);
         tokio::pin!(deadline);
-        while ok {
+        loop {
             tokio::select! {
-                _ = app.shutdown.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
-                    break;
-                }
-                _ = grant.cancel.cancelled() => {
-                    let status = match app.fleet.check_node_allowed(&node_id, &peer.serial).await {
-                        Err(e) => Status::from(e),
-                        Ok(_) => Status::aborted("replaced by a newer session of this node"),
-                    };
-                    let _ = tx.send(Err(status)).await;
-                    break;
-                }
-                changed = desired.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let msg = desired.borrow_and_update().clone();
-                    ok = tx
-                        .send(Ok(pb::ServerMessage {
-                            kind: Some(server_message::Kind::Desired(msg)),
-                        }))
-                        .await
-                        .is_ok();
-                }
+                _ = app.shutdown.cancelled() => break,
+                _ = replaced.cancelled() => break,
                 () = &mut deadline => {
                     tracing::info!(node = %node_id, "no heartbeat in {allowed:?}; closing session");
                     break;
@@ -117,7 +151,8 @@ impl AgentApi {
                 },
             }
         }
-        app.fleet.close_session(&node_id, grant.id).await;
+        ended.cancel();
+        app.fleet.close_session(&node_id, session_id).await;
         tracing::debug!(node = %node_id, "session ended");
     }
 }
@@ -158,7 +193,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         }))
     }
 
-    type SessionStream = ReceiverStream<Result<pb::ServerMessage, Status>>;
+    type SessionStream = SessionStream;
 
     async fn session(
         &self,
@@ -189,15 +224,24 @@ impl pb::agent_service_server::AgentService for AgentApi {
         }
         let grant = self.app.fleet.open_session(&node_id).await?;
         tracing::debug!(node = %node_id, last_revision = hello.last_revision, "session opened");
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(Self::run_session(
+        let ended = CancellationToken::new();
+        tokio::spawn(Self::watch_inbound(
             self.app.clone(),
-            peer,
+            node_id,
             inbound,
-            grant,
-            tx,
+            grant.id,
+            grant.cancel.clone(),
+            ended.clone(),
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(outbound(Outbound {
+            app: self.app.clone(),
+            peer,
+            desired: grant.desired,
+            replaced: grant.cancel,
+            ended,
+            first: true,
+            done: false,
+        })))
     }
 
     async fn renew_certificate(
