@@ -33,7 +33,7 @@ done
 
 ensure_binaries() {
     local missing=0 b
-    for b in flotilla-server flotilla-agent flotilla; do
+    for b in flotilla-server flotilla-agent flotilla flotilla-sim; do
         [ -x "$BIN/$b" ] || missing=1
     done
     if [ "$missing" = 1 ]; then
@@ -48,11 +48,14 @@ ensure_binaries() {
 # Every process we start is recorded here; cleanup stops exactly these.
 BENCH_PIDS=()
 BENCH_TMP=""
+# Directories outside BENCH_TMP (state on tmpfs) that cleanup removes too
+# (KEEP_TMP=1 keeps them).
+BENCH_EXTRA_DIRS=()
 
 track() { BENCH_PIDS+=("$1"); }
 
 cleanup() {
-    local rc=$? pid live i
+    local rc=$? pid live i d
     trap - EXIT INT TERM
     if [ "${#BENCH_PIDS[@]}" -gt 0 ]; then
         for pid in "${BENCH_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -68,6 +71,9 @@ cleanup() {
         for pid in "${BENCH_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
         wait 2>/dev/null || true
     fi
+    for d in "${BENCH_EXTRA_DIRS[@]}"; do
+        if [ "${KEEP_TMP:-0}" = 1 ]; then log "kept $d"; else rm -rf "$d"; fi
+    done
     if [ -n "$BENCH_TMP" ] && [ -d "$BENCH_TMP" ]; then
         if [ "${KEEP_TMP:-0}" = 1 ] || [ "$rc" != 0 ]; then
             log "kept $BENCH_TMP (logs and state)"
@@ -171,3 +177,85 @@ provenance() {
 fmt_kib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 
 median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+
+# shm_dir NAME: makes a new directory on tmpfs (/dev/shm; TMPDIR when there is
+# none) and sets SHM_DIR to it; cleanup removes it. Not for `$(…)`: the subshell
+# would register it for cleanup in vain. The simulator's agents fsync every step:
+# on tmpfs that costs the simulator little, so the disk is left to the server.
+shm_dir() {
+    local base=/dev/shm
+    [ -d "$base" ] && [ -w "$base" ] || base="${TMPDIR:-/tmp}"
+    SHM_DIR="$(mktemp -d "$base/flotilla-bench-$1.XXXXXX")"
+    BENCH_EXTRA_DIRS+=("$SHM_DIR")
+}
+
+# raise_fd_limit: the soft open-files limit up to the hard one (a server holds one
+# descriptor per session). Prints the limit now in force.
+raise_fd_limit() {
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    ulimit -n
+}
+
+# wait_mark FILE PHASE SECONDS: until a line starting with PHASE appears in the
+# simulator's marks FILE (checked every 50 ms); prints that line. Fails after
+# SECONDS or when the process SIM_PID (if set) has exited.
+wait_mark() {
+    local i line
+    for i in $(seq 1 $(($3 * 20))); do
+        line="$(grep -m1 "^$2" "$1" 2>/dev/null || true)"
+        if [ -n "$line" ]; then echo "$line"; return 0; fi
+        if [ -n "${SIM_PID:-}" ] && ! kill -0 "$SIM_PID" 2>/dev/null; then return 1; fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# syscall_counts FILE: "fsync fdatasync sync_file_range pwrite64" counts from a
+# `perf stat` output file (0 for any missing).
+syscall_counts() {
+    awk '/syscalls:sys_enter_fsync/ { f = $1 } /syscalls:sys_enter_fdatasync/ { d = $1 }
+        /syscalls:sys_enter_sync_file_range/ { s = $1 } /syscalls:sys_enter_pwrite64/ { p = $1 }
+        END { gsub(",", "", f); gsub(",", "", d); gsub(",", "", s); gsub(",", "", p);
+              printf "%d %d %d %d\n", f, d, s, p }' "$1" 2>/dev/null || echo "0 0 0 0"
+}
+
+# The syscalls that make writes durable (and the writes), for `perf stat -e`.
+SYNC_EVENTS="syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync,syscalls:sys_enter_sync_file_range,syscalls:sys_enter_pwrite64"
+
+# The server's socket writes, for `perf record -e`.
+WRITE_EVENTS="syscalls:sys_enter_write,syscalls:sys_exit_write,syscalls:sys_enter_writev,syscalls:sys_exit_writev"
+
+# push_times PERF_SCRIPT_TXT MONO_OFFSET_NS PUBLISHED_AT_MS: from `perf script` of
+# the server's write(2)/writev(2) calls and returns (CLOCK_MONOTONIC), the first
+# call that wrote at least 1 KiB on each descriptor after the publish: the desired
+# state carrying the patch (a session gets nothing that large before it). An exit
+# is paired with its thread's last entry (writev's size is only in its return).
+# Prints how many descriptors, and p50/p95/p99/max in ms after the publish, and
+# the spread after the first push.
+push_times() {
+    awk -v off="$2" -v t0="$3" '
+        function hex(s,   i, v) { v = 0
+            for (i = 1; i <= length(s); i++) v = v * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
+            return v }
+        /syscalls:sys_(enter|exit)_writev?:/ {
+            if (!match($0, /[0-9]+\.[0-9]+: +syscalls/)) next
+            t = substr($0, RSTART, RLENGTH); sub(/: +syscalls/, "", t)
+            tid = $2
+            if ($0 ~ /sys_enter_/) {
+                if (!match($0, /fd: 0x[0-9a-f]+/)) next
+                fd[tid] = substr($0, RSTART + 6, RLENGTH - 6); at[tid] = t * 1000 + off / 1e6 - t0
+                next
+            }
+            if (!(tid in fd) || !match($0, /: 0x[0-9a-f]+$/)) next
+            bytes = hex(substr($0, RSTART + 4))
+            f = fd[tid]; ms = at[tid]; delete fd[tid]
+            if (ms >= 0 && bytes >= 1024 && bytes < 1e12 && !(f in seen)) { seen[f] = 1; printf "%.1f\n", ms }
+        }' "$1" | sort -n | awk '
+        { a[++n] = $1 }
+        function q(p,   r) { r = int(p * n + 0.999999); if (r < 1) r = 1; return a[r] }
+        END {
+            if (n == 0) { print "none seen"; exit }
+            printf "%d sessions: p50 %d p95 %d p99 %d max %d ms after the publish; spread p99 %d, max %d ms\n",
+                n, q(0.5), q(0.95), q(0.99), a[n], q(0.99) - a[1], a[n] - a[1]
+        }'
+}

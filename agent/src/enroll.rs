@@ -89,9 +89,8 @@ pub enum JoinError {
     BadResponse(String),
 }
 
-/// Joins the fleet and stores the identity in `opts.state_dir`.
-pub async fn join(opts: JoinOptions) -> Result<Joined, JoinError> {
-    // Check everything that needs no network first, so mistakes are cheap.
+/// Everything about the options that needs no network: mistakes are cheap.
+fn check_options(opts: &JoinOptions) -> Result<JoinToken, JoinError> {
     let token: JoinToken = opts.token.parse()?;
     if opts.servers.is_empty() {
         return Err(JoinError::NoServers);
@@ -100,8 +99,21 @@ pub async fn join(opts: JoinOptions) -> Result<Joined, JoinError> {
         tls::host_port(url).map_err(JoinError::ServerUrl)?;
     }
     limits::check_labels(opts.labels.iter()).map_err(JoinError::Labels)?;
+    Ok(token)
+}
 
+/// Joins the fleet and stores the identity in `opts.state_dir`.
+pub async fn join(opts: JoinOptions) -> Result<Joined, JoinError> {
+    check_options(&opts)?;
     let store = Store::open(&opts.state_dir)?;
+    join_with(&store, opts).await
+}
+
+/// [`join`] into a store the caller opened: the fleet simulator keeps many
+/// nodes in one database (see [`Store::open_shared`]). `opts.state_dir` is
+/// still where status.json (and a generated machine id) go.
+pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinError> {
+    let token = check_options(&opts)?;
     if let Some(existing) = store.identity()? {
         return Err(JoinError::AlreadyJoined {
             node_id: existing.node_id,
@@ -289,6 +301,37 @@ mod tests {
         // Nothing was stored.
         let store = Store::open(&dir.path().join("state")).unwrap();
         assert!(store.identity().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn join_with_refuses_a_namespace_that_already_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let joined = Store::open_shared(&db, "a1", &dir.path().join("a1")).unwrap();
+        let identity = crate::state::Identity {
+            node_id: "n-1".into(),
+            group: "g".into(),
+            key_pem: String::new(),
+            cert_pem: String::new(),
+            ca_pem: String::new(),
+            servers: Vec::new(),
+            token_id: "abcdefghij".into(),
+            machine_id: "m".into(),
+            renewals: 0,
+            trusted_keys: Vec::new(),
+            trust_threshold: 0,
+        };
+        joined
+            .save_joined(&identity, &Desired::initial(Role::Active))
+            .unwrap();
+        let err = join_with(&joined, opts(dir.path())).await.unwrap_err();
+        assert!(matches!(err, JoinError::AlreadyJoined { .. }), "{err}");
+        // Its neighbour in the same database has not joined: it gets as far as the
+        // network (nothing listens on port 1).
+        let other = Store::open_shared(&db, "a2", &dir.path().join("a2")).unwrap();
+        let err = join_with(&other, opts(dir.path())).await.unwrap_err();
+        assert!(matches!(err, JoinError::Unreachable(_)), "{err}");
+        assert!(other.identity().unwrap().is_none());
     }
 
     #[test]

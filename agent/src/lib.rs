@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod cert;
 pub mod config;
+pub mod embed;
 pub mod enroll;
 pub mod facts;
 pub mod files;
@@ -18,7 +19,7 @@ pub mod session;
 pub mod state;
 pub mod status;
 
-pub use enroll::{JoinError, JoinOptions, Joined, join};
-pub use session::{RunError, RunOptions, run};
-pub use state::{Desired, Identity, Role, StateError, Store};
+pub use enroll::{JoinError, JoinOptions, Joined, join, join_with};
+pub use session::{RunError, RunOptions, run, run_with};
+pub use state::{Desired, Identity, Keyspace, Role, StateError, Store};
 pub use status::Status;

@@ -20,9 +20,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::{self, Backoff};
 use crate::cert::{self, CertError, CertInfo};
+use crate::embed::{Observer, SessionEvent, SharedChannel};
 use crate::facts;
 use crate::hook::{self, RoleChange, RoleHook};
-use crate::install::LocalPolicy;
+use crate::install::{Executor, LocalPolicy};
 use crate::patch::Patches;
 use crate::patch::fetch::FetchLimits;
 use crate::patch::pipeline::{Offer, PipelineConfig};
@@ -77,6 +78,13 @@ pub struct RunOptions {
     pub policy: LocalPolicy,
     /// Download deadline and minimum rate.
     pub fetch: FetchLimits,
+    /// What applies patches ([`Executor::Host`]; the simulator's agents change nothing).
+    pub executor: Executor,
+    /// Told of every session event (the fleet simulator; none for a real agent).
+    pub observer: Option<Observer>,
+    /// Lets reports and downloads use the session's connection (the fleet
+    /// simulator; none for a real agent, which opens its own).
+    pub shared_channel: Option<SharedChannel>,
 }
 
 /// Install paths allowed when the host's operator names none.
@@ -106,6 +114,9 @@ impl RunOptions {
             root: PathBuf::from("/"),
             policy: LocalPolicy::default(),
             fetch: FetchLimits::default(),
+            executor: Executor::Host,
+            observer: None,
+            shared_channel: None,
         }
     }
 }
@@ -166,6 +177,8 @@ struct Agent {
     hooks: mpsc::UnboundedSender<RoleChange>,
     /// Where offered manifests go.
     offers: tokio::sync::watch::Sender<Offer>,
+    observer: Option<Observer>,
+    shared: Option<SharedChannel>,
 }
 
 /// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
@@ -175,6 +188,15 @@ where
     F: Future<Output = ()> + Send,
 {
     let store = Store::open(&opts.state_dir)?;
+    run_with(store, opts, shutdown).await
+}
+
+/// [`run`] on a store the caller opened: the fleet simulator keeps many agents in
+/// one database (see [`Store::open_shared`]).
+pub async fn run_with<F>(store: Store, opts: RunOptions, shutdown: F) -> Result<(), RunError>
+where
+    F: Future<Output = ()> + Send,
+{
     let node = store.identity()?.ok_or_else(|| RunError::NotJoined {
         state_dir: opts.state_dir.clone(),
     })?;
@@ -223,6 +245,8 @@ where
             work_dir: opts.state_dir.clone(),
             fetch: opts.fetch.clone(),
             servers: servers.clone(),
+            executor: opts.executor,
+            shared: opts.shared_channel.clone(),
         },
     )?;
     let mut agent = Agent {
@@ -234,6 +258,8 @@ where
         connected: false,
         hooks,
         offers: patches.offers.clone(),
+        observer: opts.observer.clone(),
+        shared: opts.shared_channel.clone(),
     };
     tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
     agent.publish_status();
@@ -307,6 +333,9 @@ impl Agent {
                 () = &mut shutdown => return Ok(()),
                 outcome = self.session(&url) => outcome,
             };
+            if let Some(observer) = &self.observer {
+                observe(observer, self.connected, &outcome);
+            }
             self.set_connected(false);
             match outcome {
                 Outcome::Renewed => {
@@ -359,7 +388,7 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return refusal::classify_error(&e).prefixed(url).into(),
         };
-        let mut client = AgentServiceClient::new(channel)
+        let mut client = AgentServiceClient::new(channel.clone())
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
 
@@ -382,6 +411,12 @@ impl Agent {
         };
         let opened = Instant::now();
         self.set_connected(true);
+        if let Some(shared) = &self.shared {
+            shared.set(Some(channel.clone()));
+        }
+        if let Some(observer) = &self.observer {
+            observer.notify(SessionEvent::Opened);
+        }
         tracing::info!(%url, node_id = %self.node.node_id, "session open");
 
         let mut heartbeat = heartbeat_timer(self.held.heartbeat_interval_ms);
@@ -471,6 +506,12 @@ impl Agent {
             tracing::warn!(for_node = %msg.node_id, "ignoring desired state meant for another node");
             return Ok(());
         }
+        if let Some(observer) = &self.observer {
+            observer.notify(SessionEvent::Desired {
+                revision: msg.revision,
+                manifests: &msg.manifests,
+            });
+        }
         // The heartbeat interval is session configuration, not revisioned state:
         // take it from any desired state, so a server that lowered it is obeyed
         // even when nothing else changed.
@@ -557,6 +598,9 @@ impl Agent {
     fn set_connected(&mut self, connected: bool) {
         if self.connected != connected {
             self.connected = connected;
+            if let (false, Some(shared)) = (connected, &self.shared) {
+                shared.set(None);
+            }
             self.publish_status();
         }
     }
@@ -571,6 +615,21 @@ impl Agent {
             tracing::warn!(%error, "cannot update status.json");
         }
     }
+}
+
+/// Tells `observer` how a session attempt ended: an open one ended, or one that
+/// never opened failed.
+fn observe(observer: &Observer, was_open: bool, outcome: &Outcome) {
+    let reason = match outcome {
+        Outcome::Failed(r) | Outcome::Rejected(r) | Outcome::Ended { reason: r, .. } => r.clone(),
+        Outcome::Renewed => "reconnecting with a renewed certificate".into(),
+        Outcome::Fatal(e) => e.to_string(),
+    };
+    observer.notify(if was_open {
+        SessionEvent::Ended { reason: &reason }
+    } else {
+        SessionEvent::Failed { reason: &reason }
+    });
 }
 
 mod renewal;

@@ -4,6 +4,9 @@
 //! Every write is flushed to disk before the call returns, so the agent never acts on,
 //! or acknowledges, something a crash could take back. sled locks its database against
 //! a second process; `status.json` (see [`crate::status`]) is what other processes read.
+//!
+//! A program that runs many agents in one process (the fleet simulator) opens one
+//! database and gives each agent a namespace in it ([`Store::open_shared`]).
 
 use std::fmt;
 #[cfg(test)]
@@ -16,6 +19,9 @@ use flotilla_proto::pb;
 use serde::{Deserialize, Serialize};
 
 use crate::files::ensure_private_dir;
+
+mod keyspace;
+pub use keyspace::Keyspace;
 
 /// Heartbeat interval used until the server says otherwise.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 15_000;
@@ -48,6 +54,8 @@ pub enum StateError {
     },
     #[error("cannot open the patch records: {0}")]
     Patches(String),
+    #[error("invalid store namespace {0:?}: it must be non-empty and contain no '/'")]
+    Namespace(String),
 }
 
 /// Where a node stands in its group.
@@ -203,12 +211,18 @@ impl Desired {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The identity and desired-state records: the default tree, under the
+    /// namespace's prefix (none for a real agent).
+    main: Keyspace,
     dir: PathBuf,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).finish()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("namespace", &String::from_utf8_lossy(self.main.prefix()))
+            .finish()
     }
 }
 
@@ -239,8 +253,34 @@ impl Store {
                     source,
                 },
             })?;
+        let main = Keyspace::whole(sled::Tree::clone(&db));
         Ok(Self {
             db,
+            main,
+            dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// One agent's store inside a database shared by many (the fleet simulator):
+    /// its records and trees live under the prefix `<namespace>/` of the shared
+    /// trees, so agents never see each other's. `state_dir` is still its own
+    /// (status.json, downloads and patch work files go there). `namespace` must be
+    /// non-empty and free of `/`, so no prefix is the start of another.
+    pub fn open_shared(
+        db: &sled::Db,
+        namespace: &str,
+        state_dir: &Path,
+    ) -> Result<Self, StateError> {
+        if namespace.is_empty() || namespace.contains('/') {
+            return Err(StateError::Namespace(namespace.to_string()));
+        }
+        ensure_private_dir(state_dir).map_err(|source| StateError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            db: db.clone(),
+            main: Keyspace::prefixed(sled::Tree::clone(db), format!("{namespace}/")),
             dir: state_dir.to_path_buf(),
         })
     }
@@ -250,11 +290,15 @@ impl Store {
         &self.dir
     }
 
-    /// Opens (creating if needed) the named tree of this database. sled allows one
-    /// open database per process, so other durable records (the patch journal, the
-    /// report outbox) live in trees of this one.
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StateError> {
-        Ok(self.db.open_tree(name)?)
+    /// Opens (creating if needed) the named tree of this database, under this
+    /// store's namespace. sled allows one open database per process, so other
+    /// durable records (the patch journal, the report outbox) live in trees of
+    /// this one.
+    pub fn tree(&self, name: &str) -> Result<Keyspace, StateError> {
+        Ok(Keyspace::prefixed(
+            self.db.open_tree(name)?,
+            self.main.prefix().to_vec(),
+        ))
     }
 
     fn get<T: for<'de> Deserialize<'de>>(
@@ -262,7 +306,7 @@ impl Store {
         key: &[u8],
         what: &'static str,
     ) -> Result<Option<T>, StateError> {
-        match self.db.get(key)? {
+        match self.main.get(key)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -274,9 +318,9 @@ impl Store {
         serde_json::to_vec(value).map_err(|source| StateError::Corrupt { what, source })
     }
 
-    /// Applies `batch` atomically and flushes it to disk.
-    fn commit(&self, batch: sled::Batch) -> Result<(), StateError> {
-        self.db.apply_batch(batch)?;
+    /// Writes `entries` atomically and flushes them to disk.
+    fn commit(&self, entries: &[(&[u8], Vec<u8>)]) -> Result<(), StateError> {
+        self.main.apply(entries)?;
         self.db.flush()?;
         Ok(())
     }
@@ -301,25 +345,21 @@ impl Store {
     /// Stores what a join produced, in one atomic, flushed write. The first role
     /// counts as already handled: the hook runs on role changes, not at join.
     pub fn save_joined(&self, identity: &Identity, desired: &Desired) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(IDENTITY_KEY, Self::encode(identity, "identity")?);
-        batch.insert(DESIRED_KEY, Self::encode(desired, "desired state")?);
-        batch.insert(HOOKED_ROLE_KEY, Self::encode(&desired.role, "hooked role")?);
-        self.commit(batch)
+        self.commit(&[
+            (IDENTITY_KEY, Self::encode(identity, "identity")?),
+            (DESIRED_KEY, Self::encode(desired, "desired state")?),
+            (HOOKED_ROLE_KEY, Self::encode(&desired.role, "hooked role")?),
+        ])
     }
 
     /// Replaces the identity (after a renewal), flushed.
     pub fn save_identity(&self, identity: &Identity) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(IDENTITY_KEY, Self::encode(identity, "identity")?);
-        self.commit(batch)
+        self.commit(&[(IDENTITY_KEY, Self::encode(identity, "identity")?)])
     }
 
     /// Replaces the desired state held, flushed.
     pub fn save_desired(&self, desired: &Desired) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(DESIRED_KEY, Self::encode(desired, "desired state")?);
-        self.commit(batch)
+        self.commit(&[(DESIRED_KEY, Self::encode(desired, "desired state")?)])
     }
 
     /// Replaces identity and desired state together (a desired state that moved the
@@ -329,17 +369,15 @@ impl Store {
         identity: &Identity,
         desired: &Desired,
     ) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(IDENTITY_KEY, Self::encode(identity, "identity")?);
-        batch.insert(DESIRED_KEY, Self::encode(desired, "desired state")?);
-        self.commit(batch)
+        self.commit(&[
+            (IDENTITY_KEY, Self::encode(identity, "identity")?),
+            (DESIRED_KEY, Self::encode(desired, "desired state")?),
+        ])
     }
 
     /// Records that the hook has handled `role`, flushed.
     pub fn save_hooked_role(&self, role: Role) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(HOOKED_ROLE_KEY, Self::encode(&role, "hooked role")?);
-        self.commit(batch)
+        self.commit(&[(HOOKED_ROLE_KEY, Self::encode(&role, "hooked role")?)])
     }
 }
 
@@ -434,6 +472,60 @@ mod tests {
         };
         assert!(Desired::from_proto(&msg, 9000).is_none());
         assert!(Desired::from_proto(&pb::DesiredState { role: 99, ..msg }, 1).is_none());
+    }
+
+    #[test]
+    fn namespaced_stores_share_a_database_but_not_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .unwrap();
+        let a = Store::open_shared(&db, "a1", &dir.path().join("a1")).unwrap();
+        let b = Store::open_shared(&db, "a10", &dir.path().join("a10")).unwrap();
+        a.save_joined(&identity(), &Desired::initial(Role::Active))
+            .unwrap();
+        assert_eq!(a.identity().unwrap(), Some(identity()));
+        assert!(b.identity().unwrap().is_none());
+        assert!(b.desired().unwrap().is_none());
+        a.tree("journal")
+            .unwrap()
+            .insert("m", b"x".to_vec())
+            .unwrap();
+        assert!(b.tree("journal").unwrap().get("m").unwrap().is_none());
+        assert_eq!(a.dir(), dir.path().join("a1"));
+        // The records sit under the namespace in the shared default tree.
+        assert!(db.get("a1/identity").unwrap().is_some());
+        assert!(db.get("identity").unwrap().is_none());
+        for bad in ["", "a/b"] {
+            assert!(matches!(
+                Store::open_shared(&db, bad, dir.path()),
+                Err(StateError::Namespace(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_real_agents_records_keep_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .save_joined(&identity(), &Desired::initial(Role::Active))
+                .unwrap();
+            store
+                .tree("journal")
+                .unwrap()
+                .insert("m", b"x".to_vec())
+                .unwrap();
+        }
+        let db = sled::open(dir.path().join("db")).unwrap();
+        assert!(db.get("identity").unwrap().is_some());
+        assert!(db.get("desired").unwrap().is_some());
+        assert_eq!(
+            db.open_tree("journal").unwrap().get("m").unwrap().unwrap(),
+            b"x"
+        );
     }
 
     #[test]

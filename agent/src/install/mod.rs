@@ -36,6 +36,27 @@ pub use script::{ScriptOutput, kill_recorded, run_program, run_program_recorded}
 /// Most entries a `files` artifact may have; every input has a limit.
 pub const MAX_TAR_ENTRIES: usize = 10_000;
 
+/// What carries out a verified patch's install plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Executor {
+    /// Changes the host: unpacks files, runs scripts and health checks, undoes
+    /// them. The only mode of a real agent.
+    #[default]
+    Host,
+    /// Changes nothing. Every step is still verified, downloaded, journaled and
+    /// reported; installing, the health check and undoing succeed without touching
+    /// the host. For the fleet simulator, which runs thousands of agents in one
+    /// process.
+    NoOp,
+}
+
+impl Executor {
+    /// Whether steps that change the host (or run its programs) are skipped.
+    pub fn skips_host(self) -> bool {
+        self == Self::NoOp
+    }
+}
+
 /// What this host lets patches do, whatever the signed manifest asks. Set by the
 /// host's operator in the agent's config, not by the server.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -199,6 +199,15 @@ pub enum FetchError {
     },
 }
 
+/// The SHA-256 (lower-case hex) and length of the file at `path`, read on a
+/// blocking thread with the buffer and hasher the fetcher checks a resumed or
+/// already complete download with (benchmarks time this path).
+pub async fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
+    use sha2::Digest;
+    let (hasher, len) = download::hash_file(path.to_path_buf()).await?;
+    Ok((hex::encode(hasher.finalize()), len))
+}
+
 /// Fetches `artifact` into `dir` (created if missing) and returns the path of the
 /// complete, verified file, `<dir>/<sha256>`. Refuses an artifact declared larger
 /// than `cap` before asking any server.

@@ -15,6 +15,8 @@ use std::fmt;
 use flotilla_proto::pb;
 use serde::{Deserialize, Serialize};
 
+use crate::state::Keyspace;
+
 /// Where a patch stands on this node.
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Phase {
@@ -201,14 +203,14 @@ pub enum JournalError {
 /// Handle on the journal tree. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
-    tree: sled::Tree,
+    tree: Keyspace,
 }
 
 impl Journal {
     /// The journal kept in `tree` (the agent's "journal" tree; see
     /// [`crate::state::Store::tree`]).
-    pub fn open(tree: sled::Tree) -> Self {
-        Self { tree }
+    pub fn open(tree: impl Into<Keyspace>) -> Self {
+        Self { tree: tree.into() }
     }
 
     /// The entry of manifest `id`, if any.

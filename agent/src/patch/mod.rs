@@ -28,7 +28,8 @@ impl Patches {
         let journal = journal::Journal::open(store.tree("journal")?);
         let outbox = outbox::Outbox::open(store.tree("outbox")?)
             .map_err(|e| StateError::Patches(e.to_string()))?;
-        let reporter = report::Reporter::new(store.clone(), cfg.servers.clone());
+        let reporter =
+            report::Reporter::new(store.clone(), cfg.servers.clone()).sharing(cfg.shared.clone());
         let sender = tokio::spawn(outbox::run_sender(
             outbox.clone(),
             move |r| {

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use super::journal::Phase;
 use crate::backoff::{self, Backoff};
+use crate::state::Keyspace;
 
 /// How long one send may take before it counts as failed.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -95,7 +96,7 @@ pub struct Outbox {
 }
 
 struct Inner {
-    tree: sled::Tree,
+    tree: Keyspace,
     /// The next sequence number. Held while a report is written, so sequence
     /// order is the order reports became visible in.
     next: Mutex<u64>,
@@ -106,7 +107,8 @@ struct Inner {
 impl Outbox {
     /// The outbox kept in `tree` (the agent's "outbox" tree; see
     /// [`crate::state::Store::tree`]). Reports queued before a restart are still there.
-    pub fn open(tree: sled::Tree) -> Result<Self, OutboxError> {
+    pub fn open(tree: impl Into<Keyspace>) -> Result<Self, OutboxError> {
+        let tree = tree.into();
         let next = match tree.last()? {
             None => 1,
             Some((key, _)) => seq_of(&key)?.checked_add(1).ok_or(OutboxError::Exhausted)?,

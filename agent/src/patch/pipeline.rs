@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use super::fetch::{self, ClientSource, FetchLimits};
 use super::journal::{Entry, Journal, Phase};
 use super::outbox::{Outbox, Report};
-use crate::install::{self, LocalPolicy};
+use crate::embed::SharedChannel;
+use crate::install::{self, Executor, LocalPolicy};
 use crate::state::Store;
 
 /// What the session hands over: the manifests offered, the committed patches to
@@ -51,6 +52,11 @@ pub struct PipelineConfig {
     pub fetch: FetchLimits,
     /// Servers to download from, in order.
     pub servers: Vec<String>,
+    /// What applies the install plan ([`Executor::Host`] on a real agent).
+    pub executor: Executor,
+    /// The session's connection, to download over (the fleet simulator); when
+    /// empty or unset, each download opens its own.
+    pub shared: Option<SharedChannel>,
 }
 
 pub struct Pipeline {
@@ -315,8 +321,15 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Artifact sources over every server, with the node's current certificate.
+    /// Artifact sources over every server, with the node's current certificate;
+    /// or only the open session's connection, when it is shared.
     fn source(&self) -> Result<ClientSource, String> {
+        if let Some(channel) = self.cfg.shared.as_ref().and_then(SharedChannel::get) {
+            let client = pb::agent_service_client::AgentServiceClient::new(channel)
+                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
+            let name = "the session's server".to_string();
+            return Ok(ClientSource::new(vec![(name, client)]));
+        }
         let identity = self
             .store
             .identity()
@@ -421,6 +434,9 @@ impl Pipeline {
 
     /// Applies the install plan. Its journal step is already recorded.
     async fn apply(&self, m: &Manifest) -> Result<String, Stop> {
+        if self.cfg.executor.skips_host() {
+            return Ok("no-op executor: nothing installed".into());
+        }
         match &m.install {
             Install::Files {
                 artifact,
@@ -462,6 +478,9 @@ impl Pipeline {
     /// stopped first). Both are safe to repeat. Ok carries the rollback script's
     /// output tail; Err when the host could not be restored.
     async fn undo(&self, m: &Manifest) -> Result<String, Stop> {
+        if self.cfg.executor.skips_host() {
+            return Ok(String::new());
+        }
         match (&m.install, &m.rollback) {
             (Install::Files { .. }, _) => {
                 let work = self.patch_dir(&m.id);
@@ -573,7 +592,11 @@ impl Pipeline {
             }
         }
         if entry.phase == Phase::Applied {
-            let tail = match &m.health_check {
+            let check = m
+                .health_check
+                .as_ref()
+                .filter(|_| !self.cfg.executor.skips_host());
+            let tail = match check {
                 Some(check) => match install::health_check(check, &self.env(&m, "health")).await {
                     Ok(tail) => tail,
                     Err(e) => {
@@ -643,6 +666,9 @@ impl Pipeline {
     /// (fetched again, digest checked, when it was cleaned up).
     async fn prepare_revert(&self, entry: &Entry, resuming: bool) -> Result<Manifest, String> {
         let m = self.verify_signatures(entry)?;
+        if self.cfg.executor.skips_host() {
+            return Ok(m);
+        }
         match (&m.install, &m.rollback) {
             (Install::Files { .. }, _) => {
                 let dir = self.patch_dir(&m.id);

@@ -9,6 +9,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use super::outbox::Report;
+use crate::embed::SharedChannel;
 use crate::state::Store;
 
 /// A report sender shared by the outbox's retry loop.
@@ -17,6 +18,8 @@ pub struct Reporter {
     store: Store,
     servers: Vec<String>,
     current: Arc<Mutex<(usize, Option<AgentServiceClient<Channel>>)>>,
+    /// The session's connection, used while it is open (the fleet simulator).
+    shared: Option<SharedChannel>,
 }
 
 impl Reporter {
@@ -25,7 +28,13 @@ impl Reporter {
             store,
             servers,
             current: Arc::new(Mutex::new((0, None))),
+            shared: None,
         }
+    }
+
+    /// Sends over the open session's connection when there is one.
+    pub fn sharing(self, shared: Option<SharedChannel>) -> Self {
+        Self { shared, ..self }
     }
 
     fn client(&self, index: usize) -> Result<AgentServiceClient<Channel>, tonic::Status> {
@@ -47,6 +56,12 @@ impl Reporter {
 
     /// Sends one report; Ok means the server has it (now or from before).
     pub async fn send(&self, report: Report) -> Result<(), tonic::Status> {
+        if let Some(channel) = self.shared.as_ref().and_then(SharedChannel::get) {
+            // A failure needs no channel rebuilt: the session's own reconnect
+            // replaces the shared one.
+            let mut client = AgentServiceClient::new(channel);
+            return client.report(report.to_proto()).await.map(|_| ());
+        }
         if self.servers.is_empty() {
             return Err(tonic::Status::unavailable("no server configured"));
         }

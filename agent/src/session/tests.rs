@@ -50,6 +50,8 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         connected: true,
         hooks,
         offers: tokio::sync::watch::channel(Default::default()).0,
+        observer: None,
+        shared: None,
     };
     (agent, rx)
 }
@@ -220,4 +222,43 @@ fn heartbeat_interval_has_a_floor() {
         assert_eq!(heartbeat_timer(0).period(), MIN_HEARTBEAT);
         assert_eq!(heartbeat_timer(15_000).period(), Duration::from_secs(15));
     });
+}
+
+#[tokio::test]
+async fn the_observer_and_the_shared_channel_follow_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, _rx) = agent(dir.path());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let observer = Observer::new(move |e| log.lock().unwrap().push(format!("{e:?}")));
+    let ended = Outcome::Ended {
+        up_for: Duration::from_secs(1),
+        reason: "gone".into(),
+    };
+    observe(&observer, true, &ended);
+    observe(&observer, false, &Outcome::Failed("refused".into()));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "Ended { reason: \"gone\" }",
+            "Failed { reason: \"refused\" }"
+        ]
+    );
+
+    // A pushed desired state is observed before it is acted on.
+    agent.observer = Some(observer);
+    agent.on_desired(&desired(5, pb::Role::Standby)).unwrap();
+    assert!(
+        seen.lock().unwrap()[2].starts_with("Desired { revision: 5"),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+
+    // The session's channel is shared only while the session is open.
+    let shared = SharedChannel::new();
+    let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+    shared.set(Some(channel));
+    agent.shared = Some(shared.clone());
+    agent.set_connected(false);
+    assert!(shared.get().is_none());
 }

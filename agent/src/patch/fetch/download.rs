@@ -41,7 +41,7 @@ pub(super) async fn complete_file(path: &Path, artifact: &Artifact) -> std::io::
 }
 
 /// Hashes a file on a blocking thread: (hasher fed with its bytes, its length).
-async fn hash_file(path: PathBuf) -> std::io::Result<(Sha256, u64)> {
+pub(super) async fn hash_file(path: PathBuf) -> std::io::Result<(Sha256, u64)> {
     tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::open(&path)?;
         let mut hasher = Sha256::new();

@@ -368,3 +368,16 @@ fn the_rate_window_judges_only_the_last_window() {
     assert_eq!(w.check(at(60_000)), Ok(()));
     assert!(w.read_by(t0).is_none());
 }
+
+#[tokio::test]
+async fn file_sha256_matches_the_digest_of_the_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    // More than one read buffer, so the loop runs more than once.
+    let bytes: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let (sha, len) = file_sha256(&path).await.unwrap();
+    assert_eq!(sha, flotilla_proto::sha256_hex(&bytes));
+    assert_eq!(len, bytes.len() as u64);
+    assert!(file_sha256(&dir.path().join("missing")).await.is_err());
+}

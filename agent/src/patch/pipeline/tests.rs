@@ -49,6 +49,8 @@ fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipelin
             work_dir: dir.to_path_buf(),
             fetch: FetchLimits::default(),
             servers: Vec::new(),
+            executor: Executor::Host,
+            shared: None,
         },
     )
 }
@@ -564,4 +566,38 @@ async fn only_committed_patches_are_undone() {
     assert_eq!(phase(&p, "unknown"), None);
     assert_eq!(snapshot(&root), before);
     assert!(p.outbox.pending().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_no_op_executor_walks_every_step_but_leaves_the_host_alone() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let mut p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    p.cfg.executor = Executor::NoOp;
+    let root = dir.join("root");
+    let before = snapshot(&root);
+
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    p.take(offer(&[&p1], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+    assert_eq!(snapshot(&root), before);
+    let phases: Vec<Phase> = reports(&p, "p1").into_iter().map(|(ph, _)| ph).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Received,
+            Phase::Verified,
+            Phase::Downloaded,
+            Phase::Applying,
+            Phase::Applied,
+            Phase::Healthy,
+            Phase::Committed
+        ]
+    );
+    // Signatures still count: a manifest signed by another key is rejected.
+    let stranger = Publisher::new();
+    let p2 = files_patch(&stranger, &p, "p2", "1.1.0", V2);
+    p.take(offer(&[&p1, &p2], &[])).await;
+    assert_eq!(phase(&p, "p2"), Some(Phase::Rejected));
+    assert_eq!(snapshot(&root), before);
 }
