@@ -3,8 +3,8 @@
 //! and when the server pushes a desired state, and a slot through which an agent's reports and downloads ride on its session's
 //! connection instead of opening their own.
 //!
-//! A real agent uses neither: both are off unless [`crate::RunOptions`] sets them,
-//! and then the agent behaves exactly as without them.
+//! Both are off unless [`crate::RunOptions`] sets them. `flotilla-agent run`
+//! sets the shared connection; only the simulator sets an observer.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -82,8 +82,9 @@ pub struct RunOptions {
     pub executor: Executor,
     /// Told of every session event (the fleet simulator; none for a real agent).
     pub observer: Option<Observer>,
-    /// Lets reports and downloads use the session's connection (the fleet
-    /// simulator; none for a real agent, which opens its own).
+    /// Lets reports and downloads use the session's connection while it is
+    /// open (`flotilla-agent run` and the simulator set it; without it they
+    /// open their own connections).
     pub shared_channel: Option<SharedChannel>,
 }
 

@@ -266,6 +266,10 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
                 .unwrap_or(defaults.policy.max_artifact_bytes),
         },
         fetch,
+        // Reports and downloads ride on the session's connection while it is
+        // open: no second and third TLS connection per host (measured: 1.5x the
+        // server's CPU per patch and ~48 KiB of server memory per host).
+        shared_channel: Some(flotilla_agent::embed::SharedChannel::new()),
         ..defaults
     };
     let rt = runtime()?;

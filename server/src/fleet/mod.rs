@@ -32,6 +32,9 @@ pub use rollouts::RolloutRequest;
 use crate::rollout::plan::Waiting;
 use crate::rollout::record::{self as rollout_record, RolloutRecord};
 
+/// Wake-ups of the reconciler within this are taken in one pass.
+const RECONCILE_COALESCE: Duration = Duration::from_millis(10);
+
 /// Most patches one desired state carries (the newest ones).
 const MAX_MANIFESTS_PER_STATE: usize = 64;
 /// Bytes of manifests and signatures one desired state carries, well under the
@@ -515,6 +518,7 @@ impl Fleet {
     /// Reconciles every group: on wake-ups, and when the next grace period ends.
     pub async fn run_reconciler(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
+            let pass_started = Instant::now();
             let next = {
                 let mut st = self.state.lock().await;
                 let names: Vec<String> = st.groups.keys().cloned().collect();
@@ -525,6 +529,7 @@ impl Fleet {
                 }
                 self.next_deadline(&st)
             };
+            let pass = pass_started.elapsed();
             let sleep = next.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
@@ -532,6 +537,12 @@ impl Fleet {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
+            }
+            // In a reconnect storm every session opening wakes this: passes
+            // over a large fleet leave twice their time to the sessions.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RECONCILE_COALESCE.max(pass * 2)) => {}
             }
         }
     }
