@@ -117,12 +117,8 @@ pub async fn fetch_all(
             .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
         jobs.push((i, ClientSource::new(vec![(url.clone(), client)])));
     }
-    let (s0, c0) = (
-        server.and_then(Target::sample),
-        procstat::sample(std::process::id()),
-    );
+    let before = cpu_samples(server);
     let started = Instant::now();
-    let deadline = started + timeout;
     let mut set = JoinSet::new();
     for (i, source) in jobs {
         let (a, dir) = (artifact.clone(), out_dir.join(format!("a{i}")));
@@ -132,40 +128,73 @@ pub async fn fetch_all(
             let done = fetch::fetch(&source, &a, &dir, a.size, &limits).await;
             let took = t.elapsed();
             let _ = tokio::fs::remove_dir_all(&dir).await;
-            (i, took, done.map_err(|e| e.to_string()))
+            (i, took, done.map(|_| a.size).map_err(|e| e.to_string()))
         });
     }
+    let names = Names {
+        who: "agent",
+        one: "download",
+        many: "downloads",
+    };
+    Ok(gather(set, names, started, timeout, server, before).await)
+}
+
+/// What a transfer run calls its parties in error messages.
+struct Names {
+    who: &'static str,
+    one: &'static str,
+    many: &'static str,
+}
+
+/// The server's and this process's CPU counters now.
+fn cpu_samples(server: Option<&Target>) -> (Option<ProcSample>, Option<ProcSample>) {
+    (
+        server.and_then(Target::sample),
+        procstat::sample(std::process::id()),
+    )
+}
+
+/// Waits for the transfers in `set` (index, time taken, bytes or error) until
+/// `timeout` after `started`, aborts the rest, and reports them with the CPU
+/// both sides spent since `before`.
+async fn gather(
+    mut set: JoinSet<(usize, Duration, Result<u64, String>)>,
+    names: Names,
+    started: Instant,
+    timeout: Duration,
+    server: Option<&Target>,
+    before: (Option<ProcSample>, Option<ProcSample>),
+) -> FetchReport {
+    let deadline = started + timeout;
     let mut r = FetchReport::default();
     let mut times = Vec::new();
     while let Ok(Some(done)) = tokio::time::timeout_at(deadline, set.join_next()).await {
         r.downloads += 1;
         match done {
-            Ok((_, took, Ok(_))) => {
+            Ok((_, took, Ok(n))) => {
                 r.ok += 1;
-                r.bytes += artifact.size;
+                r.bytes += n;
                 times.push(took.as_millis() as i64);
             }
-            Ok((i, _, Err(e))) => r.errors.push(format!("agent {i}: {e}")),
-            Err(e) => r.errors.push(format!("a download task failed: {e}")),
+            Ok((i, _, Err(e))) => r.errors.push(format!("{} {i}: {e}", names.who)),
+            Err(e) => r.errors.push(format!("a {} task failed: {e}", names.one)),
         }
     }
     if !set.is_empty() {
         r.errors.push(format!(
-            "{} downloads did not finish within {timeout:?}",
-            set.len()
+            "{} {} did not finish within {timeout:?}",
+            set.len(),
+            names.many
         ));
         set.abort_all();
     }
     r.wall_secs = started.elapsed().as_secs_f64();
     r.mib_per_s = mib_per_s(r.bytes, r.wall_secs);
     r.per_download = Summary::of(&times);
-    let (s1, c1) = (
-        server.and_then(Target::sample),
-        procstat::sample(std::process::id()),
-    );
-    r.server_cpu_ms = cpu_delta(&s0, &s1);
-    r.client_cpu_ms = cpu_delta(&c0, &c1);
-    Ok(r)
+    let after = cpu_samples(server);
+    r.server_cpu_ms = cpu_delta(&before.0, &after.0);
+    r.client_cpu_ms = cpu_delta(&before.1, &after.1);
+    r
 }
 
 fn cpu_delta(a: &Option<ProcSample>, b: &Option<ProcSample>) -> Option<u64> {
@@ -228,12 +257,8 @@ pub async fn raw_fetch(
     timeout: Duration,
 ) -> anyhow::Result<FetchReport> {
     tokio::fs::create_dir_all(out_dir).await?;
-    let (s0, c0) = (
-        server.and_then(Target::sample),
-        procstat::sample(std::process::id()),
-    );
+    let before = cpu_samples(server);
     let started = Instant::now();
-    let deadline = started + timeout;
     let mut set = JoinSet::new();
     for i in 0..clients {
         let (addr, path) = (addr.to_string(), out_dir.join(format!("c{i}")));
@@ -257,40 +282,15 @@ pub async fn raw_fetch(
             }
             .await;
             let _ = tokio::fs::remove_file(&path).await;
-            (i, t.elapsed(), copied)
+            (i, t.elapsed(), copied.map_err(|e| e.to_string()))
         });
     }
-    let mut r = FetchReport::default();
-    let mut times = Vec::new();
-    while let Ok(Some(done)) = tokio::time::timeout_at(deadline, set.join_next()).await {
-        r.downloads += 1;
-        match done {
-            Ok((_, took, Ok(n))) => {
-                r.ok += 1;
-                r.bytes += n;
-                times.push(took.as_millis() as i64);
-            }
-            Ok((i, _, Err(e))) => r.errors.push(format!("client {i}: {e}")),
-            Err(e) => r.errors.push(format!("a copy task failed: {e}")),
-        }
-    }
-    if !set.is_empty() {
-        r.errors.push(format!(
-            "{} copies did not finish within {timeout:?}",
-            set.len()
-        ));
-        set.abort_all();
-    }
-    r.wall_secs = started.elapsed().as_secs_f64();
-    r.mib_per_s = mib_per_s(r.bytes, r.wall_secs);
-    r.per_download = Summary::of(&times);
-    let (s1, c1) = (
-        server.and_then(Target::sample),
-        procstat::sample(std::process::id()),
-    );
-    r.server_cpu_ms = cpu_delta(&s0, &s1);
-    r.client_cpu_ms = cpu_delta(&c0, &c1);
-    Ok(r)
+    let names = Names {
+        who: "client",
+        one: "copy",
+        many: "copies",
+    };
+    Ok(gather(set, names, started, timeout, server, before).await)
 }
 
 #[cfg(test)]
