@@ -45,22 +45,7 @@ log "server pid $SERVER_PID on $SERVER_ADDR; $CLIENTS clients × $MIB MiB"
 cli trust set --key "$T/release.pub" >/dev/null
 mkdir -p "$T/spec"
 ln -s "$F" "$T/spec/artifact.bin"
-cat >"$T/spec/spec.toml" <<EOF
-id = "serve-$(date +%s)"
-component = "bench-serve"
-version = "1.0.0"
-severity = "low"
-expires_in = "1h"
-[targets]
-groups = ["bench-nobody"]
-[[artifacts]]
-name = "artifact.bin"
-path = "artifact.bin"
-[install]
-type = "files"
-artifact = "artifact.bin"
-destination = "/opt/bench"
-EOF
+files_spec "$T/spec/spec.toml" "serve-$(date +%s)" bench-serve 1.0.0 low 1h bench-nobody artifact.bin
 "$BIN/flotilla" patch build "$T/spec/spec.toml" --out-dir "$T/bundle" >/dev/null
 "$BIN/flotilla" patch sign "$T/bundle/manifest.json" --key "$T/release.key" >/dev/null
 CLI_TIMEOUT=600 cli patch publish "$T/bundle/manifest.json" >/dev/null 2>&1 || die "publish failed"

@@ -82,22 +82,7 @@ mkdir -p "$W/src"
 printf '1.0.0\n' >"$W/src/VERSION"
 head -c 8192 /dev/urandom | base64 >"$W/src/README"
 tar --owner=0 --group=0 --numeric-owner -C "$W/src" -cf "$W/payload.tar" VERSION README
-cat >"$W/spec.toml" <<EOF
-id = "$ID"
-component = "fleet-files"
-version = "1.0.0"
-severity = "critical"
-expires_in = "2h"
-[targets]
-groups = ["$GROUP"]
-[[artifacts]]
-name = "payload.tar"
-path = "payload.tar"
-[install]
-type = "files"
-artifact = "payload.tar"
-destination = "/opt/bench"
-EOF
+files_spec "$W/spec.toml" "$ID" fleet-files 1.0.0 critical 2h "$GROUP" payload.tar
 "$BIN/flotilla" patch build "$W/spec.toml" --out-dir "$W/bundle" >/dev/null
 "$BIN/flotilla" patch sign "$W/bundle/manifest.json" --key "$T/release.key" >/dev/null
 

@@ -63,22 +63,7 @@ log "agent digest routine: $AGENT_RUNS s"
 # `flotilla patch build`: hashes the artifact and copies it next to the manifest.
 mkdir -p "$T/spec"
 ln -s "$F" "$T/spec/artifact.bin"
-cat >"$T/spec/spec.toml" <<EOF
-id = "hash-$(date +%s)"
-component = "bench-hash"
-version = "1.0.0"
-severity = "low"
-expires_in = "1h"
-[targets]
-groups = ["bench-nobody"]
-[[artifacts]]
-name = "artifact.bin"
-path = "artifact.bin"
-[install]
-type = "files"
-artifact = "artifact.bin"
-destination = "/opt/bench"
-EOF
+files_spec "$T/spec/spec.toml" "hash-$(date +%s)" bench-hash 1.0.0 low 1h bench-nobody artifact.bin
 a="$(now_ns)"
 "$BIN/flotilla" patch build "$T/spec/spec.toml" --out-dir "$T/bundle" >/dev/null
 b="$(now_ns)"

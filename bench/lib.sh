@@ -123,6 +123,28 @@ init_server() {
 }
 
 # cli ARGS...: the flotilla CLI, bounded in time (CLI_TIMEOUT seconds, default 30).
+# files_spec FILE ID COMPONENT VERSION SEVERITY EXPIRES GROUP ARTIFACT: writes the
+# spec of a `files` patch of ARTIFACT (a file beside FILE) into /opt/bench for
+# the nodes of GROUP, for `flotilla patch build`.
+files_spec() {
+    cat >"$1" <<EOF
+id = "$2"
+component = "$3"
+version = "$4"
+severity = "$5"
+expires_in = "$6"
+[targets]
+groups = ["$7"]
+[[artifacts]]
+name = "$8"
+path = "$8"
+[install]
+type = "files"
+artifact = "$8"
+destination = "/opt/bench"
+EOF
+}
+
 cli() { timeout "${CLI_TIMEOUT:-30}" "$BIN/flotilla" "$@"; }
 
 # group_online GROUP: nodes online in GROUP per `flotilla group list --json`

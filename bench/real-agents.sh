@@ -157,22 +157,7 @@ make_patch() {
     printf '1.0.%s\n' "$k" >"$w/src/VERSION"
     printf 'bench payload %s\n' "$k" >"$w/src/README"
     tar --owner=0 --group=0 --numeric-owner -C "$w/src" -cf "$w/payload.tar" VERSION README
-    cat >"$w/spec.toml" <<EOF
-id = "bench-$STAMP-$k"
-component = "bench-files"
-version = "1.0.$k"
-severity = "low"
-expires_in = "1h"
-[targets]
-groups = ["$GROUP"]
-[[artifacts]]
-name = "payload.tar"
-path = "payload.tar"
-[install]
-type = "files"
-artifact = "payload.tar"
-destination = "/opt/bench"
-EOF
+    files_spec "$w/spec.toml" "bench-$STAMP-$k" bench-files "1.0.$k" low 1h "$GROUP" payload.tar
     "$BIN/flotilla" patch build "$w/spec.toml" --out-dir "$w/bundle" >/dev/null
     "$BIN/flotilla" patch sign "$w/bundle/manifest.json" --key "$T/release.key" >/dev/null
 }
