@@ -57,10 +57,25 @@ impl Fleet {
         }
     }
 
+    /// One step of a normal rollout of `p` over this fleet.
+    fn step(&self, p: &Policy, group: GroupView, pos: &mut GroupProgress, now: i64) -> Step {
+        step(p, Mode::default(), group, &self.targets(), pos, now)
+    }
+
     fn in_service(&self) -> u32 {
         (0..self.ids.len())
             .filter(|&i| self.online[i] && self.progress[i] != Some(Progress::Applying))
             .count() as u32
+    }
+}
+
+/// Desired 8, max unavailable 1: at least 7 in service, counted in `f`.
+fn desired_8_of(f: &Fleet) -> GroupView {
+    GroupView {
+        desired: Some(8),
+        max_unavailable: 1,
+        in_service: f.in_service(),
+        window_open: true,
     }
 }
 
@@ -81,58 +96,30 @@ fn canary_then_waves_after_each_finishes_and_bakes() {
     );
     let mut f = Fleet::new(20);
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), open(20), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, open(20), &mut pos, 0);
     assert_eq!(s.release, vec!["n00"]);
     f.release(&s.release);
     // The canary has not finished: nobody else starts.
-    let s = step(&p, Mode::default(), open(19), &f.targets(), &mut pos, 1_000);
+    let s = f.step(&p, open(19), &mut pos, 1_000);
     assert!(s.release.is_empty());
     assert_eq!(s.waiting, Waiting::Wave);
     f.commit_all();
     // Finished at 2 s: baking for 60 s.
-    let s = step(&p, Mode::default(), open(20), &f.targets(), &mut pos, 2_000);
+    let s = f.step(&p, open(20), &mut pos, 2_000);
     assert_eq!(s.waiting, Waiting::Bake(62_000));
     assert!(s.release.is_empty());
-    let s = step(
-        &p,
-        Mode::default(),
-        open(20),
-        &f.targets(),
-        &mut pos,
-        62_000,
-    );
+    let s = f.step(&p, open(20), &mut pos, 62_000);
     assert_eq!(s.release.len(), 4, "25% of 20 is 5, the canary among them");
     assert_eq!(pos.wave, 1);
     f.release(&s.release);
     f.commit_all();
-    let s = step(
-        &p,
-        Mode::default(),
-        open(20),
-        &f.targets(),
-        &mut pos,
-        70_000,
-    );
+    let s = f.step(&p, open(20), &mut pos, 70_000);
     assert_eq!(s.waiting, Waiting::Bake(130_000));
-    let s = step(
-        &p,
-        Mode::default(),
-        open(20),
-        &f.targets(),
-        &mut pos,
-        130_000,
-    );
+    let s = f.step(&p, open(20), &mut pos, 130_000);
     assert_eq!(s.release.len(), 15);
     f.release(&s.release);
     f.commit_all();
-    let s = step(
-        &p,
-        Mode::default(),
-        open(20),
-        &f.targets(),
-        &mut pos,
-        131_000,
-    );
+    let s = f.step(&p, open(20), &mut pos, 131_000);
     assert_eq!(s.waiting, Waiting::Done);
     assert_eq!(pos.wave_started_ms.len(), 3);
     assert_eq!(pos.wave_done_ms.get(&0), Some(&2_000));
@@ -144,22 +131,9 @@ fn capacity_guard_never_goes_below_the_floor() {
     let p = policy(&[Amount::Percent(100)], 0);
     let mut f = Fleet::new(10);
     let mut pos = GroupProgress::default();
-    let group = |f: &Fleet| GroupView {
-        desired: Some(8),
-        max_unavailable: 1,
-        in_service: f.in_service(),
-        window_open: true,
-    };
     let mut rounds = 0;
     loop {
-        let s = step(
-            &p,
-            Mode::default(),
-            group(&f),
-            &f.targets(),
-            &mut pos,
-            rounds,
-        );
+        let s = f.step(&p, desired_8_of(&f), &mut pos, rounds);
         f.release(&s.release);
         assert!(f.in_service() >= 7, "guard broken: {}", f.in_service());
         if s.waiting == Waiting::Done {
@@ -180,22 +154,16 @@ fn two_offline_leave_room_for_one_and_three_offline_for_none() {
     let mut f = Fleet::new(10);
     f.online[8] = false;
     f.online[9] = false;
-    let g = |f: &Fleet| GroupView {
-        desired: Some(8),
-        max_unavailable: 1,
-        in_service: f.in_service(),
-        window_open: true,
-    };
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), g(&f), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, desired_8_of(&f), &mut pos, 0);
     assert_eq!(s.release.len(), 1);
     f.release(&s.release);
-    let s = step(&p, Mode::default(), g(&f), &f.targets(), &mut pos, 1);
+    let s = f.step(&p, desired_8_of(&f), &mut pos, 1);
     assert!(s.release.is_empty());
     assert_eq!(s.waiting, Waiting::Capacity);
     f.commit_all();
     f.online[7] = false;
-    let s = step(&p, Mode::default(), g(&f), &f.targets(), &mut pos, 2);
+    let s = f.step(&p, desired_8_of(&f), &mut pos, 2);
     assert!(s.release.is_empty(), "7 in service is the floor");
     assert_eq!(s.waiting, Waiting::Capacity);
     // Force ignores the guard.
@@ -203,7 +171,7 @@ fn two_offline_leave_room_for_one_and_three_offline_for_none() {
         emergency: true,
         force: true,
     };
-    let s = step(&p, forced, g(&f), &f.targets(), &mut pos, 3);
+    let s = step(&p, forced, desired_8_of(&f), &f.targets(), &mut pos, 3);
     assert_eq!(s.release.len(), 6);
 }
 
@@ -216,7 +184,7 @@ fn window_holds_normal_rollouts_but_not_emergencies() {
         ..open(5)
     };
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), closed, &f.targets(), &mut pos, 0);
+    let s = f.step(&p, closed, &mut pos, 0);
     assert_eq!(s.waiting, Waiting::Window);
     assert!(s.release.is_empty());
     let emergency = Mode {
@@ -239,7 +207,7 @@ fn canary_takes_one_node_per_site_and_waves_spread() {
         *s = ["a", "b", "c"][i % 3].to_string();
     }
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), open(12), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, open(12), &mut pos, 0);
     let sites: BTreeSet<&str> = s
         .release
         .iter()
@@ -249,7 +217,7 @@ fn canary_takes_one_node_per_site_and_waves_spread() {
     assert_eq!(sites.len(), 3, "one per site: {:?}", s.release);
     f.release(&s.release);
     f.commit_all();
-    let s = step(&p, Mode::default(), open(12), &f.targets(), &mut pos, 1);
+    let s = f.step(&p, open(12), &mut pos, 1);
     assert_eq!(s.release.len(), 3, "50% of 12 is 6");
     let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
     f.release(&s.release);
@@ -270,10 +238,10 @@ fn max_applying_limits_each_group() {
     p.max_applying = 2;
     let mut f = Fleet::new(6);
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), open(6), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, open(6), &mut pos, 0);
     assert_eq!(s.release.len(), 2);
     f.release(&s.release);
-    let s = step(&p, Mode::default(), open(4), &f.targets(), &mut pos, 1);
+    let s = f.step(&p, open(4), &mut pos, 1);
     assert!(s.release.is_empty());
     assert_eq!(s.waiting, Waiting::Capacity);
 }
@@ -287,13 +255,13 @@ fn a_node_that_arrives_later_is_released_in_the_last_wave() {
         wave: 1,
         ..Default::default()
     };
-    let s = step(&p, Mode::default(), open(3), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, open(3), &mut pos, 0);
     assert_eq!(s.waiting, Waiting::Done);
     f.ids.push("late".into());
     f.sites.push(String::new());
     f.online.push(true);
     f.progress.push(None);
-    let s = step(&p, Mode::default(), open(4), &f.targets(), &mut pos, 1);
+    let s = f.step(&p, open(4), &mut pos, 1);
     assert_eq!(s.release, vec!["late"]);
 }
 
@@ -305,7 +273,7 @@ fn offline_leftovers_settle_the_group() {
     f.progress[0] = Some(Progress::Committed);
     f.progress[1] = Some(Progress::Failed);
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), open(2), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, open(2), &mut pos, 0);
     assert_eq!(s.waiting, Waiting::Offline);
     assert!(s.waiting.settled());
 }
@@ -327,7 +295,7 @@ fn a_large_wave_spreads_evenly_over_sites() {
         .to_string();
     }
     let mut pos = GroupProgress::default();
-    let s = step(&p, Mode::default(), open(9_000), &f.targets(), &mut pos, 0);
+    let s = f.step(&p, open(9_000), &mut pos, 0);
     assert_eq!(s.release.len(), 4_500);
     f.release(&s.release);
     let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
