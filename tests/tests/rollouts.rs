@@ -271,6 +271,22 @@ fn check_guard(w: &Watch) -> u64 {
     most
 }
 
+/// Publishes patch `id` with the groups' defaults, follows it with `rollout
+/// watch`, and returns the watch once the rollout completed and the watch saw
+/// it end.
+fn publish_watched(server: &Server, dir: &Path, manifest: &Path, id: &str) -> Watch {
+    publish(server, manifest, &[]);
+    let w = Watch::rollout(server, dir, id);
+    wait_state(server, id, "completed");
+    wait_until("the watch to end", T, || {
+        w.events()
+            .last()
+            .is_some_and(|e| e["state"] == "completed")
+            .then_some(())
+    });
+    w
+}
+
 #[test]
 fn capacity_guard_holds_and_waits_for_offline_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,15 +311,7 @@ fn capacity_guard_holds_and_waits_for_offline_nodes() {
         "2.0.0",
         &check("sleep 1"),
     );
-    publish(&server, &m, &[]);
-    let w = Watch::rollout(&server, dir.path(), "g-2.0.0");
-    wait_state(&server, "g-2.0.0", "completed");
-    wait_until("the watch to end", T, || {
-        w.events()
-            .last()
-            .is_some_and(|e| e["state"] == "completed")
-            .then_some(())
-    });
+    let w = publish_watched(&server, dir.path(), &m, "g-2.0.0");
     let r = rollout(&server, "g-2.0.0");
     assert_eq!(r["groups"][0]["min_in_service"], 7);
     assert!(
@@ -332,15 +340,7 @@ fn capacity_guard_holds_and_waits_for_offline_nodes() {
         "3.0.0",
         &check("sleep 1"),
     );
-    publish(&server, &m, &[]);
-    let w = Watch::rollout(&server, dir.path(), "g-3.0.0");
-    wait_state(&server, "g-3.0.0", "completed");
-    wait_until("the watch to end", T, || {
-        w.events()
-            .last()
-            .is_some_and(|e| e["state"] == "completed")
-            .then_some(())
-    });
+    let w = publish_watched(&server, dir.path(), &m, "g-3.0.0");
     assert_eq!(check_guard(&w), 1, "8 online, floor 7: one at a time");
     assert_eq!(count(&server, "g-3.0.0", "committed"), 8);
     assert_eq!(count(&server, "g-3.0.0", "waiting (offline)"), 2);
