@@ -205,12 +205,10 @@ impl State {
 }
 
 impl Fleet {
-    /// Stores a new rollout (before its patch, so no patch is ever without one)
-    /// and takes its first step.
+    /// Stores a new rollout, before its patch, so no patch is ever without one.
     pub(super) async fn start_rollout(&self, st: &mut State, r: RolloutRecord) -> Result<()> {
         self.db.put(&record::key(&r.patch_id), &r).await?;
-        let id = r.patch_id.clone();
-        st.rollouts.insert(id.clone(), r);
+        st.rollouts.insert(r.patch_id.clone(), r);
         Ok(())
     }
 
