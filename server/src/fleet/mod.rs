@@ -20,6 +20,7 @@ use crate::store::Db;
 
 mod groups;
 mod published;
+mod quiet;
 mod rollout_commands;
 mod rollout_view;
 mod rollouts;
@@ -85,6 +86,8 @@ struct State {
     phases: HashMap<String, HashMap<String, PhaseNote>>,
     /// Patch id -> group -> what the group waited for at the last step.
     waiting: HashMap<String, BTreeMap<String, Waiting>>,
+    /// Patch id -> what its rollout waits for while another step would change nothing.
+    quiet: HashMap<String, quiet::Quiet>,
 }
 
 impl State {

@@ -125,6 +125,7 @@ impl Fleet {
             .flat_map(|g| g.released.iter().cloned())
             .collect();
         st.rollouts.insert(id.to_string(), r);
+        st.quiet.remove(id);
         for n in &released {
             self.push(&st, n);
         }

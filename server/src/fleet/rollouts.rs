@@ -80,7 +80,11 @@ fn is_final(p: pb::PatchPhase) -> bool {
 
 /// The progress of a released node from its last report.
 pub(super) fn progress_of(note: Option<&PhaseNote>) -> Progress {
-    match note.map(|n| n.phase) {
+    progress_of_phase(note.map(|n| n.phase))
+}
+
+fn progress_of_phase(phase: Option<pb::PatchPhase>) -> Progress {
+    match phase {
         Some(pb::PatchPhase::Committed) => Progress::Committed,
         Some(p) if is_failure(p) => Progress::Failed,
         _ => Progress::Applying,
@@ -227,6 +231,7 @@ impl Fleet {
         };
         if !r.state.releases() {
             st.waiting.remove(patch_id);
+            st.quiet.remove(patch_id);
             return Ok(None);
         }
         let now = now_ms();
@@ -272,6 +277,7 @@ impl Fleet {
                     self.db.put(&record::key(patch_id), &r).await?;
                     st.rollouts.insert(patch_id.to_string(), r);
                     st.waiting.remove(patch_id);
+                    st.quiet.remove(patch_id);
                     let _ = self.rollout_events.send(patch_id.to_string());
                     return Ok(None);
                 }
@@ -351,6 +357,7 @@ impl Fleet {
             self.db.put(&record::key(patch_id), &r).await?;
         }
         st.rollouts.insert(patch_id.to_string(), r);
+        st.settle_after_step(patch_id, !releases.is_empty(), &waiting, next);
         st.waiting.insert(patch_id.to_string(), waiting);
         for id in &releases {
             self.push(st, id);
@@ -383,12 +390,16 @@ impl Fleet {
                 },
             )
             .map(|n| n.phase);
+        let (from, to) = (progress_of_phase(before), progress_of_phase(Some(phase)));
+        // Phases between release and outcome change nothing a step looks at.
+        let wake = from != to && st.note_progress(node_id, patch_id, from, to);
         let undone = phase == pb::PatchPhase::RolledBack
             && matches!(
                 before,
                 Some(pb::PatchPhase::Committed | pb::PatchPhase::Reverting)
             );
-        if phase == pb::PatchPhase::Committed || undone {
+        let installed_changes = phase == pb::PatchPhase::Committed || undone;
+        if installed_changes {
             self.refresh_installed(&mut st, node_id, patch_id).await?;
         }
         // A node that committed after its rollout was aborted with rollback
@@ -404,12 +415,26 @@ impl Fleet {
             self.push(&st, node_id);
         }
         drop(st);
-        self.rollout_wake.notify_one();
+        if from != to {
+            // Progress (applying, done, failed) is what `rollout watch` shows.
+            let _ = self.rollout_events.send(patch_id.to_string());
+        }
+        if wake {
+            self.rollout_wake.notify_one();
+        }
+        // The report is acknowledged once this returns: the node record must be
+        // on disk by then (also when an earlier try of this report wrote it and
+        // its sync failed), but no other report should wait for its fsync.
+        if installed_changes {
+            self.db.sync().await?;
+        }
         Ok(())
     }
 
     /// Sets a node's version of the component `patch_id` changes: the newest
     /// patch of that component it has committed (and not undone), or none.
+    /// Writes the node record without waiting for the disk: the caller syncs
+    /// after letting go of the fleet.
     async fn refresh_installed(&self, st: &mut State, node_id: &str, patch_id: &str) -> Result<()> {
         let Some((_, m)) = st.patches.get(patch_id) else {
             return Ok(());
@@ -438,7 +463,7 @@ impl Fleet {
             None => node.installed.remove(&component),
         };
         self.db
-            .put(&crate::model::keys::node(node_id), &node)
+            .put_unsynced(&crate::model::keys::node(node_id), &node)
             .await?;
         st.nodes.insert(node_id.to_string(), node);
         Ok(())
@@ -464,10 +489,11 @@ impl Fleet {
                 if membership {
                     last_full = std::time::Instant::now();
                 }
-                let ids: Vec<String> = st
-                    .rollouts
-                    .values()
-                    .filter(|r| match r.state {
+                let now = now_ms();
+                let mut next: Option<i64> = None;
+                let mut ids: Vec<String> = Vec::new();
+                for r in st.rollouts.values() {
+                    let wants_step = match r.state {
                         RolloutState::Running => true,
                         RolloutState::Completed => {
                             membership
@@ -477,11 +503,24 @@ impl Fleet {
                                     .is_some_and(|w| w.values().any(|w| !w.settled()))
                         }
                         _ => false,
-                    })
-                    .map(|r| r.patch_id.clone())
-                    .collect();
-                let mut load = st.load();
-                let mut next: Option<i64> = None;
+                    };
+                    if !wants_step {
+                        continue;
+                    }
+                    match st.quiet.get(&r.patch_id) {
+                        Some(q) if !membership && !q.due(now) => {
+                            if let Some(at) = q.until {
+                                next = Some(next.map_or(at, |n| n.min(at)));
+                            }
+                        }
+                        _ => ids.push(r.patch_id.clone()),
+                    }
+                }
+                let mut load = if ids.is_empty() {
+                    Load::default()
+                } else {
+                    st.load()
+                };
                 for id in ids {
                     match self.advance(&mut st, &id, &mut load).await {
                         Ok(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),

@@ -12,6 +12,9 @@ use super::admin::AdminApi;
 use crate::error::Error;
 use crate::model::OperatorRole;
 
+/// Least time between two snapshots of a watched rollout.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub type RolloutStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutInfo, Status>> + Send>>;
 
 fn not_found(id: &str) -> Status {
@@ -106,6 +109,7 @@ pub async fn watch_rollout(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let mut last = first;
+        let mut shown_at = tokio::time::Instant::now();
         if tx.send(Ok(last.clone())).await.is_err() {
             return;
         }
@@ -124,6 +128,13 @@ pub async fn watch_rollout(
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
             }
+            // Nodes finishing arrive in bursts (thousands a second in a fleet-wide
+            // patch): one snapshot per interval, with everything up to then.
+            tokio::time::sleep_until(shown_at + WATCH_INTERVAL).await;
+            while let Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) =
+                events.try_recv()
+            {}
+            shown_at = tokio::time::Instant::now();
             let Some(now) = fleet.rollout_info(&id).await else {
                 return;
             };

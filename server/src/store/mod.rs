@@ -36,6 +36,13 @@ pub trait Store: Send + Sync + 'static {
     /// The entry with the greatest key under `prefix`.
     async fn last_in_prefix(&self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, StoreError>;
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// Writes `value`, visible to reads at once, without waiting for it to be
+    /// durable: a later [`Store::sync`] (or any durable write) makes it so.
+    /// For writes made under a lock that must not be held across an fsync;
+    /// whoever acknowledges the change calls `sync` first.
+    async fn put_unsynced(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// Returns once every write made before the call is durable.
+    async fn sync(&self) -> Result<(), StoreError>;
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Sets `key` to `new` (None deletes) only if it currently holds `expected`
     /// (None = absent). Returns false, changing nothing, if it did not.
@@ -92,6 +99,16 @@ impl Db {
 
     pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         self.store.put(key, Self::encode(value)).await
+    }
+
+    /// See [`Store::put_unsynced`].
+    pub async fn put_unsynced<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.store.put_unsynced(key, Self::encode(value)).await
+    }
+
+    /// See [`Store::sync`].
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.store.sync().await
     }
 
     /// Inserts only if `key` is absent; false if it existed.

@@ -1,39 +1,52 @@
 //! The embedded backend: one sled database, flushed before every write returns.
-//! Writers that arrive while a flush runs share the next one (group commit), so
-//! a burst of reports costs a few fsyncs, not one each.
+//! One long-lived flusher thread makes writes durable: every write that arrives
+//! while a flush runs shares the next one (group commit), so a burst of reports
+//! costs a few fsyncs, not one each, and no thread is started or woken per write.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::{Store, StoreError, WatchEvent};
 
 /// sled-backed [`Store`] for a single server process.
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
-    commit: Arc<GroupCommit>,
+    inner: Arc<Inner>,
 }
 
-/// Flush bookkeeping. A writer takes a ticket after its write is in sled's
-/// memory; a flush that starts after a ticket was taken makes that write
-/// durable. One writer at a time runs the flush; the others wait for it.
+struct Inner {
+    db: sled::Db,
+    commit: Arc<GroupCommit>,
+    /// What the flusher has made durable so far.
+    progress: watch::Receiver<Progress>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Flush bookkeeping shared with the flusher thread. A writer takes a ticket
+/// after its write is in sled's memory; a flush that starts after a ticket was
+/// taken makes that write durable.
 #[derive(Default)]
 struct GroupCommit {
     state: Mutex<CommitState>,
-    done: Notify,
+    wake: Condvar,
 }
 
 #[derive(Default)]
 struct CommitState {
     /// Tickets handed out so far.
     issued: u64,
+    /// Every handle is gone: flush what is left and stop.
+    closing: bool,
+}
+
+/// What the flusher reports after each flush.
+#[derive(Debug, Clone, Default)]
+struct Progress {
     /// Every ticket up to this one is durable.
     durable: u64,
-    /// A flush is running.
-    running: bool,
-    /// The last flush failed: tickets up to `failed_upto` get this error.
+    /// The last failed flush: tickets after `durable` up to this one get its error.
     failed: Option<(u64, String)>,
     /// Flushes run so far (for tests and metrics).
     flushes: u64,
@@ -47,96 +60,112 @@ fn key_string(k: &[u8]) -> String {
     String::from_utf8_lossy(k).into_owned()
 }
 
+/// The flusher: waits for tickets newer than the last flush, flushes once for
+/// all of them, publishes how far it got. Runs until every handle is dropped.
+fn flusher(db: sled::Db, commit: Arc<GroupCommit>, progress: watch::Sender<Progress>) {
+    let mut flushed_upto = 0;
+    loop {
+        let upto = {
+            let mut s = commit.state.lock().expect("commit state");
+            while s.issued == flushed_upto && !s.closing {
+                s = commit.wake.wait(s).expect("commit state");
+            }
+            if s.issued == flushed_upto {
+                return;
+            }
+            // This flush covers every ticket issued until now.
+            s.issued
+        };
+        let result = db.flush();
+        flushed_upto = upto;
+        progress.send_modify(|p| {
+            p.flushes += 1;
+            match result {
+                Ok(_) => p.durable = upto,
+                Err(e) => p.failed = Some((upto, e.to_string())),
+            }
+        });
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.commit.state.lock().expect("commit state").closing = true;
+        self.commit.wake.notify_one();
+        // The database is closed only when the flusher lets go of it: whoever
+        // opens it next (a test, a restarted server) must not find it locked.
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl SledStore {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir` and starts its flusher thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(backend)?;
+        let commit = Arc::new(GroupCommit::default());
+        let (tx, progress) = watch::channel(Progress::default());
+        let (flusher_db, flusher_commit) = (db.clone(), commit.clone());
+        let flusher = std::thread::Builder::new()
+            .name("store-flusher".into())
+            .spawn(move || flusher(flusher_db, flusher_commit, tx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the flusher thread: {e}")))?;
         Ok(Self {
-            db,
-            commit: Arc::default(),
+            inner: Arc::new(Inner {
+                db,
+                commit,
+                progress,
+                flusher: Some(flusher),
+            }),
         })
     }
 
-    /// Returns once everything written before the call is on disk. The fsync
-    /// runs on a blocking thread: sled 0.34's `flush_async` can stall for good
-    /// when many writers flush at once (seen with a few dozen agents reporting
-    /// together); the blocking `flush` does not.
+    fn db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    /// Returns once everything written before the call is on disk. sled 0.34's
+    /// `flush_async` can stall for good when many writers flush at once (seen
+    /// with a few dozen agents reporting together); the flusher thread's
+    /// blocking `flush` does not.
     async fn flush(&self) -> Result<(), StoreError> {
         let ticket = {
-            let mut s = self.commit.state.lock().expect("commit state");
+            let mut s = self.inner.commit.state.lock().expect("commit state");
             s.issued += 1;
             s.issued
         };
-        loop {
-            // Registered before looking, so a flush ending in between still wakes us.
-            let done = self.commit.done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            let upto = {
-                let mut s = self.commit.state.lock().expect("commit state");
-                if let Some((failed_upto, e)) = &s.failed
-                    && ticket <= *failed_upto
-                    && ticket > s.durable
-                {
-                    return Err(StoreError::Backend(e.clone()));
-                }
-                if ticket <= s.durable {
-                    return Ok(());
-                }
-                if s.running {
-                    None
-                } else {
-                    s.running = true;
-                    // This flush covers every ticket issued until now.
-                    Some(s.issued)
-                }
-            };
-            let Some(upto) = upto else {
-                done.await;
-                continue;
-            };
-            // The flush and its bookkeeping run to the end on their own thread
-            // even if this writer's request is dropped meanwhile; otherwise
-            // `running` could stay set and every later writer would wait.
-            let db = self.db.clone();
-            let commit = self.commit.clone();
-            let flushed = tokio::task::spawn_blocking(move || {
-                let result = db.flush();
-                let mut s = commit.state.lock().expect("commit state");
-                s.running = false;
-                s.flushes += 1;
-                match result {
-                    Ok(_) => s.durable = s.durable.max(upto),
-                    Err(e) => s.failed = Some((upto, e.to_string())),
-                }
-                drop(s);
-                commit.done.notify_waiters();
-            })
-            .await;
-            if let Err(e) = flushed {
-                return Err(StoreError::Backend(format!("flush task failed: {e}")));
-            }
+        self.inner.commit.wake.notify_one();
+        let mut progress = self.inner.progress.clone();
+        let p = progress
+            .wait_for(|p| p.durable >= ticket || p.failed.as_ref().is_some_and(|f| f.0 >= ticket))
+            .await
+            .map_err(|_| StoreError::Backend("the flusher thread has stopped".into()))?;
+        if p.durable >= ticket {
+            return Ok(());
         }
+        let e = p.failed.as_ref().map(|f| f.1.clone()).unwrap_or_default();
+        Err(StoreError::Backend(e))
     }
 
     /// How many fsyncs have run.
     pub fn flushes(&self) -> u64 {
-        self.commit.state.lock().expect("commit state").flushes
+        self.inner.progress.borrow().flushes
     }
 }
 
 #[async_trait::async_trait]
 impl Store for SledStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self.db().get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.db
+        self.db()
             .scan_prefix(prefix)
             .map(|r| {
                 r.map(|(k, v)| (key_string(&k), v.to_vec()))
@@ -146,7 +175,7 @@ impl Store for SledStore {
     }
 
     async fn last_in_prefix(&self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-        match self.db.scan_prefix(prefix).next_back() {
+        match self.db().scan_prefix(prefix).next_back() {
             Some(r) => {
                 let (k, v) = r.map_err(backend)?;
                 Ok(Some((key_string(&k), v.to_vec())))
@@ -156,12 +185,21 @@ impl Store for SledStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.db.insert(key, value).map_err(backend)?;
+        self.db().insert(key, value).map_err(backend)?;
+        self.flush().await
+    }
+
+    async fn put_unsynced(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.db().insert(key, value).map_err(backend)?;
+        Ok(())
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
         self.flush().await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.db.remove(key).map_err(backend)?;
+        self.db().remove(key).map_err(backend)?;
         self.flush().await
     }
 
@@ -172,7 +210,7 @@ impl Store for SledStore {
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
         let swapped = self
-            .db
+            .db()
             .compare_and_swap(key, expected, new)
             .map_err(backend)?
             .is_ok();
@@ -184,7 +222,7 @@ impl Store for SledStore {
 
     fn watch_prefix(&self, prefix: &str) -> tokio::sync::mpsc::Receiver<WatchEvent> {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let mut sub = self.db.watch_prefix(prefix);
+        let mut sub = self.db().watch_prefix(prefix);
         tokio::spawn(async move {
             while let Some(event) = (&mut sub).await {
                 let ev = match event {
@@ -285,6 +323,23 @@ mod tests {
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.scan_prefix("r/").await.unwrap().len(), n);
+    }
+
+    #[tokio::test]
+    async fn unsynced_writes_are_visible_at_once_and_durable_after_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let before = s.flushes();
+            s.put_unsynced("u/1", b"one".to_vec()).await.unwrap();
+            s.put_unsynced("u/2", b"two".to_vec()).await.unwrap();
+            assert_eq!(s.get("u/1").await.unwrap().unwrap(), b"one");
+            assert_eq!(s.flushes(), before, "an unsynced write flushed");
+            s.sync().await.unwrap();
+            assert_eq!(s.flushes(), before + 1);
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.scan_prefix("u/").await.unwrap().len(), 2);
     }
 
     #[tokio::test]
