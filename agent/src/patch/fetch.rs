@@ -34,6 +34,12 @@ const RETRY_BASE: Duration = Duration::from_millis(250);
 /// Cap on the delay between attempts.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
+/// Downloads in flight in one process. A host's agent fetches one artifact at a
+/// time; a process that runs thousands of agents (the fleet simulator) would
+/// otherwise run out of descriptors, each download holding its file and, at the
+/// end, its directory open.
+static IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
+
 /// A boxed, sendable future (what [`ArtifactSource::fetch`] returns).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -242,6 +248,10 @@ pub async fn fetch(
             source,
         }
     };
+    let _slot = IN_FLIGHT
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(io("create directory", dir))?;

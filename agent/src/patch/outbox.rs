@@ -1,10 +1,18 @@
 //! The report outbox: every patch phase the agent reaches is queued here, durably
 //! (the sled tree "outbox", keyed by a big-endian sequence number so iteration is in
-//! order), and re-sent until the server acknowledges it.
+//! order), and re-sent until the server acknowledges it, or acknowledges a newer
+//! report of the same manifest, which supersedes it.
 //!
 //! Reports carry an id chosen once, at push: a re-send keeps it, and the server
 //! records each id once, so re-sending after a lost answer is harmless.
+//!
+//! The server keeps only the newest phase per node and manifest, and every
+//! `Report` call costs it the same whatever it says, so the sender sends only the
+//! newest queued report of each manifest (see [`run_sender`]): during a fleet-wide
+//! patch the phases an agent went through while its previous call was in flight
+//! would otherwise cost the server one call each for nothing.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -171,6 +179,21 @@ impl Outbox {
         Ok(())
     }
 
+    /// Removes report `seq` (the server acknowledged it) and the `superseded`
+    /// older reports of its manifest, which then need never be sent. The
+    /// superseded ones go first, flushed, and `seq` only after them: a crash in
+    /// between leaves `seq` queued, to be sent again (the server ignores a report
+    /// id it already has), never an older report without the one that replaces it.
+    pub fn ack_superseding(&self, seq: u64, superseded: &[u64]) -> Result<(), OutboxError> {
+        if !superseded.is_empty() {
+            for older in superseded {
+                self.inner.tree.remove(older.to_be_bytes())?;
+            }
+            self.inner.tree.flush()?;
+        }
+        self.ack(seq)
+    }
+
     /// Returns once a report has been pushed since the last wait returned (at once if
     /// one was pushed meanwhile: no wake-up is lost).
     pub async fn wait(&self) {
@@ -204,9 +227,50 @@ fn keep_tail(s: &str, max: usize) -> String {
     s[start..].to_string()
 }
 
-/// Sends queued reports, in order, through `send` until each is acknowledged. A
-/// failed (or, after [`SEND_TIMEOUT`], hung) send is retried, same report, after the
-/// crate's backoff. With nothing queued it sleeps until a push. Returns when
+/// One call of a pass of the sender: the newest queued report of a manifest, and
+/// the older queued reports of that manifest it supersedes.
+#[derive(Debug)]
+struct Outgoing {
+    seq: u64,
+    report: Report,
+    superseded: Vec<u64>,
+}
+
+/// What to send for `queued` (oldest first): for each manifest only its newest
+/// report, the last queued, which carries its own error and log tail and makes
+/// the older ones of its manifest superfluous (the server keeps only the newest
+/// phase). The sends keep the queue order of the reports they carry, so reports
+/// of different manifests keep their order relative to each other.
+fn plan(queued: Vec<(u64, Report)>) -> Vec<Outgoing> {
+    let mut older: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for (seq, report) in &queued {
+        newest.insert(&report.manifest_id, *seq);
+    }
+    let newest: HashSet<u64> = newest.into_values().collect();
+    let mut sends = Vec::with_capacity(newest.len());
+    for (seq, report) in queued {
+        if newest.contains(&seq) {
+            let superseded = older.remove(&report.manifest_id).unwrap_or_default();
+            sends.push(Outgoing {
+                seq,
+                report,
+                superseded,
+            });
+        } else {
+            older.entry(report.manifest_id).or_default().push(seq);
+        }
+    }
+    sends
+}
+
+/// Sends queued reports, in order, through `send` until each is acknowledged or
+/// superseded: of the reports of one manifest queued when a pass starts only the
+/// newest is sent, and once the server acknowledges it the older ones are removed
+/// with it, unsent (see [`plan`] and [`Outbox::ack_superseding`]). A failed (or,
+/// after [`SEND_TIMEOUT`], hung) send is retried after the crate's backoff, from a
+/// fresh read of the queue: the same report, unless a newer one of its manifest
+/// was queued meanwhile. With nothing queued it sleeps until a push. Returns when
 /// `shutdown` completes; a report whose answer was cut short stays queued and is sent
 /// again (the server ignores a report id it already has).
 pub async fn run_sender<F, Fut, S>(outbox: Outbox, mut send: F, shutdown: S)
@@ -246,52 +310,61 @@ where
                 () = outbox.wait() => continue,
             }
         }
-        for (seq, report) in queued {
-            loop {
-                let attempt = tokio::time::timeout(SEND_TIMEOUT, send(report.clone()));
-                let result = tokio::select! {
-                    biased;
-                    () = &mut shutdown => return,
-                    result = attempt => result,
-                };
-                let failure = match result {
-                    Ok(Ok(())) => match outbox.ack(seq) {
-                        Ok(()) => {
-                            backoff.reset();
-                            break;
-                        }
-                        Err(e) => format!("cannot remove the acknowledged report: {e}"),
-                    },
-                    // Malformed in the server's eyes: sending it again cannot help,
-                    // and keeping it would hold back every later report.
-                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                        tracing::error!(
-                            seq,
-                            manifest = %report.manifest_id,
-                            error = %status.message(),
-                            "the server refuses this report as malformed; dropping it"
-                        );
-                        match outbox.ack(seq) {
-                            Ok(()) => break,
-                            Err(e) => format!("cannot drop the refused report: {e}"),
-                        }
+        for Outgoing {
+            seq,
+            report,
+            superseded,
+        } in plan(queued)
+        {
+            let attempt = tokio::time::timeout(SEND_TIMEOUT, send(report.clone()));
+            let result = tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                result = attempt => result,
+            };
+            let failure = match result {
+                Ok(Ok(())) => match outbox.ack_superseding(seq, &superseded) {
+                    Ok(()) => {
+                        backoff.reset();
+                        continue;
                     }
-                    Ok(Err(status)) => {
-                        format!("server answered {:?}: {}", status.code(), status.message())
+                    Err(e) => format!("cannot remove the acknowledged report: {e}"),
+                },
+                // Malformed in the server's eyes: sending it again cannot help,
+                // and keeping it would hold back every later report. Only it is
+                // dropped: the older reports of its manifest were not
+                // acknowledged, so the next pass sends the newest of them.
+                Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                    tracing::error!(
+                        seq,
+                        manifest = %report.manifest_id,
+                        error = %status.message(),
+                        "the server refuses this report as malformed; dropping it"
+                    );
+                    match outbox.ack(seq) {
+                        Ok(()) => continue,
+                        Err(e) => format!("cannot drop the refused report: {e}"),
                     }
-                    Err(_) => format!("no answer within {SEND_TIMEOUT:?}"),
-                };
-                tracing::warn!(
-                    seq,
-                    manifest = %report.manifest_id,
-                    phase = %report.phase,
-                    reason = %failure,
-                    "report not delivered; retrying"
-                );
-                if pause(&mut backoff, &mut shutdown).await {
-                    return;
                 }
+                Ok(Err(status)) => {
+                    format!("server answered {:?}: {}", status.code(), status.message())
+                }
+                Err(_) => format!("no answer within {SEND_TIMEOUT:?}"),
+            };
+            tracing::warn!(
+                seq,
+                manifest = %report.manifest_id,
+                phase = %report.phase,
+                reason = %failure,
+                "report not delivered; retrying"
+            );
+            if pause(&mut backoff, &mut shutdown).await {
+                return;
             }
+            // Retry from a fresh read of the queue, so the retry carries the newest
+            // report of this manifest, which may have been queued meanwhile (the
+            // reports sent before it in this pass are gone).
+            break;
         }
     }
 }
@@ -318,6 +391,86 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let outbox = Outbox::open(db.open_tree("outbox").unwrap()).unwrap();
         (db, outbox)
+    }
+
+    type Answer = Result<(), tonic::Status>;
+
+    /// A fake server for [`run_sender`]: every report sent to it comes out of the
+    /// returned channel, and `answer` says what the call returns.
+    fn fake_server(
+        mut answer: impl FnMut(&Report) -> Answer + Send + 'static,
+    ) -> (
+        impl FnMut(Report) -> std::future::Ready<Answer> + Send + 'static,
+        tokio::sync::mpsc::UnboundedReceiver<Report>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let send = move |report: Report| {
+            let result = answer(&report);
+            let _ = tx.send(report);
+            std::future::ready(result)
+        };
+        (send, rx)
+    }
+
+    /// A running sender and what stops it.
+    type Running = (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Sender<()>,
+    );
+
+    /// Runs the sender on `outbox` until [`stop`].
+    fn start(
+        outbox: &Outbox,
+        send: impl FnMut(Report) -> std::future::Ready<Answer> + Send + 'static,
+    ) -> Running {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sender = tokio::spawn(run_sender(outbox.clone(), send, async move {
+            let _ = stop_rx.await;
+        }));
+        (sender, stop_tx)
+    }
+
+    async fn stop(running: Running) {
+        let (sender, stop_tx) = running;
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("the sender stops on shutdown")
+            .unwrap();
+    }
+
+    /// The next report sent, within 5 s.
+    async fn next(sent: &mut tokio::sync::mpsc::UnboundedReceiver<Report>) -> Report {
+        tokio::time::timeout(Duration::from_secs(5), sent.recv())
+            .await
+            .expect("a report is sent")
+            .expect("the fake server is still there")
+    }
+
+    /// Waits (5 s at most) until nothing is queued.
+    async fn drained(outbox: &Outbox) {
+        for _ in 0..500 {
+            if outbox.pending().unwrap().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("still queued: {:?}", outbox.pending().unwrap());
+    }
+
+    /// Queues Received, Downloaded and Committed (with an error and a log tail)
+    /// of manifest "a", then Received of "b"; returns them in that order.
+    fn queue_two_manifests(outbox: &Outbox) -> Vec<Report> {
+        let reports = vec![
+            Report::new("a", Phase::Received, "", ""),
+            Report::new("a", Phase::Downloaded, "", ""),
+            Report::new("a", Phase::Committed, "cannot be rolled back: x", "tail"),
+            Report::new("b", Phase::Received, "", ""),
+        ];
+        for r in &reports {
+            outbox.push(r.clone()).unwrap();
+        }
+        reports
     }
 
     #[test]
@@ -363,11 +516,12 @@ mod tests {
     #[tokio::test]
     async fn the_sender_retries_until_acknowledged_then_idles_until_a_push() {
         let (_db, outbox) = temp_outbox();
+        // Two manifests, so that neither report supersedes the other.
         outbox
-            .push(Report::new("m", Phase::Received, "", ""))
+            .push(Report::new("m1", Phase::Received, "", ""))
             .unwrap();
         outbox
-            .push(Report::new("m", Phase::Verified, "", ""))
+            .push(Report::new("m2", Phase::Verified, "", ""))
             .unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -432,5 +586,152 @@ mod tests {
             .expect("the sender stops on shutdown")
             .unwrap();
         assert_eq!(outbox.pending().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_pass_plans_only_the_newest_report_of_each_manifest() {
+        let r = |m: &str, phase| Report::new(m, phase, "", "");
+        let queued = vec![
+            (1, r("a", Phase::Received)),
+            (2, r("b", Phase::Received)),
+            (3, r("a", Phase::Verified)),
+            (4, r("c", Phase::Failed)),
+            (5, r("a", Phase::Downloaded)),
+            (6, r("b", Phase::Rejected)),
+        ];
+        let planned: Vec<(u64, Phase, Vec<u64>)> = plan(queued.clone())
+            .into_iter()
+            .map(|o| (o.seq, o.report.phase, o.superseded))
+            .collect();
+        // In queue order of the reports sent; each takes its older ones along.
+        assert_eq!(
+            planned,
+            [
+                (4, Phase::Failed, vec![]),
+                (5, Phase::Downloaded, vec![1, 3]),
+                (6, Phase::Rejected, vec![2]),
+            ]
+        );
+        assert_eq!(plan(queued[3..4].to_vec())[0].report, queued[3].1);
+        assert!(plan(Vec::new()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_sender_sends_only_the_newest_report_of_each_manifest() {
+        let (_db, outbox) = temp_outbox();
+        let queued = queue_two_manifests(&outbox);
+        let (send, mut sent) = fake_server(|_| Ok(()));
+        let running = start(&outbox, send);
+        // The newest of "a" as queued (same id, error and log tail), then "b".
+        assert_eq!(next(&mut sent).await, queued[2]);
+        assert_eq!(next(&mut sent).await, queued[3]);
+        drained(&outbox).await;
+        // The acknowledged ones and those they superseded are gone for good.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(sent.try_recv().is_err(), "nothing else is sent");
+        stop(running).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_send_of_the_newest_keeps_every_report_queued() {
+        let (_db, outbox) = temp_outbox();
+        let queued = queue_two_manifests(&outbox);
+        let (send, mut sent) = fake_server(|_| Err(tonic::Status::unavailable("down")));
+        let running = start(&outbox, send);
+        // Tried, then retried, and neither time any report it would supersede.
+        assert_eq!(next(&mut sent).await, queued[2]);
+        assert_eq!(next(&mut sent).await, queued[2]);
+        stop(running).await;
+        let pending: Vec<Report> = outbox.pending().unwrap().into_iter().map(|p| p.1).collect();
+        assert_eq!(pending, queued);
+    }
+
+    #[tokio::test]
+    async fn a_report_queued_during_a_send_is_sent_not_superseded() {
+        let (_db, outbox) = temp_outbox();
+        let received = Report::new("a", Phase::Received, "", "");
+        let downloaded = Report::new("a", Phase::Downloaded, "", "");
+        let committed = Report::new("a", Phase::Committed, "", "");
+        outbox.push(received).unwrap();
+        outbox.push(downloaded.clone()).unwrap();
+        let (send, mut sent) = fake_server({
+            let outbox = outbox.clone();
+            let committed = committed.clone();
+            move |r| {
+                // Committed is reached while Downloaded is on its way.
+                if r.phase == Phase::Downloaded {
+                    outbox.push(committed.clone()).unwrap();
+                }
+                Ok(())
+            }
+        });
+        let running = start(&outbox, send);
+        assert_eq!(next(&mut sent).await, downloaded);
+        // The ack of Downloaded took Received along, but not Committed.
+        assert_eq!(next(&mut sent).await, committed);
+        drained(&outbox).await;
+        assert!(sent.try_recv().is_err());
+        stop(running).await;
+    }
+
+    #[tokio::test]
+    async fn a_retry_sends_the_newest_report_queued_meanwhile() {
+        let (_db, outbox) = temp_outbox();
+        let downloaded = Report::new("a", Phase::Downloaded, "", "");
+        let failed = Report::new("a", Phase::Failed, "disk full", "");
+        outbox.push(downloaded.clone()).unwrap();
+        let (send, mut sent) = fake_server({
+            let outbox = outbox.clone();
+            let failed = failed.clone();
+            move |r| {
+                if r.phase == Phase::Downloaded {
+                    outbox.push(failed.clone()).unwrap();
+                    return Err(tonic::Status::unavailable("down"));
+                }
+                Ok(())
+            }
+        });
+        let running = start(&outbox, send);
+        assert_eq!(next(&mut sent).await, downloaded);
+        // Not Downloaded again: Failed supersedes it, and its ack removes both.
+        assert_eq!(next(&mut sent).await, failed);
+        drained(&outbox).await;
+        assert!(sent.try_recv().is_err());
+        stop(running).await;
+    }
+
+    #[tokio::test]
+    async fn superseded_reports_are_not_sent_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = crate::state::Store::open(dir.path()).unwrap();
+            let outbox = Outbox::open(store.tree("outbox").unwrap()).unwrap();
+            (store, outbox)
+        };
+        let queued = {
+            let (_store, outbox) = open();
+            let queued = queue_two_manifests(&outbox);
+            // The server records the newest of "a", but its answer is lost and
+            // the agent stops: as a crash between the ack and the removal.
+            let (send, mut sent) = fake_server(|_| Err(tonic::Status::unavailable("cut off")));
+            let running = start(&outbox, send);
+            assert_eq!(next(&mut sent).await, queued[2]);
+            stop(running).await;
+            queued
+        };
+        {
+            let (_store, outbox) = open();
+            let (send, mut sent) = fake_server(|_| Ok(()));
+            let running = start(&outbox, send);
+            // The same report again (same id: the server ignores it), never the
+            // older ones of "a".
+            assert_eq!(next(&mut sent).await, queued[2]);
+            assert_eq!(next(&mut sent).await, queued[3]);
+            drained(&outbox).await;
+            assert!(sent.try_recv().is_err());
+            stop(running).await;
+        }
+        let (_store, outbox) = open();
+        assert!(outbox.pending().unwrap().is_empty());
     }
 }
