@@ -103,8 +103,7 @@ async fn main() -> anyhow::Result<()> {
             file.node_cert_lifetime = node_cert_lifetime.or(file.node_cert_lifetime);
             file.max_connections_per_sec = max_connections_per_sec.or(file.max_connections_per_sec);
             let cfg = ServerConfig::merge(file);
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
+            let listener = flotilla_server::admission::listen(cfg.listen)
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             let shutdown = CancellationToken::new();
             let stop = shutdown.clone();
