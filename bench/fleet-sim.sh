@@ -16,6 +16,8 @@
 #                        real agent does, instead of using the session's
 #   PROFILE=1            `perf record -g` of the server during the patch
 #   PROFILE_RESTART=1    the same of the new server until every agent is back
+#   PERF_CALLGRAPH=-g    how those record call chains (release builds have no frame
+#                        pointers: "--call-graph dwarf,16384" gives real callers)
 #   RESULTS_DIR=DIR      keep the JSON report, outputs and profiles there
 #   PATCH=0              no patch (idle and restart only)
 #
@@ -131,7 +133,7 @@ if [ "${PATCH:-1}" != 0 ]; then
         track "$PERF_PUSH"
     fi
     if [ "${PROFILE:-0}" = 1 ]; then
-        perf record -F 499 -g -p "$SERVER_PID" -o "$T/perf-patch.data" >/dev/null 2>&1 &
+        perf record -F 499 ${PERF_CALLGRAPH:--g} -p "$SERVER_PID" -o "$T/perf-patch.data" >/dev/null 2>&1 &
         PERF_REC=$!
         track "$PERF_REC"
     fi
@@ -155,7 +157,7 @@ tl="$(now_ms)"
 echo "$SERVER_PID" >"$T/server.pid"
 log "server restarted (pid $SERVER_PID): dead $((tk1 - tk)) ms after SIGKILL, listening $((tl - tk1)) ms after start"
 if [ "${PROFILE_RESTART:-0}" = 1 ]; then
-    perf record -F 499 -g -p "$SERVER_PID" -o "$T/perf-restart.data" >/dev/null 2>&1 &
+    perf record -F 499 ${PERF_CALLGRAPH:--g} -p "$SERVER_PID" -o "$T/perf-restart.data" >/dev/null 2>&1 &
     PERF_RESTART=$!
     track "$PERF_RESTART"
     wait_mark "$T/marks" reconnect 600 >/dev/null || true

@@ -5,15 +5,20 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use prost::bytes::Bytes;
 use sha2::Digest;
 
 use crate::error::{Error, Result};
+
+mod cache;
 
 /// Largest artifact the server accepts.
 pub const MAX_ARTIFACT_BYTES: u64 = flotilla_proto::manifest::MAX_ARTIFACT_BYTES;
 
 pub struct ArtifactStore {
     dir: PathBuf,
+    /// Small complete artifacts, held in memory while they are served.
+    cache: cache::Cache,
 }
 
 /// How much of an artifact the server holds.
@@ -42,7 +47,10 @@ impl ArtifactStore {
     pub fn open(data_dir: &Path) -> Result<Self> {
         let dir = data_dir.join("artifacts");
         std::fs::create_dir_all(dir.join("partial")).map_err(|e| io("create", &dir, e))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            cache: cache::Cache::default(),
+        })
     }
 
     pub fn path(&self, sha256: &str) -> PathBuf {
@@ -51,6 +59,28 @@ impl ArtifactStore {
 
     fn partial(&self, sha256: &str) -> PathBuf {
         self.dir.join("partial").join(sha256)
+    }
+
+    /// A complete artifact small enough to be served from memory (read from
+    /// disk by the first download), or None: stream it from [`Self::path`].
+    /// Errors when no complete artifact has that digest.
+    pub async fn in_memory(&self, sha256: &str) -> Result<Option<Bytes>> {
+        if let Some(b) = self.cache.get(sha256) {
+            return Ok(Some(b));
+        }
+        let len = self
+            .complete_size(sha256)
+            .ok_or_else(|| Error::NotFound(format!("no artifact with sha256 {sha256}")))?;
+        if len > cache::MAX_HELD_ARTIFACT {
+            return Ok(None);
+        }
+        let path = self.path(sha256);
+        let b = self
+            .cache
+            .load(sha256, path.clone(), len)
+            .await
+            .map_err(|e| io("read", &path, e))?;
+        Ok(Some(b))
     }
 
     /// Size of a complete artifact, if present.

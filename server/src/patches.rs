@@ -134,9 +134,11 @@ pub async fn record_report(
     let name = phase_name(phase).to_string();
     let at = rec.at_ms;
     let mut new = false;
+    // One fsync for the report and what it changes in the fleet (installed
+    // versions), taken at the end, after the fleet's lock is let go.
     let stored = app
         .db
-        .update(
+        .update_unsynced(
             &state_key(&rec.manifest_id, node_id),
             |cur: Option<NodePatchRecord>| {
                 new = false;
@@ -183,6 +185,9 @@ pub async fn record_report(
             )
             .await?;
     }
+    // Also when this is a re-send: an earlier try's write may not have reached
+    // the disk (its sync failed, so it was never acknowledged).
+    app.db.sync().await?;
     if new
         && matches!(
             phase,

@@ -202,7 +202,7 @@ impl Pipeline {
         }
         let entry = Entry {
             manifest_id: signed.id.clone(),
-            manifest: signed.manifest,
+            manifest: signed.manifest.into(),
             signatures: signed.signatures,
             component: String::new(),
             version: String::new(),

@@ -80,6 +80,9 @@ struct State {
     published: HashMap<String, pb::GroupStatus>,
     /// Published patches with their parsed manifests, by id.
     patches: BTreeMap<String, (PatchRecord, Manifest)>,
+    /// Each published patch as desired states carry it: the manifest's bytes
+    /// are shared by every node's state, not copied into each.
+    signed: HashMap<String, pb::SignedManifest>,
     /// Each patch's rollout, by patch id.
     rollouts: BTreeMap<String, RolloutRecord>,
     /// Patch id -> node id -> the last phase the node reported.
@@ -91,6 +94,16 @@ struct State {
 }
 
 impl State {
+    fn add_published(&mut self, record: PatchRecord, manifest: Manifest) {
+        let signed = pb::SignedManifest {
+            id: record.id.clone(),
+            manifest: record.manifest.clone().into_bytes().into(),
+            signatures: record.signatures.clone(),
+        };
+        self.signed.insert(record.id.clone(), signed);
+        self.patches.insert(record.id.clone(), (record, manifest));
+    }
+
     /// The fleet's patch revision: the highest publish sequence. Part of every
     /// node's desired-state revision.
     fn patch_revision(&self) -> u64 {
@@ -135,9 +148,7 @@ impl Fleet {
         }
         for p in db.list::<PatchRecord>(keys::PATCHES).await? {
             match Manifest::parse(p.manifest.as_bytes()) {
-                Ok(m) => {
-                    state.patches.insert(p.id.clone(), (p, m));
-                }
+                Ok(m) => state.add_published(p, m),
                 Err(e) => {
                     tracing::error!(patch = %p.id, error = %e, "stored patch does not parse; skipped")
                 }
@@ -209,11 +220,7 @@ impl Fleet {
                 budget = budget.saturating_sub(size);
                 budget > 0
             })
-            .map(|r| pb::SignedManifest {
-                id: r.id.clone(),
-                manifest: r.manifest.clone().into_bytes(),
-                signatures: r.signatures.clone(),
-            })
+            .filter_map(|r| st.signed.get(&r.id).cloned())
             .collect();
         manifests.reverse();
         pb::DesiredState {

@@ -75,8 +75,7 @@ impl Fleet {
                 record.id
             )));
         }
-        st.patches
-            .insert(record.id.clone(), (record.clone(), parsed.clone()));
+        st.add_published(record.clone(), parsed.clone());
         let now = time::OffsetDateTime::now_utc();
         let targeted = st.nodes.values().filter(|n| wants(n, &parsed, now)).count();
         tracing::info!(patch = %record.id, targeted, emergency = rollout.emergency, "patch published");

@@ -366,8 +366,10 @@ impl Fleet {
         Ok(next)
     }
 
-    /// Records a node's phase of a patch (already stored by the caller), keeps
-    /// its installed versions, and wakes the controller.
+    /// Records a node's phase of a patch (already written by the caller), keeps
+    /// its installed versions, and wakes the controller when a step may be
+    /// due. Writes without waiting for the disk: the caller syncs before it
+    /// acknowledges the report.
     pub async fn note_phase(
         &self,
         node_id: &str,
@@ -398,8 +400,7 @@ impl Fleet {
                 before,
                 Some(pb::PatchPhase::Committed | pb::PatchPhase::Reverting)
             );
-        let installed_changes = phase == pb::PatchPhase::Committed || undone;
-        if installed_changes {
+        if phase == pb::PatchPhase::Committed || undone {
             self.refresh_installed(&mut st, node_id, patch_id).await?;
         }
         // A node that committed after its rollout was aborted with rollback
@@ -422,19 +423,12 @@ impl Fleet {
         if wake {
             self.rollout_wake.notify_one();
         }
-        // The report is acknowledged once this returns: the node record must be
-        // on disk by then (also when an earlier try of this report wrote it and
-        // its sync failed), but no other report should wait for its fsync.
-        if installed_changes {
-            self.db.sync().await?;
-        }
         Ok(())
     }
 
     /// Sets a node's version of the component `patch_id` changes: the newest
     /// patch of that component it has committed (and not undone), or none.
-    /// Writes the node record without waiting for the disk: the caller syncs
-    /// after letting go of the fleet.
+    /// Writes the node record without waiting for the disk (see `note_phase`).
     async fn refresh_installed(&self, st: &mut State, node_id: &str, patch_id: &str) -> Result<()> {
         let Some((_, m)) = st.patches.get(patch_id) else {
             return Ok(());

@@ -60,6 +60,33 @@ impl AgentApi {
     }
 }
 
+/// Where an artifact download's bytes come from.
+enum Body {
+    /// Held in memory: chunks are slices of it.
+    Memory(prost::bytes::Bytes),
+    /// Too large to hold: read from disk (already at the request's offset).
+    File(tokio::fs::File),
+}
+
+impl Body {
+    /// Up to `max` bytes at `offset`; empty at the end.
+    async fn read(&mut self, offset: u64, max: usize) -> std::io::Result<prost::bytes::Bytes> {
+        match self {
+            Body::Memory(b) => {
+                let start = (offset as usize).min(b.len());
+                Ok(b.slice(start..(start + max).min(b.len())))
+            }
+            Body::File(f) => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; max];
+                let n = f.read(&mut buf).await?;
+                buf.truncate(n);
+                Ok(buf.into())
+            }
+        }
+    }
+}
+
 /// What the outbound half of a session carries between messages.
 struct Outbound {
     app: Arc<App>,
@@ -320,25 +347,36 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 "sha256 must be 64 lower-case hex characters",
             ));
         }
-        let path = self.app.artifacts.path(&r.sha256);
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|_| Status::not_found(format!("no artifact with sha256 {}", r.sha256)))?;
-        let len = file
-            .metadata()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .len();
+        let (mut body, len) = match self.app.artifacts.in_memory(&r.sha256).await? {
+            Some(bytes) => {
+                let len = bytes.len() as u64;
+                (Body::Memory(bytes), len)
+            }
+            None => {
+                let path = self.app.artifacts.path(&r.sha256);
+                let file = tokio::fs::File::open(&path).await.map_err(|_| {
+                    Status::not_found(format!("no artifact with sha256 {}", r.sha256))
+                })?;
+                let len = file
+                    .metadata()
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .len();
+                (Body::File(file), len)
+            }
+        };
         if r.offset > len {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the artifact's end ({len} bytes)",
                 r.offset
             )));
         }
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        file.seek(std::io::SeekFrom::Start(r.offset))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Body::File(file) = &mut body {
+            use tokio::io::AsyncSeekExt;
+            file.seek(std::io::SeekFrom::Start(r.offset))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
         tracing::debug!(sha256 = %r.sha256, offset = r.offset, "artifact fetch");
 
         #[cfg(feature = "fault-injection")]
@@ -407,10 +445,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             let mut offset = r.offset;
-            let mut buf = vec![0u8; limits::ARTIFACT_CHUNK_BYTES];
             loop {
                 #[cfg(feature = "fault-injection")]
-                let want = match faults.next_len(buf.len()) {
+                let want = match faults.next_len(limits::ARTIFACT_CHUNK_BYTES) {
                     Ok(n) => n,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
@@ -418,16 +455,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     }
                 };
                 #[cfg(not(feature = "fault-injection"))]
-                let want = buf.len();
-                match file.read(&mut buf[..want]).await {
-                    Ok(0) => break,
-                    Ok(n) => {
+                let want = limits::ARTIFACT_CHUNK_BYTES;
+                match body.read(offset, want).await {
+                    Ok(data) if data.is_empty() => break,
+                    Ok(data) => {
+                        let n = data.len();
                         #[cfg(feature = "fault-injection")]
                         faults.sent(n).await;
-                        let chunk = pb::ArtifactChunk {
-                            offset,
-                            data: buf[..n].to_vec(),
-                        };
+                        let chunk = pb::ArtifactChunk { offset, data };
                         offset += n as u64;
                         if tx.send(Ok(chunk)).await.is_err() {
                             break;

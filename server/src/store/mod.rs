@@ -43,6 +43,14 @@ pub trait Store: Send + Sync + 'static {
     async fn put_unsynced(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
     /// Returns once every write made before the call is durable.
     async fn sync(&self) -> Result<(), StoreError>;
+    /// [`Store::compare_and_swap`] without waiting for the disk (see
+    /// [`Store::put_unsynced`]).
+    async fn compare_and_swap_unsynced(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError>;
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Sets `key` to `new` (None deletes) only if it currently holds `expected`
     /// (None = absent). Returns false, changing nothing, if it did not.
@@ -153,10 +161,33 @@ impl Db {
     /// Read-modify-write with compare-and-swap, retried on conflict. `f` sees the
     /// current record and decides; its error aborts without writing. Returns the
     /// record as stored afterwards.
-    pub async fn update<T, E, F>(
+    pub async fn update<T, E, F>(&self, key: &str, f: F) -> Result<Result<Option<T>, E>, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> Result<Update<T>, E>,
+    {
+        self.update_with(key, f, true).await
+    }
+
+    /// [`Db::update`] without waiting for the disk: whoever acknowledges the
+    /// change calls [`Db::sync`] first (see [`Store::put_unsynced`]).
+    pub async fn update_unsynced<T, E, F>(
+        &self,
+        key: &str,
+        f: F,
+    ) -> Result<Result<Option<T>, E>, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> Result<Update<T>, E>,
+    {
+        self.update_with(key, f, false).await
+    }
+
+    async fn update_with<T, E, F>(
         &self,
         key: &str,
         mut f: F,
+        durable: bool,
     ) -> Result<Result<Option<T>, E>, StoreError>
     where
         T: Serialize + DeserializeOwned,
@@ -179,11 +210,16 @@ impl Db {
                 }
                 Ok(Update::Put(value)) => {
                     let bytes = Self::encode(&value);
-                    if self
-                        .store
-                        .compare_and_swap(key, current.as_deref(), Some(bytes))
-                        .await?
-                    {
+                    let swapped = if durable {
+                        self.store
+                            .compare_and_swap(key, current.as_deref(), Some(bytes))
+                            .await?
+                    } else {
+                        self.store
+                            .compare_and_swap_unsynced(key, current.as_deref(), Some(bytes))
+                            .await?
+                    };
+                    if swapped {
                         return Ok(Ok(Some(value)));
                     }
                 }

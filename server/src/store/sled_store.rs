@@ -209,15 +209,24 @@ impl Store for SledStore {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        let swapped = self
-            .db()
-            .compare_and_swap(key, expected, new)
-            .map_err(backend)?
-            .is_ok();
+        let swapped = self.compare_and_swap_unsynced(key, expected, new).await?;
         if swapped {
             self.flush().await?;
         }
         Ok(swapped)
+    }
+
+    async fn compare_and_swap_unsynced(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .db()
+            .compare_and_swap(key, expected, new)
+            .map_err(backend)?
+            .is_ok())
     }
 
     fn watch_prefix(&self, prefix: &str) -> tokio::sync::mpsc::Receiver<WatchEvent> {

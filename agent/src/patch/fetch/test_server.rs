@@ -139,7 +139,10 @@ impl AgentService for Service {
                 let stop = end.min(at + chunk as u64);
                 let data = body[at as usize..stop as usize].to_vec();
                 if tx
-                    .send(Ok(pb::ArtifactChunk { offset: at, data }))
+                    .send(Ok(pb::ArtifactChunk {
+                        offset: at,
+                        data: data.into(),
+                    }))
                     .await
                     .is_err()
                 {

@@ -180,7 +180,7 @@ impl Publisher {
         pb::SignedManifest {
             id: id.into(),
             signatures: vec![sign(&self.kp, manifest.as_bytes())],
-            manifest: manifest.into_bytes(),
+            manifest: manifest.into_bytes().into(),
         }
     }
 }
@@ -531,7 +531,7 @@ async fn only_committed_patches_are_undone() {
     let mid = files_patch(&publisher, &p, "mid", "1.0.0", V1);
     let mut entry = Entry {
         manifest_id: "mid".into(),
-        manifest: mid.manifest.clone(),
+        manifest: mid.manifest.to_vec(),
         signatures: mid.signatures.clone(),
         component: COMPONENT.into(),
         version: "1.0.0".into(),
