@@ -250,7 +250,11 @@ fn fetch_text(what: &str, r: &artifact::FetchReport) -> String {
     )
 }
 
-#[tokio::main]
+// The agent library writes its state with blocking, flushed sled calls (right
+// for one agent on its host). Thousands of agents on the default one worker per
+// core would stall every session while a flush waits on the disk; with more
+// workers the flushes of many agents overlap and share sled's fsyncs.
+#[tokio::main(worker_threads = 8)]
 async fn main() -> anyhow::Result<()> {
     flotilla_proto::install_crypto_provider();
     // The agents' own warnings (every reconnect logs one) would swamp the log.
