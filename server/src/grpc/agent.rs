@@ -478,3 +478,46 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Body;
+
+    /// Reads `body` to its end from `offset` in chunks of `max`.
+    async fn read_all(mut body: Body, mut offset: u64, max: usize) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        loop {
+            let data = body.read(offset, max).await.unwrap();
+            if data.is_empty() {
+                return chunks;
+            }
+            offset += data.len() as u64;
+            chunks.push(data.to_vec());
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_and_file_bodies_give_the_same_chunks_from_an_offset() {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("artifact");
+        std::fs::write(&path, &bytes).unwrap();
+        let held = read_all(Body::Memory(bytes.clone().into()), 100, 256).await;
+        let mut file = tokio::fs::File::open(&path).await.unwrap();
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(100)).await.unwrap();
+        let from_disk = read_all(Body::File(file), 100, 256).await;
+        assert_eq!(held, from_disk);
+        assert_eq!(
+            held.iter().map(Vec::len).collect::<Vec<_>>(),
+            [256, 256, 256, 132]
+        );
+        assert_eq!(held.concat(), bytes[100..]);
+        // At the end (a resume of a complete download): nothing, not an error.
+        assert!(
+            read_all(Body::Memory(bytes.into()), 1000, 256)
+                .await
+                .is_empty()
+        );
+    }
+}

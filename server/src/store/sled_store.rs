@@ -106,6 +106,11 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            // Every write is flushed by the flusher thread before it returns;
+            // sled's own periodic flush only runs its segment cleaning (and an
+            // fsync) each tick. Every 5 s instead of every 500 ms: an idle server
+            // makes 0.2 fsyncs a second, not 2, and still reclaims space.
+            .flush_every_ms(Some(5_000))
             .open()
             .map_err(backend)?;
         let commit = Arc::new(GroupCommit::default());
