@@ -156,6 +156,11 @@ start_server "$T/server" "$T/server.log" "$ADDR" "$HEARTBEAT"
 tl="$(now_ms)"
 echo "$SERVER_PID" >"$T/server.pid"
 log "server restarted (pid $SERVER_PID): dead $((tk1 - tk)) ms after SIGKILL, listening $((tl - tk1)) ms after start"
+# Every connection the new server accepts, timed: its own accept rate, against
+# its admission limit (the simulator sees sessions open, in bursts when busy).
+perf record -e syscalls:sys_exit_accept4 -p "$SERVER_PID" -o "$T/perf-accept.data" >/dev/null 2>&1 &
+PERF_ACCEPT=$!
+track "$PERF_ACCEPT"
 if [ "${PROFILE_RESTART:-0}" = 1 ]; then
     perf record -F 499 ${PERF_CALLGRAPH:--g} -p "$SERVER_PID" -o "$T/perf-restart.data" >/dev/null 2>&1 &
     PERF_RESTART=$!
@@ -170,6 +175,8 @@ for _ in $(seq 1 $((420 * 10))); do
 done
 kill -0 "$SIM_PID" 2>/dev/null && die "the simulator did not finish"
 wait "$SIM_PID" || { tail -20 "$T/sim.log" >&2; die "the simulator failed"; }
+kill -INT "$PERF_ACCEPT" 2>/dev/null || true
+sleep 1
 
 # ---- results ----
 R="$T/report.json"
@@ -209,6 +216,10 @@ if [ -f "$T/perf-push.data" ]; then
         "$(grep -o 'syscalls:sys_enter_[a-z]*' "$T/perf-push.txt" | sort | uniq -c | awk '{ printf "%s %s; ", $2, $1 }')"
     printf '%-46s %s\n' "server pushed the patch (first ≥1 KiB write)" \
         "$(push_times "$T/perf-push.txt" "$MONO_OFF_NS" "$(jq -r .patch.published_at_ms "$R")")"
+fi
+if [ -f "$T/perf-accept.data" ]; then
+    printf '%-46s %s\n' "new server's accepts (accept4 returning a socket)" \
+        "$(perf script -i "$T/perf-accept.data" 2>/dev/null | accept_rate)"
 fi
 if [ -n "${SMEM_PATCHED:-}" ]; then
     read -r p_rss _ p_pss p_thr <<<"$SMEM_PATCHED"

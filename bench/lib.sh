@@ -281,3 +281,27 @@ push_times() {
                 n, q(0.5), q(0.95), q(0.99), a[n], q(0.99) - a[1], a[n] - a[1]
         }'
 }
+
+# accept_rate: from `perf script` of the server's accept4(2) returns on stdin, the
+# connections it accepted (a descriptor returned, not EAGAIN): how many, over how
+# long, and the most in any 1 s window.
+accept_rate() {
+    awk '
+        function hex(s,   i, v) { v = 0
+            for (i = 1; i <= length(s); i++) v = v * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
+            return v }
+        /syscalls:sys_exit_accept4:/ {
+            if (!match($0, /[0-9]+\.[0-9]+: +syscalls/)) next
+            t = substr($0, RSTART, RLENGTH); sub(/: +syscalls/, "", t)
+            if (!match($0, /: 0x[0-9a-f]+$/)) next
+            if (hex(substr($0, RSTART + 4)) < 1048576) printf "%.6f\n", t
+        }' | sort -n | awk '
+        { a[++n] = $1 }
+        END {
+            if (n == 0) { print "none seen"; exit }
+            peak = 0; j = 1
+            for (i = 1; i <= n; i++) { while (a[i] - a[j] >= 1) j++; if (i - j + 1 > peak) peak = i - j + 1 }
+            span = a[n] - a[1]
+            printf "%d in %.2f s (%.0f/s on average); peak %d in any 1 s\n", n, span, (span > 0 ? n / span : n), peak
+        }'
+}
