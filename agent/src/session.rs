@@ -7,28 +7,25 @@
 //! network.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_proto::limits;
 use flotilla_proto::pb::agent_service_client::AgentServiceClient;
 use flotilla_proto::pb::{self, agent_message, server_message};
-use flotilla_proto::tls::{self, TlsError};
+use flotilla_proto::tls;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::{self, Backoff};
-use crate::cert::{self, CertError, CertInfo};
+use crate::cert::{self, CertInfo};
 use crate::embed::{Observer, SessionEvent, SharedChannel};
 use crate::facts;
-use crate::hook::{self, RoleChange, RoleHook};
-use crate::install::{Executor, LocalPolicy};
+use crate::hook::{RoleChange, RoleHook};
 use crate::patch::Patches;
-use crate::patch::fetch::FetchLimits;
 use crate::patch::pipeline::{Offer, PipelineConfig};
 use crate::refusal::{self, Refusal};
-use crate::state::{Desired, Identity, Ordering, Role, StateError, Store};
+use crate::state::{Desired, Identity, Ordering, Role, Store};
 use crate::status::Status;
 use renewal::{
     AdoptError, RENEW_RETRY_BASE, RENEW_RETRY_CAP, RenewCall, RenewFailure, request_renewal,
@@ -57,91 +54,6 @@ fn ping_timing(heartbeat: Duration) -> (Duration, Duration) {
 }
 /// Messages waiting to go to the server; heartbeats beyond it are skipped.
 const OUTBOUND_QUEUE: usize = 8;
-
-/// What `run` needs.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Where the state is.
-    pub state_dir: PathBuf,
-    /// Server URLs to use instead of the ones stored at join (none: the stored ones).
-    pub servers: Vec<String>,
-    /// Program to run on role changes.
-    pub role_hook: Option<PathBuf>,
-    /// How long the role hook may run.
-    pub hook_timeout: Duration,
-    /// Cap on the reconnect backoff.
-    pub max_backoff: Duration,
-    /// Where the host's filesystem starts for patches ("/" unless several agents
-    /// share one machine).
-    pub root: PathBuf,
-    /// What this host lets patches do.
-    pub policy: LocalPolicy,
-    /// Download deadline and minimum rate.
-    pub fetch: FetchLimits,
-    /// What applies patches ([`Executor::Host`]; the simulator's agents change nothing).
-    pub executor: Executor,
-    /// Told of every session event (the fleet simulator; none for a real agent).
-    pub observer: Option<Observer>,
-    /// Lets reports and downloads use the session's connection while it is
-    /// open (`flotilla-agent run` and the simulator set it; without it they
-    /// open their own connections).
-    pub shared_channel: Option<SharedChannel>,
-}
-
-/// Install paths allowed when the host's operator names none.
-pub const DEFAULT_ALLOWED_PATHS: &[&str] = &["/opt", "/usr/local"];
-/// Artifact size cap when the host's operator sets none.
-pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 1024 * 1024 * 1024;
-
-impl Default for LocalPolicy {
-    fn default() -> Self {
-        Self {
-            allowed_paths: DEFAULT_ALLOWED_PATHS.iter().map(PathBuf::from).collect(),
-            allow_scripts: false,
-            max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
-        }
-    }
-}
-
-impl RunOptions {
-    /// Defaults for everything but the state directory.
-    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            state_dir: state_dir.into(),
-            servers: Vec::new(),
-            role_hook: None,
-            hook_timeout: hook::DEFAULT_TIMEOUT,
-            max_backoff: backoff::DEFAULT_CAP,
-            root: PathBuf::from("/"),
-            policy: LocalPolicy::default(),
-            fetch: FetchLimits::default(),
-            executor: Executor::Host,
-            observer: None,
-            shared_channel: None,
-        }
-    }
-}
-
-/// Why the agent stopped other than by being asked to.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("not joined: run `flotilla-agent join` first (no identity in {state_dir})")]
-    NotJoined { state_dir: PathBuf },
-    #[error("no server to connect to: pass --server https://HOST:PORT")]
-    NoServers,
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("invalid server URL or TLS material: {0}")]
-    Tls(#[from] TlsError),
-    #[error("the node's stored certificate is unusable: {0} (join again with a new token)")]
-    Cert(#[from] CertError),
-    #[error(
-        "the server refused this node: {0}. The node was probably revoked or removed, or \
-         its certificate expired while the agent was stopped; remove the state directory \
-         and join again with a new token"
-    )]
-    Rejected(String),
-}
 
 /// How one session attempt ended.
 #[derive(Debug)]
@@ -633,7 +545,10 @@ fn observe(observer: &Observer, was_open: bool, outcome: &Outcome) {
     });
 }
 
+mod options;
 mod renewal;
+
+pub use options::{DEFAULT_ALLOWED_PATHS, DEFAULT_MAX_ARTIFACT_BYTES, RunError, RunOptions};
 
 #[cfg(test)]
 mod tests;
