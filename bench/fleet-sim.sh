@@ -20,6 +20,9 @@
 #                        pointers: "--call-graph dwarf,16384" gives real callers)
 #   RESULTS_DIR=DIR      keep the JSON report, outputs and profiles there
 #   PATCH=0              no patch (idle and restart only)
+#   SOURCES=K            loopback source addresses the sessions leave from
+#                        (default: one per 25,000 agents; one address has ~28k
+#                        ephemeral ports towards the server's one address and port)
 #
 # What it does:
 # - a server (release build) on a free port of 127.0.0.1 with a fresh data dir;
@@ -97,6 +100,8 @@ if [ "${PATCH:-1}" != 0 ]; then
         --publish-cmd "'$BIN/flotilla' patch publish '$W/bundle/manifest.json' --emergency")
 fi
 [ "${SEPARATE_CHANNELS:-0}" = 1 ] && SIM_ARGS+=(--separate-channels)
+SOURCES="${SOURCES:-$(((N + 24999) / 25000))}"
+[ "$SOURCES" -gt 1 ] && SIM_ARGS+=(--source-addresses "$SOURCES")
 "$BIN/flotilla-sim" "${SIM_ARGS[@]}" >"$T/sim.txt" 2>"$T/sim.log" &
 SIM_PID=$!
 track "$SIM_PID"
@@ -115,6 +120,9 @@ if [ "$IDLE_S" -gt 0 ]; then
     track "$!"
     perf record -e "$SYNC_EVENTS" -g -p "$SERVER_PID" -o "$T/perf-idle.data" -- sleep "$IDLE_S" >/dev/null 2>&1 &
     track "$!"
+    # Where the sessions come from (one line per source address).
+    SOURCE_SPREAD="$(ss -Htn state established "( sport = :${ADDR##*:} )" 2>/dev/null \
+        | awk '{ split($4, a, ":"); n[a[1]]++ } END { for (k in n) printf "%s %d; ", k, n[k] }')"
     log "idle window ${IDLE_S}s (server fds: $SERVER_FDS)"
 fi
 
@@ -194,6 +202,7 @@ if [ -n "${SMEM_CONNECTED:-}" ]; then
         "$(fmt_kib "$c_pss")" "$c_thr" "$SERVER_FDS"
     printf '%-46s %s KiB (goal ≤ 40 KiB)\n' "  per agent, from fresh (nodes + sessions)" \
         "$(awk -v a="$c_rss" -v b="$f_rss" -v n="$N" 'BEGIN { printf "%.1f", (a - b) / n }')"
+    printf '%-46s %s\n' "  sessions by source address" "${SOURCE_SPREAD:-n/a}"
 fi
 if [ -f "$T/perf-idle.txt" ]; then
     read -r fs fds sfr pw <<<"$(syscall_counts "$T/perf-idle.txt")"

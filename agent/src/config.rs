@@ -49,6 +49,8 @@ pub struct FileConfig {
     pub labels: Option<BTreeMap<String, String>>,
     /// Where the host's filesystem starts for patches (default "/").
     pub root: Option<PathBuf>,
+    /// Local address to connect to the server from (default: the system's choice).
+    pub source_address: Option<std::net::IpAddr>,
     /// Directories `files` patches may write under (default /opt, /usr/local).
     pub allowed_paths: Option<Vec<PathBuf>>,
     /// Whether patch scripts (install or rollback) may run (default false).
@@ -156,6 +158,7 @@ mod tests {
             servers = ["https://a:7443", "https://b:7443"]
             role_hook = "/usr/local/bin/on-role"
             max_backoff = "1m 30s"
+            source_address = "10.0.0.7"
             [labels]
             zone = "eu-1"
             "#,
@@ -164,6 +167,7 @@ mod tests {
         assert_eq!(c.state_dir.as_deref(), Some(Path::new("/srv/agent")));
         assert_eq!(c.servers.as_ref().map(Vec::len), Some(2));
         assert_eq!(c.max_backoff, Some(Duration::from_secs(90)));
+        assert_eq!(c.source_address, Some([10, 0, 0, 7].into()));
         assert_eq!(
             c.labels
                 .as_ref()

@@ -92,6 +92,7 @@ struct Agent {
     offers: tokio::sync::watch::Sender<Offer>,
     observer: Option<Observer>,
     shared: Option<SharedChannel>,
+    source_address: Option<std::net::IpAddr>,
 }
 
 /// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
@@ -160,6 +161,7 @@ where
             servers: servers.clone(),
             executor: opts.executor,
             shared: opts.shared_channel.clone(),
+            source_address: opts.source_address,
         },
     )?;
     let mut agent = Agent {
@@ -173,6 +175,7 @@ where
         offers: patches.offers.clone(),
         observer: opts.observer.clone(),
         shared: opts.shared_channel.clone(),
+        source_address: opts.source_address,
     };
     tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
     agent.publish_status();
@@ -290,7 +293,8 @@ impl Agent {
             Ok(e) => {
                 let heartbeat = Duration::from_millis(u64::from(self.held.heartbeat_interval_ms));
                 let (every, within) = ping_timing(heartbeat);
-                e.tcp_keepalive(Some(TCP_KEEPALIVE))
+                e.local_address(self.source_address)
+                    .tcp_keepalive(Some(TCP_KEEPALIVE))
                     .http2_keep_alive_interval(every)
                     .keep_alive_timeout(within)
                     .keep_alive_while_idle(true)

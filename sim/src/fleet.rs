@@ -48,6 +48,8 @@ pub struct FleetConfig {
     /// Reports and downloads over the session's connection.
     pub shared_channel: bool,
     pub max_backoff: Duration,
+    /// Loopback source addresses the sessions are spread over (1: the system's choice).
+    pub source_addresses: u8,
 }
 
 /// How a session event went, as recorded.
@@ -217,6 +219,13 @@ fn agent_dir(state_dir: &Path, i: usize) -> PathBuf {
     state_dir.join("agents").join(format!("a{i}"))
 }
 
+/// Agent `i`'s source address when the fleet is spread over `count` loopback
+/// addresses (127.0.0.1 up), or None (the system's choice) for one.
+fn source_address(i: usize, count: u8) -> Option<std::net::IpAddr> {
+    (count > 1)
+        .then(|| std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(count)) as u8).into())
+}
+
 /// The shared database: flushed only when an agent flushes (as a real agent's),
 /// with a cache sized for many agents' records.
 pub fn open_db(state_dir: &Path) -> anyhow::Result<sled::Db> {
@@ -366,6 +375,7 @@ impl Fleet {
                 executor: Executor::NoOp,
                 observer: Some(observer),
                 shared_channel: self.cfg.shared_channel.then(SharedChannel::new),
+                source_address: source_address(i, self.cfg.source_addresses),
                 ..RunOptions::new(agent_dir(&self.cfg.state_dir, i))
             };
             let mut stop = self.stop.subscribe();
@@ -528,6 +538,16 @@ mod tests {
         assert_eq!(reasons["failed: (other reasons)"], 10);
     }
 
+    #[test]
+    fn agents_go_round_the_source_addresses() {
+        assert_eq!(source_address(5, 1), None);
+        let at = |i| source_address(i, 3).unwrap().to_string();
+        assert_eq!(
+            [at(0), at(1), at(2), at(3)],
+            ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.1"]
+        );
+    }
+
     #[tokio::test]
     async fn agents_without_identity_need_a_token() {
         let dir = tempfile::tempdir().unwrap();
@@ -542,6 +562,7 @@ mod tests {
             join_timeout: Duration::from_secs(5),
             shared_channel: true,
             max_backoff: Duration::from_secs(1),
+            source_addresses: 1,
         })
         .unwrap();
         assert_eq!(fleet.runnable(), 3);

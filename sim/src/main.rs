@@ -99,6 +99,11 @@ struct FleetArgs {
     join_concurrency: usize,
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     join_timeout: Duration,
+    /// Spread the sessions over this many loopback source addresses (127.0.0.1,
+    /// .2, …; agent i uses the (i mod K)-th): each has its own ~28k ephemeral
+    /// ports towards the server, which one address runs out of past ~28k agents.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=250))]
+    source_addresses: u8,
 }
 
 /// The server process to read from /proc.
@@ -212,6 +217,7 @@ fn fleet_config(a: &FleetArgs, shared: bool, max_backoff: Duration) -> anyhow::R
         trust_threshold: a.trust_threshold,
         join_concurrency: a.join_concurrency,
         join_timeout: a.join_timeout,
+        source_addresses: a.source_addresses,
         shared_channel: shared,
         max_backoff,
     })

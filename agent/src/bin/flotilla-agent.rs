@@ -104,6 +104,10 @@ struct RunArgs {
     /// Where the host's filesystem starts for patches [default: /].
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// Local address to connect to the server from (a host with several)
+    /// [default: the system's choice].
+    #[arg(long, env = "FLOTILLA_AGENT_SOURCE_ADDRESS", value_name = "IP")]
+    source_address: Option<std::net::IpAddr>,
     /// Directory `files` patches may write under; repeatable [default: /opt, /usr/local].
     #[arg(long = "allow-path", value_name = "DIR")]
     allowed_paths: Vec<PathBuf>,
@@ -270,6 +274,7 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         // open: no second and third TLS connection per host (measured: 1.5x the
         // server's CPU per patch and ~48 KiB of server memory per host).
         shared_channel: Some(flotilla_agent::embed::SharedChannel::new()),
+        source_address: args.source_address.or(file.source_address),
         ..defaults
     };
     let rt = runtime()?;

@@ -29,7 +29,8 @@ impl Patches {
         let outbox = outbox::Outbox::open(store.tree("outbox")?)
             .map_err(|e| StateError::Patches(e.to_string()))?;
         let reporter =
-            report::Reporter::new(store.clone(), cfg.servers.clone()).sharing(cfg.shared.clone());
+            report::Reporter::new(store.clone(), cfg.servers.clone(), cfg.source_address)
+                .sharing(cfg.shared.clone());
         let sender = tokio::spawn(outbox::run_sender(
             outbox.clone(),
             move |r| {

@@ -57,6 +57,8 @@ pub struct PipelineConfig {
     /// The session's connection, to download over (the fleet simulator); when
     /// empty or unset, each download opens its own.
     pub shared: Option<SharedChannel>,
+    /// The local address downloads connect from (None: the system's choice).
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 pub struct Pipeline {
@@ -342,7 +344,8 @@ impl Pipeline {
                 &identity.ca_pem,
                 Some((&identity.cert_pem, &identity.key_pem)),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .local_address(self.cfg.source_address);
             let client = pb::agent_service_client::AgentServiceClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
             servers.push((url.clone(), client));

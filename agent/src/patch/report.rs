@@ -20,15 +20,22 @@ pub struct Reporter {
     current: Arc<Mutex<(usize, Option<AgentServiceClient<Channel>>)>>,
     /// The session's connection, used while it is open (the fleet simulator).
     shared: Option<SharedChannel>,
+    /// The local address report connections leave from (None: the system's choice).
+    source_address: Option<std::net::IpAddr>,
 }
 
 impl Reporter {
-    pub fn new(store: Store, servers: Vec<String>) -> Self {
+    pub fn new(
+        store: Store,
+        servers: Vec<String>,
+        source_address: Option<std::net::IpAddr>,
+    ) -> Self {
         Self {
             store,
             servers,
             current: Arc::new(Mutex::new((0, None))),
             shared: None,
+            source_address,
         }
     }
 
@@ -50,7 +57,8 @@ impl Reporter {
             &identity.ca_pem,
             Some((&identity.cert_pem, &identity.key_pem)),
         )
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| unavailable(e.to_string()))?
+        .local_address(self.source_address);
         Ok(AgentServiceClient::new(endpoint.connect_lazy()))
     }
 

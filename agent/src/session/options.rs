@@ -1,6 +1,7 @@
 //! What running an agent takes (`RunOptions`, with the host's defaults) and why
 //! it may stop (`RunError`).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,6 +43,11 @@ pub struct RunOptions {
     /// open (`flotilla-agent run` and the simulator set it; without it they
     /// open their own connections).
     pub shared_channel: Option<SharedChannel>,
+    /// The local address connections to the server leave from (None: the
+    /// system's choice). A host with several addresses picks one; the fleet
+    /// simulator spreads its agents over loopback addresses, each with its own
+    /// ephemeral ports towards the server.
+    pub source_address: Option<IpAddr>,
 }
 
 /// Install paths allowed when the host's operator names none.
@@ -74,6 +80,7 @@ impl RunOptions {
             executor: Executor::Host,
             observer: None,
             shared_channel: None,
+            source_address: None,
         }
     }
 }

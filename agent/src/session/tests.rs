@@ -52,6 +52,7 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         offers: tokio::sync::watch::channel(Default::default()).0,
         observer: None,
         shared: None,
+        source_address: None,
     };
     (agent, rx)
 }

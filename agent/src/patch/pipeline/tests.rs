@@ -51,6 +51,7 @@ fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipelin
             servers: Vec::new(),
             executor: Executor::Host,
             shared: None,
+            source_address: None,
         },
     )
 }
