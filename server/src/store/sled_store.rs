@@ -262,6 +262,26 @@ mod tests {
     use super::*;
     use crate::store::{Db, Update};
 
+    /// Opens the database again after the last store on it was dropped. sled's
+    /// own I/O threads can hold it a moment longer (a log write finishing), so
+    /// this waits for its lock, with a deadline; another open store would still
+    /// fail it.
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot reopen {}: {e}", dir.display()),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn writes_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -271,7 +291,7 @@ mod tests {
             s.put("a/2", b"two".to_vec()).await.unwrap();
             s.put("b/1", b"other".to_vec()).await.unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let all = s.scan_prefix("a/").await.unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(s.last_in_prefix("a/").await.unwrap().unwrap().0, "a/2");
@@ -335,7 +355,7 @@ mod tests {
             assert!(s.flushes() >= 1);
             assert!(s.flushes() < n as u64, "no write shared a flush");
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.scan_prefix("r/").await.unwrap().len(), n);
     }
 
@@ -352,7 +372,7 @@ mod tests {
             s.sync().await.unwrap();
             assert_eq!(s.flushes(), before + 1);
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.scan_prefix("u/").await.unwrap().len(), 2);
     }
 
