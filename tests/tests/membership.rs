@@ -236,3 +236,44 @@ fn agent_notices_a_server_that_stops_answering() {
         || (agent.status()?["connected"] == true).then_some(()),
     );
 }
+
+/// Established TCP connections from `local` (an IPv4 address) to `port` on
+/// 127.0.0.1, from the kernel's table (addresses in network order, hex).
+fn connections_from(local: [u8; 4], port: u16) -> usize {
+    let hex = |a: [u8; 4]| format!("{:08X}", u32::from_le_bytes(a));
+    let from = format!("{}:", hex(local));
+    let to = format!("{}:{port:04X}", hex([127, 0, 0, 1]));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].starts_with(&from) && f[2] == to && f[3] == "01"
+        })
+        .count()
+}
+
+#[test]
+fn agent_connects_from_the_source_address_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let port: u16 = server.url().rsplit(':').next().unwrap().parse().unwrap();
+    let token = server.token("depot", 1, &[]);
+    let mut agent = Agent::new(dir.path(), "multi-homed");
+    agent.join(&server.url(), &token);
+    agent
+        .run_args
+        .extend(["--source-address".to_string(), "127.0.0.2".to_string()]);
+    agent.start(&[server.url()]);
+    wait_group(&server, "depot", "the node online", |g| g["online"] == 1);
+    wait_until("the session's connection from 127.0.0.2", T, || {
+        (connections_from([127, 0, 0, 2], port) >= 1).then_some(())
+    });
+    assert_eq!(
+        connections_from([127, 0, 0, 1], port),
+        0,
+        "no connection to the server left from the default address"
+    );
+}
