@@ -92,8 +92,9 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.commit.state.lock().expect("commit state").closing = true;
         self.commit.wake.notify_one();
-        // The database is closed only when the flusher lets go of it: whoever
-        // opens it next (a test, a restarted server) must not find it locked.
+        // Pending writes are flushed and the flusher's handle on the database
+        // is gone before this store's is: nothing of ours holds it after the
+        // drop (sled's own I/O threads may, for a moment).
         if let Some(t) = self.flusher.take() {
             let _ = t.join();
         }
