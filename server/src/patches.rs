@@ -71,6 +71,7 @@ pub fn phase_name(phase: pb::PatchPhase) -> &'static str {
         P::Failed => "failed",
         P::Rejected => "rejected",
         P::Reverting => "reverting",
+        P::Superseded => "superseded",
     }
 }
 
@@ -195,6 +196,7 @@ pub async fn record_report(
                 | pb::PatchPhase::RolledBack
                 | pb::PatchPhase::Failed
                 | pb::PatchPhase::Rejected
+                | pb::PatchPhase::Superseded
         )
     {
         tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
@@ -211,13 +213,14 @@ pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodeP
         .await
         .ok_or_else(|| Error::NotFound(format!("no patch with id {id}")))?;
     let mut by_node: BTreeMap<String, pb::NodePatchState> = BTreeMap::new();
-    for (node, group, waiting) in app.fleet.targeted_nodes(id).await {
+    for (node, group, (waiting, detail)) in app.fleet.targeted_nodes(id).await {
         by_node.insert(
             node.clone(),
             pb::NodePatchState {
                 node_id: node,
                 group,
                 phase: waiting,
+                error: detail,
                 ..Default::default()
             },
         );

@@ -255,7 +255,10 @@ pub fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {
 
 /// Whether a phase is an outcome (nothing follows it).
 pub fn is_outcome(phase: &str) -> bool {
-    matches!(phase, "committed" | "rolled_back" | "failed" | "rejected")
+    matches!(
+        phase,
+        "committed" | "rolled_back" | "failed" | "rejected" | "superseded"
+    )
 }
 
 /// Waits until `n` nodes reached an outcome for patch `id`, and returns them.

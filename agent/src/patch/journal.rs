@@ -43,12 +43,15 @@ pub enum Phase {
     Failed,
     /// Refused by a check before the host was touched.
     Rejected,
+    /// Not applied, and not a failure: a newer version of its component is
+    /// already installed (the patch was overtaken before it reached this host).
+    Superseded,
 }
 
 impl Phase {
     /// Every phase, in order (the forward path first, then the undo of a committed
     /// patch, then the final failures).
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 12] = [
         Phase::Received,
         Phase::Verified,
         Phase::Downloaded,
@@ -60,15 +63,16 @@ impl Phase {
         Phase::RolledBack,
         Phase::Failed,
         Phase::Rejected,
+        Phase::Superseded,
     ];
 
-    /// True for phases an entry never leaves on its own: RolledBack, Failed and
-    /// Rejected for good, and Committed unless the server asks for it to be undone
-    /// (see [`Phase::may_become`]).
+    /// True for phases an entry never leaves on its own: RolledBack, Failed,
+    /// Rejected and Superseded for good, and Committed unless the server asks for
+    /// it to be undone (see [`Phase::may_become`]).
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Self::Committed | Self::RolledBack | Self::Failed | Self::Rejected
+            Self::Committed | Self::RolledBack | Self::Failed | Self::Rejected | Self::Superseded
         )
     }
 
@@ -86,6 +90,7 @@ impl Phase {
             Self::RolledBack => pb::PatchPhase::RolledBack,
             Self::Failed => pb::PatchPhase::Failed,
             Self::Rejected => pb::PatchPhase::Rejected,
+            Self::Superseded => pb::PatchPhase::Superseded,
         }
     }
 
@@ -103,6 +108,7 @@ impl Phase {
             Self::RolledBack => "rolled_back",
             Self::Failed => "failed",
             Self::Rejected => "rejected",
+            Self::Superseded => "superseded",
         }
     }
 
@@ -121,7 +127,8 @@ impl Phase {
 
     /// Whether an entry may move from `self` to `to`: one step forward, the same
     /// phase again (to update its details), or to RolledBack, Failed or Rejected,
-    /// from any phase of the forward path before Committed. Undoing a committed
+    /// from any phase of the forward path before Committed; Superseded only from
+    /// Received (it is decided by verification, before anything is fetched). Undoing a committed
     /// patch is its own path: Committed only becomes Reverting, and Reverting only
     /// RolledBack or Failed. Any other final phase never changes.
     pub fn may_become(self, to: Phase) -> bool {
@@ -133,6 +140,7 @@ impl Phase {
                 self == to
                     || self.next() == Some(to)
                     || matches!(to, Self::RolledBack | Self::Failed | Self::Rejected)
+                    || (self == Self::Received && to == Self::Superseded)
             }
         }
     }
@@ -365,6 +373,8 @@ mod tests {
                     matches!(to, RolledBack | Failed)
                 } else if from.is_final() || to == Reverting {
                     false
+                } else if to == Superseded {
+                    from == Received
                 } else if matches!(to, RolledBack | Failed | Rejected) || from == to {
                     true
                 } else {
@@ -393,6 +403,10 @@ mod tests {
         assert!(!Reverting.is_final() && !Reverting.may_start());
         assert_eq!(Reverting.to_proto(), pb::PatchPhase::Reverting);
         assert_eq!(Reverting.as_str(), "reverting");
+        // Overtaken by a newer version: decided at verification, final, not a failure.
+        assert!(Received.may_become(Superseded) && !Verified.may_become(Superseded));
+        assert!(Superseded.is_final() && !Superseded.may_start());
+        assert_eq!(Superseded.to_proto(), pb::PatchPhase::Superseded);
     }
 
     #[test]

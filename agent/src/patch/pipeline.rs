@@ -235,28 +235,46 @@ impl Pipeline {
                     self.carry_on(entry, m).await;
                 }
             }
-            Err(reason) => {
-                self.advance(&mut entry, Phase::Rejected, &reason, "");
+            Err(stop) => {
+                self.advance(&mut entry, stop.phase, &stop.error, "");
             }
         }
     }
 
     /// Every check of the trust model, against the time the update started.
-    fn verify(&self, entry: &Entry, target: Option<&NodeTarget>) -> Result<Manifest, String> {
-        let m = self.verify_signatures(entry)?;
+    /// Refused: Rejected, or Superseded when a newer version of the component is
+    /// installed (an older patch overtaken on its way here is no attack and no
+    /// failure, but it is not applied either).
+    fn verify(&self, entry: &Entry, target: Option<&NodeTarget>) -> Result<Manifest, Stop> {
+        let rejected = |e: String| Stop::new(Phase::Rejected, e);
+        let m = self.verify_signatures(entry).map_err(rejected)?;
         let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
-            .map_err(|e| e.to_string())?;
-        manifest::check_time(&m, started).map_err(|e| e.to_string())?;
+            .map_err(|e| rejected(e.to_string()))?;
+        manifest::check_time(&m, started).map_err(|e| rejected(e.to_string()))?;
         if let Some(target) = target {
-            manifest::check_target(&m, target).map_err(|e| e.to_string())?;
+            manifest::check_target(&m, target).map_err(|e| rejected(e.to_string()))?;
         }
         let installed = self
             .journal
             .installed_versions()
-            .map_err(|e| e.to_string())?;
-        manifest::check_version(&m, installed.get(&m.component).map(String::as_str))
-            .map_err(|e| e.to_string())?;
-        self.check_local_policy(&m)?;
+            .map_err(|e| rejected(e.to_string()))?;
+        manifest::check_version(&m, installed.get(&m.component).map(String::as_str)).map_err(
+            |e| match &e {
+                manifest::ManifestError::Downgrade {
+                    component,
+                    installed,
+                    offered,
+                } if semver::Version::parse(installed).is_ok() => Stop::new(
+                    Phase::Superseded,
+                    format!(
+                        "superseded: {component} {installed} is installed, newer than {offered} \
+                         (going back needs allow_downgrade in the signed manifest)"
+                    ),
+                ),
+                _ => rejected(e.to_string()),
+            },
+        )?;
+        self.check_local_policy(&m).map_err(rejected)?;
         Ok(m)
     }
 

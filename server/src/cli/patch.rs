@@ -414,7 +414,10 @@ fn info_json(p: &pb::PatchInfo) -> Value {
 }
 
 fn is_outcome(phase: &str) -> bool {
-    matches!(phase, "committed" | "rolled_back" | "failed" | "rejected")
+    matches!(
+        phase,
+        "committed" | "rolled_back" | "failed" | "rejected" | "superseded"
+    )
 }
 
 pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Result<()> {

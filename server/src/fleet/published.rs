@@ -86,8 +86,8 @@ impl Fleet {
         Ok(record)
     }
 
-    /// Nodes (id, group, why it waits) a patch targets now.
-    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String, String)> {
+    /// Nodes (id, group, (why it waits, detail)) a patch targets now.
+    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String, (String, String))> {
         let st = self.state.lock().await;
         let Some((_, m)) = st.patches.get(patch_id) else {
             return Vec::new();

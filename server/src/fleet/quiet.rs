@@ -44,6 +44,7 @@ impl State {
                     Waiting::Wave
                         | Waiting::Bake(_)
                         | Waiting::Window
+                        | Waiting::Busy
                         | Waiting::Offline
                         | Waiting::Done
                 )

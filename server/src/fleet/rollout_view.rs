@@ -47,7 +47,8 @@ impl Fleet {
             let (mut committed, mut failed, mut applying) = (0, 0, 0);
             for n in &pos.released {
                 match progress_of(phases.and_then(|p| p.get(n))) {
-                    Progress::Committed => committed += 1,
+                    // Finished without failing: a newer version overtook it.
+                    Progress::Committed | Progress::Superseded => committed += 1,
                     Progress::Failed => failed += 1,
                     Progress::Applying => applying += 1,
                 }
@@ -126,21 +127,52 @@ impl Fleet {
         })
     }
 
-    /// Why a targeted node does not have a patch yet, as patch status shows it.
-    pub(super) fn wait_reason(st: &State, patch_id: &str, group: &str, node: &str) -> String {
+    /// Why a targeted node does not have a patch yet, as patch status shows it,
+    /// with the detail patch status shows as its error (for "superseded": by what).
+    pub(super) fn wait_reason(
+        st: &State,
+        patch_id: &str,
+        group: &str,
+        node: &str,
+    ) -> (String, String) {
         let Some(r) = st.rollouts.get(patch_id) else {
-            return "waiting".into();
+            return ("waiting".into(), String::new());
         };
         match r.state {
-            RolloutState::Aborted => return "not started (aborted)".into(),
-            RolloutState::Paused => return "waiting (paused)".into(),
+            RolloutState::Aborted => return ("not started (aborted)".into(), String::new()),
+            RolloutState::Paused => return ("waiting (paused)".into(), String::new()),
             _ => {}
         }
+        let released = r.is_released(group, node);
+        if !released
+            && let Some(newer) = st.newer_than(patch_id)
+            && let Some(by) = st.superseding(&newer, group, node)
+        {
+            let detail = format!(
+                "superseded: {} {by} is installed or on its way, newer than {}",
+                newer.component, newer.version
+            );
+            return ("superseded".into(), detail);
+        }
+        let reason = Self::still_waiting(st, patch_id, group, node, released);
+        (reason, String::new())
+    }
+
+    fn still_waiting(
+        st: &State,
+        patch_id: &str,
+        group: &str,
+        node: &str,
+        released: bool,
+    ) -> String {
         if !st.sessions.contains_key(node) {
             return "waiting (offline)".into();
         }
-        if r.is_released(group, node) {
+        if released {
             return "waiting".into();
+        }
+        if let Some(other) = st.busy_with(patch_id, group, node) {
+            return format!("waiting (busy with {other})");
         }
         match st.waiting.get(patch_id).and_then(|w| w.get(group)) {
             Some(Waiting::Window) => "waiting for window".into(),

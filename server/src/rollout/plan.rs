@@ -17,6 +17,9 @@ pub enum Progress {
     Committed,
     /// Rolled back, failed or rejected.
     Failed,
+    /// Done without this patch: a newer version of its component is released
+    /// to the node or installed on it. Counts as finished, not as a failure.
+    Superseded,
 }
 
 /// A node the patch targets, as the step sees it.
@@ -24,7 +27,8 @@ pub enum Progress {
 pub struct Target<'a> {
     pub id: &'a str,
     pub online: bool,
-    /// Released to this rollout, and how far it got.
+    /// Released to this rollout, and how far it got; or superseded (never
+    /// released: a newer version overtook it).
     pub progress: Option<Progress>,
     /// Applying another patch right now: not started on a second one.
     pub busy_elsewhere: bool,
@@ -94,6 +98,9 @@ pub enum Waiting {
     Window,
     /// The capacity guard (or the per-group limit) to allow another node.
     Capacity,
+    /// Online targets are left, each busy with another patch: they start
+    /// when that one finishes.
+    Busy,
     /// Only offline nodes are left; they start when they come back.
     Offline,
     /// Every target has finished.
@@ -108,6 +115,7 @@ impl Waiting {
             Self::Bake(_) => "bake",
             Self::Window => "window",
             Self::Capacity => "capacity",
+            Self::Busy => "busy",
             Self::Offline => "offline",
             Self::Done => "done",
         }
@@ -262,6 +270,11 @@ pub fn step(
         }
     }
     let unreleased = n - released - chosen.len();
+    // A node busy with another patch is still here: its turn comes when that
+    // patch finishes, not when it reconnects.
+    let busy = targets
+        .iter()
+        .any(|t| t.progress.is_none() && t.online && t.busy_elsewhere);
     let waiting = if !chosen.is_empty() {
         Waiting::Nothing
     } else if released + chosen.len() >= size && applying > 0 {
@@ -270,6 +283,8 @@ pub fn step(
         Waiting::Capacity
     } else if applying > 0 {
         Waiting::Wave
+    } else if busy {
+        Waiting::Busy
     } else if unreleased > 0 {
         Waiting::Offline
     } else {

@@ -112,8 +112,9 @@ fn expiry_is_judged_at_the_start_of_the_update() {
         started_at: unix_now(),
         ..entry
     };
-    let err = p.verify(&fresh, None).unwrap_err();
-    assert!(err.contains("expired"), "{err}");
+    let stop = p.verify(&fresh, None).unwrap_err();
+    assert_eq!(stop.phase, Phase::Rejected);
+    assert!(stop.error.contains("expired"), "{}", stop.error);
 }
 
 #[test]
@@ -121,8 +122,13 @@ fn no_pinned_keys_means_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let (entry, _) = expired_entry(unix_now() - 7200);
     let p = pipeline(dir.path(), None);
-    let err = p.verify(&entry, None).unwrap_err();
-    assert!(err.contains("no patch-signing keys are pinned"), "{err}");
+    let stop = p.verify(&entry, None).unwrap_err();
+    assert_eq!(stop.phase, Phase::Rejected);
+    assert!(
+        stop.error.contains("no patch-signing keys are pinned"),
+        "{}",
+        stop.error
+    );
 }
 
 // ---- Undoing committed patches at the server's request ----

@@ -19,6 +19,7 @@ struct Fleet {
     sites: Vec<String>,
     online: Vec<bool>,
     progress: Vec<Option<Progress>>,
+    busy: Vec<bool>,
 }
 
 impl Fleet {
@@ -28,6 +29,7 @@ impl Fleet {
             sites: vec![String::new(); n],
             online: vec![true; n],
             progress: vec![None; n],
+            busy: vec![false; n],
         }
     }
 
@@ -37,7 +39,7 @@ impl Fleet {
                 id: &self.ids[i],
                 online: self.online[i],
                 progress: self.progress[i],
-                busy_elsewhere: false,
+                busy_elsewhere: self.busy[i],
                 spread: &self.sites[i],
             })
             .collect()
@@ -261,6 +263,7 @@ fn a_node_that_arrives_later_is_released_in_the_last_wave() {
     f.sites.push(String::new());
     f.online.push(true);
     f.progress.push(None);
+    f.busy.push(false);
     let s = f.step(&p, open(4), &mut pos, 1);
     assert_eq!(s.release, vec!["late"]);
 }
@@ -309,4 +312,57 @@ fn a_large_wave_spreads_evenly_over_sites() {
         per_site.values().copied().collect::<Vec<_>>(),
         vec![1_500, 1_500, 1_500]
     );
+}
+
+#[test]
+fn nodes_busy_with_another_patch_are_waited_for_not_given_up() {
+    let p = policy(&[Amount::Percent(100)], 0);
+    let mut f = Fleet::new(3);
+    f.busy = vec![true; 3];
+    let mut pos = GroupProgress::default();
+    let s = f.step(&p, open(0), &mut pos, 0);
+    assert!(s.release.is_empty());
+    assert_eq!(s.waiting, Waiting::Busy);
+    assert!(
+        !s.waiting.settled(),
+        "a rollout waiting on busy nodes is still running"
+    );
+    // One finishes its other patch: it starts now, the others still wait.
+    f.busy[1] = false;
+    let s = f.step(&p, open(1), &mut pos, 1);
+    assert_eq!(s.release, vec!["n01"]);
+    f.release(&s.release);
+    f.commit_all();
+    let s = f.step(&p, open(1), &mut pos, 2);
+    assert_eq!(s.waiting, Waiting::Busy);
+    f.busy = vec![false; 3];
+    let s = f.step(&p, open(2), &mut pos, 3);
+    assert_eq!(s.release, vec!["n00", "n02"]);
+    // Busy and offline: it comes back busy; offline alone settles.
+    let mut g = Fleet::new(2);
+    g.busy[0] = true;
+    g.online[1] = false;
+    let s = g.step(&p, open(0), &mut GroupProgress::default(), 0);
+    assert_eq!(s.waiting, Waiting::Busy);
+    g.online[0] = false;
+    let s = g.step(&p, open(0), &mut GroupProgress::default(), 0);
+    assert_eq!(s.waiting, Waiting::Offline);
+}
+
+#[test]
+fn superseded_nodes_count_as_finished_and_are_never_released() {
+    let p = policy(&[Amount::Count(1), Amount::Percent(100)], 0);
+    let mut f = Fleet::new(4);
+    f.progress[0] = Some(Progress::Superseded);
+    f.progress[3] = Some(Progress::Superseded);
+    let mut pos = GroupProgress::default();
+    // The canary wave is already full of superseded nodes: straight to wave 2.
+    let s = f.step(&p, open(4), &mut pos, 0);
+    assert_eq!(pos.wave, 1);
+    assert_eq!(s.release, vec!["n01", "n02"]);
+    f.release(&s.release);
+    f.commit_all();
+    let s = f.step(&p, open(4), &mut pos, 1);
+    assert_eq!(s.waiting, Waiting::Done);
+    assert!(s.release.is_empty());
 }
