@@ -6,7 +6,9 @@ use flotilla_proto::token::random_string;
 
 use crate::error::{Error, Result};
 use crate::model::{CredentialRecord, OperatorRole, keys, now_secs};
-use crate::store::Db;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Db, Update};
 
 /// The caller of an admin call, once authenticated.
 #[derive(Debug, Clone)]
@@ -31,29 +33,75 @@ impl Caller {
     }
 }
 
+/// How long a name claim may stand without its credential record before it is
+/// taken for the leftover of a create that crashed between the two writes. A
+/// create takes milliseconds between them.
+const ORPHAN_CLAIM_MS: i64 = 60_000;
+
+/// Who holds a credential name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NameClaim {
+    id: String,
+    at_ms: i64,
+}
+
 /// Creates a credential; returns the bearer string (shown once) and its record.
+/// The name is claimed first with a compare-and-swap, so of two creates of one
+/// name at once exactly one succeeds.
 pub async fn create(db: &Db, name: &str, role: OperatorRole) -> Result<(String, CredentialRecord)> {
     limits::check_name("credential name", name, limits::MAX_GROUP_NAME_LEN)?;
+    let exists =
+        || Error::FailedPrecondition(format!("a credential named {name:?} already exists"));
+    // Credentials from before names were claimed have no claim.
     if list(db).await?.iter().any(|c| c.name == name) {
-        return Err(Error::FailedPrecondition(format!(
-            "a credential named {name:?} already exists"
+        return Err(exists());
+    }
+    let mut id = random_string(10);
+    while db
+        .get::<CredentialRecord>(&keys::credential(&id))
+        .await?
+        .is_some()
+    {
+        id = random_string(10);
+    }
+    let claim_key = keys::credential_name(name);
+    let now = crate::model::now_ms();
+    // A claim left by a crashed create may be taken over; any other means the
+    // name is held.
+    let mut orphan = None;
+    if let Some(held) = db.get::<NameClaim>(&claim_key).await? {
+        let record = db
+            .get::<CredentialRecord>(&keys::credential(&held.id))
+            .await?;
+        if record.is_some() || now - held.at_ms <= ORPHAN_CLAIM_MS {
+            return Err(exists());
+        }
+        orphan = Some(held.id);
+    }
+    let claim = NameClaim {
+        id: id.clone(),
+        at_ms: now,
+    };
+    db.update(&claim_key, |cur: Option<NameClaim>| match cur {
+        Some(c) if Some(&c.id) != orphan.as_ref() => Err(exists()),
+        _ => Ok(Update::Put(claim.clone())),
+    })
+    .await??;
+    let secret = random_string(32);
+    let rec = CredentialRecord {
+        id: id.clone(),
+        name: name.to_string(),
+        role,
+        secret_sha256: flotilla_proto::sha256_hex(secret.as_bytes()),
+        created_at: now_secs(),
+        revoked: false,
+    };
+    if !db.create(&keys::credential(&id), &rec).await? {
+        return Err(Error::Internal(format!(
+            "credential id {id} was taken while it was being created"
         )));
     }
-    loop {
-        let id = random_string(10);
-        let secret = random_string(32);
-        let rec = CredentialRecord {
-            id: id.clone(),
-            name: name.to_string(),
-            role,
-            secret_sha256: flotilla_proto::sha256_hex(secret.as_bytes()),
-            created_at: now_secs(),
-            revoked: false,
-        };
-        if db.create(&keys::credential(&id), &rec).await? {
-            return Ok((format!("{id}.{secret}"), rec));
-        }
-    }
+    Ok((format!("{id}.{secret}"), rec))
 }
 
 pub async fn list(db: &Db) -> Result<Vec<CredentialRecord>> {
@@ -122,4 +170,75 @@ pub async fn revoke(db: &Db, name: &str) -> Result<CredentialRecord> {
         )
         .await??;
     updated.ok_or_else(|| Error::Internal("credential vanished".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn temp_db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::new(std::sync::Arc::new(SledStore::open(dir.path()).unwrap()));
+        (dir, db)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn of_concurrent_creates_of_one_name_exactly_one_succeeds() {
+        let (_dir, db) = temp_db();
+        let tries: Vec<_> = (0..16)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move { create(&db, "ci", OperatorRole::Publisher).await })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(e) => assert!(e.to_string().contains("already exists"), "{e}"),
+            }
+        }
+        assert_eq!(created, 1);
+        let named: Vec<_> = list(&db)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.name == "ci")
+            .collect();
+        assert_eq!(named.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_claim_left_by_a_crashed_create_is_taken_over_only_once_stale() {
+        let (_dir, db) = temp_db();
+        let claim = |at_ms| NameClaim {
+            id: "gone000000".into(),
+            at_ms,
+        };
+        // Just claimed, its record not written yet: the name is held.
+        db.put(
+            &keys::credential_name("ops"),
+            &claim(crate::model::now_ms()),
+        )
+        .await
+        .unwrap();
+        let err = create(&db, "ops", OperatorRole::Admin).await.unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        // Claimed long ago and never completed: a crash's leftover.
+        let stale = crate::model::now_ms() - ORPHAN_CLAIM_MS - 1;
+        db.put(&keys::credential_name("ops"), &claim(stale))
+            .await
+            .unwrap();
+        let (_, rec) = create(&db, "ops", OperatorRole::Admin).await.unwrap();
+        let held: NameClaim = db
+            .get(&keys::credential_name("ops"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.id, rec.id);
+        // Now it is held by a real credential.
+        let err = create(&db, "ops", OperatorRole::Admin).await.unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+    }
 }

@@ -11,6 +11,7 @@ pub mod compliance;
 pub mod config;
 pub mod credential_file;
 pub mod credentials;
+pub mod data_dir;
 pub mod enroll;
 pub mod error;
 pub mod fleet;

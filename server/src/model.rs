@@ -21,6 +21,8 @@ pub mod keys {
     pub const GROUPS: &str = "groups/";
     pub const AUDIT: &str = "audit/";
     pub const CREDENTIALS: &str = "credentials/";
+    /// Credential name -> the id holding it: the compare-and-swap that keeps names unique.
+    pub const CREDENTIAL_NAMES: &str = "credential-names/";
     pub const PATCHES: &str = "patches/";
 
     pub fn token(id: &str) -> String {
@@ -44,6 +46,10 @@ pub mod keys {
     }
     pub fn credential(id: &str) -> String {
         format!("{CREDENTIALS}{id}")
+    }
+    /// The name is checked (`[A-Za-z0-9._-]`) before it becomes a key.
+    pub fn credential_name(name: &str) -> String {
+        format!("{CREDENTIAL_NAMES}{name}")
     }
     pub fn patch(id: &str) -> String {
         format!("{PATCHES}{id}")

@@ -122,7 +122,8 @@ pub async fn publish(
     Ok((record, parsed))
 }
 
-/// Records a node's report in its patch state: one write, no per-report record
+/// Records a node's report in its patch state, once the fleet agrees the node
+/// may report on that patch (see `Fleet::check_report`): one write, no per-report record
 /// (a fleet sends several reports per node and patch). Returns false for a
 /// re-send of the last report (its first answer was lost) or a report older
 /// than the one stored; neither changes anything.
@@ -131,6 +132,7 @@ pub async fn record_report(
     node_id: &str,
     rec: crate::model::ReportRecord,
 ) -> Result<bool> {
+    app.fleet.check_report(node_id, &rec.manifest_id).await?;
     let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
     let name = phase_name(phase).to_string();
     let at = rec.at_ms;

@@ -39,7 +39,8 @@ pub async fn init(
     admin_name: &str,
     server_url: Option<String>,
 ) -> anyhow::Result<Initialized> {
-    std::fs::create_dir_all(data_dir)
+    crate::data_dir::owner_only_from_now();
+    crate::data_dir::create(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let ca = CertAuthority::create(&TlsPaths::in_dir(data_dir), names)?;
     let db = open_db(data_dir)?;
@@ -60,6 +61,9 @@ pub async fn init(
         server: server_url,
     }
     .save(&credential_path)?;
+    drop(db);
+    crate::data_dir::restrict(data_dir)
+        .with_context(|| format!("cannot make {} owner-only", data_dir.display()))?;
     Ok(Initialized {
         ca_fingerprint: ca.fingerprint().to_string(),
         credential_path,
@@ -73,6 +77,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
+    crate::data_dir::owner_only_from_now();
+    crate::data_dir::restrict(&cfg.data_dir)
+        .with_context(|| format!("cannot make {} owner-only", cfg.data_dir.display()))?;
     let paths = TlsPaths::in_dir(&cfg.data_dir);
     let ca = CertAuthority::load(&paths).with_context(|| {
         format!(
@@ -119,9 +126,9 @@ pub async fn run(
         .set_serving::<pb::agent_service_server::AgentServiceServer<crate::grpc::agent::AgentApi>>()
         .await;
 
-    let agent = pb::agent_service_server::AgentServiceServer::new(crate::grpc::agent::AgentApi {
-        app: app.clone(),
-    })
+    let agent = pb::agent_service_server::AgentServiceServer::new(
+        crate::grpc::agent::AgentApi::new(app.clone()),
+    )
     .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
     let admin = pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {

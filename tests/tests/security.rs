@@ -394,3 +394,69 @@ fn certificates_renew_without_a_new_join() {
         (server.node(&id)["online"] == true).then_some(())
     });
 }
+
+/// Every directory and file under `dir` with group or other permission bits.
+fn open_to_others(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode();
+        if mode & 0o077 != 0 {
+            found.push(format!("{} {:o}", d.display(), mode & 0o777));
+        }
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                found.push(format!(
+                    "{} {:o}",
+                    e.path().display(),
+                    meta.permissions().mode() & 0o777
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_data_dir_is_owner_only_whatever_the_umask() {
+    use nix::sys::stat::{Mode, umask};
+    // The most common umask, which left the store readable by everyone.
+    umask(Mode::from_bits_truncate(0o022));
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    let data = server.data_dir.clone();
+    assert_eq!(open_to_others(&data), Vec::<String>::new(), "after init");
+    // Files the store creates while it runs are owner-only too.
+    server.start();
+    for i in 0..20 {
+        server.token(&format!("g{i}"), 1, &[]);
+    }
+    let (ok, _, err) = flotilla_e2e::patch::cli(
+        &server,
+        &[
+            "credential",
+            "create",
+            "--name",
+            "ci",
+            "--role",
+            "viewer",
+            "--out",
+            dir.path().join("ci.credential").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    server.stop();
+    assert_eq!(open_to_others(&data), Vec::<String>::new(), "after a run");
+    // A data dir opened up by hand (or restored from a backup) is closed again at start.
+    std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    server.start();
+    assert_eq!(
+        open_to_others(&data),
+        Vec::<String>::new(),
+        "after a restart"
+    );
+}

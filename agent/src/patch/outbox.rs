@@ -330,16 +330,18 @@ where
                     }
                     Err(e) => format!("cannot remove the acknowledged report: {e}"),
                 },
-                // Malformed in the server's eyes: sending it again cannot help,
-                // and keeping it would hold back every later report. Only it is
-                // dropped: the older reports of its manifest were not
-                // acknowledged, so the next pass sends the newest of them.
-                Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                // Malformed in the server's eyes, or about a patch the server
+                // does not know or never offered this node: sending it again
+                // cannot help, and keeping it would hold back every later
+                // report. Only it is dropped: the older reports of its manifest
+                // were not acknowledged, so the next pass sends the newest of them.
+                Ok(Err(status)) if refused_for_good(status.code()) => {
                     tracing::error!(
                         seq,
                         manifest = %report.manifest_id,
+                        code = ?status.code(),
                         error = %status.message(),
-                        "the server refuses this report as malformed; dropping it"
+                        "the server refuses this report; dropping it"
                     );
                     match outbox.ack(seq) {
                         Ok(()) => continue,
@@ -367,6 +369,15 @@ where
             break;
         }
     }
+}
+
+/// Whether the server's answer refuses this one report for good. Anything else
+/// (unavailable, rate-limited, the node not accepted yet) is retried.
+fn refused_for_good(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+    )
 }
 
 /// Sleeps the next backoff delay; true if shutdown came first.

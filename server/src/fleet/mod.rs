@@ -19,6 +19,7 @@ use crate::patches::PatchRecord;
 use crate::store::Db;
 
 mod groups;
+mod offer;
 mod published;
 mod quiet;
 mod rollout_commands;
@@ -26,7 +27,6 @@ mod rollout_view;
 mod rollouts;
 
 use flotilla_proto::manifest::Manifest;
-use published::wants;
 use rollouts::PhaseNote;
 pub use rollouts::RolloutRequest;
 
@@ -35,12 +35,6 @@ use crate::rollout::record::{self as rollout_record, RolloutRecord};
 
 /// Wake-ups of the reconciler within this are taken in one pass.
 const RECONCILE_COALESCE: Duration = Duration::from_millis(10);
-
-/// Most patches one desired state carries (the newest ones).
-const MAX_MANIFESTS_PER_STATE: usize = 64;
-/// Bytes of manifests and signatures one desired state carries, well under the
-/// message limit.
-const MANIFEST_BYTES_PER_STATE: usize = flotilla_proto::limits::MAX_MESSAGE_BYTES / 2;
 
 /// Timing of liveness and roles.
 #[derive(Debug, Clone, Copy)]
@@ -202,27 +196,7 @@ impl Fleet {
 
     fn desired_of(&self, st: &State, node: &NodeRecord) -> pb::DesiredState {
         let group = st.groups.get(&node.group);
-        let now = time::OffsetDateTime::now_utc();
-        // The newest patches that fit in one message, sent oldest first.
-        let mut wanted: Vec<&PatchRecord> = st
-            .patches
-            .values()
-            .filter(|(r, m)| wants(node, m, now) && st.released_to(&r.id, &node.group, &node.id))
-            .map(|(r, _)| r)
-            .collect();
-        wanted.sort_by_key(|r| std::cmp::Reverse(r.seq));
-        let mut budget = MANIFEST_BYTES_PER_STATE;
-        let mut manifests: Vec<pb::SignedManifest> = wanted
-            .into_iter()
-            .take(MAX_MANIFESTS_PER_STATE)
-            .take_while(|r| {
-                let size = r.manifest.len() + r.signatures.iter().map(String::len).sum::<usize>();
-                budget = budget.saturating_sub(size);
-                budget > 0
-            })
-            .filter_map(|r| st.signed.get(&r.id).cloned())
-            .collect();
-        manifests.reverse();
+        let manifests = st.offered_manifests(node);
         pb::DesiredState {
             revision: node.revision
                 + group.map_or(0, |g| g.revision)

@@ -86,6 +86,44 @@ impl Fleet {
         Ok(record)
     }
 
+    /// Whether `node_id` may report on `patch_id`: only an accepted node, only
+    /// about a patch that exists and was offered to it (released to it by the
+    /// patch's rollout, in any group it was in; or, for a patch without one,
+    /// targeted at it), or that it reported on before. Anything else would be
+    /// false evidence in patch status, installed versions and compliance.
+    pub async fn check_report(&self, node_id: &str, patch_id: &str) -> Result<()> {
+        let st = self.state.lock().await;
+        let node = st
+            .nodes
+            .get(node_id)
+            .ok_or_else(|| Error::PermissionDenied(format!("node {node_id} is not known")))?;
+        if node.status != NodeStatus::Accepted {
+            return Err(Error::PermissionDenied(format!(
+                "node {node_id} is {}: only accepted nodes report on patches",
+                node.status.as_str()
+            )));
+        }
+        let (_, m) = st
+            .patches
+            .get(patch_id)
+            .ok_or_else(|| Error::NotFound(format!("no patch with id {patch_id}")))?;
+        let reported_before = st
+            .phases
+            .get(patch_id)
+            .is_some_and(|p| p.contains_key(node_id));
+        let offered = match st.rollouts.get(patch_id) {
+            Some(r) => r.groups.values().any(|g| g.released.contains(node_id)),
+            None => flotilla_proto::manifest::check_target(m, &target_of(node)).is_ok(),
+        };
+        if reported_before || offered {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(format!(
+                "patch {patch_id} was never offered to node {node_id}"
+            )))
+        }
+    }
+
     /// Nodes (id, group, (why it waits, detail)) a patch targets now.
     pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String, (String, String))> {
         let st = self.state.lock().await;

@@ -169,6 +169,14 @@ impl Fleet {
             return "waiting (offline)".into();
         }
         if released {
+            if let Some(n) = st.nodes.get(node)
+                && st.queued_for(patch_id, n)
+            {
+                return format!(
+                    "waiting (behind {} patches in flight)",
+                    super::offer::MAX_MANIFESTS_PER_STATE
+                );
+            }
             return "waiting".into();
         }
         if let Some(other) = st.busy_with(patch_id, group, node) {

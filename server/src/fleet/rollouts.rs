@@ -83,7 +83,7 @@ pub(super) fn is_failure(p: pb::PatchPhase) -> bool {
     )
 }
 
-fn is_final(p: pb::PatchPhase) -> bool {
+pub(super) fn is_final(p: pb::PatchPhase) -> bool {
     matches!(p, pb::PatchPhase::Committed | pb::PatchPhase::Superseded) || is_failure(p)
 }
 
@@ -469,6 +469,19 @@ impl Fleet {
         at_ms: i64,
     ) -> Result<()> {
         let mut st = self.state.lock().await;
+        let newly_final = is_final(phase)
+            && !st
+                .phases
+                .get(patch_id)
+                .and_then(|p| p.get(node_id))
+                .is_some_and(|n| is_final(n.phase));
+        // A node with more in flight than one desired state carries gets the
+        // next one when this one is done.
+        let had_queued = newly_final
+            && st
+                .nodes
+                .get(node_id)
+                .is_some_and(|n| !st.offer_for(n).queued.is_empty());
         let before = st
             .phases
             .entry(patch_id.to_string())
@@ -503,6 +516,14 @@ impl Fleet {
             r.revision += 1;
             let r = r.clone();
             self.db.put(&record::key(patch_id), &r).await?;
+            self.push(&st, node_id);
+        }
+        if had_queued && let Some(mut node) = st.nodes.get(node_id).cloned() {
+            node.revision += 1;
+            self.db
+                .put_unsynced(&crate::model::keys::node(node_id), &node)
+                .await?;
+            st.nodes.insert(node_id.to_string(), node);
             self.push(&st, node_id);
         }
         drop(st);

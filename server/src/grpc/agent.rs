@@ -22,6 +22,8 @@ type SessionStream =
 
 pub struct AgentApi {
     pub app: Arc<App>,
+    /// How fast each node's reports are taken.
+    reports: super::rate::NodeRate,
 }
 
 /// The node a call comes from: the subject and serial of its client certificate.
@@ -49,6 +51,13 @@ fn peer_of<T>(req: &Request<T>) -> Result<Peer, Status> {
 }
 
 impl AgentApi {
+    pub fn new(app: Arc<App>) -> Self {
+        Self {
+            app,
+            reports: super::rate::NodeRate::reports(),
+        }
+    }
+
     /// Identifies the calling node and checks it may still call.
     async fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let peer = peer_of(req)?;
@@ -305,6 +314,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
         let node_id = self.authorize(&request).await?;
+        self.reports.check(&node_id)?;
         let r = request.into_inner();
         flotilla_proto::limits::check_name("report id", &r.report_id, 64).map_err(Error::from)?;
         flotilla_proto::limits::check_name("manifest id", &r.manifest_id, 128)

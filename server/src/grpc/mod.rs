@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 pub mod publish;
+pub mod rate;
 pub mod rollout;
 
 use flotilla_proto::pb;

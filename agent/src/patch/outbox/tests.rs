@@ -350,3 +350,65 @@ async fn superseded_reports_are_not_sent_after_a_restart() {
     let (_store, outbox) = open();
     assert!(outbox.pending().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_report_the_server_refuses_for_good_is_dropped_and_the_rest_go_on() {
+    for code in [
+        tonic::Code::InvalidArgument,
+        tonic::Code::NotFound,
+        tonic::Code::FailedPrecondition,
+    ] {
+        let (_db, outbox) = temp_outbox();
+        outbox
+            .push(Report::new("unknown", Phase::Committed, "", ""))
+            .unwrap();
+        outbox
+            .push(Report::new("offered", Phase::Received, "", ""))
+            .unwrap();
+        let (send, mut sent) = fake_server(move |r| {
+            if r.manifest_id == "unknown" {
+                Err(tonic::Status::new(code, "no patch with id unknown"))
+            } else {
+                Ok(())
+            }
+        });
+        let running = start(&outbox, send);
+        assert_eq!(next(&mut sent).await.manifest_id, "unknown");
+        assert_eq!(next(&mut sent).await.manifest_id, "offered");
+        drained(&outbox).await;
+        stop(running).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limited_or_not_yet_accepted_report_is_kept_and_sent_again() {
+    for code in [
+        tonic::Code::ResourceExhausted,
+        tonic::Code::PermissionDenied,
+        tonic::Code::Unavailable,
+    ] {
+        let (_db, outbox) = temp_outbox();
+        outbox
+            .push(Report::new("m", Phase::Committed, "", ""))
+            .unwrap();
+        let refusals = Arc::new(AtomicUsize::new(0));
+        let (send, mut sent) = fake_server({
+            let refusals = refusals.clone();
+            move |_| {
+                if refusals.fetch_add(1, SeqCst) == 0 {
+                    Err(tonic::Status::new(code, "later"))
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        let running = start(&outbox, send);
+        // Refused once, then sent again after a backoff and taken.
+        for _ in 0..2 {
+            assert_eq!(next(&mut sent).await.phase, Phase::Committed, "{code:?}");
+        }
+        drained(&outbox).await;
+        assert_eq!(refusals.load(SeqCst), 2);
+        stop(running).await;
+    }
+}

@@ -1,0 +1,84 @@
+//! What a node's desired state offers: the patches released to it that it has
+//! not finished, oldest first, as many as one message carries. A node with more
+//! in flight gets the rest as the first ones finish, so no applicable patch
+//! silently stops being offered.
+
+use flotilla_proto::pb;
+
+use super::State;
+use super::published::wants;
+use super::rollouts::is_final;
+use crate::model::NodeRecord;
+use crate::patches::PatchRecord;
+
+/// Most patches one desired state carries.
+pub(super) const MAX_MANIFESTS_PER_STATE: usize = 64;
+/// Bytes of manifests and signatures one desired state carries, well under the
+/// message limit.
+const MANIFEST_BYTES_PER_STATE: usize = flotilla_proto::limits::MAX_MESSAGE_BYTES / 2;
+
+/// The patches offered to one node now.
+pub(super) struct Offer<'a> {
+    /// In publish order.
+    pub offered: Vec<&'a PatchRecord>,
+    /// Released to the node and unfinished, but beyond what one state carries:
+    /// offered as earlier ones finish.
+    pub queued: Vec<&'a PatchRecord>,
+}
+
+impl State {
+    /// Whether the node reported an outcome of the patch (its journal has it:
+    /// offering it again would change nothing).
+    fn finished_on(&self, patch_id: &str, node_id: &str) -> bool {
+        self.phases
+            .get(patch_id)
+            .and_then(|p| p.get(node_id))
+            .is_some_and(|n| is_final(n.phase))
+    }
+
+    pub(super) fn offer_for(&self, node: &NodeRecord) -> Offer<'_> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut wanted: Vec<&PatchRecord> = self
+            .patches
+            .values()
+            .filter(|(r, m)| {
+                wants(node, m, now)
+                    && self.released_to(&r.id, &node.group, &node.id)
+                    && !self.finished_on(&r.id, &node.id)
+            })
+            .map(|(r, _)| r)
+            .collect();
+        wanted.sort_by_key(|r| r.seq);
+        let mut budget = MANIFEST_BYTES_PER_STATE;
+        let mut fits = 0;
+        for r in wanted.iter().take(MAX_MANIFESTS_PER_STATE) {
+            let size = r.manifest.len() + r.signatures.iter().map(String::len).sum::<usize>();
+            // The first always goes: a single patch is within the limits by itself.
+            if fits > 0 && size > budget {
+                break;
+            }
+            budget = budget.saturating_sub(size);
+            fits += 1;
+        }
+        let queued = wanted.split_off(fits);
+        Offer {
+            offered: wanted,
+            queued,
+        }
+    }
+
+    /// The manifests a node's desired state carries.
+    pub(super) fn offered_manifests(&self, node: &NodeRecord) -> Vec<pb::SignedManifest> {
+        self.offer_for(node)
+            .offered
+            .into_iter()
+            .filter_map(|r| self.signed.get(&r.id).cloned())
+            .collect()
+    }
+
+    /// Whether `patch_id` is released to the node but waits behind a full
+    /// desired state.
+    pub(super) fn queued_for(&self, patch_id: &str, node: &NodeRecord) -> bool {
+        self.offer_for(node).queued.iter().any(|r| r.id == patch_id)
+    }
+}
