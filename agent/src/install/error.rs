@@ -118,6 +118,33 @@ pub enum InstallError {
     #[error("{} is a symlink on this host; the install refuses to write through it", .path.display())]
     HostSymlink { path: PathBuf },
 
+    #[error("{} is not under any path this host's local policy allows", .path.display())]
+    OutsideAllowed { path: PathBuf },
+
+    #[error(
+        "allowed path {} resolves through {}, inside allowed path {}, which a patch could change; allow the real location instead",
+        .allowed.display(), .link.display(), .other.display()
+    )]
+    AnchorThroughAllowedTree {
+        allowed: PathBuf,
+        link: PathBuf,
+        other: PathBuf,
+    },
+
+    #[error("artifact entry {entry:?} would make allowed path {} a {kind}; only a directory may be there", .path.display())]
+    NotADirectoryAtAllowedPath {
+        entry: String,
+        path: PathBuf,
+        kind: &'static str,
+    },
+
+    #[error("artifact entry {entry:?} is a symlink to {target:?}, which leads out of allowed path {}", .allowed.display())]
+    SymlinkLeavesAllowed {
+        entry: String,
+        target: String,
+        allowed: PathBuf,
+    },
+
     #[error("{} is a device, socket or fifo on this host; the install refuses to replace it", .path.display())]
     HostSpecialFile { path: PathBuf },
 

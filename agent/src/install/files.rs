@@ -13,14 +13,15 @@
 //!    directory modes. From here on `rollback_files` restores the previous state.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, DirBuilder, File};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::manifest::Compression;
 
 use super::archive::{self, EntryKind, TarEntry};
+use super::beneath::{Beneath, Meta};
 use super::plan::{
     self, BACKUP_DIR, Finish, Kind, PLAN_FILE, PLAN_VERSION, Plan, PlanEntry, fsync_dir, parent_of,
 };
@@ -58,8 +59,30 @@ pub(crate) fn install_files_until(
     work_dir: &Path,
     stop_after: Option<usize>,
 ) -> Result<FilesReport, InstallError> {
-    let real_policy = canonical_policy(policy);
-    let real_dest = check_destination(destination, policy, &real_policy)?;
+    install_files_with(
+        artifact,
+        compression,
+        destination,
+        policy,
+        work_dir,
+        stop_after,
+        &|| {},
+    )
+}
+
+/// `install_files_until`, calling `before_apply` once the plan is durable and
+/// right before the host is changed: tests use it to race the install.
+pub(crate) fn install_files_with(
+    artifact: &Path,
+    compression: Compression,
+    destination: &Path,
+    policy: &LocalPolicy,
+    work_dir: &Path,
+    stop_after: Option<usize>,
+    before_apply: &dyn Fn(),
+) -> Result<FilesReport, InstallError> {
+    check_destination(destination, policy)?;
+    let beneath = Beneath::new(&policy.allowed_paths)?;
     let plan_path = work_dir.join(PLAN_FILE);
     // A plan here means an install that was never rolled back: planning again would
     // record its half-applied state as "previous" and lose the real backups.
@@ -77,13 +100,14 @@ pub(crate) fn install_files_until(
         policy.max_artifact_bytes,
         destination,
     )?;
-    let allowed = |rel: &Path| {
-        policy.allows(&destination.join(rel)) && real_policy.allows(&real_dest.join(rel))
-    };
-    let mut plan = build_plan(destination, &entries, policy, &real_policy, &allowed)?;
-    make_backups(&mut plan, work_dir)?;
+    let allowed = |rel: &Path| policy.allows(&destination.join(rel));
+    let mut plan = build_plan(destination, &entries, &beneath, &allowed)?;
+    plan.allowed = beneath.paths();
+    make_backups(&beneath, &mut plan, work_dir)?;
     plan::write_plan(work_dir, &plan)?;
+    before_apply();
     let apply = Apply {
+        beneath: &beneath,
         file: &file,
         compression,
         artifact,
@@ -94,46 +118,7 @@ pub(crate) fn install_files_until(
     apply.run(stop_after)
 }
 
-/// The allowed paths as the filesystem resolves them, so a symlink inside an
-/// allowed tree cannot lead the install elsewhere, and a symlinked allowed path
-/// (`/opt` → `/data/opt`) still works.
-fn canonical_policy(policy: &LocalPolicy) -> LocalPolicy {
-    let mut real = policy.clone();
-    real.allowed_paths = policy
-        .allowed_paths
-        .iter()
-        .map(|p| fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-        .collect();
-    real
-}
-
-/// Where `path` really is: its deepest existing ancestor resolved, the rest appended.
-fn real_path(path: &Path) -> Result<PathBuf, InstallError> {
-    let mut existing = path;
-    let mut rest = Vec::new();
-    loop {
-        match fs::canonicalize(existing) {
-            Ok(mut real) => {
-                real.extend(rest.iter().rev());
-                return Ok(real);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let (Some(name), Some(parent)) = (existing.file_name(), existing.parent()) else {
-                    return Err(InstallError::io("resolve", path, e));
-                };
-                rest.push(name);
-                existing = parent;
-            }
-            Err(e) => return Err(InstallError::io("resolve", existing, e)),
-        }
-    }
-}
-
-fn check_destination(
-    destination: &Path,
-    policy: &LocalPolicy,
-    real_policy: &LocalPolicy,
-) -> Result<PathBuf, InstallError> {
+fn check_destination(destination: &Path, policy: &LocalPolicy) -> Result<(), InstallError> {
     if !destination.is_absolute() {
         return Err(InstallError::DestinationNotAbsolute {
             destination: destination.to_path_buf(),
@@ -145,42 +130,42 @@ fn check_destination(
     if !policy.overlaps(destination) {
         return Err(not_allowed());
     }
-    let real = real_path(destination)?;
-    if !real_policy.overlaps(&real) {
-        return Err(not_allowed());
-    }
-    Ok(real)
+    Ok(())
 }
 
 /// Plans the destination itself and every missing directory above it, top-down.
-fn plan_destination(
-    destination: &Path,
-    policy: &LocalPolicy,
-    real_policy: &LocalPolicy,
-) -> Result<Vec<PlanEntry>, InstallError> {
+/// Inside an allowed tree each one must be a real directory (never a symlink);
+/// above it the host's own layout decides.
+fn plan_destination(destination: &Path, beneath: &Beneath) -> Result<Vec<PlanEntry>, InstallError> {
     let not_dir = |p: &Path| InstallError::DestinationNotDirectory {
         destination: p.to_path_buf(),
     };
     let mut missing = Vec::new();
     let mut at = destination;
     loop {
-        match fs::symlink_metadata(at) {
-            Ok(_) => {
-                // The destination (or an ancestor) may be a symlink to a directory:
-                // the real-path policy check already judged where it leads.
-                if !fs::metadata(at).is_ok_and(|m| m.is_dir()) {
-                    return Err(not_dir(at));
-                }
-                break;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if !policy.allows(at) || !real_policy.allows(&real_path(at)?) {
-                    return Err(InstallError::DestinationNotAllowed {
-                        destination: at.to_path_buf(),
+        if beneath.anchor_of(at).is_some() {
+            match beneath.lstat(at)? {
+                Some(m) if m.is_dir() => break,
+                Some(m) if m.is_symlink() => {
+                    return Err(InstallError::HostSymlink {
+                        path: at.to_path_buf(),
                     });
                 }
-                missing.push(at);
-                at = at.parent().ok_or_else(|| not_dir(at))?;
+                Some(_) => return Err(not_dir(at)),
+                None => {
+                    missing.push(at);
+                    at = at.parent().ok_or_else(|| not_dir(at))?;
+                }
+            }
+            continue;
+        }
+        match fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(not_dir(at)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(InstallError::DestinationNotAllowed {
+                    destination: at.to_path_buf(),
+                });
             }
             Err(e) => return Err(InstallError::io("inspect", at, e)),
         }
@@ -192,15 +177,53 @@ fn plan_destination(
         .collect())
 }
 
+/// A symlink's target, taken from the link's own directory, must stay inside
+/// the allowed tree the link is in (the install itself never follows links,
+/// but the software that reads them does).
+fn check_link_inside(
+    beneath: &Beneath,
+    entry: &str,
+    path: &Path,
+    target: &Path,
+) -> Result<(), InstallError> {
+    let Some(anchor) = beneath.anchor_of(path) else {
+        return Err(InstallError::OutsideAllowed {
+            path: path.to_path_buf(),
+        });
+    };
+    let text = target.to_string_lossy();
+    let leaves = || InstallError::SymlinkLeavesAllowed {
+        entry: entry.to_owned(),
+        target: text.clone().into_owned(),
+        allowed: anchor.to_path_buf(),
+    };
+    let mut at = parent_of(path).to_path_buf();
+    for part in text.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if at == anchor || !at.pop() {
+                    return Err(leaves());
+                }
+            }
+            p => at.push(p),
+        }
+    }
+    if at.starts_with(anchor) {
+        Ok(())
+    } else {
+        Err(leaves())
+    }
+}
+
 /// Checks every target path on the host and records its previous state.
 fn build_plan(
     destination: &Path,
     entries: &[TarEntry],
-    policy: &LocalPolicy,
-    real_policy: &LocalPolicy,
+    beneath: &Beneath,
     allowed: &dyn Fn(&Path) -> bool,
 ) -> Result<Plan, InstallError> {
-    let mut out = plan_destination(destination, policy, real_policy)?;
+    let mut out = plan_destination(destination, beneath)?;
     let dest_created = !out.is_empty();
     let not_allowed = |entry: String, rel: &Path| InstallError::EntryNotAllowed {
         entry,
@@ -234,8 +257,11 @@ fn build_plan(
         }
         let meta = if parent_created(&created, rel) {
             None
+        } else if beneath.anchor_of(&path).is_some() {
+            beneath.lstat(&path)?
         } else {
-            lstat(&path)?
+            // Above the allowed trees: the host's layout, passed through only.
+            host_lstat(&path)?
         };
         let Some(meta) = meta else {
             if !allowed(rel) {
@@ -246,11 +272,10 @@ fn build_plan(
             out.push(PlanEntry::new(path, Kind::Dir, Some(mode)));
             continue;
         };
-        let ft = meta.file_type();
-        if ft.is_symlink() {
+        if meta.is_symlink() {
             return Err(InstallError::HostSymlink { path });
         }
-        if !ft.is_dir() {
+        if !meta.is_dir() {
             return Err(InstallError::HostFileWhereDirectory { path });
         }
         // An existing directory the artifact only passes through is not a target.
@@ -271,22 +296,35 @@ fn build_plan(
             return Err(not_allowed(e.name.clone(), &e.rel));
         }
         let path = destination.join(&e.rel);
+        // An allowed path is a directory: a link there would move the whole tree.
+        if beneath.is_anchor(&path) {
+            return Err(InstallError::NotADirectoryAtAllowedPath {
+                entry: e.name.clone(),
+                path,
+                kind: if kind == Kind::File {
+                    "file"
+                } else {
+                    "symlink"
+                },
+            });
+        }
+        if let EntryKind::Symlink { target } = &e.kind {
+            check_link_inside(beneath, &e.name, &path, target)?;
+        }
         let meta = if parent_created(&created, &e.rel) {
             None
         } else {
-            lstat(&path)?
+            beneath.lstat(&path)?
         };
         let mut pe = PlanEntry::new(path, kind, mode);
         if let Some(meta) = meta {
-            let ft = meta.file_type();
-            if ft.is_dir() {
+            if meta.is_dir() {
                 return Err(InstallError::HostDirectoryWhereFile { path: pe.path });
-            } else if ft.is_file() {
+            } else if meta.is_file() {
                 record_prev(&mut pe, Kind::File, &meta);
-            } else if ft.is_symlink() {
+            } else if meta.is_symlink() {
                 // Replacing a symlink renames over the link itself, never through it.
-                let target = fs::read_link(&pe.path)
-                    .map_err(|err| InstallError::io("read the symlink", &pe.path, err))?;
+                let target = beneath.parent(&pe.path)?.read_link()?;
                 if target.to_str().is_none() {
                     return Err(InstallError::RollbackConflict {
                         path: pe.path,
@@ -306,29 +344,36 @@ fn build_plan(
     Ok(Plan {
         version: PLAN_VERSION,
         destination: destination.to_path_buf(),
+        allowed: Vec::new(),
         entries: out,
     })
 }
 
-fn lstat(path: &Path) -> Result<Option<fs::Metadata>, InstallError> {
+fn host_lstat(path: &Path) -> Result<Option<Meta>, InstallError> {
+    use std::os::unix::fs::MetadataExt;
     match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(m)),
+        Ok(m) => Ok(Some(Meta {
+            kind: rustix::fs::FileType::from_raw_mode(m.mode()),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+        })),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(InstallError::io("inspect", path, e)),
     }
 }
 
-fn record_prev(pe: &mut PlanEntry, kind: Kind, meta: &fs::Metadata) {
+fn record_prev(pe: &mut PlanEntry, kind: Kind, meta: &Meta) {
     pe.existed = true;
     pe.prev_kind = Some(kind);
-    pe.prev_mode = Some(meta.mode() & 0o7777);
-    pe.prev_uid = Some(meta.uid());
-    pe.prev_gid = Some(meta.gid());
+    pe.prev_mode = Some(meta.mode);
+    pe.prev_uid = Some(meta.uid);
+    pe.prev_gid = Some(meta.gid);
 }
 
 /// Copies every file about to be replaced into `work_dir/backup/<n>`. The copies
 /// need no temp+rename: until the plan that names them is written, none is used.
-fn make_backups(plan: &mut Plan, work_dir: &Path) -> Result<(), InstallError> {
+fn make_backups(beneath: &Beneath, plan: &mut Plan, work_dir: &Path) -> Result<(), InstallError> {
     let dir = work_dir.join(BACKUP_DIR);
     // Left by an attempt that crashed before writing its plan; nothing refers to it.
     match fs::remove_dir_all(&dir) {
@@ -346,15 +391,12 @@ fn make_backups(plan: &mut Plan, work_dir: &Path) -> Result<(), InstallError> {
         let name = format!("{BACKUP_DIR}/{n}");
         n += 1;
         let dst = work_dir.join(&name);
-        let mut src =
-            File::open(&pe.path).map_err(|e| InstallError::io("open for backup", &pe.path, e))?;
-        // The file opened must be the one inspected, not something swapped in since.
+        // Opened without following a symlink anywhere on the way.
+        let mut src = beneath.parent(&pe.path)?.open_read()?;
         let opened = src
             .metadata()
             .map_err(|e| InstallError::io("inspect", &pe.path, e))?;
-        let now =
-            fs::symlink_metadata(&pe.path).map_err(|e| InstallError::io("inspect", &pe.path, e))?;
-        if !opened.is_file() || opened.ino() != now.ino() || opened.dev() != now.dev() {
+        if !opened.is_file() {
             return Err(InstallError::HostSpecialFile {
                 path: pe.path.clone(),
             });
@@ -373,6 +415,7 @@ fn make_backups(plan: &mut Plan, work_dir: &Path) -> Result<(), InstallError> {
 
 /// Step 4: the host changes, in plan order.
 struct Apply<'a> {
+    beneath: &'a Beneath,
     file: &'a File,
     compression: Compression,
     artifact: &'a Path,
@@ -385,7 +428,7 @@ impl Apply<'_> {
     fn run(&self, stop_after: Option<usize>) -> Result<FilesReport, InstallError> {
         for pe in &self.plan.entries {
             if pe.kind == Kind::Dir && !pe.existed {
-                create_dir(&pe.path)?;
+                create_dir(self.beneath, &pe.path)?;
             }
         }
         let changed = |name: &str| InstallError::ArtifactChanged {
@@ -415,7 +458,6 @@ impl Apply<'_> {
                 return Ok(FilesReport { written });
             }
             let path = self.destination.join(&t.rel);
-            check_parent(&path)?;
             match &t.kind {
                 EntryKind::File { mode, size } => {
                     let finish = Finish {
@@ -429,9 +471,11 @@ impl Apply<'_> {
                             Err(changed(&t.name))
                         }
                     };
-                    plan::replace_file(&path, &mut entry, finish, &verify)?;
+                    plan::replace_file(self.beneath, &path, &mut entry, finish, &verify)?;
                 }
-                EntryKind::Symlink { target } => plan::replace_symlink(&path, target)?,
+                EntryKind::Symlink { target } => {
+                    plan::replace_symlink(self.beneath, &path, target)?;
+                }
                 EntryKind::Dir { .. } => {}
             }
             written.push(path);
@@ -443,52 +487,40 @@ impl Apply<'_> {
         // artifact must not stop its own files from being written.
         for pe in self.plan.entries.iter().rev() {
             if let (Kind::Dir, Some(mode)) = (pe.kind, pe.mode) {
-                set_dir_mode(&pe.path, mode)?;
+                set_dir_mode(self.beneath, &pe.path, mode)?;
             }
         }
         Ok(FilesReport { written })
     }
 }
 
-fn create_dir(path: &Path) -> Result<(), InstallError> {
+fn create_dir(beneath: &Beneath, path: &Path) -> Result<(), InstallError> {
+    let at = beneath.parent(path)?;
     // Private until its final mode is set at the end.
-    match DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            // Appeared since the check; fine only if it is a real directory.
-            let meta =
-                fs::symlink_metadata(path).map_err(|e| InstallError::io("inspect", path, e))?;
-            if !meta.file_type().is_dir() {
-                return Err(InstallError::HostFileWhereDirectory {
-                    path: path.to_path_buf(),
-                });
-            }
+    if !at.mkdir(0o700)? {
+        // Appeared since the check; fine only if it is a real directory.
+        if !at.lstat()?.is_some_and(|m| m.is_dir()) {
+            return Err(InstallError::HostFileWhereDirectory {
+                path: path.to_path_buf(),
+            });
         }
-        Err(e) => return Err(InstallError::io("create directory", path, e)),
     }
-    let parent = parent_of(path);
-    fsync_dir(parent).map_err(|e| InstallError::io("fsync directory", parent, e))
+    at.sync_dir()
 }
 
-/// The parent was checked when planning; checked again right before writing, so a
-/// symlink swapped in since cannot redirect the write.
-fn check_parent(path: &Path) -> Result<(), InstallError> {
-    let parent = parent_of(path);
-    let meta = fs::symlink_metadata(parent).map_err(|e| InstallError::io("inspect", parent, e))?;
-    if meta.file_type().is_symlink() {
-        return Err(InstallError::HostSymlink {
-            path: parent.to_path_buf(),
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn set_dir_mode(path: &Path, mode: u32) -> Result<(), InstallError> {
-    let meta = fs::symlink_metadata(path).map_err(|e| InstallError::io("inspect", path, e))?;
-    if !meta.file_type().is_dir() || meta.mode() & 0o7777 == mode {
+/// Sets a directory's permission bits, through a handle opened without
+/// following a symlink.
+pub(crate) fn set_dir_mode(beneath: &Beneath, path: &Path, mode: u32) -> Result<(), InstallError> {
+    let Some(at) = beneath.parent_if_present(path)? else {
         return Ok(());
+    };
+    match at.lstat()? {
+        Some(m) if m.is_dir() && m.mode != mode => {}
+        _ => return Ok(()),
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+    let dir = at.open_dir()?;
+    dir.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| InstallError::io("set the mode of", path, e))?;
-    fsync_dir(path).map_err(|e| InstallError::io("fsync directory", path, e))
+    dir.sync_all()
+        .map_err(|e| InstallError::io("fsync directory", path, e))
 }

@@ -9,6 +9,7 @@
 //! crash at any point (see `files.rs` for the layout).
 
 mod archive;
+mod beneath;
 mod error;
 mod files;
 mod health;
@@ -16,6 +17,8 @@ mod plan;
 mod rollback;
 mod script;
 
+#[cfg(test)]
+mod tests_confine;
 #[cfg(test)]
 mod tests_files;
 #[cfg(test)]

@@ -3,15 +3,17 @@
 //! in the target's own directory, fsynced, renamed over the target, then the
 //! directory fsynced, so a crash leaves the old or the new file, never a torn one.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::InstallError;
+use super::beneath::{Beneath, Parent};
 
 pub(crate) const PLAN_FILE: &str = "plan.json";
 /// Where a finished rollback moves the plan, so a late second rollback cannot undo
@@ -38,6 +40,11 @@ pub(crate) enum Kind {
 pub(crate) struct Plan {
     pub version: u32,
     pub destination: PathBuf,
+    /// The allowed paths the install worked beneath; rollback works beneath
+    /// the same ones. Absent in plans from before it was recorded: then the
+    /// destination is the only one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed: Vec<PathBuf>,
     pub entries: Vec<PlanEntry>,
 }
 
@@ -133,30 +140,22 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// `<dir>/.<name>.flotilla-tmp`: the temp file for `path`, in its own directory so
-/// the rename over `path` is atomic.
-pub(crate) fn tmp_path(path: &Path) -> Option<PathBuf> {
-    let name = path.file_name()?.to_str()?;
-    Some(path.with_file_name(format!(".{name}{TMP_SUFFIX}")))
-}
-
-fn tmp_name(target: &Path) -> Result<PathBuf, InstallError> {
-    tmp_path(target).ok_or_else(|| {
-        let why = io::Error::new(io::ErrorKind::InvalidInput, "its file name is not UTF-8");
-        InstallError::io("name a temp file for", target, why)
-    })
+/// `.<name>.flotilla-tmp`: the temp file's name for `name`, in the same
+/// directory so the rename over it is atomic.
+pub(crate) fn tmp_name(name: &OsStr) -> OsString {
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(TMP_SUFFIX);
+    tmp
 }
 
 pub(crate) fn parent_of(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("/"))
 }
 
-/// Removes a leftover temp file; a missing one (or missing directory) is fine.
-pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+/// The temp file beside `target`.
+pub(crate) fn tmp_of(target: &Parent) -> Result<Parent, InstallError> {
+    target.sibling(&tmp_name(target.name()))
 }
 
 /// Options for the last steps before a temp file is renamed into place.
@@ -169,64 +168,77 @@ pub(crate) struct Finish {
 
 /// Atomically replaces `target` with the bytes of `content`. `verify` sees the
 /// SHA-256 and length of what was written and may refuse it before anything is
-/// renamed (a truncated artifact, a corrupt backup).
+/// renamed (a truncated artifact, a corrupt backup). Every step is relative to
+/// the target's directory handle (see `beneath`).
 pub(crate) fn replace_file(
+    beneath: &Beneath,
     target: &Path,
     content: &mut dyn Read,
     finish: Finish,
     verify: &dyn Fn(&str, u64) -> Result<(), InstallError>,
 ) -> Result<(), InstallError> {
-    let tmp = tmp_name(target)?;
-    let io_err = |action, e| InstallError::io(action, &tmp, e);
-    // A stale temp (or something placed at our reserved name) goes first; create_new
-    // then refuses to open anything that exists, symlinks included.
-    remove_if_present(&tmp).map_err(|e| io_err("remove the stale temp file", e))?;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io_err("create the temp file", e))?;
-    let (digest, len) = copy_hashing(content, &mut file).map_err(|e| io_err("write", e))?;
-    if let Err(e) = verify(&digest, len) {
+    let at = beneath.parent(target)?;
+    let tmp = tmp_of(&at)?;
+    let io_err = |action, e| InstallError::io(action, tmp.path(), e);
+    // A stale temp (or something placed at our reserved name) goes first; the
+    // exclusive create then refuses to open anything that exists, symlinks included.
+    tmp.remove_if_present()?;
+    let mut file = tmp.create_new(0o600)?;
+    let written = copy_hashing(content, &mut file);
+    let checked = written
+        .map_err(|e| io_err("write", e))
+        .and_then(|(digest, len)| verify(&digest, len));
+    if let Err(e) = checked {
+        // A partial temp file (a full disk, a refused copy) must not stay behind.
         drop(file);
-        let _ = fs::remove_file(&tmp);
+        let _ = tmp.remove_if_present();
         return Err(e);
     }
     if let Some((uid, gid)) = finish.owner {
-        restore_owner(&tmp, uid, gid)?;
+        restore_owner(&file, &tmp.path(), uid, gid)?;
     }
     // Explicit chmod: the create mode went through the umask, and chown cleared
     // setuid/setgid.
-    file.set_permissions(fs::Permissions::from_mode(finish.mode))
-        .map_err(|e| io_err("set the mode of", e))?;
-    file.sync_all().map_err(|e| io_err("fsync", e))?;
+    let done = file
+        .set_permissions(fs::Permissions::from_mode(finish.mode))
+        .map_err(|e| io_err("set the mode of", e))
+        .and_then(|()| file.sync_all().map_err(|e| io_err("fsync", e)));
     drop(file);
-    fs::rename(&tmp, target).map_err(|e| InstallError::io("rename into place", target, e))?;
-    let dir = parent_of(target);
-    fsync_dir(dir).map_err(|e| InstallError::io("fsync directory", dir, e))
+    if let Err(e) = done.and_then(|()| at.rename_from(&tmp)) {
+        let _ = tmp.remove_if_present();
+        return Err(e);
+    }
+    at.sync_dir()
 }
 
 /// Atomically replaces `target` with a symlink to `link_target`.
-pub(crate) fn replace_symlink(target: &Path, link_target: &Path) -> Result<(), InstallError> {
-    let tmp = tmp_name(target)?;
-    remove_if_present(&tmp).map_err(|e| InstallError::io("remove the stale temp file", &tmp, e))?;
-    std::os::unix::fs::symlink(link_target, &tmp)
-        .map_err(|e| InstallError::io("create the symlink", &tmp, e))?;
-    fs::rename(&tmp, target).map_err(|e| InstallError::io("rename into place", target, e))?;
-    let dir = parent_of(target);
-    fsync_dir(dir).map_err(|e| InstallError::io("fsync directory", dir, e))
+pub(crate) fn replace_symlink(
+    beneath: &Beneath,
+    target: &Path,
+    link_target: &Path,
+) -> Result<(), InstallError> {
+    let at = beneath.parent(target)?;
+    let tmp = tmp_of(&at)?;
+    tmp.remove_if_present()?;
+    tmp.symlink(link_target)?;
+    if let Err(e) = at.rename_from(&tmp) {
+        let _ = tmp.remove_if_present();
+        return Err(e);
+    }
+    at.sync_dir()
 }
 
 /// Sets the owner back; an agent that does not run as root could not have changed
 /// it either, so "not permitted" is logged, not fatal.
-fn restore_owner(path: &Path, uid: u32, gid: u32) -> Result<(), InstallError> {
+fn restore_owner(file: &File, path: &Path, uid: u32, gid: u32) -> Result<(), InstallError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = fs::symlink_metadata(path).map_err(|e| InstallError::io("stat", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| InstallError::io("stat", path, e))?;
     if meta.uid() == uid && meta.gid() == gid {
         return Ok(());
     }
-    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+    match std::os::unix::fs::fchown(file, Some(uid), Some(gid)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             tracing::warn!(path = %path.display(), uid, gid, "cannot restore the owner: {e}");

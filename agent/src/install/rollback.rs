@@ -4,15 +4,12 @@
 //! previous state, so running it again, or after being cut off, is safe.
 
 use std::fs::{self, File};
-use std::io;
 use std::path::Path;
 
 use super::InstallError;
+use super::beneath::Beneath;
 use super::files::set_dir_mode;
-use super::plan::{
-    self, DONE_PLAN_FILE, Finish, Kind, PLAN_FILE, PlanEntry, fsync_dir, parent_of,
-    remove_if_present, tmp_path,
-};
+use super::plan::{self, DONE_PLAN_FILE, Finish, Kind, PLAN_FILE, PlanEntry, fsync_dir, tmp_of};
 
 /// Restores exactly what `plan.json` in `work_dir` says was there before the
 /// install: old files (content, mode, owner) and symlinks back, new ones removed,
@@ -31,6 +28,13 @@ pub(crate) fn rollback_until(
     let Some(plan) = plan::read_plan(work_dir)? else {
         return Ok(true);
     };
+    // Beneath the same allowed paths as the install, never through a symlink.
+    let allowed = if plan.allowed.is_empty() {
+        vec![plan.destination.clone()]
+    } else {
+        plan.allowed.clone()
+    };
+    let beneath = Beneath::new(&allowed)?;
     let mut steps = 0usize;
     let mut step = || {
         steps += 1;
@@ -43,13 +47,21 @@ pub(crate) fn rollback_until(
     let leaves = plan.entries.iter().rev().filter(|e| e.kind != Kind::Dir);
     let dirs = plan.entries.iter().rev().filter(|e| e.kind == Kind::Dir);
     let mut first_error = None;
+    // Temp files first: a large one left by a failed write may hold the very
+    // space the restores need.
+    for pe in plan.entries.iter().filter(|e| e.kind != Kind::Dir) {
+        if let Err(e) = remove_tmp(&beneath, pe) {
+            tracing::warn!(path = %pe.path.display(), "cannot remove a temp file: {e}");
+            first_error.get_or_insert(e);
+        }
+    }
     for pe in leaves.chain(dirs) {
         if step() {
             return Ok(false);
         }
         let restored = match pe.kind {
-            Kind::Dir => restore_dir(pe),
-            Kind::File | Kind::Symlink => restore_leaf(work_dir, pe),
+            Kind::Dir => restore_dir(&beneath, pe),
+            Kind::File | Kind::Symlink => restore_leaf(&beneath, work_dir, pe),
         };
         if let Err(e) = restored {
             tracing::warn!(path = %pe.path.display(), "rollback step failed: {e}");
@@ -68,44 +80,51 @@ pub(crate) fn rollback_until(
     Ok(true)
 }
 
-/// A file or symlink target back to its previous state.
-fn restore_leaf(work_dir: &Path, pe: &PlanEntry) -> Result<(), InstallError> {
-    let path = &pe.path;
-    let parent = parent_of(path);
-    if let Some(tmp) = tmp_path(path) {
-        remove_if_present(&tmp).map_err(|e| InstallError::io("remove the temp file", &tmp, e))?;
+/// Removes the temp file beside a file or symlink target, if any.
+fn remove_tmp(beneath: &Beneath, pe: &PlanEntry) -> Result<(), InstallError> {
+    match beneath.parent_if_present(&pe.path)? {
+        Some(at) => tmp_of(&at)?.remove_if_present(),
+        None => Ok(()),
     }
+}
+
+/// A file or symlink target back to its previous state.
+fn restore_leaf(beneath: &Beneath, work_dir: &Path, pe: &PlanEntry) -> Result<(), InstallError> {
+    let path = &pe.path;
+    let at = match beneath.parent_if_present(path)? {
+        Some(at) => at,
+        // Its directory is gone: nothing the install wrote is left there.
+        None if !pe.existed => return Ok(()),
+        None => beneath.parent(path)?,
+    };
+    tmp_of(&at)?.remove_if_present()?;
     match (pe.existed, pe.prev_kind) {
-        (true, Some(Kind::File)) => restore_file(work_dir, pe),
+        (true, Some(Kind::File)) => restore_file(beneath, work_dir, pe),
         (true, Some(Kind::Symlink)) => {
             let Some(target) = &pe.prev_link_target else {
                 return Err(bad_entry(work_dir, pe, "a symlink without its target"));
             };
-            if fs::read_link(path).is_ok_and(|t| &t == target) {
+            if at.read_link().is_ok_and(|t| &t == target) {
                 return Ok(());
             }
-            plan::replace_symlink(path, target)
+            plan::replace_symlink(beneath, path, target)
         }
         (true, _) => Err(bad_entry(work_dir, pe, "an earlier file of unknown kind")),
-        (false, _) => {
-            let meta = match fs::symlink_metadata(path) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(InstallError::io("inspect", path, e)),
-            };
-            if meta.file_type().is_dir() {
-                return Err(InstallError::RollbackConflict {
-                    path: path.clone(),
-                    reason: "the install wrote a file here but a directory is here now".into(),
-                });
+        (false, _) => match at.lstat()? {
+            None => Ok(()),
+            Some(m) if m.is_dir() => Err(InstallError::RollbackConflict {
+                path: path.clone(),
+                reason: "the install wrote a file here but a directory is here now".into(),
+            }),
+            Some(_) => {
+                at.remove_if_present()?;
+                at.sync_dir()
             }
-            fs::remove_file(path).map_err(|e| InstallError::io("remove", path, e))?;
-            fsync_dir(parent).map_err(|e| InstallError::io("fsync directory", parent, e))
-        }
+        },
     }
 }
 
-fn restore_file(work_dir: &Path, pe: &PlanEntry) -> Result<(), InstallError> {
+fn restore_file(beneath: &Beneath, work_dir: &Path, pe: &PlanEntry) -> Result<(), InstallError> {
     let (Some(backup), Some(sha), Some(mode)) = (&pe.backup, &pe.backup_sha256, pe.prev_mode)
     else {
         return Err(bad_entry(
@@ -129,40 +148,42 @@ fn restore_file(work_dir: &Path, pe: &PlanEntry) -> Result<(), InstallError> {
     };
     // Always rewritten, even if it looks restored already: the rename is atomic
     // and cheap next to reasoning about which half of a crash we are in.
-    plan::replace_file(&pe.path, &mut content, Finish { mode, owner }, &verify)
+    plan::replace_file(
+        beneath,
+        &pe.path,
+        &mut content,
+        Finish { mode, owner },
+        &verify,
+    )
 }
 
 /// A directory back to its previous state: removed if the install created it (and
 /// it is empty), its previous mode back if it existed.
-fn restore_dir(pe: &PlanEntry) -> Result<(), InstallError> {
+fn restore_dir(beneath: &Beneath, pe: &PlanEntry) -> Result<(), InstallError> {
     let path = &pe.path;
     if pe.existed {
         return match pe.prev_mode {
-            Some(mode) => set_dir_mode(path, mode),
+            Some(mode) => set_dir_mode(beneath, path, mode),
             None => Ok(()),
         };
     }
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(InstallError::io("inspect", path, e)),
-        Ok(m) if !m.file_type().is_dir() => {
+    let Some(at) = beneath.parent_if_present(path)? else {
+        return Ok(());
+    };
+    match at.lstat()? {
+        None => return Ok(()),
+        Some(m) if !m.is_dir() => {
             tracing::warn!(path = %path.display(), "not removed: no longer the directory the install created");
             return Ok(());
         }
-        Ok(_) => {}
+        Some(_) => {}
     }
-    match fs::remove_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
-            // Something the install did not put there: not ours to delete.
-            tracing::warn!(path = %path.display(), "created directory not removed: it is not empty");
-            return Ok(());
-        }
-        Err(e) => return Err(InstallError::io("remove directory", path, e)),
+    if !at.remove_dir()? {
+        // Something the install did not put there: not ours to delete.
+        tracing::warn!(path = %path.display(), "created directory not removed: it is not empty");
+        return Ok(());
     }
-    let parent = parent_of(path);
-    fsync_dir(parent).map_err(|e| InstallError::io("fsync directory", parent, e))
+    at.sync_dir()
 }
 
 fn bad_entry(work_dir: &Path, pe: &PlanEntry, what: &str) -> InstallError {
