@@ -117,3 +117,49 @@ mod tests {
         assert!(check_text("hostname", "abcdefghijk", 10).is_err());
     }
 }
+
+/// `s` cut to at most `max` bytes, at a character boundary, ending in a marker
+/// that says how much was cut: what any outside string gets before it reaches an
+/// error, a log line, a journal or a report.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let marker = |cut: usize| format!("…[{cut} more bytes]");
+    let mut end = max.saturating_sub(marker(s.len()).len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}", &s[..end], marker(s.len() - end))
+}
+
+/// The last at most `max` bytes of `s` (output tails keep their end), with a
+/// marker in front that says how much was cut.
+pub fn clip_front(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let marker = |cut: usize| format!("[{cut} bytes before]…");
+    let mut start = s.len() - max + marker(s.len()).len();
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{}{}", marker(start), &s[start..])
+}
+
+#[cfg(test)]
+mod clip_tests {
+    use super::*;
+
+    #[test]
+    fn clipped_text_is_bounded_and_says_so() {
+        assert_eq!(clip("short", 100), "short");
+        let long = "é".repeat(10_000);
+        let c = clip(&long, 256);
+        assert!(c.len() <= 256, "{}", c.len());
+        assert!(c.ends_with("more bytes]"), "{c}");
+        let t = clip_front(&format!("{long}END"), 256);
+        assert!(t.len() <= 256, "{}", t.len());
+        assert!(t.ends_with("END") && t.starts_with('['), "{t}");
+    }
+}

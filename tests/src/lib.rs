@@ -373,6 +373,10 @@ impl Agent {
         self.child.is_some()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process has exited, and how.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child

@@ -57,6 +57,79 @@ pub(crate) fn open<'a>(
     Ok(tar::Archive::new(reader))
 }
 
+/// Longest GNU long name or long link (`L`, `K`) taken: a path the kernel
+/// takes, and its NUL.
+const MAX_LONG_NAME: u64 = PATH_MAX as u64 + 1;
+/// Largest pax extension header (`x`, `g`) taken.
+const MAX_PAX_HEADER: u64 = 64 * 1024;
+/// Headers read in the raw pass: each entry, and up to three extension headers
+/// in front of it.
+const MAX_RAW_HEADERS: usize = MAX_TAR_ENTRIES * 4;
+
+/// Reads the archive's raw headers once before anything else does. The tar
+/// crate's own iteration reads a long-name, long-link or pax header whole into
+/// memory, however large its header says it is; here each one's declared size
+/// is checked against its bound before a byte of it is read, and a pax `size`
+/// (which the tar crate uses in place of the header's) must agree with the
+/// header, so this pass and the later ones see the same entries.
+fn check_extension_headers(
+    file: &File,
+    compression: Compression,
+    artifact: &Path,
+) -> Result<(), InstallError> {
+    let err = |source| InstallError::Archive {
+        artifact: artifact.to_path_buf(),
+        source,
+    };
+    let mut archive = open(file, compression, artifact)?;
+    let mut pax_size: Option<u64> = None;
+    for (n, entry) in archive.entries().map_err(err)?.raw(true).enumerate() {
+        if n >= MAX_RAW_HEADERS {
+            return Err(InstallError::TooManyEntries {
+                limit: MAX_TAR_ENTRIES,
+            });
+        }
+        let mut entry = entry.map_err(err)?;
+        let etype = entry.header().entry_type();
+        let size = entry.header().entry_size().map_err(err)?;
+        let (kind, limit) = match etype {
+            EntryType::GNULongName => ("GNU long name", MAX_LONG_NAME),
+            EntryType::GNULongLink => ("GNU long link", MAX_LONG_NAME),
+            EntryType::XHeader => ("pax", MAX_PAX_HEADER),
+            EntryType::XGlobalHeader => ("pax global", MAX_PAX_HEADER),
+            _ => {
+                if let Some(pax) = pax_size.take()
+                    && pax != size
+                {
+                    return Err(InstallError::PaxSizeMismatch { pax, header: size });
+                }
+                continue;
+            }
+        };
+        if size > limit {
+            return Err(InstallError::ExtensionHeaderTooLarge { kind, size, limit });
+        }
+        if etype == EntryType::XHeader {
+            let mut data = Vec::with_capacity(size as usize);
+            entry.read_to_end(&mut data).map_err(err)?;
+            pax_size = pax_size_record(&data);
+        }
+    }
+    Ok(())
+}
+
+/// The pax `size` record as the tar crate reads it: the first `size` key, if
+/// the records up to it parse and its value is a number.
+fn pax_size_record(data: &[u8]) -> Option<u64> {
+    for ext in tar::PaxExtensions::new(data) {
+        let ext = ext.ok()?;
+        if ext.key() == Ok("size") {
+            return ext.value().ok()?.parse().ok();
+        }
+    }
+    None
+}
+
 /// First pass: every entry checked, the whole list checked, nothing written.
 pub(crate) fn read_entries(
     file: &File,
@@ -69,6 +142,7 @@ pub(crate) fn read_entries(
         artifact: artifact.to_path_buf(),
         source,
     };
+    check_extension_headers(file, compression, artifact)?;
     let mut archive = open(file, compression, artifact)?;
     let mut out = Vec::new();
     let mut seen = HashSet::new();

@@ -100,6 +100,16 @@ pub enum InstallError {
     )]
     EntryUnderNonDirectory { entry: String, parent: String },
 
+    #[error("artifact has a {kind} header of {size} bytes; at most {limit} are taken")]
+    ExtensionHeaderTooLarge {
+        kind: &'static str,
+        size: u64,
+        limit: u64,
+    },
+
+    #[error("artifact has a pax size of {pax} bytes for an entry whose header says {header}")]
+    PaxSizeMismatch { pax: u64, header: u64 },
+
     #[error("artifact has more than {limit} entries")]
     TooManyEntries { limit: usize },
 

@@ -277,3 +277,100 @@ fn a_truncated_artifact_is_refused() {
     assert!(matches!(err, InstallError::Archive { .. }), "{err}");
     assert_eq!(snapshot(&s.dest), before);
 }
+
+/// A header of `etype` that declares `size` bytes, followed by `data` and a
+/// small file: what a 16 KB archive claiming a 512 MiB long name looks like.
+fn extension_bomb(etype: EntryType, size: u64, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(etype);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend(tar_bytes(&[ok_file()]));
+    out
+}
+
+fn refused_bytes(bytes: &[u8]) -> InstallError {
+    let s = Scratch::new();
+    host(&s);
+    let before = snapshot(&s.dest);
+    let artifact = s.art.join("bomb.tar");
+    fs::write(&artifact, bytes).unwrap();
+    let pol = policy(&[&s.dest]);
+    let err = install_files(&artifact, Compression::None, &s.dest, &pol, &s.work)
+        .expect_err("the install must be refused");
+    assert_eq!(snapshot(&s.dest), before, "host changed by: {err}");
+    assert!(!s.work.join(PLAN_FILE).exists());
+    err
+}
+
+#[test]
+fn oversized_extension_headers_are_refused_before_they_are_read() {
+    for (etype, limit) in [
+        (EntryType::GNULongName, 4097),
+        (EntryType::GNULongLink, 4097),
+        (EntryType::XHeader, 64 * 1024),
+        (EntryType::XGlobalHeader, 64 * 1024),
+    ] {
+        // Declared far larger than the archive: refused on the declaration alone.
+        let err = refused_bytes(&extension_bomb(etype, 512 << 20, b"x"));
+        assert!(
+            matches!(err, InstallError::ExtensionHeaderTooLarge { size, .. } if size == 512 << 20),
+            "{etype:?}: {err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("at most {limit}")),
+            "{err}"
+        );
+        // One byte over the bound is enough.
+        let data = vec![b'a'; limit as usize + 1];
+        let err = refused_bytes(&extension_bomb(etype, limit + 1, &data));
+        assert!(
+            matches!(err, InstallError::ExtensionHeaderTooLarge { .. }),
+            "{etype:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_pax_size_that_disagrees_with_its_header_is_refused() {
+    // The tar crate would take the pax size; a header-driven reader would not.
+    let record = b"16 size=1048576\n";
+    let err = refused_bytes(&extension_bomb(
+        EntryType::XHeader,
+        record.len() as u64,
+        record,
+    ));
+    assert!(
+        matches!(
+            err,
+            InstallError::PaxSizeMismatch {
+                pax: 1_048_576,
+                header: 3
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_long_name_within_the_bound_still_installs() {
+    let s = Scratch::new();
+    let name = format!("{}/f", "d".repeat(200));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_entry_type(EntryType::Regular);
+    b.append_data(&mut h, &name, &b"ok"[..]).unwrap();
+    let artifact = s.art.join("long.tar");
+    fs::write(&artifact, b.into_inner().unwrap()).unwrap();
+    let pol = policy(&[&s.dest]);
+    install_files(&artifact, Compression::None, &s.dest, &pol, &s.work).unwrap();
+    assert_eq!(fs::read(s.dest.join(&name)).unwrap(), b"ok");
+}

@@ -233,13 +233,14 @@ impl Journal {
     /// after this. Refuses a phase change the journal does not allow.
     pub fn record(&self, entry: &Entry) -> Result<(), JournalError> {
         let id = &entry.manifest_id;
-        if id.is_empty() {
+        if id.is_empty() || id.starts_with(INDEX_PREFIX) {
             return Err(JournalError::EmptyId);
         }
         let new = serde_json::to_vec(entry).map_err(|source| JournalError::Encode {
             id: id.clone(),
             source,
         })?;
+        let mut was_committed = false;
         loop {
             let old = self.tree.get(id.as_bytes())?;
             match &old {
@@ -252,6 +253,7 @@ impl Journal {
                 None => {}
                 Some(bytes) => {
                     let from = decode(id.as_bytes(), bytes)?.phase;
+                    was_committed = from == Phase::Committed;
                     if !from.may_become(entry.phase) {
                         return Err(JournalError::IllegalTransition {
                             from,
@@ -261,6 +263,12 @@ impl Journal {
                     }
                 }
             }
+            // What is installed changes: the index is marked stale first, so
+            // a crash before it is brought up to date leaves it rebuilt.
+            let moves_installed = was_committed != (entry.phase == Phase::Committed);
+            if moves_installed {
+                self.tree.remove(INDEX_OK)?;
+            }
             // Compare-and-swap: a concurrent writer cannot slip an illegal change in
             // between the check and the write.
             if self
@@ -268,6 +276,9 @@ impl Journal {
                 .compare_and_swap(id.as_bytes(), old, Some(new.as_slice()))?
                 .is_ok()
             {
+                if moves_installed {
+                    self.update_index(entry, was_committed)?;
+                }
                 break;
             }
         }
@@ -275,10 +286,71 @@ impl Journal {
         Ok(())
     }
 
+    /// Brings the component's installed version up to date after `entry`
+    /// became committed (a newer commit wins) or stopped being so (the newest
+    /// other commit of the component, found by a scan: undoing is rare).
+    fn update_index(&self, entry: &Entry, was_committed: bool) -> Result<(), JournalError> {
+        let key = index_key(&entry.component);
+        let held: Option<Installed> = self
+            .tree
+            .get(&key)?
+            .map(|b| decode_index(&key, &b))
+            .transpose()?;
+        let next = if !was_committed {
+            let mine = Installed::of(entry);
+            Some(match held {
+                Some(h) if h.order() > mine.order() => h,
+                _ => mine,
+            })
+        } else if held
+            .as_ref()
+            .is_some_and(|h| h.manifest_id != entry.manifest_id)
+        {
+            held
+        } else {
+            self.scan()?.remove(&entry.component)
+        };
+        let mut batch: Vec<(&[u8], Vec<u8>)> = vec![(INDEX_OK, Vec::new())];
+        let encoded;
+        match next {
+            Some(n) => {
+                encoded = serde_json::to_vec(&n).expect("an index record encodes");
+                batch.insert(0, (key.as_slice(), encoded));
+            }
+            None => {
+                self.tree.remove(&key)?;
+            }
+        }
+        self.tree.apply(&batch)?;
+        Ok(())
+    }
+
+    /// The latest committed entry of each component, from every entry.
+    fn scan(&self) -> Result<BTreeMap<String, Installed>, JournalError> {
+        let mut latest: BTreeMap<String, Installed> = BTreeMap::new();
+        for e in self.all()? {
+            if e.phase != Phase::Committed {
+                continue;
+            }
+            let mine = Installed::of(&e);
+            if latest
+                .get(&e.component)
+                .is_none_or(|held| mine.order() > held.order())
+            {
+                latest.insert(e.component.clone(), mine);
+            }
+        }
+        Ok(latest)
+    }
+
     /// Every entry, by manifest id.
     pub fn all(&self) -> Result<Vec<Entry>, JournalError> {
         self.tree
             .iter()
+            .filter(|item| {
+                item.as_ref()
+                    .map_or(true, |(k, _)| !k.starts_with(INDEX_PREFIX.as_bytes()))
+            })
             .map(|item| {
                 let (key, value) = item?;
                 decode(&key, &value)
@@ -306,25 +378,93 @@ impl Journal {
     /// Component -> version, from the latest committed entry of each component (by
     /// `updated_at`; ties broken by manifest id, so the answer is stable). A patch
     /// being undone or undone no longer counts: its component is back at its newest
-    /// other committed entry, or absent.
+    /// other committed entry, or absent. Read from the index (a few bytes per
+    /// component), not from the entries; rebuilt from them when it is missing or
+    /// a crash left it stale.
     pub fn installed_versions(&self) -> Result<BTreeMap<String, String>, JournalError> {
-        let mut latest: BTreeMap<String, Entry> = BTreeMap::new();
-        for e in self.all()? {
-            if e.phase != Phase::Committed {
-                continue;
-            }
-            let newer = latest.get(&e.component).is_none_or(|held| {
-                (e.updated_at, &e.manifest_id) > (held.updated_at, &held.manifest_id)
-            });
-            if newer {
-                latest.insert(e.component.clone(), e);
+        if self.tree.get(INDEX_OK)?.is_none() {
+            self.rebuild_index()?;
+        }
+        let mut out = BTreeMap::new();
+        let prefix = index_key("");
+        for item in self.tree.scan(&prefix) {
+            let (key, value) = item?;
+            if let Some(component) = key.strip_prefix(prefix.as_slice()) {
+                let i = decode_index(&key, &value)?;
+                out.insert(String::from_utf8_lossy(component).into_owned(), i.version);
             }
         }
-        Ok(latest
-            .into_iter()
-            .map(|(component, e)| (component, e.version))
-            .collect())
+        Ok(out)
     }
+
+    fn rebuild_index(&self) -> Result<(), JournalError> {
+        let stale: Vec<_> = self
+            .tree
+            .scan(&index_key(""))
+            .filter_map(|item| item.ok())
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            self.tree.remove(&k)?;
+        }
+        let latest = self.scan()?;
+        let encoded: Vec<(Vec<u8>, Vec<u8>)> = latest
+            .iter()
+            .map(|(c, i)| {
+                (
+                    index_key(c),
+                    serde_json::to_vec(i).expect("an index record encodes"),
+                )
+            })
+            .collect();
+        let mut batch: Vec<(&[u8], Vec<u8>)> = encoded
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.clone()))
+            .collect();
+        batch.push((INDEX_OK, Vec::new()));
+        self.tree.apply(&batch)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+}
+
+/// Keys of the installed-versions index start with this, which no manifest id
+/// can (ids are names that never start with '-').
+const INDEX_PREFIX: &str = "-";
+/// Present while the index agrees with the entries.
+const INDEX_OK: &[u8] = b"-index-ok";
+
+fn index_key(component: &str) -> Vec<u8> {
+    format!("{INDEX_PREFIX}installed/{component}").into_bytes()
+}
+
+/// One component's installed version, as the index keeps it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Installed {
+    version: String,
+    updated_at: i64,
+    manifest_id: String,
+}
+
+impl Installed {
+    fn of(e: &Entry) -> Self {
+        Self {
+            version: e.version.clone(),
+            updated_at: e.updated_at,
+            manifest_id: e.manifest_id.clone(),
+        }
+    }
+
+    fn order(&self) -> (i64, &str) {
+        (self.updated_at, &self.manifest_id)
+    }
+}
+
+fn decode_index(key: &[u8], bytes: &[u8]) -> Result<Installed, JournalError> {
+    serde_json::from_slice(bytes).map_err(|source| JournalError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
 }
 
 fn decode(key: &[u8], bytes: &[u8]) -> Result<Entry, JournalError> {
@@ -530,5 +670,53 @@ mod tests {
         assert_eq!(e.manifest, br#"{"id":"x"}"#);
         assert_eq!(Phase::RolledBack.to_proto(), pb::PatchPhase::RolledBack);
         assert_eq!(Phase::RolledBack.as_str(), "rolled_back");
+    }
+
+    #[test]
+    fn installed_versions_come_from_the_index_not_the_entries() {
+        let (db, j) = journal();
+        let commit = |e: &mut Entry| {
+            j.record(e).unwrap();
+            for phase in [Verified, Downloaded, Applying, Applied, Healthy, Committed] {
+                e.phase = phase;
+                j.record(e).unwrap();
+            }
+        };
+        commit(&mut entry("a1", "app", "1.0.0", Received, 10));
+        commit(&mut entry("a2", "app", "1.1.0", Received, 20));
+        assert_eq!(j.installed_versions().unwrap()["app"], "1.1.0");
+        // An entry that cannot be decoded (or a huge one) is never read for it.
+        db.open_tree("journal")
+            .unwrap()
+            .insert("junk", b"{not json".to_vec())
+            .unwrap();
+        assert!(j.all().is_err());
+        assert_eq!(j.installed_versions().unwrap()["app"], "1.1.0");
+        db.open_tree("journal").unwrap().remove("junk").unwrap();
+
+        // Undone: back to the commit before, from the index.
+        let mut a2 = j.get("a2").unwrap().unwrap();
+        a2.phase = Reverting;
+        j.record(&a2).unwrap();
+        assert_eq!(j.installed_versions().unwrap()["app"], "1.0.0");
+
+        // A crash between an entry and its index update leaves the marker
+        // missing: the index is rebuilt from the entries.
+        db.open_tree("journal").unwrap().remove(INDEX_OK).unwrap();
+        db.open_tree("journal")
+            .unwrap()
+            .insert(
+                index_key("app"),
+                serde_json::to_vec(&Installed::of(&entry("zz", "app", "9.9.9", Committed, 99)))
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(j.installed_versions().unwrap()["app"], "1.0.0");
+        // Index keys are not entries.
+        assert_eq!(j.all().unwrap().len(), 2);
+        assert!(
+            j.record(&entry("-installed/app", "app", "1", Received, 1))
+                .is_err()
+        );
     }
 }

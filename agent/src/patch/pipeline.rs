@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_proto::manifest::{self, Install, Manifest, NodeTarget, Rollback, TrustPolicy};
-use flotilla_proto::pb;
+use flotilla_proto::{limits, pb};
 use tokio::sync::watch;
 
 use super::fetch::{self, ClientSource, FetchLimits};
@@ -87,6 +87,9 @@ impl Stop {
         }
     }
 }
+
+/// Most bytes of an error or an output tail a step keeps (journal, report, log).
+const STEP_TEXT_BYTES: usize = 4096;
 
 /// Why a script install cannot be undone when its manifest gives no rollback script.
 pub const NO_ROLLBACK_PLAN: &str = "the manifest has no rollback plan";
@@ -175,6 +178,10 @@ impl Pipeline {
     /// (flushed). In that order, a crash between the two can only repeat a
     /// report (the step is redone from the journal), never lose the last one.
     fn advance(&self, entry: &mut Entry, phase: Phase, error: &str, tail: &str) -> bool {
+        // Whatever an artifact, a script or a server made of these, the journal,
+        // the report and the log line get a bounded copy.
+        let error = &limits::clip(error, STEP_TEXT_BYTES);
+        let tail = &limits::clip_front(tail, STEP_TEXT_BYTES);
         if let Err(e) = self
             .outbox
             .push(Report::new(&entry.manifest_id, phase, error, tail))
@@ -394,7 +401,7 @@ impl Pipeline {
     /// instead of, say, re-running a health check on a half-restored host.
     async fn roll_back(&self, entry: &mut Entry, m: &Manifest, why: Stop) {
         if !entry.phase.is_final() && entry.error.is_none() {
-            entry.error = Some(why.error.clone());
+            entry.error = Some(limits::clip(&why.error, STEP_TEXT_BYTES));
             entry.updated_at = unix_now();
             if let Err(e) = self.journal.record(entry) {
                 tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record the rollback; rolling back anyway");

@@ -92,6 +92,16 @@ impl Keyspace {
             .map(move |item| item.map(|(k, v)| (self.strip(&k), v)))
     }
 
+    /// Every (key, value) whose key (without the prefix) starts with `start`.
+    pub fn scan(
+        &self,
+        start: &[u8],
+    ) -> impl DoubleEndedIterator<Item = sled::Result<(IVec, IVec)>> + '_ {
+        self.tree
+            .scan_prefix(self.key(start))
+            .map(move |item| item.map(|(k, v)| (self.strip(&k), v)))
+    }
+
     /// The last (key, value) under the prefix.
     pub fn last(&self) -> sled::Result<Option<(IVec, IVec)>> {
         self.iter().next_back().transpose()
