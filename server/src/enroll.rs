@@ -14,6 +14,8 @@ use crate::model::{Facts, NodeRecord, NodeStatus, Role, now_secs};
 /// A join request, validated.
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
+    /// Where the request came from, for the failed-join limits.
+    pub source: Option<std::net::IpAddr>,
     pub token_id: String,
     pub token_secret: String,
     pub csr_der: Vec<u8>,
@@ -27,6 +29,39 @@ pub struct Joined {
     pub node: NodeRecord,
     pub certificate_pem: String,
     pub rejoined: bool,
+}
+
+/// Counts a join refused for its token (unknown, or the wrong secret), and
+/// audits and logs it at a bounded rate: the first failure of a source, then
+/// one entry per source and interval with the count.
+async fn failed_join(
+    app: &App,
+    source: Option<std::net::IpAddr>,
+    token_id: &str,
+    known: Option<&str>,
+    why: &Error,
+) {
+    let Some(report) = app.join_guard.failed(source, known) else {
+        return;
+    };
+    let token = limits::clip(token_id, 64);
+    tracing::warn!(source = %report.source, token = %token, failures = report.count, "failed join: {why}");
+    let detail = serde_json::json!({
+        "failures": report.count,
+        "error": limits::clip(&why.to_string(), 256),
+    });
+    if let Err(e) = app
+        .audit
+        .record(
+            &format!("source:{}", report.source),
+            "join.failed",
+            &token,
+            detail,
+        )
+        .await
+    {
+        tracing::error!("cannot audit a failed join: {e}");
+    }
 }
 
 /// Checks the facts an agent sends.
@@ -47,6 +82,7 @@ pub fn check_facts(f: &Facts) -> Result<()> {
 }
 
 pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
+    app.join_guard.admit(req.source, &req.token_id)?;
     check_facts(&req.facts)?;
     limits::check_labels(req.labels.iter())?;
     if req.csr_der.is_empty() || req.csr_der.len() > limits::MAX_CSR_BYTES {
@@ -57,7 +93,16 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
     }
     // Refuse early, before any work, with the token's own reason.
     let rec = crate::tokens::get(&app.db, &req.token_id).await?;
-    crate::tokens::check(rec.as_ref(), &req.token_id, &req.token_secret, now_secs())?;
+    if let Err(e) = crate::tokens::check(rec.as_ref(), &req.token_id, &req.token_secret, now_secs())
+    {
+        if matches!(e, Error::Unauthenticated(_)) {
+            // Only a token that exists is tracked by id: made-up ids would
+            // only fill the table.
+            let known = rec.is_some().then_some(req.token_id.as_str());
+            failed_join(app, req.source, &req.token_id, known, &e).await;
+        }
+        return Err(e);
+    }
 
     let existing = app.fleet.node_by_machine(&req.facts.machine_id).await?;
     let existing =

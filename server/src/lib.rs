@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod error;
 pub mod fleet;
 pub mod grpc;
+pub mod join_guard;
 pub mod membership;
 pub mod model;
 pub mod patches;

@@ -103,6 +103,7 @@ pub async fn run(
     .await?;
     let audit = AuditLog::open(db.clone()).await?;
     let app = Arc::new(App {
+        join_guard: Default::default(),
         cfg: cfg.clone(),
         db,
         fleet: fleet.clone(),

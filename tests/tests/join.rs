@@ -182,3 +182,114 @@ fn approval_keeps_node_pending_until_accepted() {
         || (a.status()?["connected"] == Value::Bool(false)).then_some(()),
     );
 }
+
+/// Enrolls over gRPC from `source` with `token`, `secret` in place of the
+/// token's own when given.
+async fn enroll_from(
+    server: &Server,
+    source: &str,
+    token: &flotilla_proto::token::JoinToken,
+    secret: Option<&str>,
+    machine: &str,
+) -> Result<(), tonic::Status> {
+    use flotilla_proto::pb;
+    let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
+        .unwrap()
+        .local_address(Some(source.parse().unwrap()))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    pb::agent_service_client::AgentServiceClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            token_id: token.id.clone(),
+            token_secret: secret.unwrap_or(&token.secret).to_string(),
+            csr_der: csr,
+            facts: Some(pb::NodeFacts {
+                hostname: machine.into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                agent_version: "0".into(),
+                machine_id: machine.into(),
+            }),
+            labels: Default::default(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[test]
+fn guessing_join_secrets_is_slowed_and_audited_and_a_right_secret_still_joins() {
+    flotilla_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let guessed: flotilla_proto::token::JoinToken = server.token("pos", 5, &[]).parse().unwrap();
+    let other: flotilla_proto::token::JoinToken = server.token("pos", 5, &[]).parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A burst of wrong secrets from one address: refused as wrong, then
+        // refused unheard.
+        let wrong = "x".repeat(other.secret.len());
+        let (mut unauthenticated, mut slowed) = (0, 0);
+        for _ in 0..40 {
+            let e = enroll_from(&server, "127.0.0.1", &guessed, Some(&wrong), "guess")
+                .await
+                .unwrap_err();
+            match e.code() {
+                tonic::Code::Unauthenticated => unauthenticated += 1,
+                tonic::Code::ResourceExhausted => {
+                    assert!(e.message().contains("too many failed joins"), "{e}");
+                    slowed += 1;
+                }
+                _ => panic!("{e}"),
+            }
+        }
+        assert!(
+            slowed > 0 && unauthenticated <= 12,
+            "{unauthenticated} wrong, {slowed} slowed"
+        );
+        // The right secret of another token from another address joins at once.
+        enroll_from(&server, "127.0.0.2", &other, None, "m-2")
+            .await
+            .unwrap();
+        // The guessed token itself comes back: slowed, not locked out.
+        let mut n = 0;
+        loop {
+            n += 1;
+            match enroll_from(&server, "127.0.0.3", &guessed, None, "m-3").await {
+                Ok(()) => break,
+                Err(e) if e.code() == tonic::Code::ResourceExhausted && n < 100 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    // Recorded: audited per source and interval with the count, not per guess.
+    let audit = server.cli_json(&["audit"]);
+    let failed: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "join.failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["actor"], "source:127.0.0.1");
+    assert_eq!(failed[0]["target"], guessed.id.as_str());
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert_eq!(
+        log.matches("failed join").count(),
+        1,
+        "logged once, not per guess"
+    );
+}

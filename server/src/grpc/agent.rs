@@ -199,6 +199,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let source = request.remote_addr().map(|a| a.ip());
         let pb::EnrollRequest {
             token_id,
             token_secret,
@@ -210,6 +211,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let joined = enroll::join(
             &self.app,
             JoinRequest {
+                source,
                 token_id,
                 token_secret,
                 csr_der,
