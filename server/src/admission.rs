@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 /// Most connections let in back to back before the rate applies.
@@ -71,24 +71,46 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// The listener's connections, at most `per_sec` a second (0: no limit).
+/// The listener's connections, at most `per_sec` a second (0: no limit), each
+/// taken or refused by the connection limits.
 pub fn incoming(
     listener: TcpListener,
     per_sec: u32,
-) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    limits: std::sync::Arc<crate::connections::Registry>,
+) -> impl Stream<Item = std::io::Result<crate::connections::LimitedStream>> {
     futures::stream::unfold(
-        (listener, Admission::new(per_sec)),
-        |(listener, mut admission)| async move {
-            let wait = admission.delay(Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+        (listener, Admission::new(per_sec), limits, None::<Instant>),
+        |(listener, mut admission, limits, mut logged)| async move {
+            loop {
+                let wait = admission.delay(Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                let conn = match listener.accept().await {
+                    Ok((stream, _)) => {
+                        // Small gRPC frames (heartbeats, pushes) must not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        match limits.admit(stream) {
+                            Some(s) => Ok(s),
+                            // Refused: closed as it is dropped; take the next.
+                            None => continue,
+                        }
+                    }
+                    // Out of descriptors, or a connection gone before it was
+                    // taken: an error here would end the server's accept
+                    // loop, so it is logged (at most every ten seconds) and
+                    // the next one is taken after a pause.
+                    Err(e) => {
+                        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                            tracing::warn!("cannot accept a connection: {e}");
+                            logged = Some(Instant::now());
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                return Some((conn, (listener, admission, limits, logged)));
             }
-            let conn = listener.accept().await.map(|(stream, _)| {
-                // Small gRPC frames (heartbeats, pushes) must not wait for Nagle.
-                let _ = stream.set_nodelay(true);
-                stream
-            });
-            Some((conn, (listener, admission)))
         },
     )
 }
@@ -96,6 +118,7 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[test]
     fn a_burst_then_the_rate() {
@@ -131,7 +154,14 @@ mod tests {
         use futures::StreamExt;
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut conns = Box::pin(incoming(listener, 1000));
+        let limits = crate::connections::Registry::new(crate::connections::Limits {
+            max_connections: 16,
+            max_per_source: 0,
+            max_pending_per_source: 16,
+            max_pending: 16,
+            pending_timeout: Duration::from_secs(30),
+        });
+        let mut conns = Box::pin(incoming(listener, 1000, limits));
         let clients: Vec<_> = (0..3)
             .map(|_| tokio::spawn(TcpStream::connect(addr)))
             .collect();
@@ -141,7 +171,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .unwrap();
-            assert!(c.nodelay().unwrap());
+            assert!(c.tcp().nodelay().unwrap());
         }
         for c in clients {
             c.await.unwrap().unwrap();

@@ -24,6 +24,14 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     pub node_cert_lifetime: Option<Duration>,
     pub max_connections_per_sec: Option<u32>,
+    /// Connections open at once (default: the open-files limit less a reserve).
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub max_pending_per_source: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub tls_handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub pending_timeout: Option<Duration>,
 }
 
 impl FileConfig {
@@ -46,6 +54,15 @@ pub struct ServerConfig {
     pub node_cert_lifetime: Duration,
     /// New connections (TLS handshakes) let in per second; 0: no limit.
     pub max_connections_per_sec: u32,
+    /// Connections open at once; None: the open-files limit less a reserve.
+    pub max_connections: Option<usize>,
+    /// Connections one source address may hold; 0: no limit.
+    pub max_connections_per_source: usize,
+    /// Connections one source address may hold before their first request; 0: no limit.
+    pub max_pending_per_source: usize,
+    pub tls_handshake_timeout: Duration,
+    /// How long a connection may go without making its first request.
+    pub pending_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -56,6 +73,13 @@ pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3
 /// Well under what one core handshakes per second, so a reconnect storm leaves
 /// room for the sessions already up.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SEC: u32 = 1000;
+/// Sessions one address may hold: a large site behind one NAT address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 8192;
+/// Connections one address may hold before their first request: well above
+/// what a reconnecting site has in handshake at once at the admission rate.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl ServerConfig {
     /// Settings for a data dir with every default; tests start from here.
@@ -87,6 +111,17 @@ impl ServerConfig {
             max_connections_per_sec: file
                 .max_connections_per_sec
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SEC),
+            max_connections: file.max_connections,
+            max_connections_per_source: file
+                .max_connections_per_source
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SOURCE),
+            max_pending_per_source: file
+                .max_pending_per_source
+                .unwrap_or(DEFAULT_MAX_PENDING_PER_SOURCE),
+            tls_handshake_timeout: file
+                .tls_handshake_timeout
+                .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
+            pending_timeout: file.pending_timeout.unwrap_or(DEFAULT_PENDING_TIMEOUT),
         }
     }
 
@@ -99,6 +134,15 @@ impl ServerConfig {
         anyhow::ensure!(
             self.node_cert_lifetime >= Duration::from_secs(3),
             "node certificate lifetime must be at least 3s"
+        );
+        anyhow::ensure!(
+            self.max_connections.is_none_or(|n| n >= 16),
+            "max connections must be at least 16"
+        );
+        anyhow::ensure!(
+            self.tls_handshake_timeout >= Duration::from_millis(100)
+                && self.pending_timeout >= self.tls_handshake_timeout,
+            "the TLS handshake timeout must be at least 100ms, and the pending timeout at least as long"
         );
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod compliance;
 pub mod config;
+pub mod connections;
 pub mod credential_file;
 pub mod credentials;
 pub mod data_dir;

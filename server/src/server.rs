@@ -7,6 +7,7 @@ use anyhow::Context;
 use flotilla_proto::{limits, pb};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::app::App;
@@ -70,6 +71,34 @@ pub async fn init(
     })
 }
 
+/// The connection limits: the open-files limit is raised to its hard limit
+/// first, and what connections may take of it keeps a reserve for the store,
+/// artifact files and operators; pending connections may hold half of that.
+fn connection_limits(cfg: &ServerConfig) -> crate::connections::Limits {
+    let nofile = crate::connections::raise_nofile_limit();
+    let max_connections = cfg.max_connections.unwrap_or_else(|| {
+        usize::try_from(nofile.saturating_sub(crate::connections::DESCRIPTOR_RESERVE))
+            .unwrap_or(usize::MAX)
+            .max(16)
+    });
+    let limits = crate::connections::Limits {
+        max_connections,
+        max_per_source: cfg.max_connections_per_source,
+        max_pending_per_source: cfg.max_pending_per_source,
+        max_pending: (max_connections / 2).max(8),
+        pending_timeout: cfg.pending_timeout,
+    };
+    tracing::info!(
+        open_files = nofile,
+        max_connections,
+        max_per_source = limits.max_per_source,
+        max_pending = limits.max_pending,
+        max_pending_per_source = limits.max_pending_per_source,
+        "connection limits"
+    );
+    limits
+}
+
 /// Serves the data directory on `listener` until `shutdown` is cancelled.
 pub async fn run(
     cfg: ServerConfig,
@@ -116,6 +145,7 @@ pub async fn run(
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
 
     let tls = ServerTlsConfig::new()
+        .timeout(cfg.tls_handshake_timeout)
         .identity(Identity::from_pem(server_cert, server_key))
         .client_ca_root(Certificate::from_pem(app.ca.cert_pem()))
         // Enroll and the admin calls come without a client certificate; every
@@ -127,16 +157,33 @@ pub async fn run(
         .set_serving::<pb::agent_service_server::AgentServiceServer<crate::grpc::agent::AgentApi>>()
         .await;
 
-    let agent = pb::agent_service_server::AgentServiceServer::new(
-        crate::grpc::agent::AgentApi::new(app.clone()),
-    )
-    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
-    let admin = pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {
-        app: app.clone(),
-    })
-    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+    let connections = crate::connections::Registry::new(connection_limits(&cfg));
+    // A request on a connection ends its pending time (see `connections`).
+    let served = {
+        let connections = connections.clone();
+        move |req: tonic::Request<()>| {
+            if let Some(addr) = req.remote_addr() {
+                connections.mark_used(addr);
+            }
+            Ok(req)
+        }
+    };
+    let agent = InterceptedService::new(
+        pb::agent_service_server::AgentServiceServer::new(crate::grpc::agent::AgentApi::new(
+            app.clone(),
+        ))
+        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+        served.clone(),
+    );
+    let admin = InterceptedService::new(
+        pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {
+            app: app.clone(),
+        })
+        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+        served,
+    );
 
     let addr = listener.local_addr()?;
     crate::ca::write_atomic(&cfg.addr_file(), addr.to_string().as_bytes(), false)?;
@@ -149,7 +196,7 @@ pub async fn run(
         .add_service(agent)
         .add_service(admin)
         .serve_with_incoming_shutdown(
-            crate::admission::incoming(listener, cfg.max_connections_per_sec),
+            crate::admission::incoming(listener, cfg.max_connections_per_sec, connections),
             shutdown.cancelled(),
         )
         .await

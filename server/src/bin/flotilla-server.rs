@@ -59,6 +59,23 @@ enum Command {
         /// storm is taken in turn (default 1000; 0: no limit).
         #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS_PER_SEC")]
         max_connections_per_sec: Option<u32>,
+        /// Connections open at once (default: the open-files limit, raised to
+        /// its hard limit at start, less 1024 kept for the store and operators).
+        #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS")]
+        max_connections: Option<usize>,
+        /// Connections one source address may hold (default 8192; 0: no limit).
+        #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS_PER_SOURCE")]
+        max_connections_per_source: Option<usize>,
+        /// Connections one source address may hold before their first request
+        /// (default 64; 0: no limit).
+        #[arg(long, env = "FLOTILLA_MAX_PENDING_PER_SOURCE")]
+        max_pending_per_source: Option<usize>,
+        /// Deadline of a TLS handshake (default 5s).
+        #[arg(long, env = "FLOTILLA_TLS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+        tls_handshake_timeout: Option<Duration>,
+        /// How long a connection may go without its first request (default 20s).
+        #[arg(long, env = "FLOTILLA_PENDING_TIMEOUT", value_parser = humantime::parse_duration)]
+        pending_timeout: Option<Duration>,
     },
 }
 
@@ -89,6 +106,11 @@ async fn main() -> anyhow::Result<()> {
             startup_grace,
             node_cert_lifetime,
             max_connections_per_sec,
+            max_connections,
+            max_connections_per_source,
+            max_pending_per_source,
+            tls_handshake_timeout,
+            pending_timeout,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -102,6 +124,12 @@ async fn main() -> anyhow::Result<()> {
             file.startup_grace = startup_grace.or(file.startup_grace);
             file.node_cert_lifetime = node_cert_lifetime.or(file.node_cert_lifetime);
             file.max_connections_per_sec = max_connections_per_sec.or(file.max_connections_per_sec);
+            file.max_connections = max_connections.or(file.max_connections);
+            file.max_connections_per_source =
+                max_connections_per_source.or(file.max_connections_per_source);
+            file.max_pending_per_source = max_pending_per_source.or(file.max_pending_per_source);
+            file.tls_handshake_timeout = tls_handshake_timeout.or(file.tls_handshake_timeout);
+            file.pending_timeout = pending_timeout.or(file.pending_timeout);
             let cfg = ServerConfig::merge(file);
             let listener = flotilla_server::admission::listen(cfg.listen)
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;

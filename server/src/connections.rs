@@ -1,0 +1,462 @@
+//! Connection limits: what idle or flooding peers can hold. Every accepted
+//! connection is counted per source address and in all; one that has not made
+//! a request yet (in TLS handshake, or connected and silent) is *pending*:
+//! pending connections are capped per source, closed after a deadline, and,
+//! when too many are pending in all, the oldest makes room for the newest, so
+//! a flood cannot hold the descriptors that sessions, the store and operators
+//! need. Refusals are logged at a bounded rate.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Descriptors kept back from connections at start: the store, artifact files,
+/// logs, and room for an operator when everything else is taken.
+pub const DESCRIPTOR_RESERVE: u64 = 1024;
+/// A log line about refused connections at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The limits, from the server's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once, in all.
+    pub max_connections: usize,
+    /// Connections one source address may hold (0: no limit).
+    pub max_per_source: usize,
+    /// Pending connections one source address may hold (0: no limit).
+    pub max_pending_per_source: usize,
+    /// Pending connections in all; past this the oldest is closed for a new one.
+    pub max_pending: usize,
+    /// How long a connection may stay pending (TLS handshake included).
+    pub pending_timeout: Duration,
+}
+
+/// Raises the process's soft open-files limit to its hard limit, and returns
+/// the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read the open-files limit: {e}");
+            1024
+        }
+    }
+}
+
+/// One accepted connection as the registry sees it.
+#[derive(Debug)]
+struct Conn {
+    addr: SocketAddr,
+    used: AtomicBool,
+    /// Cancelled to close it (evicted for a newer pending connection).
+    close: CancellationToken,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct SourceCount {
+    open: usize,
+    pending: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_addr: HashMap<SocketAddr, Arc<Conn>>,
+    sources: HashMap<IpAddr, SourceCount>,
+    total: usize,
+    pending: usize,
+    /// Pending connections, oldest first (entries of used or closed ones are
+    /// skipped as they come up).
+    pending_order: VecDeque<Weak<Conn>>,
+}
+
+/// Counts of what was refused or closed since the last log line.
+#[derive(Debug, Default)]
+struct Refusals {
+    per_source: AtomicU64,
+    global: AtomicU64,
+    evicted: AtomicU64,
+    timed_out: AtomicU64,
+    last_log: Mutex<Option<Instant>>,
+}
+
+/// The server's connections.
+#[derive(Debug)]
+pub struct Registry {
+    limits: Limits,
+    inner: Mutex<Inner>,
+    refusals: Refusals,
+}
+
+/// Why a connection was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    PerSource,
+    Global,
+}
+
+impl Registry {
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            inner: Mutex::new(Inner::default()),
+            refusals: Refusals::default(),
+        })
+    }
+
+    /// Takes a connection, or refuses it (it is closed when dropped).
+    pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Option<LimitedStream> {
+        let addr = stream.peer_addr().ok()?;
+        let conn = match self.register(addr) {
+            Ok(conn) => conn,
+            Err(why) => {
+                let counter = match why {
+                    Refusal::PerSource => &self.refusals.per_source,
+                    Refusal::Global => &self.refusals.global,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.maybe_log();
+                return None;
+            }
+        };
+        let deadline = tokio::time::sleep(self.limits.pending_timeout);
+        Some(LimitedStream {
+            closed: Box::pin(conn.close.clone().cancelled_owned()),
+            pending: Some(Box::pin(deadline)),
+            inner: stream,
+            conn,
+            registry: Arc::clone(self),
+        })
+    }
+
+    fn register(&self, addr: SocketAddr) -> Result<Arc<Conn>, Refusal> {
+        let l = &self.limits;
+        let mut inner = self.inner.lock().expect("connection registry");
+        let source = inner.sources.get(&addr.ip()).copied().unwrap_or_default();
+        if (l.max_pending_per_source > 0 && source.pending >= l.max_pending_per_source)
+            || (l.max_per_source > 0 && source.open >= l.max_per_source)
+        {
+            return Err(Refusal::PerSource);
+        }
+        if inner.pending >= l.max_pending || inner.total >= l.max_connections {
+            // The oldest pending connection makes room; its descriptor is free
+            // as soon as it sees it is closed.
+            if !self.evict_oldest(&mut inner) && inner.total >= l.max_connections {
+                return Err(Refusal::Global);
+            }
+        }
+        let conn = Arc::new(Conn {
+            addr,
+            used: AtomicBool::new(false),
+            close: CancellationToken::new(),
+        });
+        inner.by_addr.insert(addr, Arc::clone(&conn));
+        let s = inner.sources.entry(addr.ip()).or_default();
+        s.open += 1;
+        s.pending += 1;
+        inner.total += 1;
+        inner.pending += 1;
+        inner.pending_order.push_back(Arc::downgrade(&conn));
+        Ok(conn)
+    }
+
+    fn evict_oldest(&self, inner: &mut Inner) -> bool {
+        while let Some(weak) = inner.pending_order.pop_front() {
+            if let Some(c) = weak.upgrade()
+                && !c.used.load(Ordering::Acquire)
+                && !c.close.is_cancelled()
+            {
+                c.close.cancel();
+                self.refusals.evicted.fetch_add(1, Ordering::Relaxed);
+                self.maybe_log();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A request arrived on the connection from `addr`: it is no longer pending.
+    pub fn mark_used(&self, addr: SocketAddr) {
+        let mut inner = self.inner.lock().expect("connection registry");
+        let Some(conn) = inner.by_addr.get(&addr).cloned() else {
+            return;
+        };
+        if !conn.used.swap(true, Ordering::AcqRel) {
+            inner.pending -= 1;
+            if let Some(s) = inner.sources.get_mut(&addr.ip()) {
+                s.pending -= 1;
+            }
+        }
+    }
+
+    fn release(&self, conn: &Conn) {
+        let mut inner = self.inner.lock().expect("connection registry");
+        if inner
+            .by_addr
+            .get(&conn.addr)
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), conn))
+        {
+            inner.by_addr.remove(&conn.addr);
+        }
+        let was_pending = !conn.used.swap(true, Ordering::AcqRel);
+        inner.total -= 1;
+        if was_pending {
+            inner.pending -= 1;
+        }
+        let ip = conn.addr.ip();
+        if let Some(s) = inner.sources.get_mut(&ip) {
+            s.open -= 1;
+            if was_pending {
+                s.pending -= 1;
+            }
+            if s.open == 0 {
+                inner.sources.remove(&ip);
+            }
+        }
+        // Keep the queue from growing with connections long gone.
+        if inner.pending_order.len() > 2 * inner.pending + 64 {
+            inner
+                .pending_order
+                .retain(|w| w.upgrade().is_some_and(|c| !c.used.load(Ordering::Acquire)));
+        }
+    }
+
+    /// Open and pending connections now.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.inner.lock().expect("connection registry");
+        (inner.total, inner.pending)
+    }
+
+    /// One line for everything refused or closed since the last, at most every
+    /// REFUSAL_LOG_EVERY.
+    fn maybe_log(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self.refusals.last_log.lock().expect("refusal log");
+            if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let take = |c: &AtomicU64| c.swap(0, Ordering::Relaxed);
+        let (per_source, global, evicted, timed_out) = (
+            take(&self.refusals.per_source),
+            take(&self.refusals.global),
+            take(&self.refusals.evicted),
+            take(&self.refusals.timed_out),
+        );
+        let (open, pending) = self.counts();
+        tracing::warn!(
+            per_source,
+            global,
+            evicted,
+            timed_out,
+            open,
+            pending,
+            "connections refused or closed by the connection limits (counts since the last such line)"
+        );
+    }
+}
+
+/// A connection under the limits: closed when evicted or when it stays pending
+/// past its deadline; counted out when dropped.
+pub struct LimitedStream {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+    registry: Arc<Registry>,
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    pending: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl LimitedStream {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.inner
+    }
+
+    /// An error if the connection is to close now.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed for a newer connection",
+            ));
+        }
+        if self.conn.used.load(Ordering::Acquire) {
+            self.pending = None;
+        } else if let Some(deadline) = self.pending.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.registry
+                .refusals
+                .timed_out
+                .fetch_add(1, Ordering::Relaxed);
+            self.registry.maybe_log();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within the pending deadline",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        self.registry.release(&self.conn);
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.conn.close.is_cancelled() {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.conn.close.is_cancelled() {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl Connected for LimitedStream {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 8,
+            max_per_source: 6,
+            max_pending_per_source: 3,
+            max_pending: 3,
+            pending_timeout: Duration::from_secs(30),
+        }
+    }
+
+    async fn pair(listener: &tokio::net::TcpListener, from: &str) -> (TcpStream, TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let client = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn pending_connections_are_capped_per_source_and_the_oldest_makes_room() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reg = Registry::new(limits());
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let (c, s) = pair(&listener, "127.0.0.1").await;
+            held.push((c, reg.admit(s).expect("under the per-source cap")));
+        }
+        let (_c, s) = pair(&listener, "127.0.0.1").await;
+        assert!(reg.admit(s).is_none(), "a fourth pending from one source");
+        // A request moves one out of pending: its source may open another.
+        reg.mark_used(held[0].1.conn.addr);
+        let (c, s) = pair(&listener, "127.0.0.1").await;
+        held.push((c, reg.admit(s).unwrap()));
+        assert_eq!(reg.counts(), (4, 3));
+        // Another source: the global pending cap (3) is reached, so the oldest
+        // pending connection is closed to make room.
+        let (c, s) = pair(&listener, "127.0.0.2").await;
+        held.push((c, reg.admit(s).unwrap()));
+        let mut buf = [0u8; 1];
+        let err = held[1].1.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        // Dropping connections counts them out.
+        held.clear();
+        assert_eq!(reg.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_stays_pending_is_closed_at_its_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reg = Registry::new(Limits {
+            pending_timeout: Duration::from_millis(200),
+            ..limits()
+        });
+        let (_c, s) = pair(&listener, "127.0.0.1").await;
+        let mut quiet = reg.admit(s).unwrap();
+        let mut buf = [0u8; 1];
+        let err = quiet.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // One that made a request is not.
+        let (mut c, s) = pair(&listener, "127.0.0.1").await;
+        let mut used = reg.admit(s).unwrap();
+        reg.mark_used(used.conn.addr);
+        // Well past the deadline, it still reads.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut c, b"x")
+            .await
+            .unwrap();
+        assert_eq!(used.read(&mut buf).await.unwrap(), 1);
+    }
+}
