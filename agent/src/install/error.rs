@@ -110,6 +110,12 @@ pub enum InstallError {
     #[error("artifact has a pax size of {pax} bytes for an entry whose header says {header}")]
     PaxSizeMismatch { pax: u64, header: u64 },
 
+    #[error(
+        "not enough free space on the filesystem of {}: the install needs {need} bytes, {free} are free",
+        .path.display()
+    )]
+    NotEnoughSpace { path: PathBuf, need: u64, free: u64 },
+
     #[error("artifact has more than {limit} entries")]
     TooManyEntries { limit: usize },
 
@@ -215,6 +221,21 @@ pub enum InstallError {
 }
 
 impl InstallError {
+    /// Whether the same step may go through later: the host may change (space
+    /// freed, a path put right); the artifact, the plan and the backups will not.
+    pub fn may_pass_later(&self) -> bool {
+        matches!(
+            self,
+            Self::Io { .. }
+                | Self::HostSymlink { .. }
+                | Self::HostFileWhereDirectory { .. }
+                | Self::HostDirectoryWhereFile { .. }
+                | Self::HostSpecialFile { .. }
+                | Self::RollbackConflict { .. }
+                | Self::NotEnoughSpace { .. }
+        )
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Self::Io {
             action,

@@ -103,6 +103,7 @@ pub(crate) fn install_files_with(
     let allowed = |rel: &Path| policy.allows(&destination.join(rel));
     let mut plan = build_plan(destination, &entries, &beneath, &allowed)?;
     plan.allowed = beneath.paths();
+    check_space(destination, &entries, &plan, work_dir)?;
     make_backups(&beneath, &mut plan, work_dir)?;
     plan::write_plan(work_dir, &plan)?;
     before_apply();
@@ -369,6 +370,58 @@ fn record_prev(pe: &mut PlanEntry, kind: Kind, meta: &Meta) {
     pe.prev_mode = Some(meta.mode);
     pe.prev_uid = Some(meta.uid);
     pe.prev_gid = Some(meta.gid);
+}
+
+/// Room the filesystem keeps beyond what an install needs: directory entries,
+/// inodes' blocks, and the rounding of each file to whole blocks.
+const SPACE_SLACK: u64 = 1 << 20;
+
+/// Refuses an install that cannot fit before anything is written: the files
+/// it unpacks (their exact sizes, from the archive) on the destination's
+/// filesystem, and the backups of the files it replaces on the work
+/// directory's. A full disk mid-install is still handled (temp files removed,
+/// rolled back), but should not be the usual way to find out.
+fn check_space(
+    destination: &Path,
+    entries: &[TarEntry],
+    plan: &Plan,
+    work_dir: &Path,
+) -> Result<(), InstallError> {
+    let unpacked: u64 = entries
+        .iter()
+        .map(|e| match e.kind {
+            EntryKind::File { size, .. } => size.div_ceil(4096) * 4096,
+            _ => 4096,
+        })
+        .sum();
+    let backups: u64 = plan
+        .entries
+        .iter()
+        .filter(|pe| pe.prev_kind == Some(Kind::File))
+        .filter_map(|pe| fs::symlink_metadata(&pe.path).ok())
+        .map(|m| m.len())
+        .sum();
+    // The destination may not exist yet: its nearest existing ancestor holds it.
+    let on_host = destination
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let need = |path: &Path, bytes: u64| -> Result<(), InstallError> {
+        let st = nix::sys::statvfs::statvfs(path)
+            .map_err(|e| InstallError::io("read the free space of", path, e.into()))?;
+        let free = st.blocks_available().saturating_mul(st.fragment_size());
+        let need = bytes.saturating_add(SPACE_SLACK);
+        if free < need {
+            return Err(InstallError::NotEnoughSpace {
+                path: path.to_path_buf(),
+                need,
+                free,
+            });
+        }
+        Ok(())
+    };
+    need(on_host, unpacked)?;
+    need(work_dir, backups)
 }
 
 /// Copies every file about to be replaced into `work_dir/backup/<n>`. The copies

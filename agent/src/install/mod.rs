@@ -26,6 +26,8 @@ mod tests_refusals;
 #[cfg(test)]
 mod tests_script;
 #[cfg(test)]
+mod tests_space;
+#[cfg(test)]
 pub(crate) mod tests_util;
 
 use std::path::{Component, Path, PathBuf};

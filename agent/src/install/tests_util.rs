@@ -148,3 +148,50 @@ impl Scratch {
         }
     }
 }
+
+/// A tmpfs of `size` mounted at `dir` for the test's life: a small filesystem
+/// to fill. Needs root (as the test suite runs); without it the test fails
+/// saying so, it does not skip.
+pub(crate) struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Self {
+        fs::create_dir_all(dir).expect("mkdir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a {size} tmpfs at {} and needs root for it: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes zeros to `path` until the filesystem is full (or `max` bytes).
+pub(crate) fn fill(path: &Path, max: usize) {
+    use std::io::Write;
+    let mut f = fs::File::create(path).expect("create filler");
+    let block = vec![0u8; 64 * 1024];
+    let mut written = 0;
+    while written < max {
+        match f.write(&block) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n,
+        }
+    }
+    let _ = f.sync_all();
+}

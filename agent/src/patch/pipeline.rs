@@ -76,6 +76,9 @@ struct Stop {
     phase: Phase,
     error: String,
     tail: String,
+    /// Trying again later may go through (the host may change: space freed, a
+    /// path put right); the artifact, plan and backups will not.
+    retry: bool,
 }
 
 impl Stop {
@@ -84,9 +87,13 @@ impl Stop {
             phase,
             error: error.into(),
             tail: String::new(),
+            retry: false,
         }
     }
 }
+
+/// Longest wait between two tries of a rollback that could not complete.
+const ROLLBACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Most bytes of an error or an output tail a step keeps (journal, report, log).
 const STEP_TEXT_BYTES: usize = 4096;
@@ -417,13 +424,37 @@ impl Pipeline {
                 &dir.join(format!("{artifact}.run")),
             );
         }
-        match self.undo(m).await {
-            Ok(_) => {
-                self.advance(entry, Phase::RolledBack, &why.error, &why.tail);
-            }
-            Err(e) => {
-                let error = format!("{}; rollback failed too: {}", why.error, e.error);
-                self.advance(entry, Phase::Failed, &error, &why.tail);
+        // A rollback the host stops for now (a full disk, a path in the way) is
+        // tried again with backoff until it completes, the entry staying in its
+        // phase with the reason, journaled and reported; a restart tries again
+        // too. One that can never complete is final.
+        let mut backoff = crate::backoff::Backoff::new(crate::backoff::BASE, ROLLBACK_RETRY_CAP);
+        let mut attempt = 1u32;
+        loop {
+            match self.undo(m).await {
+                Ok(_) => {
+                    self.advance(entry, Phase::RolledBack, &why.error, &why.tail);
+                    break;
+                }
+                Err(e) if e.retry => {
+                    let delay = backoff.next_delay();
+                    let note = format!(
+                        "{}; rollback not complete (try {attempt}), trying again in {}s: {}",
+                        why.error,
+                        delay.as_secs().max(1),
+                        e.error
+                    );
+                    tracing::warn!(patch = %entry.manifest_id, "{note}");
+                    let phase = entry.phase;
+                    self.advance(entry, phase, &note, &why.tail);
+                    tokio::time::sleep(delay).await;
+                    attempt = attempt.saturating_add(1);
+                }
+                Err(e) => {
+                    let error = format!("{}; rollback failed too: {}", why.error, e.error);
+                    self.advance(entry, Phase::Failed, &error, &why.tail);
+                    break;
+                }
             }
         }
         self.cleanup(m);
@@ -491,6 +522,7 @@ impl Pipeline {
                             phase: Phase::RolledBack,
                             error: e.to_string(),
                             tail,
+                            retry: false,
                         };
                         self.roll_back(&mut entry, &m, why).await;
                         return;

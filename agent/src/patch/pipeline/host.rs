@@ -65,6 +65,7 @@ impl Pipeline {
                         .map_or("a signal".to_string(), |c| format!("code {c}"))
                 ),
                 tail: out.tail,
+                retry: false,
             })
         }
     }
@@ -125,7 +126,10 @@ impl Pipeline {
                     .await
                     .map_err(|e| Stop::new(Phase::Failed, e.to_string()))?
                     .map(|()| String::new())
-                    .map_err(|e| Stop::new(Phase::Failed, e.to_string()))
+                    .map_err(|e| Stop {
+                        retry: e.may_pass_later(),
+                        ..Stop::new(Phase::Failed, e.to_string())
+                    })
             }
             (
                 Install::Script { .. },

@@ -608,3 +608,75 @@ async fn the_no_op_executor_walks_every_step_but_leaves_the_host_alone() {
     assert_eq!(phase(&p, "p2"), Some(Phase::Rejected));
     assert_eq!(snapshot(&root), before);
 }
+
+#[tokio::test]
+async fn a_rollback_the_host_stops_is_retried_until_it_completes_and_says_so_meanwhile() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    // An install whose plan and backups are in place, then stopped in Applying
+    // with a reason: what a failed install leaves for its rollback.
+    let signed = files_patch(&publisher, &p, "p-1", "1.0.0", V1);
+    p.take(offer(&[&signed], &[])).await;
+    assert_eq!(phase(&p, "p-1"), Some(Phase::Committed));
+    let from = p.patch_dir("p-1");
+    let to = p.patch_dir("p-2");
+    std::fs::create_dir_all(to.join("backup")).unwrap();
+    for f in ["plan.json", "backup/0"] {
+        if from.join(f).exists() {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+    }
+    let mut m = Manifest::parse(&signed.manifest).unwrap();
+    m.id = "p-2".into();
+    let mut entry = p.journal.get("p-1").unwrap().unwrap();
+    entry.manifest_id = "p-2".into();
+    for phase in [
+        Phase::Received,
+        Phase::Verified,
+        Phase::Downloaded,
+        Phase::Applying,
+    ] {
+        entry.phase = phase;
+        p.journal.record(&entry).unwrap();
+    }
+    // Something puts a symlink where the rollback must restore a file.
+    let bin = root.join("opt/c/bin");
+    std::fs::rename(&bin, root.join("opt/c/bin.moved")).unwrap();
+    std::os::unix::fs::symlink(dir.join("elsewhere"), &bin).unwrap();
+
+    let why = Stop::new(Phase::RolledBack, "install failed: No space left on device");
+    let fixer = async {
+        // The node's state says the rollback is not complete, and why.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let e = p.journal.get("p-2").unwrap().unwrap();
+            if e.error
+                .as_deref()
+                .is_some_and(|x| x.contains("rollback not complete (try 1)"))
+            {
+                assert_eq!(e.phase, Phase::Applying);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no retry note: {:?}",
+                e.error
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (ph, error) = reports(&p, "p-2").pop().unwrap();
+        assert_eq!(ph, Phase::Applying);
+        assert!(error.contains("is a symlink on this host"), "{error}");
+        // Put right: the next try completes.
+        std::fs::remove_file(&bin).unwrap();
+        std::fs::rename(root.join("opt/c/bin.moved"), &bin).unwrap();
+    };
+    let mut e = p.journal.get("p-2").unwrap().unwrap();
+    tokio::join!(p.roll_back(&mut e, &m, why), fixer);
+    assert_eq!(phase(&p, "p-2"), Some(Phase::RolledBack));
+    assert!(!dir.join("elsewhere").exists());
+    assert_eq!(snapshot(&root), before);
+}

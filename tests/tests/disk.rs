@@ -1,0 +1,85 @@
+//! A full disk under a real agent: a patch that does not fit the filesystem
+//! under its destination is refused before anything is written, with how much
+//! it needs; the host is unchanged, no temp file is left, and a patch that fits
+//! installs afterwards.
+
+use std::path::Path;
+use std::process::Command;
+
+use flotilla_e2e::patch::{self, FleetOptions};
+
+/// A tmpfs of `size` at `dir` until dropped. Needs root, as the suite runs:
+/// without it the test fails saying so.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs at {} and needs root for it: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_patch_that_does_not_fit_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (server, agents) = patch::fleet(
+        dir.path(),
+        FleetOptions {
+            agents: 1,
+            server_keys: &[&k],
+            pinned: &[&k],
+            ..FleetOptions::default()
+        },
+    );
+    let root = agents[0].root();
+    let demo = root.join("opt/demo");
+    let _fs = Tmpfs::mount(&demo, "2m");
+    std::fs::write(demo.join("VERSION"), b"0\n").unwrap();
+    let before = patch::snapshot(&root);
+
+    let big = vec![1u8; 3 << 20];
+    let tar = dir.path().join("big.tar");
+    patch::tar(
+        &tar,
+        &[("VERSION", b"1\n", 0o644), ("data.bin", &big, 0o644)],
+    );
+    let spec = patch::files_spec(dir.path(), "too-big", "1.0.0", &tar, "");
+    let manifest = patch::build(&server, &spec, &dir.path().join("too-big"));
+    patch::sign(&server, &manifest, &k);
+    assert!(patch::publish(&server, &manifest).0);
+    let out = patch::wait_outcomes(&server, "too-big", 1);
+    let (_, phase, error) = &out[0];
+    assert_eq!(phase, "rolled_back", "{out:?}");
+    assert!(error.contains("not enough free space"), "{error}");
+    assert!(!error.contains("rollback failed"), "{error}");
+    assert_eq!(patch::snapshot(&root), before, "the host changed");
+
+    // One that fits goes in.
+    let tar = dir.path().join("small.tar");
+    patch::tar(&tar, &[("VERSION", b"2\n", 0o644)]);
+    let spec = patch::files_spec(dir.path(), "fits", "2.0.0", &tar, "");
+    let manifest = patch::build(&server, &spec, &dir.path().join("fits"));
+    patch::sign(&server, &manifest, &k);
+    assert!(patch::publish(&server, &manifest).0);
+    let out = patch::wait_outcomes(&server, "fits", 1);
+    assert_eq!(out[0].1, "committed", "{out:?}");
+    assert_eq!(std::fs::read(demo.join("VERSION")).unwrap(), b"2\n");
+}
