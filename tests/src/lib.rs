@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod enroll;
+pub mod measure;
 pub mod patch;
 
 /// A built binary of the workspace. The test command builds them first

@@ -45,14 +45,27 @@ pub fn tar(path: &Path, files: &[(&str, &[u8], u32)]) {
     b.finish().expect("finish tar");
 }
 
-/// Writes a spec for a `files` patch of `artifact` into /opt/<component>.
+/// Writes a spec for a `files` patch of `artifact` into /opt/demo (component `demo`).
 pub fn files_spec(dir: &Path, id: &str, version: &str, artifact: &Path, extra: &str) -> PathBuf {
+    component_spec(dir, id, "demo", version, artifact, extra)
+}
+
+/// Writes a spec for a `files` patch of `component` installing `artifact` into
+/// /opt/<component>; `extra` goes at the end (in the `[install]` table).
+pub fn component_spec(
+    dir: &Path,
+    id: &str,
+    component: &str,
+    version: &str,
+    artifact: &Path,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join(format!("{id}.toml"));
     std::fs::write(
         &path,
         format!(
             r#"id = "{id}"
-component = "demo"
+component = "{component}"
 version = "{version}"
 severity = "critical"
 expires_in = "30d"
@@ -62,7 +75,7 @@ path = "{}"
 [install]
 type = "files"
 artifact = "payload.tar"
-destination = "/opt/demo"
+destination = "/opt/{component}"
 {extra}
 "#,
             artifact.display()
@@ -238,6 +251,19 @@ pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
         (server.group("store")["online"] == n).then_some(())
     });
     (server, agents)
+}
+
+/// [`fleet`] of `agents` agents, the server and every agent trusting `key` alone.
+pub fn signed_fleet(dir: &Path, key: &Key, agents: usize) -> (Server, Vec<Agent>) {
+    fleet(
+        dir,
+        FleetOptions {
+            agents,
+            server_keys: &[key],
+            pinned: &[key],
+            ..FleetOptions::default()
+        },
+    )
 }
 
 /// (node id, phase, error) of every node a patch targets or that reported on it.

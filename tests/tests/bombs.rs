@@ -5,8 +5,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use flotilla_e2e::patch::{self, FleetOptions, Key};
-use flotilla_e2e::{Server, wait_until};
+use flotilla_e2e::patch::{self, Key};
+use flotilla_e2e::{Server, measure, wait_until};
 
 /// What each bomb's extension header holds (and declares).
 const BOMB_BYTES: u64 = 256 << 20;
@@ -47,49 +47,16 @@ fn release(server: &Server, dir: &Path, k: &Key, id: &str, version: &str, artifa
     assert!(ok, "publish {id}: {err}");
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let meta = e.metadata().unwrap();
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    total
-}
-
 #[test]
 fn extension_header_bombs_are_refused_with_the_agent_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
-    let (server, agents) = patch::fleet(
-        dir.path(),
-        FleetOptions {
-            agents: 1,
-            server_keys: &[&k],
-            pinned: &[&k],
-            ..FleetOptions::default()
-        },
-    );
+    let (server, agents) = patch::signed_fleet(dir.path(), &k, 1);
     let agent = &agents[0];
     let pid = agent.pid().unwrap();
     let root = agent.root();
     let host_before = patch::snapshot(&root);
-    let state_before = dir_bytes(&agent.state_dir);
+    let state_before = measure::dir_bytes(&agent.state_dir);
     for (i, (name, kind)) in [
         ("long-name", tar::EntryType::GNULongName),
         ("long-link", tar::EntryType::GNULongLink),
@@ -112,8 +79,8 @@ fn extension_header_bombs_are_refused_with_the_agent_bounded() {
             "{name}: {error}"
         );
     }
-    let hwm = status_kib(pid, "VmHWM:");
-    let state_after = dir_bytes(&agent.state_dir);
+    let hwm = measure::status_kib(pid, "VmHWM:");
+    let state_after = measure::dir_bytes(&agent.state_dir);
     eprintln!("agent peak RSS {hwm} KiB; state dir {state_before} -> {state_after} bytes");
     assert!(hwm < MAX_AGENT_HWM_KIB, "agent peak RSS {hwm} KiB");
     // Three small refusals journaled, not the headers' contents.

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use flotilla_e2e::patch::{self, FleetOptions};
+use flotilla_e2e::patch;
 
 /// A tmpfs of `size` at `dir` until dropped. Needs root, as the suite runs:
 /// without it the test fails saying so.
@@ -40,15 +40,7 @@ impl Drop for Tmpfs {
 fn a_patch_that_does_not_fit_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
-    let (server, agents) = patch::fleet(
-        dir.path(),
-        FleetOptions {
-            agents: 1,
-            server_keys: &[&k],
-            pinned: &[&k],
-            ..FleetOptions::default()
-        },
-    );
+    let (server, agents) = patch::signed_fleet(dir.path(), &k, 1);
     let root = agents[0].root();
     let demo = root.join("opt/demo");
     let _fs = Tmpfs::mount(&demo, "2m");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use flotilla_e2e::{Agent, Server, wait_until};
+use flotilla_e2e::{Agent, Server, enroll, wait_until};
 use serde_json::Value;
 
 fn stderr(out: &std::process::Output) -> String {
@@ -183,47 +183,6 @@ fn approval_keeps_node_pending_until_accepted() {
     );
 }
 
-/// Enrolls over gRPC from `source` with `token`, `secret` in place of the
-/// token's own when given.
-async fn enroll_from(
-    server: &Server,
-    source: &str,
-    token: &flotilla_proto::token::JoinToken,
-    secret: Option<&str>,
-    machine: &str,
-) -> Result<(), tonic::Status> {
-    use flotilla_proto::pb;
-    let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
-        .unwrap()
-        .local_address(Some(source.parse().unwrap()))
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .der()
-        .to_vec();
-    pb::agent_service_client::AgentServiceClient::new(channel)
-        .enroll(pb::EnrollRequest {
-            token_id: token.id.clone(),
-            token_secret: secret.unwrap_or(&token.secret).to_string(),
-            csr_der: csr,
-            facts: Some(pb::NodeFacts {
-                hostname: machine.into(),
-                os: "linux".into(),
-                arch: "x86_64".into(),
-                agent_version: "0".into(),
-                machine_id: machine.into(),
-            }),
-            labels: Default::default(),
-        })
-        .await
-        .map(|_| ())
-}
-
 #[test]
 fn guessing_join_secrets_is_slowed_and_audited_and_a_right_secret_still_joins() {
     flotilla_proto::install_crypto_provider();
@@ -242,8 +201,9 @@ fn guessing_join_secrets_is_slowed_and_audited_and_a_right_secret_still_joins() 
         let wrong = "x".repeat(other.secret.len());
         let (mut unauthenticated, mut slowed) = (0, 0);
         for _ in 0..40 {
-            let e = enroll_from(&server, "127.0.0.1", &guessed, Some(&wrong), "guess")
+            let e = enroll::enroll(&server, "127.0.0.1", &guessed, Some(&wrong), "guess")
                 .await
+                .map(|_| ())
                 .unwrap_err();
             match e.code() {
                 tonic::Code::Unauthenticated => unauthenticated += 1,
@@ -259,14 +219,18 @@ fn guessing_join_secrets_is_slowed_and_audited_and_a_right_secret_still_joins() 
             "{unauthenticated} wrong, {slowed} slowed"
         );
         // The right secret of another token from another address joins at once.
-        enroll_from(&server, "127.0.0.2", &other, None, "m-2")
+        enroll::enroll(&server, "127.0.0.2", &other, None, "m-2")
             .await
+            .map(|_| ())
             .unwrap();
         // The guessed token itself comes back: slowed, not locked out.
         let mut n = 0;
         loop {
             n += 1;
-            match enroll_from(&server, "127.0.0.3", &guessed, None, "m-3").await {
+            match enroll::enroll(&server, "127.0.0.3", &guessed, None, "m-3")
+                .await
+                .map(|_| ())
+            {
                 Ok(()) => break,
                 Err(e) if e.code() == tonic::Code::ResourceExhausted && n < 100 => {
                     tokio::time::sleep(Duration::from_millis(100)).await;

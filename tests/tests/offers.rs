@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flotilla_e2e::patch::{self, FleetOptions};
+use flotilla_e2e::patch;
 use flotilla_e2e::wait_until;
 
 /// More than the 64 one desired state carries.
@@ -13,15 +13,7 @@ const PATCHES: usize = 70;
 fn more_patches_than_one_state_carries_all_arrive_in_turn() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
-    let (server, mut agents) = patch::fleet(
-        dir.path(),
-        FleetOptions {
-            agents: 1,
-            server_keys: &[&k],
-            pinned: &[&k],
-            ..FleetOptions::default()
-        },
-    );
+    let (server, mut agents) = patch::signed_fleet(dir.path(), &k, 1);
     // Offline while they are published, so they are all in flight at once
     // when it comes back.
     agents[0].kill9();
@@ -33,27 +25,7 @@ fn more_patches_than_one_state_carries_all_arrive_in_turn() {
     let ids: Vec<String> = (0..PATCHES).map(|i| format!("c{i:02}")).collect();
     for id in &ids {
         // One component each, so none supersedes another.
-        let spec = dir.path().join(format!("{id}.toml"));
-        std::fs::write(
-            &spec,
-            format!(
-                r#"id = "{id}"
-component = "{id}"
-version = "1.0.0"
-severity = "high"
-expires_in = "30d"
-[[artifacts]]
-name = "payload.tar"
-path = "{}"
-[install]
-type = "files"
-artifact = "payload.tar"
-destination = "/opt/{id}"
-"#,
-                artifact.display()
-            ),
-        )
-        .unwrap();
+        let spec = patch::component_spec(dir.path(), id, id, "1.0.0", &artifact, "");
         let manifest = patch::build(&server, &spec, &dir.path().join(id));
         patch::sign(&server, &manifest, &k);
         let (ok, _, err) = patch::publish(&server, &manifest);

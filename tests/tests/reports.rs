@@ -2,15 +2,9 @@
 //! offered, with bounded text, at a bounded rate; and what a flood of forged
 //! reports costs the server (nothing it keeps).
 
-use std::path::Path;
-
-use flotilla_e2e::Server;
-use flotilla_e2e::patch::{self, FleetOptions};
+use flotilla_e2e::{enroll, measure, patch};
 use flotilla_proto::pb;
-use flotilla_proto::pb::agent_service_client::AgentServiceClient;
 use flotilla_proto::token::JoinToken;
-use rcgen::{CertificateParams, KeyPair};
-use tonic::transport::Channel;
 
 const FORGED: usize = 10_000;
 
@@ -20,56 +14,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// Joins `group` over gRPC with a key of our own, so the test holds the node's
-/// certificate; returns (node id, a client calling as that node).
-async fn join_as_node(
-    server: &Server,
-    token: &str,
-    machine: &str,
-) -> (String, AgentServiceClient<Channel>) {
-    let token: JoinToken = token.parse().unwrap();
-    let (url, ca) = (server.url(), server.ca_pem());
-    let anon = flotilla_proto::tls::endpoint(&url, &ca, None)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let key = KeyPair::generate().unwrap();
-    let csr = CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .der()
-        .to_vec();
-    let joined = AgentServiceClient::new(anon)
-        .enroll(pb::EnrollRequest {
-            token_id: token.id,
-            token_secret: token.secret,
-            csr_der: csr,
-            facts: Some(pb::NodeFacts {
-                hostname: machine.into(),
-                os: "linux".into(),
-                arch: "x86_64".into(),
-                agent_version: "0".into(),
-                machine_id: machine.into(),
-            }),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let channel = flotilla_proto::tls::endpoint(
-        &url,
-        &ca,
-        Some((&joined.certificate_pem, &key.serialize_pem())),
-    )
-    .unwrap()
-    .connect()
-    .await
-    .unwrap();
-    (joined.node_id, AgentServiceClient::new(channel))
 }
 
 fn report(manifest_id: &str, seq: usize, error: &str) -> pb::ReportRequest {
@@ -83,46 +27,11 @@ fn report(manifest_id: &str, seq: usize, error: &str) -> pb::ReportRequest {
     }
 }
 
-/// Bytes of every file under `dir`.
-fn size_of(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let meta = e.metadata().unwrap();
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    total
-}
-
-/// The server process's resident set, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 #[test]
 fn nodes_report_only_on_patches_they_were_offered() {
     let dir = tempfile::tempdir().unwrap();
     let key = patch::key(dir.path(), "k");
-    let (server, _agents) = patch::fleet(
-        dir.path(),
-        FleetOptions {
-            agents: 1,
-            server_keys: &[&key],
-            pinned: &[&key],
-            ..Default::default()
-        },
-    );
+    let (server, _agents) = patch::signed_fleet(dir.path(), &key, 1);
     // A patch for group "store" only, committed by its real agent.
     let tar = dir.path().join("p.tar");
     patch::tar(&tar, &[("VERSION", b"1\n", 0o644)]);
@@ -144,8 +53,14 @@ fn nodes_report_only_on_patches_they_were_offered() {
     let db = server.data_dir.join("db");
     let pid = server.pid().unwrap();
     let forger = runtime().block_on(async {
-        let (forger, mut node) = join_as_node(&server, &other, "forger").await;
-        let (_, mut waiting) = join_as_node(&server, &pending, "pending").await;
+        let other: JoinToken = other.parse().unwrap();
+        let pending: JoinToken = pending.parse().unwrap();
+        let (forger, mut node) = enroll::enroll(&server, "127.0.0.1", &other, None, "forger")
+            .await
+            .unwrap();
+        let (_, mut waiting) = enroll::enroll(&server, "127.0.0.1", &pending, None, "pending")
+            .await
+            .unwrap();
 
         // Each refusal names what was wrong.
         let refused = |e: tonic::Status, code: tonic::Code, want: &str| {
@@ -178,7 +93,7 @@ fn nodes_report_only_on_patches_they_were_offered() {
 
         // A flood of forged reports with the longest text allowed: refused as
         // forged, then as too fast; nothing of it is kept.
-        let (db_before, rss_before) = (size_of(&db), rss_kib(pid));
+        let (db_before, rss_before) = (measure::dir_bytes(&db), measure::status_kib(pid, "VmRSS:"));
         let text = "y".repeat(flotilla_proto::limits::MAX_REPORT_TEXT);
         let (mut forged, mut too_fast) = (0, 0);
         for i in 0..FORGED {
@@ -207,7 +122,7 @@ fn nodes_report_only_on_patches_they_were_offered() {
         }
         assert!(too_fast > 0, "the per-node rate limit never applied");
         assert_eq!(forged + too_fast, FORGED);
-        let (db_after, rss_after) = (size_of(&db), rss_kib(pid));
+        let (db_after, rss_after) = (measure::dir_bytes(&db), measure::status_kib(pid, "VmRSS:"));
         eprintln!(
             "{FORGED} forged reports: {forged} refused as forged, {too_fast} as too fast; \
              db {db_before} -> {db_after} bytes, RSS {rss_before} -> {rss_after} KiB"

@@ -6,22 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotilla_e2e::patch::{self, FleetOptions, Key};
-use flotilla_e2e::{Agent, Server, wait_until};
+use flotilla_e2e::patch::{self, Key};
+use flotilla_e2e::{Server, wait_until};
 
 const T: Duration = Duration::from_secs(120);
-
-fn fleet(dir: &Path, k: &Key, n: usize) -> (Server, Vec<Agent>) {
-    patch::fleet(
-        dir,
-        FleetOptions {
-            agents: n,
-            server_keys: &[k],
-            pinned: &[k],
-            ..FleetOptions::default()
-        },
-    )
-}
 
 /// A signed `files` patch of component `demo` at `version`, installing a file
 /// that names the version.
@@ -50,7 +38,7 @@ fn publish(server: &Server, manifest: &Path, args: &[&str]) {
 fn back_to_back(agents: usize, versions: &[(&str, &[&str])]) {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
-    let (server, fleet) = fleet(dir.path(), &k, agents);
+    let (server, fleet) = patch::signed_fleet(dir.path(), &k, agents);
     let made: Vec<(String, PathBuf)> = versions
         .iter()
         .map(|(v, _)| make(&server, dir.path(), &k, v))
