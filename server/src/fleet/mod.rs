@@ -20,6 +20,7 @@ use crate::store::Db;
 
 mod groups;
 mod offer;
+mod order;
 mod published;
 mod quiet;
 mod rollout_commands;
