@@ -29,6 +29,8 @@ pub const DEFAULT_HEARTBEAT_MS: u32 = 15_000;
 const IDENTITY_KEY: &[u8] = b"identity";
 const DESIRED_KEY: &[u8] = b"desired";
 const HOOKED_ROLE_KEY: &[u8] = b"hooked_role";
+/// How long opening waits for a store lock that is being let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -234,25 +236,40 @@ impl Store {
             source,
         })?;
         let path = state_dir.join("db");
-        let db = sled::Config::new()
-            .path(&path)
-            // Every write is flushed explicitly; sled's own periodic flusher would
-            // only wake an idle agent for nothing.
-            .flush_every_ms(None)
-            // A handful of small records: keep the cache small.
-            .cache_capacity(1 << 20)
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-                    StateError::Locked {
-                        path: state_dir.to_path_buf(),
-                    }
+        let open = || {
+            sled::Config::new()
+                .path(&path)
+                // Every write is flushed explicitly; sled's own periodic flusher would
+                // only wake an idle agent for nothing.
+                .flush_every_ms(None)
+                // A handful of small records: keep the cache small.
+                .cache_capacity(1 << 20)
+                .open()
+        };
+        let locked = |e: &sled::Error| matches!(e, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"));
+        // A store just dropped (in this process, or by an agent that just
+        // exited) can hold the lock a moment longer through sled's I/O threads:
+        // wait a little for it before calling the directory in use.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match open() {
+                Ok(db) => break db,
+                Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                _ => StateError::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+                Err(e) if locked(&e) => {
+                    return Err(StateError::Locked {
+                        path: state_dir.to_path_buf(),
+                    });
+                }
+                Err(source) => {
+                    return Err(StateError::Open {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         let main = Keyspace::whole(sled::Tree::clone(&db));
         Ok(Self {
             db,
