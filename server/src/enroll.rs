@@ -44,11 +44,13 @@ async fn failed_join(
     let Some(report) = app.join_guard.failed(source, known) else {
         return;
     };
+    // The id and the error quote what the peer sent: bounded before they are kept.
     let token = limits::clip(token_id, 64);
-    tracing::warn!(source = %report.source, token = %token, failures = report.count, "failed join: {why}");
+    let error = limits::clip(&why.to_string(), 256);
+    tracing::warn!(source = %report.source, token = %token, failures = report.count, "failed join: {error}");
     let detail = serde_json::json!({
         "failures": report.count,
-        "error": limits::clip(&why.to_string(), 256),
+        "error": error,
     });
     if let Err(e) = app
         .audit

@@ -438,11 +438,14 @@ impl Pipeline {
                 }
                 Err(e) if e.retry => {
                     let delay = backoff.next_delay();
-                    let note = format!(
-                        "{}; rollback not complete (try {attempt}), trying again in {}s: {}",
-                        why.error,
-                        delay.as_secs().max(1),
-                        e.error
+                    let note = limits::clip(
+                        &format!(
+                            "rollback not complete (try {attempt}), trying again in {}s: {}; it undoes: {}",
+                            delay.as_secs().max(1),
+                            e.error,
+                            why.error
+                        ),
+                        STEP_TEXT_BYTES,
                     );
                     tracing::warn!(patch = %entry.manifest_id, "{note}");
                     let phase = entry.phase;
