@@ -1,5 +1,6 @@
 //! Compiles flotilla/v1/*.proto with protox (pure Rust), so no system protoc is needed.
 
+#[allow(clippy::disallowed_macros)] // cargo reads build-script output from stdout
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["flotilla/v1/agent.proto", "flotilla/v1/admin.proto"];
     for f in files {

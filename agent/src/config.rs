@@ -53,8 +53,11 @@ pub struct FileConfig {
     pub source_address: Option<std::net::IpAddr>,
     /// Directories `files` patches may write under (default /opt, /usr/local).
     pub allowed_paths: Option<Vec<PathBuf>>,
-    /// Whether patch scripts (install or rollback) may run (default false).
+    /// Whether patch scripts (install or rollback), and health checks through
+    /// a shell or interpreter, may run (default false).
     pub allow_scripts: Option<bool>,
+    /// Whether health checks may run, as programs run directly (default true).
+    pub allow_health_checks: Option<bool>,
     /// Largest artifact this host accepts, in bytes (default 1 GiB).
     pub max_artifact_bytes: Option<u64>,
     /// Longest a download may take, like "30m".

@@ -99,7 +99,7 @@ async fn an_idle_agent_wakes_only_for_its_heartbeat() {
     let before = agent_switches(pid);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let woke = agent_switches(pid) - before;
-    println!("agent threads: {woke} context switches in 5 s");
+    eprintln!("agent threads: {woke} context switches in 5 s");
     // About 5 heartbeats at two or three switches each (measured: 10 to 13); a busy
     // loop or a fast polling timer would show far more.
     assert!(

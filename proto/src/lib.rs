@@ -1,8 +1,9 @@
 //! Flotilla's wire protocol (generated from `flotilla/v1/*.proto`), the join token
 //! format, the limits every side enforces, the TLS pieces agent and CLI share, and the
-//! one telemetry setup all binaries use.
+//! one telemetry setup and error ending all binaries use.
 
 pub mod codec;
+pub mod exit;
 pub mod limits;
 pub mod manifest;
 pub mod telemetry;

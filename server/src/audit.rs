@@ -7,6 +7,95 @@ use crate::error::Result;
 use crate::model::{AuditRecord, keys, now_ms};
 use crate::store::Db;
 
+/// Everything the server writes to the audit log. The operator guide's audit
+/// table lists each (a test holds it to that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    ServerInit,
+    CredentialCreate,
+    CredentialRevoke,
+    TokenCreate,
+    TokenRevoke,
+    TokenExtend,
+    GroupCreate,
+    GroupSet,
+    GroupConfigure,
+    GroupDelete,
+    NodeAccept,
+    NodeReject,
+    NodeRevoke,
+    NodeJoin,
+    NodeRejoin,
+    JoinFailed,
+    NodeRenew,
+    TrustSet,
+    ArtifactUpload,
+    PatchPublish,
+    PatchPublishEmergency,
+    RolloutPause,
+    RolloutResume,
+    RolloutAbort,
+}
+
+impl Action {
+    pub const ALL: &[Action] = &[
+        Action::ServerInit,
+        Action::CredentialCreate,
+        Action::CredentialRevoke,
+        Action::TokenCreate,
+        Action::TokenRevoke,
+        Action::TokenExtend,
+        Action::GroupCreate,
+        Action::GroupSet,
+        Action::GroupConfigure,
+        Action::GroupDelete,
+        Action::NodeAccept,
+        Action::NodeReject,
+        Action::NodeRevoke,
+        Action::NodeJoin,
+        Action::NodeRejoin,
+        Action::JoinFailed,
+        Action::NodeRenew,
+        Action::TrustSet,
+        Action::ArtifactUpload,
+        Action::PatchPublish,
+        Action::PatchPublishEmergency,
+        Action::RolloutPause,
+        Action::RolloutResume,
+        Action::RolloutAbort,
+    ];
+
+    /// The name stored and shown: `group.set`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::ServerInit => "server.init",
+            Action::CredentialCreate => "credential.create",
+            Action::CredentialRevoke => "credential.revoke",
+            Action::TokenCreate => "token.create",
+            Action::TokenRevoke => "token.revoke",
+            Action::TokenExtend => "token.extend",
+            Action::GroupCreate => "group.create",
+            Action::GroupSet => "group.set",
+            Action::GroupConfigure => "group.configure",
+            Action::GroupDelete => "group.delete",
+            Action::NodeAccept => "node.accept",
+            Action::NodeReject => "node.reject",
+            Action::NodeRevoke => "node.revoke",
+            Action::NodeJoin => "node.join",
+            Action::NodeRejoin => "node.rejoin",
+            Action::JoinFailed => "join.failed",
+            Action::NodeRenew => "node.renew",
+            Action::TrustSet => "trust.set",
+            Action::ArtifactUpload => "artifact.upload",
+            Action::PatchPublish => "patch.publish",
+            Action::PatchPublishEmergency => "patch.publish.emergency",
+            Action::RolloutPause => "rollout.pause",
+            Action::RolloutResume => "rollout.resume",
+            Action::RolloutAbort => "rollout.abort",
+        }
+    }
+}
+
 pub struct AuditLog {
     db: Db,
     next: AtomicU64,
@@ -26,7 +115,7 @@ impl AuditLog {
     pub async fn record(
         &self,
         actor: &str,
-        action: &str,
+        action: Action,
         target: &str,
         detail: serde_json::Value,
     ) -> Result<AuditRecord> {
@@ -36,7 +125,7 @@ impl AuditLog {
                 seq,
                 at_ms: now_ms(),
                 actor: actor.to_string(),
-                action: action.to_string(),
+                action: action.as_str().to_string(),
                 target: target.to_string(),
                 detail: detail.clone(),
             };
@@ -51,5 +140,32 @@ impl AuditLog {
         let mut all = self.db.list::<AuditRecord>(keys::AUDIT).await?;
         let skip = all.len().saturating_sub(limit);
         Ok(all.split_off(skip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action;
+
+    /// Every action the server can write is in the operator guide's table.
+    #[test]
+    fn the_operator_guide_lists_every_action() {
+        let guide = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operator-guide.md"),
+        )
+        .unwrap();
+        let table: String = guide
+            .split("## Audit log")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .collect();
+        let missing: Vec<&str> = Action::ALL
+            .iter()
+            .map(|a| a.as_str())
+            .filter(|a| !table.contains(&format!("`{a}`")))
+            .collect();
+        assert!(missing.is_empty(), "not in the audit table: {missing:?}");
     }
 }

@@ -56,7 +56,7 @@ async fn failed_join(
         .audit
         .record(
             &format!("source:{}", report.source),
-            "join.failed",
+            crate::audit::Action::JoinFailed,
             &token,
             detail,
         )
@@ -163,7 +163,11 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
     app.audit
         .record(
             &format!("token:{}", token.id),
-            if rejoined { "node.rejoin" } else { "node.join" },
+            if rejoined {
+                crate::audit::Action::NodeRejoin
+            } else {
+                crate::audit::Action::NodeJoin
+            },
             &node.id,
             serde_json::json!({
                 "group": node.group,

@@ -158,6 +158,10 @@ pub struct GroupRecord {
     /// Patch SLA per severity ("critical=30,high=90"); "" is the default.
     #[serde(default)]
     pub sla: String,
+    /// Deleted: the record stays so a group made again under this name goes
+    /// on from its revision (its nodes' desired-state revisions only grow).
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 impl GroupRecord {
@@ -171,6 +175,7 @@ impl GroupRecord {
             windows: Vec::new(),
             rollout: Default::default(),
             sla: String::new(),
+            deleted: false,
         }
     }
 }

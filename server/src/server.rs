@@ -50,7 +50,7 @@ pub async fn init(
     audit
         .record(
             "server",
-            "server.init",
+            crate::audit::Action::ServerInit,
             admin_name,
             serde_json::json!({ "ca_fingerprint": ca.fingerprint(), "credential_id": rec.id }),
         )

@@ -229,9 +229,9 @@ fn print<T: serde::Serialize>(
     text: impl FnOnce() -> String,
 ) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        flotilla_proto::outln!("{}", serde_json::to_string_pretty(value)?);
     } else {
-        print!("{}", text());
+        flotilla_proto::exit::print(format_args!("{}", text()));
     }
     Ok(())
 }

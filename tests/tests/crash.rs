@@ -149,7 +149,7 @@ impl History {
             .iter()
             .map(|(p, t)| format!("{p}@{:.1}s", t.as_secs_f64()))
             .collect();
-        println!("{test}: phases seen on the server: {}", line.join(" -> "));
+        eprintln!("{test}: phases seen on the server: {}", line.join(" -> "));
     }
 }
 
@@ -228,7 +228,7 @@ fn download_resumes_after_a_broken_connection() {
     let mut history = History::new();
     let (phase, error) = history.until(&server, "the patch to finish", is_final);
     history.print("broken connection");
-    println!(
+    eprintln!(
         "broken connection: {size}-byte artifact cut after {cut} bytes; publish -> {phase} in {:?}",
         started.elapsed()
     );
@@ -238,7 +238,7 @@ fn download_resumes_after_a_broken_connection() {
     );
     assert_eq!((phase.as_str(), error.as_str()), ("committed", ""));
     let offsets = fetch_offsets(&server, &sha);
-    println!("broken connection: fetch offsets the server saw: {offsets:?}");
+    eprintln!("broken connection: fetch offsets the server saw: {offsets:?}");
     assert_eq!(
         offsets.first(),
         Some(&0),
@@ -288,7 +288,7 @@ fn trickling_download_gives_up_at_its_deadline() {
     let (phase, error) = history.until(&server, "the patch to finish", is_final);
     let took = started.elapsed();
     history.print("trickle");
-    println!("trickle: 20 B/s, deadline 5s; publish -> {phase} in {took:?}: {error}");
+    eprintln!("trickle: 20 B/s, deadline 5s; publish -> {phase} in {took:?}: {error}");
     assert!(
         server_log_has(&server, "fault injection: artifact stream"),
         "{FAULTS_MISSING}"
@@ -318,7 +318,7 @@ fn trickling_download_gives_up_at_its_deadline() {
                 .collect()
         })
         .unwrap_or_default();
-    println!("trickle: left in the agent's artifact dir after the failure: {partial:?}");
+    eprintln!("trickle: left in the agent's artifact dir after the failure: {partial:?}");
     assert!(installed(&server).get("demo").is_none());
 }
 
@@ -368,11 +368,11 @@ fn kill9_while_downloading_then_restart_commits() {
         "Verified",
         "killed while downloading"
     );
-    println!("kill9 download: killed at {killed_at:?} with {had} bytes in the partial file");
+    eprintln!("kill9 download: killed at {killed_at:?} with {had} bytes in the partial file");
     agent.start(&[server.url()]);
     let (phase, error) = history.until(&server, "the patch to finish", is_final);
     history.print("kill9 download");
-    println!(
+    eprintln!(
         "kill9 download: publish -> {phase} in {:?}",
         started.elapsed()
     );
@@ -382,7 +382,7 @@ fn kill9_while_downloading_then_restart_commits() {
     );
     assert_eq!((phase.as_str(), error.as_str()), ("committed", ""));
     let offsets = fetch_offsets(&server, &sha);
-    println!("kill9 download: fetch offsets the server saw: {offsets:?}");
+    eprintln!("kill9 download: fetch offsets the server saw: {offsets:?}");
     assert!(
         offsets.iter().skip(1).any(|&o| o == had),
         "the restarted agent resumed its partial download from byte {had}: {offsets:?}"
@@ -476,14 +476,14 @@ fn kill9_while_applying_then_restart_rolls_back() {
     agent.kill9();
     let killed_at = started.elapsed();
     assert_eq!(journal_phase(&agent), "Applying", "killed while applying");
-    println!(
+    eprintln!(
         "kill9 apply: killed at {killed_at:?}; install script still running: {}",
         script.alive()
     );
     agent.start(&[server.url()]);
     let (phase, error) = history.until(&server, "the patch to finish", is_final);
     history.print("kill9 apply");
-    println!(
+    eprintln!(
         "kill9 apply: publish -> {phase} in {:?}; orphaned install script still running after the rollback: {}",
         started.elapsed(),
         script.alive()
@@ -561,11 +561,11 @@ fn kill9_during_health_check_then_restart_commits_without_reapplying() {
         "Applied",
         "killed during the health check"
     );
-    println!("kill9 health: killed at {killed_at:?}");
+    eprintln!("kill9 health: killed at {killed_at:?}");
     agent.start(&[server.url()]);
     let (phase, error) = history.until(&server, "the patch to finish", is_final);
     history.print("kill9 health");
-    println!(
+    eprintln!(
         "kill9 health: publish -> {phase} in {:?}",
         started.elapsed()
     );

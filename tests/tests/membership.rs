@@ -153,7 +153,7 @@ fn restart_keeps_state_and_does_not_promote_early() {
     wait_group(&server, "depot", "all agents back by themselves", |g| {
         g["online"] == 3
     });
-    println!(
+    eprintln!(
         "all 3 agents reconnected {:?} after the restart",
         back.elapsed()
     );
@@ -229,7 +229,7 @@ fn agent_notices_a_server_that_stops_answering() {
         noticed.is_some(),
         "the agent never noticed the silent server"
     );
-    println!("a silent server was noticed after {:?}", frozen.elapsed());
+    eprintln!("a silent server was noticed after {:?}", frozen.elapsed());
     wait_until(
         "the agent to reconnect once the server answers again",
         T,

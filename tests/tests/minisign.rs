@@ -57,7 +57,7 @@ fn s(p: &Path) -> &str {
 /// A key pair made by stock `minisign -G -W` (no password).
 fn stock_key(dir: &Path, name: &str) -> Key {
     let version = minisign(&["-v"]);
-    println!(
+    eprintln!(
         "using {}",
         String::from_utf8_lossy(&version.stdout).trim_end()
     );

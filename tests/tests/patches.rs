@@ -64,7 +64,7 @@ fn published_patch_commits_on_every_agent() {
     assert!(out.contains("to 3 node(s)"), "{out}");
     let outcomes = patch::wait_outcomes(&server, "demo-2.0.0", 3);
     let took = started.elapsed();
-    println!("publish -> all 3 agents committed: {took:?}");
+    eprintln!("publish -> all 3 agents committed: {took:?}");
     assert!(
         outcomes.iter().all(|(_, p, _)| p == "committed"),
         "{outcomes:?}"
@@ -250,7 +250,7 @@ fn signature_and_version_refusals() {
     let (phase, error) = outcome(&server, "edited");
     assert_eq!(phase, "rejected");
     assert!(
-        error.contains("no signature is from a trusted key"),
+        error.contains("is from a trusted key but over other bytes"),
         "{error}"
     );
     assert!(!root.join("opt/evil").exists());
@@ -449,6 +449,32 @@ fn malicious_archives_are_refused_and_change_nothing() {
     assert!(error.contains("does not allow patch scripts"), "{error}");
     assert!(!root.join("opt/ran").exists());
     assert_eq!(patch::snapshot(&root), before);
+
+    // Health checks run by default, as a program run directly; through a
+    // shell they are a script.
+    let tar = dir.path().join("checked.tar");
+    patch::tar(&tar, &[("checked.txt", b"ok\n", 0o644)]);
+    for (id, version, command, want) in [
+        (
+            "via-shell",
+            "1.0.0",
+            r#"["/bin/sh", "-c", "true"]"#,
+            "rejected",
+        ),
+        ("direct", "1.0.1", r#"["/bin/true"]"#, "committed"),
+    ] {
+        let extra = format!("[health_check]\ncommand = {command}\n");
+        let spec = patch::component_spec(dir.path(), id, "checked", version, &tar, &extra);
+        let manifest = patch::build(&server, &spec, &dir.path().join(id));
+        patch::sign(&server, &manifest, &k);
+        assert!(patch::publish(&server, &manifest).0);
+        let (phase, error) = outcome(&server, id);
+        assert_eq!(phase, want, "{id}: {error}");
+        if want == "rejected" {
+            assert!(error.contains("a shell or interpreter"), "{error}");
+            assert_eq!(patch::snapshot(&root), before);
+        }
+    }
 }
 
 #[test]

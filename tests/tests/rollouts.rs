@@ -163,9 +163,9 @@ fn waves_start_with_the_canary_and_wait_for_health_and_bake() {
     let mut ns = nodes(&server, "w-2.0.0");
     ns.sort_by_key(|n| n.2);
     let t0 = waves[0].1;
-    println!("timeline (ms after the canary started):");
+    eprintln!("timeline (ms after the canary started):");
     for (i, (size, start, done)) in waves.iter().enumerate() {
-        println!(
+        eprintln!(
             "  wave {}: {size} node(s) in all, started +{}, finished +{}",
             i + 1,
             start - t0,
@@ -173,7 +173,7 @@ fn waves_start_with_the_canary_and_wait_for_health_and_bake() {
         );
     }
     for (id, phase, first, last) in &ns {
-        println!("  {id}: received +{}, {phase} +{}", first - t0, last - t0);
+        eprintln!("  {id}: received +{}, {phase} +{}", first - t0, last - t0);
     }
     assert_eq!(
         waves.iter().map(|w| w.0).collect::<Vec<_>>(),
@@ -227,7 +227,7 @@ fn failing_canary_pauses_the_rollout_until_resumed() {
     publish(&server, &m, &["--waves", "1,100%"]);
     let r = wait_state(&server, "c-2.0.0", "paused");
     let reason = r["reason"].as_str().unwrap();
-    println!("paused: {reason}");
+    eprintln!("paused: {reason}");
     assert!(reason.contains("threshold of 1"), "{reason}");
     assert!(reason.contains("health check"), "{reason}");
     let ns = nodes(&server, "c-2.0.0");
@@ -264,7 +264,7 @@ fn check_guard(w: &Watch) -> u64 {
             most = most.max(g["applying"].as_u64().unwrap());
         }
     }
-    println!(
+    eprintln!(
         "{} state changes watched, at most {most} applying at once",
         events.len()
     );
@@ -622,7 +622,7 @@ fn compliance_report_lists_the_overdue_node_first() {
     assert_eq!(&records[0][2], "overdue");
     let (ok, table, _) = patch::cli(&server, &["report", "compliance"]);
     assert!(ok);
-    println!("{table}");
+    eprintln!("{table}");
     assert!(table.contains("OVERDUE"), "{table}");
 }
 
@@ -743,7 +743,7 @@ fn bad_rollout_input_is_refused_with_what_was_wrong() {
     refused(&["rollout", "show", "nope"], "no rollout for patch nope");
     refused(
         &["report", "compliance", "--group", "nope"],
-        "no group named nope",
+        "unknown group nope (NotFound)",
     );
     let cred = dir.path().join("viewer.credential");
     server.cli(&[

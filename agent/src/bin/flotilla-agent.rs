@@ -111,9 +111,15 @@ struct RunArgs {
     /// Directory `files` patches may write under; repeatable [default: /opt, /usr/local].
     #[arg(long = "allow-path", value_name = "DIR")]
     allowed_paths: Vec<PathBuf>,
-    /// Let patches run install and rollback scripts.
+    /// Let patches run install and rollback scripts, and health checks through
+    /// a shell or interpreter (sh, bash, python...) [default: off].
     #[arg(long)]
     allow_scripts: bool,
+    /// Refuse every patch that has a health check. By default a health check
+    /// may run, as the program it names run directly (a shell or interpreter
+    /// only with --allow-scripts).
+    #[arg(long)]
+    no_health_checks: bool,
     /// Largest artifact accepted, in bytes [default: 1 GiB].
     #[arg(long, value_name = "BYTES")]
     max_artifact_bytes: Option<u64>,
@@ -147,26 +153,10 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", render(&e));
+            eprintln!("error: {}", flotilla_proto::exit::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, each cause once: library errors often
-/// already quote their source in their own message.
-fn render(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&part);
-        }
-    }
-    text
 }
 
 fn real_main(cli: Cli) -> Result<()> {
@@ -217,14 +207,16 @@ fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         .block_on(flotilla_agent::join(opts))
         .context("cannot join the fleet")?;
     if args.json {
-        println!("{}", serde_json::to_string(&joined)?);
+        flotilla_proto::outln!("{}", serde_json::to_string(&joined)?);
     } else {
-        println!(
+        flotilla_proto::outln!(
             "joined as node {} in group {} (role {})",
-            joined.node_id, joined.group, joined.role
+            joined.node_id,
+            joined.group,
+            joined.role
         );
         if joined.rejoined {
-            println!("(the server gave this host its existing node back)");
+            flotilla_proto::outln!("(the server gave this host its existing node back)");
         }
     }
     Ok(())
@@ -264,6 +256,7 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         policy: flotilla_agent::install::LocalPolicy {
             allowed_paths,
             allow_scripts: args.allow_scripts || file.allow_scripts.unwrap_or(false),
+            allow_health_checks: !args.no_health_checks && file.allow_health_checks.unwrap_or(true),
             max_artifact_bytes: args
                 .max_artifact_bytes
                 .or(file.max_artifact_bytes)
@@ -302,9 +295,9 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
 fn status(args: &StatusArgs, state_dir: &std::path::Path) -> Result<()> {
     let status = Status::read(state_dir)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        flotilla_proto::outln!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{}", status.summary());
+        flotilla_proto::exit::print(format_args!("{}", status.summary()));
     }
     Ok(())
 }

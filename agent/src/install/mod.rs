@@ -68,8 +68,12 @@ impl Executor {
 pub struct LocalPolicy {
     /// Directories under which `files` installs may write.
     pub allowed_paths: Vec<PathBuf>,
-    /// Whether `script` installs (and rollback scripts) may run at all.
+    /// Whether `script` installs and rollback scripts may run at all, and
+    /// health checks through a shell or interpreter.
     pub allow_scripts: bool,
+    /// Whether a health check may run (a program run directly, never through
+    /// a shell or interpreter unless `allow_scripts`).
+    pub allow_health_checks: bool,
     /// Cap on an artifact's size, and on what a `files` artifact unpacks to.
     pub max_artifact_bytes: u64,
 }
@@ -87,6 +91,23 @@ impl LocalPolicy {
                 .any(|a| is_normal_absolute(a) && path.starts_with(a))
     }
 
+    /// Why this host refuses to run `command` as a health check, if it does.
+    pub fn refuses_health_check(&self, command: &[String]) -> Option<String> {
+        if !self.allow_health_checks {
+            return Some(
+                "this host's policy does not allow health checks (allow_health_checks = false)"
+                    .into(),
+            );
+        }
+        let program = command.first()?;
+        (!self.allow_scripts && is_interpreter(program)).then(|| {
+            format!(
+                "the health check runs {program}, a shell or interpreter: this host allows \
+                 health checks only as a program run directly (scripts need --allow-scripts)"
+            )
+        })
+    }
+
     /// Whether anything at or under `dir` may be written: `dir` is allowed, or it
     /// contains an allowed path (destination `/opt/app` with only `/opt/app/bin`
     /// allowed). Each entry is then checked on its own.
@@ -98,6 +119,47 @@ impl LocalPolicy {
                     .iter()
                     .any(|a| is_normal_absolute(a) && a.starts_with(dir)))
     }
+}
+
+/// Programs that run a script handed to them as an argument. A guard against
+/// a health check that is plainly a script, not a sandbox: any program a
+/// signed manifest names runs with the agent's rights.
+fn is_interpreter(program: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "sh",
+        "bash",
+        "dash",
+        "zsh",
+        "ksh",
+        "mksh",
+        "ash",
+        "fish",
+        "csh",
+        "tcsh",
+        "busybox",
+        "env",
+        "python",
+        "perl",
+        "ruby",
+        "node",
+        "nodejs",
+        "php",
+        "lua",
+        "tclsh",
+        "awk",
+        "gawk",
+        "mawk",
+        "nawk",
+        "osascript",
+        "pwsh",
+    ];
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    // python3, python3.12, perl5.36: the version is not part of the name.
+    let name = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+    NAMES.contains(&name)
 }
 
 /// Absolute, with no `.` or `..` parts (`Path::components` already drops inner `.`).
@@ -114,8 +176,40 @@ mod policy_tests {
         LocalPolicy {
             allowed_paths: paths.iter().map(PathBuf::from).collect(),
             allow_scripts: false,
+            allow_health_checks: true,
             max_artifact_bytes: 1 << 20,
         }
+    }
+
+    #[test]
+    fn health_checks_run_programs_not_scripts_unless_allowed() {
+        let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut p = policy(&["/opt"]);
+        assert_eq!(
+            p.refuses_health_check(&cmd(&["/usr/bin/systemctl", "is-active", "x"])),
+            None
+        );
+        assert_eq!(p.refuses_health_check(&cmd(&["/opt/app/bin/check"])), None);
+        for shell in [
+            "/bin/sh",
+            "bash",
+            "/usr/bin/python3.12",
+            "/usr/bin/env",
+            "/bin/busybox",
+        ] {
+            let why = p
+                .refuses_health_check(&cmd(&[shell, "-c", "true"]))
+                .unwrap();
+            assert!(why.contains("a shell or interpreter"), "{shell}: {why}");
+        }
+        p.allow_scripts = true;
+        assert_eq!(
+            p.refuses_health_check(&cmd(&["/bin/sh", "-c", "true"])),
+            None
+        );
+        p.allow_health_checks = false;
+        let why = p.refuses_health_check(&cmd(&["/usr/bin/true"])).unwrap();
+        assert!(why.contains("does not allow health checks"), "{why}");
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub(crate) fn policy(paths: &[&Path]) -> LocalPolicy {
     LocalPolicy {
         allowed_paths: paths.iter().map(|p| p.to_path_buf()).collect(),
         allow_scripts: false,
+        allow_health_checks: true,
         max_artifact_bytes: 16 << 20,
     }
 }

@@ -330,27 +330,27 @@ impl Pipeline {
                 ));
             }
         }
-        // A health check runs a command the manifest names, so it is a script too.
         let scripts = matches!(m.install, Install::Script { .. })
-            || matches!(m.rollback, Some(Rollback::Script { .. }))
-            || m.health_check.is_some();
+            || matches!(m.rollback, Some(Rollback::Script { .. }));
         if scripts && !policy.allow_scripts {
             return Err(
-                "this host's policy does not allow patch scripts (install or rollback scripts, \
-                 or health-check commands)"
+                "this host's policy does not allow patch scripts (install or rollback scripts: \
+                 --allow-scripts)"
                     .into(),
             );
         }
-        if let Install::Files { destination, .. } = &m.install {
-            let dest = Path::new(destination);
-            let inside = policy.allowed_paths.iter().any(|a| dest.starts_with(a))
-                || policy.allowed_paths.iter().any(|a| a.starts_with(dest));
-            if !inside {
-                return Err(format!(
-                    "destination {destination} is outside this host's allowed paths {:?}",
-                    policy.allowed_paths
-                ));
-            }
+        if let Some(check) = &m.health_check
+            && let Some(why) = policy.refuses_health_check(&check.command)
+        {
+            return Err(why);
+        }
+        if let Install::Files { destination, .. } = &m.install
+            && !policy.overlaps(Path::new(destination))
+        {
+            return Err(format!(
+                "destination {destination} is outside this host's allowed paths {:?}",
+                policy.allowed_paths
+            ));
         }
         Ok(())
     }

@@ -60,6 +60,7 @@ impl Default for LocalPolicy {
         Self {
             allowed_paths: DEFAULT_ALLOWED_PATHS.iter().map(PathBuf::from).collect(),
             allow_scripts: false,
+            allow_health_checks: true,
             max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
         }
     }

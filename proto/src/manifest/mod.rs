@@ -42,9 +42,13 @@ pub enum ManifestError {
     )]
     LegacySignature { index: usize },
     #[error(
-        "no signature is from a trusted key, or none verifies over these bytes (tampered after signing, or signed with an untrusted key)"
+        "no signature is from a trusted key (each was made with a key the trust policy does not hold)"
     )]
     Untrusted,
+    #[error(
+        "signature {index} is from a trusted key but over other bytes (was the manifest rebuilt or changed after signing?)"
+    )]
+    OtherBytes { index: usize },
     #[error("signed by {have} distinct trusted key(s); the trust policy needs {need}")]
     BelowThreshold { have: usize, need: usize },
     #[error("manifest is not valid JSON for schema {SCHEMA_VERSION}: {0}")]

@@ -93,6 +93,7 @@ impl TrustPolicy {
         }
         let mut have = 0;
         let mut legacy = None;
+        let mut other_bytes = None;
         for key in &self.keys {
             let mut signed = false;
             for (index, sig) in &sigs {
@@ -100,6 +101,10 @@ impl TrustPolicy {
                     Ok(()) => signed = true,
                     // Same key id, but a legacy signature: say so rather than "untrusted".
                     Err(minisign_verify::Error::UnexpectedAlgorithm) => legacy = Some(*index),
+                    // The key's id, but not these bytes: say so rather than "untrusted".
+                    Err(minisign_verify::Error::InvalidSignature) => {
+                        other_bytes = other_bytes.or(Some(*index))
+                    }
                     Err(_) => {}
                 }
             }
@@ -108,9 +113,10 @@ impl TrustPolicy {
             }
         }
         if have == 0 {
-            return Err(match legacy {
-                Some(index) => ManifestError::LegacySignature { index },
-                None => ManifestError::Untrusted,
+            return Err(match (legacy, other_bytes) {
+                (Some(index), _) => ManifestError::LegacySignature { index },
+                (None, Some(index)) => ManifestError::OtherBytes { index },
+                (None, None) => ManifestError::Untrusted,
             });
         }
         if have < self.threshold {

@@ -79,11 +79,24 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     flotilla_proto::install_crypto_provider();
     flotilla_proto::telemetry::init("info");
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let done = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(real_main(cli)));
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", flotilla_proto::exit::error_text(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Init {
             data_dir,
             names,
@@ -92,9 +105,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let done =
                 flotilla_server::server::init(&data_dir, &names, &admin_name, server_url).await?;
-            println!("initialised {}", data_dir.display());
-            println!("CA fingerprint (sha256): {}", done.ca_fingerprint);
-            println!("admin credential: {}", done.credential_path.display());
+            flotilla_proto::outln!("initialised {}", data_dir.display());
+            flotilla_proto::outln!("CA fingerprint (sha256): {}", done.ca_fingerprint);
+            flotilla_proto::outln!("admin credential: {}", done.credential_path.display());
             Ok(())
         }
         Command::Run {

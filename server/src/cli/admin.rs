@@ -167,14 +167,35 @@ pub async fn token(target: &Target, out: Output, cmd: TokenCmd) -> anyhow::Resul
 
 #[derive(Subcommand)]
 pub enum GroupCmd {
-    /// Set a group's desired node count.
-    Set {
+    /// Create a group (a join token for a new group also creates it).
+    Create {
+        /// The group's name.
         name: String,
+        /// Desired node count (default: none, every accepted node is active).
+        #[arg(long)]
+        desired: Option<u32>,
+        /// Nodes a rollout may take out of service at once [default: 1].
+        #[arg(long)]
+        max_unavailable: Option<u32>,
+    },
+    /// Set an existing group's desired node count.
+    Set {
+        /// The group's name.
+        name: String,
+        /// Desired node count: provisioning tools watch the deficit it makes.
         #[arg(long)]
         desired: u32,
         /// Nodes a rollout may take out of service at once.
         #[arg(long)]
         max_unavailable: Option<u32>,
+        /// Create the group if it does not exist (otherwise an unknown name is refused).
+        #[arg(long)]
+        create: bool,
+    },
+    /// Delete a group that has no nodes (pending or accepted) and no join tokens left.
+    Delete {
+        /// The group's name.
+        name: String,
     },
     /// List groups with their counts and deficit.
     List,
@@ -182,6 +203,9 @@ pub enum GroupCmd {
     Watch {
         /// Only this group.
         name: Option<String>,
+        /// Reconnect when the server goes away instead of exiting with an error.
+        #[arg(long)]
+        follow: bool,
     },
     /// Show or change a group's maintenance windows, rollout defaults and SLA.
     Config(super::rollout::GroupConfigArgs),
@@ -213,16 +237,34 @@ pub async fn group(target: &Target, out: Output, cmd: GroupCmd) -> anyhow::Resul
     }
     let (mut c, _) = target.admin().await?;
     match cmd {
+        GroupCmd::Create {
+            name,
+            desired,
+            max_unavailable,
+        } => {
+            let g = c
+                .create_group(pb::CreateGroupRequest {
+                    name,
+                    desired,
+                    max_unavailable,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out.object(&format!("group {} created", g.name), group_json(&g));
+        }
         GroupCmd::Set {
             name,
             desired,
             max_unavailable,
+            create,
         } => {
             let g = c
                 .set_group(pb::SetGroupRequest {
                     name,
                     desired,
                     max_unavailable,
+                    create,
                 })
                 .await
                 .map_err(status_error)?
@@ -238,6 +280,12 @@ pub async fn group(target: &Target, out: Output, cmd: GroupCmd) -> anyhow::Resul
                 ),
                 group_json(&g),
             );
+        }
+        GroupCmd::Delete { name } => {
+            c.delete_group(pb::DeleteGroupRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            out.object(&format!("group {name} deleted"), json!({ "name": name }));
         }
         GroupCmd::List => {
             let r = c
@@ -259,36 +307,92 @@ pub async fn group(target: &Target, out: Output, cmd: GroupCmd) -> anyhow::Resul
                 Value::Array(r.groups.iter().map(group_json).collect()),
             );
         }
-        GroupCmd::Watch { name } => {
-            let mut stream = c
-                .watch_groups(pb::WatchGroupsRequest {
-                    group: name.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            use std::io::Write;
-            while let Some(g) = stream.message().await.map_err(status_error)? {
-                if out.json {
-                    println!("{}", group_json(&g));
-                } else {
-                    println!(
-                        "{} group={} desired={} active={} healthy_active={} standby={} pending={} online={} deficit={}",
-                        crate::model::now_secs(),
-                        g.name,
-                        g.desired.map_or("-".into(), |d| d.to_string()),
-                        g.active,
-                        g.healthy_active,
-                        g.standby,
-                        g.pending,
-                        g.online,
-                        g.deficit
-                    );
+        GroupCmd::Watch { name, follow } => {
+            let req = pb::WatchGroupsRequest {
+                group: name.unwrap_or_default(),
+            };
+            let mut client = Some(c);
+            let mut delay = Duration::from_secs(1);
+            loop {
+                let c = match client.take() {
+                    Some(c) => Ok(c),
+                    None => target.admin().await.map(|(c, _)| c),
+                };
+                let why = match c {
+                    Ok(c) => match watch_groups(c, &req, out, &mut delay).await {
+                        Ok(()) => {
+                            "the server ended the watch (it may be shutting down)".to_string()
+                        }
+                        Err(WatchEnd::Refused(e)) => return Err(e),
+                        Err(WatchEnd::Lost(e)) => format!("{e:#}"),
+                    },
+                    Err(e) => format!("{e:#}"),
+                };
+                if !follow {
+                    anyhow::bail!("{why}");
                 }
-                std::io::stdout().flush()?;
+                eprintln!(
+                    "watch interrupted: {why}; reconnecting in {}s",
+                    delay.as_secs()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
         GroupCmd::Config(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// Why a watch stopped: refused (no use trying again) or lost (the server
+/// went away: `--follow` reconnects).
+enum WatchEnd {
+    Refused(anyhow::Error),
+    Lost(anyhow::Error),
+}
+
+/// Prints group changes until the stream ends; `delay` (the reconnect wait)
+/// starts over once the server answers.
+async fn watch_groups(
+    mut c: super::connect::Admin,
+    req: &pb::WatchGroupsRequest,
+    out: Output,
+    delay: &mut Duration,
+) -> Result<(), WatchEnd> {
+    use std::io::Write;
+    use tonic::Code;
+    let lost_or_refused = |s: tonic::Status| match s.code() {
+        Code::NotFound | Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument => {
+            WatchEnd::Refused(status_error(s))
+        }
+        _ => WatchEnd::Lost(status_error(s)),
+    };
+    let mut stream = c
+        .watch_groups(req.clone())
+        .await
+        .map_err(lost_or_refused)?
+        .into_inner();
+    *delay = Duration::from_secs(1);
+    while let Some(g) = stream.message().await.map_err(lost_or_refused)? {
+        if out.json {
+            flotilla_proto::outln!("{}", group_json(&g));
+        } else {
+            flotilla_proto::outln!(
+                "{} group={} desired={} active={} healthy_active={} standby={} pending={} online={} deficit={}",
+                crate::model::now_secs(),
+                g.name,
+                g.desired.map_or("-".into(), |d| d.to_string()),
+                g.active,
+                g.healthy_active,
+                g.standby,
+                g.pending,
+                g.online,
+                g.deficit
+            );
+        }
+        std::io::stdout()
+            .flush()
+            .map_err(|e| WatchEnd::Refused(e.into()))?;
     }
     Ok(())
 }
@@ -462,6 +566,9 @@ pub enum CredentialCmd {
         /// Where to write the credential file (owner-only permissions).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing file at --out (its credential is lost: revoke it too).
+        #[arg(long)]
+        force: bool,
     },
     /// List credentials.
     List,
@@ -470,12 +577,26 @@ pub enum CredentialCmd {
 }
 
 pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> anyhow::Result<()> {
+    // Checked before the server makes a credential whose secret would be lost.
+    if let CredentialCmd::Create {
+        out: path,
+        force: false,
+        ..
+    } = &cmd
+        && std::fs::symlink_metadata(path).is_ok()
+    {
+        anyhow::bail!(
+            "{} already exists; refusing to overwrite a credential file (its secret would be lost): choose another --out, or pass --force",
+            path.display()
+        );
+    }
     let (mut c, cred) = target.admin().await?;
     match cmd {
         CredentialCmd::Create {
             name,
             role,
             out: path,
+            force: _,
         } => {
             let r = c
                 .create_credential(pb::CreateCredentialRequest { name, role })

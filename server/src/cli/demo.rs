@@ -101,7 +101,8 @@ type = "restore"
         ),
     )?;
     let bundle = work.join(&id);
-    super::patch::build(&spec, Some(bundle.clone()), out)?;
+    // The demo signs its own bundle again each run.
+    super::patch::build(&spec, Some(bundle.clone()), true, out)?;
     let manifest = bundle.join("manifest.json");
     super::patch::sign(&manifest, &dir.join("release.key"), None, out)?;
     // A canary first, then everyone: the rollout a real fleet would use.
@@ -130,12 +131,12 @@ type = "restore"
             .collect::<Vec<_>>()
             .join(", ");
         if line != last {
-            println!("  {id}: {line}");
+            flotilla_proto::outln!("  {id}: {line}");
             last = line.clone();
         }
         let committed = st.counts.get("committed").copied().unwrap_or(0);
         if committed >= agents {
-            println!(
+            flotilla_proto::outln!(
                 "  every agent committed the demo patch {:.2?} after publish",
                 published.elapsed()
             );

@@ -152,34 +152,35 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     match result {
         Ok(url) => {
             let cred = server_dir.join("admin.credential");
-            println!();
-            println!(
+            flotilla_proto::outln!();
+            flotilla_proto::outln!(
                 "Flotilla dev fleet is up: 1 server, {} agents in group {:?}",
-                args.agents, args.group
+                args.agents,
+                args.group
             );
-            println!("  state and logs: {}", dir.display());
-            println!(
+            flotilla_proto::outln!("  state and logs: {}", dir.display());
+            flotilla_proto::outln!(
                 "  demo patch:     {}/agent-N-root/opt/flotilla-demo",
                 dir.display()
             );
-            println!("  server:         {url}");
-            println!();
-            println!("Talk to it from another terminal:");
-            println!("  export FLOTILLA_SERVER={url}");
-            println!("  export FLOTILLA_CREDENTIAL={}", cred.display());
-            println!("  flotilla nodes list");
-            println!("  flotilla group list");
-            println!(
+            flotilla_proto::outln!("  server:         {url}");
+            flotilla_proto::outln!();
+            flotilla_proto::outln!("Talk to it from another terminal:");
+            flotilla_proto::outln!("  export FLOTILLA_SERVER={url}");
+            flotilla_proto::outln!("  export FLOTILLA_CREDENTIAL={}", cred.display());
+            flotilla_proto::outln!("  flotilla nodes list");
+            flotilla_proto::outln!("  flotilla group list");
+            flotilla_proto::outln!(
                 "  flotilla group set {} --desired {}",
                 args.group,
                 args.agents.saturating_sub(1).max(1)
             );
-            println!("  flotilla group watch");
-            println!("  flotilla patch list");
-            println!();
-            println!("Ctrl-C stops everything.");
+            flotilla_proto::outln!("  flotilla group watch");
+            flotilla_proto::outln!("  flotilla patch list");
+            flotilla_proto::outln!();
+            flotilla_proto::outln!("Ctrl-C stops everything.");
             wait_for_stop().await;
-            println!("stopping...");
+            flotilla_proto::outln!("stopping...");
         }
         Err(e) => {
             stop(&mut children).await;
@@ -190,7 +191,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     stop(&mut children).await;
-    println!("stopped");
+    flotilla_proto::outln!("stopped");
     Ok(())
 }
 
@@ -293,7 +294,7 @@ async fn start_fleet(
         }
     })
     .await?;
-    println!(
+    flotilla_proto::outln!(
         "{} agents online; rolling out a signed demo patch",
         args.agents
     );

@@ -61,6 +61,31 @@ pub fn password(file: Option<&Path>) -> anyhow::Result<Option<String>> {
     )
 }
 
+/// True when `text` is a minisign public key (what `trust set` takes and
+/// `patch sign` does not).
+pub fn is_public_key(text: &str) -> bool {
+    minisign::PublicKeyBox::from_string(text)
+        .and_then(|b| b.into_public_key())
+        .is_ok()
+}
+
+/// Reads a public key for the trust policy, refusing a secret key before it
+/// could be sent anywhere.
+fn read_public_key(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read public key {}", path.display()))?;
+    if is_public_key(&text) {
+        return Ok(text);
+    }
+    if text.contains("secret key") || text.lines().any(|l| l.trim().len() > 100) {
+        bail!(
+            "{} is a secret key: the trust policy takes the public key (PREFIX.pub); the secret key never leaves the signer",
+            path.display()
+        );
+    }
+    bail!("{} is not a minisign public key", path.display())
+}
+
 fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
     if path.exists() {
         bail!(
@@ -107,13 +132,10 @@ pub async fn trust(target: &Target, out: Output, cmd: TrustCmd) -> anyhow::Resul
     let (mut c, _) = target.admin().await?;
     let t = match cmd {
         TrustCmd::Set { keys, threshold } => {
-            let mut public_keys = Vec::new();
-            for k in &keys {
-                public_keys.push(
-                    std::fs::read_to_string(k)
-                        .with_context(|| format!("cannot read public key {}", k.display()))?,
-                );
-            }
+            let public_keys = keys
+                .iter()
+                .map(|k| read_public_key(k))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             c.set_trust(pb::TrustPolicy {
                 public_keys,
                 threshold,

@@ -12,7 +12,7 @@ impl Output {
     /// Prints `rows` as a table with `headers`, or `json` as JSON.
     pub fn table(&self, headers: &[&str], rows: Vec<Vec<String>>, json: Value) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+            flotilla_proto::outln!("{}", serde_json::to_string_pretty(&json).expect("json"));
             return;
         }
         let mut t = Table::new();
@@ -21,15 +21,15 @@ impl Output {
         for r in rows {
             t.add_row(r);
         }
-        println!("{t}");
+        flotilla_proto::outln!("{t}");
     }
 
     /// Prints one object: `human` lines, or `json`.
     pub fn object(&self, human: &str, json: Value) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+            flotilla_proto::outln!("{}", serde_json::to_string_pretty(&json).expect("json"));
         } else {
-            println!("{human}");
+            flotilla_proto::outln!("{human}");
         }
     }
 }

@@ -23,13 +23,19 @@ pub enum PatchCmd {
     /// Build manifest.json from a spec (TOML): hashes the artifacts and copies
     /// them next to the manifest in the output directory.
     Build {
+        /// The patch spec (TOML).
         spec: PathBuf,
         /// Output directory (default: beside the spec, named after the patch id).
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Rebuild over a signed manifest: its signatures (which would be for
+        /// other bytes) are removed.
+        #[arg(long)]
+        force: bool,
     },
     /// Add a signature to a manifest (writes MANIFEST.<key-id>.minisig).
     Sign {
+        /// The manifest to sign (manifest.json from `patch build`).
         manifest: PathBuf,
         /// Secret key from `flotilla key generate` (or a password-protected `minisign -G` key).
         #[arg(long)]
@@ -39,6 +45,7 @@ pub enum PatchCmd {
     },
     /// Upload a manifest's artifacts (resuming) and publish it with its signatures.
     Publish {
+        /// The signed manifest (manifest.json from `patch build`).
         manifest: PathBuf,
         /// Signature files; default: MANIFEST.minisig and MANIFEST.*.minisig.
         #[arg(long = "sig")]
@@ -118,7 +125,12 @@ fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), size))
 }
 
-pub(super) fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> anyhow::Result<()> {
+pub(super) fn build(
+    spec_path: &Path,
+    out_dir: Option<PathBuf>,
+    force: bool,
+    out: Output,
+) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(spec_path)
         .with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec: Spec =
@@ -126,6 +138,17 @@ pub(super) fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> 
     let base = spec_path.parent().unwrap_or(Path::new("."));
     let out_dir = out_dir.unwrap_or_else(|| base.join(&spec.id));
     std::fs::create_dir_all(&out_dir)?;
+    // Signatures beside the manifest would be for the old bytes.
+    let path = out_dir.join("manifest.json");
+    let stale = default_sigs(&path)?;
+    if !stale.is_empty() && !force {
+        bail!(
+            "{} is already signed ({}); rebuilding would leave those signatures for other bytes: \
+             pass --force to rebuild and remove them, or build into another --out-dir",
+            path.display(),
+            names(&stale)
+        );
+    }
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
     let mut artifacts = Vec::new();
     for a in &spec.artifacts {
@@ -162,7 +185,16 @@ pub(super) fn build(spec_path: &Path, out_dir: Option<PathBuf>, out: Output) -> 
     bytes.push(b'\n');
     // Parse what we wrote, exactly as an agent will.
     Manifest::parse(&bytes)?;
-    let path = out_dir.join("manifest.json");
+    for s in &stale {
+        std::fs::remove_file(s).with_context(|| format!("cannot remove {}", s.display()))?;
+    }
+    if !stale.is_empty() {
+        eprintln!(
+            "removed {} signature(s) of the old manifest: {}",
+            stale.len(),
+            names(&stale)
+        );
+    }
     crate::ca::write_atomic(&path, &bytes, false)?;
     out.object(
         &format!(
@@ -187,7 +219,14 @@ pub(super) fn sign(
     Manifest::parse(&bytes).context("refusing to sign an invalid manifest")?;
     let text =
         std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
-    let sk_box = minisign::SecretKeyBox::from_string(&text)?;
+    if super::keys::is_public_key(&text) {
+        bail!(
+            "{} is a public key: sign with the secret key (PREFIX.key from `flotilla key generate`)",
+            key.display()
+        );
+    }
+    let sk_box = minisign::SecretKeyBox::from_string(&text)
+        .with_context(|| format!("{} is not a minisign secret key", key.display()))?;
     let sk = match sk_box.clone().into_unencrypted_secret_key() {
         Ok(sk) => sk,
         Err(e) if e.to_string().contains("might be encrypted") => sk_box
@@ -222,6 +261,23 @@ pub(super) fn sign(
         json!({ "signature": path, "key_id": key_id }),
     );
     Ok(())
+}
+
+/// File names, for messages.
+fn names(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.file_name().unwrap_or(p.as_os_str()).to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Names the file behind "signature N" in a refusal (the server counts the
+/// signatures it was sent from 0, in the order sent).
+fn name_signature(message: &str, sigs: &[PathBuf]) -> Option<String> {
+    let rest = message.split("signature ").nth(1)?;
+    let n: usize = rest.split(' ').next()?.parse().ok()?;
+    Some(sigs.get(n)?.display().to_string())
 }
 
 /// MANIFEST.minisig and MANIFEST.*.minisig beside the manifest.
@@ -381,7 +437,10 @@ pub(super) async fn publish(
             force: how.force,
         })
         .await
-        .map_err(status_error)?
+        .map_err(|s| match name_signature(s.message(), &sigs) {
+            Some(file) => status_error(s).context(format!("signature from {file}")),
+            None => status_error(s),
+        })?
         .into_inner();
     out.object(
         &format!(
@@ -422,7 +481,11 @@ fn is_outcome(phase: &str) -> bool {
 
 pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Result<()> {
     match cmd {
-        PatchCmd::Build { spec, out_dir } => build(&spec, out_dir, out),
+        PatchCmd::Build {
+            spec,
+            out_dir,
+            force,
+        } => build(&spec, out_dir, force, out),
         PatchCmd::Sign {
             manifest,
             key,
@@ -536,12 +599,12 @@ fn print_status(out: Output, r: &pb::PatchStatusResponse) {
         .collect();
     let json = json!({ "patch": info_json(&p), "counts": r.counts, "nodes": nodes });
     if out.json {
-        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+        flotilla_proto::outln!("{}", serde_json::to_string_pretty(&json).expect("json"));
         return;
     }
     let mut counts: Vec<_> = r.counts.iter().collect();
     counts.sort();
-    println!(
+    flotilla_proto::outln!(
         "{} ({} {}): {}",
         p.id,
         p.component,

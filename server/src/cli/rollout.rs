@@ -243,9 +243,9 @@ pub async fn rollout(target: &Target, out: Output, cmd: RolloutCmd) -> anyhow::R
             use std::io::Write;
             while let Some(r) = stream.message().await.map_err(status_error)? {
                 if out.json {
-                    println!("{}", rollout_json(&r));
+                    flotilla_proto::outln!("{}", rollout_json(&r));
                 } else {
-                    println!("{}\n", human(&r));
+                    flotilla_proto::outln!("{}\n", human(&r));
                 }
                 std::io::stdout().flush()?;
             }
@@ -365,9 +365,13 @@ pub async fn report(target: &Target, out: Output, cmd: ReportCmd) -> anyhow::Res
     // --json is the same as --format json.
     let format = if out.json { Format::Json } else { format };
     match format {
-        Format::Table => print!("{}", crate::compliance::to_table(&report)),
-        Format::Json => println!("{}", crate::compliance::to_json(&report)),
-        Format::Csv => print!("{}", crate::compliance::to_csv(&report)),
+        Format::Table => {
+            flotilla_proto::exit::print(format_args!("{}", crate::compliance::to_table(&report)))
+        }
+        Format::Json => flotilla_proto::outln!("{}", crate::compliance::to_json(&report)),
+        Format::Csv => {
+            flotilla_proto::exit::print(format_args!("{}", crate::compliance::to_csv(&report)))
+        }
     }
     Ok(())
 }

@@ -45,32 +45,123 @@ fn config_of(g: &GroupRecord) -> pb::GroupConfig {
     }
 }
 
+/// "unknown group X", with the nearest existing name when one is close
+/// enough to be what was meant.
+pub(super) fn unknown_group<'a>(name: &str, known: impl Iterator<Item = &'a String>) -> Error {
+    let near = known
+        .map(|k| (strsim::damerau_levenshtein(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min();
+    Error::NotFound(match near {
+        Some((_, k)) => format!("unknown group {name} (did you mean {k}?)"),
+        None => format!("unknown group {name}"),
+    })
+}
+
 impl Fleet {
-    /// Creates a group without a desired count if it does not exist.
+    /// Stores a new group (a name deleted before goes on from its revision)
+    /// and publishes its status.
+    pub(super) async fn add_group(&self, st: &mut State, mut g: GroupRecord) -> Result<()> {
+        if let Some(r) = st.retired_groups.get(&g.name) {
+            g.revision = g.revision.max(r + 1);
+        }
+        self.db.put(&keys::group(&g.name), &g).await?;
+        st.retired_groups.remove(&g.name);
+        let name = g.name.clone();
+        st.groups.insert(name.clone(), g);
+        self.publish_status(st, &name);
+        Ok(())
+    }
+
+    /// NotFound (with a suggestion) unless the group exists.
+    pub(super) fn require_group(st: &State, name: &str) -> Result<()> {
+        if st.groups.contains_key(name) {
+            Ok(())
+        } else {
+            Err(unknown_group(name, st.groups.keys()))
+        }
+    }
+
+    /// Creates a group without a desired count if it does not exist (a join
+    /// token for a new group makes it).
     pub async fn ensure_group(&self, name: &str) -> Result<()> {
         let mut st = self.state.lock().await;
         if !st.groups.contains_key(name) {
-            let g = GroupRecord::unmanaged(name);
-            self.db.create(&keys::group(name), &g).await?;
-            st.groups.insert(name.to_string(), g);
-            self.publish_status(&mut st, name);
+            self.add_group(&mut st, GroupRecord::unmanaged(name))
+                .await?;
         }
         Ok(())
     }
 
-    /// Sets a group's desired count (and max unavailable), then reconciles.
+    /// Creates a group; AlreadyExists if it does.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        desired: Option<u32>,
+        max_unavailable: Option<u32>,
+    ) -> Result<pb::GroupStatus> {
+        let mut st = self.state.lock().await;
+        if st.groups.contains_key(name) {
+            return Err(Error::AlreadyExists(format!("group {name} already exists")));
+        }
+        let mut g = GroupRecord::unmanaged(name);
+        g.desired = desired;
+        if let Some(m) = max_unavailable {
+            g.max_unavailable = m;
+        }
+        self.add_group(&mut st, g).await?;
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.rollout_wake.notify_one();
+        Ok(self.status_of(&st, name))
+    }
+
+    /// Deletes a group that has no pending or accepted node. The caller has
+    /// checked that no join token can still add one.
+    pub async fn delete_group(&self, name: &str) -> Result<()> {
+        let mut st = self.state.lock().await;
+        Self::require_group(&st, name)?;
+        let members = st
+            .nodes
+            .values()
+            .filter(|n| n.group == name)
+            .filter(|n| matches!(n.status, NodeStatus::Pending | NodeStatus::Accepted))
+            .count();
+        if members > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "group {name} still has {members} node(s): revoke or reject them first"
+            )));
+        }
+        let mut g = st.groups.get(name).cloned().expect("checked above");
+        g.deleted = true;
+        g.revision += 1;
+        self.db.put(&keys::group(name), &g).await?;
+        st.groups.remove(name);
+        st.published.remove(name);
+        st.retired_groups.insert(name.to_string(), g.revision);
+        drop(st);
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.rollout_wake.notify_one();
+        Ok(())
+    }
+
+    /// Sets a group's desired count; an unknown group is NotFound unless
+    /// `create` is set.
     pub async fn set_group(
         &self,
         name: &str,
         desired: u32,
         max_unavailable: Option<u32>,
+        create: bool,
     ) -> Result<pb::GroupStatus> {
         let mut st = self.state.lock().await;
-        let mut g = st
-            .groups
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| GroupRecord::unmanaged(name));
+        if !create {
+            Self::require_group(&st, name)?;
+        }
+        if !st.groups.contains_key(name) {
+            self.add_group(&mut st, GroupRecord::unmanaged(name))
+                .await?;
+        }
+        let mut g = st.groups.get(name).cloned().expect("made above");
         g.desired = Some(desired);
         if let Some(m) = max_unavailable {
             g.max_unavailable = m;
@@ -139,14 +230,18 @@ impl Fleet {
         }
     }
 
-    /// Status of every group (or one).
-    pub async fn group_statuses(&self, only: Option<&str>) -> Vec<pb::GroupStatus> {
+    /// Status of every group (or one: NotFound if there is none).
+    pub async fn group_statuses(&self, only: Option<&str>) -> Result<Vec<pb::GroupStatus>> {
         let st = self.state.lock().await;
-        st.groups
+        if let Some(o) = only {
+            Self::require_group(&st, o)?;
+        }
+        Ok(st
+            .groups
             .keys()
             .filter(|n| only.is_none_or(|o| o == n.as_str()))
             .map(|n| self.status_of(&st, n))
-            .collect()
+            .collect())
     }
 
     /// Group status changes from now on.
@@ -154,15 +249,12 @@ impl Fleet {
         self.group_events.subscribe()
     }
 
-    /// Changes a group's windows, rollout defaults or SLA (creating the group
-    /// if needed). Everything is checked before anything is stored.
+    /// Changes an existing group's windows, rollout defaults or SLA.
+    /// Everything is checked before anything is stored.
     pub async fn configure_group(&self, r: &pb::ConfigureGroupRequest) -> Result<pb::GroupConfig> {
         let mut st = self.state.lock().await;
-        let mut g = st
-            .groups
-            .get(&r.name)
-            .cloned()
-            .unwrap_or_else(|| GroupRecord::unmanaged(&r.name));
+        Self::require_group(&st, &r.name)?;
+        let mut g = st.groups.get(&r.name).cloned().expect("checked above");
         if let Some(tz) = &r.timezone {
             g.timezone = tz.trim().to_string();
         }
@@ -195,16 +287,14 @@ impl Fleet {
         st.groups
             .get(name)
             .map(config_of)
-            .ok_or_else(|| Error::NotFound(format!("no group named {name}")))
+            .ok_or_else(|| unknown_group(name, st.groups.keys()))
     }
 
     /// The compliance report over the accepted nodes (of one group, or all).
     pub async fn compliance(&self, group: Option<&str>) -> Result<compliance::Report> {
         let st = self.state.lock().await;
-        if let Some(g) = group
-            && !st.groups.contains_key(g)
-        {
-            return Err(Error::NotFound(format!("no group named {g}")));
+        if let Some(g) = group {
+            Self::require_group(&st, g)?;
         }
         let nodes: Vec<_> = st
             .nodes

@@ -67,6 +67,8 @@ pub struct SessionGrant {
 struct State {
     nodes: HashMap<String, NodeRecord>,
     groups: BTreeMap<String, GroupRecord>,
+    /// Deleted groups' last revisions: a group made again goes on from there.
+    retired_groups: HashMap<String, u64>,
     sessions: HashMap<String, Session>,
     /// When each node seen since start went offline. Nodes never seen since the
     /// server started count as offline since the start.
@@ -139,7 +141,11 @@ impl Fleet {
             state.nodes.insert(n.id.clone(), n);
         }
         for g in db.list::<GroupRecord>(keys::GROUPS).await? {
-            state.groups.insert(g.name.clone(), g);
+            if g.deleted {
+                state.retired_groups.insert(g.name.clone(), g.revision);
+            } else {
+                state.groups.insert(g.name.clone(), g);
+            }
         }
         for p in db.list::<PatchRecord>(keys::PATCHES).await? {
             match Manifest::parse(p.manifest.as_bytes()) {
@@ -318,9 +324,8 @@ impl Fleet {
             node.revision = node.revision.max(old.revision + 1);
         }
         if !st.groups.contains_key(&node.group) {
-            let g = GroupRecord::unmanaged(&node.group);
-            self.db.create(&keys::group(&g.name), &g).await?;
-            st.groups.insert(g.name.clone(), g);
+            self.add_group(&mut st, GroupRecord::unmanaged(&node.group))
+                .await?;
         }
         self.db.put(&keys::node(&node.id), &node).await?;
         self.db
@@ -422,8 +427,11 @@ impl Fleet {
     }
 
     /// Node records with their online state and last-seen time.
-    pub async fn nodes(&self, group: Option<&str>) -> Vec<(NodeRecord, bool, i64)> {
+    pub async fn nodes(&self, group: Option<&str>) -> Result<Vec<(NodeRecord, bool, i64)>> {
         let st = self.state.lock().await;
+        if let Some(g) = group {
+            Self::require_group(&st, g)?;
+        }
         let mut out: Vec<_> = st
             .nodes
             .values()
@@ -437,7 +445,7 @@ impl Fleet {
             })
             .collect();
         out.sort_by(|a, b| a.0.group.cmp(&b.0.group).then(a.0.id.cmp(&b.0.id)));
-        out
+        Ok(out)
     }
 
     pub async fn node(&self, id: &str) -> Option<(NodeRecord, bool, i64)> {

@@ -80,7 +80,7 @@ impl AdminApi {
     pub(super) async fn audit(
         &self,
         caller: &Caller,
-        action: &str,
+        action: crate::audit::Action,
         target: &str,
         detail: serde_json::Value,
     ) -> Result<(), Status> {
@@ -99,7 +99,7 @@ impl AdminApi {
         &self,
         request: Request<pb::NodeActionRequest>,
         to: NodeStatus,
-        action: &str,
+        action: crate::audit::Action,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let caller = self.caller(&request, OperatorRole::Operator).await?;
         let id = request.into_inner().id;
@@ -118,6 +118,25 @@ impl AdminApi {
 }
 
 type GroupStream = Pin<Box<dyn Stream<Item = Result<pb::GroupStatus, Status>> + Send>>;
+
+/// The checks a group's name and counts pass before any change.
+fn check_group_counts(
+    name: &str,
+    desired: u32,
+    max_unavailable: Option<u32>,
+) -> Result<(), Status> {
+    limits::check_name("group", name, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
+    if desired > limits::MAX_DESIRED {
+        return Err(Status::invalid_argument(format!(
+            "desired count {desired} is above the limit of {}",
+            limits::MAX_DESIRED
+        )));
+    }
+    if max_unavailable.is_some_and(|m| m > limits::MAX_DESIRED) {
+        return Err(Status::invalid_argument("max unavailable is too large"));
+    }
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
@@ -151,7 +170,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.app.fleet.ensure_group(&rec.group).await?;
         self.audit(
             &caller,
-            "token.create",
+            crate::audit::Action::TokenCreate,
             &rec.id,
             serde_json::json!({
                 "group": rec.group,
@@ -185,8 +204,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let caller = self.caller(&request, OperatorRole::Operator).await?;
         let id = request.into_inner().id;
         let rec = tokens::revoke(&self.app.db, &id).await?;
-        self.audit(&caller, "token.revoke", &id, serde_json::json!({}))
-            .await?;
+        self.audit(
+            &caller,
+            crate::audit::Action::TokenRevoke,
+            &id,
+            serde_json::json!({}),
+        )
+        .await?;
         Ok(Response::new(token_info(rec)))
     }
 
@@ -199,12 +223,34 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let rec = tokens::extend(&self.app.db, &r.id, r.ttl_secs, r.max_uses).await?;
         self.audit(
             &caller,
-            "token.extend",
+            crate::audit::Action::TokenExtend,
             &r.id,
             serde_json::json!({ "expires_at": rec.expires_at, "max_uses": rec.max_uses }),
         )
         .await?;
         Ok(Response::new(token_info(rec)))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::GroupStatus>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let r = request.into_inner();
+        check_group_counts(&r.name, r.desired.unwrap_or(0), r.max_unavailable)?;
+        let status = self
+            .app
+            .fleet
+            .create_group(&r.name, r.desired, r.max_unavailable)
+            .await?;
+        self.audit(
+            &caller,
+            crate::audit::Action::GroupCreate,
+            &r.name,
+            serde_json::json!({ "desired": r.desired, "max_unavailable": status.max_unavailable }),
+        )
+        .await?;
+        Ok(Response::new(status))
     }
 
     async fn set_group(
@@ -213,30 +259,53 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::GroupStatus>, Status> {
         let caller = self.caller(&request, OperatorRole::Operator).await?;
         let r = request.into_inner();
-        limits::check_name("group", &r.name, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
-        if r.desired > limits::MAX_DESIRED {
-            return Err(Status::invalid_argument(format!(
-                "desired count {} is above the limit of {}",
-                r.desired,
-                limits::MAX_DESIRED
-            )));
-        }
-        if r.max_unavailable.is_some_and(|m| m > limits::MAX_DESIRED) {
-            return Err(Status::invalid_argument("max unavailable is too large"));
-        }
+        check_group_counts(&r.name, r.desired, r.max_unavailable)?;
         let status = self
             .app
             .fleet
-            .set_group(&r.name, r.desired, r.max_unavailable)
+            .set_group(&r.name, r.desired, r.max_unavailable, r.create)
             .await?;
         self.audit(
             &caller,
-            "group.set",
+            crate::audit::Action::GroupSet,
             &r.name,
             serde_json::json!({ "desired": r.desired, "max_unavailable": status.max_unavailable }),
         )
         .await?;
         Ok(Response::new(status))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let name = request.into_inner().name;
+        limits::check_name("group", &name, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
+        // A token that is not revoked can still add a node (an expired or
+        // used-up one can be extended), which would bring the group back.
+        let live: Vec<String> = tokens::list(&self.app.db)
+            .await?
+            .into_iter()
+            .filter(|t| t.group == name && !t.revoked)
+            .map(|t| t.id)
+            .collect();
+        if !live.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "group {name} has {} join token(s) that are not revoked ({}): revoke them first",
+                live.len(),
+                live.join(", ")
+            )));
+        }
+        self.app.fleet.delete_group(&name).await?;
+        self.audit(
+            &caller,
+            crate::audit::Action::GroupDelete,
+            &name,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
     async fn list_groups(
@@ -245,7 +314,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         self.caller(&request, OperatorRole::Viewer).await?;
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: self.app.fleet.group_statuses(None).await,
+            groups: self.app.fleet.group_statuses(None).await?,
         }))
     }
 
@@ -262,7 +331,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let shutdown = self.app.shutdown.clone();
         // Subscribe before the snapshot so no change falls between them.
         let mut events = fleet.subscribe_groups();
-        let snapshot = fleet.group_statuses(only.as_deref()).await;
+        let snapshot = fleet.group_statuses(only.as_deref()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             for s in snapshot {
@@ -285,8 +354,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                             // Fell behind: send the current state of everything watched.
-                            for s in fleet.group_statuses(only.as_deref()).await {
-                                if tx.send(Ok(s)).await.is_err() {
+                            match fleet.group_statuses(only.as_deref()).await {
+                                Ok(all) => {
+                                    for s in all {
+                                        if tx.send(Ok(s)).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    let _ = tx.send(Err(e.into())).await;
                                     return;
                                 }
                             }
@@ -311,7 +388,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .app
             .fleet
             .nodes((!group.is_empty()).then_some(group.as_str()))
-            .await;
+            .await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.into_iter().map(node_info).collect(),
         }))
@@ -337,24 +414,36 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::NodeActionRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        self.node_action(request, NodeStatus::Accepted, "node.accept")
-            .await
+        self.node_action(
+            request,
+            NodeStatus::Accepted,
+            crate::audit::Action::NodeAccept,
+        )
+        .await
     }
 
     async fn reject_node(
         &self,
         request: Request<pb::NodeActionRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        self.node_action(request, NodeStatus::Rejected, "node.reject")
-            .await
+        self.node_action(
+            request,
+            NodeStatus::Rejected,
+            crate::audit::Action::NodeReject,
+        )
+        .await
     }
 
     async fn revoke_node(
         &self,
         request: Request<pb::NodeActionRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        self.node_action(request, NodeStatus::Revoked, "node.revoke")
-            .await
+        self.node_action(
+            request,
+            NodeStatus::Revoked,
+            crate::audit::Action::NodeRevoke,
+        )
+        .await
     }
 
     async fn list_audit(
@@ -397,7 +486,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let (bearer, rec) = credentials::create(&self.app.db, &r.name, role).await?;
         self.audit(
             &caller,
-            "credential.create",
+            crate::audit::Action::CredentialCreate,
             &rec.name,
             serde_json::json!({ "id": rec.id, "role": role.as_str() }),
         )
@@ -443,7 +532,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let rec = credentials::revoke(&self.app.db, &name).await?;
         self.audit(
             &caller,
-            "credential.revoke",
+            crate::audit::Action::CredentialRevoke,
             &rec.name,
             serde_json::json!({ "id": rec.id, "role": rec.role.as_str() }),
         )

@@ -301,7 +301,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .audit
             .record(
                 &format!("node:{node_id}"),
-                "node.renew",
+                crate::audit::Action::NodeRenew,
                 &node_id,
                 serde_json::json!({ "certificate_serial": cert.serial_hex }),
             )

@@ -1,5 +1,7 @@
-//! The gRPC edge: protobuf in, domain calls, protobuf out. Only this module and
-//! `fleet` (which builds the pushed desired state) know protobuf types.
+//! The gRPC edge: protobuf in, domain calls, protobuf out. Besides this
+//! module, the CLI, `fleet` (desired states, group status, rollout views),
+//! `patches` (patch status) and `rollout::policy` use protobuf types (see the
+//! invariants in ARCHITECTURE.md).
 
 pub mod admin;
 pub mod agent;

@@ -31,7 +31,7 @@ pub async fn set_trust(
     crate::trust::set(&api.app.db, &record).await?;
     api.audit(
         &caller,
-        "trust.set",
+        crate::audit::Action::TrustSet,
         "fleet",
         serde_json::json!({ "keys": record.public_keys, "threshold": record.threshold, "sha256": record.sha256() }),
     )
@@ -101,7 +101,7 @@ pub async fn upload_artifact(
     if held.complete {
         api.audit(
             &caller,
-            "artifact.upload",
+            crate::audit::Action::ArtifactUpload,
             &sha256,
             serde_json::json!({ "size": size }),
         )
@@ -137,9 +137,9 @@ pub async fn publish_patch(
     api.audit(
         &caller,
         if r.emergency {
-            "patch.publish.emergency"
+            crate::audit::Action::PatchPublishEmergency
         } else {
-            "patch.publish"
+            crate::audit::Action::PatchPublish
         },
         &record.id,
         serde_json::json!({

@@ -52,8 +52,13 @@ pub async fn pause_rollout(
     let caller = api.caller(&request, OperatorRole::Operator).await?;
     let id = request.into_inner().patch_id;
     let info = api.app.fleet.pause_rollout(&id, &caller.name).await?;
-    api.audit(&caller, "rollout.pause", &id, serde_json::json!({}))
-        .await?;
+    api.audit(
+        &caller,
+        crate::audit::Action::RolloutPause,
+        &id,
+        serde_json::json!({}),
+    )
+    .await?;
     Ok(Response::new(info))
 }
 
@@ -64,8 +69,13 @@ pub async fn resume_rollout(
     let caller = api.caller(&request, OperatorRole::Operator).await?;
     let id = request.into_inner().patch_id;
     let info = api.app.fleet.resume_rollout(&id).await?;
-    api.audit(&caller, "rollout.resume", &id, serde_json::json!({}))
-        .await?;
+    api.audit(
+        &caller,
+        crate::audit::Action::RolloutResume,
+        &id,
+        serde_json::json!({}),
+    )
+    .await?;
     Ok(Response::new(info))
 }
 
@@ -82,7 +92,7 @@ pub async fn abort_rollout(
         .await?;
     api.audit(
         &caller,
-        "rollout.abort",
+        crate::audit::Action::RolloutAbort,
         &r.patch_id,
         serde_json::json!({ "rollback": r.rollback }),
     )
@@ -161,7 +171,7 @@ pub async fn configure_group(
     let config = api.app.fleet.configure_group(&r).await?;
     api.audit(
         &caller,
-        "group.configure",
+        crate::audit::Action::GroupConfigure,
         &r.name,
         serde_json::json!({
             "timezone": config.timezone,

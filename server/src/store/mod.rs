@@ -1,5 +1,5 @@
 //! The storage trait every server component uses: typed records over a key-value
-//! store with prefix scan, compare-and-swap and watch. Backends: sled (one process).
+//! store with prefix scan and compare-and-swap. Backends: sled (one process).
 //! Nothing above this module knows which backend it runs on.
 
 mod sled_store;
@@ -16,15 +16,13 @@ pub use sled_store::SledStore;
 pub enum StoreError {
     #[error("store backend error: {0}")]
     Backend(String),
+    #[error(
+        "the database in {0} is in use: another flotilla-server is running on this data dir \
+         (stop it first, or pick another --data-dir)"
+    )]
+    InUse(String),
     #[error("record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
-}
-
-/// A change seen by a watch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WatchEvent {
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
 }
 
 /// Key-value storage. Every write is durable when its future resolves.
@@ -60,8 +58,6 @@ pub trait Store: Send + Sync + 'static {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError>;
-    /// Changes under `prefix` from now on.
-    fn watch_prefix(&self, prefix: &str) -> tokio::sync::mpsc::Receiver<WatchEvent>;
 }
 
 /// Typed JSON records over a [`Store`].

@@ -80,13 +80,13 @@ fn modified_after_signing_is_refused() {
         policy
             .verify(tampered.as_bytes(), std::slice::from_ref(&sig))
             .unwrap_err(),
-        ManifestError::Untrusted
+        ManifestError::OtherBytes { index: 0 }
     );
     // Even whitespace counts: the exact bytes are what was signed.
     let spaced = format!("{bytes} ");
     assert_eq!(
         policy.verify(spaced.as_bytes(), &[sig]).unwrap_err(),
-        ManifestError::Untrusted
+        ManifestError::OtherBytes { index: 0 }
     );
 }
 

@@ -1,0 +1,160 @@
+//! Keeps the docs honest: every command line the README and the docs show
+//! names commands and flags the binaries have.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flotilla_e2e::bin;
+
+const BINS: &[&str] = &["flotilla", "flotilla-agent", "flotilla-server"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Markdown files whose command lines are checked.
+fn documents() -> Vec<PathBuf> {
+    let mut docs = vec![repo().join("README.md")];
+    for e in std::fs::read_dir(repo().join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            docs.push(p);
+        }
+    }
+    docs
+}
+
+/// Command lines: lines of code blocks and inline code spans that start with
+/// one of the binaries (after an optional `sudo` or `$`).
+fn command_lines(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_block = false;
+    let mut continued = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block {
+            // Lines ending in `\` go on on the next one.
+            let l = line.trim();
+            if let Some(head) = l.strip_suffix('\\') {
+                continued.push_str(head);
+                continued.push(' ');
+                continue;
+            }
+            let whole = format!("{continued}{l}");
+            continued.clear();
+            out.push(whole);
+        } else {
+            out.extend(line.split('`').skip(1).step_by(2).map(str::to_string));
+        }
+    }
+    out.into_iter()
+        .filter_map(|l| {
+            let l = l.trim();
+            let l = l.strip_prefix("$ ").unwrap_or(l);
+            let l = l.strip_prefix("sudo ").unwrap_or(l);
+            let mut words = l.split_whitespace();
+            let first = words.next()?;
+            // A command word or a flag next, not a diagram's arrows.
+            let second = words.next()?;
+            let command = second.chars().all(|c| c.is_ascii_lowercase() || c == '-');
+            (BINS.contains(&first) && command).then(|| l.to_string())
+        })
+        .collect()
+}
+
+fn help(words: &[&str]) -> String {
+    let out = Command::new(bin(words[0]))
+        .args(&words[1..])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{} --help` fails: {}",
+        words.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The subcommands a help text lists under "Commands:".
+fn subcommands(help: &str) -> BTreeSet<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect()
+}
+
+/// Checks one command line; returns what is wrong with it.
+fn check(line: &str) -> Option<String> {
+    // Stop at shell plumbing and comments.
+    let line = line
+        .split(['|', '#', '>', ';', '&'])
+        .next()
+        .unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut path = vec![words[0]];
+    let mut rest = words[1..].iter().peekable();
+    // `flotilla --json audit`: the global output flag comes first.
+    while rest.peek().is_some_and(|w| **w == "--json") {
+        rest.next();
+    }
+    let mut leaf_help = help(&path);
+    for w in rest.by_ref() {
+        let subs = subcommands(&leaf_help);
+        if subs.is_empty() {
+            break;
+        }
+        if !subs.contains(*w) {
+            return Some(format!(
+                "`{line}`: `{} {w}` is not a command (there are: {subs:?})",
+                path.join(" ")
+            ));
+        }
+        path.push(w);
+        leaf_help = help(&path);
+    }
+    for w in words.iter().filter(|w| w.starts_with("--")) {
+        let flag = w.split(['=', '[', ']']).next().unwrap();
+        if flag != "--" && flag != "--json" && !leaf_help.contains(flag) {
+            return Some(format!("`{line}`: `{}` has no flag {flag}", path.join(" ")));
+        }
+    }
+    None
+}
+
+#[test]
+fn every_command_line_in_the_docs_exists() {
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for doc in documents() {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        for line in command_lines(&text) {
+            checked += 1;
+            if let Some(w) = check(&line) {
+                wrong.push(format!(
+                    "{}: {w}",
+                    doc.file_name().unwrap().to_string_lossy()
+                ));
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} command lines found");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_checker_catches_what_does_not_exist() {
+    assert!(check("flotilla group set store-eu --desired 3").is_none());
+    assert!(check("flotilla group sett store-eu").is_some());
+    assert!(check("flotilla group set store-eu --wanted 3").is_some());
+    assert!(check("flotilla-agent run --allow-scripts").is_none());
+    assert!(check("flotilla-agent run --allow-shells").is_some());
+}
