@@ -377,10 +377,25 @@ fn emergency_ignores_the_window_that_holds_a_normal_rollout() {
         &window,
     ]);
     let normal = make_patch(&server, dir.path(), &k, "app-2.0.0", "app", "2.0.0", "");
-    publish(&server, &normal, &[]);
+    let out = publish(&server, &normal, &[]);
+    assert!(
+        out.contains("rollout waiting for the maintenance window (store opens"),
+        "{out}"
+    );
     wait_until("nodes waiting for the window", T, || {
         (count(&server, "app-2.0.0", "waiting for window") == 4).then_some(())
     });
+    let status = patch::status(&server, "app-2.0.0");
+    let detail = status["nodes"][0]["error"].as_str().unwrap();
+    assert!(
+        detail.starts_with("the maintenance window opens at"),
+        "{status}"
+    );
+    let shown = server.cli(&["rollout", "show", "app-2.0.0"]);
+    assert!(
+        shown.contains("waiting for the maintenance window (opens"),
+        "{shown}"
+    );
     let urgent = make_patch(&server, dir.path(), &k, "ssl-3.0.1", "openssl", "3.0.1", "");
     let out = publish(&server, &urgent, &["--emergency"]);
     assert!(out.contains("EMERGENCY"), "{out}");
@@ -452,7 +467,7 @@ fn a_node_joining_after_the_rollout_catches_up_even_as_standby() {
 }
 
 #[test]
-fn abort_with_rollback_undoes_the_canaries_one_per_site() {
+fn abort_with_rollback_undoes_the_canaries_spread_over_sites() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
     let (server, agents) = fleet(dir.path(), &k, 6, &["hamburg", "munich", "berlin"]);
@@ -475,7 +490,7 @@ fn abort_with_rollback_undoes_the_canaries_one_per_site() {
         &m,
         &[
             "--waves",
-            "1,100%",
+            "3,100%",
             "--spread-label",
             "site",
             "--bake",
@@ -512,6 +527,9 @@ fn abort_with_rollback_undoes_the_canaries_one_per_site() {
         (count(&server, "a-2.0.0", "rolled_back") == 3).then_some(())
     });
     assert_eq!(count(&server, "a-2.0.0", "not started (aborted)"), 3);
+    // Nodes an aborted rollout never started have had their final word.
+    let (ok, _, err) = patch::cli(&server, &["patch", "status", "a-2.0.0", "--wait", "20s"]);
+    assert!(ok, "patch status --wait: {err}");
     for a in &agents {
         let tool = a.root().join("opt/demo/bin/tool");
         assert_eq!(std::fs::read_to_string(&tool).unwrap(), "v1\n");

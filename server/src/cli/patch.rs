@@ -442,6 +442,15 @@ pub(super) async fn publish(
             None => status_error(s),
         })?
         .into_inner();
+    let rollout = match c
+        .get_rollout(pb::GetRolloutRequest {
+            patch_id: info.id.clone(),
+        })
+        .await
+    {
+        Ok(r) => rollout_summary(&r.into_inner()),
+        Err(_) => info.rollout_state.clone(),
+    };
     out.object(
         &format!(
             "published {} ({} {}, {}){} to {} node(s); rollout {}",
@@ -455,11 +464,38 @@ pub(super) async fn publish(
                 ""
             },
             info.targeted,
-            info.rollout_state
+            rollout
         ),
         info_json(&info),
     );
     Ok(())
+}
+
+/// The rollout's state, and the maintenance windows that hold it: "running"
+/// is not the word when a closed window holds every targeted node.
+fn rollout_summary(r: &pb::RolloutInfo) -> String {
+    let targeted: Vec<&pb::RolloutGroup> = r.groups.iter().filter(|g| g.targeted > 0).collect();
+    let held: Vec<String> = targeted
+        .iter()
+        .filter(|g| g.window_opens_at_ms > 0)
+        .map(|g| {
+            format!(
+                "{} opens {}",
+                g.group,
+                super::output::time(g.window_opens_at_ms / 1000)
+            )
+        })
+        .collect();
+    if r.state != "running" || held.is_empty() {
+        r.state.clone()
+    } else if held.len() == targeted.len() {
+        format!("waiting for the maintenance window ({})", held.join(", "))
+    } else {
+        format!(
+            "running; waiting for the maintenance window in {}",
+            held.join(", ")
+        )
+    }
 }
 
 fn info_json(p: &pb::PatchInfo) -> Value {
@@ -472,10 +508,17 @@ fn info_json(p: &pb::PatchInfo) -> Value {
     })
 }
 
+/// A node's final word on a patch (a node an aborted rollout never started
+/// will not start it either).
 fn is_outcome(phase: &str) -> bool {
     matches!(
         phase,
-        "committed" | "rolled_back" | "failed" | "rejected" | "superseded"
+        "committed"
+            | "rolled_back"
+            | "failed"
+            | "rejected"
+            | "superseded"
+            | "not started (aborted)"
     )
 }
 

@@ -94,11 +94,30 @@ fn rollout_json(r: &pb::RolloutInfo) -> Value {
     })
 }
 
+/// What a group's rollout waits for, in words.
+pub(super) fn waiting_text(g: &pb::RolloutGroup) -> String {
+    let at = |ms: i64| super::output::time(ms / 1000);
+    match g.waiting_for.as_str() {
+        "" => String::new(),
+        "wave" => "waiting for its released nodes to finish".into(),
+        "bake" => format!("baking until {}", at(g.bake_until_ms)),
+        "window" if g.window_opens_at_ms > 0 => format!(
+            "waiting for the maintenance window (opens {})",
+            at(g.window_opens_at_ms)
+        ),
+        "window" => "waiting for the maintenance window".into(),
+        "capacity" => "waiting for capacity (the capacity guard or --max-applying)".into(),
+        "busy" => "waiting for nodes busy with another patch".into(),
+        "offline" => "waiting for offline nodes to come back".into(),
+        "paused" | "aborted" | "done" => g.waiting_for.clone(),
+        other => format!("waiting for {other}"),
+    }
+}
+
 fn group_line(g: &pb::RolloutGroup) -> String {
-    let wait = if g.waiting_for.is_empty() {
-        String::new()
-    } else {
-        format!(", waiting for {}", g.waiting_for)
+    let wait = match waiting_text(g) {
+        t if t.is_empty() => t,
+        t => format!(", {t}"),
     };
     let waves: Vec<String> = g
         .waves_progress

@@ -9,6 +9,27 @@ use super::rollouts::progress_of;
 use super::{Fleet, State};
 use crate::rollout::plan::{self, GroupView, Progress, Waiting};
 use crate::rollout::record::RolloutState;
+use crate::rollout::window::Schedule;
+
+/// When `g`'s maintenance window next opens, while it is closed (0 otherwise).
+fn window_opens_at_ms(g: &crate::model::GroupRecord) -> i64 {
+    let now = crate::model::now_ms() / 1000;
+    match Schedule::parse(&g.timezone, &g.windows) {
+        Ok(s) if !s.is_open(now) => s.next_change(now).map_or(0, |t| t * 1000),
+        _ => 0,
+    }
+}
+
+/// Unix ms as RFC 3339 (UTC).
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
 
 impl Fleet {
     /// One rollout's state and progress per group.
@@ -54,17 +75,7 @@ impl Fleet {
                 }
             }
             failures += failed;
-            let spread_values = policy
-                .spread_label
-                .as_ref()
-                .map(|l| {
-                    ids.iter()
-                        .map(|id| st.nodes[id].labels.get(l).cloned().unwrap_or_default())
-                        .collect::<BTreeSet<_>>()
-                        .len()
-                })
-                .unwrap_or(1);
-            let sizes = plan::wave_sizes(&policy, ids.len(), spread_values);
+            let sizes = plan::wave_sizes(&policy, ids.len());
             let wait = match r.state {
                 RolloutState::Paused => "paused".to_string(),
                 RolloutState::Aborted => "aborted".to_string(),
@@ -107,6 +118,11 @@ impl Fleet {
                     })
                     .collect(),
                 lowest_in_service: pos.lowest_in_service.unwrap_or(view.in_service),
+                window_opens_at_ms: if r.emergency {
+                    0
+                } else {
+                    g.map_or(0, window_opens_at_ms)
+                },
             });
         }
         Some(pb::RolloutInfo {
@@ -155,7 +171,13 @@ impl Fleet {
             return ("superseded".into(), detail);
         }
         let reason = Self::still_waiting(st, patch_id, group, node, released);
-        (reason, String::new())
+        let detail = match st.groups.get(group).map(window_opens_at_ms) {
+            Some(t) if t > 0 && reason == "waiting for window" => {
+                format!("the maintenance window opens at {}", rfc3339(t))
+            }
+            _ => String::new(),
+        };
+        (reason, detail)
     }
 
     fn still_waiting(

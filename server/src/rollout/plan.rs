@@ -138,16 +138,12 @@ pub struct Step {
     pub changed: bool,
 }
 
-/// Cumulative size of each wave for `n` targets. With a spread label, a first
-/// wave given as a count takes that many nodes per label value.
-pub fn wave_sizes(policy: &Policy, n: usize, spread_values: usize) -> Vec<usize> {
+/// Cumulative size of each wave for `n` targets. A spread label changes which
+/// nodes a wave takes, never how many: a canary of 1 is one node.
+pub fn wave_sizes(policy: &Policy, n: usize) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::with_capacity(policy.waves.len());
-    for (i, w) in policy.waves.iter().enumerate() {
-        let mut size = match (i, w, &policy.spread_label) {
-            (0, Amount::Count(c), Some(_)) => (*c as usize * spread_values.max(1)).min(n),
-            _ => w.of(n),
-        };
-        size = size.max(out.last().copied().unwrap_or(0));
+    for w in &policy.waves {
+        let size = w.of(n).max(out.last().copied().unwrap_or(0));
         out.push(size);
     }
     out
@@ -177,12 +173,7 @@ pub fn step(
     };
     let mut changed = false;
     let n = targets.len();
-    let spread_values = targets
-        .iter()
-        .map(|t| t.spread)
-        .collect::<BTreeSet<_>>()
-        .len();
-    let sizes = wave_sizes(policy, n, spread_values);
+    let sizes = wave_sizes(policy, n);
     let last = sizes.len() - 1;
     let released = targets.iter().filter(|t| t.progress.is_some()).count();
     let applying = targets
@@ -211,14 +202,27 @@ pub fn step(
             changed = true;
             now_ms
         });
-        if pos.wave == last {
+        // Every target finished (the later waves have no one left to
+        // release): done, without baking for nobody.
+        if pos.wave == last || released >= sizes[last] {
+            for w in pos.wave + 1..=last {
+                pos.wave_done_ms.insert(w, now_ms);
+            }
+            changed |= pos.wave != last;
+            pos.wave = last;
             return Step {
                 release: Vec::new(),
                 waiting: Waiting::Done,
                 changed,
             };
         }
-        let bake_until = done_at + policy.bake.as_millis() as i64;
+        // A wave that added no node to the one before has nothing to bake.
+        let added = pos.wave == 0 || sizes[pos.wave] > sizes[pos.wave - 1];
+        let bake_until = if added {
+            done_at + policy.bake.as_millis() as i64
+        } else {
+            done_at
+        };
         if now_ms < bake_until {
             return Step {
                 release: Vec::new(),

@@ -198,7 +198,7 @@ fn window_holds_normal_rollouts_but_not_emergencies() {
 }
 
 #[test]
-fn canary_takes_one_node_per_site_and_waves_spread() {
+fn a_canary_of_one_is_one_node_and_waves_spread_over_sites() {
     let mut p = policy(
         &[Amount::Count(1), Amount::Percent(50), Amount::Percent(100)],
         0,
@@ -210,17 +210,11 @@ fn canary_takes_one_node_per_site_and_waves_spread() {
     }
     let mut pos = GroupProgress::default();
     let s = f.step(&p, open(12), &mut pos, 0);
-    let sites: BTreeSet<&str> = s
-        .release
-        .iter()
-        .map(|id| f.sites[f.ids.iter().position(|x| x == id).unwrap()].as_str())
-        .collect();
-    assert_eq!(s.release.len(), 3);
-    assert_eq!(sites.len(), 3, "one per site: {:?}", s.release);
+    assert_eq!(s.release.len(), 1, "a canary of 1 is one node");
     f.release(&s.release);
     f.commit_all();
     let s = f.step(&p, open(12), &mut pos, 1);
-    assert_eq!(s.release.len(), 3, "50% of 12 is 6");
+    assert_eq!(s.release.len(), 5, "50% of 12 is 6, one is out");
     let mut per_site: BTreeMap<&str, usize> = BTreeMap::new();
     f.release(&s.release);
     for (i, pr) in f.progress.iter().enumerate() {
@@ -232,6 +226,53 @@ fn canary_takes_one_node_per_site_and_waves_spread() {
         per_site.values().copied().collect::<Vec<_>>(),
         vec![2, 2, 2]
     );
+    // One node per site, the case that used to take every node as a canary.
+    let mut f = Fleet::new(3);
+    for (i, s) in f.sites.iter_mut().enumerate() {
+        *s = ["a", "b", "c"][i].to_string();
+    }
+    let mut pos = GroupProgress::default();
+    let s = f.step(&p, open(3), &mut pos, 0);
+    assert_eq!(s.release.len(), 1);
+}
+
+#[test]
+fn waves_with_no_one_left_to_release_do_not_bake() {
+    const BAKE: u64 = 1800;
+    let bake_ms = BAKE as i64 * 1000;
+    // One target: the canary is everyone; once it commits the rollout is
+    // done at once, not after two more bakes.
+    let p = policy(
+        &[Amount::Count(1), Amount::Percent(10), Amount::Percent(100)],
+        BAKE,
+    );
+    let mut f = Fleet::new(1);
+    let mut pos = GroupProgress::default();
+    let s = f.step(&p, open(1), &mut pos, 0);
+    assert_eq!(s.release.len(), 1);
+    f.release(&s.release);
+    f.commit_all();
+    let s = f.step(&p, open(1), &mut pos, 10);
+    assert_eq!(s.waiting, Waiting::Done);
+    assert_eq!(pos.wave, 2);
+    assert!(pos.wave_done_ms.contains_key(&2));
+
+    // Ten targets: 1, 10% (= 1: adds no node), 100%. The canary bakes once;
+    // the empty second wave does not bake again.
+    let mut f = Fleet::new(10);
+    let mut pos = GroupProgress::default();
+    let s = f.step(&p, open(10), &mut pos, 0);
+    assert_eq!(s.release.len(), 1);
+    f.release(&s.release);
+    f.commit_all();
+    let s = f.step(&p, open(10), &mut pos, 100);
+    assert_eq!(s.waiting, Waiting::Bake(100 + bake_ms));
+    let s = f.step(&p, open(10), &mut pos, 100 + bake_ms);
+    assert_eq!(s.release.len(), 9, "no second bake for the empty wave");
+    f.release(&s.release);
+    f.commit_all();
+    let s = f.step(&p, open(10), &mut pos, 200 + bake_ms);
+    assert_eq!(s.waiting, Waiting::Done);
 }
 
 #[test]
