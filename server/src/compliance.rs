@@ -321,16 +321,23 @@ fn nearest_rank(sorted: &[i64], pct: usize) -> Option<i64> {
     sorted.get(rank - 1).copied()
 }
 
-/// "41d 3h", "5h 12m", "7m".
+/// "41d 3h", "5h 12m", "7m 5s", "15s".
 pub fn duration(secs: i64) -> String {
     let secs = secs.max(0);
-    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    let (d, h, m, s) = (
+        secs / 86_400,
+        secs % 86_400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+    );
     if d > 0 {
         format!("{d}d {h}h")
     } else if h > 0 {
         format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {s}s")
     } else {
-        format!("{m}m")
+        format!("{s}s")
     }
 }
 

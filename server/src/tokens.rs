@@ -37,9 +37,9 @@ impl TokenSpec {
         }
         if self.ttl_secs > limits::MAX_TOKEN_TTL_SECS {
             return Err(Error::InvalidArgument(format!(
-                "token lifetime {}s is longer than the limit of {}s",
-                self.ttl_secs,
-                limits::MAX_TOKEN_TTL_SECS
+                "token lifetime {} is longer than the limit of {}",
+                secs_text(self.ttl_secs),
+                secs_text(limits::MAX_TOKEN_TTL_SECS)
             )));
         }
         if self.max_uses == 0 {
@@ -113,8 +113,8 @@ pub async fn revoke(db: &Db, id: &str) -> Result<TokenRecord> {
 pub async fn extend(db: &Db, id: &str, ttl_secs: u64, max_uses: u32) -> Result<TokenRecord> {
     if ttl_secs == 0 || ttl_secs > limits::MAX_TOKEN_TTL_SECS {
         return Err(Error::InvalidArgument(format!(
-            "the new lifetime must be between 1s and {}s",
-            limits::MAX_TOKEN_TTL_SECS
+            "the new lifetime must be between 1s and {}",
+            secs_text(limits::MAX_TOKEN_TTL_SECS)
         )));
     }
     if max_uses > limits::MAX_TOKEN_USES {
@@ -139,6 +139,16 @@ pub async fn extend(db: &Db, id: &str, ttl_secs: u64, max_uses: u32) -> Result<T
         })
         .await??;
     r.ok_or_else(|| not_found(id))
+}
+
+/// Seconds as the `--ttl` flag takes them: "400d", "366d", "1d 12h", "90m".
+fn secs_text(secs: u64) -> String {
+    let (d, rest) = (secs / 86_400, secs % 86_400);
+    match (d, rest) {
+        (0, _) => humantime::format_duration(std::time::Duration::from_secs(secs)).to_string(),
+        (d, 0) => format!("{d}d"),
+        (d, r) => format!("{d}d {}h", r / 3600),
+    }
 }
 
 /// Compares two hex digests in time independent of where they differ.

@@ -264,7 +264,7 @@ fn fetch_text(what: &str, r: &artifact::FetchReport) -> String {
 async fn main() -> anyhow::Result<()> {
     flotilla_proto::install_crypto_provider();
     // The agents' own warnings (every reconnect logs one) would swamp the log.
-    flotilla_proto::telemetry::init("flotilla_sim=info,error");
+    flotilla_proto::telemetry::init_or_exit("flotilla_sim=info,error");
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => {

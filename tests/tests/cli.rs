@@ -272,6 +272,42 @@ fn errors_say_what_is_wrong_once() {
         !err.contains("Caused by") && !err.contains("backtrace"),
         "{err}"
     );
+    // Settings that cannot be used are said, not ignored.
+    let out = Command::new(bin("flotilla"))
+        .args(["whoami"])
+        .env("FLOTILLA_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FLOTILLA_LOG_FORMAT=xml is not a log format"),
+        "{err}"
+    );
+    // Limits in the units people use.
+    let err = fails_with(
+        &server,
+        &["token", "create", "--group", "g", "--ttl", "400d"],
+        "token lifetime 400d is longer than the limit of 366d",
+    );
+    assert!(!err.contains("34560000"), "{err}");
+    // Tables fit the width they are given, without box drawing.
+    for i in 0..5 {
+        server.cli(&["group", "create", &format!("group-with-a-long-name-{i}")]);
+    }
+    let out = Command::new(bin("flotilla"))
+        .args(["audit"])
+        .env("FLOTILLA_SERVER", server.url())
+        .env("FLOTILLA_CREDENTIAL", server.credential())
+        .env("COLUMNS", "70")
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.lines().count() > 5, "{table}");
+    for line in table.lines() {
+        assert!(line.chars().count() <= 70, "{} wide: {line}", line.len());
+        assert!(!line.contains(['│', '─', '┌']), "{line}");
+    }
     // Nothing listening: said once, with what to check.
     let url = server.url();
     server.stop();

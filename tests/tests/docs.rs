@@ -150,8 +150,86 @@ fn every_command_line_in_the_docs_exists() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// Options and arguments in a help text that have no words of their own
+/// (nothing, or only clap's `[env: …]` / `[default: …]`).
+fn undocumented(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut out = Vec::new();
+    let mut in_list = false;
+    for (i, line) in lines.iter().enumerate() {
+        if line.starts_with("Options:") || line.starts_with("Arguments:") {
+            in_list = true;
+            continue;
+        }
+        if !line.starts_with(' ') {
+            in_list = false;
+            continue;
+        }
+        let item = line.trim_start();
+        let clap_note = ["[env:", "[default:", "[possible values:", "[aliases:"]
+            .iter()
+            .any(|n| item.starts_with(n));
+        let is_item = item.starts_with('-') || item.starts_with('<') || item.starts_with('[');
+        if !in_list || clap_note || !is_item {
+            continue;
+        }
+        // "  --flag <V>   Help" on one line, or the help on the next lines
+        // (clap's long layout, indented further).
+        let text = match item.split_once("  ") {
+            Some((_, rest)) if !rest.trim().is_empty() => rest.trim().to_string(),
+            _ => lines
+                .get(i + 1)
+                .filter(|next| next.starts_with("          "))
+                .map_or(String::new(), |n| n.trim().to_string()),
+        };
+        if text.is_empty() || text.starts_with('[') {
+            out.push(item.split("  ").next().unwrap_or(item).to_string());
+        }
+    }
+    out
+}
+
+/// Every command path of `bin`, the binary first.
+fn commands(path: Vec<String>, out: &mut Vec<Vec<String>>) {
+    let words: Vec<&str> = path.iter().map(String::as_str).collect();
+    let subs = subcommands(&help(&words));
+    out.push(path.clone());
+    for s in subs {
+        let mut p = path.clone();
+        p.push(s);
+        commands(p, out);
+    }
+}
+
+#[test]
+fn every_option_and_argument_says_what_it_is() {
+    let mut all = Vec::new();
+    for b in BINS {
+        commands(vec![b.to_string()], &mut all);
+    }
+    assert!(all.len() > 40, "only {} commands", all.len());
+    let mut missing = Vec::new();
+    for path in &all {
+        let words: Vec<&str> = path.iter().map(String::as_str).collect();
+        for item in undocumented(&help(&words)) {
+            missing.push(format!("{}: {item}", path.join(" ")));
+        }
+    }
+    assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
+}
+
 #[test]
 fn the_checker_catches_what_does_not_exist() {
+    assert_eq!(
+        undocumented("Options:\n      --group <GROUP>              \n  -h, --help  Print help\n"),
+        ["--group <GROUP>"]
+    );
+    assert_eq!(
+        undocumented(
+            "Options:\n      --dir <DIR>\n          [env: X=]\n      --ok\n          Fine\n"
+        ),
+        ["--dir <DIR>"]
+    );
     assert!(check("flotilla group set store-eu --desired 3").is_none());
     assert!(check("flotilla group sett store-eu").is_some());
     assert!(check("flotilla group set store-eu --wanted 3").is_some());

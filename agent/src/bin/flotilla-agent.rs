@@ -148,7 +148,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     flotilla_proto::install_crypto_provider();
-    flotilla_proto::telemetry::init("info");
+    flotilla_proto::telemetry::init_or_exit("info");
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,

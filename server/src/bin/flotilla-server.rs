@@ -38,18 +38,22 @@ enum Command {
         /// TOML config file; flags and environment variables win over it.
         #[arg(long, env = "FLOTILLA_CONFIG")]
         config: Option<PathBuf>,
+        /// Data directory made by `init` [default: /var/lib/flotilla-server].
         #[arg(long, env = "FLOTILLA_DATA_DIR")]
         data_dir: Option<PathBuf>,
-        /// Address to listen on (port 0 picks a free one; see <data-dir>/server.addr).
+        /// Address to listen on (port 0 picks a free one; see <data-dir>/server.addr)
+        /// [default: 127.0.0.1:7443].
         #[arg(long, env = "FLOTILLA_LISTEN")]
         listen: Option<SocketAddr>,
-        /// How often agents heartbeat (e.g. 15s).
+        /// How often agents heartbeat [default: 15s].
         #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
         heartbeat_interval: Option<Duration>,
-        /// How long an active node may be offline before a standby replaces it.
+        /// How long an active node may be offline before a standby replaces it
+        /// [default: 60s].
         #[arg(long, env = "FLOTILLA_OFFLINE_GRACE", value_parser = humantime::parse_duration)]
         offline_grace: Option<Duration>,
-        /// After a start, how long no node is declared lost.
+        /// After a start, how long no node is declared lost [default: twice the
+        /// offline grace, at least 1m].
         #[arg(long, env = "FLOTILLA_STARTUP_GRACE", value_parser = humantime::parse_duration)]
         startup_grace: Option<Duration>,
         /// Lifetime of node certificates (default 30 days).
@@ -81,7 +85,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     flotilla_proto::install_crypto_provider();
-    flotilla_proto::telemetry::init("info");
+    flotilla_proto::telemetry::init_or_exit("info");
     let cli = Cli::parse();
     let done = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)

@@ -2,7 +2,7 @@
 
 fn main() -> std::process::ExitCode {
     flotilla_proto::install_crypto_provider();
-    flotilla_proto::telemetry::init("warn");
+    flotilla_proto::telemetry::init_or_exit("warn");
     let done = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(flotilla_server::cli::main()));

@@ -23,6 +23,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub enum TokenCmd {
     /// Create a join token for a group.
     Create {
+        /// Group the joined nodes belong to (made if new, without a desired count).
         #[arg(long)]
         group: String,
         /// Lifetime (e.g. 1h, 7d).
@@ -37,18 +38,25 @@ pub enum TokenCmd {
         /// Joined nodes wait as pending until accepted.
         #[arg(long)]
         approval: bool,
+        /// Free text kept with the token (what it is for).
         #[arg(long, default_value = "")]
         description: String,
     },
     /// List tokens.
     List,
     /// Revoke a token: it can no longer be used to join.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (`token list`).
+        id: String,
+    },
     /// Give a token a new lifetime (and optionally more uses).
     Extend {
+        /// The token's id (`token list`).
         id: String,
+        /// New lifetime, counted from now (e.g. 1h, 7d).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// New use limit (0 keeps the current one).
         #[arg(long, default_value_t = 0)]
         max_uses: u32,
     },
@@ -401,17 +409,30 @@ async fn watch_groups(
 pub enum NodesCmd {
     /// List nodes.
     List {
+        /// Only this group's nodes.
         #[arg(long)]
         group: Option<String>,
     },
     /// Show one node.
-    Show { id: String },
+    Show {
+        /// The node's id.
+        id: String,
+    },
     /// Accept a pending node.
-    Accept { id: String },
+    Accept {
+        /// The node's id.
+        id: String,
+    },
     /// Reject a pending node.
-    Reject { id: String },
+    Reject {
+        /// The node's id.
+        id: String,
+    },
     /// Revoke a node: its session ends and its certificate is refused.
-    Revoke { id: String },
+    Revoke {
+        /// The node's id.
+        id: String,
+    },
 }
 
 fn role_name(r: i32) -> &'static str {
@@ -435,6 +456,13 @@ fn node_json(n: &pb::NodeInfo) -> Value {
     })
 }
 
+/// Labels as `key=value,…`, sorted.
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    let mut l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    l.sort();
+    l.join(",")
+}
+
 fn node_row(n: &pb::NodeInfo) -> Vec<String> {
     let f = n.facts.clone().unwrap_or_default();
     vec![
@@ -444,6 +472,7 @@ fn node_row(n: &pb::NodeInfo) -> Vec<String> {
         role_name(n.role).to_string(),
         if n.online { "online" } else { "offline" }.to_string(),
         f.hostname,
+        labels_text(&n.labels),
         time(n.last_seen),
     ]
 }
@@ -468,6 +497,7 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
                     "ROLE",
                     "ONLINE",
                     "HOSTNAME",
+                    "LABELS",
                     "LAST SEEN",
                 ],
                 r.nodes.iter().map(node_row).collect(),
@@ -485,7 +515,6 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
         Some(v) => format!("node {} {v}", n.id),
         None => {
             let f = n.facts.clone().unwrap_or_default();
-            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let mut installed: Vec<String> = n
                 .installed
                 .iter()
@@ -503,7 +532,7 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
                 f.os,
                 f.arch,
                 f.agent_version,
-                labels.join(","),
+                labels_text(&n.labels),
                 time(n.joined_at),
                 time(n.last_seen),
                 n.certificate_serial,
@@ -534,7 +563,7 @@ pub async fn audit(target: &Target, out: Output, limit: u32) -> anyhow::Result<(
                     e.actor.clone(),
                     e.action.clone(),
                     e.target.clone(),
-                    e.detail.clone(),
+                    super::output::detail(&e.detail),
                 ]
             })
             .collect(),
@@ -558,6 +587,7 @@ pub async fn audit(target: &Target, out: Output, limit: u32) -> anyhow::Result<(
 pub enum CredentialCmd {
     /// Create an operator credential and write it to a file.
     Create {
+        /// The credential's name (unique; shown in the audit log).
         #[arg(long)]
         name: String,
         /// viewer, operator, publisher or admin.
@@ -573,7 +603,10 @@ pub enum CredentialCmd {
     /// List credentials.
     List,
     /// Revoke a credential: it is refused from now on.
-    Revoke { name: String },
+    Revoke {
+        /// The credential's name.
+        name: String,
+    },
 }
 
 pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> anyhow::Result<()> {

@@ -35,6 +35,7 @@ pub enum TrustCmd {
         /// A minisign public key file (repeatable).
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
+        /// How many of the keys must each sign a patch.
         #[arg(long, default_value_t = 1)]
         threshold: u32,
     },

@@ -1,6 +1,6 @@
 //! Printing results: a table for people, JSON for scripts.
 
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use comfy_table::{ContentArrangement, Table, presets::NOTHING};
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy)]
@@ -16,12 +16,26 @@ impl Output {
             return;
         }
         let mut t = Table::new();
-        t.load_preset(UTF8_BORDERS_ONLY);
+        // Borderless, as the docs show; long cells wrap to fit the terminal
+        // (its width, or $COLUMNS when set; a pipe without $COLUMNS is not wrapped).
+        t.load_preset(NOTHING);
+        t.set_content_arrangement(ContentArrangement::Dynamic);
+        if let Some(w) = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse::<u16>().ok())
+        {
+            t.set_width(w);
+        }
         t.set_header(headers.to_vec());
         for r in rows {
             t.add_row(r);
         }
-        flotilla_proto::outln!("{t}");
+        for c in t.column_iter_mut() {
+            c.set_padding((0, 2));
+        }
+        for line in t.lines() {
+            flotilla_proto::outln!("{}", line.trim_end());
+        }
     }
 
     /// Prints one object: `human` lines, or `json`.
@@ -32,6 +46,30 @@ impl Output {
             flotilla_proto::outln!("{human}");
         }
     }
+}
+
+/// An audit entry's detail (JSON) for people: `key=value` pairs, long values
+/// shortened (`--json` has them whole).
+pub fn detail(json: &str) -> String {
+    const LONG: usize = 24;
+    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(json) else {
+        return json.to_string();
+    };
+    map.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if v.chars().count() > LONG {
+                let head: String = v.chars().take(LONG - 1).collect();
+                format!("{k}={head}…")
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A Unix time as RFC 3339 (UTC), or "-" for 0.

@@ -40,6 +40,7 @@ pub enum PatchCmd {
         /// Secret key from `flotilla key generate` (or a password-protected `minisign -G` key).
         #[arg(long)]
         key: PathBuf,
+        /// Read the key's password from this file instead of FLOTILLA_KEY_PASSWORD or a prompt.
         #[arg(long)]
         password_file: Option<PathBuf>,
     },
@@ -63,9 +64,13 @@ pub enum PatchCmd {
     /// List published patches.
     List,
     /// Show one patch.
-    Show { id: String },
+    Show {
+        /// The patch id.
+        id: String,
+    },
     /// Where each targeted node stands with a patch; failing nodes with reasons.
     Status {
+        /// The patch id.
         id: String,
         /// Wait (up to this long) until every targeted node reached an outcome, then print.
         #[arg(long, value_parser = humantime::parse_duration)]

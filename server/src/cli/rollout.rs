@@ -48,20 +48,33 @@ pub enum RolloutCmd {
     /// Every rollout, newest first.
     List,
     /// One rollout's state and its progress per group and wave.
-    Show { patch: String },
+    Show {
+        /// The patch id (the rollout's name).
+        patch: String,
+    },
     /// Start no new node until resumed.
-    Pause { patch: String },
+    Pause {
+        /// The patch id (the rollout's name).
+        patch: String,
+    },
     /// Go on after a pause; failures seen so far no longer count.
-    Resume { patch: String },
+    Resume {
+        /// The patch id (the rollout's name).
+        patch: String,
+    },
     /// Start no new node, for good.
     Abort {
+        /// The patch id (the rollout's name).
         patch: String,
         /// Nodes that committed the patch undo it with its signed rollback plan.
         #[arg(long)]
         rollback: bool,
     },
     /// Print the progress on every change until the rollout ends.
-    Watch { patch: String },
+    Watch {
+        /// The patch id (the rollout's name).
+        patch: String,
+    },
 }
 
 pub fn policy_json(p: Option<&pb::RolloutPolicy>) -> Value {
@@ -280,6 +293,7 @@ pub async fn rollout(target: &Target, out: Output, cmd: RolloutCmd) -> anyhow::R
 /// `flotilla group config NAME ...`: windows, rollout defaults, SLA.
 #[derive(Args, Debug)]
 pub struct GroupConfigArgs {
+    /// The group (it must exist).
     pub name: String,
     /// IANA time zone of the windows ("Europe/Berlin").
     #[arg(long)]
@@ -356,8 +370,10 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
 pub enum ReportCmd {
     /// Per node: installed versions, missing patches against the group's SLA.
     Compliance {
+        /// Only this group's nodes.
         #[arg(long)]
         group: Option<String>,
+        /// Tables for people, JSON or CSV for tools.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },

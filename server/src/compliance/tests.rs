@@ -367,6 +367,7 @@ fn sla_parse() {
 fn durations_read_well() {
     assert_eq!(duration(41 * 86_400 + 3 * 3600 + 59), "41d 3h");
     assert_eq!(duration(5 * 3600 + 12 * 60), "5h 12m");
-    assert_eq!(duration(7 * 60 + 5), "7m");
-    assert_eq!(duration(-5), "0m");
+    assert_eq!(duration(7 * 60 + 5), "7m 5s");
+    assert_eq!(duration(15), "15s");
+    assert_eq!(duration(-5), "0s");
 }
