@@ -19,6 +19,8 @@ set -eu
 AGENT_BIN=${FLOTILLA_AGENT_BIN:-/usr/bin/flotilla-agent}
 AGENT_CONFIG=${FLOTILLA_AGENT_CONFIG:-/etc/flotilla/agent.toml}
 UNIT=${FLOTILLA_AGENT_UNIT:-flotilla-agent.service}
+# Present when systemd runs as PID 1 (what sd_booted(3) checks).
+SYSTEMD_DIR=${FLOTILLA_SYSTEMD_RUNTIME_DIR:-/run/systemd/system}
 
 usage() {
     cat <<'EOF'
@@ -38,7 +40,9 @@ Options:
                         repeatable. Without one the host applies no patch.
       --trust-threshold N
                         How many pinned keys must sign each patch (default 1).
-      --no-start        Join only; do not enable or start the systemd unit.
+      --no-start        Join only; do not enable or start the systemd unit (for
+                        hosts without systemd: start `flotilla-agent run` with
+                        their own service manager).
   -h, --help            Show this help.
 
 Environment:
@@ -48,6 +52,13 @@ Environment:
   FLOTILLA_AGENT_CONFIG  Agent config (default /etc/flotilla/agent.toml; used
                          if it exists).
   FLOTILLA_AGENT_UNIT    systemd unit (default flotilla-agent.service).
+  FLOTILLA_AGENT_STATE_DIR
+                         The agent's state directory (default
+                         /var/lib/flotilla-agent); when set, root is not needed
+                         for --no-start.
+  FLOTILLA_SYSTEMD_RUNTIME_DIR
+                         Where to look for a running systemd (default
+                         /run/systemd/system).
 EOF
 }
 
@@ -164,10 +175,15 @@ fi
 
 # --- Checks that need no network. ----------------------------------------
 
-[ "$(id -u)" -eq 0 ] || die "run as root: the agent's state lives in /var/lib and the unit is started with systemctl"
-[ -x "$AGENT_BIN" ] || die "$AGENT_BIN not found or not executable (install the flotilla-agent package, or set FLOTILLA_AGENT_BIN)"
+if [ "$(id -u)" -ne 0 ] && { [ "$start" = yes ] || [ -z "${FLOTILLA_AGENT_STATE_DIR:-}" ]; }; then
+    die "run as root: the agent's state lives in /var/lib and the unit is started with systemctl"
+fi
+[ -x "$AGENT_BIN" ] || die "$AGENT_BIN not found or not executable (build it with \`cargo build --release -p flotilla-agent\` and install target/release/flotilla-agent there, or set FLOTILLA_AGENT_BIN)"
 if [ "$start" = yes ]; then
-    command -v systemctl >/dev/null 2>&1 || die "systemctl not found; use --no-start and start flotilla-agent yourself"
+    # Checked before joining: a host that cannot start the agent should not
+    # take a node (and a token use) it will not run.
+    [ -d "$SYSTEMD_DIR" ] || die "systemd is not running on this host ($SYSTEMD_DIR is missing): run join.sh --no-start, then start \`flotilla-agent run\` with this host's service manager"
+    command -v systemctl >/dev/null 2>&1 || die "systemctl not found: run join.sh --no-start, then start \`flotilla-agent run\` yourself"
 fi
 
 # flotilla-agent, with the config file if there is one.
