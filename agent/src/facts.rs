@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use flotilla_proto::limits::{MAX_FACT_LEN, NameError, check_text};
 use flotilla_proto::pb;
 
-use crate::files::write_atomically;
-
 /// Where systems keep their machine id, in order of preference.
 pub const SYSTEM_MACHINE_ID_FILES: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
 /// Name of the generated machine id file in the state directory.
@@ -90,7 +88,7 @@ pub fn machine_id(
         return Ok(id);
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
-    write_atomically(&path, format!("{id}\n").as_bytes())
+    flotilla_proto::durable::write_atomic(&path, format!("{id}\n").as_bytes(), 0o644)
         .map_err(|source| FactsError::Persist { path, source })?;
     Ok(id)
 }

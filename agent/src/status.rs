@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cert::{CertError, cert_info, unix_now};
-use crate::files::write_atomically;
 use crate::state::{Desired, Identity, Role};
 
 /// File name in the state directory.
@@ -104,7 +103,8 @@ impl Status {
             source,
         })?;
         json.push(b'\n');
-        write_atomically(&path, &json).map_err(|source| StatusError::Write { path, source })
+        flotilla_proto::durable::write_atomic(&path, &json, 0o644)
+            .map_err(|source| StatusError::Write { path, source })
     }
 
     /// Reads `<state_dir>/status.json`.

@@ -3,9 +3,11 @@
 //! one telemetry setup and error ending all binaries use.
 
 pub mod codec;
+pub mod durable;
 pub mod exit;
 pub mod limits;
 pub mod manifest;
+pub mod phase;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

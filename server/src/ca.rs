@@ -76,28 +76,13 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
 /// Writes `contents` to `path` atomically (temp file, fsync, rename), with
 /// owner-only permissions when `secret`.
 pub fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), CaError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(io_err("write", &tmp))?;
-    f.write_all(contents).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", dir))?;
-    Ok(())
+    let mode = if secret { 0o600 } else { 0o644 };
+    flotilla_proto::durable::write_atomic(path, contents, mode).map_err(io_err("write", path))
 }
 
 fn random_serial() -> SerialNumber {

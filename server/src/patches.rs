@@ -47,34 +47,6 @@ pub fn state_prefix(patch: &str) -> String {
     format!("{STATE_PREFIX}{patch}/")
 }
 
-/// The phase a stored name stands for (Unspecified for none).
-pub fn phase_from_name(name: &str) -> pb::PatchPhase {
-    (0..=32)
-        .filter_map(|i| pb::PatchPhase::try_from(i).ok())
-        .find(|p| phase_name(*p) == name)
-        .unwrap_or(pb::PatchPhase::Unspecified)
-}
-
-/// The report phase names used in status output.
-pub fn phase_name(phase: pb::PatchPhase) -> &'static str {
-    use pb::PatchPhase as P;
-    match phase {
-        P::Unspecified => "unknown",
-        P::Received => "received",
-        P::Verified => "verified",
-        P::Downloaded => "downloaded",
-        P::Applying => "applying",
-        P::Applied => "applied",
-        P::Healthy => "healthy",
-        P::Committed => "committed",
-        P::RolledBack => "rolled_back",
-        P::Failed => "failed",
-        P::Rejected => "rejected",
-        P::Reverting => "reverting",
-        P::Superseded => "superseded",
-    }
-}
-
 /// Verifies and stores a manifest, then pushes it to the nodes it targets. The
 /// signature is checked once here, for the whole fleet; each agent checks again.
 pub async fn publish(
@@ -134,7 +106,7 @@ pub async fn record_report(
 ) -> Result<bool> {
     app.fleet.check_report(node_id, &rec.manifest_id).await?;
     let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
-    let name = phase_name(phase).to_string();
+    let name = phase.name().to_string();
     let at = rec.at_ms;
     let mut new = false;
     // One fsync for the report and what it changes in the fleet (installed
@@ -182,7 +154,7 @@ pub async fn record_report(
             .note_phase(
                 node_id,
                 &rec.manifest_id,
-                phase_from_name(&s.phase),
+                pb::PatchPhase::from_name(&s.phase),
                 &s.error,
                 s.updated_at_ms,
             )

@@ -104,15 +104,8 @@ pub(crate) fn write_plan(work_dir: &Path, plan: &Plan) -> Result<(), InstallErro
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let tmp = work_dir.join(format!("{PLAN_FILE}.tmp"));
-    let write = || -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fsync_dir(work_dir)
-    };
-    write().map_err(|e| InstallError::io("write the install plan", &path, e))
+    flotilla_proto::durable::write_atomic(&path, &bytes, 0o600)
+        .map_err(|e| InstallError::io("write the install plan", &path, e))
 }
 
 /// The plan, or None when there is none (nothing on the host was changed).

@@ -168,7 +168,7 @@ impl Fleet {
             state.phases.entry(patch.to_string()).or_default().insert(
                 r.node_id.clone(),
                 PhaseNote {
-                    phase: crate::patches::phase_from_name(&r.phase),
+                    phase: pb::PatchPhase::from_name(&r.phase),
                     error: r.error,
                     at_ms: r.updated_at_ms,
                 },

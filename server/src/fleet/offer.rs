@@ -7,7 +7,6 @@ use flotilla_proto::pb;
 
 use super::State;
 use super::published::wants;
-use super::rollouts::is_final;
 use crate::model::NodeRecord;
 use crate::patches::PatchRecord;
 
@@ -33,7 +32,7 @@ impl State {
         self.phases
             .get(patch_id)
             .and_then(|p| p.get(node_id))
-            .is_some_and(|n| is_final(n.phase))
+            .is_some_and(|n| n.phase.is_final())
     }
 
     pub(super) fn offer_for(&self, node: &NodeRecord) -> Offer<'_> {

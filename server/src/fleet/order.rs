@@ -4,7 +4,6 @@
 //! another patch is waited for).
 
 use super::State;
-use super::rollouts::{is_failure, is_final};
 use crate::rollout::record::RolloutState;
 
 /// The newer versions of a patch's component, looked up once per step.
@@ -69,7 +68,7 @@ impl State {
                         .phases
                         .get(*id)
                         .and_then(|p| p.get(node))
-                        .is_some_and(|n| is_failure(n.phase))
+                        .is_some_and(|n| n.phase.is_failure())
             })
             .map(|(_, v)| *v)
     }
@@ -82,7 +81,7 @@ impl State {
             .find(
                 |r| match self.phases.get(&r.patch_id).and_then(|p| p.get(node)) {
                     None => r.state != RolloutState::Aborted,
-                    Some(n) => !is_final(n.phase),
+                    Some(n) => !n.phase.is_final(),
                 },
             )
             .map(|r| r.patch_id.as_str())

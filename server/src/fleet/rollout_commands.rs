@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use flotilla_proto::pb;
 
 use super::Fleet;
-use super::rollouts::is_failure;
 use crate::error::{Error, Result};
 use crate::model::now_ms;
 use crate::rollout::record::{self, RolloutRecord, RolloutState};
@@ -49,7 +48,7 @@ impl Fleet {
                                 .filter(|n| {
                                     phases
                                         .and_then(|ph| ph.get(*n))
-                                        .is_some_and(|x| is_failure(x.phase))
+                                        .is_some_and(|x| x.phase.is_failure())
                                 })
                                 .count();
                             (g.clone(), n as u32)

@@ -67,17 +67,6 @@ pub(super) struct PhaseNote {
     pub at_ms: i64,
 }
 
-pub(super) fn is_failure(p: pb::PatchPhase) -> bool {
-    matches!(
-        p,
-        pb::PatchPhase::RolledBack | pb::PatchPhase::Failed | pb::PatchPhase::Rejected
-    )
-}
-
-pub(super) fn is_final(p: pb::PatchPhase) -> bool {
-    matches!(p, pb::PatchPhase::Committed | pb::PatchPhase::Superseded) || is_failure(p)
-}
-
 /// The progress of a released node from its last report.
 pub(super) fn progress_of(note: Option<&PhaseNote>) -> Progress {
     progress_of_phase(note.map(|n| n.phase))
@@ -87,7 +76,7 @@ fn progress_of_phase(phase: Option<pb::PatchPhase>) -> Progress {
     match phase {
         Some(pb::PatchPhase::Committed) => Progress::Committed,
         Some(pb::PatchPhase::Superseded) => Progress::Superseded,
-        Some(p) if is_failure(p) => Progress::Failed,
+        Some(p) if p.is_failure() => Progress::Failed,
         _ => Progress::Applying,
     }
 }
@@ -161,7 +150,7 @@ impl State {
                 for id in &g.released {
                     let unfinished = match phases.and_then(|p| p.get(id)) {
                         None => r.state != RolloutState::Aborted,
-                        Some(n) => !is_final(n.phase),
+                        Some(n) => !n.phase.is_final(),
                     };
                     if unfinished {
                         busy.insert(id.clone());
@@ -256,7 +245,7 @@ impl Fleet {
                     .released
                     .iter()
                     .filter_map(|id| phases.and_then(|p| p.get(id)).map(|n| (id, n)))
-                    .filter(|(_, n)| is_failure(n.phase))
+                    .filter(|(_, n)| n.phase.is_failure())
                     .collect();
                 let new_failures = (failed.len() as u32).saturating_sub(pos.failures_acknowledged);
                 let threshold = policy.failure_threshold.of(ids.len()).max(1) as u32;
@@ -389,12 +378,12 @@ impl Fleet {
         at_ms: i64,
     ) -> Result<()> {
         let mut st = self.state.lock().await;
-        let newly_final = is_final(phase)
+        let newly_final = phase.is_final()
             && !st
                 .phases
                 .get(patch_id)
                 .and_then(|p| p.get(node_id))
-                .is_some_and(|n| is_final(n.phase));
+                .is_some_and(|n| n.phase.is_final());
         // A node with more in flight than one desired state carries gets the
         // next one when this one is done.
         let had_queued = newly_final

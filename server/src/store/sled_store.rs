@@ -101,25 +101,38 @@ impl Drop for Inner {
     }
 }
 
+/// How long opening waits for a lock being let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledStore {
     /// Opens (or creates) the database in `dir` and starts its flusher thread.
+    /// A lock still held by a store just closed (sled's I/O threads finishing,
+    /// in this process or a server that just exited) is waited for up to
+    /// [`LOCK_WAIT`]; after that the database is in use.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            // Every write is flushed by the flusher thread before it returns;
-            // sled's own periodic flush only runs its segment cleaning (and an
-            // fsync) each tick. Every 5 s instead of every 500 ms: an idle server
-            // makes 0.2 fsyncs a second, not 2, and still reclaims space.
-            .flush_every_ms(Some(5_000))
-            .open()
-            .map_err(|e| match e {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                // Every write is flushed by the flusher thread before it returns;
+                // sled's own periodic flush only runs its segment cleaning (and an
+                // fsync) each tick. Every 5 s instead of every 500 ms: an idle server
+                // makes 0.2 fsyncs a second, not 2, and still reclaims space.
+                .flush_every_ms(Some(5_000))
+                .open();
+            match opened {
+                Ok(db) => break db,
                 // sled words its lock failure only in text.
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::InUse(dir.display().to_string())
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUse(dir.display().to_string()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                e => backend(e),
-            })?;
+                Err(e) => return Err(backend(e)),
+            }
+        };
         let commit = Arc::new(GroupCommit::default());
         let (tx, progress) = watch::channel(Progress::default());
         let (flusher_db, flusher_commit) = (db.clone(), commit.clone());
@@ -247,24 +260,10 @@ mod tests {
     use super::*;
     use crate::store::{Db, Update};
 
-    /// Opens the database again after the last store on it was dropped. sled's
-    /// own I/O threads can hold it a moment longer (a log write finishing), so
-    /// this waits for its lock, with a deadline; another open store would still
-    /// fail it.
+    /// Opens the database again after the last store on it was dropped (open
+    /// itself waits for a lock being let go).
     fn reopen(dir: &Path) -> SledStore {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match SledStore::open(dir) {
-                Ok(s) => return s,
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => panic!("cannot reopen {}: {e}", dir.display()),
-            }
-        }
+        SledStore::open(dir).unwrap_or_else(|e| panic!("cannot reopen {}: {e}", dir.display()))
     }
 
     #[tokio::test]

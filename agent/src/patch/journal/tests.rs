@@ -2,6 +2,7 @@
 
 use super::*;
 use Phase::*;
+use flotilla_proto::pb;
 
 fn entry(id: &str, component: &str, version: &str, phase: Phase, at: i64) -> Entry {
     Entry {
