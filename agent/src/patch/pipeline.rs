@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flotilla_proto::manifest::{self, Install, Manifest, NodeTarget, Rollback, TrustPolicy};
+use flotilla_proto::manifest::{Install, Manifest, NodeTarget, Rollback};
 use flotilla_proto::{limits, pb};
 use tokio::sync::watch;
 
@@ -253,106 +253,6 @@ impl Pipeline {
                 self.advance(&mut entry, stop.phase, &stop.error, "");
             }
         }
-    }
-
-    /// Every check of the trust model, against the time the update started.
-    /// Refused: Rejected, or Superseded when a newer version of the component is
-    /// installed (an older patch overtaken on its way here is no attack and no
-    /// failure, but it is not applied either).
-    fn verify(&self, entry: &Entry, target: Option<&NodeTarget>) -> Result<Manifest, Stop> {
-        let rejected = |e: String| Stop::new(Phase::Rejected, e);
-        let m = self.verify_signatures(entry).map_err(rejected)?;
-        let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
-            .map_err(|e| rejected(e.to_string()))?;
-        manifest::check_time(&m, started).map_err(|e| rejected(e.to_string()))?;
-        if let Some(target) = target {
-            manifest::check_target(&m, target).map_err(|e| rejected(e.to_string()))?;
-        }
-        let installed = self
-            .journal
-            .installed_versions()
-            .map_err(|e| rejected(e.to_string()))?;
-        manifest::check_version(&m, installed.get(&m.component).map(String::as_str)).map_err(
-            |e| match &e {
-                manifest::ManifestError::Downgrade {
-                    component,
-                    installed,
-                    offered,
-                } if semver::Version::parse(installed).is_ok() => Stop::new(
-                    Phase::Superseded,
-                    format!(
-                        "superseded: {component} {installed} is installed, newer than {offered} \
-                         (going back needs allow_downgrade in the signed manifest)"
-                    ),
-                ),
-                _ => rejected(e.to_string()),
-            },
-        )?;
-        self.check_local_policy(&m).map_err(rejected)?;
-        Ok(m)
-    }
-
-    /// The entry's manifest, its signatures checked against the trust policy this
-    /// host pins now, and its id against the entry's.
-    fn verify_signatures(&self, entry: &Entry) -> Result<Manifest, String> {
-        let identity = self
-            .store
-            .identity()
-            .map_err(|e| e.to_string())?
-            .ok_or("the agent has no identity")?;
-        if identity.trusted_keys.is_empty() {
-            return Err(
-                "no patch-signing keys are pinned on this host (join with --trusted-key)".into(),
-            );
-        }
-        let policy = TrustPolicy::new(&identity.trusted_keys, identity.trust_threshold as usize)
-            .map_err(|e| e.to_string())?;
-        let m = policy
-            .verify(&entry.manifest, &entry.signatures)
-            .map_err(|e| e.to_string())?;
-        if m.id != entry.manifest_id {
-            return Err(format!(
-                "the signed manifest's id is {:?}, but it was offered as {:?}",
-                m.id, entry.manifest_id
-            ));
-        }
-        Ok(m)
-    }
-
-    /// The host's own rules: install paths, scripts, size cap.
-    fn check_local_policy(&self, m: &Manifest) -> Result<(), String> {
-        let policy = &self.cfg.policy;
-        for a in &m.artifacts {
-            if a.size > policy.max_artifact_bytes {
-                return Err(format!(
-                    "artifact {} is {} bytes; this host's cap is {}",
-                    a.name, a.size, policy.max_artifact_bytes
-                ));
-            }
-        }
-        let scripts = matches!(m.install, Install::Script { .. })
-            || matches!(m.rollback, Some(Rollback::Script { .. }));
-        if scripts && !policy.allow_scripts {
-            return Err(
-                "this host's policy does not allow patch scripts (install or rollback scripts: \
-                 --allow-scripts)"
-                    .into(),
-            );
-        }
-        if let Some(check) = &m.health_check
-            && let Some(why) = policy.refuses_health_check(&check.command)
-        {
-            return Err(why);
-        }
-        if let Install::Files { destination, .. } = &m.install
-            && !policy.overlaps(Path::new(destination))
-        {
-            return Err(format!(
-                "destination {destination} is outside this host's allowed paths {:?}",
-                policy.allowed_paths
-            ));
-        }
-        Ok(())
     }
 
     /// Artifact sources over every server, with the node's current certificate;
@@ -598,3 +498,4 @@ mod host;
 mod revert;
 #[cfg(test)]
 mod tests;
+mod verify;

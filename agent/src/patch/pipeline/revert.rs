@@ -47,7 +47,7 @@ impl Pipeline {
     /// script, this host's leave to run scripts and the script itself on disk
     /// (fetched again, digest checked, when it was cleaned up).
     async fn prepare_revert(&self, entry: &Entry, resuming: bool) -> Result<Manifest, String> {
-        let m = self.verify_signatures(entry)?;
+        let m = self.verify_signatures(entry).map_err(|e| e.to_string())?;
         if self.cfg.executor.skips_host() {
             return Ok(m);
         }
@@ -66,7 +66,7 @@ impl Pipeline {
             }
             (Install::Script { .. }, Some(Rollback::Script { artifact, .. })) => {
                 if !self.cfg.policy.allow_scripts {
-                    return Err("this host's policy does not allow patch scripts".into());
+                    return Err(super::verify::Refusal::ScriptsNotAllowed.to_string());
                 }
                 self.fetch_artifact(&m, artifact).await?;
             }
