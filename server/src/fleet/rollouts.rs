@@ -5,7 +5,7 @@
 //! it records every release before the node is told, and pauses a rollout when
 //! its failures reach the threshold.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use super::published::wants;
 use super::{Fleet, State};
 use crate::error::Result;
 use crate::model::{GroupRecord, NodeStatus, now_ms};
+use crate::rollout::guard::{self, Load};
 use crate::rollout::plan::{self, GroupView, Mode, Progress, Target, Waiting};
 use crate::rollout::policy::{Policy, PolicySpec};
 use crate::rollout::record::{self, RolloutRecord, RolloutState};
@@ -33,29 +34,6 @@ pub struct RolloutRequest {
     pub policy: PolicySpec,
     pub emergency: bool,
     pub force: bool,
-}
-
-/// What the capacity guard looks at, computed once per controller pass and
-/// kept current as the pass releases nodes.
-#[derive(Debug, Default)]
-pub(super) struct Load {
-    busy: HashSet<String>,
-    in_service: HashMap<String, u32>,
-}
-
-impl Load {
-    pub(super) fn in_service(&self, group: &str) -> u32 {
-        self.in_service.get(group).copied().unwrap_or(0)
-    }
-
-    /// Released nodes stop counting as in service (they were online and idle:
-    /// only such nodes are released).
-    fn released(&mut self, group: &str, ids: &[String]) {
-        if let Some(n) = self.in_service.get_mut(group) {
-            *n = n.saturating_sub(ids.len() as u32);
-        }
-        self.busy.extend(ids.iter().cloned());
-    }
 }
 
 /// A node's last reported phase of one patch, and its error.
@@ -143,31 +121,23 @@ impl State {
     /// node that never got the patch of an aborted rollout is not), and how
     /// many nodes each group has in service: accepted, online, applying nothing.
     pub(super) fn load(&self) -> Load {
-        let mut busy = HashSet::new();
-        for r in self.rollouts.values() {
+        let released = self.rollouts.values().flat_map(|r| {
             let phases = self.phases.get(&r.patch_id);
-            for g in r.groups.values() {
-                for id in &g.released {
-                    let unfinished = match phases.and_then(|p| p.get(id)) {
-                        None => r.state != RolloutState::Aborted,
-                        Some(n) => !n.phase.is_final(),
-                    };
-                    if unfinished {
-                        busy.insert(id.clone());
-                    }
-                }
-            }
-        }
-        let mut in_service: HashMap<String, u32> = HashMap::new();
-        for n in self.nodes.values() {
-            if n.status == NodeStatus::Accepted
-                && self.sessions.contains_key(&n.id)
-                && !busy.contains(&n.id)
-            {
-                *in_service.entry(n.group.clone()).or_default() += 1;
-            }
-        }
-        Load { busy, in_service }
+            r.groups.values().flat_map(move |g| {
+                g.released.iter().map(move |id| guard::Released {
+                    node: id,
+                    finished: phases.and_then(|p| p.get(id)).map(|n| n.phase.is_final()),
+                    aborted: r.state == RolloutState::Aborted,
+                })
+            })
+        });
+        let members = self.nodes.values().map(|n| guard::Member {
+            id: &n.id,
+            group: &n.group,
+            accepted: n.status == NodeStatus::Accepted,
+            online: self.sessions.contains_key(&n.id),
+        });
+        Load::count(released, members)
     }
 
     /// Targeted node ids per group, for one patch.
@@ -241,26 +211,24 @@ impl Fleet {
                 let Some(pos) = r.groups.get(group) else {
                     continue;
                 };
-                let failed: Vec<(&String, &PhaseNote)> = pos
+                let failures: Vec<guard::Failure<'_>> = pos
                     .released
                     .iter()
                     .filter_map(|id| phases.and_then(|p| p.get(id)).map(|n| (id, n)))
                     .filter(|(_, n)| n.phase.is_failure())
+                    .map(|(id, n)| guard::Failure {
+                        node: id,
+                        at_ms: n.at_ms,
+                        error: &n.error,
+                    })
                     .collect();
-                let new_failures = (failed.len() as u32).saturating_sub(pos.failures_acknowledged);
-                let threshold = policy.failure_threshold.of(ids.len()).max(1) as u32;
-                // The reason names the latest failure.
-                if let Some((node, note)) = failed.iter().max_by_key(|(_, n)| n.at_ms)
-                    && new_failures >= threshold
-                {
-                    let reason = format!(
-                        "{new_failures} failure(s) in group {group} reached the threshold of {threshold}: node {node}: {}",
-                        if note.error.is_empty() {
-                            "no error given"
-                        } else {
-                            &note.error
-                        }
-                    );
+                if let Some(reason) = guard::failure_pause(
+                    group,
+                    &policy,
+                    ids.len(),
+                    &failures,
+                    pos.failures_acknowledged,
+                ) {
                     tracing::warn!(patch = patch_id, %reason, "rollout paused");
                     r.state = RolloutState::Paused;
                     r.reason = reason;
@@ -295,7 +263,7 @@ impl Fleet {
                         id,
                         online: st.sessions.contains_key(id),
                         progress,
-                        busy_elsewhere: !released && load.busy.contains(id),
+                        busy_elsewhere: !released && load.is_busy(id),
                         spread: policy
                             .spread_label
                             .as_ref()
