@@ -93,18 +93,28 @@ async fn join_pins_the_ca_then_the_session_follows_the_server_until_revoked() {
     })
     .await;
 
-    // An older revision is ignored.
+    // An older revision is ignored. The session handles messages in order,
+    // so once the newer one after it shows, the older one was seen, and it
+    // changed nothing: no role change, no hook run.
     fake.push.send(desired(2, pb::Role::Active)).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let st = status(&state).unwrap();
-    assert_eq!((st.revision, st.role), (3, Role::Standby));
+    fake.push.send(desired(4, pb::Role::Standby)).unwrap();
+    eventually(10, "revision 4 held", || {
+        status(&state).is_some_and(|s| s.revision == 4)
+    })
+    .await;
+    assert_eq!(status(&state).unwrap().role, Role::Standby);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "node-1 active>standby 1\n",
+        "the older revision was acted on"
+    );
 
     // The server drops the session: the agent reconnects and says what it holds.
     fake.push
         .send(Err(GrpcStatus::unavailable("restarting")))
         .unwrap();
     eventually(10, "second session", || fake.sessions.load(SeqCst) == 2).await;
-    assert_eq!(fake.hellos.lock().unwrap()[1].last_revision, 3);
+    assert_eq!(fake.hellos.lock().unwrap()[1].last_revision, 4);
 
     // Revoked: the session ends with PermissionDenied and the agent stops.
     fake.revoked.store(true, SeqCst);

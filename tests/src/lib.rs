@@ -15,13 +15,20 @@ pub mod measure;
 pub mod patch;
 
 /// A built binary of the workspace. The test command builds them first
-/// (`cargo build --workspace --bins`); they sit next to the test's `deps/` dir.
+/// (`cargo build --workspace --bins`); they sit next to the test's `deps/` dir,
+/// or in `FLOTILLA_E2E_BIN_DIR` when set (the release-build pass of
+/// scripts/test).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir of the test executable");
+    let dir = match std::env::var_os("FLOTILLA_E2E_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir of the test executable")
+                .to_path_buf()
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

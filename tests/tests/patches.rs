@@ -110,11 +110,63 @@ fn published_patch_commits_on_every_agent() {
         let (ok, out, err) = patch::publish(&server, &manifest);
         assert!(ok, "{err}");
         assert!(out.contains("to 0 node(s)"), "{out}");
-        assert!(patch::phases(&server, id).is_empty());
+    }
+    // A targeted patch published after them: once every node has its
+    // outcome, each has been sent the state that came after the two above.
+    let spec = patch::files_spec(dir.path(), "demo-2.0.1", "2.0.1", &artifact, "");
+    let manifest = patch::build(&server, &spec, &dir.path().join("demo-2.0.1"));
+    patch::sign(&server, &manifest, &k);
+    assert!(patch::publish(&server, &manifest).0);
+    patch::wait_outcomes(&server, "demo-2.0.1", 3);
+    for id in ["for-other-group", "for-other-arch"] {
+        assert!(patch::phases(&server, id).is_empty(), "{id} reached a node");
     }
     for n in server.nodes() {
-        assert_eq!(n["installed"]["demo"], "2.0.0", "{n}");
+        assert_eq!(n["installed"]["demo"], "2.0.1", "{n}");
     }
+}
+
+/// A server that ignores targets (as a compromised one could, here by
+/// test-only fault injection): each agent's own target check refuses the
+/// patch, and nothing on the hosts changes.
+#[test]
+fn a_patch_offered_outside_its_targets_is_refused_by_each_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (mut server, agents) = fleet(dir.path(), 3, &[&k], 1, &[&k], 1, false);
+    let artifact = dir.path().join("payload.tar");
+    patch::tar(&artifact, &[("bin/tool", b"v3\n", 0o755)]);
+    let before: Vec<_> = agents.iter().map(|a| patch::snapshot(&a.root())).collect();
+    server.stop();
+    server
+        .env
+        .push(("FLOTILLA_FAULT_IGNORE_TARGETS".into(), "1".into()));
+    server.start();
+    // All back first: the first refusal pauses the rollout (its default
+    // failure threshold), so a node released later would wait.
+    wait_until("the agents back", Duration::from_secs(30), || {
+        (server.group("store")["online"] == 3).then_some(())
+    });
+    let spec = patch::files_spec(
+        dir.path(),
+        "for-riscv",
+        "3.0.0",
+        &artifact,
+        "[targets]\narch = [\"riscv64\"]\n",
+    );
+    let manifest = patch::build(&server, &spec, &dir.path().join("for-riscv"));
+    patch::sign(&server, &manifest, &k);
+    let (ok, out, err) = patch::publish(&server, &manifest);
+    assert!(ok && out.contains("to 3 node(s)"), "{out}{err}");
+    for (node, phase, error) in patch::wait_outcomes(&server, "for-riscv", 3) {
+        assert_eq!(phase, "rejected", "{node}: {error}");
+        assert!(
+            error.contains("does not target this node"),
+            "{node}: {error}"
+        );
+    }
+    let after: Vec<_> = agents.iter().map(|a| patch::snapshot(&a.root())).collect();
+    assert_eq!(before, after);
 }
 
 /// Builds, signs (with each of `signers`) and publishes a files patch of `tar`.

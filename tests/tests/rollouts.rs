@@ -318,9 +318,10 @@ fn capacity_guard_holds_and_waits_for_offline_nodes() {
         r["groups"][0]["lowest_in_service"].as_u64().unwrap() >= 7,
         "{r}"
     );
+    let most = check_guard(&w);
     assert!(
-        check_guard(&w) <= 3,
-        "10 online, floor 7: at most 3 at once"
+        (1..=3).contains(&most),
+        "10 online, floor 7: at most 3 at once, and the watch saw some: {most}"
     );
     assert_eq!(count(&server, "g-2.0.0", "committed"), 10);
 

@@ -104,6 +104,20 @@ fn in_root_symlinks_with_dotdot_are_fine() {
     let entries = [Ent::Symlink("bin/conf", "../etc/conf")];
     let artifact = write_artifact(&s.art, &entries, Compression::None);
     install_files(&artifact, Compression::None, &s.dest, &pol, &s.work).expect("install");
+    // The link is there, as written, and resolves inside the destination.
+    let link = s.dest.join("bin/conf");
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read_link(&link).unwrap(), Path::new("../etc/conf"));
+    let resolved = link.parent().unwrap().join(fs::read_link(&link).unwrap());
+    assert_eq!(
+        fs::canonicalize(resolved.parent().unwrap()).unwrap(),
+        fs::canonicalize(s.dest.join("etc")).unwrap()
+    );
 }
 
 #[test]

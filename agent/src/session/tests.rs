@@ -181,22 +181,21 @@ async fn a_role_change_whose_hook_never_ran_is_hooked_at_start() {
         max_backoff: Duration::from_millis(200),
         ..RunOptions::new(&state)
     };
-    let watched = out.clone();
     // Nothing listens on the stored server: the agent keeps reconnecting while the
-    // hook runs beside it; stop once the hook has written its file.
-    let shutdown = async move {
-        for _ in 0..200 {
-            if watched.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Let the hook exit and the worker record it.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-    };
-    run(opts, shutdown).await.unwrap();
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "active>standby\n");
+    // hook runs beside it; stop once the worker has recorded the hooked role
+    // (the test holds the store the agent runs on), with a deadline.
     let store = Store::open(&state).unwrap();
+    let watched = store.clone();
+    let shutdown = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while watched.hooked_role().unwrap() != Some(Role::Standby)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    run_with(store.clone(), opts, shutdown).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "active>standby\n");
     assert_eq!(store.hooked_role().unwrap(), Some(Role::Standby));
     let status = Status::read(&state).unwrap();
     assert!(!status.connected);

@@ -23,7 +23,22 @@ fn target_of(n: &NodeRecord) -> NodeTarget {
 pub(super) fn wants(n: &NodeRecord, m: &Manifest, now: time::OffsetDateTime) -> bool {
     n.status == NodeStatus::Accepted
         && m.expires_at > now
-        && flotilla_proto::manifest::check_target(m, &target_of(n)).is_ok()
+        && (ignores_targets() || flotilla_proto::manifest::check_target(m, &target_of(n)).is_ok())
+}
+
+/// TEST-ONLY fault injection (cargo feature `fault-injection`, never in a
+/// shipped build): with `FLOTILLA_FAULT_IGNORE_TARGETS=1` the server offers
+/// every patch to every node, as a compromised server could, so the tests see
+/// each agent's own target check refuse it.
+#[cfg(feature = "fault-injection")]
+fn ignores_targets() -> bool {
+    static IGNORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IGNORE.get_or_init(|| std::env::var("FLOTILLA_FAULT_IGNORE_TARGETS").is_ok_and(|v| v == "1"))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn ignores_targets() -> bool {
+    false
 }
 
 impl Fleet {

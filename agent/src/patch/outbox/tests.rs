@@ -129,7 +129,8 @@ fn oversized_texts_are_cut_to_the_protocol_limit() {
     assert_eq!(queued.to_proto().phase, pb::PatchPhase::Failed as i32);
 }
 
-#[tokio::test]
+// Paused time: the idle stretch below is ten minutes, taken at once.
+#[tokio::test(start_paused = true)]
 async fn the_sender_retries_until_acknowledged_then_idles_until_a_push() {
     let (_db, outbox) = temp_outbox();
     // Two manifests, so that neither report supersedes the other.
@@ -166,8 +167,8 @@ async fn the_sender_retries_until_acknowledged_then_idles_until_a_push() {
     assert_eq!(sent_rx.recv().await, Some(Phase::Received));
     assert_eq!(sent_rx.recv().await, Some(Phase::Verified));
     assert_eq!(calls.load(SeqCst), 3);
-    // Idle: nothing is sent while nothing is queued.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Idle: nothing is sent while nothing is queued, however long.
+    tokio::time::sleep(Duration::from_secs(600)).await;
     assert_eq!(calls.load(SeqCst), 3);
     assert!(outbox.pending().unwrap().is_empty());
     outbox
@@ -188,14 +189,21 @@ async fn shutdown_during_a_failing_send_leaves_the_report_queued() {
         .push(Report::new("m", Phase::Received, "", ""))
         .unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (tried_tx, mut tried) = tokio::sync::mpsc::unbounded_channel::<()>();
     let sender = tokio::spawn(run_sender(
         outbox.clone(),
-        |_report: Report| async { Err(tonic::Status::unavailable("down")) },
+        move |_report: Report| {
+            let _ = tried_tx.send(());
+            async { Err(tonic::Status::unavailable("down")) }
+        },
         async move {
             let _ = stop_rx.await;
         },
     ));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Stopped once a send has failed (and while it waits to try again).
+    tokio::time::timeout(Duration::from_secs(5), tried.recv())
+        .await
+        .expect("a send was tried");
     stop_tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), sender)
         .await
@@ -232,7 +240,7 @@ fn a_pass_plans_only_the_newest_report_of_each_manifest() {
     assert!(plan(Vec::new()).is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_sender_sends_only_the_newest_report_of_each_manifest() {
     let (_db, outbox) = temp_outbox();
     let queued = queue_two_manifests(&outbox);
@@ -242,8 +250,9 @@ async fn the_sender_sends_only_the_newest_report_of_each_manifest() {
     assert_eq!(next(&mut sent).await, queued[2]);
     assert_eq!(next(&mut sent).await, queued[3]);
     drained(&outbox).await;
-    // The acknowledged ones and those they superseded are gone for good.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The acknowledged ones and those they superseded are gone for good: not
+    // sent again, however long (paused time).
+    tokio::time::sleep(Duration::from_secs(600)).await;
     assert!(sent.try_recv().is_err(), "nothing else is sent");
     stop(running).await;
 }
