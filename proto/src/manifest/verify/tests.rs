@@ -236,3 +236,61 @@ fn downgrade_needs_the_signed_flag() {
     };
     assert!(check_version(&allowed, Some("1.10.0")).is_ok());
 }
+
+mod properties {
+    //! Over random edits of a signed manifest: the verifier accepts the exact
+    //! signed bytes only, and the parser never panics and never accepts what
+    //! it cannot give back unchanged.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_change_to_signed_bytes_is_refused(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)
+        ) {
+            let k = key();
+            let policy = TrustPolicy::new(std::slice::from_ref(&k.pk_text), 1).unwrap();
+            let bytes = manifest_json().into_bytes();
+            let sig = sign(&k, &bytes);
+            let mut edited = bytes.clone();
+            for (at, b) in &edits {
+                let i = at.index(edited.len());
+                edited[i] = *b;
+            }
+            prop_assume!(edited != bytes);
+            prop_assert!(policy.verify(&edited, std::slice::from_ref(&sig)).is_err());
+            prop_assert!(policy.verify(&bytes, &[sig]).is_ok());
+        }
+
+        #[test]
+        fn the_parser_takes_any_bytes_without_panicking(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let _ = Manifest::parse(&bytes);
+            // Truncations of a real manifest: refused, never half-read.
+            let good = manifest_json().into_bytes();
+            let n = cut.index(good.len());
+            prop_assert!(Manifest::parse(&good[..n]).is_err());
+        }
+
+        #[test]
+        fn what_the_parser_accepts_has_the_fields_it_was_given(
+            version in (0u32..50, 0u32..50, 0u32..50),
+            component in "[a-z][a-z0-9-]{0,20}",
+        ) {
+            let (a, b, c) = version;
+            let text = manifest_json()
+                .replace("\"version\": \"1.2.0\"", &format!("\"version\": \"{a}.{b}.{c}\""))
+                .replace("\"component\": \"app\"", &format!("\"component\": \"{component}\""));
+            let m = Manifest::parse(text.as_bytes()).unwrap();
+            prop_assert_eq!(m.version, format!("{a}.{b}.{c}"));
+            prop_assert_eq!(m.component, component);
+        }
+    }
+}

@@ -407,3 +407,166 @@ fn superseded_nodes_count_as_finished_and_are_never_released() {
     assert_eq!(s.waiting, Waiting::Done);
     assert!(s.release.is_empty());
 }
+
+mod properties {
+    //! The planner's promises over random fleets and policies, stepped until
+    //! done: never a node twice, never below the capacity floor, never an
+    //! offline or busy node, never more than the per-group limit applying, and
+    //! every online idle target released in the end.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn amount() -> impl Strategy<Value = Amount> {
+        prop_oneof![
+            (1u32..6).prop_map(Amount::Count),
+            (1u32..=100).prop_map(Amount::Percent)
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        online: Vec<bool>,
+        busy: Vec<bool>,
+        sites: Vec<u8>,
+        waves: Vec<Amount>,
+        max_applying: u32,
+        desired: Option<u32>,
+        max_unavailable: u32,
+        spread: bool,
+        /// Which applying nodes finish after each step (by position).
+        finish: Vec<Vec<bool>>,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (1usize..30).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(prop::bool::weighted(0.85), n),
+                proptest::collection::vec(prop::bool::weighted(0.1), n),
+                proptest::collection::vec(0u8..4, n),
+                proptest::collection::vec(amount(), 0..3),
+                0u32..4,
+                proptest::option::of(0u32..35),
+                0u32..4,
+                any::<bool>(),
+                proptest::collection::vec(proptest::collection::vec(any::<bool>(), n), 40),
+            )
+                .prop_map(
+                    |(
+                        online,
+                        busy,
+                        sites,
+                        mut waves,
+                        max_applying,
+                        desired,
+                        max_unavailable,
+                        spread,
+                        finish,
+                    )| {
+                        waves.push(Amount::Percent(100));
+                        Case {
+                            online,
+                            busy,
+                            sites,
+                            waves,
+                            max_applying,
+                            desired,
+                            max_unavailable,
+                            spread,
+                            finish,
+                        }
+                    },
+                )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn steps_keep_every_promise(c in case()) {
+            let n = c.online.len();
+            let mut f = Fleet::new(n);
+            f.online = c.online.clone();
+            f.busy = c.busy.clone();
+            f.sites = c.sites.iter().map(|s| format!("site-{s}")).collect();
+            let mut p = policy(&c.waves, 0);
+            p.max_applying = c.max_applying;
+            p.spread_label = c.spread.then(|| "site".to_string());
+            let mut pos = GroupProgress::default();
+            let mut done = false;
+            for (round, finishing) in c.finish.iter().enumerate() {
+                let view = GroupView {
+                    desired: c.desired,
+                    max_unavailable: c.max_unavailable,
+                    in_service: (0..n)
+                        .filter(|&i| f.online[i] && !f.busy[i] && f.progress[i] != Some(Progress::Applying))
+                        .count() as u32,
+                    window_open: true,
+                };
+                let s = f.step(&p, view, &mut pos, round as i64);
+                let mut seen = std::collections::HashSet::new();
+                for id in &s.release {
+                    let i = f.ids.iter().position(|x| x == id).unwrap();
+                    prop_assert!(seen.insert(id.clone()), "{id} twice in one step");
+                    prop_assert!(f.progress[i].is_none(), "{id} released again");
+                    prop_assert!(f.online[i] && !f.busy[i], "{id} offline or busy");
+                }
+                let floor = view.min_in_service();
+                if view.in_service >= floor {
+                    prop_assert!(
+                        view.in_service - s.release.len() as u32 >= floor,
+                        "below the floor: {} in service, floor {floor}, released {}",
+                        view.in_service, s.release.len()
+                    );
+                } else {
+                    prop_assert!(s.release.is_empty(), "released while below the floor");
+                }
+                f.release(&s.release);
+                let applying = f.progress.iter().filter(|p| **p == Some(Progress::Applying)).count();
+                if c.max_applying > 0 {
+                    prop_assert!(applying <= c.max_applying as usize, "{applying} applying");
+                }
+                if s.waiting == Waiting::Done {
+                    done = true;
+                    break;
+                }
+                for (i, fin) in finishing.iter().enumerate() {
+                    if *fin && f.progress[i] == Some(Progress::Applying) {
+                        f.progress[i] = Some(Progress::Committed);
+                    }
+                }
+            }
+            if done {
+                for i in 0..n {
+                    if f.online[i] && !f.busy[i] {
+                        prop_assert!(f.progress[i].is_some(), "{} never released", f.ids[i]);
+                    }
+                }
+            } else {
+                // Liveness: once nothing is applying, a step releases a node
+                // if one can go without taking the group below its floor.
+                for p in f.progress.iter_mut() {
+                    if *p == Some(Progress::Applying) {
+                        *p = Some(Progress::Committed);
+                    }
+                }
+                let in_service = (0..n).filter(|&i| f.online[i] && !f.busy[i]).count() as u32;
+                let view = GroupView {
+                    desired: c.desired,
+                    max_unavailable: c.max_unavailable,
+                    in_service,
+                    window_open: true,
+                };
+                let releasable = (0..n)
+                    .filter(|&i| f.online[i] && !f.busy[i] && f.progress[i].is_none())
+                    .count();
+                let s = f.step(&p, view, &mut pos, 1_000);
+                if releasable > 0 && in_service > view.min_in_service() {
+                    prop_assert!(!s.release.is_empty(), "stuck: {:?}", s.waiting);
+                }
+            }
+        }
+    }
+}
