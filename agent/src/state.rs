@@ -1,12 +1,17 @@
-//! The agent's durable state: its identity and the last desired state it holds, in a
-//! sled database under `<state-dir>/db`.
+//! The agent's durable state: its identity and the last desired state it holds,
+//! in a redb database, `<state-dir>/agent.redb` (the journal and the outbox
+//! are tables of the same file).
 //!
-//! Every write is flushed to disk before the call returns, so the agent never acts on,
-//! or acknowledges, something a crash could take back. sled locks its database against
-//! a second process; `status.json` (see [`crate::status`]) is what other processes read.
+//! Every write is durable before the call returns, so the agent never acts on,
+//! or acknowledges, something a crash could take back. redb locks its file
+//! against a second process; `status.json` (see [`crate::status`]) is what other
+//! processes read. redb runs no background threads: an idle agent sleeps
+//! between heartbeats. A state directory of an older agent, a sled database
+//! in `<state-dir>/db`, is copied over at the first start and then removed.
 //!
-//! A program that runs many agents in one process (the fleet simulator) opens one
-//! database and gives each agent a namespace in it ([`Store::open_shared`]).
+//! A program that runs many agents in one process (the fleet simulator) opens
+//! one sled database and gives each agent a namespace in it
+//! ([`Store::open_shared`]).
 
 use std::fmt;
 #[cfg(test)]
@@ -21,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::files::ensure_private_dir;
 
 mod keyspace;
-pub use keyspace::Keyspace;
+pub use keyspace::{Keyspace, KvError};
 
 /// Heartbeat interval used until the server says otherwise.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 15_000;
@@ -45,10 +50,12 @@ pub enum StateError {
          (stop it first, or pick another --state-dir)"
     )]
     Locked { path: PathBuf },
-    #[error("cannot open the agent database in {path}: {source}")]
-    Open { path: PathBuf, source: sled::Error },
+    #[error("cannot open the agent database {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("cannot move the agent database in {path} to the new format: {reason}")]
+    Migrate { path: PathBuf, reason: String },
     #[error("agent database error: {0}")]
-    Db(#[from] sled::Error),
+    Db(#[from] KvError),
     #[error("agent database holds a corrupt {what} record: {source}")]
     Corrupt {
         what: &'static str,
@@ -209,10 +216,25 @@ impl Desired {
     }
 }
 
+#[derive(Clone)]
+enum Db {
+    Redb(std::sync::Arc<redb::Database>),
+    Sled(sled::Db),
+}
+
+/// The database file of a real agent, in its state directory.
+const DB_FILE: &str = "agent.redb";
+/// An older agent's sled database directory, migrated at the first start.
+const SLED_DIR: &str = "db";
+/// The sled tree that held the identity and desired state.
+const SLED_MAIN_TREE: &[u8] = b"__sled__default";
+/// The redb table that holds them.
+const MAIN_TABLE: &str = "main";
+
 /// Handle on the agent's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    db: Db,
     /// The identity and desired-state records: the default tree, under the
     /// namespace's prefix (none for a real agent).
     main: Keyspace,
@@ -229,51 +251,51 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database in `state_dir`.
+    /// Opens (creating if needed) the database in `state_dir`, moving an older
+    /// agent's sled database into it first.
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
         ensure_private_dir(state_dir).map_err(|source| StateError::CreateDir {
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let path = state_dir.join("db");
-        let open = || {
-            sled::Config::new()
-                .path(&path)
-                // Every write is flushed explicitly; sled's own periodic flusher would
-                // only wake an idle agent for nothing.
-                .flush_every_ms(None)
-                // A handful of small records: keep the cache small.
-                .cache_capacity(1 << 20)
-                .open()
-        };
-        let locked = |e: &sled::Error| matches!(e, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"));
-        // A store just dropped (in this process, or by an agent that just
-        // exited) can hold the lock a moment longer through sled's I/O threads:
-        // wait a little for it before calling the directory in use.
+        let path = state_dir.join(DB_FILE);
+        // A store just dropped (by an agent that just exited) can hold the
+        // lock a moment longer: wait a little before calling the directory in
+        // use.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
-            match open() {
-                Ok(db) => break db,
-                Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+            let opened = redb::Database::builder()
+                // A handful of small records: a small cache.
+                .set_cache_size(1 << 20)
+                .create(&path);
+            match opened {
+                Ok(db) => break std::sync::Arc::new(db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StateError::Locked {
+                            path: state_dir.to_path_buf(),
+                        });
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(e) if locked(&e) => {
-                    return Err(StateError::Locked {
-                        path: state_dir.to_path_buf(),
-                    });
-                }
-                Err(source) => {
+                Err(e) => {
                     return Err(StateError::Open {
                         path: path.clone(),
-                        source,
+                        reason: e.to_string(),
                     });
                 }
             }
         };
-        let main = Keyspace::whole(sled::Tree::clone(&db));
+        let sled_dir = state_dir.join(SLED_DIR);
+        if sled_dir.exists() {
+            migrate_from_sled(&sled_dir, &db).map_err(|reason| StateError::Migrate {
+                path: sled_dir.clone(),
+                reason,
+            })?;
+        }
         Ok(Self {
-            db,
-            main,
+            main: Keyspace::redb(db.clone(), MAIN_TABLE),
+            db: Db::Redb(db),
             dir: state_dir.to_path_buf(),
         })
     }
@@ -296,7 +318,7 @@ impl Store {
             source,
         })?;
         Ok(Self {
-            db: db.clone(),
+            db: Db::Sled(db.clone()),
             main: Keyspace::prefixed(sled::Tree::clone(db), format!("{namespace}/")),
             dir: state_dir.to_path_buf(),
         })
@@ -307,15 +329,17 @@ impl Store {
         &self.dir
     }
 
-    /// Opens (creating if needed) the named tree of this database, under this
-    /// store's namespace. sled allows one open database per process, so other
-    /// durable records (the patch journal, the report outbox) live in trees of
-    /// this one.
+    /// The named table (tree) of this database, under this store's namespace:
+    /// the other durable records (the patch journal, the report outbox) live
+    /// beside the identity, in the same file.
     pub fn tree(&self, name: &str) -> Result<Keyspace, StateError> {
-        Ok(Keyspace::prefixed(
-            self.db.open_tree(name)?,
-            self.main.prefix().to_vec(),
-        ))
+        match &self.db {
+            Db::Redb(db) => Ok(Keyspace::redb(db.clone(), name)),
+            Db::Sled(db) => Ok(Keyspace::prefixed(
+                db.open_tree(name).map_err(KvError::from)?,
+                self.main.prefix().to_vec(),
+            )),
+        }
     }
 
     fn get<T: for<'de> Deserialize<'de>>(
@@ -335,10 +359,10 @@ impl Store {
         serde_json::to_vec(value).map_err(|source| StateError::Corrupt { what, source })
     }
 
-    /// Writes `entries` atomically and flushes them to disk.
+    /// Writes `entries` atomically and makes them durable.
     fn commit(&self, entries: &[(&[u8], Vec<u8>)]) -> Result<(), StateError> {
         self.main.apply(entries)?;
-        self.db.flush()?;
+        self.main.flush()?;
         Ok(())
     }
 
@@ -396,6 +420,59 @@ impl Store {
     pub fn save_hooked_role(&self, role: Role) -> Result<(), StateError> {
         self.commit(&[(HOOKED_ROLE_KEY, Self::encode(&role, "hooked role")?)])
     }
+}
+
+/// Copies every tree of an older agent's sled database into `db` in one
+/// transaction, then removes the sled directory. A crash before the commit
+/// leaves the sled database to copy again; after it, the copy is whole, and a
+/// sled directory still there is only removed (a table already holding data
+/// is never written over).
+fn migrate_from_sled(sled_dir: &Path, db: &redb::Database) -> Result<(), String> {
+    use redb::ReadableDatabase;
+    let already = {
+        let tx = db.begin_read().map_err(|e| e.to_string())?;
+        tx.list_tables()
+            .map_err(|e| e.to_string())?
+            .next()
+            .is_some()
+    };
+    if !already {
+        let old = sled::Config::new()
+            .path(sled_dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| e.to_string())?;
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        let mut copied = 0usize;
+        for name in old.tree_names() {
+            let tree = old.open_tree(&name).map_err(|e| e.to_string())?;
+            let table = if name.as_ref() == SLED_MAIN_TREE {
+                MAIN_TABLE.to_string()
+            } else {
+                String::from_utf8_lossy(&name).into_owned()
+            };
+            let mut t = tx
+                .open_table(redb::TableDefinition::<&[u8], &[u8]>::new(&table))
+                .map_err(|e| e.to_string())?;
+            for item in tree.iter() {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                t.insert(k.as_ref(), v.as_ref())
+                    .map_err(|e| e.to_string())?;
+                copied += 1;
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())?;
+        drop(old);
+        tracing::info!(records = copied, from = %sled_dir.display(), "moved the agent database to the new format");
+    }
+    std::fs::remove_dir_all(sled_dir)
+        .map_err(|e| format!("cannot remove it after the copy: {e}"))?;
+    if let Some(parent) = sled_dir.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -505,10 +582,7 @@ mod tests {
         assert_eq!(a.identity().unwrap(), Some(identity()));
         assert!(b.identity().unwrap().is_none());
         assert!(b.desired().unwrap().is_none());
-        a.tree("journal")
-            .unwrap()
-            .insert("m", b"x".to_vec())
-            .unwrap();
+        a.tree("journal").unwrap().insert("m", b"x").unwrap();
         assert!(b.tree("journal").unwrap().get("m").unwrap().is_none());
         assert_eq!(a.dir(), dir.path().join("a1"));
         // The records sit under the namespace in the shared default tree.
@@ -523,26 +597,45 @@ mod tests {
     }
 
     #[test]
-    fn a_real_agents_records_keep_their_keys() {
+    fn an_older_agents_sled_database_is_moved_over_whole() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .save_joined(&identity(), &Desired::initial(Role::Active))
-                .unwrap();
-            store
-                .tree("journal")
+            // What an agent before the move to redb left: sled in <state>/db.
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let ident = serde_json::to_vec(&identity()).unwrap();
+            let desired = serde_json::to_vec(&Desired::initial(Role::Standby)).unwrap();
+            db.insert("identity", ident).unwrap();
+            db.insert("desired", desired).unwrap();
+            db.open_tree("journal").unwrap().insert("m", b"x").unwrap();
+            db.open_tree("outbox")
                 .unwrap()
-                .insert("m", b"x".to_vec())
+                .insert(7u64.to_be_bytes(), b"r")
                 .unwrap();
+            db.flush().unwrap();
         }
-        let db = sled::open(dir.path().join("db")).unwrap();
-        assert!(db.get("identity").unwrap().is_some());
-        assert!(db.get("desired").unwrap().is_some());
-        assert_eq!(
-            db.open_tree("journal").unwrap().get("m").unwrap().unwrap(),
-            b"x"
-        );
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.identity().unwrap().unwrap().node_id, "n-123");
+            assert_eq!(store.desired().unwrap().unwrap().role, Role::Standby);
+            assert_eq!(
+                store.tree("journal").unwrap().get("m").unwrap().unwrap(),
+                b"x"
+            );
+            assert_eq!(
+                store.tree("outbox").unwrap().last().unwrap().unwrap().0,
+                7u64.to_be_bytes()
+            );
+            assert!(!dir.path().join("db").exists(), "the sled copy is gone");
+            assert!(dir.path().join(DB_FILE).exists());
+        }
+    }
+
+    #[test]
+    fn a_second_process_is_refused_after_a_short_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `<state-dir>/status.json`: what the agent is, holds and is doing, for other
 //! processes (`flotilla-agent status`, monitoring, tests).
 //!
-//! sled locks the database against a second process, so status is published as a
+//! The database is locked against a second process, so status is published as a
 //! separate file, replaced atomically whenever identity, desired state or connection
 //! state changes.
 

@@ -183,9 +183,9 @@ fn journal_phase(agent: &Agent) -> String {
         !agent.is_running(),
         "the agent's database is locked while it runs"
     );
-    let db = sled::open(agent.state_dir.join("db")).expect("open the agent's database");
-    let raw = db
-        .open_tree("journal")
+    let store = flotilla_agent::Store::open(&agent.state_dir).expect("open the agent's database");
+    let raw = store
+        .tree("journal")
         .unwrap()
         .get(ID)
         .unwrap()

@@ -1,4 +1,4 @@
-//! The durable patch journal: one entry per manifest, in the sled tree "journal" of
+//! The durable patch journal: one entry per manifest, in the table "journal" of
 //! the agent's database, keyed by manifest id.
 //!
 //! Each step of a patch is recorded (and flushed to disk) before the agent acts on it,
@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::Keyspace;
+use crate::state::{Keyspace, KvError};
 
 pub use flotilla_proto::phase::Phase;
 
@@ -46,7 +46,7 @@ pub struct Entry {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("patch journal database error: {0}")]
-    Db(#[from] sled::Error),
+    Db(#[from] KvError),
     #[error("patch journal entry {key:?} is corrupt: {source}")]
     Corrupt {
         key: String,
@@ -132,8 +132,7 @@ impl Journal {
             // between the check and the write.
             if self
                 .tree
-                .compare_and_swap(id.as_bytes(), old, Some(new.as_slice()))?
-                .is_ok()
+                .compare_and_swap(id.as_bytes(), old.as_deref(), Some(new.as_slice()))?
             {
                 if moves_installed {
                     self.update_index(entry, was_committed)?;
@@ -205,15 +204,10 @@ impl Journal {
     /// Every entry, by manifest id.
     pub fn all(&self) -> Result<Vec<Entry>, JournalError> {
         self.tree
-            .iter()
-            .filter(|item| {
-                item.as_ref()
-                    .map_or(true, |(k, _)| !k.starts_with(INDEX_PREFIX.as_bytes()))
-            })
-            .map(|item| {
-                let (key, value) = item?;
-                decode(&key, &value)
-            })
+            .iter()?
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(INDEX_PREFIX.as_bytes()))
+            .map(|(key, value)| decode(&key, &value))
             .collect()
     }
 
@@ -246,8 +240,7 @@ impl Journal {
         }
         let mut out = BTreeMap::new();
         let prefix = index_key("");
-        for item in self.tree.scan(&prefix) {
-            let (key, value) = item?;
+        for (key, value) in self.tree.scan(&prefix)? {
             if let Some(component) = key.strip_prefix(prefix.as_slice()) {
                 let i = decode_index(&key, &value)?;
                 out.insert(String::from_utf8_lossy(component).into_owned(), i.version);
@@ -259,8 +252,8 @@ impl Journal {
     fn rebuild_index(&self) -> Result<(), JournalError> {
         let stale: Vec<_> = self
             .tree
-            .scan(&index_key(""))
-            .filter_map(|item| item.ok())
+            .scan(&index_key(""))?
+            .into_iter()
             .map(|(k, _)| k)
             .collect();
         for k in stale {

@@ -1,5 +1,5 @@
 //! The report outbox: every patch phase the agent reaches is queued here, durably
-//! (the sled tree "outbox", keyed by a big-endian sequence number so iteration is in
+//! (the table "outbox", keyed by a big-endian sequence number so iteration is in
 //! order), and re-sent until the server acknowledges it, or acknowledges a newer
 //! report of the same manifest, which supersedes it.
 //!
@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 
 use super::journal::Phase;
 use crate::backoff::{self, Backoff};
-use crate::state::Keyspace;
+use crate::state::{Keyspace, KvError};
 
 /// How long one send may take before it counts as failed.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,7 +83,7 @@ pub fn report_id() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("report outbox database error: {0}")]
-    Db(#[from] sled::Error),
+    Db(#[from] KvError),
     #[error("report outbox key {key} is not an 8-byte sequence number")]
     BadKey { key: String },
     #[error("queued report {seq} is corrupt: {source}")]
@@ -161,9 +161,9 @@ impl Outbox {
     pub fn pending(&self) -> Result<Vec<(u64, Report)>, OutboxError> {
         self.inner
             .tree
-            .iter()
-            .map(|item| {
-                let (key, value) = item?;
+            .iter()?
+            .into_iter()
+            .map(|(key, value)| {
                 let seq = seq_of(&key)?;
                 let report = serde_json::from_slice(&value)
                     .map_err(|source| OutboxError::Corrupt { seq, source })?;
