@@ -145,7 +145,7 @@ impl Status {
                 "cert expires",
                 format!(
                     "{} ({})",
-                    rfc3339(self.cert_not_after),
+                    flotilla_proto::when::unix_secs(self.cert_not_after),
                     ago_or_in(self.cert_not_after)
                 ),
             ),
@@ -154,24 +154,13 @@ impl Status {
                 "updated",
                 format!(
                     "{} ({})",
-                    rfc3339(self.updated_at),
+                    flotilla_proto::when::unix_secs(self.updated_at),
                     ago_or_in(self.updated_at)
                 ),
             ),
         ];
         rows.iter().map(|(k, v)| format!("{k:<14} {v}\n")).collect()
     }
-}
-
-/// Unix seconds as RFC 3339 (UTC).
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
 }
 
 /// "in 3h 2m" or "5s ago", relative to now.

@@ -11,6 +11,7 @@ pub mod phase;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod when;
 
 /// Generated protobuf and gRPC code for package `flotilla.v1`.
 #[allow(clippy::all, missing_docs)]

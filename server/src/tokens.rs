@@ -160,16 +160,6 @@ pub(crate) fn digest_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
-fn format_time(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
-}
-
 /// Checks a join's token without using it up: unknown, wrong secret, revoked,
 /// expired and used up each get their own message.
 pub fn check(rec: Option<&TokenRecord>, id: &str, secret: &str, now: i64) -> Result<()> {
@@ -189,7 +179,7 @@ pub fn check(rec: Option<&TokenRecord>, id: &str, secret: &str, now: i64) -> Res
     if now >= rec.expires_at {
         return Err(Error::PermissionDenied(format!(
             "join token {id} expired at {}; ask an operator for a new one or to extend it",
-            format_time(rec.expires_at)
+            flotilla_proto::when::unix_secs(rec.expires_at)
         )));
     }
     if rec.uses >= rec.max_uses {

@@ -129,10 +129,7 @@ impl TrustPolicy {
     }
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
+use crate::when::rfc3339;
 
 /// Allowed clock difference between the signer and the host for `issued_at`.
 pub const CLOCK_SKEW_SECS: i64 = 300;

@@ -77,11 +77,5 @@ pub fn time(secs: i64) -> String {
     if secs == 0 {
         return "-".into();
     }
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
+    flotilla_proto::when::unix_secs(secs)
 }

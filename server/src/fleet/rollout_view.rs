@@ -20,17 +20,6 @@ fn window_opens_at_ms(g: &crate::model::GroupRecord) -> i64 {
     }
 }
 
-/// Unix ms as RFC 3339 (UTC).
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
-}
-
 impl Fleet {
     /// One rollout's state and progress per group.
     pub async fn rollout_info(&self, id: &str) -> Option<pb::RolloutInfo> {
@@ -173,7 +162,10 @@ impl Fleet {
         let reason = Self::still_waiting(st, patch_id, group, node, released);
         let detail = match st.groups.get(group).map(window_opens_at_ms) {
             Some(t) if t > 0 && reason == "waiting for window" => {
-                format!("the maintenance window opens at {}", rfc3339(t))
+                format!(
+                    "the maintenance window opens at {}",
+                    flotilla_proto::when::unix_secs(t / 1000)
+                )
             }
             _ => String::new(),
         };
