@@ -1,7 +1,10 @@
 //! The storage trait every server component uses: typed records over a key-value
-//! store with prefix scan and compare-and-swap. Backends: sled (one process).
+//! store with prefix scan and compare-and-swap. Backends: sled (one process),
+//! and etcd (cargo feature `etcd`).
 //! Nothing above this module knows which backend it runs on.
 
+#[cfg(feature = "etcd")]
+mod etcd_store;
 mod sled_store;
 
 use std::sync::Arc;
@@ -9,6 +12,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+#[cfg(feature = "etcd")]
+pub use etcd_store::EtcdStore;
 pub use sled_store::SledStore;
 
 /// A failure of the backend itself (I/O, corruption, lost connection).

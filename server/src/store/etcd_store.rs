@@ -1,0 +1,325 @@
+//! The etcd backend of the storage trait (cargo feature `etcd`): every key
+//! under a prefix of its own, compare-and-swap as an etcd transaction, and
+//! every write durable when etcd acknowledges it (raft-committed and fsynced
+//! on a quorum), so `put_unsynced` and `sync` need nothing more.
+//!
+//! This is the first step of running the server as replicas on etcd: the
+//! backend and its conformance with sled. Leadership, fencing, watches and
+//! leases come with the replicas themselves.
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+};
+
+use super::{Store, StoreError};
+
+/// A connection to an etcd cluster, confined to the keys under `prefix`.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+fn etcd(e: etcd_client::Error) -> StoreError {
+    StoreError::Backend(format!("etcd: {e}"))
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`http://host:port`, ...), failing over among
+    /// them; keys live under `prefix` (e.g. `/flotilla/`).
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_timeout(std::time::Duration::from_secs(10));
+        let client = Client::connect(endpoints, Some(opts)).await.map_err(|e| {
+            StoreError::Backend(format!("cannot reach etcd at {}: {e}", endpoints.join(",")))
+        })?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn strip(&self, full: &[u8]) -> String {
+        let full = String::from_utf8_lossy(full);
+        full.strip_prefix(&self.prefix).unwrap_or(&full).to_string()
+    }
+
+    async fn range(
+        &self,
+        prefix: &str,
+        order: SortOrder,
+        limit: i64,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, order)
+            .with_limit(limit);
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.key(prefix), Some(opts))
+            .await
+            .map_err(etcd)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| (self.strip(kv.key()), kv.value().to_vec()))
+            .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.key(key), None)
+            .await
+            .map_err(etcd)?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.range(prefix, SortOrder::Ascend, 0).await
+    }
+
+    async fn last_in_prefix(&self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .range(prefix, SortOrder::Descend, 1)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .put(self.key(key), value, None)
+            .await
+            .map(drop)
+            .map_err(etcd)
+    }
+
+    async fn put_unsynced(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.put(key, value).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn compare_and_swap_unsynced(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        self.compare_and_swap(key, expected, new).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .delete(self.key(key), None)
+            .await
+            .map(drop)
+            .map_err(etcd)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let k = self.key(key);
+        // Absent is "never created"; present is "holds exactly these bytes".
+        let when = match expected {
+            None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+            Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.to_vec()),
+        };
+        let then = match new {
+            Some(v) => TxnOp::put(k, v, None),
+            None => TxnOp::delete(k, None),
+        };
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().when([when]).and_then([then]))
+            .await
+            .map_err(etcd)?;
+        Ok(resp.succeeded())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real etcd (Debian's `etcd-server`; `scripts/test` installs
+    //! it), one member on loopback ports picked for the test.
+
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::store::{Db, Update};
+
+    /// One etcd member in a temp dir, killed on drop.
+    struct Etcd {
+        child: Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn etcd() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (Debian package etcd-server; scripts/test installs it)");
+        let etcd = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&etcd.url), "/probe/").await
+                && s.get("x").await.is_ok()
+            {
+                return etcd;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn store(e: &Etcd, prefix: &str) -> EtcdStore {
+        EtcdStore::connect(std::slice::from_ref(&e.url), prefix)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn keeps_the_promises_of_the_storage_trait() {
+        let e = etcd().await;
+        let s = store(&e, "/flotilla/").await;
+        assert!(s.get("a/1").await.unwrap().is_none());
+        s.put("a/1", b"one".to_vec()).await.unwrap();
+        s.put("a/2", b"two".to_vec()).await.unwrap();
+        s.put_unsynced("b/1", b"other".to_vec()).await.unwrap();
+        s.sync().await.unwrap();
+        let all = s.scan_prefix("a/").await.unwrap();
+        assert_eq!(
+            all,
+            vec![
+                ("a/1".into(), b"one".to_vec()),
+                ("a/2".into(), b"two".to_vec())
+            ]
+        );
+        assert_eq!(s.last_in_prefix("a/").await.unwrap().unwrap().0, "a/2");
+        assert!(s.last_in_prefix("c/").await.unwrap().is_none());
+        // Compare-and-swap: absent, present, stale, delete.
+        assert!(
+            s.compare_and_swap("k", None, Some(b"v1".to_vec()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.compare_and_swap("k", None, Some(b"x".to_vec()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            s.compare_and_swap("k", Some(b"v1"), Some(b"v2".to_vec()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.compare_and_swap("k", Some(b"v1"), Some(b"v3".to_vec()))
+                .await
+                .unwrap()
+        );
+        assert!(s.compare_and_swap("k", Some(b"v2"), None).await.unwrap());
+        assert!(s.get("k").await.unwrap().is_none());
+        s.delete("a/1").await.unwrap();
+        assert_eq!(s.scan_prefix("a/").await.unwrap().len(), 1);
+        // Typed records and the CAS-retry update on top of it.
+        let db = Db::new(std::sync::Arc::new(s.clone()));
+        db.put("n/1", &5u32).await.unwrap();
+        let r = db
+            .update("n/1", |cur: Option<u32>| {
+                Ok::<_, ()>(Update::Put(cur.unwrap_or(0) + 1))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r, Some(6));
+    }
+
+    #[tokio::test]
+    async fn prefixes_keep_fleets_apart_and_concurrent_cas_lets_one_win() {
+        let e = etcd().await;
+        let (a, b) = (store(&e, "/a/").await, store(&e, "/ab/").await);
+        a.put("k", b"from a".to_vec()).await.unwrap();
+        b.put("k", b"from b".to_vec()).await.unwrap();
+        assert_eq!(a.get("k").await.unwrap().unwrap(), b"from a");
+        assert_eq!(a.scan_prefix("").await.unwrap().len(), 1);
+        // 16 creators race for one key: exactly one gets it.
+        let wins: Vec<bool> = futures::future::join_all((0..16).map(|i| {
+            let s = a.clone();
+            async move {
+                s.compare_and_swap("claim", None, Some(vec![i]))
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        assert_eq!(wins.iter().filter(|w| **w).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_etcd_is_named_in_the_error() {
+        let port = free_port();
+        let err = match EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], "/x/").await {
+            Err(e) => e.to_string(),
+            Ok(s) => s.get("k").await.unwrap_err().to_string(),
+        };
+        assert!(err.contains("etcd"), "{err}");
+    }
+}
