@@ -32,6 +32,10 @@ pub struct FileConfig {
     pub tls_handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub pending_timeout: Option<Duration>,
+    /// Where the fleet's records live: `sled` (in the data dir) or `etcd`.
+    pub store: Option<String>,
+    pub etcd_endpoints: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
 }
 
 impl FileConfig {
@@ -63,6 +67,66 @@ pub struct ServerConfig {
     pub tls_handshake_timeout: Duration,
     /// How long a connection may go without making its first request.
     pub pending_timeout: Duration,
+    pub store: StoreConfig,
+}
+
+/// Where the fleet's records live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// sled, in `<data-dir>/db`: one server process.
+    Sled,
+    /// etcd (cargo feature `etcd`), every key under `prefix`.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+pub const DEFAULT_ETCD_PREFIX: &str = "/flotilla/";
+
+impl StoreConfig {
+    /// From the `store`, `etcd_endpoints` and `etcd_prefix` settings.
+    pub fn from_settings(
+        store: Option<&str>,
+        endpoints: Option<Vec<String>>,
+        prefix: Option<String>,
+    ) -> anyhow::Result<Self> {
+        match store.unwrap_or("sled") {
+            "sled" => {
+                anyhow::ensure!(
+                    endpoints.is_none(),
+                    "etcd endpoints are set but the store is sled: add --store etcd"
+                );
+                Ok(Self::Sled)
+            }
+            "etcd" => {
+                let endpoints: Vec<String> = endpoints
+                    .unwrap_or_default()
+                    .iter()
+                    .flat_map(|e| e.split(','))
+                    .map(|e| e.trim().to_string())
+                    .filter(|e| !e.is_empty())
+                    .collect();
+                anyhow::ensure!(
+                    !endpoints.is_empty(),
+                    "the etcd store needs --etcd-endpoints URL[,URL...]"
+                );
+                for e in &endpoints {
+                    anyhow::ensure!(
+                        e.starts_with("http://") || e.starts_with("https://"),
+                        "etcd endpoint {e:?} must start with http:// or https://"
+                    );
+                }
+                let prefix = prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+                anyhow::ensure!(
+                    prefix.starts_with('/') && prefix.ends_with('/') && prefix.len() > 1,
+                    "the etcd prefix {prefix:?} must start and end with '/' (like /flotilla/)"
+                );
+                Ok(Self::Etcd { endpoints, prefix })
+            }
+            other => anyhow::bail!("unknown store {other:?}: use sled or etcd"),
+        }
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -88,14 +152,21 @@ impl ServerConfig {
             data_dir: Some(data_dir),
             ..FileConfig::default()
         })
+        .expect("the defaults are valid")
     }
 
     /// Fills what `file` leaves out with defaults. A startup grace left out is
     /// twice the offline grace, and at least a minute, so that after a restart
     /// every agent's backoff has had time to bring it back.
-    pub fn merge(file: FileConfig) -> Self {
+    pub fn merge(file: FileConfig) -> anyhow::Result<Self> {
         let offline_grace = file.offline_grace.unwrap_or(DEFAULT_OFFLINE_GRACE);
-        Self {
+        let store = StoreConfig::from_settings(
+            file.store.as_deref(),
+            file.etcd_endpoints.clone(),
+            file.etcd_prefix.clone(),
+        )?;
+        Ok(Self {
+            store,
             data_dir: file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             listen: file
                 .listen
@@ -122,7 +193,7 @@ impl ServerConfig {
                 .tls_handshake_timeout
                 .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
             pending_timeout: file.pending_timeout.unwrap_or(DEFAULT_PENDING_TIMEOUT),
-        }
+        })
     }
 
     /// Checks the values make sense together.
@@ -161,10 +232,34 @@ mod tests {
     fn file_fills_defaults_and_refuses_unknown_keys() {
         let f: FileConfig =
             toml::from_str("offline_grace = \"5s\"\nlisten = \"127.0.0.1:9\"").unwrap();
-        let c = ServerConfig::merge(f);
+        let c = ServerConfig::merge(f).unwrap();
+        assert_eq!(c.store, StoreConfig::Sled);
         assert_eq!(c.offline_grace, Duration::from_secs(5));
         assert_eq!(c.startup_grace, Duration::from_secs(60));
         assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT);
         assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn the_etcd_store_needs_endpoints_and_a_clean_prefix() {
+        let s = |store: &str, e: Option<&str>, p: Option<&str>| {
+            StoreConfig::from_settings(
+                Some(store),
+                e.map(|e| vec![e.to_string()]),
+                p.map(str::to_string),
+            )
+        };
+        assert_eq!(
+            s("etcd", Some("http://a:2379, http://b:2379"), None).unwrap(),
+            StoreConfig::Etcd {
+                endpoints: vec!["http://a:2379".into(), "http://b:2379".into()],
+                prefix: DEFAULT_ETCD_PREFIX.into()
+            }
+        );
+        assert!(s("etcd", None, None).is_err());
+        assert!(s("etcd", Some("a:2379"), None).is_err());
+        assert!(s("etcd", Some("http://a:2379"), Some("flotilla")).is_err());
+        assert!(s("sled", Some("http://a:2379"), None).is_err());
+        assert!(s("redis", None, None).is_err());
     }
 }

@@ -13,7 +13,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::app::App;
 use crate::audit::AuditLog;
 use crate::ca::{CertAuthority, TlsPaths};
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, StoreConfig};
 use crate::credential_file::CredentialFile;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::model::OperatorRole;
@@ -26,10 +26,27 @@ pub struct Initialized {
     pub credential_path: PathBuf,
 }
 
-fn open_db(data_dir: &Path) -> anyhow::Result<Db> {
-    let store = SledStore::open(&data_dir.join("db"))
-        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
-    Ok(Db::new(Arc::new(store)))
+/// Opens the fleet's store: sled in the data dir, or etcd.
+async fn open_db(data_dir: &Path, store: &StoreConfig) -> anyhow::Result<Db> {
+    match store {
+        StoreConfig::Sled => {
+            let store = SledStore::open(&data_dir.join("db"))
+                .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+            Ok(Db::new(Arc::new(store)))
+        }
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd { endpoints, prefix } => {
+            let store = crate::store::EtcdStore::connect(endpoints, prefix).await?;
+            // One server per fleet until replicas exist: a second one on the
+            // same prefix is refused while this one lives.
+            store.hold_exclusive().await?;
+            Ok(Db::new(Arc::new(store)))
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd { .. } => anyhow::bail!(
+            "this flotilla-server was built without the etcd store (cargo feature `etcd`)"
+        ),
+    }
 }
 
 /// Creates the CA, the server certificate for `names`, and a first admin
@@ -39,12 +56,13 @@ pub async fn init(
     names: &[String],
     admin_name: &str,
     server_url: Option<String>,
+    store: &StoreConfig,
 ) -> anyhow::Result<Initialized> {
     crate::data_dir::owner_only_from_now();
     crate::data_dir::create(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let ca = CertAuthority::create(&TlsPaths::in_dir(data_dir), names)?;
-    let db = open_db(data_dir)?;
+    let db = open_db(data_dir, store).await?;
     let (bearer, rec) = crate::credentials::create(&db, admin_name, OperatorRole::Admin).await?;
     let audit = AuditLog::open(db.clone()).await?;
     audit
@@ -120,7 +138,7 @@ pub async fn run(
         .with_context(|| format!("cannot read {}", paths.server_cert.display()))?;
     let server_key = std::fs::read_to_string(&paths.server_key)
         .with_context(|| format!("cannot read {}", paths.server_key.display()))?;
-    let db = open_db(&cfg.data_dir)?;
+    let db = open_db(&cfg.data_dir, &cfg.store).await?;
     let fleet = Fleet::load(
         db.clone(),
         FleetConfig {

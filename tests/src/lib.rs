@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod enroll;
+pub mod etcd;
 pub mod measure;
 pub mod patch;
 
@@ -103,6 +104,12 @@ pub struct Server {
 impl Server {
     /// `flotilla-server init` in `dir/server`.
     pub fn init(dir: &Path) -> Self {
+        Self::init_with(dir, &[])
+    }
+
+    /// `flotilla-server init` in `dir/server` with `store_args` (e.g. the
+    /// etcd store's), which `run` is given too.
+    pub fn init_with(dir: &Path, store_args: &[&str]) -> Self {
         let data_dir = dir.join("server");
         let out = Command::new(bin("flotilla-server"))
             .args([
@@ -114,6 +121,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(&data_dir)
+            .args(store_args)
             .output()
             .expect("run flotilla-server init");
         assert!(
@@ -125,14 +133,18 @@ impl Server {
             log: dir.join("server.log"),
             data_dir,
             addr: None,
-            extra_args: vec![
-                "--heartbeat-interval".into(),
-                HEARTBEAT.into(),
-                "--offline-grace".into(),
-                format!("{}s", OFFLINE_GRACE.as_secs()),
-                "--startup-grace".into(),
-                "6s".into(),
-            ],
+            extra_args: store_args
+                .iter()
+                .map(|a| a.to_string())
+                .chain([
+                    "--heartbeat-interval".into(),
+                    HEARTBEAT.into(),
+                    "--offline-grace".into(),
+                    format!("{}s", OFFLINE_GRACE.as_secs()),
+                    "--startup-grace".into(),
+                    "6s".into(),
+                ])
+                .collect(),
             env: Vec::new(),
             child: None,
         }

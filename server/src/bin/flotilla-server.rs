@@ -16,6 +16,20 @@ struct Cli {
     command: Command,
 }
 
+/// Where the fleet's records live.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// sled (in the data dir: one server process) or etcd [default: sled].
+    #[arg(long, env = "FLOTILLA_STORE", value_name = "sled|etcd")]
+    store: Option<String>,
+    /// etcd client URLs, comma-separated (http://host:2379,...).
+    #[arg(long, env = "FLOTILLA_ETCD_ENDPOINTS", value_name = "URLS")]
+    etcd_endpoints: Option<String>,
+    /// Key prefix of this fleet in etcd [default: /flotilla/].
+    #[arg(long, env = "FLOTILLA_ETCD_PREFIX", value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create the CA, the server certificate and a first admin credential.
@@ -32,12 +46,16 @@ enum Command {
         /// Server URL to record in the admin credential file.
         #[arg(long)]
         server_url: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Serve gRPC over TLS.
     Run {
         /// TOML config file; flags and environment variables win over it.
         #[arg(long, env = "FLOTILLA_CONFIG")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Data directory made by `init` [default: /var/lib/flotilla-server].
         #[arg(long, env = "FLOTILLA_DATA_DIR")]
         data_dir: Option<PathBuf>,
@@ -106,9 +124,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             names,
             admin_name,
             server_url,
+            store,
         } => {
+            let store = flotilla_server::config::StoreConfig::from_settings(
+                store.store.as_deref(),
+                store.etcd_endpoints.map(|e| vec![e]),
+                store.etcd_prefix,
+            )?;
             let done =
-                flotilla_server::server::init(&data_dir, &names, &admin_name, server_url).await?;
+                flotilla_server::server::init(&data_dir, &names, &admin_name, server_url, &store)
+                    .await?;
             flotilla_proto::outln!("initialised {}", data_dir.display());
             flotilla_proto::outln!("CA fingerprint (sha256): {}", done.ca_fingerprint);
             flotilla_proto::outln!("admin credential: {}", done.credential_path.display());
@@ -116,6 +141,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run {
             config,
+            store,
             data_dir,
             listen,
             heartbeat_interval,
@@ -147,7 +173,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.max_pending_per_source = max_pending_per_source.or(file.max_pending_per_source);
             file.tls_handshake_timeout = tls_handshake_timeout.or(file.tls_handshake_timeout);
             file.pending_timeout = pending_timeout.or(file.pending_timeout);
-            let cfg = ServerConfig::merge(file);
+            file.store = store.store.or(file.store);
+            file.etcd_endpoints = store
+                .etcd_endpoints
+                .map(|e| vec![e])
+                .or(file.etcd_endpoints);
+            file.etcd_prefix = store.etcd_prefix.or(file.etcd_prefix);
+            let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             let shutdown = CancellationToken::new();

@@ -7,8 +7,11 @@
 //! backend and its conformance with sled. Leadership, fencing, watches and
 //! leases come with the replicas themselves.
 
+use std::time::Duration;
+
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp,
 };
 
 use super::{Store, StoreError};
@@ -18,6 +21,18 @@ use super::{Store, StoreError};
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+}
+
+/// The key (under the prefix) whose holder is the one server of the fleet.
+const HOLD_KEY: &str = "server/holder";
+/// The lease of that key: how long a server that stopped without a word keeps
+/// the next one waiting.
+pub const HOLD_TTL: Duration = Duration::from_secs(5);
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn etcd(e: etcd_client::Error) -> StoreError {
@@ -42,6 +57,76 @@ impl EtcdStore {
 
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// Claims this prefix for this process until it exits: a key under the
+    /// prefix tied to an etcd lease that this process keeps alive. While one
+    /// server holds it, another is refused (one server per fleet until
+    /// replicas exist); a server stopped without a word lets it go within
+    /// [`HOLD_TTL`], which a new one waits for. A holder that cannot renew its
+    /// lease stops the process rather than write on after losing it.
+    pub async fn hold_exclusive(&self) -> Result<(), StoreError> {
+        let key = self.key(HOLD_KEY);
+        let holder = format!("pid {} on {}", std::process::id(), hostname());
+        let deadline = tokio::time::Instant::now() + HOLD_TTL + Duration::from_secs(2);
+        let lease = loop {
+            let lease = self
+                .client
+                .lease_client()
+                .grant(HOLD_TTL.as_secs() as i64, None)
+                .await
+                .map_err(etcd)?
+                .id();
+            let claim = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    holder.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.client.kv_client().txn(claim).await.map_err(etcd)?;
+            if resp.succeeded() {
+                break lease;
+            }
+            let _ = self.client.lease_client().revoke(lease).await;
+            if tokio::time::Instant::now() >= deadline {
+                let held_by = self
+                    .get(HOLD_KEY)
+                    .await?
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_default();
+                return Err(StoreError::Backend(format!(
+                    "another flotilla-server ({held_by}) runs on etcd prefix {}: \
+                     one server per fleet (stop it, or pick another --etcd-prefix)",
+                    self.prefix
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let (mut keeper, mut answers) = self
+            .client
+            .lease_client()
+            .keep_alive(lease)
+            .await
+            .map_err(etcd)?;
+        tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(HOLD_TTL / 3).await;
+                let ok = keeper.keep_alive().await.is_ok()
+                    && matches!(answers.message().await, Ok(Some(a)) if a.ttl() > 0);
+                if ok {
+                    renewed = tokio::time::Instant::now();
+                } else if renewed.elapsed() >= HOLD_TTL {
+                    tracing::error!(
+                        "lost this server's hold on its etcd prefix (etcd unreachable for {HOLD_TTL:?}); stopping so that no other server's writes are overwritten"
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Ok(())
     }
 
     fn strip(&self, full: &[u8]) -> String {
