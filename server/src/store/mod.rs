@@ -3,6 +3,8 @@
 //! and etcd (cargo feature `etcd`).
 //! Nothing above this module knows which backend it runs on.
 
+#[cfg(test)]
+mod conformance;
 #[cfg(feature = "etcd")]
 mod etcd_store;
 mod sled_store;

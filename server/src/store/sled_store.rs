@@ -283,25 +283,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn compare_and_swap_refuses_stale_expectation() {
+    async fn keeps_the_promises_of_the_storage_trait() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        assert!(
-            s.compare_and_swap("k", None, Some(b"1".to_vec()))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !s.compare_and_swap("k", None, Some(b"2".to_vec()))
-                .await
-                .unwrap()
-        );
-        assert!(
-            s.compare_and_swap("k", Some(b"1"), Some(b"2".to_vec()))
-                .await
-                .unwrap()
-        );
-        assert_eq!(s.get("k").await.unwrap().unwrap(), b"2");
+        crate::store::conformance::keeps_the_promises_of_the_storage_trait(std::sync::Arc::new(s))
+            .await;
     }
 
     #[tokio::test]
