@@ -34,7 +34,7 @@ struct Cli {
     #[arg(value_enum)]
     target: Target,
     /// How long to run.
-    #[arg(long, default_value = "20s", value_parser = humantime_secs)]
+    #[arg(long, default_value = "20s", value_parser = seconds)]
     time: Duration,
     /// Seed of the mutation generator (default: from the clock; printed).
     #[arg(long)]
@@ -44,7 +44,7 @@ struct Cli {
     failures: PathBuf,
 }
 
-fn humantime_secs(s: &str) -> Result<Duration, String> {
+fn seconds(s: &str) -> Result<Duration, String> {
     let n: u64 = s
         .trim_end_matches('s')
         .parse()
