@@ -281,10 +281,7 @@ pub fn phases(server: &Server, id: &str) -> Vec<(String, String, String)> {
 
 /// Whether a phase is an outcome (nothing follows it).
 pub fn is_outcome(phase: &str) -> bool {
-    matches!(
-        phase,
-        "committed" | "rolled_back" | "failed" | "rejected" | "superseded"
-    )
+    flotilla_proto::phase::Phase::parse(phase).is_some_and(flotilla_proto::phase::Phase::is_final)
 }
 
 /// Waits until `n` nodes reached an outcome for patch `id`, and returns them.

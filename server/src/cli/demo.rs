@@ -142,11 +142,10 @@ type = "restore"
             );
             return Ok(());
         }
-        if let Some(bad) = st
-            .nodes
-            .iter()
-            .find(|n| matches!(n.phase.as_str(), "failed" | "rolled_back" | "rejected"))
-        {
+        if let Some(bad) = st.nodes.iter().find(|n| {
+            flotilla_proto::phase::Phase::parse(&n.phase)
+                .is_some_and(flotilla_proto::phase::Phase::is_failure)
+        }) {
             bail!(
                 "the demo patch {} on {}: {}",
                 bad.phase,

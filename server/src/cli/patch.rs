@@ -11,6 +11,7 @@ use flotilla_proto::manifest::{
     Artifact, HealthCheck, Install, Manifest, Rollback, SCHEMA_VERSION, Severity, Targets,
 };
 use flotilla_proto::pb;
+use flotilla_proto::phase::Phase;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -516,15 +517,7 @@ fn info_json(p: &pb::PatchInfo) -> Value {
 /// A node's final word on a patch (a node an aborted rollout never started
 /// will not start it either).
 fn is_outcome(phase: &str) -> bool {
-    matches!(
-        phase,
-        "committed"
-            | "rolled_back"
-            | "failed"
-            | "rejected"
-            | "superseded"
-            | "not started (aborted)"
-    )
+    phase == "not started (aborted)" || Phase::parse(phase).is_some_and(Phase::is_final)
 }
 
 pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Result<()> {
@@ -666,7 +659,7 @@ fn print_status(out: Output, r: &pb::PatchStatusResponse) {
     let failing: Vec<_> = r
         .nodes
         .iter()
-        .filter(|n| matches!(n.phase.as_str(), "rolled_back" | "failed" | "rejected"))
+        .filter(|n| Phase::parse(&n.phase).is_some_and(Phase::is_failure))
         .collect();
     if !failing.is_empty() {
         out.table(

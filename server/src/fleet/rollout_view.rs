@@ -5,17 +5,16 @@ use std::collections::BTreeSet;
 
 use flotilla_proto::pb;
 
-use super::rollouts::progress_of;
+use super::rollouts::{progress_of, schedule_of};
 use super::{Fleet, State};
 use crate::rollout::plan::{self, GroupView, Progress, Waiting};
 use crate::rollout::record::RolloutState;
-use crate::rollout::window::Schedule;
 
 /// When `g`'s maintenance window next opens, while it is closed (0 otherwise).
 fn window_opens_at_ms(g: &crate::model::GroupRecord) -> i64 {
     let now = crate::model::now_ms() / 1000;
-    match Schedule::parse(&g.timezone, &g.windows) {
-        Ok(s) if !s.is_open(now) => s.next_change(now).map_or(0, |t| t * 1000),
+    match schedule_of(Some(g)) {
+        Some(s) if !s.is_open(now) => s.next_change(now).map_or(0, |t| t * 1000),
         _ => 0,
     }
 }
@@ -159,17 +158,7 @@ impl Fleet {
             );
             return ("superseded".into(), detail);
         }
-        let reason = Self::still_waiting(st, patch_id, group, node, released);
-        let detail = match st.groups.get(group).map(window_opens_at_ms) {
-            Some(t) if t > 0 && reason == "waiting for window" => {
-                format!(
-                    "the maintenance window opens at {}",
-                    flotilla_proto::when::unix_secs(t / 1000)
-                )
-            }
-            _ => String::new(),
-        };
-        (reason, detail)
+        Self::still_waiting(st, patch_id, group, node, released)
     }
 
     fn still_waiting(
@@ -178,28 +167,40 @@ impl Fleet {
         group: &str,
         node: &str,
         released: bool,
-    ) -> String {
+    ) -> (String, String) {
+        let reason = |r: String| (r, String::new());
         if !st.sessions.contains_key(node) {
-            return "waiting (offline)".into();
+            return reason("waiting (offline)".into());
         }
         if released {
             if let Some(n) = st.nodes.get(node)
                 && st.queued_for(patch_id, n)
             {
-                return format!(
+                return reason(format!(
                     "waiting (behind {} patches in flight)",
                     super::offer::MAX_MANIFESTS_PER_STATE
-                );
+                ));
             }
-            return "waiting".into();
+            return reason("waiting".into());
         }
         if let Some(other) = st.busy_with(patch_id, group, node) {
-            return format!("waiting (busy with {other})");
+            return reason(format!("waiting (busy with {other})"));
         }
         match st.waiting.get(patch_id).and_then(|w| w.get(group)) {
-            Some(Waiting::Window) => "waiting for window".into(),
-            Some(Waiting::Capacity) => "waiting for capacity".into(),
-            _ => "waiting for wave".into(),
+            Some(Waiting::Window) => {
+                let opens = st.groups.get(group).map_or(0, window_opens_at_ms);
+                let detail = if opens > 0 {
+                    format!(
+                        "the maintenance window opens at {}",
+                        flotilla_proto::when::unix_secs(opens / 1000)
+                    )
+                } else {
+                    String::new()
+                };
+                ("waiting for window".into(), detail)
+            }
+            Some(Waiting::Capacity) => reason("waiting for capacity".into()),
+            _ => reason("waiting for wave".into()),
         }
     }
 }

@@ -61,7 +61,7 @@ fn progress_of_phase(phase: Option<pb::PatchPhase>) -> Progress {
 
 /// A group's maintenance schedule; one that no longer parses counts as closed,
 /// so a bad record can only hold a rollout back, never let it run outside hours.
-fn schedule_of(g: Option<&GroupRecord>) -> Option<Schedule> {
+pub(super) fn schedule_of(g: Option<&GroupRecord>) -> Option<Schedule> {
     let g = g?;
     match Schedule::parse(&g.timezone, &g.windows) {
         Ok(s) => Some(s),
