@@ -248,23 +248,14 @@ mod tests {
     //! Against a real etcd (Debian's `etcd-server`; `scripts/test` installs
     //! it), one member on loopback ports picked for the test.
 
-    use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
     use super::*;
 
-    /// One etcd member in a temp dir, killed on drop.
+    /// One etcd member (the end-to-end harness's) with its temp dir.
     struct Etcd {
-        child: Child,
-        url: String,
+        member: flotilla_e2e::etcd::Etcd,
         _dir: tempfile::TempDir,
-    }
-
-    impl Drop for Etcd {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 
     fn free_port() -> u16 {
@@ -275,46 +266,24 @@ mod tests {
             .port()
     }
 
+    /// A member that answers requests, not only connections.
     async fn etcd() -> Etcd {
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd is installed (Debian package etcd-server; scripts/test installs it)");
-        let etcd = Etcd {
-            child,
-            url,
-            _dir: dir,
-        };
+        let member = flotilla_e2e::etcd::Etcd::start(dir.path());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&etcd.url), "/probe/").await
+            if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&member.url), "/probe/").await
                 && s.get("x").await.is_ok()
             {
-                return etcd;
+                return Etcd { member, _dir: dir };
             }
-            assert!(Instant::now() < deadline, "etcd did not start in 30 s");
+            assert!(Instant::now() < deadline, "etcd did not answer in 30 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     async fn store(e: &Etcd, prefix: &str) -> EtcdStore {
-        EtcdStore::connect(std::slice::from_ref(&e.url), prefix)
+        EtcdStore::connect(std::slice::from_ref(&e.member.url), prefix)
             .await
             .unwrap()
     }
