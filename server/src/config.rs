@@ -36,6 +36,11 @@ pub struct FileConfig {
     pub store: Option<String>,
     pub etcd_endpoints: Option<Vec<String>>,
     pub etcd_prefix: Option<String>,
+    /// PEM file of the CA that signed etcd's certificates (https endpoints).
+    pub etcd_ca: Option<PathBuf>,
+    /// This server's client certificate and key for etcd, PEM.
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -79,28 +84,41 @@ pub enum StoreConfig {
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        /// Set when the endpoints are `https`.
+        tls: Option<EtcdTlsPaths>,
     },
+}
+
+/// TLS to etcd: the CA of etcd's certificates, and a client certificate when
+/// etcd requires one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTlsPaths {
+    pub ca: Option<PathBuf>,
+    /// Certificate and key.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/flotilla/";
 
 impl StoreConfig {
-    /// From the `store`, `etcd_endpoints` and `etcd_prefix` settings.
-    pub fn from_settings(
-        store: Option<&str>,
-        endpoints: Option<Vec<String>>,
-        prefix: Option<String>,
-    ) -> anyhow::Result<Self> {
-        match store.unwrap_or("sled") {
+    /// From the `store` and `etcd_*` settings.
+    pub fn from_settings(file: &FileConfig) -> anyhow::Result<Self> {
+        let etcd_only = file.etcd_endpoints.is_some()
+            || file.etcd_ca.is_some()
+            || file.etcd_cert.is_some()
+            || file.etcd_key.is_some();
+        match file.store.as_deref().unwrap_or("sled") {
             "sled" => {
                 anyhow::ensure!(
-                    endpoints.is_none(),
-                    "etcd endpoints are set but the store is sled: add --store etcd"
+                    !etcd_only,
+                    "etcd settings are given but the store is sled: add --store etcd"
                 );
                 Ok(Self::Sled)
             }
             "etcd" => {
-                let endpoints: Vec<String> = endpoints
+                let endpoints: Vec<String> = file
+                    .etcd_endpoints
+                    .clone()
                     .unwrap_or_default()
                     .iter()
                     .flat_map(|e| e.split(','))
@@ -117,12 +135,44 @@ impl StoreConfig {
                         "etcd endpoint {e:?} must start with http:// or https://"
                     );
                 }
-                let prefix = prefix.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+                let prefix = file
+                    .etcd_prefix
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
                 anyhow::ensure!(
                     prefix.starts_with('/') && prefix.ends_with('/') && prefix.len() > 1,
                     "the etcd prefix {prefix:?} must start and end with '/' (like /flotilla/)"
                 );
-                Ok(Self::Etcd { endpoints, prefix })
+                let https = endpoints
+                    .iter()
+                    .filter(|e| e.starts_with("https://"))
+                    .count();
+                anyhow::ensure!(
+                    https == 0 || https == endpoints.len(),
+                    "etcd endpoints mix http:// and https://: use one for all"
+                );
+                let identity = match (&file.etcd_cert, &file.etcd_key) {
+                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    (None, None) => None,
+                    _ => anyhow::bail!("--etcd-cert and --etcd-key go together"),
+                };
+                let tls = if https > 0 {
+                    Some(EtcdTlsPaths {
+                        ca: file.etcd_ca.clone(),
+                        identity,
+                    })
+                } else {
+                    anyhow::ensure!(
+                        file.etcd_ca.is_none() && identity.is_none(),
+                        "etcd TLS files are given but the endpoints are http://: use https:// URLs"
+                    );
+                    None
+                };
+                Ok(Self::Etcd {
+                    endpoints,
+                    prefix,
+                    tls,
+                })
             }
             other => anyhow::bail!("unknown store {other:?}: use sled or etcd"),
         }
@@ -160,11 +210,7 @@ impl ServerConfig {
     /// every agent's backoff has had time to bring it back.
     pub fn merge(file: FileConfig) -> anyhow::Result<Self> {
         let offline_grace = file.offline_grace.unwrap_or(DEFAULT_OFFLINE_GRACE);
-        let store = StoreConfig::from_settings(
-            file.store.as_deref(),
-            file.etcd_endpoints.clone(),
-            file.etcd_prefix.clone(),
-        )?;
+        let store = StoreConfig::from_settings(&file)?;
         Ok(Self {
             store,
             data_dir: file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
@@ -243,17 +289,19 @@ mod tests {
     #[test]
     fn the_etcd_store_needs_endpoints_and_a_clean_prefix() {
         let s = |store: &str, e: Option<&str>, p: Option<&str>| {
-            StoreConfig::from_settings(
-                Some(store),
-                e.map(|e| vec![e.to_string()]),
-                p.map(str::to_string),
-            )
+            StoreConfig::from_settings(&FileConfig {
+                store: Some(store.into()),
+                etcd_endpoints: e.map(|e| vec![e.to_string()]),
+                etcd_prefix: p.map(str::to_string),
+                ..FileConfig::default()
+            })
         };
         assert_eq!(
             s("etcd", Some("http://a:2379, http://b:2379"), None).unwrap(),
             StoreConfig::Etcd {
                 endpoints: vec!["http://a:2379".into(), "http://b:2379".into()],
-                prefix: DEFAULT_ETCD_PREFIX.into()
+                prefix: DEFAULT_ETCD_PREFIX.into(),
+                tls: None,
             }
         );
         assert!(s("etcd", None, None).is_err());
@@ -261,5 +309,39 @@ mod tests {
         assert!(s("etcd", Some("http://a:2379"), Some("flotilla")).is_err());
         assert!(s("sled", Some("http://a:2379"), None).is_err());
         assert!(s("redis", None, None).is_err());
+        assert!(s("etcd", Some("https://a:2379,http://b:2379"), None).is_err());
+    }
+
+    #[test]
+    fn etcd_tls_files_need_https_endpoints_and_come_as_a_pair() {
+        let f = |e: &str, ca: bool, cert: bool, key: bool| {
+            StoreConfig::from_settings(&FileConfig {
+                store: Some("etcd".into()),
+                etcd_endpoints: Some(vec![e.into()]),
+                etcd_ca: ca.then(|| "ca.pem".into()),
+                etcd_cert: cert.then(|| "c.pem".into()),
+                etcd_key: key.then(|| "k.pem".into()),
+                ..FileConfig::default()
+            })
+        };
+        let StoreConfig::Etcd { tls, .. } = f("https://a:2379", true, true, true).unwrap() else {
+            panic!("not etcd")
+        };
+        assert_eq!(
+            tls,
+            Some(EtcdTlsPaths {
+                ca: Some("ca.pem".into()),
+                identity: Some(("c.pem".into(), "k.pem".into())),
+            })
+        );
+        // https with the system's defaults only is allowed; files over http are not.
+        assert!(f("https://a:2379", false, false, false).is_ok());
+        assert!(f("http://a:2379", true, false, false).is_err());
+        assert!(f("https://a:2379", true, true, false).is_err());
+        let sled = StoreConfig::from_settings(&FileConfig {
+            etcd_ca: Some("ca.pem".into()),
+            ..FileConfig::default()
+        });
+        assert!(sled.is_err());
     }
 }

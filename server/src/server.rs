@@ -35,8 +35,16 @@ async fn open_db(data_dir: &Path, store: &StoreConfig) -> anyhow::Result<Db> {
             Ok(Db::new(Arc::new(store)))
         }
         #[cfg(feature = "etcd")]
-        StoreConfig::Etcd { endpoints, prefix } => {
-            let store = crate::store::EtcdStore::connect(endpoints, prefix).await?;
+        StoreConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
+            let tls = match tls {
+                Some(paths) => Some(etcd_tls(paths)?),
+                None => None,
+            };
+            let store = crate::store::EtcdStore::connect(endpoints, prefix, tls).await?;
             // One server per fleet until replicas exist: a second one on the
             // same prefix is refused while this one lives.
             store.hold_exclusive().await?;
@@ -47,6 +55,21 @@ async fn open_db(data_dir: &Path, store: &StoreConfig) -> anyhow::Result<Db> {
             "this flotilla-server was built without the etcd store (cargo feature `etcd`)"
         ),
     }
+}
+
+/// Reads the PEM files of TLS to etcd.
+#[cfg(feature = "etcd")]
+fn etcd_tls(paths: &crate::config::EtcdTlsPaths) -> anyhow::Result<crate::store::EtcdTls> {
+    let read = |what: &str, p: &Path| {
+        std::fs::read(p).with_context(|| format!("cannot read the etcd {what} {}", p.display()))
+    };
+    Ok(crate::store::EtcdTls {
+        ca: paths.ca.as_deref().map(|p| read("CA", p)).transpose()?,
+        identity: match &paths.identity {
+            Some((c, k)) => Some((read("client certificate", c)?, read("client key", k)?)),
+            None => None,
+        },
+    })
 }
 
 /// Creates the CA, the server certificate for `names`, and a first admin

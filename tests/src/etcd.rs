@@ -2,7 +2,7 @@
 //! `scripts/test` installs it), on loopback ports picked for the test, in a
 //! temp dir, killed on drop.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,8 +10,54 @@ use crate::wait_until;
 
 pub struct Etcd {
     child: Child,
-    /// The client URL (`http://127.0.0.1:PORT`).
+    /// The client URL (`http://127.0.0.1:PORT`, or `https://` with TLS).
     pub url: String,
+}
+
+/// TLS material for an etcd member that requires client certificates: a CA,
+/// the member's certificate for 127.0.0.1, and a client certificate, as PEM
+/// files in a directory.
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Makes a fresh CA and both certificates under `dir`.
+    pub fn generate(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = leaf(ExtendedKeyUsagePurpose::ClientAuth);
+        let write = |name: &str, pem: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        Self {
+            ca: write("etcd-ca.pem", &ca_cert.pem()),
+            server_cert: write("etcd-server.pem", &server_cert),
+            server_key: write("etcd-server.key", &server_key),
+            client_cert: write("etcd-client.pem", &client_cert),
+            client_key: write("etcd-client.key", &client_key),
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -24,10 +70,27 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts one member with its data in `dir` and waits until it answers.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    /// [`Etcd::start`], serving clients over TLS (client certificates
+    /// required) when `tls` is given.
+    pub fn start_with(dir: &Path, tls: Option<&EtcdTlsFiles>) -> Self {
         let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "e2e", "--data-dir"])
             .arg(dir.join("etcd"))
             .args([

@@ -28,6 +28,30 @@ struct StoreArgs {
     /// Key prefix of this fleet in etcd [default: /flotilla/].
     #[arg(long, env = "FLOTILLA_ETCD_PREFIX", value_name = "PREFIX")]
     etcd_prefix: Option<String>,
+    /// PEM file of the CA that signed etcd's certificates (https endpoints).
+    #[arg(long, env = "FLOTILLA_ETCD_CA", value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd, PEM (with --etcd-key).
+    #[arg(long, env = "FLOTILLA_ETCD_CERT", value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key for etcd, PEM (with --etcd-cert).
+    #[arg(long, env = "FLOTILLA_ETCD_KEY", value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// These flags over what `file` says.
+    fn over(self, file: &mut FileConfig) {
+        file.store = self.store.or(file.store.take());
+        file.etcd_endpoints = self
+            .etcd_endpoints
+            .map(|e| vec![e])
+            .or(file.etcd_endpoints.take());
+        file.etcd_prefix = self.etcd_prefix.or(file.etcd_prefix.take());
+        file.etcd_ca = self.etcd_ca.or(file.etcd_ca.take());
+        file.etcd_cert = self.etcd_cert.or(file.etcd_cert.take());
+        file.etcd_key = self.etcd_key.or(file.etcd_key.take());
+    }
 }
 
 #[derive(Subcommand)]
@@ -126,11 +150,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             server_url,
             store,
         } => {
-            let store = flotilla_server::config::StoreConfig::from_settings(
-                store.store.as_deref(),
-                store.etcd_endpoints.map(|e| vec![e]),
-                store.etcd_prefix,
-            )?;
+            let mut settings = FileConfig::default();
+            store.over(&mut settings);
+            let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
             let done =
                 flotilla_server::server::init(&data_dir, &names, &admin_name, server_url, &store)
                     .await?;
@@ -173,12 +195,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.max_pending_per_source = max_pending_per_source.or(file.max_pending_per_source);
             file.tls_handshake_timeout = tls_handshake_timeout.or(file.tls_handshake_timeout);
             file.pending_timeout = pending_timeout.or(file.pending_timeout);
-            file.store = store.store.or(file.store);
-            file.etcd_endpoints = store
-                .etcd_endpoints
-                .map(|e| vec![e])
-                .or(file.etcd_endpoints);
-            file.etcd_prefix = store.etcd_prefix.or(file.etcd_prefix);
+            store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;

@@ -3,18 +3,35 @@
 //! every write durable when etcd acknowledges it (raft-committed and fsynced
 //! on a quorum), so `put_unsynced` and `sync` need nothing more.
 //!
-//! This is the first step of running the server as replicas on etcd: the
-//! backend and its conformance with sled. Leadership, fencing, watches and
-//! leases come with the replicas themselves.
+//! Revisions are etcd's own; a watch resumes from a revision and reports a
+//! compacted one; leases are etcd leases. Reads of a whole prefix go in pages
+//! at one revision, so no answer outgrows a gRPC message however large the
+//! fleet. `https` endpoints are reached over TLS, with the CA and client
+//! certificate given.
 
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use futures::StreamExt;
+
+use super::{
+    Change, ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError, WatchError,
 };
 
-use super::{Store, StoreError};
+/// How many entries one read of a prefix asks for.
+const PAGE: i64 = 1000;
+
+/// TLS to etcd, as PEM: the CA that signed etcd's certificates (else the
+/// system's roots are not used: etcd clusters run their own CA), and this
+/// client's certificate and key when etcd asks for one.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    pub ca: Option<Vec<u8>>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
 
 /// A connection to an etcd cluster, confined to the keys under `prefix`.
 #[derive(Clone)]
@@ -41,11 +58,26 @@ fn etcd(e: etcd_client::Error) -> StoreError {
 
 impl EtcdStore {
     /// Connects to `endpoints` (`http://host:port`, ...), failing over among
-    /// them; keys live under `prefix` (e.g. `/flotilla/`).
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
-        let opts = ConnectOptions::new()
+    /// them; keys live under `prefix` (e.g. `/flotilla/`). `tls` applies to
+    /// `https` endpoints.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<EtcdTls>,
+    ) -> Result<Self, StoreError> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5))
             .with_timeout(std::time::Duration::from_secs(10));
+        if let Some(tls) = tls {
+            let mut t = TlsOptions::new();
+            if let Some(ca) = tls.ca {
+                t = t.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+        }
         let client = Client::connect(endpoints, Some(opts)).await.map_err(|e| {
             StoreError::Backend(format!("cannot reach etcd at {}: {e}", endpoints.join(",")))
         })?;
@@ -134,28 +166,84 @@ impl EtcdStore {
         full.strip_prefix(&self.prefix).unwrap_or(&full).to_string()
     }
 
-    async fn range(
+    /// Every entry under `prefix` as of one revision, read in pages.
+    async fn read_prefix(
         &self,
         prefix: &str,
-        order: SortOrder,
-        limit: i64,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let opts = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Key, order)
-            .with_limit(limit);
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.key(prefix), Some(opts))
-            .await
-            .map_err(etcd)?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| (self.strip(kv.key()), kv.value().to_vec()))
-            .collect())
+    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
+        let full = self.key(prefix);
+        let end = prefix_end(full.as_bytes());
+        let mut from = full.into_bytes();
+        let mut at = 0i64;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_sort(SortTarget::Key, SortOrder::Ascend)
+                .with_limit(PAGE);
+            if at > 0 {
+                opts = opts.with_revision(at);
+            }
+            let resp = self
+                .client
+                .kv_client()
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(etcd)?;
+            if at == 0 {
+                at = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.push((self.strip(kv.key()), kv.value().to_vec()));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((at as Revision, out)),
+            }
+        }
     }
+
+    fn txn_op(&self, op: Op) -> TxnOp {
+        match op {
+            Op::Put { key, value, lease } => TxnOp::put(
+                self.key(&key),
+                value,
+                lease.map(|l| PutOptions::new().with_lease(l.0)),
+            ),
+            Op::Delete(key) => TxnOp::delete(self.key(&key), None),
+        }
+    }
+
+    fn compare(&self, c: Condition) -> Compare {
+        match c {
+            // Absent is "never created"; present is "holds exactly these bytes".
+            Condition::Absent(k) => Compare::create_revision(self.key(&k), CompareOp::Equal, 0),
+            Condition::Equals(k, v) => Compare::value(self.key(&k), CompareOp::Equal, v),
+        }
+    }
+}
+
+/// etcd's answer for a lease that expired or was revoked (it has no code of
+/// its own in the client's errors, only this text).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("lease not found")
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
 }
 
 #[async_trait::async_trait]
@@ -171,15 +259,24 @@ impl Store for EtcdStore {
     }
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.range(prefix, SortOrder::Ascend, 0).await
+        Ok(self.read_prefix(prefix).await?.1)
     }
 
     async fn last_in_prefix(&self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-        Ok(self
-            .range(prefix, SortOrder::Descend, 1)
-            .await?
-            .into_iter()
-            .next())
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.key(prefix), Some(opts))
+            .await
+            .map_err(etcd)?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (self.strip(kv.key()), kv.value().to_vec())))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
@@ -223,23 +320,153 @@ impl Store for EtcdStore {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        let k = self.key(key);
-        // Absent is "never created"; present is "holds exactly these bytes".
         let when = match expected {
-            None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-            Some(v) => Compare::value(k.clone(), CompareOp::Equal, v.to_vec()),
+            None => Condition::Absent(key.to_string()),
+            Some(v) => Condition::Equals(key.to_string(), v.to_vec()),
         };
         let then = match new {
-            Some(v) => TxnOp::put(k, v, None),
-            None => TxnOp::delete(k, None),
+            Some(v) => Op::put(key, v),
+            None => Op::Delete(key.to_string()),
         };
+        Ok(self.txn(vec![when], vec![then]).await?.is_some())
+    }
+
+    async fn txn(
+        &self,
+        when: Vec<Condition>,
+        then: Vec<Op>,
+    ) -> Result<Option<Revision>, StoreError> {
+        let when: Vec<Compare> = when.into_iter().map(|c| self.compare(c)).collect();
+        let then: Vec<TxnOp> = then.into_iter().map(|o| self.txn_op(o)).collect();
         let resp = self
             .client
             .kv_client()
-            .txn(Txn::new().when([when]).and_then([then]))
+            .txn(Txn::new().when(when).and_then(then))
             .await
             .map_err(etcd)?;
-        Ok(resp.succeeded())
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision() as Revision)))
+    }
+
+    async fn snapshot(
+        &self,
+        prefix: &str,
+    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
+        self.read_prefix(prefix).await
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<ChangeStream, StoreError> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after as i64 + 1);
+        let stream = self
+            .client
+            .watch_client()
+            .watch(self.key(prefix), Some(opts))
+            .await
+            .map_err(etcd)?;
+        let me = self.clone();
+        // One item per etcd revision: a response may carry several, and a
+        // transaction's events share one.
+        let changes = futures::stream::unfold(Some(stream), move |stream| {
+            let me = me.clone();
+            async move {
+                let mut stream = stream?;
+                loop {
+                    match stream.message().await {
+                        Err(e) => {
+                            return Some((vec![Err(WatchError::Backend(e.to_string()))], None));
+                        }
+                        Ok(None) => {
+                            let e = WatchError::Backend("etcd ended the watch".into());
+                            return Some((vec![Err(e)], None));
+                        }
+                        Ok(Some(resp)) => {
+                            if resp.compact_revision() > 0 {
+                                let e = WatchError::Compacted(resp.compact_revision() as Revision);
+                                return Some((vec![Err(e)], None));
+                            }
+                            if resp.canceled() {
+                                let e = WatchError::Backend(format!(
+                                    "etcd cancelled the watch: {}",
+                                    resp.cancel_reason()
+                                ));
+                                return Some((vec![Err(e)], None));
+                            }
+                            let changes = me.changes(resp.events());
+                            if !changes.is_empty() {
+                                return Some((changes, Some(stream)));
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .flat_map(futures::stream::iter);
+        Ok(changes.boxed())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let resp = self
+            .client
+            .lease_client()
+            .grant(ttl.as_secs().max(1) as i64, None)
+            .await
+            .map_err(etcd)?;
+        Ok(LeaseId(resp.id()))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let renewal = async {
+            let (mut keeper, mut answers) = self.client.lease_client().keep_alive(lease.0).await?;
+            keeper.keep_alive().await?;
+            answers.message().await
+        };
+        match renewal.await {
+            Ok(Some(a)) => Ok(a.ttl() > 0),
+            Ok(None) => Err(StoreError::Backend(
+                "etcd: no answer to a lease renewal".into(),
+            )),
+            Err(e) if lease_gone(&e) => Ok(false),
+            Err(e) => Err(etcd(e)),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self.client.lease_client().revoke(lease.0).await {
+            Ok(_) => Ok(()),
+            // Already gone is what revoking asks for.
+            Err(e) if lease_gone(&e) => Ok(()),
+            Err(e) => Err(etcd(e)),
+        }
+    }
+}
+
+impl EtcdStore {
+    /// Groups watch events into one change per revision.
+    fn changes(&self, events: &[etcd_client::Event]) -> Vec<Result<Change, WatchError>> {
+        let mut out: Vec<Change> = Vec::new();
+        for e in events {
+            let Some(kv) = e.kv() else { continue };
+            let revision = kv.mod_revision() as Revision;
+            let key = self.strip(kv.key());
+            let event = match e.event_type() {
+                EventType::Put => Event::Put {
+                    key,
+                    value: kv.value().to_vec(),
+                },
+                EventType::Delete => Event::Delete { key },
+            };
+            match out.last_mut() {
+                Some(c) if c.revision == revision => c.events.push(event),
+                _ => out.push(Change {
+                    revision,
+                    events: vec![event],
+                }),
+            }
+        }
+        out.into_iter().map(Ok).collect()
     }
 }
 
@@ -272,7 +499,8 @@ mod tests {
         let member = flotilla_e2e::etcd::Etcd::start(dir.path());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&member.url), "/probe/").await
+            if let Ok(s) =
+                EtcdStore::connect(std::slice::from_ref(&member.url), "/probe/", None).await
                 && s.get("x").await.is_ok()
             {
                 return Etcd { member, _dir: dir };
@@ -283,7 +511,7 @@ mod tests {
     }
 
     async fn store(e: &Etcd, prefix: &str) -> EtcdStore {
-        EtcdStore::connect(std::slice::from_ref(&e.member.url), prefix)
+        EtcdStore::connect(std::slice::from_ref(&e.member.url), prefix, None)
             .await
             .unwrap()
     }
@@ -294,6 +522,52 @@ mod tests {
         let s = store(&e, "/flotilla/").await;
         crate::store::conformance::keeps_the_promises_of_the_storage_trait(std::sync::Arc::new(s))
             .await;
+    }
+
+    #[tokio::test]
+    async fn keeps_transactions_history_and_leases() {
+        let e = etcd().await;
+        let s = std::sync::Arc::new(store(&e, "/flotilla/").await);
+        crate::store::conformance::keeps_transactions_and_history(s.clone()).await;
+        crate::store::conformance::keeps_leases(s.clone()).await;
+        let c = s.clone();
+        crate::store::conformance::feed_follows_and_resyncs(s, || async move {
+            let (rev, _) = c.snapshot("").await.unwrap();
+            c.client
+                .kv_client()
+                .compact(rev as i64, None)
+                .await
+                .unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_prefix_larger_than_a_page_is_read_whole_at_one_revision() {
+        let e = etcd().await;
+        let s = store(&e, "/big/").await;
+        let n = PAGE as usize * 2 + 7;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+            let ops = chunk
+                .iter()
+                .map(|i| Op::put(format!("r/{i:05}"), vec![1; 16]))
+                .collect();
+            s.txn(vec![], ops).await.unwrap().unwrap();
+        }
+        s.put("rz", b"after the prefix".to_vec()).await.unwrap();
+        let (rev, all) = s.snapshot("r/").await.unwrap();
+        assert_eq!(all.len(), n);
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(all.last().unwrap().0, format!("r/{:05}", n - 1));
+        assert!(rev > 0);
+        assert_eq!(s.scan_prefix("r/").await.unwrap().len(), n);
+    }
+
+    #[test]
+    fn the_end_of_a_prefix_is_the_next_key_after_it() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 
     #[tokio::test]
@@ -318,9 +592,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn https_endpoints_use_the_given_ca_and_client_certificate() {
+        use flotilla_e2e::etcd::{Etcd, EtcdTlsFiles};
+        let dir = tempfile::tempdir().unwrap();
+        let files = EtcdTlsFiles::generate(dir.path());
+        let member = Etcd::start_with(dir.path(), Some(&files));
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+        let tls = EtcdTls {
+            ca: Some(read(&files.ca)),
+            identity: Some((read(&files.client_cert), read(&files.client_key))),
+        };
+        let endpoints = std::slice::from_ref(&member.url);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            if let Ok(s) = EtcdStore::connect(endpoints, "/tls/", Some(tls.clone())).await
+                && s.put("k", b"v".to_vec()).await.is_ok()
+            {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd over TLS did not answer in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(s.get("k").await.unwrap().unwrap(), b"v");
+        // Without the client certificate, or trusting another CA, nothing is read.
+        let refused = |tls: EtcdTls| async move {
+            match EtcdStore::connect(endpoints, "/tls/", Some(tls)).await {
+                Err(e) => e.to_string(),
+                Ok(s) => s.get("k").await.unwrap_err().to_string(),
+            }
+        };
+        let no_cert = refused(EtcdTls {
+            ca: tls.ca.clone(),
+            identity: None,
+        })
+        .await;
+        assert!(no_cert.contains("etcd"), "{no_cert}");
+        let other_dir = dir.path().join("other");
+        std::fs::create_dir(&other_dir).unwrap();
+        let other = EtcdTlsFiles::generate(&other_dir);
+        let wrong_ca = refused(EtcdTls {
+            ca: Some(read(&other.ca)),
+            identity: tls.identity.clone(),
+        })
+        .await;
+        assert!(wrong_ca.contains("etcd"), "{wrong_ca}");
+    }
+
+    #[tokio::test]
     async fn an_unreachable_etcd_is_named_in_the_error() {
         let port = free_port();
-        let err = match EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], "/x/").await {
+        let err = match EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], "/x/", None).await
+        {
             Err(e) => e.to_string(),
             Ok(s) => s.get("k").await.unwrap_err().to_string(),
         };

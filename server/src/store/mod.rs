@@ -1,22 +1,107 @@
 //! The storage trait every server component uses: typed records over a key-value
-//! store with prefix scan and compare-and-swap. Backends: sled (one process),
-//! and etcd (cargo feature `etcd`).
-//! Nothing above this module knows which backend it runs on.
+//! store with prefix scan, compare-and-swap, multi-key transactions, a history
+//! of changes to watch, and leases. Backends: sled (one process), and etcd
+//! (cargo feature `etcd`). Nothing above this module knows which backend it
+//! runs on.
 
 #[cfg(test)]
 mod conformance;
 #[cfg(feature = "etcd")]
 mod etcd_store;
+mod feed;
+mod history;
 mod sled_store;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 #[cfg(feature = "etcd")]
-pub use etcd_store::EtcdStore;
+pub use etcd_store::{EtcdStore, EtcdTls};
+pub use feed::{Feed, FeedItem};
 pub use sled_store::SledStore;
+
+/// A point in the store's history: every committed write has a higher one
+/// than the writes before it. On etcd it is etcd's revision; on sled it
+/// counts from the store's opening (nothing outlives the process there).
+pub type Revision = u64;
+
+/// What must hold for a [`Store::txn`] to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// The key does not exist.
+    Absent(String),
+    /// The key holds exactly these bytes.
+    Equals(String, Vec<u8>),
+}
+
+/// One write of a [`Store::txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Sets the key; with a lease, the key goes when the lease does.
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete(String),
+}
+
+impl Op {
+    pub fn put(key: impl Into<String>, value: Vec<u8>) -> Self {
+        Op::Put {
+            key: key.into(),
+            value,
+            lease: None,
+        }
+    }
+}
+
+/// A lease: keys written under it are deleted when it expires (its holder
+/// stopped renewing: the process died, hung, or lost the store) or is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+/// One key's change in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+impl Event {
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put { key, .. } | Event::Delete { key } => key,
+        }
+    }
+}
+
+/// The events of one committed write (a transaction's are together), under
+/// the watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub revision: Revision,
+    pub events: Vec<Event>,
+}
+
+/// Why a watch ended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WatchError {
+    /// The history the watch asked for is gone (etcd compacted it, or the
+    /// watcher fell too far behind): read afresh and watch from there.
+    #[error("the store's history before revision {0} is compacted")]
+    Compacted(Revision),
+    #[error("store watch failed: {0}")]
+    Backend(String),
+}
+
+/// Changes in revision order; ends with an error, never silently.
+pub type ChangeStream = BoxStream<'static, Result<Change, WatchError>>;
 
 /// A failure of the backend itself (I/O, corruption, lost connection).
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +150,30 @@ pub trait Store: Send + Sync + 'static {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError>;
+
+    /// Applies every op of `then`, atomically and durably, if every condition
+    /// of `when` holds; otherwise changes nothing. Returns the commit's
+    /// revision, or None when a condition failed.
+    async fn txn(
+        &self,
+        when: Vec<Condition>,
+        then: Vec<Op>,
+    ) -> Result<Option<Revision>, StoreError>;
+    /// Every entry under `prefix`, as of one revision (which it returns).
+    async fn snapshot(
+        &self,
+        prefix: &str,
+    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError>;
+    /// The changes under `prefix` committed after revision `after`, in order,
+    /// then the new ones as they commit.
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<ChangeStream, StoreError>;
+    /// A new lease that lives `ttl` past its last renewal.
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+    /// Renews the lease. False when it is gone (expired or revoked): its keys
+    /// are deleted and it cannot come back.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError>;
+    /// Ends the lease now, deleting its keys.
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
 }
 
 /// Typed JSON records over a [`Store`].

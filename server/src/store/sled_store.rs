@@ -2,13 +2,21 @@
 //! One long-lived flusher thread makes writes durable: every write that arrives
 //! while a flush runs shares the next one (group commit), so a burst of reports
 //! costs a few fsyncs, not one each, and no thread is started or woken per write.
+//! Writes are applied under one lock (they are in-memory there; the fsync is
+//! outside it), which orders them into the history watchers follow.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{Store, StoreError};
+use super::history::History;
+use super::{ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError};
+
+/// The tree that names every key written under a lease: a lease ends with the
+/// process, so at the next opening those keys are deleted.
+const LEASED_TREE: &str = "__leased";
 
 /// sled-backed [`Store`] for a single server process.
 #[derive(Clone)]
@@ -18,6 +26,11 @@ pub struct SledStore {
 
 struct Inner {
     db: sled::Db,
+    leased: sled::Tree,
+    /// The write lock, with the history and leases it orders.
+    history: Mutex<History>,
+    /// The task deleting expired leases' keys runs (started with the first lease).
+    reaper: std::sync::atomic::AtomicBool,
     commit: Arc<GroupCommit>,
     /// What the flusher has made durable so far.
     progress: watch::Receiver<Progress>,
@@ -133,6 +146,13 @@ impl SledStore {
                 Err(e) => return Err(backend(e)),
             }
         };
+        let leased = db.open_tree(LEASED_TREE).map_err(backend)?;
+        // Leases do not outlive the process that held them.
+        for entry in leased.iter() {
+            let (key, _) = entry.map_err(backend)?;
+            db.remove(&key).map_err(backend)?;
+            leased.remove(&key).map_err(backend)?;
+        }
         let commit = Arc::new(GroupCommit::default());
         let (tx, progress) = watch::channel(Progress::default());
         let (flusher_db, flusher_commit) = (db.clone(), commit.clone());
@@ -143,6 +163,9 @@ impl SledStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                leased,
+                history: Mutex::new(History::default()),
+                reaper: std::sync::atomic::AtomicBool::new(false),
                 commit,
                 progress,
                 flusher: Some(flusher),
@@ -181,6 +204,121 @@ impl SledStore {
     pub fn flushes(&self) -> u64 {
         self.inner.progress.borrow().flushes
     }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.inner.history.lock().expect("store history")
+    }
+
+    /// Applies `then` if every condition of `when` holds, in memory (durable
+    /// after the next flush), and records it in the history. None when a
+    /// condition failed; Some(None) when it held but nothing changed.
+    fn apply(
+        &self,
+        when: &[Condition],
+        then: Vec<Op>,
+    ) -> Result<Option<Option<Revision>>, StoreError> {
+        let mut h = self.history();
+        let db = self.db();
+        for c in when {
+            let holds = match c {
+                Condition::Absent(k) => !db.contains_key(k).map_err(backend)?,
+                Condition::Equals(k, v) => db.get(k).map_err(backend)?.is_some_and(|c| c == v[..]),
+            };
+            if !holds {
+                return Ok(None);
+            }
+        }
+        let mut main = sled::Batch::default();
+        let mut marks = sled::Batch::default();
+        let mut events = Vec::with_capacity(then.len());
+        let mut attach = Vec::new();
+        for op in then {
+            match op {
+                Op::Put { key, value, lease } => {
+                    if let Some(id) = lease {
+                        if !h.is_live(id) {
+                            return Err(StoreError::Backend(format!(
+                                "lease {} has expired or was revoked",
+                                id.0
+                            )));
+                        }
+                        marks.insert(key.as_bytes(), &id.0.to_be_bytes());
+                    } else if h.lease_of(&key).is_some() {
+                        marks.remove(key.as_bytes());
+                    }
+                    main.insert(key.as_bytes(), value.clone());
+                    attach.push((key.clone(), lease));
+                    events.push(Event::Put { key, value });
+                }
+                Op::Delete(key) => {
+                    // Deleting what is not there changes nothing (as on etcd).
+                    if !db.contains_key(&key).map_err(backend)? {
+                        continue;
+                    }
+                    if h.lease_of(&key).is_some() {
+                        marks.remove(key.as_bytes());
+                    }
+                    main.remove(key.as_bytes());
+                    attach.push((key.clone(), None));
+                    events.push(Event::Delete { key });
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(Some(None));
+        }
+        // Marks first: a crash between the two leaves at worst a mark whose key
+        // the next opening deletes, never a leased key that outlives its lease.
+        self.inner.leased.apply_batch(marks).map_err(backend)?;
+        db.apply_batch(main).map_err(backend)?;
+        for (key, lease) in attach {
+            h.attach(&key, lease);
+        }
+        Ok(Some(Some(h.commit(events))))
+    }
+
+    /// Deletes the keys of leases past their time.
+    fn expire_leases(&self) -> Result<(), StoreError> {
+        let due = self.history().expired(std::time::Instant::now());
+        for id in due {
+            self.end_lease(id)?;
+        }
+        Ok(())
+    }
+
+    fn end_lease(&self, id: LeaseId) -> Result<(), StoreError> {
+        let keys = self.history().end(id);
+        let ops = keys.into_iter().map(Op::Delete).collect();
+        self.apply(&[], ops)?;
+        Ok(())
+    }
+
+    /// Starts (once) the task that deletes expired leases' keys. It holds the
+    /// store weakly: it stops when the store is dropped.
+    fn start_reaper(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.reaper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let next = {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let store = SledStore { inner };
+                    if let Err(e) = store.expire_leases() {
+                        tracing::warn!(error = %e, "could not delete an expired lease's keys");
+                    }
+                    store.history().next_expiry()
+                };
+                let wait = next.map_or(Duration::from_millis(500), |t| {
+                    t.saturating_duration_since(std::time::Instant::now())
+                        .min(Duration::from_millis(500))
+                });
+                tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+            }
+        });
+    }
 }
 
 #[async_trait::async_trait]
@@ -210,12 +348,12 @@ impl Store for SledStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.db().insert(key, value).map_err(backend)?;
+        self.apply(&[], vec![Op::put(key, value)])?;
         self.flush().await
     }
 
     async fn put_unsynced(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.db().insert(key, value).map_err(backend)?;
+        self.apply(&[], vec![Op::put(key, value)])?;
         Ok(())
     }
 
@@ -224,7 +362,7 @@ impl Store for SledStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.db().remove(key).map_err(backend)?;
+        self.apply(&[], vec![Op::Delete(key.to_string())])?;
         self.flush().await
     }
 
@@ -247,11 +385,70 @@ impl Store for SledStore {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        Ok(self
+        let when = match expected {
+            None => Condition::Absent(key.to_string()),
+            Some(v) => Condition::Equals(key.to_string(), v.to_vec()),
+        };
+        let then = match new {
+            Some(v) => Op::put(key, v),
+            None => Op::Delete(key.to_string()),
+        };
+        Ok(self.apply(&[when], vec![then])?.is_some())
+    }
+
+    async fn txn(
+        &self,
+        when: Vec<Condition>,
+        then: Vec<Op>,
+    ) -> Result<Option<Revision>, StoreError> {
+        match self.apply(&when, then)? {
+            None => Ok(None),
+            Some(rev) => {
+                self.flush().await?;
+                Ok(Some(rev.unwrap_or_else(|| self.history().revision())))
+            }
+        }
+    }
+
+    async fn snapshot(
+        &self,
+        prefix: &str,
+    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
+        // Under the write lock: no write lands between the scan and its revision.
+        let h = self.history();
+        let entries = self
             .db()
-            .compare_and_swap(key, expected, new)
-            .map_err(backend)?
-            .is_ok())
+            .scan_prefix(prefix)
+            .map(|r| {
+                r.map(|(k, v)| (key_string(&k), v.to_vec()))
+                    .map_err(backend)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((h.revision(), entries))
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<ChangeStream, StoreError> {
+        Ok(self.history().watch(prefix, after))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.start_reaper();
+        Ok(self.history().grant(ttl))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let live = self.history().renew(lease);
+        if !live {
+            // Past its time but not yet reaped: its keys go now.
+            self.end_lease(lease)?;
+            self.flush().await?;
+        }
+        Ok(live)
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.end_lease(lease)?;
+        self.flush().await
     }
 }
 
@@ -288,6 +485,48 @@ mod tests {
         let s = SledStore::open(dir.path()).unwrap();
         crate::store::conformance::keeps_the_promises_of_the_storage_trait(std::sync::Arc::new(s))
             .await;
+    }
+
+    #[tokio::test]
+    async fn keeps_transactions_history_and_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        crate::store::conformance::keeps_transactions_and_history(s.clone()).await;
+        crate::store::conformance::keeps_leases(s.clone()).await;
+        // The history kept here is bounded: more writes than it holds are
+        // what compaction is on sled.
+        let filler = s.clone();
+        crate::store::conformance::feed_follows_and_resyncs(s, || async move {
+            for i in 0..crate::store::history::RETAINED + 10 {
+                filler
+                    .put_unsynced(&format!("z/{i}"), vec![0])
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn leased_keys_do_not_outlive_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+            let held = Op::Put {
+                key: "held".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            };
+            s.txn(vec![], vec![held, Op::put("kept", b"2".to_vec())])
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let s = reopen(dir.path());
+        assert!(s.get("held").await.unwrap().is_none());
+        assert_eq!(s.get("kept").await.unwrap().unwrap(), b"2");
+        assert!(s.inner.leased.is_empty());
     }
 
     #[tokio::test]
