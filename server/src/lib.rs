@@ -18,6 +18,7 @@ pub mod error;
 pub mod fleet;
 pub mod grpc;
 pub mod join_guard;
+pub mod maintenance;
 pub mod membership;
 pub mod model;
 pub mod patches;

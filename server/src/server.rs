@@ -26,8 +26,21 @@ pub struct Initialized {
     pub credential_path: PathBuf,
 }
 
-/// Opens the fleet's store: sled in the data dir, or etcd.
+/// Opens the fleet's store: sled in the data dir, or etcd (held for this
+/// process alone: see `hold_exclusive`).
 async fn open_db(data_dir: &Path, store: &StoreConfig) -> anyhow::Result<Db> {
+    open_store(data_dir, store, true).await
+}
+
+/// Opens the fleet's store; on etcd, `hold` claims the prefix for this process
+/// (a server, a migration), else it only reads and writes (a backup beside a
+/// running server).
+#[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+pub(crate) async fn open_store(
+    data_dir: &Path,
+    store: &StoreConfig,
+    hold: bool,
+) -> anyhow::Result<Db> {
     match store {
         StoreConfig::Sled => {
             let store = SledStore::open(&data_dir.join("db"))
@@ -47,7 +60,9 @@ async fn open_db(data_dir: &Path, store: &StoreConfig) -> anyhow::Result<Db> {
             let store = crate::store::EtcdStore::connect(endpoints, prefix, tls).await?;
             // One server per fleet until replicas exist: a second one on the
             // same prefix is refused while this one lives.
-            store.hold_exclusive().await?;
+            if hold {
+                store.hold_exclusive().await?;
+            }
             Ok(Db::new(Arc::new(store)))
         }
         #[cfg(not(feature = "etcd"))]
@@ -182,6 +197,9 @@ pub async fn run(
         artifacts: crate::artifacts::ArtifactStore::open(&cfg.data_dir)?,
         shutdown: shutdown.clone(),
     });
+    // Local maintenance (a backup while running) through <data-dir>/control.sock.
+    let control =
+        crate::maintenance::control::serve(&cfg.data_dir, app.db.raw().clone(), shutdown.clone())?;
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
 
@@ -245,6 +263,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = reconciler.await;
     let _ = rollouts.await;
+    let _ = control.await;
     tracing::info!("flotilla-server stopped");
     Ok(())
 }

@@ -129,8 +129,14 @@ impl Server {
             "init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        Self::existing(&dir.join("server.log"), data_dir, store_args)
+    }
+
+    /// A server on a data dir made some other way (a restore), logging to
+    /// `log`, run with `store_args`; not started.
+    pub fn existing(log: &Path, data_dir: PathBuf, store_args: &[&str]) -> Self {
         Self {
-            log: dir.join("server.log"),
+            log: log.to_path_buf(),
             data_dir,
             addr: None,
             extra_args: store_args

@@ -73,6 +73,52 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Back up a fleet: its records as of one moment, its CA and server
+    /// certificate, its artifacts. A running sled server keeps running.
+    Backup {
+        /// The server's data directory.
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = flotilla_server::config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The backup file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Restore a backup into a new data directory (and its records into the
+    /// store given: sled in the data dir, or an empty etcd prefix).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create (absent or empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Copy the records of a stopped sled server into an empty etcd prefix.
+    Migrate {
+        /// The sled server's data directory (its TLS files and artifacts stay
+        /// there, for the servers on etcd).
+        #[arg(long)]
+        from_data_dir: PathBuf,
+        /// etcd client URLs, comma-separated.
+        #[arg(long, value_name = "URLS")]
+        to_etcd: String,
+        /// Key prefix of the fleet in etcd [default: /flotilla/].
+        #[arg(long, value_name = "PREFIX")]
+        etcd_prefix: Option<String>,
+        /// PEM file of the CA that signed etcd's certificates.
+        #[arg(long, value_name = "FILE")]
+        etcd_ca: Option<PathBuf>,
+        /// Client certificate for etcd, PEM (with --etcd-key).
+        #[arg(long, value_name = "FILE")]
+        etcd_cert: Option<PathBuf>,
+        /// Client key for etcd, PEM (with --etcd-cert).
+        #[arg(long, value_name = "FILE")]
+        etcd_key: Option<PathBuf>,
+    },
     /// Serve gRPC over TLS.
     Run {
         /// TOML config file; flags and environment variables win over it.
@@ -159,6 +205,73 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             flotilla_proto::outln!("initialised {}", data_dir.display());
             flotilla_proto::outln!("CA fingerprint (sha256): {}", done.ca_fingerprint);
             flotilla_proto::outln!("admin credential: {}", done.credential_path.display());
+            Ok(())
+        }
+        Command::Backup {
+            data_dir,
+            out,
+            store,
+        } => {
+            let mut settings = FileConfig::default();
+            store.over(&mut settings);
+            let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
+            let info = flotilla_server::maintenance::backup(&data_dir, &store, &out).await?;
+            flotilla_proto::outln!(
+                "backup {}: {} records (store revision {}, sha256 {}), {} artifacts",
+                out.display(),
+                info.records.count,
+                info.revision,
+                info.records.sha256,
+                info.artifacts
+            );
+            Ok(())
+        }
+        Command::Restore {
+            from,
+            data_dir,
+            store,
+        } => {
+            let mut settings = FileConfig::default();
+            store.over(&mut settings);
+            let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
+            let (info, loaded) =
+                flotilla_server::maintenance::restore(&from, &data_dir, &store).await?;
+            flotilla_proto::outln!(
+                "restored {} into {}: {} records (sha256 {}, checked), {} artifacts, taken {}",
+                from.display(),
+                data_dir.display(),
+                loaded.count,
+                loaded.sha256,
+                info.artifacts,
+                info.created_at
+            );
+            Ok(())
+        }
+        Command::Migrate {
+            from_data_dir,
+            to_etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+        } => {
+            let to = flotilla_server::config::StoreConfig::from_settings(&FileConfig {
+                store: Some("etcd".into()),
+                etcd_endpoints: Some(vec![to_etcd.clone()]),
+                etcd_prefix,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
+                ..FileConfig::default()
+            })?;
+            let moved = flotilla_server::maintenance::migrate(&from_data_dir, &to).await?;
+            flotilla_proto::outln!(
+                "migrated {} records (sha256 {}, checked in etcd); run the server with \
+                 --store etcd --etcd-endpoints {to_etcd} --data-dir {}",
+                moved.count,
+                moved.sha256,
+                from_data_dir.display()
+            );
             Ok(())
         }
         Command::Run {

@@ -18,7 +18,8 @@ use etcd_client::{
 use futures::StreamExt;
 
 use super::{
-    Change, ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError, WatchError,
+    Change, ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError, Visit,
+    WatchError,
 };
 
 /// How many entries one read of a prefix asks for.
@@ -171,11 +172,27 @@ impl EtcdStore {
         &self,
         prefix: &str,
     ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
+        let mut out = Vec::new();
+        let rev = self
+            .visit_prefix(prefix, &mut |k, v, _| {
+                out.push((k.to_string(), v.to_vec()));
+                Ok(())
+            })
+            .await?;
+        Ok((rev, out))
+    }
+
+    /// Hands every entry under `prefix`, as of one revision, to `visit`, a
+    /// page at a time.
+    async fn visit_prefix(
+        &self,
+        prefix: &str,
+        visit: &mut Visit<'_>,
+    ) -> Result<Revision, StoreError> {
         let full = self.key(prefix);
         let end = prefix_end(full.as_bytes());
         let mut from = full.into_bytes();
         let mut at = 0i64;
-        let mut out = Vec::new();
         loop {
             let mut opts = GetOptions::new()
                 .with_range(end.clone())
@@ -194,7 +211,7 @@ impl EtcdStore {
                 at = resp.header().map_or(0, |h| h.revision());
             }
             for kv in resp.kvs() {
-                out.push((self.strip(kv.key()), kv.value().to_vec()));
+                visit(&self.strip(kv.key()), kv.value(), kv.lease() != 0)?;
             }
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
@@ -202,7 +219,7 @@ impl EtcdStore {
                     from = last.key().to_vec();
                     from.push(0);
                 }
-                _ => return Ok((at as Revision, out)),
+                _ => return Ok(at as Revision),
             }
         }
     }
@@ -354,6 +371,14 @@ impl Store for EtcdStore {
         prefix: &str,
     ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
         self.read_prefix(prefix).await
+    }
+
+    async fn visit_snapshot(
+        &self,
+        prefix: &str,
+        visit: &mut Visit<'_>,
+    ) -> Result<Revision, StoreError> {
+        self.visit_prefix(prefix, visit).await
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<ChangeStream, StoreError> {

@@ -25,6 +25,9 @@ pub use etcd_store::{EtcdStore, EtcdTls};
 pub use feed::{Feed, FeedItem};
 pub use sled_store::SledStore;
 
+/// Keys with their values, in key order.
+pub type Entries = Vec<(String, Vec<u8>)>;
+
 /// A point in the store's history: every committed write has a higher one
 /// than the writes before it. On etcd it is etcd's revision; on sled it
 /// counts from the store's opening (nothing outlives the process there).
@@ -100,6 +103,11 @@ pub enum WatchError {
     Backend(String),
 }
 
+/// What [`Store::visit_snapshot`] hands each entry to: key, value, and
+/// whether a lease holds it.
+pub type Visit<'a> =
+    dyn for<'k, 'v> FnMut(&'k str, &'v [u8], bool) -> Result<(), StoreError> + Send + 'a;
+
 /// Changes in revision order; ends with an error, never silently.
 pub type ChangeStream = BoxStream<'static, Result<Change, WatchError>>;
 
@@ -164,6 +172,15 @@ pub trait Store: Send + Sync + 'static {
         &self,
         prefix: &str,
     ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError>;
+    /// Every entry under `prefix` as of one revision, handed to `visit` in
+    /// key order with whether a lease holds it (such keys end with their
+    /// holder: a backup leaves them out), without holding them all in memory.
+    /// Returns the revision.
+    async fn visit_snapshot(
+        &self,
+        prefix: &str,
+        visit: &mut Visit<'_>,
+    ) -> Result<Revision, StoreError>;
     /// The changes under `prefix` committed after revision `after`, in order,
     /// then the new ones as they commit.
     async fn watch(&self, prefix: &str, after: Revision) -> Result<ChangeStream, StoreError>;

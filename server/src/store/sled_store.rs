@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::history::History;
-use super::{ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError};
+use super::{ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError, Visit};
 
 /// The tree that names every key written under a lease: a lease ends with the
 /// process, so at the next opening those keys are deleted.
@@ -425,6 +425,23 @@ impl Store for SledStore {
             })
             .collect::<Result<_, _>>()?;
         Ok((h.revision(), entries))
+    }
+
+    async fn visit_snapshot(
+        &self,
+        prefix: &str,
+        visit: &mut Visit<'_>,
+    ) -> Result<Revision, StoreError> {
+        // Under the write lock, as `snapshot`: writers wait for the scan (a
+        // maintenance operation), nothing is copied into memory.
+        let h = self.history();
+        for entry in self.db().scan_prefix(prefix) {
+            let (k, v) = entry.map_err(backend)?;
+            let key = key_string(&k);
+            let leased = h.lease_of(&key).is_some();
+            visit(&key, &v, leased)?;
+        }
+        Ok(h.revision())
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<ChangeStream, StoreError> {
