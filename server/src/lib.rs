@@ -22,6 +22,7 @@ pub mod maintenance;
 pub mod membership;
 pub mod model;
 pub mod patches;
+pub mod replica;
 pub mod rollout;
 pub mod server;
 pub mod store;

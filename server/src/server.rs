@@ -200,6 +200,19 @@ pub async fn run(
     // Local maintenance (a backup while running) through <data-dir>/control.sock.
     let control =
         crate::maintenance::control::serve(&cfg.data_dir, app.db.raw().clone(), shutdown.clone())?;
+    // This server as a replica of the fleet: registered in the store, and
+    // leading the singletons once elected (at once when it is alone).
+    let url = listener
+        .local_addr()
+        .map(|a| format!("https://{a}"))
+        .unwrap_or_default();
+    let (leadership, replica) = crate::replica::Replica::start(
+        app.db.clone(),
+        url,
+        fleet.session_count(),
+        shutdown.clone(),
+    );
+    fleet.lead_with(leadership);
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
 
@@ -264,6 +277,7 @@ pub async fn run(
     let _ = reconciler.await;
     let _ = rollouts.await;
     let _ = control.await;
+    let _ = replica.await;
     tracing::info!("flotilla-server stopped");
     Ok(())
 }

@@ -274,4 +274,69 @@ mod tests {
         s.group = "../x".into();
         assert!(s.validate().is_err());
     }
+
+    /// Joins racing from several servers on one store (each its own
+    /// connection, as replicas have) for a token of 5 uses: exactly 5 win.
+    async fn racing_joins_use_a_token_exactly(dbs: Vec<Db>) {
+        let spec = TokenSpec {
+            group: "g".into(),
+            ttl_secs: 600,
+            max_uses: 5,
+            labels: BTreeMap::new(),
+            requires_approval: false,
+            description: String::new(),
+        };
+        let (token, _) = create(&dbs[0], spec, "00", "t").await.unwrap();
+        let joins = (0..10).map(|i| {
+            let db = dbs[i % dbs.len()].clone();
+            let (id, secret) = (token.id.clone(), token.secret.clone());
+            tokio::spawn(async move { consume(&db, &id, &secret).await })
+        });
+        let results = futures::future::join_all(joins).await;
+        let won = results
+            .iter()
+            .filter(|r| r.as_ref().unwrap().is_ok())
+            .count();
+        assert_eq!(won, 5);
+        for r in results {
+            if let Err(e) = r.unwrap() {
+                assert!(e.to_string().contains("used up"), "{e}");
+            }
+        }
+        assert_eq!(get(&dbs[1], &token.id).await.unwrap().unwrap().uses, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_joins_on_sled_use_a_token_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::new(std::sync::Arc::new(
+            crate::store::SledStore::open(dir.path()).unwrap(),
+        ));
+        racing_joins_use_a_token_exactly(vec![db.clone(), db]).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_joins_on_three_etcd_connections_use_a_token_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = flotilla_e2e::etcd::Etcd::start(dir.path());
+        let mut dbs = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while dbs.len() < 3 {
+            if let Ok(s) = crate::store::EtcdStore::connect(
+                std::slice::from_ref(&member.url),
+                "/tokens/",
+                None,
+            )
+            .await
+                && crate::store::Store::get(&s, "x").await.is_ok()
+            {
+                dbs.push(Db::new(std::sync::Arc::new(s)));
+                continue;
+            }
+            assert!(std::time::Instant::now() < deadline, "etcd did not answer");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        racing_joins_use_a_token_exactly(dbs).await;
+    }
 }

@@ -1,7 +1,7 @@
 //! The server on the etcd store (cargo feature `etcd`): a whole fleet works
 //! with its records in a real etcd, nothing in the data dir's database, the
 //! records outlive a restart, and a second server on the same prefix is
-//! refused.
+//! refused. The server is registered as the fleet's replica and leads.
 
 use std::process::Command;
 use std::time::Duration;
@@ -44,6 +44,16 @@ fn a_fleet_runs_on_etcd_and_one_server_holds_it() {
     let joined: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = joined["node_id"].as_str().unwrap().to_string();
     agent.start(&[server.url()]);
+    // The server is the fleet's one replica: it leads, and holds the session.
+    wait_until(
+        "the replica to lead with one session",
+        Duration::from_secs(30),
+        || {
+            let replicas = server.cli_json(&["replicas", "list"]);
+            let r = replicas.as_array()?;
+            (r.len() == 1 && r[0]["leader"] == true && r[0]["sessions"] == 1).then_some(())
+        },
+    );
     let tar = dir.path().join("p.tar");
     patch::tar(&tar, &[("bin/tool", b"v2\n", 0o755)]);
     let spec = patch::files_spec(dir.path(), "demo-2.0.0", "2.0.0", &tar, "");
@@ -64,9 +74,19 @@ fn a_fleet_runs_on_etcd_and_one_server_holds_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("runs on etcd prefix /e2e/"), "{err}");
 
-    // Restarted, the server has everything from etcd.
+    // Restarted, the server has everything from etcd, and leads again (its
+    // old registration and leader key went with its lease at the stop).
     server.stop();
     server.start();
+    wait_until(
+        "the restarted replica to lead",
+        Duration::from_secs(30),
+        || {
+            let replicas = server.cli_json(&["replicas", "list"]);
+            let r = replicas.as_array()?;
+            (r.len() == 1 && r[0]["leader"] == true).then_some(())
+        },
+    );
     wait_until("the node back online", Duration::from_secs(30), || {
         (server.node(&id)["online"] == true).then_some(())
     });

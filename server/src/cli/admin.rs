@@ -709,3 +709,53 @@ pub async fn whoami(target: &Target, out: Output) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum ReplicasCmd {
+    /// Each replica: its address, whether it leads, the agent sessions it holds.
+    List,
+}
+
+pub async fn replicas(target: &Target, out: Output) -> anyhow::Result<()> {
+    let (mut c, _) = target.admin().await?;
+    let r = c
+        .list_replicas(pb::ListReplicasRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let rows = r
+        .replicas
+        .iter()
+        .map(|x| {
+            vec![
+                x.id.clone(),
+                x.url.clone(),
+                if x.leader { "leader" } else { "" }.to_string(),
+                x.sessions.to_string(),
+                super::output::time(x.started_at_ms / 1000),
+                x.version.clone(),
+            ]
+        })
+        .collect();
+    let json = json!(
+        r.replicas
+            .iter()
+            .map(|x| json!({
+                "id": x.id,
+                "url": x.url,
+                "host": x.host,
+                "pid": x.pid,
+                "leader": x.leader,
+                "sessions": x.sessions,
+                "started_at_ms": x.started_at_ms,
+                "version": x.version,
+            }))
+            .collect::<Vec<_>>()
+    );
+    out.table(
+        &["ID", "URL", "LEADS", "SESSIONS", "STARTED", "VERSION"],
+        rows,
+        json,
+    );
+    Ok(())
+}

@@ -48,6 +48,9 @@ enum Command {
     Credential(admin::CredentialCmd),
     /// Show who the credential authenticates as.
     Whoami,
+    /// The server replicas serving the fleet.
+    #[command(subcommand)]
+    Replicas(admin::ReplicasCmd),
     /// Patch-signing keys.
     #[command(subcommand)]
     Key(keys::KeyCmd),
@@ -79,6 +82,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Audit { limit } => admin::audit(&cli.target, out, limit).await,
         Command::Credential(cmd) => admin::credential(&cli.target, out, cmd).await,
         Command::Whoami => admin::whoami(&cli.target, out).await,
+        Command::Replicas(admin::ReplicasCmd::List) => admin::replicas(&cli.target, out).await,
         Command::Key(cmd) => keys::key(out, cmd),
         Command::Trust(cmd) => keys::trust(&cli.target, out, cmd).await,
         Command::Patch(cmd) => patch::patch(&cli.target, out, cmd).await,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::membership::{self, Member, Policy};
 use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
 use crate::patches::PatchRecord;
+use crate::replica::Leadership;
 use crate::store::Db;
 
 mod groups;
@@ -122,6 +123,11 @@ pub struct Fleet {
     /// Set when nodes come, go or change: completed rollouts look again.
     membership_changed: AtomicBool,
     rollout_events: broadcast::Sender<String>,
+    /// Agent sessions open on this server.
+    session_count: Arc<AtomicU64>,
+    /// Whether this server leads the fleet's singletons (role assignment, the
+    /// rollout controller), and the fence of their writes.
+    leadership: std::sync::RwLock<Leadership>,
 }
 
 pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
@@ -187,7 +193,47 @@ impl Fleet {
             rollout_wake: Notify::new(),
             membership_changed: AtomicBool::new(true),
             rollout_events,
+            session_count: Arc::new(AtomicU64::new(0)),
+            leadership: std::sync::RwLock::new(Leadership::sole()),
         }))
+    }
+
+    /// How many agent sessions this server holds, kept current.
+    pub fn session_count(&self) -> Arc<AtomicU64> {
+        self.session_count.clone()
+    }
+
+    /// Leads (or not) as `leadership` says, from now on; without it, this
+    /// fleet leads alone.
+    pub fn lead_with(&self, leadership: Leadership) {
+        *self.leadership.write().expect("leadership") = leadership;
+        self.wake.notify_one();
+        self.rollout_wake.notify_one();
+    }
+
+    fn leadership(&self) -> Leadership {
+        self.leadership.read().expect("leadership").clone()
+    }
+
+    /// A write only the leader makes: refused unless this server leads, and
+    /// fenced (refused by the store if another took the lead meanwhile).
+    async fn put_fenced<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        let leadership = self.leadership();
+        let Some(fence) = leadership.fence() else {
+            return Ok(self.db.put(key, value).await?);
+        };
+        if !leadership.is_leading() {
+            return Err(Error::FailedPrecondition(
+                "this server does not lead the fleet now; the leader does this".into(),
+            ));
+        }
+        if self.db.put_when(vec![fence], key, value).await? {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(
+                "this server no longer leads the fleet: its write was refused (fenced)".into(),
+            ))
+        }
     }
 
     /// Wakes the reconciler and the rollout controller after a change.
@@ -270,6 +316,8 @@ impl Fleet {
         ) {
             old.cancel.cancel();
         }
+        self.session_count
+            .store(st.sessions.len() as u64, Ordering::Relaxed);
         st.offline_since.remove(node_id);
         st.last_seen.insert(node_id.to_string(), now_secs());
         drop(st);
@@ -286,6 +334,8 @@ impl Fleet {
         let mut st = self.state.lock().await;
         if st.sessions.get(node_id).is_some_and(|s| s.id == session_id) {
             st.sessions.remove(node_id);
+            self.session_count
+                .store(st.sessions.len() as u64, Ordering::Relaxed);
             st.offline_since.insert(node_id.to_string(), Instant::now());
             st.last_seen.insert(node_id.to_string(), now_secs());
             drop(st);
@@ -415,6 +465,8 @@ impl Fleet {
             && let Some(session) = st.sessions.remove(node_id)
         {
             session.cancel.cancel();
+            self.session_count
+                .store(st.sessions.len() as u64, Ordering::Relaxed);
             st.offline_since.insert(node_id.to_string(), Instant::now());
         }
         let group = node.group.clone();
@@ -479,6 +531,11 @@ impl Fleet {
                 }
             })
             .collect();
+        if !self.leadership().is_leading() {
+            // Roles are the leader's to assign.
+            self.publish_status(st, name);
+            return Ok(());
+        }
         let desired = st.groups.get(name).and_then(|g| g.desired);
         let policy = Policy {
             grace: self.cfg.offline_grace,
@@ -500,7 +557,7 @@ impl Fleet {
             tracing::info!(node = %id, group = name, from = ?node.role, to = ?role, "role change");
             node.role = role;
             node.revision += 1;
-            self.db.put(&keys::node(&id), &node).await?;
+            self.put_fenced(&keys::node(&id), &node).await?;
             st.nodes.insert(id.clone(), node);
             self.push(st, &id);
         }
@@ -510,6 +567,7 @@ impl Fleet {
 
     /// Reconciles every group: on wake-ups, and when the next grace period ends.
     pub async fn run_reconciler(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut leadership = self.leadership();
         loop {
             let pass_started = Instant::now();
             let next = {
@@ -526,11 +584,15 @@ impl Fleet {
             let sleep = next.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
+            let leading = leadership.is_leading();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
+                // Taking the lead means assigning roles at once.
+                _ = leadership.acquired(), if !leading => {}
             }
+            leadership = self.leadership();
             // In a reconnect storm every session opening wakes this: passes
             // over a large fleet leave twice their time to the sessions.
             tokio::select! {

@@ -94,8 +94,12 @@ impl Fleet {
         let now = time::OffsetDateTime::now_utc();
         let targeted = st.nodes.values().filter(|n| wants(n, &parsed, now)).count();
         tracing::info!(patch = %record.id, targeted, emergency = rollout.emergency, "patch published");
-        let mut load = st.load();
-        self.advance(&mut st, &record.id, &mut load).await?;
+        // Its first step at once, where this server leads (else the leader's
+        // controller takes it).
+        if self.leadership().is_leading() {
+            let mut load = st.load();
+            self.advance(&mut st, &record.id, &mut load).await?;
+        }
         drop(st);
         self.rollout_wake.notify_one();
         Ok(record)

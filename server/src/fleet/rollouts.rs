@@ -233,7 +233,7 @@ impl Fleet {
                     r.state = RolloutState::Paused;
                     r.reason = reason;
                     r.updated_at_ms = now;
-                    self.db.put(&record::key(patch_id), &r).await?;
+                    self.put_fenced(&record::key(patch_id), &r).await?;
                     st.rollouts.insert(patch_id.to_string(), r);
                     st.waiting.remove(patch_id);
                     st.quiet.remove(patch_id);
@@ -320,8 +320,8 @@ impl Fleet {
         }
         if changed {
             r.updated_at_ms = now;
-            // Durable before any node is told.
-            self.db.put(&record::key(patch_id), &r).await?;
+            // Durable before any node is told; only by the leader.
+            self.put_fenced(&record::key(patch_id), &r).await?;
         }
         st.rollouts.insert(patch_id.to_string(), r);
         st.settle_after_step(patch_id, !releases.is_empty(), &waiting, next);
@@ -459,6 +459,16 @@ impl Fleet {
             .checked_sub(MEMBERSHIP_PASS)
             .unwrap_or_else(std::time::Instant::now);
         loop {
+            // Rollouts are the leader's to step.
+            let mut leadership = self.leadership();
+            if !leadership.is_leading() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = leadership.acquired() => {}
+                    _ = self.rollout_wake.notified() => {}
+                }
+                continue;
+            }
             let pass_started = std::time::Instant::now();
             let next = {
                 let mut st = self.state.lock().await;

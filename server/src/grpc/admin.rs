@@ -503,6 +503,31 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
+    async fn list_replicas(
+        &self,
+        request: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let replicas = crate::replica::list(&self.app.db)
+            .await
+            .map_err(crate::error::Error::from)?;
+        Ok(Response::new(pb::ListReplicasResponse {
+            replicas: replicas
+                .into_iter()
+                .map(|(r, leader)| pb::ReplicaInfo {
+                    id: r.id,
+                    url: r.url,
+                    host: r.host,
+                    pid: r.pid,
+                    started_at_ms: r.started_at_ms,
+                    sessions: r.sessions,
+                    version: r.version,
+                    leader,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_credentials(
         &self,
         request: Request<pb::ListCredentialsRequest>,

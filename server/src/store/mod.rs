@@ -248,6 +248,21 @@ impl Db {
         self.store.sync().await
     }
 
+    /// Writes `value` if every condition of `when` holds; false (nothing
+    /// written) if one did not.
+    pub async fn put_when<T: Serialize>(
+        &self,
+        when: Vec<Condition>,
+        key: &str,
+        value: &T,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .txn(when, vec![Op::put(key, Self::encode(value))])
+            .await?
+            .is_some())
+    }
+
     /// Inserts only if `key` is absent; false if it existed.
     pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, StoreError> {
         self.store

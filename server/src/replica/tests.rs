@@ -1,0 +1,141 @@
+//! Registration, election and fencing, against sled and a real etcd.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::store::{Op, SledStore};
+
+async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Running {
+    leadership: Leadership,
+    sessions: Arc<AtomicU64>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(db: &Db, name: &str) -> Running {
+    let sessions = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let (leadership, task) = Replica::start(
+        db.clone(),
+        format!("https://{name}:7443"),
+        sessions.clone(),
+        stop.clone(),
+    );
+    Running {
+        leadership,
+        sessions,
+        stop,
+        task,
+    }
+}
+
+/// Two replicas: one leads, both are listed with their sessions; the
+/// leader's fenced write applies, the other's is refused; when the leader
+/// stops, the other leads, and the old leader's fence is refused from then on.
+async fn one_leads_and_writes_are_fenced(db: Db) {
+    let a = start(&db, "a");
+    let b = start(&db, "b");
+    until("a leader", async || {
+        a.leadership.is_leading() != b.leadership.is_leading()
+    })
+    .await;
+    let (leader, other) = if a.leadership.is_leading() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    leader
+        .sessions
+        .store(7, std::sync::atomic::Ordering::Relaxed);
+    until("both listed, the leader with its sessions", async || {
+        let l = list(&db).await.unwrap();
+        l.len() == 2 && l.iter().any(|(r, leads)| *leads && r.sessions == 7)
+    })
+    .await;
+    let write = |fence: Option<Condition>, v: &'static [u8]| {
+        let store = db.raw().clone();
+        async move {
+            store
+                .txn(
+                    fence.into_iter().collect(),
+                    vec![Op::put("rollouts/x", v.to_vec())],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(write(leader.leadership.fence(), b"by the leader").await);
+    assert!(!write(other.leadership.fence(), b"by the other").await);
+    // The leader goes; the other takes over.
+    let old_fence = leader.leadership.fence();
+    leader.stop.cancel();
+    leader.task.await.unwrap();
+    until("the other to lead", async || other.leadership.is_leading()).await;
+    assert!(write(other.leadership.fence(), b"by the new leader").await);
+    assert!(
+        !write(old_fence, b"by the old leader").await,
+        "a replica that no longer leads wrote through its fence"
+    );
+    assert_eq!(
+        db.raw().get("rollouts/x").await.unwrap().unwrap(),
+        b"by the new leader"
+    );
+    // A leader key taken from under the leader (its lease ran out while it
+    // was paused) ends its leadership at its next renewal.
+    db.raw().delete(LEADER).await.unwrap();
+    db.raw()
+        .put(LEADER, b"someone-else".to_vec())
+        .await
+        .unwrap();
+    until("the leader to notice", async || {
+        !other.leadership.is_leading()
+    })
+    .await;
+    assert!(!write(other.leadership.fence(), b"late").await);
+    other.stop.cancel();
+    other.task.await.unwrap();
+    db.raw().delete(LEADER).await.unwrap();
+    assert!(
+        list(&db).await.unwrap().is_empty(),
+        "registrations outlived their replicas"
+    );
+}
+
+#[tokio::test]
+async fn on_sled_one_leads_and_writes_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::new(Arc::new(SledStore::open(dir.path()).unwrap()));
+    one_leads_and_writes_are_fenced(db).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn on_etcd_one_leads_and_writes_are_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let member = flotilla_e2e::etcd::Etcd::start(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let store = loop {
+        if let Ok(s) =
+            crate::store::EtcdStore::connect(std::slice::from_ref(&member.url), "/r/", None).await
+            && s.get("x").await.is_ok()
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "etcd did not answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    one_leads_and_writes_are_fenced(Db::new(Arc::new(store))).await;
+}
