@@ -12,6 +12,7 @@ use crate::store::Db;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     ServerInit,
+    ReplicaInit,
     CredentialCreate,
     CredentialRevoke,
     TokenCreate,
@@ -40,6 +41,7 @@ pub enum Action {
 impl Action {
     pub const ALL: &[Action] = &[
         Action::ServerInit,
+        Action::ReplicaInit,
         Action::CredentialCreate,
         Action::CredentialRevoke,
         Action::TokenCreate,
@@ -69,6 +71,7 @@ impl Action {
     pub fn as_str(self) -> &'static str {
         match self {
             Action::ServerInit => "server.init",
+            Action::ReplicaInit => "replica.init",
             Action::CredentialCreate => "credential.create",
             Action::CredentialRevoke => "credential.revoke",
             Action::TokenCreate => "token.create",

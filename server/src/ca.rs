@@ -142,6 +142,58 @@ impl CertAuthority {
         })
     }
 
+    /// The CA as one PEM text (certificate, then private key), for a new
+    /// replica of the same fleet: `import` takes it.
+    pub fn export_bundle(paths: &TlsPaths) -> Result<String, CaError> {
+        let cert =
+            std::fs::read_to_string(&paths.ca_cert).map_err(io_err("read", &paths.ca_cert))?;
+        let key = std::fs::read_to_string(&paths.ca_key).map_err(io_err("read", &paths.ca_key))?;
+        Ok(format!("{}\n{key}", cert.trim_end_matches('\n')))
+    }
+
+    /// Writes the CA of `bundle` (from `export_bundle`) into `paths`, after
+    /// checking the key is the certificate's and it is a CA. Refuses to
+    /// replace a CA.
+    pub fn import(paths: &TlsPaths, bundle: &str) -> Result<Self, CaError> {
+        if paths.ca_cert.exists() {
+            return Err(CaError::Other(format!(
+                "a CA already exists at {}; refusing to replace it",
+                paths.ca_cert.display()
+            )));
+        }
+        let block = |label: &str| -> Result<String, CaError> {
+            let begin = format!("-----BEGIN {label}-----");
+            let end = format!("-----END {label}-----");
+            let from = bundle
+                .find(&begin)
+                .ok_or_else(|| CaError::Other(format!("the CA bundle has no {label} block")))?;
+            let to = bundle[from..].find(&end).ok_or_else(|| {
+                CaError::Other(format!("the CA bundle's {label} block is cut off"))
+            })?;
+            Ok(format!("{}\n", &bundle[from..from + to + end.len()]))
+        };
+        let cert_pem = block("CERTIFICATE")?;
+        let key_pem = block("PRIVATE KEY")?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let bad = |e: String| CaError::Other(format!("the CA bundle's certificate: {e}"));
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+        if !cert.is_ca() {
+            return Err(CaError::Other(
+                "the CA bundle's certificate is not a CA".into(),
+            ));
+        }
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(CaError::Other(
+                "the CA bundle's private key is not its certificate's".into(),
+            ));
+        }
+        write_atomic(&paths.ca_key, key_pem.as_bytes(), true)?;
+        write_atomic(&paths.ca_cert, cert_pem.as_bytes(), false)?;
+        Self::load(paths)
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
@@ -280,5 +332,51 @@ mod tests {
         CertAuthority::create(&paths, &["localhost".into()]).unwrap();
         assert!(CertAuthority::create(&paths, &["localhost".into()]).is_err());
         assert!(CertAuthority::load(&paths).is_ok());
+    }
+
+    #[test]
+    fn a_ca_bundle_moves_the_ca_and_a_wrong_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            TlsPaths::in_dir(&dir.path().join("a")),
+            TlsPaths::in_dir(&dir.path().join("b")),
+        );
+        let ca = CertAuthority::create(&a, &["a".into()]).unwrap();
+        let bundle = CertAuthority::export_bundle(&a).unwrap();
+        let imported = CertAuthority::import(&b, &bundle).unwrap();
+        assert_eq!(imported.fingerprint(), ca.fingerprint());
+        // It signs: a server certificate of its own for other names.
+        imported.write_server_cert(&b, &["b".into()]).unwrap();
+        assert!(CertAuthority::import(&b, &bundle).is_err(), "replaced a CA");
+        // Another CA's key with this certificate; the server certificate (not
+        // a CA) with its key; a bundle cut short.
+        let other = TlsPaths::in_dir(&dir.path().join("other"));
+        CertAuthority::create(&other, &["o".into()]).unwrap();
+        let other_key = std::fs::read_to_string(&other.ca_key).unwrap();
+        let cert = std::fs::read_to_string(&a.ca_cert).unwrap();
+        let server_cert = std::fs::read_to_string(&a.server_cert).unwrap();
+        let server_key = std::fs::read_to_string(&a.server_key).unwrap();
+        let leaf = server_cert
+            .split("-----END CERTIFICATE-----")
+            .next()
+            .unwrap()
+            .to_string()
+            + "-----END CERTIFICATE-----\n";
+        for (n, (bad, why)) in [
+            (format!("{cert}{other_key}"), "not its certificate's"),
+            (format!("{leaf}{server_key}"), "is not a CA"),
+            (cert.clone(), "no PRIVATE KEY block"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let to = TlsPaths::in_dir(&dir.path().join(format!("bad{n}")));
+            let err = CertAuthority::import(&to, &bad)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains(why), "{err}");
+            assert!(!to.ca_key.exists(), "a refused bundle left its key");
+        }
     }
 }

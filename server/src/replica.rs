@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{Condition, Db, Event, FeedItem, LeaseId, Op, Store, StoreError};
 
+pub mod init;
+
 pub const REPLICAS: &str = "replicas/";
 pub const LEADER_PREFIX: &str = "leader/";
 pub const LEADER: &str = "leader/current";

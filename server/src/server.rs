@@ -26,26 +26,41 @@ pub struct Initialized {
     pub credential_path: PathBuf,
 }
 
-/// Opens the fleet's store: sled in the data dir, or etcd (held for this
-/// process alone: see `hold_exclusive`).
-async fn open_db(data_dir: &Path, store: &StoreConfig) -> anyhow::Result<Db> {
-    open_store(data_dir, store, true).await
+/// Opens the fleet's store for the server whose CA is `ca_pem`: sled in the
+/// data dir, or etcd (held for this process alone: see `hold_exclusive`).
+/// The CA must be the fleet's (checked before the hold is taken, so a server
+/// of another fleet is told so, not that the prefix is busy).
+async fn open_db(data_dir: &Path, store: &StoreConfig, ca_pem: &str) -> anyhow::Result<Db> {
+    open_store_as(data_dir, store, true, Some(ca_pem)).await
 }
 
 /// Opens the fleet's store; on etcd, `hold` claims the prefix for this process
 /// (a server, a migration), else it only reads and writes (a backup beside a
 /// running server).
-#[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
 pub(crate) async fn open_store(
     data_dir: &Path,
     store: &StoreConfig,
     hold: bool,
 ) -> anyhow::Result<Db> {
+    open_store_as(data_dir, store, hold, None).await
+}
+
+#[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+async fn open_store_as(
+    data_dir: &Path,
+    store: &StoreConfig,
+    hold: bool,
+    ca_pem: Option<&str>,
+) -> anyhow::Result<Db> {
     match store {
         StoreConfig::Sled => {
             let store = SledStore::open(&data_dir.join("db"))
                 .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
-            Ok(Db::new(Arc::new(store)))
+            let db = Db::new(Arc::new(store));
+            if let Some(ca) = ca_pem {
+                crate::replica::init::claim_fleet_ca(&db, ca).await?;
+            }
+            Ok(db)
         }
         #[cfg(feature = "etcd")]
         StoreConfig::Etcd {
@@ -58,6 +73,9 @@ pub(crate) async fn open_store(
                 None => None,
             };
             let store = crate::store::EtcdStore::connect(endpoints, prefix, tls).await?;
+            if let Some(ca) = ca_pem {
+                crate::replica::init::claim_fleet_ca(&Db::new(Arc::new(store.clone())), ca).await?;
+            }
             // One server per fleet until replicas exist: a second one on the
             // same prefix is refused while this one lives.
             if hold {
@@ -100,7 +118,7 @@ pub async fn init(
     crate::data_dir::create(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let ca = CertAuthority::create(&TlsPaths::in_dir(data_dir), names)?;
-    let db = open_db(data_dir, store).await?;
+    let db = open_db(data_dir, store, ca.cert_pem()).await?;
     let (bearer, rec) = crate::credentials::create(&db, admin_name, OperatorRole::Admin).await?;
     let audit = AuditLog::open(db.clone()).await?;
     audit
@@ -176,7 +194,8 @@ pub async fn run(
         .with_context(|| format!("cannot read {}", paths.server_cert.display()))?;
     let server_key = std::fs::read_to_string(&paths.server_key)
         .with_context(|| format!("cannot read {}", paths.server_key.display()))?;
-    let db = open_db(&cfg.data_dir, &cfg.store).await?;
+    // This data dir's CA must be the fleet's (recorded at the first start).
+    let db = open_db(&cfg.data_dir, &cfg.store, ca.cert_pem()).await?;
     let fleet = Fleet::load(
         db.clone(),
         FleetConfig {

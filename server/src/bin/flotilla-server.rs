@@ -70,8 +70,27 @@ enum Command {
         /// Server URL to record in the admin credential file.
         #[arg(long)]
         server_url: Option<String>,
+        /// Make a new replica of an existing fleet (on etcd) instead: the
+        /// fleet's CA from this bundle (`flotilla-server export-ca` on a
+        /// replica), a server certificate of its own for --name.
+        #[arg(long, value_name = "CA_BUNDLE", conflicts_with_all = ["admin_name", "server_url"])]
+        replica_of: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Write the fleet's CA (certificate and private key) to a file, for
+    /// `init --replica-of` on a new replica. Carry it over yourself: it is
+    /// the CA key.
+    ExportCa {
+        /// The data directory of a server of the fleet.
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = flotilla_server::config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Back up a fleet: its records as of one moment, its CA and server
     /// certificate, its artifacts. A running sled server keeps running.
@@ -194,17 +213,39 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             names,
             admin_name,
             server_url,
+            replica_of,
             store,
         } => {
             let mut settings = FileConfig::default();
             store.over(&mut settings);
             let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
+            if let Some(bundle) = replica_of {
+                let fingerprint = flotilla_server::replica::init::init_replica(
+                    &data_dir, &names, &bundle, &store,
+                )
+                .await?;
+                flotilla_proto::outln!("initialised replica {}", data_dir.display());
+                flotilla_proto::outln!("CA fingerprint (sha256): {fingerprint}");
+                return Ok(());
+            }
             let done =
                 flotilla_server::server::init(&data_dir, &names, &admin_name, server_url, &store)
                     .await?;
             flotilla_proto::outln!("initialised {}", data_dir.display());
             flotilla_proto::outln!("CA fingerprint (sha256): {}", done.ca_fingerprint);
             flotilla_proto::outln!("admin credential: {}", done.credential_path.display());
+            Ok(())
+        }
+        Command::ExportCa {
+            data_dir,
+            out,
+            force,
+        } => {
+            let fingerprint = flotilla_server::replica::init::export_ca(&data_dir, &out, force)?;
+            flotilla_proto::outln!(
+                "wrote the fleet's CA (sha256 {fingerprint}) to {}: it holds the CA key, carry it to the new replica yourself and remove it after",
+                out.display()
+            );
             Ok(())
         }
         Command::Backup {

@@ -514,6 +514,11 @@ impl Fleet {
     /// Assigns roles in one group, persists the changes, pushes them, and
     /// publishes the group's status.
     async fn reconcile_group(&self, st: &mut State, name: &str) -> Result<()> {
+        if !self.leadership().is_leading() {
+            // Roles are the leader's to assign.
+            self.publish_status(st, name);
+            return Ok(());
+        }
         let now = Instant::now();
         let members: Vec<Member> = st
             .nodes
@@ -531,11 +536,6 @@ impl Fleet {
                 }
             })
             .collect();
-        if !self.leadership().is_leading() {
-            // Roles are the leader's to assign.
-            self.publish_status(st, name);
-            return Ok(());
-        }
         let desired = st.groups.get(name).and_then(|g| g.desired);
         let policy = Policy {
             grace: self.cfg.offline_grace,

@@ -6,6 +6,7 @@
 //! its change and the order watchers see are the order writes were applied.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,15 +16,20 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::{Change, ChangeStream, LeaseId, Revision, WatchError};
 
-/// How many changes are kept for watchers starting behind: a watcher further
-/// behind (or one that falls this far behind while watching) is told the
-/// history is compacted and reads afresh.
-pub const RETAINED: usize = 4096;
+/// How many changes a live watcher may fall behind: one further behind is
+/// told the history is compacted and reads afresh.
+pub const RETAINED: usize = 1024;
+/// How many bytes of recent changes are kept for watchers that start behind
+/// (at least the last change): the history costs this much memory at most,
+/// whatever the records' sizes.
+const RETAINED_BYTES: usize = 1 << 20;
 
 pub struct History {
     revision: Revision,
-    recent: VecDeque<Change>,
-    live: broadcast::Sender<Change>,
+    /// Recent changes, shared with the live channel (not copied).
+    recent: VecDeque<Arc<Change>>,
+    recent_bytes: usize,
+    live: broadcast::Sender<Arc<Change>>,
     leases: HashMap<LeaseId, Lease>,
     /// Which lease holds each leased key.
     leased: HashMap<String, LeaseId>,
@@ -41,12 +47,25 @@ impl Default for History {
         Self {
             revision: 0,
             recent: VecDeque::new(),
+            recent_bytes: 0,
             live: broadcast::channel(RETAINED).0,
             leases: HashMap::new(),
             leased: HashMap::new(),
             next_lease: 1,
         }
     }
+}
+
+/// Roughly what a change holds in memory.
+fn size_of(change: &Change) -> usize {
+    change
+        .events
+        .iter()
+        .map(|e| match e {
+            super::Event::Put { key, value } => key.len() + value.len() + 64,
+            super::Event::Delete { key } => key.len() + 64,
+        })
+        .sum()
 }
 
 fn under(prefix: &str, change: &Change) -> Option<Change> {
@@ -70,14 +89,18 @@ impl History {
     /// Records a committed write; returns its revision.
     pub fn commit(&mut self, events: Vec<super::Event>) -> Revision {
         self.revision += 1;
-        let change = Change {
+        let change = Arc::new(Change {
             revision: self.revision,
             events,
-        };
-        if self.recent.len() == RETAINED {
-            self.recent.pop_front();
-        }
+        });
+        self.recent_bytes += size_of(&change);
         self.recent.push_back(change.clone());
+        while self.recent.len() > 1
+            && (self.recent.len() > RETAINED || self.recent_bytes > RETAINED_BYTES)
+        {
+            let old = self.recent.pop_front().expect("not empty");
+            self.recent_bytes -= size_of(&old);
+        }
         // Nobody watching is fine.
         let _ = self.live.send(change);
         self.revision

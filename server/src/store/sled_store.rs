@@ -228,8 +228,9 @@ impl SledStore {
                 return Ok(None);
             }
         }
-        let mut main = sled::Batch::default();
-        let mut marks = sled::Batch::default();
+        // Writes as (key, Some(value) | None for delete); marks likewise.
+        let mut main: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(then.len());
+        let mut marks: Vec<(String, Option<[u8; 8]>)> = Vec::new();
         let mut events = Vec::with_capacity(then.len());
         let mut attach = Vec::new();
         for op in then {
@@ -242,11 +243,11 @@ impl SledStore {
                                 id.0
                             )));
                         }
-                        marks.insert(key.as_bytes(), &id.0.to_be_bytes());
+                        marks.push((key.clone(), Some(id.0.to_be_bytes())));
                     } else if h.lease_of(&key).is_some() {
-                        marks.remove(key.as_bytes());
+                        marks.push((key.clone(), None));
                     }
-                    main.insert(key.as_bytes(), value.clone());
+                    main.push((key.clone(), Some(value.clone())));
                     attach.push((key.clone(), lease));
                     events.push(Event::Put { key, value });
                 }
@@ -256,9 +257,9 @@ impl SledStore {
                         continue;
                     }
                     if h.lease_of(&key).is_some() {
-                        marks.remove(key.as_bytes());
+                        marks.push((key.clone(), None));
                     }
-                    main.remove(key.as_bytes());
+                    main.push((key.clone(), None));
                     attach.push((key.clone(), None));
                     events.push(Event::Delete { key });
                 }
@@ -269,8 +270,31 @@ impl SledStore {
         }
         // Marks first: a crash between the two leaves at worst a mark whose key
         // the next opening deletes, never a leased key that outlives its lease.
-        self.inner.leased.apply_batch(marks).map_err(backend)?;
-        db.apply_batch(main).map_err(backend)?;
+        for (key, mark) in marks {
+            match mark {
+                Some(m) => self.inner.leased.insert(key, &m).map(drop),
+                None => self.inner.leased.remove(key).map(drop),
+            }
+            .map_err(backend)?;
+        }
+        // One write goes in as it is; several as one atomic batch (a batch
+        // takes sled's exclusive lock, so only transactions pay for it).
+        if let [(key, value)] = &main[..] {
+            match value {
+                Some(v) => db.insert(key, v.as_slice()).map(drop),
+                None => db.remove(key).map(drop),
+            }
+            .map_err(backend)?;
+        } else {
+            let mut batch = sled::Batch::default();
+            for (key, value) in main {
+                match value {
+                    Some(v) => batch.insert(key.as_bytes(), v),
+                    None => batch.remove(key.as_bytes()),
+                }
+            }
+            db.apply_batch(batch).map_err(backend)?;
+        }
         for (key, lease) in attach {
             h.attach(&key, lease);
         }
