@@ -39,6 +39,25 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `flotilla-server` with `args`, then each `(flag, path)` pair.
+pub fn server_cmd(args: &[&str], paths: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(bin("flotilla-server"));
+    cmd.args(args);
+    for (flag, path) in paths {
+        cmd.arg(flag).arg(path);
+    }
+    cmd.output().expect("run flotilla-server")
+}
+
+/// A command's stdout then stderr, as text (for messages and assertions).
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Polls `f` every 50 ms until it returns Some, or panics after `timeout`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

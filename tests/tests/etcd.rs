@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use flotilla_e2e::etcd::Etcd;
-use flotilla_e2e::{Agent, Server, bin, patch, wait_until};
+use flotilla_e2e::{Agent, Server, bin, output_text as text, patch, server_cmd, wait_until};
 
 #[test]
 fn a_fleet_runs_on_etcd_and_one_server_holds_it() {
@@ -119,23 +119,8 @@ fn a_replica_made_from_the_ca_bundle_takes_over_the_fleet() {
     ];
     let mut first = Server::init_with(dir.path(), &store);
     first.start();
-    let run = |args: &[&str], paths: &[(&str, &std::path::Path)]| {
-        let mut c = Command::new(bin("flotilla-server"));
-        c.args(args);
-        for (flag, p) in paths {
-            c.arg(flag).arg(p);
-        }
-        c.output().unwrap()
-    };
-    let text = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
     let bundle = dir.path().join("ca.bundle");
-    let out = run(
+    let out = server_cmd(
         &["export-ca"],
         &[("--data-dir", &first.data_dir), ("--out", &bundle)],
     );
@@ -147,13 +132,13 @@ fn a_replica_made_from_the_ca_bundle_takes_over_the_fleet() {
         args.push(b);
         args.extend(["--store", "etcd", "--etcd-endpoints", &etcd.url]);
         args.extend(["--etcd-prefix", prefix]);
-        run(&args, &[("--data-dir", to)])
+        server_cmd(&args, &[("--data-dir", to)])
     };
     // Not onto a prefix that holds no fleet, nor with sled.
     let out = replica_init("/empty/", &dir.path().join("nowhere"));
     assert!(!out.status.success());
     assert!(text(&out).contains("holds no fleet"), "{}", text(&out));
-    let out = run(
+    let out = server_cmd(
         &[
             "init",
             "--name",

@@ -3,30 +3,13 @@
 //! accept; a sled fleet moved into a real etcd goes on under a server there.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use flotilla_e2e::etcd::Etcd;
-use flotilla_e2e::{Agent, Server, bin, patch, wait_until};
-
-fn server_cmd(args: &[&str], dirs: &[(&str, &Path)]) -> Output {
-    let mut cmd = Command::new(bin("flotilla-server"));
-    cmd.args(args);
-    for (flag, path) in dirs {
-        cmd.arg(flag).arg(path);
-    }
-    cmd.output().expect("run flotilla-server")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use flotilla_e2e::{Agent, Server, bin, output_text as text, patch, server_cmd, wait_until};
 
 /// A fleet of `n` agents with a trusted key and one committed patch.
 struct Fleet {

@@ -126,16 +126,6 @@ async fn on_sled_one_leads_and_writes_are_fenced() {
 async fn on_etcd_one_leads_and_writes_are_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let member = flotilla_e2e::etcd::Etcd::start(dir.path());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let store = loop {
-        if let Ok(s) =
-            crate::store::EtcdStore::connect(std::slice::from_ref(&member.url), "/r/", None).await
-            && s.get("x").await.is_ok()
-        {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "etcd did not answer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let store = crate::store::etcd_store::connect_when_up(&member.url, "/r/").await;
     one_leads_and_writes_are_fenced(Db::new(Arc::new(store))).await;
 }

@@ -244,6 +244,25 @@ impl EtcdStore {
     }
 }
 
+/// A connection to the test member at `url`, once it answers requests (not
+/// only connections).
+#[cfg(test)]
+pub(crate) async fn connect_when_up(url: &str, prefix: &str) -> EtcdStore {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = EtcdStore::connect(&[url.to_string()], prefix, None).await
+            && s.get("x").await.is_ok()
+        {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "etcd at {url} did not answer in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// etcd's answer for a lease that expired or was revoked (it has no code of
 /// its own in the client's errors, only this text).
 fn lease_gone(e: &etcd_client::Error) -> bool {
@@ -337,14 +356,7 @@ impl Store for EtcdStore {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        let when = match expected {
-            None => Condition::Absent(key.to_string()),
-            Some(v) => Condition::Equals(key.to_string(), v.to_vec()),
-        };
-        let then = match new {
-            Some(v) => Op::put(key, v),
-            None => Op::Delete(key.to_string()),
-        };
+        let (when, then) = super::cas(key, expected, new);
         Ok(self.txn(vec![when], vec![then]).await?.is_some())
     }
 
@@ -522,17 +534,8 @@ mod tests {
     async fn etcd() -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let member = flotilla_e2e::etcd::Etcd::start(dir.path());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(s) =
-                EtcdStore::connect(std::slice::from_ref(&member.url), "/probe/", None).await
-                && s.get("x").await.is_ok()
-            {
-                return Etcd { member, _dir: dir };
-            }
-            assert!(Instant::now() < deadline, "etcd did not answer in 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        connect_when_up(&member.url, "/probe/").await;
+        Etcd { member, _dir: dir }
     }
 
     async fn store(e: &Etcd, prefix: &str) -> EtcdStore {

@@ -7,7 +7,7 @@
 #[cfg(test)]
 mod conformance;
 #[cfg(feature = "etcd")]
-mod etcd_store;
+pub(crate) mod etcd_store;
 mod feed;
 mod history;
 mod sled_store;
@@ -24,6 +24,20 @@ use serde::de::DeserializeOwned;
 pub use etcd_store::{EtcdStore, EtcdTls};
 pub use feed::{Feed, FeedItem};
 pub use sled_store::SledStore;
+
+/// A compare-and-swap as a transaction's condition and write: `key` holds
+/// `expected` (None: absent), then becomes `new` (None: deleted).
+pub(crate) fn cas(key: &str, expected: Option<&[u8]>, new: Option<Vec<u8>>) -> (Condition, Op) {
+    let when = match expected {
+        None => Condition::Absent(key.to_string()),
+        Some(v) => Condition::Equals(key.to_string(), v.to_vec()),
+    };
+    let then = match new {
+        Some(v) => Op::put(key, v),
+        None => Op::Delete(key.to_string()),
+    };
+    (when, then)
+}
 
 /// Keys with their values, in key order.
 pub type Entries = Vec<(String, Vec<u8>)>;

@@ -409,14 +409,7 @@ impl Store for SledStore {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        let when = match expected {
-            None => Condition::Absent(key.to_string()),
-            Some(v) => Condition::Equals(key.to_string(), v.to_vec()),
-        };
-        let then = match new {
-            Some(v) => Op::put(key, v),
-            None => Op::Delete(key.to_string()),
-        };
+        let (when, then) = super::cas(key, expected, new);
         Ok(self.apply(&[when], vec![then])?.is_some())
     }
 
