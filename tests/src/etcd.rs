@@ -115,6 +115,22 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// The `flotilla-server` flags of a fleet on this member under `prefix`.
+    pub fn store_args(&self, prefix: &str) -> Vec<String> {
+        [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &self.url,
+            "--etcd-prefix",
+            prefix,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -328,3 +328,17 @@ pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
     out.sort();
     out
 }
+
+/// Builds, signs and publishes a `files` patch `id` (one file, `bin/tool`,
+/// holding `version`) and waits until `n` nodes committed it.
+pub fn roll_out(server: &Server, dir: &Path, key: &Key, id: &str, version: &str, n: usize) {
+    let tar_path = dir.join(format!("{id}.tar"));
+    tar(&tar_path, &[("bin/tool", version.as_bytes(), 0o755)]);
+    let spec = files_spec(dir, id, version, &tar_path, "");
+    let manifest = build(server, &spec, &dir.join(id));
+    sign(server, &manifest, key);
+    let (ok, out, err) = publish(server, &manifest);
+    assert!(ok, "{out}{err}");
+    let outcomes = wait_outcomes(server, id, n);
+    assert!(outcomes.iter().all(|o| o.1 == "committed"), "{outcomes:?}");
+}

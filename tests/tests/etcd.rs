@@ -13,14 +13,8 @@ use flotilla_e2e::{Agent, Server, bin, output_text as text, patch, server_cmd, w
 fn a_fleet_runs_on_etcd_and_one_server_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path());
-    let store = [
-        "--store",
-        "etcd",
-        "--etcd-endpoints",
-        &etcd.url,
-        "--etcd-prefix",
-        "/e2e/",
-    ];
+    let store = etcd.store_args("/e2e/");
+    let store: Vec<&str> = store.iter().map(String::as_str).collect();
     let mut server = Server::init_with(dir.path(), &store);
     server.start();
     assert!(
@@ -54,20 +48,13 @@ fn a_fleet_runs_on_etcd_and_one_server_holds_it() {
             (r.len() == 1 && r[0]["leader"] == true && r[0]["sessions"] == 1).then_some(())
         },
     );
-    let tar = dir.path().join("p.tar");
-    patch::tar(&tar, &[("bin/tool", b"v2\n", 0o755)]);
-    let spec = patch::files_spec(dir.path(), "demo-2.0.0", "2.0.0", &tar, "");
-    let manifest = patch::build(&server, &spec, &dir.path().join("demo-2.0.0"));
-    patch::sign(&server, &manifest, &k);
-    assert!(patch::publish(&server, &manifest).0);
-    let outcome = patch::wait_outcomes(&server, "demo-2.0.0", 1);
-    assert_eq!(outcome[0].1, "committed", "{outcome:?}");
+    patch::roll_out(&server, dir.path(), &k, "demo-2.0.0", "2.0.0", 1);
 
     // A second server on the same prefix is refused while this one lives.
     let out = Command::new(bin("flotilla-server"))
         .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&server.data_dir)
-        .args(store)
+        .args(&store)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -109,14 +96,8 @@ fn free_addr() -> std::net::SocketAddr {
 fn a_replica_made_from_the_ca_bundle_takes_over_the_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path());
-    let store = [
-        "--store",
-        "etcd",
-        "--etcd-endpoints",
-        &etcd.url,
-        "--etcd-prefix",
-        "/fleet/",
-    ];
+    let store = etcd.store_args("/fleet/");
+    let store: Vec<&str> = store.iter().map(String::as_str).collect();
     let mut first = Server::init_with(dir.path(), &store);
     first.start();
     let bundle = dir.path().join("ca.bundle");
@@ -159,7 +140,7 @@ fn a_replica_made_from_the_ca_bundle_takes_over_the_fleet() {
     let out = Command::new(bin("flotilla-server"))
         .args(["run", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&other.data_dir)
-        .args(store)
+        .args(&store)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -212,12 +193,5 @@ fn a_replica_made_from_the_ca_bundle_takes_over_the_fleet() {
             .any(|r| r["leader"] == true && r["url"] == second.url() && r["sessions"] == 1)
             .then_some(())
     });
-    let tar = dir.path().join("p.tar");
-    patch::tar(&tar, &[("bin/tool", b"v2\n", 0o755)]);
-    let spec = patch::files_spec(dir.path(), "demo-2.0.0", "2.0.0", &tar, "");
-    let manifest = patch::build(&second, &spec, &dir.path().join("demo-2.0.0"));
-    patch::sign(&second, &manifest, &k);
-    assert!(patch::publish(&second, &manifest).0);
-    let outcome = patch::wait_outcomes(&second, "demo-2.0.0", 1);
-    assert_eq!(outcome[0].1, "committed", "{outcome:?}");
+    patch::roll_out(&second, dir.path(), &k, "demo-2.0.0", "2.0.0", 1);
 }

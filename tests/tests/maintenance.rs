@@ -36,25 +36,12 @@ fn fleet(dir: &Path, n: usize) -> Fleet {
         a.start(&[server.url()]);
         agents.push(a);
     }
-    roll_out(&server, dir, &key, "demo-1.0.0", "1.0.0", n);
+    patch::roll_out(&server, dir, &key, "demo-1.0.0", "1.0.0", n);
     Fleet {
         server,
         agents,
         key,
     }
-}
-
-/// Publishes a patch and waits until `n` nodes committed it.
-fn roll_out(server: &Server, dir: &Path, key: &patch::Key, id: &str, version: &str, n: usize) {
-    let tar = dir.join(format!("{id}.tar"));
-    patch::tar(&tar, &[("bin/tool", version.as_bytes(), 0o755)]);
-    let spec = patch::files_spec(dir, id, version, &tar, "");
-    let manifest = patch::build(server, &spec, &dir.join(id));
-    patch::sign(server, &manifest, key);
-    let (ok, out, err) = patch::publish(server, &manifest);
-    assert!(ok, "{out}{err}");
-    let outcomes = patch::wait_outcomes(server, id, n);
-    assert!(outcomes.iter().all(|o| o.1 == "committed"), "{outcomes:?}");
 }
 
 #[test]
@@ -151,7 +138,7 @@ fn a_backup_of_a_running_server_under_writes_restores_to_a_server_its_agents_acc
     // The groups written before the backup began are there.
     assert_eq!(restored.group("g0")["desired"], 1);
     // And the fleet goes on: a new patch reaches every agent.
-    roll_out(
+    patch::roll_out(
         &restored,
         dir.path(),
         &key,
@@ -226,7 +213,7 @@ fn a_sled_fleet_migrated_into_etcd_goes_on_there() {
     );
     let status = patch::status(&server, "demo-1.0.0");
     assert_eq!(status["counts"]["committed"], 2, "{status}");
-    roll_out(
+    patch::roll_out(
         &server,
         dir.path(),
         &key,
