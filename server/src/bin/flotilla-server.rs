@@ -40,6 +40,13 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The store these flags name (for the commands without a config file).
+    fn config(self) -> anyhow::Result<flotilla_server::config::StoreConfig> {
+        let mut settings = FileConfig::default();
+        self.over(&mut settings);
+        flotilla_server::config::StoreConfig::from_settings(&settings)
+    }
+
     /// These flags over what `file` says.
     fn over(self, file: &mut FileConfig) {
         file.store = self.store.or(file.store.take());
@@ -216,9 +223,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             replica_of,
             store,
         } => {
-            let mut settings = FileConfig::default();
-            store.over(&mut settings);
-            let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
+            let store = store.config()?;
             if let Some(bundle) = replica_of {
                 let fingerprint = flotilla_server::replica::init::init_replica(
                     &data_dir, &names, &bundle, &store,
@@ -253,9 +258,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             out,
             store,
         } => {
-            let mut settings = FileConfig::default();
-            store.over(&mut settings);
-            let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
+            let store = store.config()?;
             let info = flotilla_server::maintenance::backup(&data_dir, &store, &out).await?;
             flotilla_proto::outln!(
                 "backup {}: {} records (store revision {}, sha256 {}), {} artifacts",
@@ -272,9 +275,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             store,
         } => {
-            let mut settings = FileConfig::default();
-            store.over(&mut settings);
-            let store = flotilla_server::config::StoreConfig::from_settings(&settings)?;
+            let store = store.config()?;
             let (info, loaded) =
                 flotilla_server::maintenance::restore(&from, &data_dir, &store).await?;
             flotilla_proto::outln!(
@@ -296,6 +297,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             etcd_cert,
             etcd_key,
         } => {
+            let prefix_flag = etcd_prefix
+                .as_ref()
+                .map(|p| format!(" --etcd-prefix {p}"))
+                .unwrap_or_default();
             let to = flotilla_server::config::StoreConfig::from_settings(&FileConfig {
                 store: Some("etcd".into()),
                 etcd_endpoints: Some(vec![to_etcd.clone()]),
@@ -308,7 +313,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let moved = flotilla_server::maintenance::migrate(&from_data_dir, &to).await?;
             flotilla_proto::outln!(
                 "migrated {} records (sha256 {}, checked in etcd); run the server with \
-                 --store etcd --etcd-endpoints {to_etcd} --data-dir {}",
+                 --store etcd --etcd-endpoints {to_etcd}{prefix_flag} --data-dir {}",
                 moved.count,
                 moved.sha256,
                 from_data_dir.display()
