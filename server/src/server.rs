@@ -217,8 +217,14 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     // Local maintenance (a backup while running) through <data-dir>/control.sock.
+    // Serving goes on without it (a data dir path too long for a socket
+    // name, say): only a backup of the running server needs it.
     let control =
-        crate::maintenance::control::serve(&cfg.data_dir, app.db.raw().clone(), shutdown.clone())?;
+        crate::maintenance::control::serve(&cfg.data_dir, app.db.raw().clone(), shutdown.clone())
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "no control socket: `flotilla-server backup` cannot reach this server while it runs")
+            })
+            .ok();
     // This server as a replica of the fleet: registered in the store, and
     // leading the singletons once elected (at once when it is alone).
     let url = listener
@@ -295,7 +301,9 @@ pub async fn run(
     shutdown.cancel();
     let _ = reconciler.await;
     let _ = rollouts.await;
-    let _ = control.await;
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     let _ = replica.await;
     tracing::info!("flotilla-server stopped");
     Ok(())
