@@ -218,13 +218,19 @@ impl Replica {
             let mut renewed = Instant::now();
             loop {
                 let sent = Instant::now();
-                match self.store().keep_alive(lease).await {
-                    Ok(true) => renewed = sent,
-                    Ok(false) => {
+                // A renewal that does not answer within a third of the lease
+                // counts as failed: the replica steps down in time, not after
+                // the store client's own (longer) timeout.
+                let renewal =
+                    tokio::time::timeout(LEASE_TTL / 3, self.store().keep_alive(lease)).await;
+                match renewal {
+                    Ok(Ok(true)) => renewed = sent,
+                    Ok(Ok(false)) => {
                         tracing::warn!(replica = %self.record.id, "this replica's lease ran out; registering again");
                         continue 'incarnation;
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot renew this replica's lease"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew this replica's lease"),
+                    Err(_) => tracing::warn!("renewing this replica's lease took too long"),
                 }
                 // Not sure of the lease any more: stop leading before it can
                 // have run out (fencing refuses any write after that anyway).

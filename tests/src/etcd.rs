@@ -116,6 +116,22 @@ impl Etcd {
 }
 
 impl Etcd {
+    /// Freezes the member (SIGSTOP): it keeps its connections but answers
+    /// nothing, as a hung or cut-off etcd does.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a frozen member go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal etcd");
+    }
+
     /// The `flotilla-server` flags of a fleet on this member under `prefix`.
     pub fn store_args(&self, prefix: &str) -> Vec<String> {
         [

@@ -129,3 +129,28 @@ async fn on_etcd_one_leads_and_writes_are_fenced() {
     let store = crate::store::etcd_store::connect_when_up(&member.url, "/r/").await;
     one_leads_and_writes_are_fenced(Db::new(Arc::new(store))).await;
 }
+
+/// A leader whose store stops answering steps down (by design two thirds of
+/// a lease after its last renewal, before another could be elected; fencing
+/// refuses its writes either way), and leads again once the store is back.
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn a_leader_cut_off_from_etcd_steps_down_in_time_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let member = flotilla_e2e::etcd::Etcd::start(dir.path());
+    let store = crate::store::etcd_store::connect_when_up(&member.url, "/cut/").await;
+    let db = Db::new(Arc::new(store));
+    let r = start(&db, "a");
+    until("it leads", async || r.leadership.is_leading()).await;
+    member.freeze();
+    let frozen = Instant::now();
+    until("it steps down", async || !r.leadership.is_leading()).await;
+    eprintln!(
+        "stepped down {:?} after the store went quiet",
+        frozen.elapsed()
+    );
+    member.thaw();
+    until("it leads again", async || r.leadership.is_leading()).await;
+    r.stop.cancel();
+    r.task.await.unwrap();
+}
