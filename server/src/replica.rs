@@ -92,7 +92,8 @@ pub struct Replica {
     leading: watch::Sender<bool>,
 }
 
-fn hostname() -> String {
+/// This machine's name, as replicas and the etcd hold name their holder.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()

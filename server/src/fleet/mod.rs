@@ -211,6 +211,12 @@ impl Fleet {
         self.rollout_wake.notify_one();
     }
 
+    /// Keeps the session count the replica reports in step with `st`.
+    fn count_sessions(&self, st: &State) {
+        self.session_count
+            .store(st.sessions.len() as u64, Ordering::Relaxed);
+    }
+
     fn leadership(&self) -> Leadership {
         self.leadership.read().expect("leadership").clone()
     }
@@ -316,8 +322,7 @@ impl Fleet {
         ) {
             old.cancel.cancel();
         }
-        self.session_count
-            .store(st.sessions.len() as u64, Ordering::Relaxed);
+        self.count_sessions(&st);
         st.offline_since.remove(node_id);
         st.last_seen.insert(node_id.to_string(), now_secs());
         drop(st);
@@ -334,8 +339,7 @@ impl Fleet {
         let mut st = self.state.lock().await;
         if st.sessions.get(node_id).is_some_and(|s| s.id == session_id) {
             st.sessions.remove(node_id);
-            self.session_count
-                .store(st.sessions.len() as u64, Ordering::Relaxed);
+            self.count_sessions(&st);
             st.offline_since.insert(node_id.to_string(), Instant::now());
             st.last_seen.insert(node_id.to_string(), now_secs());
             drop(st);
@@ -465,8 +469,7 @@ impl Fleet {
             && let Some(session) = st.sessions.remove(node_id)
         {
             session.cancel.cancel();
-            self.session_count
-                .store(st.sessions.len() as u64, Ordering::Relaxed);
+            self.count_sessions(&st);
             st.offline_since.insert(node_id.to_string(), Instant::now());
         }
         let group = node.group.clone();

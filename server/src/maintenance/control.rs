@@ -121,12 +121,8 @@ async fn answer(
 }
 
 async fn dump_to(store: &dyn Store, path: &Path) -> anyhow::Result<(Revision, Summary, u64)> {
-    let file = std::fs::File::create(path)?;
-    let mut out = std::io::BufWriter::new(file);
-    let (revision, summary) = records::dump(store, &mut out).await?;
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    let bytes = file.metadata()?.len();
-    Ok((revision, summary, bytes))
+    let (revision, summary) = records::dump_to_file(store, path).await?;
+    Ok((revision, summary, std::fs::metadata(path)?.len()))
 }
 
 /// Asks the server running on `data_dir` for its records, written to `out`.

@@ -54,14 +54,11 @@ pub async fn backup(
                         _ => e,
                     }
                 })?;
-                let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-                let dumped = records::dump(db.raw().as_ref(), &mut file).await?;
-                file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-                dumped
+                records::dump_to_file(db.raw().as_ref(), &tmp).await?
             }
         };
         // What arrived is what the store said it sent.
-        let (_, read) = records::read(BufReader::new(std::fs::File::open(&tmp)?))?;
+        let read = records::summarize_file(BufReader::new(std::fs::File::open(&tmp)?))?;
         anyhow::ensure!(
             read == summary,
             "the records file does not match what the store reported ({} records, sha256 {})",

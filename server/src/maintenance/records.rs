@@ -3,6 +3,7 @@
 //! same thing of a store and of a file. What backups hold and migrations move.
 
 use std::io::{BufRead, Write};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -87,9 +88,23 @@ pub async fn dump(
 /// Reads a records file: every entry, checked to be in strictly increasing
 /// key order (as written), with its summary.
 pub fn read(r: impl BufRead) -> anyhow::Result<(Entries, Summary)> {
-    use anyhow::Context;
     let mut entries: Entries = Vec::new();
+    let summary = visit(r, |k, v| entries.push((k, v)))?;
+    Ok((entries, summary))
+}
+
+/// Reads a records file through, keeping nothing: its summary (what a file
+/// just transferred is checked against).
+pub fn summarize_file(r: impl BufRead) -> anyhow::Result<Summary> {
+    visit(r, |_, _| {})
+}
+
+/// Hands each entry of a records file to `f`, checking every line and the
+/// key order; returns the summary.
+fn visit(r: impl BufRead, mut f: impl FnMut(String, Vec<u8>)) -> anyhow::Result<Summary> {
+    use anyhow::Context;
     let mut tally = Tally::default();
+    let mut last: Option<String> = None;
     let mut r = r.take(u64::MAX);
     let mut buf = Vec::new();
     for n in 1.. {
@@ -106,7 +121,7 @@ pub fn read(r: impl BufRead) -> anyhow::Result<(Entries, Summary)> {
             .with_context(|| format!("records line {n} is malformed"))?;
         let value = hex::decode(&line.v)
             .with_context(|| format!("records line {n}: the value is not hex"))?;
-        if let Some((last, _)) = entries.last() {
+        if let Some(last) = &last {
             anyhow::ensure!(
                 *last < line.k,
                 "records line {n}: key {:?} is out of order",
@@ -114,9 +129,18 @@ pub fn read(r: impl BufRead) -> anyhow::Result<(Entries, Summary)> {
             );
         }
         tally.add(&line.k, &value);
-        entries.push((line.k, value));
+        last = Some(line.k.clone());
+        f(line.k, value);
     }
-    Ok((entries, tally.finish()))
+    Ok(tally.finish())
+}
+
+/// [`dump`] into a new file at `path`, made durable.
+pub async fn dump_to_file(store: &dyn Store, path: &Path) -> anyhow::Result<(Revision, Summary)> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let dumped = dump(store, &mut out).await?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(dumped)
 }
 
 /// What `store` holds now (leased keys left out).

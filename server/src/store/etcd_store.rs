@@ -47,12 +47,6 @@ const HOLD_KEY: &str = "server/holder";
 /// the next one waiting.
 pub const HOLD_TTL: Duration = Duration::from_secs(5);
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
 fn etcd(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
@@ -100,7 +94,11 @@ impl EtcdStore {
     /// lease stops the process rather than write on after losing it.
     pub async fn hold_exclusive(&self) -> Result<(), StoreError> {
         let key = self.key(HOLD_KEY);
-        let holder = format!("pid {} on {}", std::process::id(), hostname());
+        let holder = format!(
+            "pid {} on {}",
+            std::process::id(),
+            crate::replica::hostname()
+        );
         let deadline = tokio::time::Instant::now() + HOLD_TTL + Duration::from_secs(2);
         let lease = loop {
             let lease = self
@@ -165,21 +163,6 @@ impl EtcdStore {
     fn strip(&self, full: &[u8]) -> String {
         let full = String::from_utf8_lossy(full);
         full.strip_prefix(&self.prefix).unwrap_or(&full).to_string()
-    }
-
-    /// Every entry under `prefix` as of one revision, read in pages.
-    async fn read_prefix(
-        &self,
-        prefix: &str,
-    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
-        let mut out = Vec::new();
-        let rev = self
-            .visit_prefix(prefix, &mut |k, v, _| {
-                out.push((k.to_string(), v.to_vec()));
-                Ok(())
-            })
-            .await?;
-        Ok((rev, out))
     }
 
     /// Hands every entry under `prefix`, as of one revision, to `visit`, a
@@ -295,7 +278,7 @@ impl Store for EtcdStore {
     }
 
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self.read_prefix(prefix).await?.1)
+        Ok(self.snapshot(prefix).await?.1)
     }
 
     async fn last_in_prefix(&self, prefix: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
@@ -376,13 +359,6 @@ impl Store for EtcdStore {
         Ok(resp
             .succeeded()
             .then(|| resp.header().map_or(0, |h| h.revision() as Revision)))
-    }
-
-    async fn snapshot(
-        &self,
-        prefix: &str,
-    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
-        self.read_prefix(prefix).await
     }
 
     async fn visit_snapshot(

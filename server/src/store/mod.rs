@@ -182,10 +182,16 @@ pub trait Store: Send + Sync + 'static {
         then: Vec<Op>,
     ) -> Result<Option<Revision>, StoreError>;
     /// Every entry under `prefix`, as of one revision (which it returns).
-    async fn snapshot(
-        &self,
-        prefix: &str,
-    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError>;
+    async fn snapshot(&self, prefix: &str) -> Result<(Revision, Entries), StoreError> {
+        let mut entries = Vec::new();
+        let revision = self
+            .visit_snapshot(prefix, &mut |k, v, _| {
+                entries.push((k.to_string(), v.to_vec()));
+                Ok(())
+            })
+            .await?;
+        Ok((revision, entries))
+    }
     /// Every entry under `prefix` as of one revision, handed to `visit` in
     /// key order with whether a lease holds it (such keys end with their
     /// holder: a backup leaves them out), without holding them all in memory.

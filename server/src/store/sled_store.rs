@@ -228,11 +228,11 @@ impl SledStore {
                 return Ok(None);
             }
         }
-        // Writes as (key, Some(value) | None for delete); marks likewise.
-        let mut main: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(then.len());
-        let mut marks: Vec<(String, Option<[u8; 8]>)> = Vec::new();
+        // The writes are the events themselves; each with the lease that
+        // will hold its key (none for a delete). Marks: (key, lease or none).
         let mut events = Vec::with_capacity(then.len());
-        let mut attach = Vec::new();
+        let mut leases: Vec<Option<LeaseId>> = Vec::with_capacity(then.len());
+        let mut marks: Vec<(String, Option<[u8; 8]>)> = Vec::new();
         for op in then {
             match op {
                 Op::Put { key, value, lease } => {
@@ -247,8 +247,7 @@ impl SledStore {
                     } else if h.lease_of(&key).is_some() {
                         marks.push((key.clone(), None));
                     }
-                    main.push((key.clone(), Some(value.clone())));
-                    attach.push((key.clone(), lease));
+                    leases.push(lease);
                     events.push(Event::Put { key, value });
                 }
                 Op::Delete(key) => {
@@ -259,8 +258,7 @@ impl SledStore {
                     if h.lease_of(&key).is_some() {
                         marks.push((key.clone(), None));
                     }
-                    main.push((key.clone(), None));
-                    attach.push((key.clone(), None));
+                    leases.push(None);
                     events.push(Event::Delete { key });
                 }
             }
@@ -279,24 +277,24 @@ impl SledStore {
         }
         // One write goes in as it is; several as one atomic batch (a batch
         // takes sled's exclusive lock, so only transactions pay for it).
-        if let [(key, value)] = &main[..] {
-            match value {
-                Some(v) => db.insert(key, v.as_slice()).map(drop),
-                None => db.remove(key).map(drop),
+        if let [event] = &events[..] {
+            match event {
+                Event::Put { key, value } => db.insert(key, value.as_slice()).map(drop),
+                Event::Delete { key } => db.remove(key).map(drop),
             }
             .map_err(backend)?;
         } else {
             let mut batch = sled::Batch::default();
-            for (key, value) in main {
-                match value {
-                    Some(v) => batch.insert(key.as_bytes(), v),
-                    None => batch.remove(key.as_bytes()),
+            for event in &events {
+                match event {
+                    Event::Put { key, value } => batch.insert(key.as_bytes(), value.as_slice()),
+                    Event::Delete { key } => batch.remove(key.as_bytes()),
                 }
             }
             db.apply_batch(batch).map_err(backend)?;
         }
-        for (key, lease) in attach {
-            h.attach(&key, lease);
+        for (event, lease) in events.iter().zip(leases) {
+            h.attach(event.key(), lease);
         }
         Ok(Some(Some(h.commit(events))))
     }
@@ -427,30 +425,13 @@ impl Store for SledStore {
         }
     }
 
-    async fn snapshot(
-        &self,
-        prefix: &str,
-    ) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
-        // Under the write lock: no write lands between the scan and its revision.
-        let h = self.history();
-        let entries = self
-            .db()
-            .scan_prefix(prefix)
-            .map(|r| {
-                r.map(|(k, v)| (key_string(&k), v.to_vec()))
-                    .map_err(backend)
-            })
-            .collect::<Result<_, _>>()?;
-        Ok((h.revision(), entries))
-    }
-
     async fn visit_snapshot(
         &self,
         prefix: &str,
         visit: &mut Visit<'_>,
     ) -> Result<Revision, StoreError> {
-        // Under the write lock, as `snapshot`: writers wait for the scan (a
-        // maintenance operation), nothing is copied into memory.
+        // Under the write lock: no write lands between the scan and its
+        // revision (writers wait for the scan).
         let h = self.history();
         for entry in self.db().scan_prefix(prefix) {
             let (k, v) = entry.map_err(backend)?;
