@@ -19,6 +19,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Worth trying again shortly.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -42,6 +45,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(m) => Status::already_exists(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::Unavailable(m) => Status::unavailable(m),
             Error::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 Status::unavailable(format!("the server's store failed: {e}; retry later"))

@@ -24,6 +24,9 @@ pub mod keys {
     /// Credential name -> the id holding it: the compare-and-swap that keeps names unique.
     pub const CREDENTIAL_NAMES: &str = "credential-names/";
     pub const PATCHES: &str = "patches/";
+    /// Publish sequence number -> the patch that took it: two replicas
+    /// publishing at once cannot give two patches one number.
+    pub const PATCH_SEQS: &str = "patch-seqs/";
 
     pub fn token(id: &str) -> String {
         format!("{TOKENS}{id}")
@@ -53,6 +56,9 @@ pub mod keys {
     }
     pub fn patch(id: &str) -> String {
         format!("{PATCHES}{id}")
+    }
+    pub fn patch_seq(seq: u64) -> String {
+        format!("{PATCH_SEQS}{seq:020}")
     }
 }
 

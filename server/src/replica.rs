@@ -1,13 +1,17 @@
 //! This server as one replica of its fleet: its registration in the store
 //! (`replicas/<id>`, under a lease of its own, with its address and how many
-//! sessions it holds), and the election of the one leader that runs the
-//! fleet's singletons (the rollout controller, role assignment).
+//! sessions it holds), the nodes whose sessions it holds (`held/<id>/<n>`,
+//! under the same lease: written when they change, at most once a renewal,
+//! so a dead replica's nodes read as offline when its lease runs out), and
+//! the election of the one leader that runs the fleet's singletons (the
+//! rollout controller, role assignment).
 //!
 //! The leader is whoever holds `leader/current` (under its lease). A leader's
 //! singleton writes are **fenced**: a transaction that also checks the key
 //! still names it, so a replica that was paused or cut off past its lease, and
 //! still believes it leads, has its writes refused rather than applied twice.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +29,60 @@ pub const LEADER_PREFIX: &str = "leader/";
 pub const LEADER: &str = "leader/current";
 /// How long a replica that stopped renewing stays registered (and leads).
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// `held/<replica>/<chunk>`: the nodes a replica holds sessions of.
+pub const HELD: &str = "held/";
+/// Most node ids one held key carries (well under etcd's request limit);
+/// one transaction carries every chunk.
+const HELD_CHUNK: usize = 8192;
+
+/// The nodes whose agent sessions this replica holds, as the fleet keeps them.
+#[derive(Default)]
+pub struct Held {
+    nodes: std::sync::Mutex<BTreeSet<String>>,
+    /// Grows on every change: the replica writes when it moved.
+    version: AtomicU64,
+}
+
+impl Held {
+    pub fn insert(&self, node: &str) {
+        if self.nodes.lock().expect("held").insert(node.to_string()) {
+            self.version.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn remove(&self, node: &str) {
+        if self.nodes.lock().expect("held").remove(node) {
+            self.version.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.nodes.lock().expect("held").len() as u64
+    }
+
+    fn snapshot(&self) -> (u64, Vec<String>) {
+        let nodes = self.nodes.lock().expect("held");
+        (
+            self.version.load(Ordering::Relaxed),
+            nodes.iter().cloned().collect(),
+        )
+    }
+}
+
+/// One chunk of a replica's held nodes, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRecord {
+    pub nodes: Vec<String>,
+}
+
+fn held_key(replica: &str, chunk: usize) -> String {
+    format!("{HELD}{replica}/{chunk:04}")
+}
+
+/// The replica a held key belongs to.
+pub fn held_owner(key: &str) -> Option<&str> {
+    key.strip_prefix(HELD)?.split_once('/').map(|(r, _)| r)
+}
 
 /// What a replica says of itself in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +122,11 @@ impl Leadership {
         let _ = self.leading.wait_for(|l| !*l).await;
     }
 
+    /// The replica this is ("" for [`Leadership::sole`]).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// What a fenced write also checks: the leader key still names this
     /// replica. None for [`Leadership::sole`], which has no key.
     pub fn fence(&self) -> Option<Condition> {
@@ -88,7 +151,7 @@ impl Leadership {
 pub struct Replica {
     db: Db,
     record: ReplicaRecord,
-    sessions: Arc<AtomicU64>,
+    held: Arc<Held>,
     leading: watch::Sender<bool>,
 }
 
@@ -102,11 +165,11 @@ pub(crate) fn hostname() -> String {
 impl Replica {
     /// Registers this replica and starts campaigning; both go on until
     /// `shutdown`, when the lease is revoked (another replica leads at once).
-    /// `sessions` is how many agent sessions it holds, read at each renewal.
+    /// `held` is the nodes it holds sessions of, written when they change.
     pub fn start(
         db: Db,
         url: String,
-        sessions: Arc<AtomicU64>,
+        held: Arc<Held>,
         shutdown: CancellationToken,
     ) -> (Leadership, tokio::task::JoinHandle<()>) {
         let id = format!(
@@ -128,7 +191,7 @@ impl Replica {
         let me = Arc::new(Self {
             db,
             record,
-            sessions,
+            held,
             leading,
         });
         let task = tokio::spawn(me.run(shutdown));
@@ -175,6 +238,33 @@ impl Replica {
             .map(drop)
     }
 
+    /// Stores the nodes held now, under the lease, in as many chunks as they
+    /// need (and deletes the chunks of a longer list before). Returns how
+    /// many chunks it wrote.
+    async fn write_held(
+        &self,
+        lease: LeaseId,
+        nodes: &[String],
+        before: usize,
+    ) -> Result<usize, StoreError> {
+        let chunks: Vec<&[String]> = nodes.chunks(HELD_CHUNK).collect();
+        let mut ops: Vec<Op> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Op::Put {
+                key: held_key(&self.record.id, i),
+                value: serde_json::to_vec(&HeldRecord { nodes: c.to_vec() })
+                    .expect("records serialise"),
+                lease: Some(lease),
+            })
+            .collect();
+        ops.extend((chunks.len()..before).map(|i| Op::Delete(held_key(&self.record.id, i))));
+        if !ops.is_empty() {
+            self.store().txn(vec![], ops).await?;
+        }
+        Ok(chunks.len())
+    }
+
     /// Takes the leader key if nobody holds it; whether this replica leads.
     async fn campaign(&self, lease: LeaseId) -> Result<bool, StoreError> {
         let id = self.record.id.as_bytes().to_vec();
@@ -214,6 +304,9 @@ impl Replica {
             };
             retry = Duration::from_millis(100);
             let mut registered: Option<u64> = None;
+            // The held nodes' version last written, and its chunk count.
+            let mut held_written: Option<u64> = None;
+            let mut held_chunks = 0;
             // When the lease was last renewed, counted from before the request
             // was sent: the lease outlives that by LEASE_TTL at least.
             let mut renewed = Instant::now();
@@ -238,7 +331,19 @@ impl Replica {
                 if renewed.elapsed() >= LEASE_TTL * 2 / 3 {
                     self.set_leading(false);
                 }
-                let sessions = self.sessions.load(Ordering::Relaxed);
+                let (version, nodes) = self.held.snapshot();
+                if held_written != Some(version) {
+                    match self.write_held(lease, &nodes, held_chunks).await {
+                        Ok(n) => {
+                            held_chunks = n;
+                            held_written = Some(version);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot record the sessions this replica holds")
+                        }
+                    }
+                }
+                let sessions = nodes.len() as u64;
                 if registered != Some(sessions) && self.register(lease, sessions).await.is_ok() {
                     registered = Some(sessions);
                 }

@@ -231,13 +231,11 @@ pub async fn run(
         .local_addr()
         .map(|a| format!("https://{a}"))
         .unwrap_or_default();
-    let (leadership, replica) = crate::replica::Replica::start(
-        app.db.clone(),
-        url,
-        fleet.session_count(),
-        shutdown.clone(),
-    );
+    let (leadership, replica) =
+        crate::replica::Replica::start(app.db.clone(), url, fleet.held(), shutdown.clone());
     fleet.lead_with(leadership);
+    // Every replica's writes reach this one's view through the store.
+    let follower = tokio::spawn(fleet.clone().run_follower(shutdown.clone()));
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
 
@@ -299,6 +297,7 @@ pub async fn run(
         .await
         .context("gRPC server failed")?;
     shutdown.cancel();
+    let _ = follower.await;
     let _ = reconciler.await;
     let _ = rollouts.await;
     if let Some(control) = control {

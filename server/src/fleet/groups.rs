@@ -3,12 +3,12 @@
 //! compliance report built from the fleet's installed versions and reports.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 
 use flotilla_proto::pb;
 use tokio::sync::broadcast;
 
 use super::published::wants;
+use super::view::Write;
 use super::{Fleet, State};
 use crate::compliance::{self, NodeInput, PatchInput, Sla};
 use crate::error::{Error, Result};
@@ -58,21 +58,18 @@ pub(super) fn unknown_group<'a>(name: &str, known: impl Iterator<Item = &'a Stri
     })
 }
 
-impl Fleet {
-    /// Stores a new group (a name deleted before goes on from its revision)
-    /// and publishes its status.
-    pub(super) async fn add_group(&self, st: &mut State, mut g: GroupRecord) -> Result<()> {
-        if let Some(r) = st.retired_groups.get(&g.name) {
+impl State {
+    /// The write that makes a new group (a name deleted before goes on from
+    /// its revision).
+    pub(super) fn new_group(&self, mut g: GroupRecord) -> Write {
+        if let Some(r) = self.retired_groups.get(&g.name) {
             g.revision = g.revision.max(r + 1);
         }
-        self.db.put(&keys::group(&g.name), &g).await?;
-        st.retired_groups.remove(&g.name);
-        let name = g.name.clone();
-        st.groups.insert(name.clone(), g);
-        self.publish_status(st, &name);
-        Ok(())
+        self.write(keys::group(&g.name), &g)
     }
+}
 
+impl Fleet {
     /// NotFound (with a suggestion) unless the group exists.
     pub(super) fn require_group(st: &State, name: &str) -> Result<()> {
         if st.groups.contains_key(name) {
@@ -85,12 +82,15 @@ impl Fleet {
     /// Creates a group without a desired count if it does not exist (a join
     /// token for a new group makes it).
     pub async fn ensure_group(&self, name: &str) -> Result<()> {
-        let mut st = self.state.lock().await;
-        if !st.groups.contains_key(name) {
-            self.add_group(&mut st, GroupRecord::unmanaged(name))
-                .await?;
-        }
-        Ok(())
+        self.mutate(false, |st| {
+            let writes = if st.groups.contains_key(name) {
+                Vec::new()
+            } else {
+                vec![st.new_group(GroupRecord::unmanaged(name))]
+            };
+            Ok((writes, ()))
+        })
+        .await
     }
 
     /// Creates a group; AlreadyExists if it does.
@@ -100,48 +100,43 @@ impl Fleet {
         desired: Option<u32>,
         max_unavailable: Option<u32>,
     ) -> Result<pb::GroupStatus> {
-        let mut st = self.state.lock().await;
-        if st.groups.contains_key(name) {
-            return Err(Error::AlreadyExists(format!("group {name} already exists")));
-        }
-        let mut g = GroupRecord::unmanaged(name);
-        g.desired = desired;
-        if let Some(m) = max_unavailable {
-            g.max_unavailable = m;
-        }
-        self.add_group(&mut st, g).await?;
-        self.membership_changed.store(true, Ordering::Relaxed);
-        self.rollout_wake.notify_one();
-        Ok(self.status_of(&st, name))
+        self.mutate(false, |st| {
+            if st.groups.contains_key(name) {
+                return Err(Error::AlreadyExists(format!("group {name} already exists")));
+            }
+            let mut g = GroupRecord::unmanaged(name);
+            g.desired = desired;
+            if let Some(m) = max_unavailable {
+                g.max_unavailable = m;
+            }
+            Ok((vec![st.new_group(g)], ()))
+        })
+        .await?;
+        Ok(self.status_of(&*self.state.lock().await, name))
     }
 
     /// Deletes a group that has no pending or accepted node. The caller has
     /// checked that no join token can still add one.
     pub async fn delete_group(&self, name: &str) -> Result<()> {
-        let mut st = self.state.lock().await;
-        Self::require_group(&st, name)?;
-        let members = st
-            .nodes
-            .values()
-            .filter(|n| n.group == name)
-            .filter(|n| matches!(n.status, NodeStatus::Pending | NodeStatus::Accepted))
-            .count();
-        if members > 0 {
-            return Err(Error::FailedPrecondition(format!(
-                "group {name} still has {members} node(s): revoke or reject them first"
-            )));
-        }
-        let mut g = st.groups.get(name).cloned().expect("checked above");
-        g.deleted = true;
-        g.revision += 1;
-        self.db.put(&keys::group(name), &g).await?;
-        st.groups.remove(name);
-        st.published.remove(name);
-        st.retired_groups.insert(name.to_string(), g.revision);
-        drop(st);
-        self.membership_changed.store(true, Ordering::Relaxed);
-        self.rollout_wake.notify_one();
-        Ok(())
+        self.mutate(false, |st| {
+            Self::require_group(st, name)?;
+            let members = st
+                .nodes
+                .values()
+                .filter(|n| n.group == name)
+                .filter(|n| matches!(n.status, NodeStatus::Pending | NodeStatus::Accepted))
+                .count();
+            if members > 0 {
+                return Err(Error::FailedPrecondition(format!(
+                    "group {name} still has {members} node(s): revoke or reject them first"
+                )));
+            }
+            let mut g = st.groups.get(name).cloned().expect("checked above");
+            g.deleted = true;
+            g.revision += 1;
+            Ok((vec![st.write(keys::group(name), &g)], ()))
+        })
+        .await
     }
 
     /// Sets a group's desired count; an unknown group is NotFound unless
@@ -153,42 +148,35 @@ impl Fleet {
         max_unavailable: Option<u32>,
         create: bool,
     ) -> Result<pb::GroupStatus> {
-        let mut st = self.state.lock().await;
-        if !create {
-            Self::require_group(&st, name)?;
-        }
-        if !st.groups.contains_key(name) {
-            self.add_group(&mut st, GroupRecord::unmanaged(name))
-                .await?;
-        }
-        let mut g = st.groups.get(name).cloned().expect("made above");
-        g.desired = Some(desired);
-        if let Some(m) = max_unavailable {
-            g.max_unavailable = m;
-        }
-        g.revision += 1;
-        self.db.put(&keys::group(name), &g).await?;
-        st.groups.insert(name.to_string(), g);
-        self.reconcile_group(&mut st, name).await?;
-        let ids: Vec<String> = st
-            .nodes
-            .values()
-            .filter(|n| n.group == name)
-            .map(|n| n.id.clone())
-            .collect();
-        for id in ids {
-            self.push(&st, &id);
-        }
-        self.membership_changed.store(true, Ordering::Relaxed);
-        self.rollout_wake.notify_one();
-        Ok(self.status_of(&st, name))
+        self.mutate(false, |st| {
+            let mut g = match st.groups.get(name) {
+                Some(g) => g.clone(),
+                None if create => {
+                    let mut g = GroupRecord::unmanaged(name);
+                    if let Some(r) = st.retired_groups.get(name) {
+                        g.revision = g.revision.max(r + 1);
+                    }
+                    g
+                }
+                None => return Err(unknown_group(name, st.groups.keys())),
+            };
+            g.desired = Some(desired);
+            if let Some(m) = max_unavailable {
+                g.max_unavailable = m;
+            }
+            g.revision += 1;
+            Ok((vec![st.write(keys::group(name), &g)], ()))
+        })
+        .await?;
+        self.reconcile(name).await?;
+        Ok(self.status_of(&*self.state.lock().await, name))
     }
 
     fn status_of(&self, st: &State, name: &str) -> pb::GroupStatus {
         let g = st.groups.get(name);
         let mut c = membership::Counts::default();
         for n in st.nodes.values().filter(|n| n.group == name) {
-            let online = st.sessions.contains_key(&n.id);
+            let online = st.online(&n.id);
             match n.status {
                 NodeStatus::Pending => c.pending += 1,
                 NodeStatus::Accepted => match n.role {
@@ -252,34 +240,31 @@ impl Fleet {
     /// Changes an existing group's windows, rollout defaults or SLA.
     /// Everything is checked before anything is stored.
     pub async fn configure_group(&self, r: &pb::ConfigureGroupRequest) -> Result<pb::GroupConfig> {
-        let mut st = self.state.lock().await;
-        Self::require_group(&st, &r.name)?;
-        let mut g = st.groups.get(&r.name).cloned().expect("checked above");
-        if let Some(tz) = &r.timezone {
-            g.timezone = tz.trim().to_string();
-        }
-        if r.clear_windows {
-            g.windows.clear();
-        }
-        if !r.windows.is_empty() {
-            g.windows = r.windows.clone();
-        }
-        Schedule::parse(&g.timezone, &g.windows)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        if let Some(p) = &r.rollout {
-            g.rollout = PolicySpec::from_pb(Some(p))?.over(&g.rollout);
-        }
-        if let Some(sla) = &r.sla {
-            Sla::parse(sla).map_err(Error::InvalidArgument)?;
-            g.sla = sla.trim().to_string();
-        }
-        self.db.put(&keys::group(&r.name), &g).await?;
-        let config = config_of(&g);
-        st.groups.insert(r.name.clone(), g);
-        drop(st);
-        self.membership_changed.store(true, Ordering::Relaxed);
-        self.rollout_wake.notify_one();
-        Ok(config)
+        self.mutate(false, |st| {
+            Self::require_group(st, &r.name)?;
+            let mut g = st.groups.get(&r.name).cloned().expect("checked above");
+            if let Some(tz) = &r.timezone {
+                g.timezone = tz.trim().to_string();
+            }
+            if r.clear_windows {
+                g.windows.clear();
+            }
+            if !r.windows.is_empty() {
+                g.windows = r.windows.clone();
+            }
+            Schedule::parse(&g.timezone, &g.windows)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            if let Some(p) = &r.rollout {
+                g.rollout = PolicySpec::from_pb(Some(p))?.over(&g.rollout);
+            }
+            if let Some(sla) = &r.sla {
+                Sla::parse(sla).map_err(Error::InvalidArgument)?;
+                g.sla = sla.trim().to_string();
+            }
+            let config = config_of(&g);
+            Ok((vec![st.write(keys::group(&r.name), &g)], config))
+        })
+        .await
     }
 
     pub async fn group_config(&self, name: &str) -> Result<pb::GroupConfig> {

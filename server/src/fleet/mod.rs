@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::membership::{self, Member, Policy};
 use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
 use crate::patches::PatchRecord;
-use crate::replica::Leadership;
-use crate::store::Db;
+use crate::replica::{Held, Leadership};
+use crate::store::{Db, Revision};
 
 mod groups;
 mod offer;
@@ -27,13 +27,15 @@ mod quiet;
 mod rollout_commands;
 mod rollout_view;
 mod rollouts;
+mod view;
 
 use flotilla_proto::manifest::Manifest;
 use rollouts::PhaseNote;
 pub use rollouts::RolloutRequest;
+use view::Known;
 
 use crate::rollout::plan::Waiting;
-use crate::rollout::record::{self as rollout_record, RolloutRecord};
+use crate::rollout::record::RolloutRecord;
 
 /// Wake-ups of the reconciler within this are taken in one pass.
 const RECONCILE_COALESCE: Duration = Duration::from_millis(10);
@@ -89,9 +91,21 @@ struct State {
     waiting: HashMap<String, BTreeMap<String, Waiting>>,
     /// Patch id -> what its rollout waits for while another step would change nothing.
     quiet: HashMap<String, quiet::Quiet>,
+    /// Held key of another replica -> the nodes whose sessions it holds.
+    remote: HashMap<String, Vec<String>>,
+    /// Node -> how many of those keys list it: online on another replica.
+    remote_count: HashMap<String, u32>,
+    /// The stored bytes of the node, group and rollout records above, by key:
+    /// what this replica's writes expect (see `view`).
+    known: HashMap<String, Known>,
 }
 
 impl State {
+    /// Whether the node holds a session, here or on another replica.
+    fn online(&self, node_id: &str) -> bool {
+        self.sessions.contains_key(node_id) || self.remote_count.contains_key(node_id)
+    }
+
     fn add_published(&mut self, record: PatchRecord, manifest: Manifest) {
         let signed = pb::SignedManifest {
             id: record.id.clone(),
@@ -123,11 +137,17 @@ pub struct Fleet {
     /// Set when nodes come, go or change: completed rollouts look again.
     membership_changed: AtomicBool,
     rollout_events: broadcast::Sender<String>,
-    /// Agent sessions open on this server.
-    session_count: Arc<AtomicU64>,
+    /// The nodes whose sessions this server holds, as its replica records them.
+    held: Arc<Held>,
     /// Whether this server leads the fleet's singletons (role assignment, the
     /// rollout controller), and the fence of their writes.
     leadership: std::sync::RwLock<Leadership>,
+    /// The store revision the view was first read at: the follower goes on from it.
+    loaded_at: Revision,
+    /// Since when this server leads (None: it does not). The startup grace
+    /// counts from then: a replica that takes over from a dead leader
+    /// declares nobody lost while the dead one's agents reconnect.
+    leading_since: std::sync::Mutex<Option<Instant>>,
 }
 
 pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
@@ -140,67 +160,34 @@ pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
 }
 
 impl Fleet {
-    /// Loads every node and group from the store.
+    /// Loads every node, group, patch, rollout and patch state from the
+    /// store; `run_follower` keeps them current from then on.
     pub async fn load(db: Db, cfg: FleetConfig) -> Result<Arc<Self>> {
-        let mut state = State::default();
-        for n in db.list::<NodeRecord>(keys::NODES).await? {
-            state.nodes.insert(n.id.clone(), n);
-        }
-        for g in db.list::<GroupRecord>(keys::GROUPS).await? {
-            if g.deleted {
-                state.retired_groups.insert(g.name.clone(), g.revision);
-            } else {
-                state.groups.insert(g.name.clone(), g);
-            }
-        }
-        for p in db.list::<PatchRecord>(keys::PATCHES).await? {
-            match Manifest::parse(p.manifest.as_bytes()) {
-                Ok(m) => state.add_published(p, m),
-                Err(e) => {
-                    tracing::error!(patch = %p.id, error = %e, "stored patch does not parse; skipped")
-                }
-            }
-        }
-        for r in db.list::<RolloutRecord>(rollout_record::PREFIX).await? {
-            state.rollouts.insert(r.patch_id.clone(), r);
-        }
-        for (key, r) in db
-            .list_keyed::<crate::patches::NodePatchRecord>(crate::patches::STATE_PREFIX)
-            .await?
-        {
-            let Some((patch, _)) = key[crate::patches::STATE_PREFIX.len()..].split_once('/') else {
-                continue;
-            };
-            state.phases.entry(patch.to_string()).or_default().insert(
-                r.node_id.clone(),
-                PhaseNote {
-                    phase: pb::PatchPhase::from_name(&r.phase),
-                    error: r.error,
-                    at_ms: r.updated_at_ms,
-                },
-            );
-        }
         let (group_events, _) = broadcast::channel(1024);
         let (rollout_events, _) = broadcast::channel(4096);
-        Ok(Arc::new(Self {
+        let mut fleet = Self {
             db,
             cfg,
             started: Instant::now(),
-            state: Mutex::new(state),
+            state: Mutex::new(State::default()),
             wake: Notify::new(),
             group_events,
             next_session: AtomicU64::new(1),
             rollout_wake: Notify::new(),
             membership_changed: AtomicBool::new(true),
             rollout_events,
-            session_count: Arc::new(AtomicU64::new(0)),
+            held: Arc::new(Held::default()),
             leadership: std::sync::RwLock::new(Leadership::sole()),
-        }))
+            loaded_at: 0,
+            leading_since: std::sync::Mutex::new(None),
+        };
+        fleet.loaded_at = fleet.read_view().await?;
+        Ok(Arc::new(fleet))
     }
 
-    /// How many agent sessions this server holds, kept current.
-    pub fn session_count(&self) -> Arc<AtomicU64> {
-        self.session_count.clone()
+    /// The nodes whose sessions this server holds, kept current.
+    pub fn held(&self) -> Arc<Held> {
+        self.held.clone()
     }
 
     /// Leads (or not) as `leadership` says, from now on; without it, this
@@ -211,35 +198,8 @@ impl Fleet {
         self.rollout_wake.notify_one();
     }
 
-    /// Keeps the session count the replica reports in step with `st`.
-    fn count_sessions(&self, st: &State) {
-        self.session_count
-            .store(st.sessions.len() as u64, Ordering::Relaxed);
-    }
-
     fn leadership(&self) -> Leadership {
         self.leadership.read().expect("leadership").clone()
-    }
-
-    /// A write only the leader makes: refused unless this server leads, and
-    /// fenced (refused by the store if another took the lead meanwhile).
-    async fn put_fenced<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
-        let leadership = self.leadership();
-        let Some(fence) = leadership.fence() else {
-            return Ok(self.db.put(key, value).await?);
-        };
-        if !leadership.is_leading() {
-            return Err(Error::FailedPrecondition(
-                "this server does not lead the fleet now; the leader does this".into(),
-            ));
-        }
-        if self.db.put_when(vec![fence], key, value).await? {
-            Ok(())
-        } else {
-            Err(Error::FailedPrecondition(
-                "this server no longer leads the fleet: its write was refused (fenced)".into(),
-            ))
-        }
     }
 
     /// Wakes the reconciler and the rollout controller after a change.
@@ -322,7 +282,7 @@ impl Fleet {
         ) {
             old.cancel.cancel();
         }
-        self.count_sessions(&st);
+        self.held.insert(node_id);
         st.offline_since.remove(node_id);
         st.last_seen.insert(node_id.to_string(), now_secs());
         drop(st);
@@ -339,7 +299,7 @@ impl Fleet {
         let mut st = self.state.lock().await;
         if st.sessions.get(node_id).is_some_and(|s| s.id == session_id) {
             st.sessions.remove(node_id);
-            self.count_sessions(&st);
+            self.held.remove(node_id);
             st.offline_since.insert(node_id.to_string(), Instant::now());
             st.last_seen.insert(node_id.to_string(), now_secs());
             drop(st);
@@ -349,18 +309,18 @@ impl Fleet {
 
     /// Updates a node's facts if the agent reports new ones.
     pub async fn update_facts(&self, node_id: &str, facts: crate::model::Facts) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let Some(node) = st.nodes.get(node_id) else {
-            return Ok(());
-        };
-        if node.facts == facts {
-            return Ok(());
-        }
-        let mut node = node.clone();
-        node.facts = facts;
-        self.db.put(&keys::node(node_id), &node).await?;
-        st.nodes.insert(node_id.to_string(), node);
-        Ok(())
+        self.mutate(false, |st| {
+            let writes = match st.nodes.get(node_id) {
+                Some(node) if node.facts != facts => {
+                    let mut node = node.clone();
+                    node.facts = facts.clone();
+                    vec![st.write(keys::node(node_id), &node)]
+                }
+                _ => Vec::new(),
+            };
+            Ok((writes, ()))
+        })
+        .await
     }
 
     /// The node bound to a machine id, if any.
@@ -372,41 +332,55 @@ impl Fleet {
     }
 
     /// Stores a node record (new or re-joined) and reconciles its group.
-    pub async fn save_node(&self, mut node: NodeRecord) -> Result<NodeRecord> {
-        let mut st = self.state.lock().await;
-        if let Some(old) = st.nodes.get(&node.id) {
-            node.revision = node.revision.max(old.revision + 1);
-        }
-        if !st.groups.contains_key(&node.group) {
-            self.add_group(&mut st, GroupRecord::unmanaged(&node.group))
-                .await?;
-        }
-        self.db.put(&keys::node(&node.id), &node).await?;
-        self.db
-            .put(&keys::machine(&node.facts.machine_id), &node.id)
-            .await?;
-        st.nodes.insert(node.id.clone(), node.clone());
-        let group = node.group.clone();
-        self.reconcile_group(&mut st, &group).await?;
-        let node = st.nodes[&node.id].clone();
-        drop(st);
-        self.changed();
-        Ok(node)
+    pub async fn save_node(&self, node: NodeRecord) -> Result<NodeRecord> {
+        self.mutate(false, |st| {
+            let mut node = node.clone();
+            if let Some(old) = st.nodes.get(&node.id) {
+                node.revision = node.revision.max(old.revision + 1);
+            }
+            let mut writes = Vec::new();
+            if !st.groups.contains_key(&node.group) {
+                writes.push(st.new_group(GroupRecord::unmanaged(&node.group)));
+            }
+            writes.push(st.write(keys::node(&node.id), &node));
+            writes.push(State::overwrite(
+                keys::machine(&node.facts.machine_id),
+                &node.id,
+            ));
+            Ok((writes, ()))
+        })
+        .await?;
+        self.reconcile(&node.group).await?;
+        self.stored_node(&node.id).await
+    }
+
+    /// The node's record as the view has it now.
+    async fn stored_node(&self, node_id: &str) -> Result<NodeRecord> {
+        self.state
+            .lock()
+            .await
+            .nodes
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))
     }
 
     /// Records a node's renewed certificate.
     pub async fn set_certificate(&self, node_id: &str, serial: &str, not_after: i64) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let mut node = st
-            .nodes
-            .get(node_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
-        node.prev_cert_serial = std::mem::replace(&mut node.cert_serial, serial.to_string());
-        node.cert_not_after = not_after;
-        self.db.put(&keys::node(node_id), &node).await?;
-        st.nodes.insert(node_id.to_string(), node);
-        Ok(())
+        self.mutate(false, |st| {
+            let mut node = st
+                .nodes
+                .get(node_id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
+            if node.cert_serial == serial {
+                return Ok((Vec::new(), ()));
+            }
+            node.prev_cert_serial = std::mem::replace(&mut node.cert_serial, serial.to_string());
+            node.cert_not_after = not_after;
+            Ok((vec![st.write(keys::node(node_id), &node)], ()))
+        })
+        .await
     }
 
     /// Whether a node presenting the certificate with `serial` may hold a session
@@ -437,48 +411,38 @@ impl Fleet {
     }
 
     /// Changes a node's status (accept, reject, revoke). Rejecting or revoking ends
-    /// its session at once.
+    /// its session at once (on whichever replica holds it).
     pub async fn set_node_status(&self, node_id: &str, to: NodeStatus) -> Result<NodeRecord> {
-        let mut st = self.state.lock().await;
-        let mut node = st
-            .nodes
-            .get(node_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
-        let allowed = match (node.status, to) {
-            (NodeStatus::Pending, NodeStatus::Accepted | NodeStatus::Rejected) => true,
-            (NodeStatus::Pending | NodeStatus::Accepted, NodeStatus::Revoked) => true,
-            (from, to) => from == to,
-        };
-        if !allowed {
-            return Err(Error::FailedPrecondition(format!(
-                "node {node_id} is {}; it cannot become {}",
-                node.status.as_str(),
-                to.as_str()
-            )));
-        }
-        if node.status == to {
-            return Ok(node);
-        }
-        node.status = to;
-        node.role = Role::Standby;
-        node.revision += 1;
-        self.db.put(&keys::node(node_id), &node).await?;
-        st.nodes.insert(node_id.to_string(), node.clone());
-        if matches!(to, NodeStatus::Revoked | NodeStatus::Rejected)
-            && let Some(session) = st.sessions.remove(node_id)
-        {
-            session.cancel.cancel();
-            self.count_sessions(&st);
-            st.offline_since.insert(node_id.to_string(), Instant::now());
-        }
-        let group = node.group.clone();
-        self.reconcile_group(&mut st, &group).await?;
-        self.push(&st, node_id);
-        let node = st.nodes[node_id].clone();
-        drop(st);
-        self.changed();
-        Ok(node)
+        let group = self
+            .mutate(false, |st| {
+                let mut node = st
+                    .nodes
+                    .get(node_id)
+                    .cloned()
+                    .ok_or_else(|| Error::NotFound(format!("node {node_id} not found")))?;
+                let allowed = match (node.status, to) {
+                    (NodeStatus::Pending, NodeStatus::Accepted | NodeStatus::Rejected) => true,
+                    (NodeStatus::Pending | NodeStatus::Accepted, NodeStatus::Revoked) => true,
+                    (from, to) => from == to,
+                };
+                if !allowed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "node {node_id} is {}; it cannot become {}",
+                        node.status.as_str(),
+                        to.as_str()
+                    )));
+                }
+                if node.status == to {
+                    return Ok((Vec::new(), node.group));
+                }
+                node.status = to;
+                node.role = Role::Standby;
+                node.revision += 1;
+                Ok((vec![st.write(keys::node(node_id), &node)], node.group))
+            })
+            .await?;
+        self.reconcile(&group).await?;
+        self.stored_node(node_id).await
     }
 
     /// Node records with their online state and last-seen time.
@@ -494,7 +458,7 @@ impl Fleet {
             .map(|n| {
                 (
                     n.clone(),
-                    st.sessions.contains_key(&n.id),
+                    st.online(&n.id),
                     st.last_seen.get(&n.id).copied().unwrap_or(n.last_seen),
                 )
             })
@@ -508,27 +472,34 @@ impl Fleet {
         st.nodes.get(id).map(|n| {
             (
                 n.clone(),
-                st.sessions.contains_key(id),
+                st.online(id),
                 st.last_seen.get(id).copied().unwrap_or(n.last_seen),
             )
         })
     }
 
-    /// Assigns roles in one group, persists the changes, pushes them, and
-    /// publishes the group's status.
-    async fn reconcile_group(&self, st: &mut State, name: &str) -> Result<()> {
-        if !self.leadership().is_leading() {
+    /// Assigns roles in one group where this replica leads, stores the changes
+    /// (fenced; the nodes hear of them as they apply), and publishes the
+    /// group's status.
+    async fn reconcile(&self, name: &str) -> Result<()> {
+        self.mutate(true, |st| Ok((self.assign_roles(st, name), ())))
+            .await
+    }
+
+    /// The role changes one group needs now (none unless this replica leads).
+    fn assign_roles(&self, st: &mut State, name: &str) -> Vec<view::Write> {
+        self.publish_status(st, name);
+        let Some(since) = self.leading_since() else {
             // Roles are the leader's to assign.
-            self.publish_status(st, name);
-            return Ok(());
-        }
+            return Vec::new();
+        };
         let now = Instant::now();
         let members: Vec<Member> = st
             .nodes
             .values()
             .filter(|n| n.group == name && n.status == NodeStatus::Accepted)
             .map(|n| {
-                let online = st.sessions.contains_key(&n.id);
+                let online = st.online(&n.id);
                 let since = st.offline_since.get(&n.id).copied().unwrap_or(self.started);
                 Member {
                     id: n.id.clone(),
@@ -542,7 +513,7 @@ impl Fleet {
         let desired = st.groups.get(name).and_then(|g| g.desired);
         let policy = Policy {
             grace: self.cfg.offline_grace,
-            starting: now.saturating_duration_since(self.started) < self.cfg.startup_grace,
+            starting: now.saturating_duration_since(since) < self.cfg.startup_grace,
         };
         let assignment = membership::assign_roles(desired, &members, policy);
         if let Some(hold) = assignment.held {
@@ -553,6 +524,7 @@ impl Fleet {
                 tracing::warn!(group = name, ?hold, "not replacing lost active nodes yet");
             }
         }
+        let mut writes = Vec::new();
         for (id, role) in assignment.changes {
             let Some(mut node) = st.nodes.get(&id).cloned() else {
                 continue;
@@ -560,12 +532,9 @@ impl Fleet {
             tracing::info!(node = %id, group = name, from = ?node.role, to = ?role, "role change");
             node.role = role;
             node.revision += 1;
-            self.put_fenced(&keys::node(&id), &node).await?;
-            st.nodes.insert(id.clone(), node);
-            self.push(st, &id);
+            writes.push(st.write(keys::node(&id), &node));
         }
-        self.publish_status(st, name);
-        Ok(())
+        writes
     }
 
     /// Reconciles every group: on wake-ups, and when the next grace period ends.
@@ -573,16 +542,13 @@ impl Fleet {
         let mut leadership = self.leadership();
         loop {
             let pass_started = Instant::now();
-            let next = {
-                let mut st = self.state.lock().await;
-                let names: Vec<String> = st.groups.keys().cloned().collect();
-                for name in names {
-                    if let Err(e) = self.reconcile_group(&mut st, &name).await {
-                        tracing::error!(group = %name, error = %e, "reconcile failed");
-                    }
+            let names: Vec<String> = self.state.lock().await.groups.keys().cloned().collect();
+            for name in names {
+                if let Err(e) = self.reconcile(&name).await {
+                    tracing::error!(group = %name, error = %e, "reconcile failed");
                 }
-                self.next_deadline(&st)
-            };
+            }
+            let next = self.next_deadline(&*self.state.lock().await);
             let pass = pass_started.elapsed();
             let sleep = next.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
@@ -605,16 +571,25 @@ impl Fleet {
         }
     }
 
+    /// Since when this server leads, or None; noted the first time it is
+    /// asked after leading began.
+    fn leading_since(&self) -> Option<Instant> {
+        let mut since = self.leading_since.lock().expect("leading since");
+        if self.leadership().is_leading() {
+            Some(*since.get_or_insert_with(Instant::now))
+        } else {
+            *since = None;
+            None
+        }
+    }
+
     /// When an offline active node's grace ends, or the startup grace does.
     fn next_deadline(&self, st: &State) -> Option<Instant> {
         let now = Instant::now();
-        let startup_end = self.started + self.cfg.startup_grace;
+        let startup_end = self.leading_since().unwrap_or(self.started) + self.cfg.startup_grace;
         let mut next: Option<Instant> = (startup_end > now).then_some(startup_end);
         for n in st.nodes.values() {
-            if n.status == NodeStatus::Accepted
-                && n.role == Role::Active
-                && !st.sessions.contains_key(&n.id)
-            {
+            if n.status == NodeStatus::Accepted && n.role == Role::Active && !st.online(&n.id) {
                 let since = st.offline_since.get(&n.id).copied().unwrap_or(self.started);
                 // A little past the deadline so the check sees it expired.
                 let at = since + self.cfg.offline_grace + Duration::from_millis(10);
@@ -626,3 +601,6 @@ impl Fleet {
         next
     }
 }
+
+#[cfg(test)]
+mod tests;

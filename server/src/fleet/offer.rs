@@ -75,6 +75,20 @@ impl State {
             .collect()
     }
 
+    /// Whether the node's session here was sent a desired state that lacks a
+    /// patch offered to it now (one that was queued behind a full state).
+    pub(super) fn offers_more(&self, node_id: &str) -> bool {
+        let (Some(session), Some(node)) = (self.sessions.get(node_id), self.nodes.get(node_id))
+        else {
+            return false;
+        };
+        let sent = session.desired.borrow();
+        self.offer_for(node)
+            .offered
+            .iter()
+            .any(|r| !sent.manifests.iter().any(|m| m.id == r.id))
+    }
+
     /// Whether `patch_id` is released to the node but waits behind a full
     /// desired state.
     pub(super) fn queued_for(&self, patch_id: &str, node: &NodeRecord) -> bool {

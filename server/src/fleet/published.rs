@@ -4,11 +4,11 @@
 use flotilla_proto::manifest::{Manifest, NodeTarget};
 use flotilla_proto::pb;
 
-use super::{Fleet, RolloutRequest};
+use super::{Fleet, RolloutRequest, State};
 use crate::error::{Error, Result};
 use crate::model::{NodeRecord, NodeStatus, keys, now_ms, now_secs};
 use crate::patches::PatchRecord;
-use crate::rollout::record::RolloutRecord;
+use crate::rollout::record::{self as rollout_record, RolloutRecord};
 
 fn target_of(n: &NodeRecord) -> NodeTarget {
     NodeTarget {
@@ -52,55 +52,58 @@ impl Fleet {
         parsed: Manifest,
         rollout: RolloutRequest,
     ) -> Result<PatchRecord> {
-        let mut st = self.state.lock().await;
-        if let Some((existing, _)) = st.patches.get(&parsed.id) {
-            if existing.manifest == manifest {
-                // Publishing the same signed bytes again is a no-op.
-                return Ok(existing.clone());
-            }
-            return Err(Error::FailedPrecondition(format!(
-                "a different patch with id {} is already published; give the new one its own id",
-                parsed.id
-            )));
+        let stored = self
+            .mutate(false, |st| {
+                if let Some((existing, _)) = st.patches.get(&parsed.id) {
+                    if existing.manifest == manifest {
+                        // Publishing the same signed bytes again is a no-op.
+                        return Ok((Vec::new(), (existing.clone(), false)));
+                    }
+                    return Err(Error::FailedPrecondition(format!(
+                        "a different patch with id {} is already published; give the new one its own id",
+                        parsed.id
+                    )));
+                }
+                let record = PatchRecord {
+                    id: parsed.id.clone(),
+                    seq: st.patch_revision() + 1,
+                    manifest: manifest.clone(),
+                    signatures: signatures.clone(),
+                    published_at: now_secs(),
+                    published_by: publisher.to_string(),
+                };
+                let rollout = RolloutRecord::new(
+                    &record.id,
+                    rollout.policy.clone(),
+                    rollout.emergency,
+                    rollout.force,
+                    now_ms(),
+                );
+                // One transaction: a patch is never without its rollout, so it
+                // is never released to everyone; its number is its own.
+                let writes = vec![
+                    st.write(rollout_record::key(&record.id), &rollout),
+                    State::create(keys::patch_seq(record.seq), &record.id),
+                    State::create(keys::patch(&record.id), &record),
+                ];
+                Ok((writes, (record, true)))
+            })
+            .await?;
+        let (record, new) = stored;
+        if !new {
+            return Ok(record);
         }
-        let record = PatchRecord {
-            id: parsed.id.clone(),
-            seq: st.patch_revision() + 1,
-            manifest,
-            signatures,
-            published_at: now_secs(),
-            published_by: publisher.to_string(),
-        };
-        // The rollout is stored first: a patch is never without one, so a crash
-        // here can never leave a patch released to everyone.
-        self.start_rollout(
-            &mut st,
-            RolloutRecord::new(
-                &record.id,
-                rollout.policy,
-                rollout.emergency,
-                rollout.force,
-                now_ms(),
-            ),
-        )
-        .await?;
-        if !self.db.create(&keys::patch(&record.id), &record).await? {
-            return Err(Error::FailedPrecondition(format!(
-                "patch {} is already stored",
-                record.id
-            )));
+        {
+            let st = self.state.lock().await;
+            let now = time::OffsetDateTime::now_utc();
+            let targeted = st.nodes.values().filter(|n| wants(n, &parsed, now)).count();
+            tracing::info!(patch = %record.id, targeted, emergency = rollout.emergency, "patch published");
         }
-        st.add_published(record.clone(), parsed.clone());
-        let now = time::OffsetDateTime::now_utc();
-        let targeted = st.nodes.values().filter(|n| wants(n, &parsed, now)).count();
-        tracing::info!(patch = %record.id, targeted, emergency = rollout.emergency, "patch published");
         // Its first step at once, where this server leads (else the leader's
         // controller takes it).
         if self.leadership().is_leading() {
-            let mut load = st.load();
-            self.advance(&mut st, &record.id, &mut load).await?;
+            self.step_rollouts(vec![record.id.clone()]).await;
         }
-        drop(st);
         self.rollout_wake.notify_one();
         Ok(record)
     }

@@ -102,36 +102,26 @@ impl Fleet {
         .await
     }
 
-    /// Applies an operator's change to a rollout, stores it, tells the nodes
-    /// it released and wakes the controller.
+    /// Applies an operator's change to a rollout and stores it; the nodes it
+    /// released hear of it, and the controller wakes, as it applies.
     async fn change_rollout(
         &self,
         id: &str,
-        f: impl FnOnce(&mut RolloutRecord) -> Result<()>,
+        f: impl Fn(&mut RolloutRecord) -> Result<()>,
     ) -> Result<pb::RolloutInfo> {
-        let mut st = self.state.lock().await;
-        let mut r = st
-            .rollouts
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("no rollout for patch {id}")))?;
-        f(&mut r)?;
-        r.updated_at_ms = now_ms();
-        self.db.put(&record::key(id), &r).await?;
-        let released: Vec<String> = r
-            .groups
-            .values()
-            .flat_map(|g| g.released.iter().cloned())
-            .collect();
-        st.rollouts.insert(id.to_string(), r);
-        st.quiet.remove(id);
-        for n in &released {
-            self.push(&st, n);
-        }
-        let info = self.rollout_info_locked(&st, id).expect("just stored");
-        drop(st);
-        let _ = self.rollout_events.send(id.to_string());
-        self.rollout_wake.notify_one();
-        Ok(info)
+        self.mutate(false, |st| {
+            let mut r = st
+                .rollouts
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(format!("no rollout for patch {id}")))?;
+            f(&mut r)?;
+            r.updated_at_ms = now_ms();
+            Ok((vec![st.write(record::key(id), &r)], ()))
+        })
+        .await?;
+        let st = self.state.lock().await;
+        self.rollout_info_locked(&st, id)
+            .ok_or_else(|| Error::NotFound(format!("no rollout for patch {id}")))
     }
 }

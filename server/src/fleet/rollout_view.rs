@@ -169,7 +169,7 @@ impl Fleet {
         released: bool,
     ) -> (String, String) {
         let reason = |r: String| (r, String::new());
-        if !st.sessions.contains_key(node) {
+        if !st.online(node) {
             return reason("waiting (offline)".into());
         }
         if released {

@@ -14,9 +14,10 @@ use flotilla_proto::pb;
 use tokio_util::sync::CancellationToken;
 
 use super::published::wants;
+use super::view::{Effects, Write};
 use super::{Fleet, State};
 use crate::error::Result;
-use crate::model::{GroupRecord, NodeStatus, now_ms};
+use crate::model::{GroupRecord, NodeRecord, NodeStatus, now_ms};
 use crate::rollout::guard::{self, Load};
 use crate::rollout::plan::{self, GroupView, Mode, Progress, Target, Waiting};
 use crate::rollout::policy::{Policy, PolicySpec};
@@ -50,7 +51,7 @@ pub(super) fn progress_of(note: Option<&PhaseNote>) -> Progress {
     progress_of_phase(note.map(|n| n.phase))
 }
 
-fn progress_of_phase(phase: Option<pb::PatchPhase>) -> Progress {
+pub(super) fn progress_of_phase(phase: Option<pb::PatchPhase>) -> Progress {
     match phase {
         Some(pb::PatchPhase::Committed) => Progress::Committed,
         Some(pb::PatchPhase::Superseded) => Progress::Superseded,
@@ -135,7 +136,7 @@ impl State {
             id: &n.id,
             group: &n.group,
             accepted: n.status == NodeStatus::Accepted,
-            online: self.sessions.contains_key(&n.id),
+            online: self.online(&n.id),
         });
         Load::count(released, members)
     }
@@ -168,31 +169,26 @@ impl State {
     }
 }
 
-impl Fleet {
-    /// Stores a new rollout, before its patch, so no patch is ever without one.
-    pub(super) async fn start_rollout(&self, st: &mut State, r: RolloutRecord) -> Result<()> {
-        self.db.put(&record::key(&r.patch_id), &r).await?;
-        st.rollouts.insert(r.patch_id.clone(), r);
-        Ok(())
-    }
+/// One rollout's step as decided: the record to store (if it changed) and
+/// what the rollout waits for once it is stored.
+pub(super) struct Step {
+    patch_id: String,
+    write: Option<Write>,
+    /// Paused for failures: it waits for nothing.
+    paused: bool,
+    released_now: bool,
+    waiting: BTreeMap<String, Waiting>,
+    until: Option<i64>,
+}
 
-    /// Takes one step of a rollout in every group it reaches: pauses it on too
-    /// many failures, releases what may start, records and pushes; `load`
-    /// follows the nodes released. Returns the
-    /// next moment (unix ms) something changes by itself (bake end, window).
-    pub(super) async fn advance(
-        &self,
-        st: &mut State,
-        patch_id: &str,
-        load: &mut Load,
-    ) -> Result<Option<i64>> {
-        let Some(mut r) = st.rollouts.get(patch_id).cloned() else {
-            return Ok(None);
-        };
+impl Fleet {
+    /// Decides one step of a rollout in every group it reaches: pauses it on
+    /// too many failures, releases what may start; `load` follows the nodes
+    /// released. Nothing is stored or told here (see `step_rollouts`).
+    fn step(&self, st: &State, patch_id: &str, load: &mut Load) -> Option<Step> {
+        let mut r = st.rollouts.get(patch_id).cloned()?;
         if !r.state.releases() {
-            st.waiting.remove(patch_id);
-            st.quiet.remove(patch_id);
-            return Ok(None);
+            return None;
         }
         let now = now_ms();
         let targets = st.targets_by_group(patch_id);
@@ -233,12 +229,14 @@ impl Fleet {
                     r.state = RolloutState::Paused;
                     r.reason = reason;
                     r.updated_at_ms = now;
-                    self.put_fenced(&record::key(patch_id), &r).await?;
-                    st.rollouts.insert(patch_id.to_string(), r);
-                    st.waiting.remove(patch_id);
-                    st.quiet.remove(patch_id);
-                    let _ = self.rollout_events.send(patch_id.to_string());
-                    return Ok(None);
+                    return Some(Step {
+                        patch_id: patch_id.to_string(),
+                        write: Some(st.write(record::key(patch_id), &r)),
+                        paused: true,
+                        released_now: false,
+                        waiting: BTreeMap::new(),
+                        until: None,
+                    });
                 }
             }
         }
@@ -261,7 +259,7 @@ impl Fleet {
                     };
                     Target {
                         id,
-                        online: st.sessions.contains_key(id),
+                        online: st.online(id),
                         progress,
                         busy_elsewhere: !released && load.is_busy(id),
                         spread: policy
@@ -318,25 +316,81 @@ impl Fleet {
         if !releases.is_empty() {
             r.revision += 1;
         }
-        if changed {
+        let write = changed.then(|| {
             r.updated_at_ms = now;
-            // Durable before any node is told; only by the leader.
-            self.put_fenced(&record::key(patch_id), &r).await?;
-        }
-        st.rollouts.insert(patch_id.to_string(), r);
-        st.settle_after_step(patch_id, !releases.is_empty(), &waiting, next);
-        st.waiting.insert(patch_id.to_string(), waiting);
-        for id in &releases {
-            self.push(st, id);
-        }
-        let _ = self.rollout_events.send(patch_id.to_string());
-        Ok(next)
+            st.write(record::key(patch_id), &r)
+        });
+        Some(Step {
+            patch_id: patch_id.to_string(),
+            write,
+            paused: false,
+            released_now: !releases.is_empty(),
+            waiting,
+            until: next,
+        })
     }
 
-    /// Records a node's phase of a patch (already written by the caller), keeps
-    /// its installed versions, and wakes the controller when a step may be
-    /// due. Writes without waiting for the disk: the caller syncs before it
-    /// acknowledges the report.
+    /// Steps the rollouts `ids` names, stores what changed in one fenced write (durable, and only by the
+    /// leader, before any node is told: nodes hear as it applies), then
+    /// notes what each waits for. Returns the next moment (unix ms) something
+    /// changes by itself (bake end, window).
+    pub(super) async fn step_rollouts(&self, ids: Vec<String>) -> Option<i64> {
+        if ids.is_empty() {
+            return None;
+        }
+        let (steps, stepped) = {
+            let st = self.state.lock().await;
+            let mut load = st.load();
+            let steps: Vec<Step> = ids
+                .iter()
+                .filter_map(|id| self.step(&st, id, &mut load))
+                .collect();
+            (steps, ids)
+        };
+        let next = steps.iter().filter_map(|s| s.until).min();
+        let writes: Vec<Write> = steps.iter().filter_map(|s| s.write.clone()).collect();
+        let stored = match self.commit(writes, true).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(error = %e, "rollout step failed");
+                false
+            }
+        };
+        let mut st = self.state.lock().await;
+        if stored {
+            for s in steps {
+                if s.paused {
+                    st.waiting.remove(&s.patch_id);
+                    st.quiet.remove(&s.patch_id);
+                    continue;
+                }
+                st.settle_after_step(&s.patch_id, s.released_now, &s.waiting, s.until);
+                st.waiting.insert(s.patch_id, s.waiting);
+            }
+        } else {
+            // Another write came first (or the store failed): step again.
+            for id in &stepped {
+                st.quiet.remove(id);
+            }
+        }
+        drop(st);
+        for id in stepped {
+            let _ = self.rollout_events.send(id);
+        }
+        if stored {
+            next
+        } else {
+            let soon = now_ms() + 1000;
+            Some(next.map_or(soon, |n| n.min(soon)))
+        }
+    }
+
+    /// Records a node's phase of a patch (already written by the caller) in
+    /// the view, then what follows from it: the node's installed versions,
+    /// the next patches for a node that had more than one desired state
+    /// carries, and a rollback for a node that committed after its rollout
+    /// was aborted with rollback. Each of these holds whether this or the
+    /// store's feed applied the phase first.
     pub async fn note_phase(
         &self,
         node_id: &str,
@@ -345,109 +399,70 @@ impl Fleet {
         error: &str,
         at_ms: i64,
     ) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let newly_final = phase.is_final()
-            && !st
+        let mut fx = Effects::default();
+        let had_queued = {
+            let mut st = self.state.lock().await;
+            let was_final = st
                 .phases
                 .get(patch_id)
                 .and_then(|p| p.get(node_id))
                 .is_some_and(|n| n.phase.is_final());
-        // A node with more in flight than one desired state carries gets the
-        // next one when this one is done.
-        let had_queued = newly_final
-            && st
-                .nodes
-                .get(node_id)
-                .is_some_and(|n| !st.offer_for(n).queued.is_empty());
-        let before = st
-            .phases
-            .entry(patch_id.to_string())
-            .or_default()
-            .insert(
-                node_id.to_string(),
-                PhaseNote {
-                    phase,
-                    error: error.to_string(),
-                    at_ms,
-                },
-            )
-            .map(|n| n.phase);
-        let (from, to) = (progress_of_phase(before), progress_of_phase(Some(phase)));
-        // Phases between release and outcome change nothing a step looks at.
-        let wake = from != to && st.note_progress(node_id, patch_id, from, to);
-        let undone = phase == pb::PatchPhase::RolledBack
-            && matches!(
-                before,
-                Some(pb::PatchPhase::Committed | pb::PatchPhase::Reverting)
-            );
-        if phase == pb::PatchPhase::Committed || undone {
-            self.refresh_installed(&mut st, node_id, patch_id).await?;
+            // A node with more in flight than one desired state carries gets
+            // the next one when this one is done.
+            let queued_before = phase.is_final()
+                && !was_final
+                && st
+                    .nodes
+                    .get(node_id)
+                    .is_some_and(|n| !st.offer_for(n).queued.is_empty());
+            let note = PhaseNote {
+                phase,
+                error: error.to_string(),
+                at_ms,
+            };
+            self.apply_phase(&mut st, patch_id, node_id, note, &mut fx);
+            queued_before || (phase.is_final() && st.offers_more(node_id))
+        };
+        self.fire(fx);
+        let installs = matches!(
+            phase,
+            pb::PatchPhase::Committed | pb::PatchPhase::RolledBack
+        );
+        if installs || had_queued {
+            self.mutate(false, |st| {
+                let Some(mut node) = st.nodes.get(node_id).cloned() else {
+                    return Ok((Vec::new(), ()));
+                };
+                let mut changed = installs && st.refresh_installed(&mut node, patch_id);
+                if had_queued {
+                    node.revision += 1;
+                    changed = true;
+                }
+                let writes = if changed {
+                    vec![st.write(crate::model::keys::node(node_id), &node)]
+                } else {
+                    Vec::new()
+                };
+                Ok((writes, ()))
+            })
+            .await?;
         }
         // A node that committed after its rollout was aborted with rollback
         // must hear that it is to undo it.
-        if phase == pb::PatchPhase::Committed
-            && let Some(r) = st.rollouts.get_mut(patch_id)
-            && r.state == RolloutState::Aborted
-            && r.rollback
-        {
-            r.revision += 1;
-            let r = r.clone();
-            self.db.put(&record::key(patch_id), &r).await?;
-            self.push(&st, node_id);
-        }
-        if had_queued && let Some(mut node) = st.nodes.get(node_id).cloned() {
-            node.revision += 1;
-            self.db
-                .put_unsynced(&crate::model::keys::node(node_id), &node)
-                .await?;
-            st.nodes.insert(node_id.to_string(), node);
-            self.push(&st, node_id);
-        }
-        drop(st);
-        if from != to {
-            // Progress (applying, done, failed) is what `rollout watch` shows.
-            let _ = self.rollout_events.send(patch_id.to_string());
-        }
-        if wake {
-            self.rollout_wake.notify_one();
-        }
-        Ok(())
-    }
-
-    /// Sets a node's version of the component `patch_id` changes: the newest
-    /// patch of that component it has committed (and not undone), or none.
-    /// Writes the node record without waiting for the disk (see `note_phase`).
-    async fn refresh_installed(&self, st: &mut State, node_id: &str, patch_id: &str) -> Result<()> {
-        let Some((_, m)) = st.patches.get(patch_id) else {
-            return Ok(());
-        };
-        let component = m.component.clone();
-        let newest = st
-            .patches
-            .values()
-            .filter(|(_, m)| m.component == component)
-            .filter(|(r, _)| {
-                st.phases
-                    .get(&r.id)
-                    .and_then(|p| p.get(node_id))
-                    .is_some_and(|n| n.phase == pb::PatchPhase::Committed)
+        if phase == pb::PatchPhase::Committed {
+            self.mutate(false, |st| {
+                let writes = match st.rollouts.get(patch_id) {
+                    Some(r) if r.state == RolloutState::Aborted && r.rollback => {
+                        let mut r = r.clone();
+                        r.revision += 1;
+                        vec![st.write(record::key(patch_id), &r)]
+                    }
+                    _ => Vec::new(),
+                };
+                Ok((writes, ()))
             })
-            .max_by_key(|(r, _)| r.seq)
-            .map(|(_, m)| m.version.clone());
-        let Some(mut node) = st.nodes.get(node_id).cloned() else {
-            return Ok(());
-        };
-        if node.installed.get(&component) == newest.as_ref() {
-            return Ok(());
-        }
-        match newest {
-            Some(v) => node.installed.insert(component, v),
-            None => node.installed.remove(&component),
-        };
-        self.db
-            .put_unsynced(&crate::model::keys::node(node_id), &node)
             .await?;
-        st.nodes.insert(node_id.to_string(), node);
+        }
         Ok(())
     }
 
@@ -470,66 +485,27 @@ impl Fleet {
                 continue;
             }
             let pass_started = std::time::Instant::now();
-            let next = {
-                let mut st = self.state.lock().await;
-                // A completed rollout only has work when nodes come, go or
-                // change groups, or while it still holds a returning node back.
-                // During a reconnect storm membership changes all the time:
-                // completed rollouts look at most every MEMBERSHIP_PASS.
-                let full_due = last_full.elapsed() >= MEMBERSHIP_PASS;
-                let membership = full_due && self.membership_changed.swap(false, Ordering::Relaxed);
-                if membership {
-                    last_full = std::time::Instant::now();
-                }
-                let now = now_ms();
-                let mut next: Option<i64> = None;
-                let mut ids: Vec<String> = Vec::new();
-                for r in st.rollouts.values() {
-                    let wants_step = match r.state {
-                        RolloutState::Running => true,
-                        RolloutState::Completed => {
-                            membership
-                                || st
-                                    .waiting
-                                    .get(&r.patch_id)
-                                    .is_some_and(|w| w.values().any(|w| !w.settled()))
-                        }
-                        _ => false,
-                    };
-                    if !wants_step {
-                        continue;
-                    }
-                    match st.quiet.get(&r.patch_id) {
-                        Some(q) if !membership && !q.due(now) => {
-                            if let Some(at) = q.until {
-                                next = Some(next.map_or(at, |n| n.min(at)));
-                            }
-                        }
-                        _ => ids.push(r.patch_id.clone()),
-                    }
-                }
-                let mut load = if ids.is_empty() {
-                    Load::default()
-                } else {
-                    st.load()
-                };
-                for id in ids {
-                    match self.advance(&mut st, &id, &mut load).await {
-                        Ok(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),
-                        Ok(None) => {}
-                        Err(e) => tracing::error!(patch = %id, error = %e, "rollout step failed"),
-                    }
-                }
-                if self.membership_changed.load(Ordering::Relaxed) {
-                    // A change still waits for the next full pass.
-                    let at = now_ms()
-                        + MEMBERSHIP_PASS
-                            .saturating_sub(last_full.elapsed())
-                            .as_millis() as i64;
-                    next = Some(next.map_or(at, |n| n.min(at)));
-                }
-                next
-            };
+            // A completed rollout only has work when nodes come, go or
+            // change groups, or while it still holds a returning node back.
+            // During a reconnect storm membership changes all the time:
+            // completed rollouts look at most every MEMBERSHIP_PASS.
+            let full_due = last_full.elapsed() >= MEMBERSHIP_PASS;
+            let membership = full_due && self.membership_changed.swap(false, Ordering::Relaxed);
+            if membership {
+                last_full = std::time::Instant::now();
+            }
+            let (ids, mut next) = self.due_rollouts(&*self.state.lock().await, membership);
+            if let Some(at) = self.step_rollouts(ids).await {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            if self.membership_changed.load(Ordering::Relaxed) {
+                // A change still waits for the next full pass.
+                let at = now_ms()
+                    + MEMBERSHIP_PASS
+                        .saturating_sub(last_full.elapsed())
+                        .as_millis() as i64;
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
             let pass = pass_started.elapsed();
             let sleep = next.map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis((at - now_ms()).max(0) as u64 + 5)
@@ -547,5 +523,69 @@ impl Fleet {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// The rollouts that want a step now, and when a quiet one comes due.
+    fn due_rollouts(&self, st: &State, membership: bool) -> (Vec<String>, Option<i64>) {
+        let now = now_ms();
+        let mut next: Option<i64> = None;
+        let mut ids: Vec<String> = Vec::new();
+        for r in st.rollouts.values() {
+            let wants_step = match r.state {
+                RolloutState::Running => true,
+                RolloutState::Completed => {
+                    membership
+                        || st
+                            .waiting
+                            .get(&r.patch_id)
+                            .is_some_and(|w| w.values().any(|w| !w.settled()))
+                }
+                _ => false,
+            };
+            if !wants_step {
+                continue;
+            }
+            match st.quiet.get(&r.patch_id) {
+                Some(q) if !membership && !q.due(now) => {
+                    if let Some(at) = q.until {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
+                }
+                _ => ids.push(r.patch_id.clone()),
+            }
+        }
+        (ids, next)
+    }
+}
+
+impl State {
+    /// Sets the node's version of the component `patch_id` changes: the
+    /// newest patch of that component it has committed (and not undone), or
+    /// none. True when that changed the record.
+    fn refresh_installed(&self, node: &mut NodeRecord, patch_id: &str) -> bool {
+        let Some((_, m)) = self.patches.get(patch_id) else {
+            return false;
+        };
+        let component = &m.component;
+        let newest = self
+            .patches
+            .values()
+            .filter(|(_, m)| &m.component == component)
+            .filter(|(r, _)| {
+                self.phases
+                    .get(&r.id)
+                    .and_then(|p| p.get(&node.id))
+                    .is_some_and(|n| n.phase == pb::PatchPhase::Committed)
+            })
+            .max_by_key(|(r, _)| r.seq)
+            .map(|(_, m)| m.version.clone());
+        if node.installed.get(component) == newest.as_ref() {
+            return false;
+        }
+        match newest {
+            Some(v) => node.installed.insert(component.clone(), v),
+            None => node.installed.remove(component),
+        };
+        true
     }
 }

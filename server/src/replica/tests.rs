@@ -1,7 +1,6 @@
 //! Registration, election and fencing, against sled and a real etcd.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -19,23 +18,23 @@ async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
 
 struct Running {
     leadership: Leadership,
-    sessions: Arc<AtomicU64>,
+    held: Arc<Held>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 fn start(db: &Db, name: &str) -> Running {
-    let sessions = Arc::new(AtomicU64::new(0));
+    let held = Arc::new(Held::default());
     let stop = CancellationToken::new();
     let (leadership, task) = Replica::start(
         db.clone(),
         format!("https://{name}:7443"),
-        sessions.clone(),
+        held.clone(),
         stop.clone(),
     );
     Running {
         leadership,
-        sessions,
+        held,
         stop,
         task,
     }
@@ -56,14 +55,17 @@ async fn one_leads_and_writes_are_fenced(db: Db) {
     } else {
         (b, a)
     };
-    leader
-        .sessions
-        .store(7, std::sync::atomic::Ordering::Relaxed);
+    for n in 0..7 {
+        leader.held.insert(&format!("node-{n}"));
+    }
     until("both listed, the leader with its sessions", async || {
         let l = list(&db).await.unwrap();
         l.len() == 2 && l.iter().any(|(r, leads)| *leads && r.sessions == 7)
     })
     .await;
+    // The nodes it holds are in the store under its lease.
+    let held: Vec<HeldRecord> = db.list(HELD).await.unwrap();
+    assert_eq!(held.iter().map(|h| h.nodes.len()).sum::<usize>(), 7);
     let write = |fence: Option<Condition>, v: &'static [u8]| {
         let store = db.raw().clone();
         async move {
@@ -84,6 +86,8 @@ async fn one_leads_and_writes_are_fenced(db: Db) {
     leader.stop.cancel();
     leader.task.await.unwrap();
     until("the other to lead", async || other.leadership.is_leading()).await;
+    // Its held nodes went with its lease.
+    assert!(db.list::<HeldRecord>(HELD).await.unwrap().is_empty());
     assert!(write(other.leadership.fence(), b"by the new leader").await);
     assert!(
         !write(old_fence, b"by the old leader").await,

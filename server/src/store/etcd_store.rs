@@ -277,6 +277,20 @@ impl Store for EtcdStore {
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
+    async fn get_at(&self, key: &str) -> Result<(Revision, Option<Vec<u8>>), StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.key(key), None)
+            .await
+            .map_err(etcd)?;
+        let revision = resp
+            .header()
+            .map(|h| h.revision() as Revision)
+            .ok_or_else(|| StoreError::Backend("etcd answered without a revision".into()))?;
+        Ok((revision, resp.kvs().first().map(|kv| kv.value().to_vec())))
+    }
+
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         Ok(self.snapshot(prefix).await?.1)
     }

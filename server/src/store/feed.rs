@@ -54,6 +54,15 @@ impl Feed {
         }
     }
 
+    /// A feed of the changes under `prefix` after `revision` (the reader
+    /// already has everything up to it).
+    pub fn after(store: Arc<dyn Store>, prefix: &str, revision: Revision) -> Self {
+        Self {
+            revision: Some(revision),
+            ..Self::new(store, prefix)
+        }
+    }
+
     /// The last revision handed over.
     pub fn revision(&self) -> Option<Revision> {
         self.revision

@@ -143,6 +143,9 @@ pub enum StoreError {
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The key's value with the revision it was read at: no write at or
+    /// before that revision is newer than the value.
+    async fn get_at(&self, key: &str) -> Result<(Revision, Option<Vec<u8>>), StoreError>;
     /// All entries whose key starts with `prefix`, in key order.
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// The entry with the greatest key under `prefix`.

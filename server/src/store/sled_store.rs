@@ -349,6 +349,13 @@ impl Store for SledStore {
         Ok(self.db().get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
 
+    async fn get_at(&self, key: &str) -> Result<(Revision, Option<Vec<u8>>), StoreError> {
+        // Writes commit under the history's lock: read under it too.
+        let h = self.history();
+        let value = self.db().get(key).map_err(backend)?.map(|v| v.to_vec());
+        Ok((h.revision(), value))
+    }
+
     async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.db()
             .scan_prefix(prefix)
