@@ -2,7 +2,11 @@
 
 #[allow(clippy::disallowed_macros)] // cargo reads build-script output from stdout
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["flotilla/v1/agent.proto", "flotilla/v1/admin.proto"];
+    let files = [
+        "flotilla/v1/agent.proto",
+        "flotilla/v1/admin.proto",
+        "flotilla/v1/replica.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

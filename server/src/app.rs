@@ -18,6 +18,8 @@ pub struct App {
     pub ca: CertAuthority,
     pub audit: AuditLog,
     pub artifacts: ArtifactStore,
+    /// The other replicas' artifacts, fetched when this one lacks one.
+    pub peers: crate::artifacts::peers::Peers,
     /// Failed joins: slowed, counted and audited.
     pub join_guard: crate::join_guard::JoinGuard,
     /// Cancelled when the server stops: long-lived streams end so shutdown can finish.

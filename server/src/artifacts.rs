@@ -11,6 +11,7 @@ use sha2::Digest;
 use crate::error::{Error, Result};
 
 mod cache;
+pub mod peers;
 
 /// Largest artifact the server accepts.
 pub const MAX_ARTIFACT_BYTES: u64 = flotilla_proto::manifest::MAX_ARTIFACT_BYTES;

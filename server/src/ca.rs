@@ -273,6 +273,36 @@ impl CertAuthority {
     }
 }
 
+/// The subject prefix of a replica's client certificate (node ids start
+/// with `node-`: the server names both, so neither can pass for the other).
+pub const REPLICA_CN_PREFIX: &str = "replica-";
+
+impl CertAuthority {
+    /// A client certificate (PEM) and its key (PEM) for replica `id` to call
+    /// the other replicas with, valid for `lifetime`. Never written to disk.
+    pub fn issue_replica_cert(
+        &self,
+        id: &str,
+        lifetime: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate()?;
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{REPLICA_CN_PREFIX}{id}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = now - Duration::from_secs(300);
+        params.not_after = now + lifetime;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// The node id (certificate subject CN) of a client certificate, DER.
 pub fn node_id_of(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;

@@ -41,6 +41,11 @@ pub struct FileConfig {
     /// This server's client certificate and key for etcd, PEM.
     pub etcd_cert: Option<PathBuf>,
     pub etcd_key: Option<PathBuf>,
+    /// The `https://host:port` other replicas (and operators) reach this
+    /// server on; its host must be one of the server certificate's names.
+    pub advertise_url: Option<String>,
+    /// Replicas that must hold each artifact before a publish is acknowledged.
+    pub artifact_copies: Option<u32>,
 }
 
 impl FileConfig {
@@ -73,6 +78,10 @@ pub struct ServerConfig {
     /// How long a connection may go without making its first request.
     pub pending_timeout: Duration,
     pub store: StoreConfig,
+    /// See [`FileConfig::advertise_url`]; None: from the listen address.
+    pub advertise_url: Option<String>,
+    /// See [`FileConfig::artifact_copies`]; None: 2 once there are 2 replicas.
+    pub artifact_copies: Option<u32>,
 }
 
 /// Where the fleet's records live.
@@ -239,11 +248,21 @@ impl ServerConfig {
                 .tls_handshake_timeout
                 .unwrap_or(DEFAULT_TLS_HANDSHAKE_TIMEOUT),
             pending_timeout: file.pending_timeout.unwrap_or(DEFAULT_PENDING_TIMEOUT),
+            advertise_url: file.advertise_url,
+            artifact_copies: file.artifact_copies,
         })
     }
 
     /// Checks the values make sense together.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.advertise_url {
+            flotilla_proto::tls::host_port(url)
+                .map_err(|e| anyhow::anyhow!("--advertise-url: {e}"))?;
+        }
+        anyhow::ensure!(
+            self.artifact_copies != Some(0),
+            "artifact copies must be at least 1"
+        );
         anyhow::ensure!(
             self.heartbeat_interval >= Duration::from_millis(100),
             "heartbeat interval must be at least 100ms"

@@ -47,6 +47,58 @@ pub fn state_prefix(patch: &str) -> String {
     format!("{STATE_PREFIX}{patch}/")
 }
 
+/// Makes sure every artifact of `m` is held here (uploaded here, or fetched
+/// from the replica it was uploaded to) and by as many replicas as the
+/// publish needs (`--artifact-copies`; by default 2 once there are 2).
+async fn hold_artifacts(app: &App, m: &Manifest) -> Result<()> {
+    for a in &m.artifacts {
+        if let Some(size) = app.artifacts.complete_size(&a.sha256)
+            && size != a.size
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "artifact {} ({}) is held with {size} bytes, the manifest says {}",
+                a.name, a.sha256, a.size
+            )));
+        }
+        if app.artifacts.complete_size(&a.sha256).is_none() {
+            app.peers
+                .fetch(&app.artifacts, &a.sha256, a.size)
+                .await
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "artifact {} ({}) has not been uploaded: {e}",
+                        a.name, a.sha256
+                    ))
+                })?;
+        }
+    }
+    let replicas = app.peers.replicas().await?;
+    let want = app
+        .cfg
+        .artifact_copies
+        .map_or(replicas.min(2), |c| c as usize);
+    if want <= 1 {
+        return Ok(());
+    }
+    for a in &m.artifacts {
+        let (others, failures) = app.peers.replicate(&a.sha256, a.size, want - 1).await;
+        if others + 1 < want {
+            return Err(Error::FailedPrecondition(format!(
+                "artifact {} ({}) is held by {} replica(s) of {replicas}, and a publish needs {want} (--artifact-copies){}",
+                a.name,
+                a.sha256,
+                others + 1,
+                if failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", failures.join("; "))
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Verifies and stores a manifest, then pushes it to the nodes it targets. The
 /// signature is checked once here, for the whole fleet; each agent checks again.
 pub async fn publish(
@@ -68,23 +120,7 @@ pub async fn publish(
         .map_err(|e| Error::InvalidArgument(format!("manifest refused: {e}")))?;
     flotilla_proto::manifest::check_time(&parsed, time::OffsetDateTime::now_utc())
         .map_err(|e| Error::InvalidArgument(format!("manifest refused: {e}")))?;
-    for a in &parsed.artifacts {
-        match app.artifacts.complete_size(&a.sha256) {
-            Some(size) if size == a.size => {}
-            Some(size) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "artifact {} ({}) is held with {size} bytes, the manifest says {}",
-                    a.name, a.sha256, a.size
-                )));
-            }
-            None => {
-                return Err(Error::FailedPrecondition(format!(
-                    "artifact {} ({}) has not been uploaded",
-                    a.name, a.sha256
-                )));
-            }
-        }
-    }
+    hold_artifacts(app, &parsed).await?;
     let text = String::from_utf8(manifest)
         .map_err(|_| Error::InvalidArgument("manifest is not UTF-8".into()))?;
     let record = app

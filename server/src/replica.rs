@@ -163,21 +163,26 @@ pub(crate) fn hostname() -> String {
 }
 
 impl Replica {
-    /// Registers this replica and starts campaigning; both go on until
-    /// `shutdown`, when the lease is revoked (another replica leads at once).
-    /// `held` is the nodes it holds sessions of, written when they change.
-    pub fn start(
-        db: Db,
-        url: String,
-        held: Arc<Held>,
-        shutdown: CancellationToken,
-    ) -> (Leadership, tokio::task::JoinHandle<()>) {
-        let id = format!(
+    /// A new replica id: the host, the process and a random part.
+    pub fn new_id() -> String {
+        format!(
             "{}-{}-{:08x}",
             hostname(),
             std::process::id(),
             rand::random::<u32>()
-        );
+        )
+    }
+
+    /// Registers this replica as `id` and starts campaigning; both go on until
+    /// `shutdown`, when the lease is revoked (another replica leads at once).
+    /// `held` is the nodes it holds sessions of, written when they change.
+    pub fn start(
+        db: Db,
+        id: String,
+        url: String,
+        held: Arc<Held>,
+        shutdown: CancellationToken,
+    ) -> (Leadership, tokio::task::JoinHandle<()>) {
         let record = ReplicaRecord {
             id: id.clone(),
             url,

@@ -27,20 +27,19 @@ pub struct Initialized {
 }
 
 /// Opens the fleet's store for the server whose CA is `ca_pem`: sled in the
-/// data dir, or etcd (held for this process alone: see `hold_exclusive`).
-/// The CA must be the fleet's (checked before the hold is taken, so a server
-/// of another fleet is told so, not that the prefix is busy).
+/// data dir, or etcd, which every replica of the fleet shares. The CA must
+/// be the fleet's, and no restore or migration may be loading the prefix.
 async fn open_db(data_dir: &Path, store: &StoreConfig, ca_pem: &str) -> anyhow::Result<Db> {
-    open_store_as(data_dir, store, true, Some(ca_pem)).await
+    open_store_as(data_dir, store, None, Some(ca_pem)).await
 }
 
-/// Opens the fleet's store; on etcd, `hold` claims the prefix for this process
-/// (a server, a migration), else it only reads and writes (a backup beside a
-/// running server).
+/// Opens the fleet's store; on etcd, `hold` names the run (a restore, a
+/// migration) that claims the prefix while it loads it; without it, it only
+/// reads and writes (a backup beside running servers).
 pub(crate) async fn open_store(
     data_dir: &Path,
     store: &StoreConfig,
-    hold: bool,
+    hold: Option<&str>,
 ) -> anyhow::Result<Db> {
     open_store_as(data_dir, store, hold, None).await
 }
@@ -49,7 +48,7 @@ pub(crate) async fn open_store(
 async fn open_store_as(
     data_dir: &Path,
     store: &StoreConfig,
-    hold: bool,
+    hold: Option<&str>,
     ca_pem: Option<&str>,
 ) -> anyhow::Result<Db> {
     match store {
@@ -74,12 +73,22 @@ async fn open_store_as(
             };
             let store = crate::store::EtcdStore::connect(endpoints, prefix, tls).await?;
             if let Some(ca) = ca_pem {
+                // A run that ended lets go at once; one that died, within
+                // the hold's lease.
+                let deadline = tokio::time::Instant::now()
+                    + crate::store::etcd_store::HOLD_TTL
+                    + std::time::Duration::from_secs(2);
+                while let Some(holder) = store.holder().await? {
+                    anyhow::ensure!(
+                        tokio::time::Instant::now() < deadline,
+                        "etcd prefix {prefix} is being loaded ({holder}): start the server once that is done"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
                 crate::replica::init::claim_fleet_ca(&Db::new(Arc::new(store.clone())), ca).await?;
             }
-            // One server per fleet until replicas exist: a second one on the
-            // same prefix is refused while this one lives.
-            if hold {
-                store.hold_exclusive().await?;
+            if let Some(what) = hold {
+                store.hold_for(what).await?;
             }
             Ok(Db::new(Arc::new(store)))
         }
@@ -87,6 +96,16 @@ async fn open_store_as(
         StoreConfig::Etcd { .. } => anyhow::bail!(
             "this flotilla-server was built without the etcd store (cargo feature `etcd`)"
         ),
+    }
+}
+
+/// The URL this server is reached on, from the address it listens on: this
+/// machine's name when that is every interface.
+fn advertised(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("https://{}:{}", crate::replica::hostname(), addr.port())
+    } else {
+        format!("https://{addr}")
     }
 }
 
@@ -206,6 +225,12 @@ pub async fn run(
     )
     .await?;
     let audit = AuditLog::open(db.clone()).await?;
+    let replica_id = crate::replica::Replica::new_id();
+    let peers = crate::artifacts::peers::Peers::new(
+        db.clone(),
+        replica_id.clone(),
+        CertAuthority::load(&paths).context("cannot load the CA")?,
+    );
     let app = Arc::new(App {
         join_guard: Default::default(),
         cfg: cfg.clone(),
@@ -214,6 +239,7 @@ pub async fn run(
         ca,
         audit,
         artifacts: crate::artifacts::ArtifactStore::open(&cfg.data_dir)?,
+        peers,
         shutdown: shutdown.clone(),
     });
     // Local maintenance (a backup while running) through <data-dir>/control.sock.
@@ -227,12 +253,17 @@ pub async fn run(
             .ok();
     // This server as a replica of the fleet: registered in the store, and
     // leading the singletons once elected (at once when it is alone).
-    let url = listener
-        .local_addr()
-        .map(|a| format!("https://{a}"))
-        .unwrap_or_default();
-    let (leadership, replica) =
-        crate::replica::Replica::start(app.db.clone(), url, fleet.held(), shutdown.clone());
+    let url = match &cfg.advertise_url {
+        Some(u) => u.clone(),
+        None => listener.local_addr().map(advertised).unwrap_or_default(),
+    };
+    let (leadership, replica) = crate::replica::Replica::start(
+        app.db.clone(),
+        replica_id,
+        url,
+        fleet.held(),
+        shutdown.clone(),
+    );
     fleet.lead_with(leadership);
     // Every replica's writes reach this one's view through the store.
     let follower = tokio::spawn(fleet.clone().run_follower(shutdown.clone()));
@@ -271,6 +302,14 @@ pub async fn run(
         .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
         served.clone(),
     );
+    let replicas = InterceptedService::new(
+        pb::replica_service_server::ReplicaServiceServer::new(crate::grpc::replica::ReplicaApi {
+            app: app.clone(),
+        })
+        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+        served.clone(),
+    );
     let admin = InterceptedService::new(
         pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {
             app: app.clone(),
@@ -290,6 +329,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(agent)
         .add_service(admin)
+        .add_service(replicas)
         .serve_with_incoming_shutdown(
             crate::admission::incoming(listener, cfg.max_connections_per_sec, connections),
             shutdown.cancelled(),

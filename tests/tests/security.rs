@@ -6,6 +6,7 @@ use std::time::Duration;
 use flotilla_e2e::{Agent, Server, wait_until};
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_service_client::AgentServiceClient;
+use flotilla_proto::pb::replica_service_client::ReplicaServiceClient;
 use flotilla_proto::token::JoinToken;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use serde_json::Value;
@@ -184,6 +185,7 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
     let url = server.url();
     let ca = server.ca_pem();
+    let data_dir = server.data_dir.clone();
     runtime().block_on(async {
         let channel = flotilla_proto::tls::endpoint(&url, &ca, None)
             .unwrap()
@@ -316,6 +318,62 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
         assert!(err.message().contains("has been replaced"), "{err}");
+
+        // Replica calls take neither no certificate, nor a node's, nor one the
+        // fleet's CA made for a replica that is not registered.
+        let fetch = pb::FetchArtifactRequest {
+            sha256: "0".repeat(64),
+            offset: 0,
+        };
+        let mut anon_replica = ReplicaServiceClient::new(
+            flotilla_proto::tls::endpoint(&url, &ca, None)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let err = anon_replica
+            .fetch_artifact(fetch.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let mut as_node = ReplicaServiceClient::new(
+            flotilla_proto::tls::endpoint(&url, &ca, Some((&second.certificate_pem, &key_pem)))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let err = as_node.fetch_artifact(fetch.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(err.message().contains("does not name a replica"), "{err}");
+        let fleet_ca = rcgen::Issuer::from_ca_cert_pem(
+            &ca,
+            KeyPair::from_pem(&std::fs::read_to_string(data_dir.join("tls/ca.key")).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let mut stale = CertificateParams::default();
+        stale
+            .distinguished_name
+            .push(DnType::CommonName, "replica-gone-1-00000000");
+        stale.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let stale_key = KeyPair::generate().unwrap();
+        let stale_cert = stale.signed_by(&stale_key, &fleet_ca).unwrap();
+        let mut as_stale = ReplicaServiceClient::new(
+            flotilla_proto::tls::endpoint(
+                &url,
+                &ca,
+                Some((&stale_cert.pem(), &stale_key.serialize_pem())),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        );
+        let err = as_stale.fetch_artifact(fetch.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(err.message().contains("not registered"), "{err}");
 
         // A certificate for the same node id from another CA does not get through TLS.
         let other_key = KeyPair::generate().unwrap();

@@ -194,6 +194,15 @@ enum Command {
         /// How long a connection may go without its first request (default 20s).
         #[arg(long, env = "FLOTILLA_PENDING_TIMEOUT", value_parser = humantime::parse_duration)]
         pending_timeout: Option<Duration>,
+        /// The https://host:port other replicas and operators reach this server
+        /// on; its host must be a name of the server certificate (default: the
+        /// listen address, this machine's name when it listens on all).
+        #[arg(long, env = "FLOTILLA_ADVERTISE_URL")]
+        advertise_url: Option<String>,
+        /// Replicas that must hold each artifact before a publish is
+        /// acknowledged (default 2 when 2 or more replicas run, else 1).
+        #[arg(long, env = "FLOTILLA_ARTIFACT_COPIES")]
+        artifact_copies: Option<u32>,
     },
 }
 
@@ -335,6 +344,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_pending_per_source,
             tls_handshake_timeout,
             pending_timeout,
+            advertise_url,
+            artifact_copies,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -354,6 +365,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.max_pending_per_source = max_pending_per_source.or(file.max_pending_per_source);
             file.tls_handshake_timeout = tls_handshake_timeout.or(file.tls_handshake_timeout);
             file.pending_timeout = pending_timeout.or(file.pending_timeout);
+            file.advertise_url = advertise_url.or(file.advertise_url);
+            file.artifact_copies = artifact_copies.or(file.artifact_copies);
             store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)

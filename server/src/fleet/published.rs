@@ -166,6 +166,17 @@ impl Fleet {
             .collect()
     }
 
+    /// The size of artifact `sha256` as a published manifest gives it: the
+    /// artifacts a replica may fetch from another (None: no patch has it).
+    pub async fn artifact_size(&self, sha256: &str) -> Option<u64> {
+        let st = self.state.lock().await;
+        st.patches
+            .values()
+            .flat_map(|(_, m)| &m.artifacts)
+            .find(|a| a.sha256 == sha256)
+            .map(|a| a.size)
+    }
+
     /// Summary of one patch.
     pub async fn patch_info(&self, id: &str) -> Option<pb::PatchInfo> {
         let st = self.state.lock().await;

@@ -45,6 +45,7 @@ async fn fleet(
     let fleet = Fleet::load(db.clone(), cfg).await.unwrap();
     let (leadership, _) = Replica::start(
         db.clone(),
+        Replica::new_id(),
         format!("https://{name}.test:7443"),
         fleet.held(),
         shutdown.clone(),

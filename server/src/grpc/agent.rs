@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use flotilla_proto::limits;
 use flotilla_proto::pb::{self, agent_message, server_message};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -66,33 +65,6 @@ impl AgentApi {
             .check_node_allowed(&peer.node_id, &peer.serial)
             .await?;
         Ok(peer.node_id)
-    }
-}
-
-/// Where an artifact download's bytes come from.
-enum Body {
-    /// Held in memory: chunks are slices of it.
-    Memory(prost::bytes::Bytes),
-    /// Too large to hold: read from disk (already at the request's offset).
-    File(tokio::fs::File),
-}
-
-impl Body {
-    /// Up to `max` bytes at `offset`; empty at the end.
-    async fn read(&mut self, offset: u64, max: usize) -> std::io::Result<prost::bytes::Bytes> {
-        match self {
-            Body::Memory(b) => {
-                let start = (offset as usize).min(b.len());
-                Ok(b.slice(start..(start + max).min(b.len())))
-            }
-            Body::File(f) => {
-                use tokio::io::AsyncReadExt;
-                let mut buf = vec![0u8; max];
-                let n = f.read(&mut buf).await?;
-                buf.truncate(n);
-                Ok(buf.into())
-            }
-        }
     }
 }
 
@@ -354,182 +326,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
         self.authorize(&request).await?;
         let r = request.into_inner();
-        if r.sha256.len() != 64 || !r.sha256.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
-            return Err(Status::invalid_argument(
-                "sha256 must be 64 lower-case hex characters",
-            ));
+        crate::artifacts::check_sha256(&r.sha256)?;
+        // Not here yet (published on another replica): fetched from one that
+        // holds it, only for an artifact of a published patch.
+        if self.app.artifacts.complete_size(&r.sha256).is_none()
+            && let Some(size) = self.app.fleet.artifact_size(&r.sha256).await
+        {
+            self.app
+                .peers
+                .fetch(&self.app.artifacts, &r.sha256, size)
+                .await?;
         }
-        let (mut body, len) = match self.app.artifacts.in_memory(&r.sha256).await? {
-            Some(bytes) => {
-                let len = bytes.len() as u64;
-                (Body::Memory(bytes), len)
-            }
-            None => {
-                let path = self.app.artifacts.path(&r.sha256);
-                let file = tokio::fs::File::open(&path).await.map_err(|_| {
-                    Status::not_found(format!("no artifact with sha256 {}", r.sha256))
-                })?;
-                let len = file
-                    .metadata()
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .len();
-                (Body::File(file), len)
-            }
-        };
-        if r.offset > len {
-            return Err(Status::out_of_range(format!(
-                "offset {} is past the artifact's end ({len} bytes)",
-                r.offset
-            )));
-        }
-        if let Body::File(file) = &mut body {
-            use tokio::io::AsyncSeekExt;
-            file.seek(std::io::SeekFrom::Start(r.offset))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-        }
-        tracing::debug!(sha256 = %r.sha256, offset = r.offset, "artifact fetch");
-
-        #[cfg(feature = "fault-injection")]
-        mod fault {
-            //! TEST-ONLY fault injection (cargo feature `fault-injection`, never in a
-            //! shipped build): `FLOTILLA_FAULT_ARTIFACT_RATE` (bytes/s) throttles every
-            //! artifact stream; `FLOTILLA_FAULT_ARTIFACT_CUT_AFTER` (bytes) breaks the
-            //! first stream this process serves with `Unavailable` after that many bytes.
-            use std::sync::atomic::{AtomicBool, Ordering};
-            use std::time::Duration;
-
-            static CUT_DONE: AtomicBool = AtomicBool::new(false);
-
-            fn env(name: &str) -> Option<u64> {
-                std::env::var(name).ok()?.trim().parse().ok()
-            }
-
-            pub struct Faults {
-                rate: Option<u64>,
-                cut_left: Option<u64>,
-            }
-
-            impl Faults {
-                pub fn for_stream() -> Self {
-                    let rate = env("FLOTILLA_FAULT_ARTIFACT_RATE").filter(|r| *r > 0);
-                    let cut_left = env("FLOTILLA_FAULT_ARTIFACT_CUT_AFTER")
-                        .filter(|_| !CUT_DONE.swap(true, Ordering::SeqCst));
-                    if rate.is_some() || cut_left.is_some() {
-                        tracing::warn!(?rate, ?cut_left, "fault injection: artifact stream");
-                    }
-                    Self { rate, cut_left }
-                }
-
-                /// How many bytes to read next, or the cut.
-                pub fn next_len(&self, max: usize) -> Result<usize, tonic::Status> {
-                    let mut n = max as u64;
-                    if let Some(rate) = self.rate {
-                        n = n.min((rate / 10).max(1));
-                    }
-                    if let Some(left) = self.cut_left {
-                        if left == 0 {
-                            tracing::warn!("fault injection: cutting the artifact stream");
-                            return Err(tonic::Status::unavailable("fault injection: cut"));
-                        }
-                        n = n.min(left);
-                    }
-                    Ok(n as usize)
-                }
-
-                /// Accounts `n` bytes read, sleeping as long as they take at the rate.
-                pub async fn sent(&mut self, n: usize) {
-                    if let Some(left) = self.cut_left.as_mut() {
-                        *left = left.saturating_sub(n as u64);
-                    }
-                    if let Some(rate) = self.rate {
-                        let nanos = (n as u128 * 1_000_000_000 / u128::from(rate)) as u64;
-                        tokio::time::sleep(Duration::from_nanos(nanos)).await;
-                    }
-                }
-            }
-        }
-        #[cfg(feature = "fault-injection")]
-        let mut faults = fault::Faults::for_stream();
-
-        // A small channel bounds what a slow downloader holds on the server.
-        let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut offset = r.offset;
-            loop {
-                #[cfg(feature = "fault-injection")]
-                let want = match faults.next_len(limits::ARTIFACT_CHUNK_BYTES) {
-                    Ok(n) => n,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                };
-                #[cfg(not(feature = "fault-injection"))]
-                let want = limits::ARTIFACT_CHUNK_BYTES;
-                match body.read(offset, want).await {
-                    Ok(data) if data.is_empty() => break,
-                    Ok(data) => {
-                        let n = data.len();
-                        #[cfg(feature = "fault-injection")]
-                        faults.sent(n).await;
-                        let chunk = pb::ArtifactChunk { offset, data };
-                        offset += n as u64;
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                        break;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Body;
-
-    /// Reads `body` to its end from `offset` in chunks of `max`.
-    async fn read_all(mut body: Body, mut offset: u64, max: usize) -> Vec<Vec<u8>> {
-        let mut chunks = Vec::new();
-        loop {
-            let data = body.read(offset, max).await.unwrap();
-            if data.is_empty() {
-                return chunks;
-            }
-            offset += data.len() as u64;
-            chunks.push(data.to_vec());
-        }
-    }
-
-    #[tokio::test]
-    async fn memory_and_file_bodies_give_the_same_chunks_from_an_offset() {
-        let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("artifact");
-        std::fs::write(&path, &bytes).unwrap();
-        let held = read_all(Body::Memory(bytes.clone().into()), 100, 256).await;
-        let mut file = tokio::fs::File::open(&path).await.unwrap();
-        use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(100)).await.unwrap();
-        let from_disk = read_all(Body::File(file), 100, 256).await;
-        assert_eq!(held, from_disk);
-        assert_eq!(
-            held.iter().map(Vec::len).collect::<Vec<_>>(),
-            [256, 256, 256, 132]
-        );
-        assert_eq!(held.concat(), bytes[100..]);
-        // At the end (a resume of a complete download): nothing, not an error.
-        assert!(
-            read_all(Body::Memory(bytes.into()), 1000, 256)
-                .await
-                .is_empty()
-        );
+        Ok(Response::new(
+            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset).await?,
+        ))
     }
 }

@@ -5,8 +5,10 @@
 
 pub mod admin;
 pub mod agent;
+pub mod artifact_stream;
 pub mod publish;
 pub mod rate;
+pub mod replica;
 pub mod rollout;
 
 use flotilla_proto::pb;

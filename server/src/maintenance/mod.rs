@@ -45,7 +45,7 @@ pub async fn backup(
         let (revision, summary) = match live {
             Some(r) => r,
             None => {
-                let db = open_store(data_dir, store, false).await.map_err(|e| {
+                let db = open_store(data_dir, store, None).await.map_err(|e| {
                     match e.downcast_ref::<crate::store::StoreError>() {
                         Some(crate::store::StoreError::InUse(_)) => anyhow::anyhow!(
                             "a server runs on {} but its control socket does not answer",
@@ -90,7 +90,7 @@ pub async fn restore(
         read.count,
         read.sha256
     );
-    let db = open_store(data_dir, store, true).await?;
+    let db = open_store(data_dir, store, Some("restore")).await?;
     let loaded = records::load(db.raw().as_ref(), entries).await?;
     std::fs::remove_file(&unpacked.records_file)?;
     crate::data_dir::restrict(data_dir)?;
@@ -111,7 +111,7 @@ pub async fn migrate(data_dir: &Path, to: &StoreConfig) -> anyhow::Result<Summar
         "{} has no sled store (db/)",
         data_dir.display()
     );
-    let source = open_store(data_dir, &StoreConfig::Sled, false)
+    let source = open_store(data_dir, &StoreConfig::Sled, None)
         .await
         .with_context(|| {
             format!(
@@ -121,7 +121,7 @@ pub async fn migrate(data_dir: &Path, to: &StoreConfig) -> anyhow::Result<Summar
         })?;
     let (_, entries) = source.raw().snapshot("").await?;
     drop(source);
-    let target = open_store(data_dir, to, true).await?;
+    let target = open_store(data_dir, to, Some("migrate")).await?;
     records::load(target.raw().as_ref(), entries).await
 }
 

@@ -76,7 +76,7 @@ pub async fn init_replica(
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let paths = TlsPaths::in_dir(data_dir);
     let ca = CertAuthority::import(&paths, &bundle)?;
-    let db = crate::server::open_store(data_dir, store, false).await?;
+    let db = crate::server::open_store(data_dir, store, None).await?;
     let fleet_exists = !db.raw().scan_prefix(keys::CREDENTIALS).await?.is_empty();
     if !fleet_exists {
         let _ = std::fs::remove_dir_all(data_dir);

@@ -28,6 +28,7 @@ fn start(db: &Db, name: &str) -> Running {
     let stop = CancellationToken::new();
     let (leadership, task) = Replica::start(
         db.clone(),
+        Replica::new_id(),
         format!("https://{name}:7443"),
         held.clone(),
         stop.clone(),

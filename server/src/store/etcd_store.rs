@@ -41,9 +41,10 @@ pub struct EtcdStore {
     prefix: String,
 }
 
-/// The key (under the prefix) whose holder is the one server of the fleet.
-const HOLD_KEY: &str = "server/holder";
-/// The lease of that key: how long a server that stopped without a word keeps
+/// The key (under the prefix) whose holder loads records into it (a restore,
+/// a migration): no server starts meanwhile.
+const HOLD_KEY: &str = "maintenance/holder";
+/// The lease of that key: how long a run that stopped without a word keeps
 /// the next one waiting.
 pub const HOLD_TTL: Duration = Duration::from_secs(5);
 
@@ -86,16 +87,16 @@ impl EtcdStore {
         format!("{}{key}", self.prefix)
     }
 
-    /// Claims this prefix for this process until it exits: a key under the
-    /// prefix tied to an etcd lease that this process keeps alive. While one
-    /// server holds it, another is refused (one server per fleet until
-    /// replicas exist); a server stopped without a word lets it go within
+    /// Claims this prefix for `what` (a restore, a migration) until the
+    /// process exits: a key under the prefix tied to an etcd lease that this
+    /// process keeps alive. While it is held, another run is refused and no
+    /// server starts; a run stopped without a word lets it go within
     /// [`HOLD_TTL`], which a new one waits for. A holder that cannot renew its
     /// lease stops the process rather than write on after losing it.
-    pub async fn hold_exclusive(&self) -> Result<(), StoreError> {
+    pub async fn hold_for(&self, what: &str) -> Result<(), StoreError> {
         let key = self.key(HOLD_KEY);
         let holder = format!(
-            "pid {} on {}",
+            "{what}, pid {} on {}",
             std::process::id(),
             crate::replica::hostname()
         );
@@ -128,8 +129,7 @@ impl EtcdStore {
                     .map(|v| String::from_utf8_lossy(&v).into_owned())
                     .unwrap_or_default();
                 return Err(StoreError::Backend(format!(
-                    "another flotilla-server ({held_by}) runs on etcd prefix {}: \
-                     one server per fleet (stop it, or pick another --etcd-prefix)",
+                    "etcd prefix {} is held by another run ({held_by}): wait for it to end",
                     self.prefix
                 )));
             }
@@ -151,13 +151,21 @@ impl EtcdStore {
                     renewed = tokio::time::Instant::now();
                 } else if renewed.elapsed() >= HOLD_TTL {
                     tracing::error!(
-                        "lost this server's hold on its etcd prefix (etcd unreachable for {HOLD_TTL:?}); stopping so that no other server's writes are overwritten"
+                        "lost the hold on the etcd prefix (etcd unreachable for {HOLD_TTL:?}); stopping so that nothing is written without it"
                     );
                     std::process::exit(1);
                 }
             }
         });
         Ok(())
+    }
+
+    /// Who holds this prefix for a restore or migration, if anyone.
+    pub async fn holder(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get(HOLD_KEY)
+            .await?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn strip(&self, full: &[u8]) -> String {
