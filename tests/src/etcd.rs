@@ -1,6 +1,6 @@
-//! A real etcd member for the end-to-end tests (Debian's `etcd-server`;
-//! `scripts/test` installs it), on loopback ports picked for the test, in a
-//! temp dir, killed on drop.
+//! Real etcd members for the end-to-end tests (Debian's `etcd-server`;
+//! `scripts/test` installs it): one member, or a cluster of several, on
+//! loopback ports picked for the test, in a temp dir, killed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -151,5 +151,106 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Several etcd members forming one cluster.
+pub struct EtcdCluster {
+    members: Vec<Option<Child>>,
+    urls: Vec<String>,
+}
+
+/// Whether the member at `host:port` says it is healthy (it has a leader).
+fn healthy(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+impl EtcdCluster {
+    /// Starts `n` members with their data under `dir` and waits until every
+    /// one is healthy.
+    pub fn start(dir: &Path, n: usize) -> Self {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        let mut urls = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.join(format!("etcd-m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "e2e"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd is installed (Debian package etcd-server; scripts/test installs it)");
+            members.push(Some(child));
+            urls.push(url);
+        }
+        let cluster = Self { members, urls };
+        for (client, _) in &ports {
+            let addr = format!("127.0.0.1:{client}");
+            wait_until("an etcd member healthy", Duration::from_secs(60), || {
+                healthy(&addr).then_some(())
+            });
+        }
+        cluster
+    }
+
+    /// The `flotilla-server` flags of a fleet on every member under `prefix`.
+    pub fn store_args(&self, prefix: &str) -> Vec<String> {
+        [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &self.urls.join(","),
+            "--etcd-prefix",
+            prefix,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Kills member `i` at once (SIGKILL).
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
     }
 }

@@ -228,6 +228,23 @@ impl Server {
         kill_child(&mut self.child, nix::sys::signal::Signal::SIGKILL);
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its sockets but does nothing,
+    /// as a paused VM or a hung process does.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("server running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)
+            .expect("signal the server");
+    }
+
     /// Stops with SIGTERM and returns how long the server took to exit
     /// (killing it after 30 s).
     pub fn stop(&mut self) -> Duration {
@@ -520,4 +537,41 @@ pub fn role_hook(dir: &Path, name: &str, log: &Path) -> PathBuf {
     .expect("write hook");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod hook");
     path
+}
+
+/// A free loopback address for a server to listen on.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A replica of `first`'s fleet (on etcd, `store` its flags) in `dir/<name>`,
+/// made from its CA bundle with `init --replica-of`, with the operator's
+/// credential and a listen address of its own; not started.
+pub fn replica_of(first: &Server, dir: &Path, store: &[&str], name: &str) -> Server {
+    let bundle = dir.join("ca.bundle");
+    if !bundle.exists() {
+        let out = server_cmd(
+            &["export-ca"],
+            &[("--data-dir", &first.data_dir), ("--out", &bundle)],
+        );
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let data_dir = dir.join(name);
+    let mut args = vec![
+        "init",
+        "--name",
+        "127.0.0.1",
+        "--replica-of",
+        bundle.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(store);
+    let out = server_cmd(&args, &[("--data-dir", &data_dir)]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    fs::copy(first.credential(), data_dir.join("admin.credential")).expect("copy credential");
+    let mut replica = Server::existing(&dir.join(format!("{name}.log")), data_dir, store);
+    replica.extra_args = first.extra_args.clone();
+    replica.addr = Some(free_addr());
+    replica
 }

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use flotilla_e2e::etcd::Etcd;
-use flotilla_e2e::{Agent, Server, bin, output_text as text, patch, server_cmd, wait_until};
+use flotilla_e2e::{
+    Agent, Server, bin, free_addr, output_text as text, patch, replica_of, server_cmd, wait_until,
+};
 
 #[test]
 fn a_fleet_runs_on_etcd_and_outlives_its_server() {
@@ -70,13 +72,6 @@ fn a_fleet_runs_on_etcd_and_outlives_its_server() {
     assert_eq!(server.node(&id)["installed"]["demo"], "2.0.0");
     let status = patch::status(&server, "demo-2.0.0");
     assert_eq!(status["counts"]["committed"], 1, "{status}");
-}
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// A second server made with `init --replica-of` from the first's CA bundle
@@ -218,48 +213,6 @@ fn a_replica_made_from_the_ca_bundle_serves_beside_the_first_and_takes_over() {
     patch::roll_out(&second, dir.path(), &k, "demo-2.0.0", "2.0.0", 2);
 }
 
-/// A replica of `first`'s fleet in `dir/<name>`, made from its CA bundle with
-/// `init --replica-of`, with the operator's credential, not started.
-fn replica_of(
-    first: &Server,
-    dir: &std::path::Path,
-    etcd: &Etcd,
-    prefix: &str,
-    name: &str,
-) -> Server {
-    let bundle = dir.join("ca.bundle");
-    if !bundle.exists() {
-        let out = server_cmd(
-            &["export-ca"],
-            &[("--data-dir", &first.data_dir), ("--out", &bundle)],
-        );
-        assert!(out.status.success(), "{}", text(&out));
-    }
-    let data_dir = dir.join(name);
-    let args = [
-        "init",
-        "--name",
-        "127.0.0.1",
-        "--replica-of",
-        bundle.to_str().unwrap(),
-        "--store",
-        "etcd",
-        "--etcd-endpoints",
-        &etcd.url,
-        "--etcd-prefix",
-        prefix,
-    ];
-    let out = server_cmd(&args, &[("--data-dir", &data_dir)]);
-    assert!(out.status.success(), "{}", text(&out));
-    std::fs::copy(first.credential(), data_dir.join("admin.credential")).unwrap();
-    let store = etcd.store_args(prefix);
-    let store: Vec<&str> = store.iter().map(String::as_str).collect();
-    let mut replica = Server::existing(&dir.join(format!("{name}.log")), data_dir, &store);
-    replica.extra_args = first.extra_args.clone();
-    replica.addr = Some(free_addr());
-    replica
-}
-
 /// Artifacts on every replica: a publish on one replica is acknowledged once
 /// a second holds its artifact; an agent whose replica never saw the
 /// artifact gets it (fetched from a peer, digest checked) and commits; an
@@ -274,7 +227,7 @@ fn an_artifact_published_on_one_replica_reaches_agents_of_another() {
     a.start();
     let mut others: Vec<Server> = ["b", "c"]
         .iter()
-        .map(|n| replica_of(&a, dir.path(), &etcd, "/fleet/", n))
+        .map(|n| replica_of(&a, dir.path(), &store, n))
         .collect();
     for s in &mut others {
         s.start();

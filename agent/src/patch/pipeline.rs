@@ -255,21 +255,23 @@ impl Pipeline {
         }
     }
 
-    /// Artifact sources over every server, with the node's current certificate;
-    /// or only the open session's connection, when it is shared.
+    /// Artifact sources: the open session's connection first, when it is
+    /// shared, then every server with the node's current certificate, so a
+    /// download goes on elsewhere when the session's server goes away.
     fn source(&self) -> Result<ClientSource, String> {
+        let mut servers = Vec::new();
         if let Some(channel) = self.cfg.shared.as_ref().and_then(SharedChannel::get) {
             let client = pb::agent_service_client::AgentServiceClient::new(channel)
                 .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
-            let name = "the session's server".to_string();
-            return Ok(ClientSource::new(vec![(name, client)]));
+            servers.push(("the session's server".to_string(), client));
         }
-        let identity = self
-            .store
-            .identity()
-            .map_err(|e| e.to_string())?
-            .ok_or("the agent has no identity")?;
-        let mut servers = Vec::new();
+        let identity = match self.store.identity() {
+            Ok(Some(identity)) => identity,
+            // The session's connection alone will do.
+            _ if !servers.is_empty() => return Ok(ClientSource::new(servers)),
+            Ok(None) => return Err("the agent has no identity".into()),
+            Err(e) => return Err(e.to_string()),
+        };
         for url in &self.cfg.servers {
             let endpoint = flotilla_proto::tls::endpoint(
                 url,

@@ -9,14 +9,16 @@
 //! fleet. `https` endpoints are reached over TLS, with the CA and client
 //! certificate given.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use futures::StreamExt;
 
+use super::etcd_members::Members;
 use super::{
     Change, ChangeStream, Condition, Event, LeaseId, Op, Revision, Store, StoreError, Visit,
     WatchError,
@@ -37,7 +39,7 @@ pub struct EtcdTls {
 /// A connection to an etcd cluster, confined to the keys under `prefix`.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    members: Arc<Members>,
     prefix: String,
 }
 
@@ -61,9 +63,12 @@ impl EtcdStore {
         prefix: &str,
         tls: Option<EtcdTls>,
     ) -> Result<Self, StoreError> {
+        // A member cut off from the others answers "no leader" at once
+        // instead of hanging: the request goes to the next.
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_timeout(std::time::Duration::from_secs(10));
+            .with_timeout(std::time::Duration::from_secs(10))
+            .with_require_leader(true);
         if let Some(tls) = tls {
             let mut t = TlsOptions::new();
             if let Some(ca) = tls.ca {
@@ -74,11 +79,11 @@ impl EtcdStore {
             }
             opts = opts.with_tls(t);
         }
-        let client = Client::connect(endpoints, Some(opts)).await.map_err(|e| {
+        let members = Members::connect(endpoints, opts).await.map_err(|e| {
             StoreError::Backend(format!("cannot reach etcd at {}: {e}", endpoints.join(",")))
         })?;
         Ok(Self {
-            client,
+            members: Arc::new(members),
             prefix: prefix.to_string(),
         })
     }
@@ -102,26 +107,26 @@ impl EtcdStore {
         );
         let deadline = tokio::time::Instant::now() + HOLD_TTL + Duration::from_secs(2);
         let lease = loop {
-            let lease = self
-                .client
-                .lease_client()
-                .grant(HOLD_TTL.as_secs() as i64, None)
-                .await
-                .map_err(etcd)?
-                .id();
+            let lease = self.grant_lease(HOLD_TTL).await?;
             let claim = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(
                     key.clone(),
                     holder.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self.client.kv_client().txn(claim).await.map_err(etcd)?;
+                    Some(PutOptions::new().with_lease(lease.0)),
+                )]);
+            let resp = self
+                .members
+                .call(|c| {
+                    let claim = claim.clone();
+                    async move { c.kv_client().txn(claim).await }
+                })
+                .await
+                .map_err(etcd)?;
             if resp.succeeded() {
                 break lease;
             }
-            let _ = self.client.lease_client().revoke(lease).await;
+            let _ = self.revoke(lease).await;
             if tokio::time::Instant::now() >= deadline {
                 let held_by = self
                     .get(HOLD_KEY)
@@ -135,18 +140,12 @@ impl EtcdStore {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
-        let (mut keeper, mut answers) = self
-            .client
-            .lease_client()
-            .keep_alive(lease)
-            .await
-            .map_err(etcd)?;
+        let me = self.clone();
         tokio::spawn(async move {
             let mut renewed = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(HOLD_TTL / 3).await;
-                let ok = keeper.keep_alive().await.is_ok()
-                    && matches!(answers.message().await, Ok(Some(a)) if a.ttl() > 0);
+                let ok = matches!(me.keep_alive(lease).await, Ok(true));
                 if ok {
                     renewed = tokio::time::Instant::now();
                 } else if renewed.elapsed() >= HOLD_TTL {
@@ -193,9 +192,11 @@ impl EtcdStore {
                 opts = opts.with_revision(at);
             }
             let resp = self
-                .client
-                .kv_client()
-                .get(from.clone(), Some(opts))
+                .members
+                .read(|c| {
+                    let (from, opts) = (from.clone(), opts.clone());
+                    async move { c.kv_client().get(from, Some(opts)).await }
+                })
                 .await
                 .map_err(etcd)?;
             if at == 0 {
@@ -276,22 +277,12 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.key(key), None)
-            .await
-            .map_err(etcd)?;
+        let resp = self.get_kv(key).await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
     async fn get_at(&self, key: &str) -> Result<(Revision, Option<Vec<u8>>), StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.key(key), None)
-            .await
-            .map_err(etcd)?;
+        let resp = self.get_kv(key).await?;
         let revision = resp
             .header()
             .map(|h| h.revision() as Revision)
@@ -308,10 +299,13 @@ impl Store for EtcdStore {
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(1);
+        let full = self.key(prefix);
         let resp = self
-            .client
-            .kv_client()
-            .get(self.key(prefix), Some(opts))
+            .members
+            .read(|c| {
+                let (full, opts) = (full.clone(), opts.clone());
+                async move { c.kv_client().get(full, Some(opts)).await }
+            })
             .await
             .map_err(etcd)?;
         Ok(resp
@@ -321,9 +315,12 @@ impl Store for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.client
-            .kv_client()
-            .put(self.key(key), value, None)
+        let full = self.key(key);
+        self.members
+            .call(|c| {
+                let (full, value) = (full.clone(), value.clone());
+                async move { c.kv_client().put(full, value, None).await }
+            })
             .await
             .map(drop)
             .map_err(etcd)
@@ -347,9 +344,12 @@ impl Store for EtcdStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client
-            .kv_client()
-            .delete(self.key(key), None)
+        let full = self.key(key);
+        self.members
+            .call(|c| {
+                let full = full.clone();
+                async move { c.kv_client().delete(full, None).await }
+            })
             .await
             .map(drop)
             .map_err(etcd)
@@ -372,10 +372,13 @@ impl Store for EtcdStore {
     ) -> Result<Option<Revision>, StoreError> {
         let when: Vec<Compare> = when.into_iter().map(|c| self.compare(c)).collect();
         let then: Vec<TxnOp> = then.into_iter().map(|o| self.txn_op(o)).collect();
+        let txn = Txn::new().when(when).and_then(then);
         let resp = self
-            .client
-            .kv_client()
-            .txn(Txn::new().when(when).and_then(then))
+            .members
+            .call(|c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
             .await
             .map_err(etcd)?;
         Ok(resp
@@ -395,10 +398,13 @@ impl Store for EtcdStore {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(after as i64 + 1);
+        let full = self.key(prefix);
         let stream = self
-            .client
-            .watch_client()
-            .watch(self.key(prefix), Some(opts))
+            .members
+            .read(|c| {
+                let (full, opts) = (full.clone(), opts.clone());
+                async move { c.watch_client().watch(full, Some(opts)).await }
+            })
             .await
             .map_err(etcd)?;
         let me = self.clone();
@@ -444,20 +450,23 @@ impl Store for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let resp = self
-            .client
-            .lease_client()
-            .grant(ttl.as_secs().max(1) as i64, None)
+            .members
+            .call(|c| async move {
+                c.lease_client()
+                    .grant(ttl.as_secs().max(1) as i64, None)
+                    .await
+            })
             .await
             .map_err(etcd)?;
         Ok(LeaseId(resp.id()))
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        let renewal = async {
-            let (mut keeper, mut answers) = self.client.lease_client().keep_alive(lease.0).await?;
+        let renewal = self.members.read(|c| async move {
+            let (mut keeper, mut answers) = c.lease_client().keep_alive(lease.0).await?;
             keeper.keep_alive().await?;
             answers.message().await
-        };
+        });
         match renewal.await {
             Ok(Some(a)) => Ok(a.ttl() > 0),
             Ok(None) => Err(StoreError::Backend(
@@ -469,7 +478,11 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        match self.client.lease_client().revoke(lease.0).await {
+        let revoked = self
+            .members
+            .read(|c| async move { c.lease_client().revoke(lease.0).await })
+            .await;
+        match revoked {
             Ok(_) => Ok(()),
             // Already gone is what revoking asks for.
             Err(e) if lease_gone(&e) => Ok(()),
@@ -479,6 +492,18 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// The key's entry, read from a member that answers.
+    async fn get_kv(&self, key: &str) -> Result<etcd_client::GetResponse, StoreError> {
+        let full = self.key(key);
+        self.members
+            .read(|c| {
+                let full = full.clone();
+                async move { c.kv_client().get(full, None).await }
+            })
+            .await
+            .map_err(etcd)
+    }
+
     /// Groups watch events into one change per revision.
     fn changes(&self, events: &[etcd_client::Event]) -> Vec<Result<Change, WatchError>> {
         let mut out: Vec<Change> = Vec::new();
@@ -559,9 +584,8 @@ mod tests {
         let c = s.clone();
         crate::store::conformance::feed_follows_and_resyncs(s, || async move {
             let (rev, _) = c.snapshot("").await.unwrap();
-            c.client
-                .kv_client()
-                .compact(rev as i64, None)
+            c.members
+                .call(|c| async move { c.kv_client().compact(rev as i64, None).await })
                 .await
                 .unwrap();
         })

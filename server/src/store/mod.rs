@@ -7,6 +7,8 @@
 #[cfg(test)]
 mod conformance;
 #[cfg(feature = "etcd")]
+mod etcd_members;
+#[cfg(feature = "etcd")]
 pub(crate) mod etcd_store;
 mod feed;
 mod history;
