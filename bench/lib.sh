@@ -31,16 +31,25 @@ for tool in jq ss awk; do
     command -v "$tool" >/dev/null || die "$tool is needed"
 done
 
+# ensure_binaries [etcd]: the release binaries, built when missing; with
+# `etcd`, a server built with the etcd store (built again when it lacks it).
 ensure_binaries() {
-    local missing=0 b
+    local missing=0 b features=()
     for b in flotilla-server flotilla-agent flotilla flotilla-sim; do
         [ -x "$BIN/$b" ] || missing=1
     done
+    if [ "${1:-}" = etcd ]; then
+        features=(--features flotilla-server/etcd)
+        if [ "$missing" = 0 ] && "$BIN/flotilla-server" run --store etcd --data-dir /nonexistent \
+            --etcd-endpoints http://127.0.0.1:1 2>&1 | grep -q "built without the etcd store"; then
+            missing=1
+        fi
+    fi
     if [ "$missing" = 1 ]; then
-        [ -z "${FLOTILLA_BENCH_BIN:-}" ] || die "no binaries in FLOTILLA_BENCH_BIN=$BIN"
+        [ -z "${FLOTILLA_BENCH_BIN:-}" ] || die "no (suitable) binaries in FLOTILLA_BENCH_BIN=$BIN"
         log "release binaries missing in $BIN; building (about 10 minutes on 2 cores):"
-        log "  CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release --workspace --bins"
-        (cd "$BENCH_REPO" && CARGO_TARGET_DIR="$BENCH_TARGET" cargo build --release --workspace --bins) \
+        log "  CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release --workspace --bins ${features[*]}"
+        (cd "$BENCH_REPO" && CARGO_TARGET_DIR="$BENCH_TARGET" cargo build --release --workspace --bins "${features[@]}") \
             || die "release build failed"
     fi
 }
@@ -104,10 +113,12 @@ wait_file() {
     return 1
 }
 
-# start_server DATA_DIR LOG LISTEN HEARTBEAT: starts `flotilla-server run`, sets
-# SERVER_PID and SERVER_ADDR (from DATA_DIR/server.addr).
+# start_server DATA_DIR LOG LISTEN HEARTBEAT [EXTRA_ARGS...]: starts
+# `flotilla-server run` (with EXTRA_ARGS), sets SERVER_PID and SERVER_ADDR
+# (from DATA_DIR/server.addr).
 start_server() {
     local data="$1" logf="$2" listen="$3" hb="$4"
+    shift 4
     rm -f "$data/server.addr"
     # The simulated fleet comes from a few loopback addresses: no per-address
     # caps; and the benchmarks measure sessions up to the descriptor limit, so
@@ -115,7 +126,7 @@ start_server() {
     local max_conns=$(( $(ulimit -n) - 256 ))
     "$BIN/flotilla-server" run --data-dir "$data" --listen "$listen" \
         --heartbeat-interval "$hb" --max-connections-per-source 0 \
-        --max-pending-per-source 0 --max-connections "$max_conns" >>"$logf" 2>&1 &
+        --max-pending-per-source 0 --max-connections "$max_conns" "$@" >>"$logf" 2>&1 &
     SERVER_PID=$!
     track "$SERVER_PID"
     wait_file "$data/server.addr" 30 || { tail -20 "$logf" >&2; die "the server did not listen within 30 s"; }

@@ -37,6 +37,7 @@ pub fn unix_ms() -> i64 {
 /// What the fleet needs.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
+    /// Agent i prefers the (i mod K)-th, then the next ones in turn.
     pub servers: Vec<String>,
     pub state_dir: PathBuf,
     pub agents: usize,
@@ -240,6 +241,12 @@ pub fn open_db(state_dir: &Path) -> anyhow::Result<sled::Db> {
 }
 
 impl Fleet {
+    /// Agent `i`'s servers: the (i mod K)-th first, then the others in turn.
+    fn servers_of(&self, i: usize) -> Vec<String> {
+        let s = &self.cfg.servers;
+        (0..s.len()).map(|k| s[(i + k) % s.len()].clone()).collect()
+    }
+
     /// Opens every agent's store (identities already there are reused).
     pub fn open(cfg: FleetConfig) -> anyhow::Result<Self> {
         let db = open_db(&cfg.state_dir)?;
@@ -290,7 +297,7 @@ impl Fleet {
                     break;
                 };
                 let opts = JoinOptions {
-                    servers: self.cfg.servers.clone(),
+                    servers: self.servers_of(i),
                     token: self.cfg.token.clone().unwrap_or_default(),
                     labels: BTreeMap::new(),
                     machine_id: Some(format!("sim-{i}")),
@@ -369,7 +376,7 @@ impl Fleet {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             let observer = Observer::new(move |e| tracker.note(index, e));
             let opts = RunOptions {
-                servers: self.cfg.servers.clone(),
+                servers: self.servers_of(i),
                 max_backoff: self.cfg.max_backoff,
                 root: agent_dir(&self.cfg.state_dir, i).join("root"),
                 executor: Executor::NoOp,

@@ -78,9 +78,11 @@ enum Cmd {
 /// The agents: where they live and how they join.
 #[derive(Args)]
 struct FleetArgs {
-    /// Server URL the agents join and connect to.
-    #[arg(long)]
-    server: String,
+    /// Server URL the agents join and connect to; given several (replicas
+    /// of one fleet), agent i prefers the (i mod K)-th and fails over to the
+    /// others in turn.
+    #[arg(long = "server", required = true)]
+    servers: Vec<String>,
     /// Shared database and per-agent directories; identities there are reused
     /// (tmpfs recommended: the agents fsync every step).
     #[arg(long)]
@@ -209,7 +211,7 @@ fn fleet_config(a: &FleetArgs, shared: bool, max_backoff: Duration) -> anyhow::R
         );
     }
     Ok(FleetConfig {
-        servers: vec![a.server.clone()],
+        servers: a.servers.clone(),
         state_dir: a.state_dir.clone(),
         agents: a.agents as usize,
         token: a.token.clone(),
