@@ -60,12 +60,11 @@ impl Held {
         self.nodes.lock().expect("held").len() as u64
     }
 
-    fn snapshot(&self) -> (u64, Vec<String>) {
+    /// The nodes held now, unless they are still those of version `seen`.
+    fn changed_since(&self, seen: Option<u64>) -> Option<(u64, Vec<String>)> {
         let nodes = self.nodes.lock().expect("held");
-        (
-            self.version.load(Ordering::Relaxed),
-            nodes.iter().cloned().collect(),
-        )
+        let version = self.version.load(Ordering::Relaxed);
+        (seen != Some(version)).then(|| (version, nodes.iter().cloned().collect()))
     }
 }
 
@@ -336,8 +335,7 @@ impl Replica {
                 if renewed.elapsed() >= LEASE_TTL * 2 / 3 {
                     self.set_leading(false);
                 }
-                let (version, nodes) = self.held.snapshot();
-                if held_written != Some(version) {
+                if let Some((version, nodes)) = self.held.changed_since(held_written) {
                     match self.write_held(lease, &nodes, held_chunks).await {
                         Ok(n) => {
                             held_chunks = n;
@@ -348,7 +346,7 @@ impl Replica {
                         }
                     }
                 }
-                let sessions = nodes.len() as u64;
+                let sessions = self.held.count();
                 if registered != Some(sessions) && self.register(lease, sessions).await.is_ok() {
                     registered = Some(sessions);
                 }

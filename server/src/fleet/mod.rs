@@ -19,6 +19,7 @@ use crate::patches::PatchRecord;
 use crate::replica::{Held, Leadership};
 use crate::store::{Db, Revision};
 
+mod apply;
 mod groups;
 mod offer;
 mod order;
@@ -148,6 +149,9 @@ pub struct Fleet {
     /// counts from then: a replica that takes over from a dead leader
     /// declares nobody lost while the dead one's agents reconnect.
     leading_since: std::sync::Mutex<Option<Instant>>,
+    /// One role assignment at a time in this replica: assignments of one
+    /// group racing each other (a burst of joins) would only conflict.
+    assigning: Mutex<()>,
 }
 
 pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
@@ -180,6 +184,7 @@ impl Fleet {
             leadership: std::sync::RwLock::new(Leadership::sole()),
             loaded_at: 0,
             leading_since: std::sync::Mutex::new(None),
+            assigning: Mutex::new(()),
         };
         fleet.loaded_at = fleet.read_view().await?;
         Ok(Arc::new(fleet))
@@ -482,6 +487,7 @@ impl Fleet {
     /// (fenced; the nodes hear of them as they apply), and publishes the
     /// group's status.
     async fn reconcile(&self, name: &str) -> Result<()> {
+        let _one = self.assigning.lock().await;
         self.mutate(true, |st| Ok((self.assign_roles(st, name), ())))
             .await
     }

@@ -400,7 +400,7 @@ impl Fleet {
         at_ms: i64,
     ) -> Result<()> {
         let mut fx = Effects::default();
-        let had_queued = {
+        let follows = {
             let mut st = self.state.lock().await;
             let was_final = st
                 .phases
@@ -421,13 +421,25 @@ impl Fleet {
                 at_ms,
             };
             self.apply_phase(&mut st, patch_id, node_id, note, &mut fx);
-            queued_before || (phase.is_final() && st.offers_more(node_id))
+            let had_queued = queued_before || (phase.is_final() && st.offers_more(node_id));
+            // What follows, seen on the view now (each is decided again on
+            // the view when it is written).
+            let installs = matches!(
+                phase,
+                pb::PatchPhase::Committed | pb::PatchPhase::RolledBack
+            ) && st
+                .nodes
+                .get(node_id)
+                .is_some_and(|n| st.refresh_installed(&mut n.clone(), patch_id));
+            let undo = phase == pb::PatchPhase::Committed
+                && st
+                    .rollouts
+                    .get(patch_id)
+                    .is_some_and(|r| r.state == RolloutState::Aborted && r.rollback);
+            (had_queued, installs, undo)
         };
+        let (had_queued, installs, undo) = follows;
         self.fire(fx);
-        let installs = matches!(
-            phase,
-            pb::PatchPhase::Committed | pb::PatchPhase::RolledBack
-        );
         if installs || had_queued {
             self.mutate(false, |st| {
                 let Some(mut node) = st.nodes.get(node_id).cloned() else {
@@ -449,7 +461,7 @@ impl Fleet {
         }
         // A node that committed after its rollout was aborted with rollback
         // must hear that it is to undo it.
-        if phase == pb::PatchPhase::Committed {
+        if undo {
             self.mutate(false, |st| {
                 let writes = match st.rollouts.get(patch_id) {
                     Some(r) if r.state == RolloutState::Aborted && r.rollback => {

@@ -350,3 +350,24 @@ async fn a_new_leader_declares_nobody_lost_before_its_startup_grace() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_joins_into_one_group_all_succeed() {
+    let r = replicas().await;
+    // Every join reconciles the group it joins: done at once on both
+    // replicas, none may fail for the others.
+    let joins: Vec<_> = (0..256)
+        .map(|i| {
+            let f = if i % 2 == 0 { r.a.clone() } else { r.b.clone() };
+            tokio::spawn(async move { f.save_node(node(&format!("n{i}"), "g")).await })
+        })
+        .collect();
+    for j in joins {
+        j.await.unwrap().expect("every join is stored");
+    }
+    eventually("both views have every node", || async {
+        r.a.nodes(Some("g")).await.is_ok_and(|n| n.len() == 256)
+            && r.b.nodes(Some("g")).await.is_ok_and(|n| n.len() == 256)
+    })
+    .await;
+}

@@ -1,40 +1,30 @@
-//! The fleet's view of the store: every node, group, patch, rollout and node
-//! patch state as last stored, kept current from two sides: this replica's own
-//! writes (applied from the store's answer) and the store's feed of every
-//! replica's writes. Each record is applied only when newer than what the view
-//! has, so the two sides meet in revision order whichever comes first.
-//!
-//! Writes are decided on the view under the fleet's lock, sent without it as
-//! one transaction that holds only if each record still has the bytes the view
-//! saw (compare-and-swap), and applied on success. A conflict (another replica,
-//! or another task here, wrote first) refreshes those records and the decision
-//! is taken again. No store round trip is made under the fleet's lock.
+//! Writing through the fleet's view of the store. The view holds every node,
+//! group, patch, rollout and node patch state as last stored (kept current by
+//! `apply`); writes are decided on it under the fleet's lock, sent without it
+//! as one transaction that holds only if each record still has the bytes the
+//! view saw (compare-and-swap), and applied from the store's answer. A
+//! conflict (another replica, or another task here, wrote first) reads those
+//! records afresh and the decision is taken again. No store round trip is
+//! made under the fleet's lock.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use flotilla_proto::manifest::Manifest;
-use flotilla_proto::pb;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
-use super::rollouts::PhaseNote;
+use super::apply::{decode, followed};
 use super::{Fleet, State};
 use crate::error::{Error, Result};
-use crate::model::{GroupRecord, NodeRecord, NodeStatus, keys};
-use crate::patches::{NodePatchRecord, PatchRecord, STATE_PREFIX};
-use crate::replica::{HELD, HeldRecord, held_owner};
-use crate::rollout::record::{self as rollout_record, RolloutRecord, RolloutState};
-use crate::store::{Condition, Feed, FeedItem, Op, Revision};
+use crate::model::keys;
+use crate::store::{Condition, Op, Revision};
 
 /// What the view has of one record it writes: its bytes as stored (None:
 /// deleted) and the revision they are from.
 #[derive(Debug, Clone)]
 pub(super) struct Known {
-    revision: Revision,
-    bytes: Option<Arc<[u8]>>,
+    pub(super) revision: Revision,
+    pub(super) bytes: Option<Arc<[u8]>>,
 }
 
 /// What a [`Write`] expects its key to hold.
@@ -92,48 +82,19 @@ impl State {
 #[derive(Default)]
 pub(super) struct Effects {
     /// Nodes came, went, or changed role, status, group or labels.
-    changed: bool,
+    pub(super) changed: bool,
     /// A group's settings changed: rollouts look at the fleet again.
-    groups: bool,
+    pub(super) groups: bool,
     /// A patch, rollout or node phase changed: the controller looks.
-    rollout_wake: bool,
+    pub(super) rollout_wake: bool,
     /// Rollouts whose watchers are told.
-    rollouts: BTreeSet<String>,
+    pub(super) rollouts: BTreeSet<String>,
 }
 
 /// Most writes one transaction carries (etcd refuses more than 128 by default).
 const MAX_TXN_WRITES: usize = 64;
 /// A decision that keeps conflicting is taken again at most this often.
 const MAX_ATTEMPTS: usize = 32;
-
-/// Whether the view follows `key`.
-fn followed(key: &str) -> bool {
-    [
-        keys::NODES,
-        keys::GROUPS,
-        keys::PATCHES,
-        rollout_record::PREFIX,
-        STATE_PREFIX,
-        HELD,
-    ]
-    .iter()
-    .any(|p| key.starts_with(p))
-}
-
-/// Keys whose last bytes the view keeps for compare-and-swap.
-fn tracked(key: &str) -> bool {
-    key.starts_with(keys::NODES)
-        || key.starts_with(keys::GROUPS)
-        || key.starts_with(rollout_record::PREFIX)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Option<T> {
-    serde_json::from_slice(bytes)
-        .inspect_err(
-            |e| tracing::error!(%key, error = %e, "stored record does not decode; skipped"),
-        )
-        .ok()
-}
 
 impl Fleet {
     /// Wakes what `fx` calls for.
@@ -151,271 +112,6 @@ impl Fleet {
         for id in fx.rollouts {
             let _ = self.rollout_events.send(id);
         }
-    }
-
-    /// Applies `key`'s value (None: deleted) as of `revision`, unless the view
-    /// already has it from then or later.
-    pub(super) fn apply(
-        &self,
-        st: &mut State,
-        key: &str,
-        value: Option<&[u8]>,
-        revision: Revision,
-        fx: &mut Effects,
-    ) {
-        if tracked(key) {
-            if let Some(k) = st.known.get_mut(key) {
-                if k.revision >= revision {
-                    return;
-                }
-                if k.bytes.as_deref() == value {
-                    k.revision = revision;
-                    return;
-                }
-            }
-            st.known.insert(
-                key.to_string(),
-                Known {
-                    revision,
-                    bytes: value.map(Arc::from),
-                },
-            );
-        }
-        if key.starts_with(HELD) {
-            self.apply_held(st, key, value, fx);
-            return;
-        }
-        let Some(value) = value else {
-            // Records are marked, never deleted; a deletion made by hand
-            // leaves the view as it was until the next start.
-            return;
-        };
-        if key.starts_with(keys::NODES) {
-            if let Some(n) = decode::<NodeRecord>(key, value) {
-                self.apply_node(st, n, fx);
-            }
-        } else if key.starts_with(keys::GROUPS) {
-            if let Some(g) = decode::<GroupRecord>(key, value) {
-                self.apply_group(st, g, fx);
-            }
-        } else if key.starts_with(rollout_record::PREFIX) {
-            if let Some(r) = decode::<RolloutRecord>(key, value) {
-                self.apply_rollout(st, r, fx);
-            }
-        } else if key.starts_with(keys::PATCHES) {
-            if let Some(p) = decode::<PatchRecord>(key, value) {
-                Self::apply_patch(st, p, fx);
-            }
-        } else if let Some(rest) = key.strip_prefix(STATE_PREFIX)
-            && let Some((patch, _)) = rest.split_once('/')
-            && let Some(r) = decode::<NodePatchRecord>(key, value)
-        {
-            let note = PhaseNote {
-                phase: pb::PatchPhase::from_name(&r.phase),
-                error: r.error,
-                at_ms: r.updated_at_ms,
-            };
-            self.apply_phase(st, patch, &r.node_id, note, fx);
-        }
-    }
-
-    fn apply_node(&self, st: &mut State, node: NodeRecord, fx: &mut Effects) {
-        let id = node.id.clone();
-        let old = st.nodes.insert(id.clone(), node);
-        let new = &st.nodes[&id];
-        let moved = old.as_ref().is_none_or(|o| {
-            o.group != new.group
-                || o.status != new.status
-                || o.role != new.role
-                || o.labels != new.labels
-        });
-        if !moved {
-            self.push(st, &id);
-            return;
-        }
-        fx.changed = true;
-        let group = new.group.clone();
-        if matches!(new.status, NodeStatus::Revoked | NodeStatus::Rejected)
-            && let Some(session) = st.sessions.remove(&id)
-        {
-            // Wherever it was revoked, the session this replica holds ends.
-            session.cancel.cancel();
-            self.held.remove(&id);
-            st.offline_since.insert(id.clone(), Instant::now());
-        }
-        if let Some(o) = old
-            && o.group != group
-        {
-            self.publish_status(st, &o.group);
-        }
-        self.publish_status(st, &group);
-        self.push(st, &id);
-    }
-
-    /// Another replica's held nodes changed (None: its lease ran out): the
-    /// nodes it let go are offline from now unless held elsewhere.
-    fn apply_held(&self, st: &mut State, key: &str, value: Option<&[u8]>, fx: &mut Effects) {
-        if held_owner(key) == Some(self.leadership().id()) {
-            return;
-        }
-        let nodes = value
-            .and_then(|v| decode::<HeldRecord>(key, v))
-            .map(|r| r.nodes)
-            .unwrap_or_default();
-        let old = if nodes.is_empty() {
-            st.remote.remove(key)
-        } else {
-            st.remote.insert(key.to_string(), nodes.clone())
-        }
-        .unwrap_or_default();
-        let before: HashSet<&String> = old.iter().collect();
-        let after: HashSet<&String> = nodes.iter().collect();
-        let (now, now_secs) = (Instant::now(), crate::model::now_secs());
-        let mut groups = BTreeSet::new();
-        for n in before.difference(&after) {
-            if let Some(c) = st.remote_count.get_mut(*n) {
-                *c -= 1;
-                if *c == 0 {
-                    st.remote_count.remove(*n);
-                }
-            }
-            if !st.online(n) {
-                st.offline_since.insert(n.to_string(), now);
-                st.last_seen.insert(n.to_string(), now_secs);
-            }
-            groups.extend(st.nodes.get(*n).map(|x| x.group.clone()));
-        }
-        for n in after.difference(&before) {
-            *st.remote_count.entry(n.to_string()).or_default() += 1;
-            st.offline_since.remove(*n);
-            st.last_seen.insert(n.to_string(), now_secs);
-            groups.extend(st.nodes.get(*n).map(|x| x.group.clone()));
-        }
-        if !groups.is_empty() {
-            fx.changed = true;
-            for g in groups {
-                self.publish_status(st, &g);
-            }
-        }
-    }
-
-    fn apply_group(&self, st: &mut State, g: GroupRecord, fx: &mut Effects) {
-        fx.changed = true;
-        fx.groups = true;
-        let name = g.name.clone();
-        if g.deleted {
-            st.groups.remove(&name);
-            st.published.remove(&name);
-            st.retired_groups.insert(name, g.revision);
-            return;
-        }
-        st.retired_groups.remove(&name);
-        st.groups.insert(name.clone(), g);
-        self.publish_status(st, &name);
-        let ids: Vec<String> = st
-            .nodes
-            .values()
-            .filter(|n| n.group == name)
-            .map(|n| n.id.clone())
-            .collect();
-        for id in ids {
-            self.push(st, &id);
-        }
-    }
-
-    fn apply_patch(st: &mut State, record: PatchRecord, fx: &mut Effects) {
-        if st.patches.contains_key(&record.id) {
-            return;
-        }
-        match Manifest::parse(record.manifest.as_bytes()) {
-            Ok(m) => {
-                fx.rollout_wake = true;
-                st.add_published(record, m);
-            }
-            Err(e) => {
-                tracing::error!(patch = %record.id, error = %e, "stored patch does not parse; skipped")
-            }
-        }
-    }
-
-    fn apply_rollout(&self, st: &mut State, r: RolloutRecord, fx: &mut Effects) {
-        let id = r.patch_id.clone();
-        let old = st.rollouts.insert(id.clone(), r);
-        let new = &st.rollouts[&id];
-        // Who must hear of it: every released node when what it means for
-        // them changed (abort, rollback), else the newly released, and when
-        // an aborted rollout rolls back, those that committed since.
-        let everyone = old
-            .as_ref()
-            .is_none_or(|o| o.state != new.state || o.rollback != new.rollback);
-        let undo = new.state == RolloutState::Aborted
-            && new.rollback
-            && old.as_ref().is_some_and(|o| o.revision != new.revision);
-        let phases = st.phases.get(&id);
-        let committed = |n: &str| {
-            phases.and_then(|p| p.get(n)).is_some_and(|x| {
-                matches!(
-                    x.phase,
-                    pb::PatchPhase::Committed | pb::PatchPhase::Reverting
-                )
-            })
-        };
-        let tell: Vec<String> = new
-            .groups
-            .iter()
-            .flat_map(|(g, p)| {
-                let before = old.as_ref().and_then(|o| o.groups.get(g));
-                p.released.iter().filter(move |n| {
-                    everyone
-                        || before.is_none_or(|b| !b.released.contains(*n))
-                        || (undo && committed(n))
-                })
-            })
-            .cloned()
-            .collect();
-        // Another step may now change something.
-        st.quiet.remove(&id);
-        if !new.state.releases() {
-            st.waiting.remove(&id);
-        }
-        for n in &tell {
-            self.push(st, n);
-        }
-        fx.rollout_wake = true;
-        fx.rollouts.insert(id);
-    }
-
-    /// Records a node's phase of a patch (unless the view has a newer report);
-    /// returns the phase it replaced, or None when nothing changed.
-    pub(super) fn apply_phase(
-        &self,
-        st: &mut State,
-        patch_id: &str,
-        node_id: &str,
-        note: PhaseNote,
-        fx: &mut Effects,
-    ) -> Option<Option<pb::PatchPhase>> {
-        let phases = st.phases.entry(patch_id.to_string()).or_default();
-        if let Some(cur) = phases.get(node_id)
-            && (cur.at_ms > note.at_ms || (cur.at_ms == note.at_ms && cur.phase == note.phase))
-        {
-            return None;
-        }
-        let phase = note.phase;
-        let before = phases.insert(node_id.to_string(), note).map(|n| n.phase);
-        let (from, to) = (
-            super::rollouts::progress_of_phase(before),
-            super::rollouts::progress_of_phase(Some(phase)),
-        );
-        // Phases between release and outcome change nothing a step looks at.
-        if from != to {
-            if st.note_progress(node_id, patch_id, from, to) {
-                fx.rollout_wake = true;
-            }
-            // Progress (applying, done, failed) is what `rollout watch` shows.
-            fx.rollouts.insert(patch_id.to_string());
-        }
-        Some(before)
     }
 
     /// Sends `writes` as transactions of at most [`MAX_TXN_WRITES`] (fenced by
@@ -525,78 +221,5 @@ impl Fleet {
         Err(Error::Unavailable(
             "the fleet's records kept changing under this request; try again".into(),
         ))
-    }
-
-    /// Reads every record the view follows, as of one revision.
-    pub(super) async fn read_view(&self) -> Result<Revision> {
-        let mut entries = Vec::new();
-        let revision = self
-            .db
-            .raw()
-            .visit_snapshot("", &mut |k, v, _| {
-                if followed(k) {
-                    entries.push((k.to_string(), v.to_vec()));
-                }
-                Ok(())
-            })
-            .await?;
-        let mut fx = Effects::default();
-        let mut st = self.state.lock().await;
-        // Patches before the patch states and rollouts that refer to them.
-        entries.sort_by_key(|(k, _)| !k.starts_with(keys::PATCHES));
-        for (k, v) in &entries {
-            self.apply(&mut st, k, Some(v), revision, &mut fx);
-        }
-        Ok(revision)
-    }
-
-    /// Keeps the view current with every replica's writes, from `after` on.
-    pub async fn run_follower(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut feed = Feed::after(self.db.raw().clone(), "", self.loaded_at);
-        loop {
-            let item = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                item = feed.next() => item,
-            };
-            let mut fx = Effects::default();
-            {
-                let mut st = self.state.lock().await;
-                match item {
-                    FeedItem::Change(change) => {
-                        for event in &change.events {
-                            let (key, value) = match event {
-                                crate::store::Event::Put { key, value } => (key, Some(&value[..])),
-                                crate::store::Event::Delete { key } => (key, None),
-                            };
-                            if followed(key) {
-                                self.apply(&mut st, key, value, change.revision, &mut fx);
-                            }
-                        }
-                    }
-                    FeedItem::Reset { revision, entries } => {
-                        let mut entries: Vec<_> =
-                            entries.into_iter().filter(|(k, _)| followed(k)).collect();
-                        let present: std::collections::HashSet<&str> =
-                            entries.iter().map(|(k, _)| k.as_str()).collect();
-                        let gone: Vec<String> = st
-                            .known
-                            .keys()
-                            .chain(st.remote.keys())
-                            .filter(|k| !present.contains(k.as_str()))
-                            .cloned()
-                            .collect();
-                        drop(present);
-                        entries.sort_by_key(|(k, _)| !k.starts_with(keys::PATCHES));
-                        for (k, v) in &entries {
-                            self.apply(&mut st, k, Some(v), revision, &mut fx);
-                        }
-                        for k in gone {
-                            self.apply(&mut st, &k, None, revision, &mut fx);
-                        }
-                    }
-                }
-            }
-            self.fire(fx);
-        }
     }
 }
