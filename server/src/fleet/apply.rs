@@ -58,6 +58,15 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) ->
 }
 
 impl Fleet {
+    /// Publishes the status of each group that what was applied changed,
+    /// once (a burst of node records costs one count per group, not one per
+    /// node). Called before the lock is let go.
+    pub(super) fn publish_statuses(&self, st: &mut State, fx: &mut Effects) {
+        for g in std::mem::take(&mut fx.statuses) {
+            self.publish_status(st, &g);
+        }
+    }
+
     /// Applies `key`'s value (None: deleted) as of `revision`, unless the view
     /// already has it from then or later.
     pub(super) fn apply(
@@ -155,9 +164,9 @@ impl Fleet {
         if let Some(o) = old
             && o.group != group
         {
-            self.publish_status(st, &o.group);
+            fx.statuses.insert(o.group);
         }
-        self.publish_status(st, &group);
+        fx.statuses.insert(group);
         self.push(st, &id);
     }
 
@@ -203,7 +212,7 @@ impl Fleet {
         if !groups.is_empty() {
             fx.changed = true;
             for g in groups {
-                self.publish_status(st, &g);
+                fx.statuses.insert(g);
             }
         }
     }
@@ -220,7 +229,7 @@ impl Fleet {
         }
         st.retired_groups.remove(&name);
         st.groups.insert(name.clone(), g);
-        self.publish_status(st, &name);
+        fx.statuses.insert(name.clone());
         let ids: Vec<String> = st
             .nodes
             .values()
@@ -347,6 +356,7 @@ impl Fleet {
         for (k, v) in &entries {
             self.apply(&mut st, k, Some(v), revision, &mut fx);
         }
+        self.publish_statuses(&mut st, &mut fx);
         Ok(revision)
     }
 
@@ -369,6 +379,7 @@ impl Fleet {
                         None => break,
                     }
                 }
+                self.publish_statuses(&mut st, &mut fx);
             }
             self.fire(fx);
         }

@@ -89,6 +89,8 @@ pub(super) struct Effects {
     pub(super) rollout_wake: bool,
     /// Rollouts whose watchers are told.
     pub(super) rollouts: BTreeSet<String>,
+    /// Groups whose status changed: published before the lock is let go.
+    pub(super) statuses: BTreeSet<String>,
 }
 
 /// Most writes one transaction carries (etcd refuses more than 128 by default).
@@ -153,6 +155,7 @@ impl Fleet {
                         for w in chunk {
                             self.apply(&mut st, &w.key, Some(&w.value), revision, &mut fx);
                         }
+                        self.publish_statuses(&mut st, &mut fx);
                     }
                     self.fire(fx);
                 }
@@ -196,6 +199,7 @@ impl Fleet {
             for (key, revision, value) in &read {
                 self.apply(&mut st, key, value.as_deref(), *revision, &mut fx);
             }
+            self.publish_statuses(&mut st, &mut fx);
         }
         self.fire(fx);
         Ok(())
