@@ -80,16 +80,7 @@ cli trust set --key "$T/release.pub" >/dev/null
 TOKEN="$(cli --json token create --group "$GROUP" --max-uses "$N" --ttl 2h | jq -r .token)"
 
 # The emergency patch: built and signed now, published by the simulator.
-STAMP="$(date +%s)"
-ID="fleet-$STAMP"
-W="$T/patch"
-mkdir -p "$W/src"
-printf '1.0.0\n' >"$W/src/VERSION"
-head -c 8192 /dev/urandom | base64 >"$W/src/README"
-tar --owner=0 --group=0 --numeric-owner -C "$W/src" -cf "$W/payload.tar" VERSION README
-files_spec "$W/spec.toml" "$ID" fleet-files 1.0.0 critical 2h "$GROUP" payload.tar
-"$BIN/flotilla" patch build "$W/spec.toml" --out-dir "$W/bundle" >/dev/null
-"$BIN/flotilla" patch sign "$W/bundle/manifest.json" --key "$T/release.key" >/dev/null
+fleet_patch "$T/patch" "$GROUP" "$T/release.key"
 
 SIM_ARGS=(run --server "$FLOTILLA_SERVER" --state-dir "$S" --agents "$N" --token "$TOKEN"
     --trusted-key "$T/release.pub" --server-pid-file "$T/server.pid" --server-data-dir "$T/server"

@@ -138,6 +138,21 @@ init_server() {
     "$BIN/flotilla-server" init --data-dir "$1" --name 127.0.0.1 --name localhost >/dev/null
 }
 
+# fleet_patch DIR GROUP KEY: builds in DIR and signs with KEY a critical
+# `files` patch (a 10 KiB tar to /opt/bench) for the nodes of GROUP; sets ID
+# (its id) and W (DIR; the manifest is $W/bundle/manifest.json).
+fleet_patch() {
+    W="$1"
+    ID="fleet-$(date +%s)"
+    mkdir -p "$W/src"
+    printf '1.0.0\n' >"$W/src/VERSION"
+    head -c 8192 /dev/urandom | base64 >"$W/src/README"
+    tar --owner=0 --group=0 --numeric-owner -C "$W/src" -cf "$W/payload.tar" VERSION README
+    files_spec "$W/spec.toml" "$ID" fleet-files 1.0.0 critical 2h "$2" payload.tar
+    "$BIN/flotilla" patch build "$W/spec.toml" --out-dir "$W/bundle" >/dev/null
+    "$BIN/flotilla" patch sign "$W/bundle/manifest.json" --key "$3" >/dev/null
+}
+
 # cli ARGS...: the flotilla CLI, bounded in time (CLI_TIMEOUT seconds, default 30).
 # files_spec FILE ID COMPONENT VERSION SEVERITY EXPIRES GROUP ARTIFACT: writes the
 # spec of a `files` patch of ARTIFACT (a file beside FILE) into /opt/bench for

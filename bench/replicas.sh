@@ -100,16 +100,7 @@ log "replicas: ${ADDRS[*]} (pids ${PIDS[*]})"
 "$BIN/flotilla" key generate --unencrypted --out "$T/release" >/dev/null
 cli trust set --key "$T/release.pub" >/dev/null
 TOKEN="$(cli --json token create --group "$GROUP" --max-uses "$N" --ttl 2h | jq -r .token)"
-STAMP="$(date +%s)"
-ID="fleet-$STAMP"
-W="$T/patch"
-mkdir -p "$W/src"
-printf '1.0.0\n' >"$W/src/VERSION"
-head -c 8192 /dev/urandom | base64 >"$W/src/README"
-tar --owner=0 --group=0 --numeric-owner -C "$W/src" -cf "$W/payload.tar" VERSION README
-files_spec "$W/spec.toml" "$ID" fleet-files 1.0.0 critical 2h "$GROUP" payload.tar
-"$BIN/flotilla" patch build "$W/spec.toml" --out-dir "$W/bundle" >/dev/null
-"$BIN/flotilla" patch sign "$W/bundle/manifest.json" --key "$T/release.key" >/dev/null
+fleet_patch "$T/patch" "$GROUP" "$T/release.key"
 
 SIM_ARGS=(run --state-dir "$S" --agents "$N" --token "$TOKEN"
     --trusted-key "$T/release.pub" --server-pid-file "$T/r0.pid"
@@ -187,7 +178,7 @@ for r in 0 1 2; do
 done
 printf '%-46s %s\n' "  per session, from fresh (all replicas)" \
     "$(awk -v f="${FRESH[*]}" -v c="${CONNECTED[*]}" -v n="$N" 'BEGIN { split(f, F, " "); split(c, C, " "); printf "%.1f KiB", ((C[1] - F[1]) + (C[5] - F[5]) + (C[9] - F[9])) / n }')"
-printf '%-46s %s writes over %.0f s, %s heartbeats: %s per heartbeat\n' "store writes while idle (etcd revisions)" \
+printf '%-46s %s writes over %.0f s, %.0f heartbeats: %s per heartbeat\n' "store writes while idle (etcd revisions)" \
     "$((REV1 - REV0))" "$(awk -v ms="$((ti1 - ti0))" 'BEGIN { print ms / 1000 }')" "$HB" \
     "$(awk -v w="$((REV1 - REV0))" -v h="$HB" 'BEGIN { if (h > 0) printf "%.5f", w / h; else print "n/a" }')"
 SETTLED="$(jq -r '.patch.settled // 0' "$R")"

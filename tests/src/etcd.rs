@@ -67,6 +67,31 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts member `name` (data in `dir/etcd-<name>`) of the cluster
+/// `initial` (`name=peer-url,...`), serving clients on `url`; `cmd` may
+/// carry TLS flags.
+fn spawn_member(
+    mut cmd: Command,
+    dir: &Path,
+    name: &str,
+    url: &str,
+    peer_url: &str,
+    initial: &str,
+) -> Child {
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(dir.join(format!("etcd-{name}")))
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args(["--listen-peer-urls", peer_url])
+        .args(["--initial-advertise-peer-urls", peer_url])
+        .args(["--initial-cluster", initial])
+        .args(["--initial-cluster-state", "new"])
+        .args(["--initial-cluster-token", "e2e"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed (Debian package etcd-server; scripts/test installs it)")
+}
+
 impl Etcd {
     /// Starts one member with its data in `dir` and waits until it answers.
     pub fn start(dir: &Path) -> Self {
@@ -90,22 +115,7 @@ impl Etcd {
                 .arg(&t.ca)
                 .arg("--client-cert-auth");
         }
-        let child = cmd
-            .args(["--name", "e2e", "--data-dir"])
-            .arg(dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("e2e={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd is installed (Debian package etcd-server; scripts/test installs it)");
+        let child = spawn_member(cmd, dir, "e2e", &url, &peer_url, &format!("e2e={peer_url}"));
         let etcd = Self { child, url };
         let health = format!("127.0.0.1:{client}");
         wait_until("etcd to answer", Duration::from_secs(30), || {
@@ -193,24 +203,14 @@ impl EtcdCluster {
         for (i, (client, peer)) in ports.iter().enumerate() {
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.join(format!("etcd-m{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &url,
-                    "--advertise-client-urls",
-                    &url,
-                ])
-                .args(["--listen-peer-urls", &peer_url])
-                .args(["--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &initial])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "e2e"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd is installed (Debian package etcd-server; scripts/test installs it)");
+            let child = spawn_member(
+                Command::new("etcd"),
+                dir,
+                &format!("m{i}"),
+                &url,
+                &peer_url,
+                &initial,
+            );
             members.push(Some(child));
             urls.push(url);
         }

@@ -20,6 +20,20 @@ const AGENTS: usize = 12;
 /// The group may lose this many nodes to patching at once.
 const MAX_UNAVAILABLE: u64 = 2;
 
+/// `n` started replicas of one fleet on `store`: the first made by `init`,
+/// the others from its CA bundle.
+fn replicas_on(dir: &Path, store: &[&str], n: usize) -> Vec<Server> {
+    let mut first = Server::init_with(dir, store);
+    first.start();
+    let mut replicas = vec![first];
+    for i in 1..n {
+        let mut r = replica_of(&replicas[0], dir, store, &format!("replica{i}"));
+        r.start();
+        replicas.push(r);
+    }
+    replicas
+}
+
 struct Fleet {
     replicas: Vec<Server>,
     agents: Vec<Agent>,
@@ -30,14 +44,7 @@ impl Fleet {
     /// Three replicas on `store`, the first made by `init`, and AGENTS agents,
     /// agent i joined through replica i % 3 and preferring it.
     fn start(dir: &Path, store: &[&str]) -> Self {
-        let mut first = Server::init_with(dir, store);
-        first.start();
-        let mut replicas = vec![first];
-        for name in ["second", "third"] {
-            let mut r = replica_of(&replicas[0], dir, store, name);
-            r.start();
-            replicas.push(r);
-        }
+        let replicas = replicas_on(dir, store, 3);
         wait_until("three replicas, one leading", T, || {
             let l = replicas[0].cli_json(&["replicas", "list"]);
             let l = l.as_array()?;
@@ -263,14 +270,7 @@ fn joins_racing_on_three_replicas_use_a_token_exactly_as_often_as_it_allows() {
     let etcd = Etcd::start(dir.path());
     let store = etcd.store_args("/fleet/");
     let store: Vec<&str> = store.iter().map(String::as_str).collect();
-    let mut first = Server::init_with(dir.path(), &store);
-    first.start();
-    let mut replicas = vec![first];
-    for name in ["second", "third"] {
-        let mut r = replica_of(&replicas[0], dir.path(), &store, name);
-        r.start();
-        replicas.push(r);
-    }
+    let replicas = replicas_on(dir.path(), &store, 3);
     let token = replicas[0].token("store", 5, &[]);
     let joins: Vec<std::process::Child> = (0..10)
         .map(|i| spawn_join(dir.path(), &format!("j{i}"), &replicas[i % 3].url(), &token))
@@ -292,10 +292,8 @@ fn etcd_unreachable_for_a_while_fails_writes_clearly_and_everything_converges_af
     let etcd = Etcd::start(dir.path());
     let store = etcd.store_args("/fleet/");
     let store: Vec<&str> = store.iter().map(String::as_str).collect();
-    let mut first = Server::init_with(dir.path(), &store);
-    first.start();
-    let mut second = replica_of(&first, dir.path(), &store, "second");
-    second.start();
+    let replicas = replicas_on(dir.path(), &store, 2);
+    let (first, second) = (&replicas[0], &replicas[1]);
     let token = first.token("store", 2, &[]);
     first.cli(&["group", "set", "store", "--desired", "2"]);
     let urls = [first.url(), second.url()];
@@ -307,7 +305,7 @@ fn etcd_unreachable_for_a_while_fails_writes_clearly_and_everything_converges_af
         a.start(&mine);
         agents.push(a);
     }
-    for s in [&first, &second] {
+    for s in [first, second] {
         wait_until("both online", T, || {
             (s.group("store")["online"] == 2).then_some(())
         });
@@ -347,7 +345,7 @@ fn etcd_unreachable_for_a_while_fails_writes_clearly_and_everything_converges_af
     wait_until("every agent to hear the new count", T, || {
         agents.iter().all(|a| desired(a) == Some(1)).then_some(())
     });
-    for s in [&first, &second] {
+    for s in [first, second] {
         wait_until("both online on each replica", T, || {
             (s.group("store")["online"] == 2).then_some(())
         });
