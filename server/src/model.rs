@@ -60,6 +60,42 @@ pub mod keys {
     pub fn patch_seq(seq: u64) -> String {
         format!("{PATCH_SEQS}{seq:020}")
     }
+    /// Where each node stands with each patch: `patchstate/<patch>/<node>`.
+    pub const PATCH_STATES: &str = "patchstate/";
+    pub fn patch_state(patch: &str, node: &str) -> String {
+        format!("{PATCH_STATES}{patch}/{node}")
+    }
+    /// The patch states of one patch.
+    pub fn patch_states(patch: &str) -> String {
+        format!("{PATCH_STATES}{patch}/")
+    }
+}
+
+/// A published patch as stored: the exact signed bytes and their signatures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchRecord {
+    pub id: String,
+    /// Publish order; the fleet's patch revision is the highest.
+    pub seq: u64,
+    /// The manifest JSON exactly as signed (always UTF-8: it parsed as JSON).
+    pub manifest: String,
+    pub signatures: Vec<String>,
+    pub published_at: i64,
+    pub published_by: String,
+}
+
+/// Where one node stands with one patch, from its reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodePatchRecord {
+    pub node_id: String,
+    pub phase: String,
+    pub first_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub error: String,
+    pub log_tail: String,
+    /// The report that set this state: a re-send of it changes nothing.
+    #[serde(default)]
+    pub last_report_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

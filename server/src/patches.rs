@@ -5,47 +5,10 @@ use std::collections::BTreeMap;
 
 use flotilla_proto::manifest::Manifest;
 use flotilla_proto::pb;
-use serde::{Deserialize, Serialize};
 
 use crate::app::App;
 use crate::error::{Error, Result};
-
-/// A published patch as stored: the exact signed bytes and their signatures.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PatchRecord {
-    pub id: String,
-    /// Publish order; the fleet's patch revision is the highest.
-    pub seq: u64,
-    /// The manifest JSON exactly as signed (always UTF-8: it parsed as JSON).
-    pub manifest: String,
-    pub signatures: Vec<String>,
-    pub published_at: i64,
-    pub published_by: String,
-}
-
-/// Where one node stands with one patch, from its reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodePatchRecord {
-    pub node_id: String,
-    pub phase: String,
-    pub first_at_ms: i64,
-    pub updated_at_ms: i64,
-    pub error: String,
-    pub log_tail: String,
-    /// The report that set this state: a re-send of it changes nothing.
-    #[serde(default)]
-    pub last_report_id: String,
-}
-
-pub fn state_key(patch: &str, node: &str) -> String {
-    format!("patchstate/{patch}/{node}")
-}
-
-pub const STATE_PREFIX: &str = "patchstate/";
-
-pub fn state_prefix(patch: &str) -> String {
-    format!("{STATE_PREFIX}{patch}/")
-}
+use crate::model::{NodePatchRecord, PatchRecord, keys};
 
 /// Makes sure every artifact of `m` is held here (uploaded here, or fetched
 /// from the replica it was uploaded to) and by as many replicas as the
@@ -150,7 +113,7 @@ pub async fn record_report(
     let stored = app
         .db
         .update_unsynced(
-            &state_key(&rec.manifest_id, node_id),
+            &keys::patch_state(&rec.manifest_id, node_id),
             |cur: Option<NodePatchRecord>| {
                 new = false;
                 let next = match cur {
@@ -235,7 +198,11 @@ pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodeP
             },
         );
     }
-    for r in app.db.list::<NodePatchRecord>(&state_prefix(id)).await? {
+    for r in app
+        .db
+        .list::<NodePatchRecord>(&keys::patch_states(id))
+        .await?
+    {
         let group = match by_node.get(&r.node_id) {
             Some(s) => s.group.clone(),
             None => app
@@ -259,37 +226,4 @@ pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodeP
         );
     }
     Ok((info, by_node.into_values().collect()))
-}
-
-/// PatchInfo of a record.
-pub fn info(
-    rec: &PatchRecord,
-    m: &Manifest,
-    targeted: u32,
-    rollout: Option<&crate::rollout::record::RolloutRecord>,
-) -> pb::PatchInfo {
-    pb::PatchInfo {
-        id: rec.id.clone(),
-        component: m.component.clone(),
-        version: m.version.clone(),
-        severity: m.severity.as_str().to_string(),
-        issued_at: m.issued_at.unix_timestamp(),
-        expires_at: m.expires_at.unix_timestamp(),
-        published_at: rec.published_at,
-        published_by: rec.published_by.clone(),
-        artifacts: m
-            .artifacts
-            .iter()
-            .map(|a| pb::ArtifactRef {
-                name: a.name.clone(),
-                sha256: a.sha256.clone(),
-                size: a.size,
-            })
-            .collect(),
-        targeted,
-        signatures: rec.signatures.len() as u32,
-        manifest: rec.manifest.clone().into_bytes(),
-        emergency: rollout.is_some_and(|r| r.emergency),
-        rollout_state: rollout.map_or("", |r| r.state.as_str()).to_string(),
-    }
 }

@@ -19,8 +19,7 @@ use super::rollouts::PhaseNote;
 use super::view::{Effects, Known};
 use super::{Fleet, State};
 use crate::error::Result;
-use crate::model::{GroupRecord, NodeRecord, NodeStatus, keys};
-use crate::patches::{NodePatchRecord, PatchRecord, STATE_PREFIX};
+use crate::model::{GroupRecord, NodePatchRecord, NodeRecord, NodeStatus, PatchRecord, keys};
 use crate::replica::{HELD, HeldRecord, held_owner};
 use crate::rollout::record::{self as rollout_record, RolloutRecord, RolloutState};
 use crate::store::{Feed, FeedItem, Revision};
@@ -35,7 +34,7 @@ pub(super) fn followed(key: &str) -> bool {
         keys::GROUPS,
         keys::PATCHES,
         rollout_record::PREFIX,
-        STATE_PREFIX,
+        keys::PATCH_STATES,
         HELD,
     ]
     .iter()
@@ -120,7 +119,7 @@ impl Fleet {
             if let Some(p) = decode::<PatchRecord>(key, value) {
                 Self::apply_patch(st, p, fx);
             }
-        } else if let Some(rest) = key.strip_prefix(STATE_PREFIX)
+        } else if let Some(rest) = key.strip_prefix(keys::PATCH_STATES)
             && let Some((patch, _)) = rest.split_once('/')
             && let Some(r) = decode::<NodePatchRecord>(key, value)
         {

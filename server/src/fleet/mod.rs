@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::membership::{self, Member, Policy};
+use crate::model::PatchRecord;
 use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys, now_secs};
-use crate::patches::PatchRecord;
 use crate::replica::{Held, Leadership};
 use crate::store::{Db, Revision};
 

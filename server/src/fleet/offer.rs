@@ -8,7 +8,7 @@ use flotilla_proto::pb;
 use super::State;
 use super::published::wants;
 use crate::model::NodeRecord;
-use crate::patches::PatchRecord;
+use crate::model::PatchRecord;
 
 /// Most patches one desired state carries.
 pub(super) const MAX_MANIFESTS_PER_STATE: usize = 64;

@@ -6,8 +6,8 @@ use flotilla_proto::pb;
 
 use super::{Fleet, RolloutRequest, State};
 use crate::error::{Error, Result};
+use crate::model::PatchRecord;
 use crate::model::{NodeRecord, NodeStatus, keys, now_ms, now_secs};
-use crate::patches::PatchRecord;
 use crate::rollout::record::{self as rollout_record, RolloutRecord};
 
 fn target_of(n: &NodeRecord) -> NodeTarget {
@@ -183,7 +183,7 @@ impl Fleet {
         let (r, m) = st.patches.get(id)?;
         let now = time::OffsetDateTime::now_utc();
         let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-        Some(crate::patches::info(r, m, targeted, st.rollouts.get(id)))
+        Some(patch_info_pb(r, m, targeted, st.rollouts.get(id)))
     }
 
     /// Summaries of every patch, newest first.
@@ -195,13 +195,43 @@ impl Fleet {
             .values()
             .map(|(r, m)| {
                 let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-                (
-                    r.seq,
-                    crate::patches::info(r, m, targeted, st.rollouts.get(&r.id)),
-                )
+                (r.seq, patch_info_pb(r, m, targeted, st.rollouts.get(&r.id)))
             })
             .collect();
         out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         out.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+/// PatchInfo of a record.
+fn patch_info_pb(
+    rec: &PatchRecord,
+    m: &Manifest,
+    targeted: u32,
+    rollout: Option<&crate::rollout::record::RolloutRecord>,
+) -> pb::PatchInfo {
+    pb::PatchInfo {
+        id: rec.id.clone(),
+        component: m.component.clone(),
+        version: m.version.clone(),
+        severity: m.severity.as_str().to_string(),
+        issued_at: m.issued_at.unix_timestamp(),
+        expires_at: m.expires_at.unix_timestamp(),
+        published_at: rec.published_at,
+        published_by: rec.published_by.clone(),
+        artifacts: m
+            .artifacts
+            .iter()
+            .map(|a| pb::ArtifactRef {
+                name: a.name.clone(),
+                sha256: a.sha256.clone(),
+                size: a.size,
+            })
+            .collect(),
+        targeted,
+        signatures: rec.signatures.len() as u32,
+        manifest: rec.manifest.clone().into_bytes(),
+        emergency: rollout.is_some_and(|r| r.emergency),
+        rollout_state: rollout.map_or("", |r| r.state.as_str()).to_string(),
     }
 }
