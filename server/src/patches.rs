@@ -15,16 +15,16 @@ use crate::model::{NodePatchRecord, PatchRecord, keys};
 /// publish needs (`--artifact-copies`; by default 2 once there are 2).
 async fn hold_artifacts(app: &App, m: &Manifest) -> Result<()> {
     for a in &m.artifacts {
-        if let Some(size) = app.artifacts.complete_size(&a.sha256)
-            && size != a.size
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "artifact {} ({}) is held with {size} bytes, the manifest says {}",
-                a.name, a.sha256, a.size
-            )));
-        }
-        if app.artifacts.complete_size(&a.sha256).is_none() {
-            app.peers
+        match app.artifacts.complete_size(&a.sha256) {
+            Some(size) if size != a.size => {
+                return Err(Error::FailedPrecondition(format!(
+                    "artifact {} ({}) is held with {size} bytes, the manifest says {}",
+                    a.name, a.sha256, a.size
+                )));
+            }
+            Some(_) => {}
+            None => app
+                .peers
                 .fetch(&app.artifacts, &a.sha256, a.size)
                 .await
                 .map_err(|e| {
@@ -32,7 +32,7 @@ async fn hold_artifacts(app: &App, m: &Manifest) -> Result<()> {
                         "artifact {} ({}) has not been uploaded: {e}",
                         a.name, a.sha256
                     ))
-                })?;
+                })?,
         }
     }
     let replicas = app.peers.replicas().await?;

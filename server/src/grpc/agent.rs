@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use flotilla_proto::limits;
 use flotilla_proto::pb::{self, agent_message, server_message};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -318,7 +317,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(pb::ReportResponse { recorded }))
     }
 
-    type FetchArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+    type FetchArtifactStream = super::artifact_stream::ChunkStream;
 
     async fn fetch_artifact(
         &self,

@@ -263,29 +263,9 @@ impl Db {
         self.store.put(key, Self::encode(value)).await
     }
 
-    /// See [`Store::put_unsynced`].
-    pub async fn put_unsynced<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        self.store.put_unsynced(key, Self::encode(value)).await
-    }
-
     /// See [`Store::sync`].
     pub async fn sync(&self) -> Result<(), StoreError> {
         self.store.sync().await
-    }
-
-    /// Writes `value` if every condition of `when` holds; false (nothing
-    /// written) if one did not.
-    pub async fn put_when<T: Serialize>(
-        &self,
-        when: Vec<Condition>,
-        key: &str,
-        value: &T,
-    ) -> Result<bool, StoreError> {
-        Ok(self
-            .store
-            .txn(when, vec![Op::put(key, Self::encode(value))])
-            .await?
-            .is_some())
     }
 
     /// Inserts only if `key` is absent; false if it existed.
