@@ -286,7 +286,7 @@ pub struct ReportRecord {
     pub report_id: String,
     pub node_id: String,
     pub manifest_id: String,
-    pub phase: i32,
+    pub phase: flotilla_proto::phase::Phase,
     pub at_ms: i64,
     pub error: String,
     pub log_tail: String,

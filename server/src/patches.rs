@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use flotilla_proto::manifest::Manifest;
-use flotilla_proto::pb;
+use flotilla_proto::phase::Phase;
 
 use crate::app::App;
 use crate::error::{Error, Result};
+use crate::fleet::PatchInfo;
 use crate::model::{NodePatchRecord, PatchRecord, keys};
 
 /// Makes sure every artifact of `m` is held here (uploaded here, or fetched
@@ -104,8 +105,8 @@ pub async fn record_report(
     rec: crate::model::ReportRecord,
 ) -> Result<bool> {
     app.fleet.check_report(node_id, &rec.manifest_id).await?;
-    let phase = pb::PatchPhase::try_from(rec.phase).unwrap_or(pb::PatchPhase::Unspecified);
-    let name = phase.name().to_string();
+    let phase = rec.phase;
+    let name = phase.as_str().to_string();
     let at = rec.at_ms;
     let mut new = false;
     // One fsync for the report and what it changes in the fleet (installed
@@ -153,7 +154,7 @@ pub async fn record_report(
             .note_phase(
                 node_id,
                 &rec.manifest_id,
-                pb::PatchPhase::from_name(&s.phase),
+                Phase::parse(&s.phase).unwrap_or(phase),
                 &s.error,
                 s.updated_at_ms,
             )
@@ -162,34 +163,41 @@ pub async fn record_report(
     // Also when this is a re-send: an earlier try's write may not have reached
     // the disk (its sync failed, so it was never acknowledged).
     app.db.sync().await?;
-    if new
-        && matches!(
-            phase,
-            pb::PatchPhase::Committed
-                | pb::PatchPhase::RolledBack
-                | pb::PatchPhase::Failed
-                | pb::PatchPhase::Rejected
-                | pb::PatchPhase::Superseded
-        )
-    {
+    if new && phase.is_final() {
         tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
     }
     Ok(new)
 }
 
+/// Where a patch stands on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePatchState {
+    pub node_id: String,
+    pub group: String,
+    /// The last phase reported ([`Phase::as_str`]), or, before the node has
+    /// the patch, why it waits ("waiting for wave", "waiting (offline)", ...).
+    pub phase: String,
+    /// Unix ms of the first and the last report (0: none yet).
+    pub first_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Why, for rolled_back, failed and rejected (or what a wait waits for).
+    pub error: String,
+    pub log_tail: String,
+}
+
 /// Per-node states of a patch: every targeted node (waiting if silent) and any
 /// other node that reported.
-pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodePatchState>)> {
+pub async fn status(app: &App, id: &str) -> Result<(PatchInfo, Vec<NodePatchState>)> {
     let info = app
         .fleet
         .patch_info(id)
         .await
         .ok_or_else(|| Error::NotFound(format!("no patch with id {id}")))?;
-    let mut by_node: BTreeMap<String, pb::NodePatchState> = BTreeMap::new();
+    let mut by_node: BTreeMap<String, NodePatchState> = BTreeMap::new();
     for (node, group, (waiting, detail)) in app.fleet.targeted_nodes(id).await {
         by_node.insert(
             node.clone(),
-            pb::NodePatchState {
+            NodePatchState {
                 node_id: node,
                 group,
                 phase: waiting,
@@ -214,7 +222,7 @@ pub async fn status(app: &App, id: &str) -> Result<(pb::PatchInfo, Vec<pb::NodeP
         };
         by_node.insert(
             r.node_id.clone(),
-            pb::NodePatchState {
+            NodePatchState {
                 node_id: r.node_id,
                 group,
                 phase: r.phase,

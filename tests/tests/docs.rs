@@ -1,5 +1,6 @@
 //! Keeps the docs honest: every command line the README and the docs show
-//! names commands and flags the binaries have.
+//! names commands and flags the binaries have, and the code keeps the
+//! invariants ARCHITECTURE.md states where a test can read them.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -235,4 +236,41 @@ fn the_checker_catches_what_does_not_exist() {
     assert!(check("flotilla group set store-eu --wanted 3").is_some());
     assert!(check("flotilla-agent run --allow-scripts").is_none());
     assert!(check("flotilla-agent run --allow-shells").is_some());
+}
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// ARCHITECTURE.md's invariant: on the server, protobuf types appear only at
+/// the gRPC edge (the services, the gRPC clients, the wiring).
+#[test]
+fn protobuf_stays_at_the_grpc_edge() {
+    let src = repo().join("server/src");
+    let edge = ["grpc/", "cli/", "artifacts/peers.rs", "server.rs"];
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut inside: Vec<String> = files
+        .iter()
+        .filter_map(|p| {
+            let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(p).unwrap();
+            let uses_pb = text.contains("pb::") || text.contains("flotilla_proto::{pb");
+            (uses_pb && !edge.iter().any(|e| rel.starts_with(e))).then_some(rel)
+        })
+        .collect();
+    inside.sort();
+    assert!(
+        inside.is_empty(),
+        "protobuf types used away from the gRPC edge: {inside:?}"
+    );
+    assert!(files.len() > 50, "the server's sources were not found");
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flotilla_proto::manifest::Manifest;
-use flotilla_proto::pb;
+use flotilla_proto::phase::Phase;
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
@@ -123,8 +123,10 @@ impl Fleet {
             && let Some((patch, _)) = rest.split_once('/')
             && let Some(r) = decode::<NodePatchRecord>(key, value)
         {
+            // Stored names are always a phase's; one that is not counts as
+            // no progress, as a node that only received the patch.
             let note = PhaseNote {
-                phase: pb::PatchPhase::from_name(&r.phase),
+                phase: Phase::parse(&r.phase).unwrap_or(Phase::Received),
                 error: r.error,
                 at_ms: r.updated_at_ms,
             };
@@ -270,12 +272,9 @@ impl Fleet {
             && old.as_ref().is_some_and(|o| o.revision != new.revision);
         let phases = st.phases.get(&id);
         let committed = |n: &str| {
-            phases.and_then(|p| p.get(n)).is_some_and(|x| {
-                matches!(
-                    x.phase,
-                    pb::PatchPhase::Committed | pb::PatchPhase::Reverting
-                )
-            })
+            phases
+                .and_then(|p| p.get(n))
+                .is_some_and(|x| matches!(x.phase, Phase::Committed | Phase::Reverting))
         };
         let tell: Vec<String> = new
             .groups
@@ -311,7 +310,7 @@ impl Fleet {
         node_id: &str,
         note: PhaseNote,
         fx: &mut Effects,
-    ) -> Option<Option<pb::PatchPhase>> {
+    ) -> Option<Option<Phase>> {
         let phases = st.phases.entry(patch_id.to_string()).or_default();
         if let Some(cur) = phases.get(node_id)
             && (cur.at_ms > note.at_ms || (cur.at_ms == note.at_ms && cur.phase == note.phase))

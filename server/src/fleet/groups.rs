@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flotilla_proto::pb;
+use flotilla_proto::phase::Phase;
 use tokio::sync::broadcast;
 
 use super::published::wants;
@@ -28,10 +28,58 @@ fn sla_of(g: &GroupRecord) -> Sla {
     Sla::parse(&g.sla).unwrap_or_default()
 }
 
-fn config_of(g: &GroupRecord) -> pb::GroupConfig {
+/// A group's counts, as provisioning tools watch them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub name: String,
+    /// None when the group has no desired count (every node active).
+    pub desired: Option<u32>,
+    pub max_unavailable: u32,
+    /// Nodes holding the active role, and those of them online.
+    pub active: u32,
+    pub healthy_active: u32,
+    pub standby: u32,
+    pub pending: u32,
+    pub online: u32,
+    /// desired - healthy_active, never below zero.
+    pub deficit: u32,
+    /// Nodes that are neither revoked nor rejected.
+    pub total: u32,
+}
+
+/// A group's settings beyond its count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    /// IANA time zone of the windows ("UTC" when none was set).
+    pub timezone: String,
+    pub windows: Vec<String>,
+    pub rollout: PolicySpec,
+    /// The SLA in force, "critical=30,high=90,medium=180,low=365".
+    pub sla: String,
+    /// Whether a window is open now (true when there is none).
+    pub window_open: bool,
+}
+
+/// A change to a group's settings: what is None (or empty) stays as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupSettings {
+    pub name: String,
+    pub timezone: Option<String>,
+    /// Replace the windows with these.
+    pub windows: Vec<String>,
+    /// Remove every window.
+    pub clear_windows: bool,
+    /// Rollout defaults; its unset fields keep the group's.
+    pub rollout: Option<PolicySpec>,
+    /// SLA days per severity, "critical=30,high=90".
+    pub sla: Option<String>,
+}
+
+fn config_of(g: &GroupRecord) -> GroupConfig {
     let window_open =
         Schedule::parse(&g.timezone, &g.windows).is_ok_and(|s| s.is_open(now_ms() / 1000));
-    pb::GroupConfig {
+    GroupConfig {
         name: g.name.clone(),
         timezone: if g.timezone.is_empty() {
             "UTC".into()
@@ -39,7 +87,7 @@ fn config_of(g: &GroupRecord) -> pb::GroupConfig {
             g.timezone.clone()
         },
         windows: g.windows.clone(),
-        rollout: Some(g.rollout.to_pb()),
+        rollout: g.rollout.clone(),
         sla: sla_text(&sla_of(g)),
         window_open,
     }
@@ -99,7 +147,7 @@ impl Fleet {
         name: &str,
         desired: Option<u32>,
         max_unavailable: Option<u32>,
-    ) -> Result<pb::GroupStatus> {
+    ) -> Result<GroupStatus> {
         self.mutate(false, |st| {
             if st.groups.contains_key(name) {
                 return Err(Error::AlreadyExists(format!("group {name} already exists")));
@@ -147,7 +195,7 @@ impl Fleet {
         desired: u32,
         max_unavailable: Option<u32>,
         create: bool,
-    ) -> Result<pb::GroupStatus> {
+    ) -> Result<GroupStatus> {
         self.mutate(false, |st| {
             let mut g = match st.groups.get(name) {
                 Some(g) => g.clone(),
@@ -172,7 +220,7 @@ impl Fleet {
         Ok(self.status_of(&*self.state.lock().await, name))
     }
 
-    fn status_of(&self, st: &State, name: &str) -> pb::GroupStatus {
+    fn status_of(&self, st: &State, name: &str) -> GroupStatus {
         let g = st.groups.get(name);
         let mut c = membership::Counts::default();
         for n in st.nodes.values().filter(|n| n.group == name) {
@@ -196,7 +244,7 @@ impl Fleet {
             }
         }
         let desired = g.and_then(|g| g.desired);
-        pb::GroupStatus {
+        GroupStatus {
             name: name.to_string(),
             desired,
             max_unavailable: g.map_or(1, |g| g.max_unavailable),
@@ -219,7 +267,7 @@ impl Fleet {
     }
 
     /// Status of every group (or one: NotFound if there is none).
-    pub async fn group_statuses(&self, only: Option<&str>) -> Result<Vec<pb::GroupStatus>> {
+    pub async fn group_statuses(&self, only: Option<&str>) -> Result<Vec<GroupStatus>> {
         let st = self.state.lock().await;
         if let Some(o) = only {
             Self::require_group(&st, o)?;
@@ -233,13 +281,13 @@ impl Fleet {
     }
 
     /// Group status changes from now on.
-    pub fn subscribe_groups(&self) -> broadcast::Receiver<pb::GroupStatus> {
+    pub fn subscribe_groups(&self) -> broadcast::Receiver<GroupStatus> {
         self.group_events.subscribe()
     }
 
     /// Changes an existing group's windows, rollout defaults or SLA.
     /// Everything is checked before anything is stored.
-    pub async fn configure_group(&self, r: &pb::ConfigureGroupRequest) -> Result<pb::GroupConfig> {
+    pub async fn configure_group(&self, r: &GroupSettings) -> Result<GroupConfig> {
         self.mutate(false, |st| {
             Self::require_group(st, &r.name)?;
             let mut g = st.groups.get(&r.name).cloned().expect("checked above");
@@ -255,7 +303,7 @@ impl Fleet {
             Schedule::parse(&g.timezone, &g.windows)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
             if let Some(p) = &r.rollout {
-                g.rollout = PolicySpec::from_pb(Some(p))?.over(&g.rollout);
+                g.rollout = p.over(&g.rollout);
             }
             if let Some(sla) = &r.sla {
                 Sla::parse(sla).map_err(Error::InvalidArgument)?;
@@ -267,7 +315,7 @@ impl Fleet {
         .await
     }
 
-    pub async fn group_config(&self, name: &str) -> Result<pb::GroupConfig> {
+    pub async fn group_config(&self, name: &str) -> Result<GroupConfig> {
         let st = self.state.lock().await;
         st.groups
             .get(name)
@@ -307,7 +355,7 @@ impl Fleet {
                     committed_at_ms: phases
                         .map(|p| {
                             p.iter()
-                                .filter(|(_, n)| n.phase == pb::PatchPhase::Committed)
+                                .filter(|(_, n)| n.phase == Phase::Committed)
                                 .map(|(id, n)| (id.clone(), n.at_ms))
                                 .collect::<BTreeMap<_, _>>()
                         })

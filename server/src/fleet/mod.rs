@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::pb;
 use tokio::sync::{Mutex, Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +19,7 @@ use crate::replica::{Held, Leadership};
 use crate::store::{Db, Revision};
 
 mod apply;
+mod desired;
 mod groups;
 mod offer;
 mod order;
@@ -30,7 +30,11 @@ mod rollout_view;
 mod rollouts;
 mod view;
 
+pub use desired::{Desired, SignedManifest};
 use flotilla_proto::manifest::Manifest;
+pub use groups::{GroupConfig, GroupSettings, GroupStatus};
+pub use published::PatchInfo;
+pub use rollout_view::{RolloutGroup, RolloutInfo, WaveProgress};
 use rollouts::PhaseNote;
 pub use rollouts::RolloutRequest;
 use view::Known;
@@ -55,14 +59,14 @@ pub struct FleetConfig {
 /// A node's open session, as the fleet tracks it.
 struct Session {
     id: u64,
-    desired: watch::Sender<pb::DesiredState>,
+    desired: watch::Sender<Desired>,
     cancel: CancellationToken,
 }
 
 /// What a newly opened session gets.
 pub struct SessionGrant {
     pub id: u64,
-    pub desired: watch::Receiver<pb::DesiredState>,
+    pub desired: watch::Receiver<Desired>,
     /// Cancelled when the node is revoked or a newer session replaces this one.
     pub cancel: CancellationToken,
 }
@@ -78,12 +82,12 @@ struct State {
     /// server started count as offline since the start.
     offline_since: HashMap<String, Instant>,
     last_seen: HashMap<String, i64>,
-    published: HashMap<String, pb::GroupStatus>,
+    published: HashMap<String, GroupStatus>,
     /// Published patches with their parsed manifests, by id.
     patches: BTreeMap<String, (PatchRecord, Manifest)>,
     /// Each published patch as desired states carry it: the manifest's bytes
     /// are shared by every node's state, not copied into each.
-    signed: HashMap<String, pb::SignedManifest>,
+    signed: HashMap<String, SignedManifest>,
     /// Each patch's rollout, by patch id.
     rollouts: BTreeMap<String, RolloutRecord>,
     /// Patch id -> node id -> the last phase the node reported.
@@ -108,7 +112,7 @@ impl State {
     }
 
     fn add_published(&mut self, record: PatchRecord, manifest: Manifest) {
-        let signed = pb::SignedManifest {
+        let signed = SignedManifest {
             id: record.id.clone(),
             manifest: record.manifest.clone().into_bytes().into(),
             signatures: record.signatures.clone(),
@@ -131,7 +135,7 @@ pub struct Fleet {
     started: Instant,
     state: Mutex<State>,
     wake: Notify,
-    group_events: broadcast::Sender<pb::GroupStatus>,
+    group_events: broadcast::Sender<GroupStatus>,
     next_session: AtomicU64,
     /// Wakes the rollout controller.
     rollout_wake: Notify,
@@ -152,15 +156,6 @@ pub struct Fleet {
     /// One role assignment at a time in this replica: assignments of one
     /// group racing each other (a burst of joins) would only conflict.
     assigning: Mutex<()>,
-}
-
-pub fn role_to_pb(status: NodeStatus, role: Role) -> pb::Role {
-    match (status, role) {
-        (NodeStatus::Accepted, Role::Active) => pb::Role::Active,
-        (NodeStatus::Accepted, Role::Standby) => pb::Role::Standby,
-        (NodeStatus::Pending, _) => pb::Role::Pending,
-        _ => pb::Role::Unspecified,
-    }
 }
 
 impl Fleet {
@@ -216,41 +211,6 @@ impl Fleet {
 
     pub fn config(&self) -> &FleetConfig {
         &self.cfg
-    }
-
-    fn desired_of(&self, st: &State, node: &NodeRecord) -> pb::DesiredState {
-        let group = st.groups.get(&node.group);
-        let manifests = st.offered_manifests(node);
-        pb::DesiredState {
-            revision: node.revision
-                + group.map_or(0, |g| g.revision)
-                + st.patch_revision()
-                + st.rollout_revision(),
-            node_id: node.id.clone(),
-            group: node.group.clone(),
-            desired_count: group.and_then(|g| g.desired).unwrap_or(0),
-            unmanaged: group.is_none_or(|g| g.desired.is_none()),
-            role: role_to_pb(node.status, node.role) as i32,
-            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
-            manifests,
-            labels: node.labels.clone().into_iter().collect(),
-            rollback: st.rollbacks_for(&node.group, &node.id),
-        }
-    }
-
-    /// Sends a node its current desired state if it has a session.
-    fn push(&self, st: &State, node_id: &str) {
-        if let (Some(session), Some(node)) = (st.sessions.get(node_id), st.nodes.get(node_id)) {
-            let desired = self.desired_of(st, node);
-            session.desired.send_if_modified(|cur| {
-                if cur.revision < desired.revision {
-                    *cur = desired;
-                    true
-                } else {
-                    false
-                }
-            });
-        }
     }
 
     /// Registers a node's new session, replacing (and ending) an older one.

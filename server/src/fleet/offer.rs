@@ -3,8 +3,6 @@
 //! in flight gets the rest as the first ones finish, so no applicable patch
 //! silently stops being offered.
 
-use flotilla_proto::pb;
-
 use super::State;
 use super::published::wants;
 use crate::model::NodeRecord;
@@ -67,7 +65,7 @@ impl State {
     }
 
     /// The manifests a node's desired state carries.
-    pub(super) fn offered_manifests(&self, node: &NodeRecord) -> Vec<pb::SignedManifest> {
+    pub(super) fn offered_manifests(&self, node: &NodeRecord) -> Vec<super::SignedManifest> {
         self.offer_for(node)
             .offered
             .into_iter()

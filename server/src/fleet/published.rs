@@ -2,13 +2,12 @@
 //! with its rollout, and which nodes a patch targets.
 
 use flotilla_proto::manifest::{Manifest, NodeTarget};
-use flotilla_proto::pb;
 
 use super::{Fleet, RolloutRequest, State};
 use crate::error::{Error, Result};
 use crate::model::PatchRecord;
 use crate::model::{NodeRecord, NodeStatus, keys, now_ms, now_secs};
-use crate::rollout::record::{self as rollout_record, RolloutRecord};
+use crate::rollout::record::{self as rollout_record, RolloutRecord, RolloutState};
 
 fn target_of(n: &NodeRecord) -> NodeTarget {
     NodeTarget {
@@ -178,24 +177,24 @@ impl Fleet {
     }
 
     /// Summary of one patch.
-    pub async fn patch_info(&self, id: &str) -> Option<pb::PatchInfo> {
+    pub async fn patch_info(&self, id: &str) -> Option<PatchInfo> {
         let st = self.state.lock().await;
         let (r, m) = st.patches.get(id)?;
         let now = time::OffsetDateTime::now_utc();
         let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-        Some(patch_info_pb(r, m, targeted, st.rollouts.get(id)))
+        Some(patch_info(r, m, targeted, st.rollouts.get(id)))
     }
 
     /// Summaries of every patch, newest first.
-    pub async fn patch_infos(&self) -> Vec<pb::PatchInfo> {
+    pub async fn patch_infos(&self) -> Vec<PatchInfo> {
         let st = self.state.lock().await;
         let now = time::OffsetDateTime::now_utc();
-        let mut out: Vec<(u64, pb::PatchInfo)> = st
+        let mut out: Vec<(u64, PatchInfo)> = st
             .patches
             .values()
             .map(|(r, m)| {
                 let targeted = st.nodes.values().filter(|n| wants(n, m, now)).count() as u32;
-                (r.seq, patch_info_pb(r, m, targeted, st.rollouts.get(&r.id)))
+                (r.seq, patch_info(r, m, targeted, st.rollouts.get(&r.id)))
             })
             .collect();
         out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
@@ -203,35 +202,29 @@ impl Fleet {
     }
 }
 
-/// PatchInfo of a record.
-fn patch_info_pb(
+/// A published patch: its record and manifest, with how many nodes it
+/// targets now and its rollout's state.
+#[derive(Debug, Clone)]
+pub struct PatchInfo {
+    pub record: PatchRecord,
+    pub manifest: Manifest,
+    pub targeted: u32,
+    pub emergency: bool,
+    /// None for a patch stored before rollouts existed.
+    pub rollout_state: Option<RolloutState>,
+}
+
+fn patch_info(
     rec: &PatchRecord,
     m: &Manifest,
     targeted: u32,
-    rollout: Option<&crate::rollout::record::RolloutRecord>,
-) -> pb::PatchInfo {
-    pb::PatchInfo {
-        id: rec.id.clone(),
-        component: m.component.clone(),
-        version: m.version.clone(),
-        severity: m.severity.as_str().to_string(),
-        issued_at: m.issued_at.unix_timestamp(),
-        expires_at: m.expires_at.unix_timestamp(),
-        published_at: rec.published_at,
-        published_by: rec.published_by.clone(),
-        artifacts: m
-            .artifacts
-            .iter()
-            .map(|a| pb::ArtifactRef {
-                name: a.name.clone(),
-                sha256: a.sha256.clone(),
-                size: a.size,
-            })
-            .collect(),
+    rollout: Option<&RolloutRecord>,
+) -> PatchInfo {
+    PatchInfo {
+        record: rec.clone(),
+        manifest: m.clone(),
         targeted,
-        signatures: rec.signatures.len() as u32,
-        manifest: rec.manifest.clone().into_bytes(),
         emergency: rollout.is_some_and(|r| r.emergency),
-        rollout_state: rollout.map_or("", |r| r.state.as_str()).to_string(),
+        rollout_state: rollout.map(|r| r.state),
     }
 }

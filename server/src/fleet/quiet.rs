@@ -139,7 +139,7 @@ mod tests {
     use crate::model::{NodeRecord, NodeStatus, Role};
     use crate::rollout::policy::PolicySpec;
     use crate::rollout::record::RolloutRecord;
-    use flotilla_proto::pb::PatchPhase;
+    use flotilla_proto::phase::Phase;
 
     fn node(id: &str) -> NodeRecord {
         NodeRecord {
@@ -181,7 +181,7 @@ mod tests {
         st.phases.entry("p".into()).or_default().insert(
             id.into(),
             PhaseNote {
-                phase: PatchPhase::Committed,
+                phase: Phase::Committed,
                 error: String::new(),
                 at_ms: 0,
             },

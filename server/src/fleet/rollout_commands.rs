@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_proto::pb;
-
-use super::Fleet;
+use super::{Fleet, RolloutInfo};
 use crate::error::{Error, Result};
 use crate::model::now_ms;
 use crate::rollout::record::{self, RolloutRecord, RolloutState};
@@ -17,7 +15,7 @@ impl Fleet {
     }
 
     /// Pauses a running (or converging) rollout: no new node starts.
-    pub async fn pause_rollout(&self, id: &str, by: &str) -> Result<pb::RolloutInfo> {
+    pub async fn pause_rollout(&self, id: &str, by: &str) -> Result<RolloutInfo> {
         self.change_rollout(id, |r| match r.state {
             RolloutState::Aborted => Err(Error::FailedPrecondition(format!(
                 "rollout {id} was aborted; publish a new patch instead"
@@ -32,7 +30,7 @@ impl Fleet {
     }
 
     /// Resumes a paused rollout; failures seen so far no longer count.
-    pub async fn resume_rollout(&self, id: &str) -> Result<pb::RolloutInfo> {
+    pub async fn resume_rollout(&self, id: &str) -> Result<RolloutInfo> {
         let failures: BTreeMap<String, u32> = {
             let st = self.state.lock().await;
             let phases = st.phases.get(id);
@@ -76,12 +74,7 @@ impl Fleet {
 
     /// Aborts a rollout: no new node starts; with `rollback`, nodes that
     /// committed undo the patch.
-    pub async fn abort_rollout(
-        &self,
-        id: &str,
-        rollback: bool,
-        by: &str,
-    ) -> Result<pb::RolloutInfo> {
+    pub async fn abort_rollout(&self, id: &str, rollback: bool, by: &str) -> Result<RolloutInfo> {
         self.change_rollout(id, |r| {
             if r.state == RolloutState::Aborted && (r.rollback || !rollback) {
                 return Ok(());
@@ -108,7 +101,7 @@ impl Fleet {
         &self,
         id: &str,
         f: impl Fn(&mut RolloutRecord) -> Result<()>,
-    ) -> Result<pb::RolloutInfo> {
+    ) -> Result<RolloutInfo> {
         self.mutate(false, |st| {
             let mut r = st
                 .rollouts

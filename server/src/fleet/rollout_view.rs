@@ -3,12 +3,74 @@
 
 use std::collections::BTreeSet;
 
-use flotilla_proto::pb;
+use flotilla_proto::manifest::Severity;
 
 use super::rollouts::{progress_of, schedule_of};
 use super::{Fleet, State};
 use crate::rollout::plan::{self, GroupView, Progress, Waiting};
+use crate::rollout::policy::PolicySpec;
 use crate::rollout::record::RolloutState;
+
+/// A rollout's state and its progress per group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutInfo {
+    pub patch_id: String,
+    pub state: RolloutState,
+    /// Why it is paused or aborted.
+    pub reason: String,
+    pub emergency: bool,
+    pub force: bool,
+    /// The policy given at publish (groups' defaults fill what it leaves unset).
+    pub policy: PolicySpec,
+    pub started_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub groups: Vec<RolloutGroup>,
+    /// Failed, rolled back or rejected nodes over the whole rollout.
+    pub failures: u32,
+    /// Aborted with rollback of the nodes that committed.
+    pub rollback: bool,
+    pub component: String,
+    pub version: String,
+    pub severity: Severity,
+}
+
+/// A rollout's progress in one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutGroup {
+    pub group: String,
+    /// The wave being released (0-based) and how many there are.
+    pub wave: u32,
+    pub waves: u32,
+    /// Nodes the patch targets in the group, and how many of them have it.
+    pub targeted: u32,
+    pub released: u32,
+    pub committed: u32,
+    pub failed: u32,
+    /// Released and not finished.
+    pub applying: u32,
+    /// What the group waits for ("" when nodes are being started).
+    pub waiting_for: String,
+    /// Unix ms when the bake of the finished wave ends (0: not baking).
+    pub bake_until_ms: i64,
+    /// Online nodes of the group applying nothing, and the capacity guard's floor.
+    pub in_service: u32,
+    pub min_in_service: u32,
+    pub waves_progress: Vec<WaveProgress>,
+    /// The lowest in_service recorded while this rollout ran.
+    pub lowest_in_service: u32,
+    /// Unix ms when the group's window next opens, while it is closed and
+    /// holds this rollout (0 otherwise).
+    pub window_opens_at_ms: i64,
+}
+
+/// One wave: its cumulative size, start and end (unix ms, 0: not yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaveProgress {
+    pub index: u32,
+    pub size: u32,
+    pub started_at_ms: i64,
+    pub done_at_ms: i64,
+}
 
 /// When `g`'s maintenance window next opens, while it is closed (0 otherwise).
 fn window_opens_at_ms(g: &crate::model::GroupRecord) -> i64 {
@@ -21,15 +83,15 @@ fn window_opens_at_ms(g: &crate::model::GroupRecord) -> i64 {
 
 impl Fleet {
     /// One rollout's state and progress per group.
-    pub async fn rollout_info(&self, id: &str) -> Option<pb::RolloutInfo> {
+    pub async fn rollout_info(&self, id: &str) -> Option<RolloutInfo> {
         let st = self.state.lock().await;
         self.rollout_info_locked(&st, id)
     }
 
     /// Every rollout, newest first.
-    pub async fn rollout_infos(&self) -> Vec<pb::RolloutInfo> {
+    pub async fn rollout_infos(&self) -> Vec<RolloutInfo> {
         let st = self.state.lock().await;
-        let mut out: Vec<pb::RolloutInfo> = st
+        let mut out: Vec<RolloutInfo> = st
             .rollouts
             .keys()
             .filter_map(|id| self.rollout_info_locked(&st, id))
@@ -38,7 +100,7 @@ impl Fleet {
         out
     }
 
-    pub(super) fn rollout_info_locked(&self, st: &State, id: &str) -> Option<pb::RolloutInfo> {
+    pub(super) fn rollout_info_locked(&self, st: &State, id: &str) -> Option<RolloutInfo> {
         let r = st.rollouts.get(id)?;
         let (_, m) = st.patches.get(id)?;
         let targets = st.targets_by_group(id);
@@ -82,7 +144,7 @@ impl Fleet {
                 in_service: load.in_service(group),
                 window_open: true,
             };
-            groups.push(pb::RolloutGroup {
+            groups.push(RolloutGroup {
                 group: group.clone(),
                 wave: pos.wave as u32,
                 waves: sizes.len() as u32,
@@ -98,7 +160,7 @@ impl Fleet {
                 waves_progress: sizes
                     .iter()
                     .enumerate()
-                    .map(|(i, size)| pb::WaveProgress {
+                    .map(|(i, size)| WaveProgress {
                         index: i as u32,
                         size: *size as u32,
                         started_at_ms: pos.wave_started_ms.get(&i).copied().unwrap_or(0),
@@ -113,13 +175,13 @@ impl Fleet {
                 },
             });
         }
-        Some(pb::RolloutInfo {
+        Some(RolloutInfo {
             patch_id: r.patch_id.clone(),
-            state: r.state.as_str().to_string(),
+            state: r.state,
             reason: r.reason.clone(),
             emergency: r.emergency,
             force: r.force,
-            policy: Some(r.policy.to_pb()),
+            policy: r.policy.clone(),
             started_at_ms: r.started_at_ms,
             updated_at_ms: r.updated_at_ms,
             groups,
@@ -127,7 +189,7 @@ impl Fleet {
             rollback: r.rollback,
             component: m.component.clone(),
             version: m.version.clone(),
-            severity: m.severity.as_str().to_string(),
+            severity: m.severity,
         })
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use flotilla_proto::pb;
+use flotilla_proto::phase::Phase;
 use tokio_util::sync::CancellationToken;
 
 use super::published::wants;
@@ -40,7 +40,7 @@ pub struct RolloutRequest {
 /// A node's last reported phase of one patch, and its error.
 #[derive(Debug, Clone)]
 pub(super) struct PhaseNote {
-    pub phase: pb::PatchPhase,
+    pub phase: Phase,
     pub error: String,
     /// When the node reported it (unix ms).
     pub at_ms: i64,
@@ -51,10 +51,10 @@ pub(super) fn progress_of(note: Option<&PhaseNote>) -> Progress {
     progress_of_phase(note.map(|n| n.phase))
 }
 
-pub(super) fn progress_of_phase(phase: Option<pb::PatchPhase>) -> Progress {
+pub(super) fn progress_of_phase(phase: Option<Phase>) -> Progress {
     match phase {
-        Some(pb::PatchPhase::Committed) => Progress::Committed,
-        Some(pb::PatchPhase::Superseded) => Progress::Superseded,
+        Some(Phase::Committed) => Progress::Committed,
+        Some(Phase::Superseded) => Progress::Superseded,
         Some(p) if p.is_failure() => Progress::Failed,
         _ => Progress::Applying,
     }
@@ -102,12 +102,7 @@ impl State {
                 self.phases
                     .get(&r.patch_id)
                     .and_then(|p| p.get(node))
-                    .is_some_and(|n| {
-                        matches!(
-                            n.phase,
-                            pb::PatchPhase::Committed | pb::PatchPhase::Reverting
-                        )
-                    })
+                    .is_some_and(|n| matches!(n.phase, Phase::Committed | Phase::Reverting))
             })
             .map(|r| r.patch_id.clone())
             .collect()
@@ -395,7 +390,7 @@ impl Fleet {
         &self,
         node_id: &str,
         patch_id: &str,
-        phase: pb::PatchPhase,
+        phase: Phase,
         error: &str,
         at_ms: i64,
     ) -> Result<()> {
@@ -424,14 +419,12 @@ impl Fleet {
             let had_queued = queued_before || (phase.is_final() && st.offers_more(node_id));
             // What follows, seen on the view now (each is decided again on
             // the view when it is written).
-            let installs = matches!(
-                phase,
-                pb::PatchPhase::Committed | pb::PatchPhase::RolledBack
-            ) && st
-                .nodes
-                .get(node_id)
-                .is_some_and(|n| st.refresh_installed(&mut n.clone(), patch_id));
-            let undo = phase == pb::PatchPhase::Committed
+            let installs = matches!(phase, Phase::Committed | Phase::RolledBack)
+                && st
+                    .nodes
+                    .get(node_id)
+                    .is_some_and(|n| st.refresh_installed(&mut n.clone(), patch_id));
+            let undo = phase == Phase::Committed
                 && st
                     .rollouts
                     .get(patch_id)
@@ -587,7 +580,7 @@ impl State {
                 self.phases
                     .get(&r.id)
                     .and_then(|p| p.get(&node.id))
-                    .is_some_and(|n| n.phase == pb::PatchPhase::Committed)
+                    .is_some_and(|n| n.phase == Phase::Committed)
             })
             .max_by_key(|(r, _)| r.seq)
             .map(|(_, m)| m.version.clone());

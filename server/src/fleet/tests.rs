@@ -197,7 +197,7 @@ async fn a_patch_published_on_a_follower_is_stepped_by_the_leader() {
     eventually("the leader sees the pause", || async {
         r.a.rollout_info("app-1")
             .await
-            .is_some_and(|i| i.state == RolloutState::Paused.as_str())
+            .is_some_and(|i| i.state == RolloutState::Paused)
     })
     .await;
 }

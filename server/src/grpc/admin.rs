@@ -35,9 +35,13 @@ fn token_info(t: TokenRecord) -> pb::TokenInfo {
     }
 }
 
+fn statuses(all: Vec<crate::fleet::GroupStatus>) -> Vec<pb::GroupStatus> {
+    all.into_iter().map(Into::into).collect()
+}
+
 fn node_info((n, online, last_seen): (NodeRecord, bool, i64)) -> pb::NodeInfo {
     pb::NodeInfo {
-        role: crate::fleet::role_to_pb(n.status, n.role) as i32,
+        role: super::views::role(n.status, n.role) as i32,
         id: n.id,
         group: n.group,
         status: n.status.as_str().to_string(),
@@ -250,7 +254,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             serde_json::json!({ "desired": r.desired, "max_unavailable": status.max_unavailable }),
         )
         .await?;
-        Ok(Response::new(status))
+        Ok(Response::new(status.into()))
     }
 
     async fn set_group(
@@ -272,7 +276,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             serde_json::json!({ "desired": r.desired, "max_unavailable": status.max_unavailable }),
         )
         .await?;
-        Ok(Response::new(status))
+        Ok(Response::new(status.into()))
     }
 
     async fn delete_group(
@@ -314,7 +318,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         self.caller(&request, OperatorRole::Viewer).await?;
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: self.app.fleet.group_statuses(None).await?,
+            groups: statuses(self.app.fleet.group_statuses(None).await?),
         }))
     }
 
@@ -335,7 +339,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             for s in snapshot {
-                if tx.send(Ok(s)).await.is_err() {
+                if tx.send(Ok(s.into())).await.is_err() {
                     return;
                 }
             }
@@ -348,7 +352,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                             if only.as_deref().is_some_and(|o| o != s.name) {
                                 continue;
                             }
-                            if tx.send(Ok(s)).await.is_err() {
+                            if tx.send(Ok(s.into())).await.is_err() {
                                 return;
                             }
                         }
@@ -357,7 +361,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                             match fleet.group_statuses(only.as_deref()).await {
                                 Ok(all) => {
                                     for s in all {
-                                        if tx.send(Ok(s)).await.is_err() {
+                                        if tx.send(Ok(s.into())).await.is_err() {
                                             return;
                                         }
                                     }

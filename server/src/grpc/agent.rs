@@ -71,7 +71,7 @@ impl AgentApi {
 struct Outbound {
     app: Arc<App>,
     peer: Peer,
-    desired: tokio::sync::watch::Receiver<pb::DesiredState>,
+    desired: tokio::sync::watch::Receiver<crate::fleet::Desired>,
     /// Cancelled when the node is revoked or a newer session replaces this one.
     replaced: CancellationToken,
     /// Cancelled when the inbound half ends (agent gone, silent, or done).
@@ -80,9 +80,9 @@ struct Outbound {
     done: bool,
 }
 
-fn desired_message(d: pb::DesiredState) -> pb::ServerMessage {
+fn desired_message(d: &crate::fleet::Desired) -> pb::ServerMessage {
     pb::ServerMessage {
-        kind: Some(server_message::Kind::Desired(d)),
+        kind: Some(server_message::Kind::Desired(d.into())),
     }
 }
 
@@ -97,8 +97,8 @@ fn outbound(o: Outbound) -> SessionStream {
         }
         if o.first {
             o.first = false;
-            let d = o.desired.borrow_and_update().clone();
-            return Some((Ok(desired_message(d)), o));
+            let m = desired_message(&o.desired.borrow_and_update());
+            return Some((Ok(m), o));
         }
         tokio::select! {
             _ = o.app.shutdown.cancelled() => {
@@ -117,8 +117,8 @@ fn outbound(o: Outbound) -> SessionStream {
             changed = o.desired.changed() => match changed {
                 Err(_) => None,
                 Ok(()) => {
-                    let d = o.desired.borrow_and_update().clone();
-                    Some((Ok(desired_message(d)), o))
+                    let m = desired_message(&o.desired.borrow_and_update());
+                    Some((Ok(m), o))
                 }
             },
         }
@@ -191,7 +191,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             },
         )
         .await?;
-        let role = crate::fleet::role_to_pb(joined.node.status, joined.node.role);
+        let role = super::views::role(joined.node.status, joined.node.role);
         Ok(Response::new(pb::EnrollResponse {
             node_id: joined.node.id,
             certificate_pem: joined.certificate_pem,
@@ -298,17 +298,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 limits::MAX_REPORT_TEXT
             )));
         }
-        if pb::PatchPhase::try_from(r.phase).is_err() || r.phase == 0 {
-            return Err(Status::invalid_argument(format!(
-                "unknown patch phase {}",
-                r.phase
-            )));
-        }
+        let phase = pb::PatchPhase::try_from(r.phase)
+            .ok()
+            .and_then(flotilla_proto::phase::Phase::from_proto)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown patch phase {}", r.phase)))?;
         let rec = ReportRecord {
             report_id: r.report_id.clone(),
             node_id: node_id.clone(),
             manifest_id: r.manifest_id,
-            phase: r.phase,
+            phase,
             at_ms: r.at_unix_ms,
             error: r.error,
             log_tail: r.log_tail,

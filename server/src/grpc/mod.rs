@@ -1,7 +1,7 @@
 //! The gRPC edge: protobuf in, domain calls, protobuf out. Besides this
-//! module, the CLI, `fleet` (desired states, group status, rollout views),
-//! `patches` (patch status) and `rollout::policy` use protobuf types (see the
-//! invariants in ARCHITECTURE.md).
+//! module, only the CLI and the replica client (`artifacts::peers`), both
+//! gRPC clients, and `server.rs` (which wires the services) use protobuf
+//! types (see the invariants in ARCHITECTURE.md).
 
 pub mod admin;
 pub mod agent;
@@ -10,6 +10,7 @@ pub mod publish;
 pub mod rate;
 pub mod replica;
 pub mod rollout;
+pub mod views;
 
 use flotilla_proto::pb;
 

@@ -126,7 +126,7 @@ pub async fn publish_patch(
             "--force only goes with --emergency: a normal rollout always keeps the capacity guard",
         ));
     }
-    let policy = crate::rollout::policy::PolicySpec::from_pb(r.rollout.as_ref())?;
+    let policy = super::views::policy_spec(r.rollout.as_ref())?;
     let rollout = crate::fleet::RolloutRequest {
         policy: policy.clone(),
         emergency: r.emergency,
@@ -159,7 +159,7 @@ pub async fn publish_patch(
         .patch_info(&record.id)
         .await
         .ok_or_else(|| Status::internal("patch vanished after publish"))?;
-    Ok(Response::new(info))
+    Ok(Response::new(info.into()))
 }
 
 pub async fn list_patches(
@@ -168,7 +168,14 @@ pub async fn list_patches(
 ) -> Result<Response<pb::ListPatchesResponse>, Status> {
     api.caller(&request, OperatorRole::Viewer).await?;
     Ok(Response::new(pb::ListPatchesResponse {
-        patches: api.app.fleet.patch_infos().await,
+        patches: api
+            .app
+            .fleet
+            .patch_infos()
+            .await
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     }))
 }
 
@@ -182,7 +189,7 @@ pub async fn get_patch(
         .fleet
         .patch_info(&id)
         .await
-        .map(Response::new)
+        .map(|p| Response::new(p.into()))
         .ok_or_else(|| Status::not_found(format!("no patch with id {id}")))
 }
 
@@ -198,8 +205,8 @@ pub async fn patch_status(
         *counts.entry(n.phase.clone()).or_default() += 1;
     }
     Ok(Response::new(pb::PatchStatusResponse {
-        patch: Some(info),
+        patch: Some(info.into()),
         counts,
-        nodes,
+        nodes: nodes.into_iter().map(Into::into).collect(),
     }))
 }

@@ -27,7 +27,14 @@ pub async fn list_rollouts(
 ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
     api.caller(&request, OperatorRole::Viewer).await?;
     Ok(Response::new(pb::ListRolloutsResponse {
-        rollouts: api.app.fleet.rollout_infos().await,
+        rollouts: api
+            .app
+            .fleet
+            .rollout_infos()
+            .await
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     }))
 }
 
@@ -41,7 +48,7 @@ pub async fn get_rollout(
         .fleet
         .rollout_info(&id)
         .await
-        .map(Response::new)
+        .map(|r| Response::new(r.into()))
         .ok_or_else(|| not_found(&id))
 }
 
@@ -59,7 +66,7 @@ pub async fn pause_rollout(
         serde_json::json!({}),
     )
     .await?;
-    Ok(Response::new(info))
+    Ok(Response::new(info.into()))
 }
 
 pub async fn resume_rollout(
@@ -76,7 +83,7 @@ pub async fn resume_rollout(
         serde_json::json!({}),
     )
     .await?;
-    Ok(Response::new(info))
+    Ok(Response::new(info.into()))
 }
 
 pub async fn abort_rollout(
@@ -97,7 +104,7 @@ pub async fn abort_rollout(
         serde_json::json!({ "rollback": r.rollback }),
     )
     .await?;
-    Ok(Response::new(info))
+    Ok(Response::new(info.into()))
 }
 
 /// Sends the rollout now and on every change (equal states are sent once),
@@ -120,13 +127,11 @@ pub async fn watch_rollout(
     tokio::spawn(async move {
         let mut last = first;
         let mut shown_at = tokio::time::Instant::now();
-        if tx.send(Ok(last.clone())).await.is_err() {
+        if tx.send(Ok(last.clone().into())).await.is_err() {
             return;
         }
         loop {
-            if crate::rollout::record::RolloutState::ended_str(&last.state)
-                && last.groups.iter().all(|g| g.applying == 0)
-            {
+            if last.state.ended() && last.groups.iter().all(|g| g.applying == 0) {
                 return;
             }
             tokio::select! {
@@ -150,7 +155,7 @@ pub async fn watch_rollout(
             };
             if now != last {
                 last = now;
-                if tx.send(Ok(last.clone())).await.is_err() {
+                if tx.send(Ok(last.clone().into())).await.is_err() {
                     return;
                 }
             }
@@ -168,7 +173,8 @@ pub async fn configure_group(
     let caller = api.caller(&request, OperatorRole::Operator).await?;
     let r = request.into_inner();
     limits::check_name("group", &r.name, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
-    let config = api.app.fleet.configure_group(&r).await?;
+    let r = crate::fleet::GroupSettings::try_from(r)?;
+    let config: pb::GroupConfig = api.app.fleet.configure_group(&r).await?.into();
     api.audit(
         &caller,
         crate::audit::Action::GroupConfigure,
@@ -196,7 +202,9 @@ pub async fn get_group_config(
 ) -> Result<Response<pb::GroupConfig>, Status> {
     api.caller(&request, OperatorRole::Viewer).await?;
     let name = request.into_inner().name;
-    Ok(Response::new(api.app.fleet.group_config(&name).await?))
+    Ok(Response::new(
+        api.app.fleet.group_config(&name).await?.into(),
+    ))
 }
 
 pub async fn compliance_report(

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use flotilla_proto::pb;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -88,21 +87,23 @@ pub struct PolicySpec {
 }
 
 impl PolicySpec {
-    /// Validates a policy from the wire.
-    pub fn from_pb(p: Option<&pb::RolloutPolicy>) -> Result<Self> {
-        let Some(p) = p else {
-            return Ok(Self::default());
-        };
-        let waves = if p.waves.is_empty() {
+    /// Checks a policy as given (on the wire or a command line). Wave sizes
+    /// may come as a list or as one comma-separated string ("1,10%,100%").
+    pub fn parse(
+        waves: &[String],
+        bake_secs: Option<u64>,
+        max_applying: Option<u32>,
+        failure_threshold: Option<&str>,
+        spread_label: Option<&str>,
+    ) -> Result<Self> {
+        let parts: Vec<&str> = waves
+            .iter()
+            .flat_map(|w| w.split(','))
+            .filter(|w| !w.trim().is_empty())
+            .collect();
+        let waves = if parts.is_empty() {
             None
         } else {
-            // "1,10%,100%" in one string is accepted as well as a list.
-            let parts: Vec<&str> = p
-                .waves
-                .iter()
-                .flat_map(|w| w.split(','))
-                .filter(|w| !w.trim().is_empty())
-                .collect();
             if parts.len() > MAX_WAVES {
                 return Err(Error::InvalidArgument(format!(
                     "{} waves given; at most {MAX_WAVES}",
@@ -121,19 +122,17 @@ impl PolicySpec {
             }
             Some(waves)
         };
-        if let Some(b) = p.bake_secs
+        if let Some(b) = bake_secs
             && b > MAX_BAKE_SECS
         {
             return Err(Error::InvalidArgument(format!(
                 "bake time {b}s is longer than a week"
             )));
         }
-        let failure_threshold = p
-            .failure_threshold
-            .as_deref()
+        let failure_threshold = failure_threshold
             .map(|t| Amount::parse("failure threshold", t))
             .transpose()?;
-        let spread_label = match p.spread_label.as_deref().map(str::trim) {
+        let spread_label = match spread_label.map(str::trim) {
             None | Some("") => None,
             Some(l) => {
                 flotilla_proto::limits::check_name("spread label", l, 63)
@@ -143,26 +142,11 @@ impl PolicySpec {
         };
         Ok(Self {
             waves,
-            bake_secs: p.bake_secs,
-            max_applying: p.max_applying,
+            bake_secs,
+            max_applying,
             failure_threshold,
             spread_label,
         })
-    }
-
-    pub fn to_pb(&self) -> pb::RolloutPolicy {
-        pb::RolloutPolicy {
-            waves: self
-                .waves
-                .iter()
-                .flatten()
-                .map(ToString::to_string)
-                .collect(),
-            bake_secs: self.bake_secs,
-            max_applying: self.max_applying,
-            failure_threshold: self.failure_threshold.map(|t| t.to_string()),
-            spread_label: self.spread_label.clone(),
-        }
     }
 
     /// This spec with the fields it leaves unset taken from `base`.
@@ -223,10 +207,8 @@ mod tests {
     use super::*;
 
     fn waves(w: &[&str]) -> Result<PolicySpec> {
-        PolicySpec::from_pb(Some(&pb::RolloutPolicy {
-            waves: w.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }))
+        let w: Vec<String> = w.iter().map(|s| s.to_string()).collect();
+        PolicySpec::parse(&w, None, None, None, None)
     }
 
     #[test]
@@ -282,18 +264,5 @@ mod tests {
         let e = Policy::emergency(&publish.over(&group));
         assert_eq!(e.waves, vec![Amount::Percent(100)]);
         assert_eq!(e.bake, Duration::ZERO);
-    }
-
-    #[test]
-    fn spec_round_trips_through_the_wire() {
-        let spec = PolicySpec::from_pb(Some(&pb::RolloutPolicy {
-            waves: vec!["1".into(), "10%".into(), "100%".into()],
-            bake_secs: Some(30),
-            max_applying: Some(2),
-            failure_threshold: Some("5%".into()),
-            spread_label: Some("site".into()),
-        }))
-        .unwrap();
-        assert_eq!(PolicySpec::from_pb(Some(&spec.to_pb())).unwrap(), spec);
     }
 }

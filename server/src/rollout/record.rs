@@ -44,11 +44,6 @@ impl RolloutState {
     pub fn ended(self) -> bool {
         matches!(self, Self::Aborted | Self::Completed)
     }
-
-    /// `ended` for a state name as sent on the wire.
-    pub fn ended_str(name: &str) -> bool {
-        name == Self::Aborted.as_str() || name == Self::Completed.as_str()
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

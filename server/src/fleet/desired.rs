@@ -1,0 +1,75 @@
+//! What each node is told: its desired state (role, group count, the patches
+//! released to it, rollbacks), built from the view and pushed the moment it
+//! changes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Fleet, State};
+use crate::model::{NodeRecord, NodeStatus, Role};
+
+/// A published patch as desired states carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedManifest {
+    pub id: String,
+    /// The manifest JSON, byte for byte as signed; shared by every node's state.
+    pub manifest: Bytes,
+    /// minisign signatures (.minisig text), one per signer.
+    pub signatures: Vec<String>,
+}
+
+/// One node's desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// Only grows (see the invariants in ARCHITECTURE.md).
+    pub revision: u64,
+    pub node_id: String,
+    pub group: String,
+    /// The group's desired count; None when it has none (every node active).
+    pub desired_count: Option<u32>,
+    pub status: NodeStatus,
+    pub role: Role,
+    pub heartbeat_interval: Duration,
+    pub manifests: Vec<SignedManifest>,
+    pub labels: BTreeMap<String, String>,
+    /// Committed patches to undo (their rollouts were aborted with rollback).
+    pub rollback: Vec<String>,
+}
+
+impl Fleet {
+    pub(super) fn desired_of(&self, st: &State, node: &NodeRecord) -> Desired {
+        let group = st.groups.get(&node.group);
+        Desired {
+            revision: node.revision
+                + group.map_or(0, |g| g.revision)
+                + st.patch_revision()
+                + st.rollout_revision(),
+            node_id: node.id.clone(),
+            group: node.group.clone(),
+            desired_count: group.and_then(|g| g.desired),
+            status: node.status,
+            role: node.role,
+            heartbeat_interval: self.cfg.heartbeat_interval,
+            manifests: st.offered_manifests(node),
+            labels: node.labels.clone(),
+            rollback: st.rollbacks_for(&node.group, &node.id),
+        }
+    }
+
+    /// Sends a node its current desired state if it has a session.
+    pub(super) fn push(&self, st: &State, node_id: &str) {
+        if let (Some(session), Some(node)) = (st.sessions.get(node_id), st.nodes.get(node_id)) {
+            let desired = self.desired_of(st, node);
+            session.desired.send_if_modified(|cur| {
+                if cur.revision < desired.revision {
+                    *cur = desired;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+}
