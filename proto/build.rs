@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // state, and artifact chunks are slices of one buffer the server holds.
         .bytes(".flotilla.v1.SignedManifest.manifest")
         .bytes(".flotilla.v1.ArtifactChunk.data")
+        .bytes(".flotilla.v1.SignedTrustPolicy.document")
         .compile_fds(fds)?;
     Ok(())
 }

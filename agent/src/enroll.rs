@@ -131,7 +131,7 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         token_id: token.id.clone(),
         token_secret: token.secret.clone(),
         csr_der: key.csr_der.clone(),
-        facts: Some(facts::node_facts(&machine_id)),
+        facts: Some(facts::node_facts(&machine_id, 0)),
         labels: opts.labels.clone().into_iter().collect(),
     };
     let (ca_pem, response) = enroll_with_failover(&opts.servers, &token, request).await?;
@@ -160,6 +160,7 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         renewals: 0,
         trusted_keys: opts.trusted_keys.clone(),
         trust_threshold: opts.trust_threshold,
+        trust_version: 0,
     };
     let desired = Desired::initial(role);
     store.save_joined(&identity, &desired)?;
@@ -320,6 +321,7 @@ mod tests {
             renewals: 0,
             trusted_keys: Vec::new(),
             trust_threshold: 0,
+            trust_version: 0,
         };
         joined
             .save_joined(&identity, &Desired::initial(Role::Active))

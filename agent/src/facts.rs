@@ -39,14 +39,15 @@ pub fn hostname() -> String {
     }
 }
 
-/// Facts for Enroll and Hello.
-pub fn node_facts(machine_id: &str) -> pb::NodeFacts {
+/// Facts for Enroll and Hello (and the session, when they change).
+pub fn node_facts(machine_id: &str, trust_version: u64) -> pb::NodeFacts {
     pb::NodeFacts {
         hostname: hostname(),
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         machine_id: machine_id.to_string(),
+        trust_version,
     }
 }
 
@@ -138,7 +139,8 @@ mod tests {
 
     #[test]
     fn facts_name_this_build() {
-        let f = node_facts("m");
+        let f = node_facts("m", 3);
+        assert_eq!(f.trust_version, 3);
         assert_eq!(f.machine_id, "m");
         assert_eq!(f.os, std::env::consts::OS);
         assert_eq!(f.agent_version, env!("CARGO_PKG_VERSION"));

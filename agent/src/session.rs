@@ -93,6 +93,8 @@ struct Agent {
     observer: Option<Observer>,
     shared: Option<SharedChannel>,
     source_address: Option<std::net::IpAddr>,
+    /// The host's facts changed (a new trust policy) since the server was told.
+    facts_changed: bool,
 }
 
 /// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
@@ -176,6 +178,7 @@ where
         observer: opts.observer.clone(),
         shared: opts.shared_channel.clone(),
         source_address: opts.source_address,
+        facts_changed: false,
     };
     tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
     agent.publish_status();
@@ -312,8 +315,12 @@ impl Agent {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let hello = message(agent_message::Kind::Hello(pb::Hello {
             last_revision: self.held.revision,
-            facts: Some(facts::node_facts(&self.node.machine_id)),
+            facts: Some(facts::node_facts(
+                &self.node.machine_id,
+                self.node.trust_version,
+            )),
         }));
+        self.facts_changed = false;
         // A fresh queue always has room.
         let _ = tx.try_send(hello);
         let opening = tokio::time::timeout(OPEN_TIMEOUT, client.session(ReceiverStream::new(rx)));
@@ -352,6 +359,14 @@ impl Agent {
                         let before = self.held.heartbeat_interval_ms;
                         if let Err(e) = self.on_server_message(msg) {
                             return Outcome::Fatal(e);
+                        }
+                        if self.facts_changed {
+                            // The server learns what the host holds now (the
+                            // next Hello says it too, if this is lost).
+                            let facts = facts::node_facts(&self.node.machine_id, self.node.trust_version);
+                            if tx.try_send(message(agent_message::Kind::Facts(facts))).is_ok() {
+                                self.facts_changed = false;
+                            }
                         }
                         if self.held.heartbeat_interval_ms != before {
                             heartbeat = heartbeat_timer(self.held.heartbeat_interval_ms);
@@ -422,6 +437,14 @@ impl Agent {
         if !msg.node_id.is_empty() && msg.node_id != self.node.node_id {
             tracing::warn!(for_node = %msg.node_id, "ignoring desired state meant for another node");
             return Ok(());
+        }
+        // Before the manifests are offered: they may be signed by the new keys.
+        // Taken from any desired state, older or not: each version proves itself.
+        if let Some(next) = trust::adopt(&self.node, &msg.trust) {
+            self.store.save_identity(&next)?;
+            self.node = next;
+            self.facts_changed = true;
+            self.publish_status();
         }
         if let Some(observer) = &self.observer {
             observer.notify(SessionEvent::Desired {
@@ -551,6 +574,7 @@ fn observe(observer: &Observer, was_open: bool, outcome: &Outcome) {
 
 mod options;
 mod renewal;
+mod trust;
 
 pub use options::{DEFAULT_ALLOWED_PATHS, DEFAULT_MAX_ARTIFACT_BYTES, RunError, RunOptions};
 

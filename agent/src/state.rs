@@ -134,6 +134,11 @@ pub struct Identity {
     /// How many distinct trusted keys must sign a manifest.
     #[serde(default)]
     pub trust_threshold: u32,
+    /// The version of the fleet's trust policy these keys are (0: pinned from
+    /// files, version not learnt yet). Only grows: a policy is replaced only
+    /// by the next version, signed by this one's keys.
+    #[serde(default)]
+    pub trust_version: u64,
 }
 
 // The private key stays out of debug output and logs.
@@ -492,6 +497,7 @@ mod tests {
             renewals: 2,
             trusted_keys: Vec::new(),
             trust_threshold: 0,
+            trust_version: 0,
         }
     }
 

@@ -66,6 +66,15 @@ pub struct Status {
     pub cert_not_after: i64,
     /// Certificate renewals since join.
     pub renewals: u64,
+    /// The fleet's trust policy version the host holds (0: keys pinned from
+    /// files, version not learnt yet).
+    #[serde(default)]
+    pub trust_version: u64,
+    /// How many patch-signing keys it pins, and how many must sign.
+    #[serde(default)]
+    pub trusted_keys: usize,
+    #[serde(default)]
+    pub trust_threshold: u32,
     /// When this file was written, Unix seconds.
     pub updated_at: i64,
 }
@@ -91,6 +100,9 @@ impl Status {
             cert_serial: cert.serial_hex,
             cert_not_after: cert.not_after,
             renewals: identity.renewals,
+            trust_version: identity.trust_version,
+            trusted_keys: identity.trusted_keys.len(),
+            trust_threshold: identity.trust_threshold,
             updated_at: unix_now(),
         })
     }
@@ -121,6 +133,18 @@ impl Status {
     }
 
     /// A few lines for people.
+    fn trust_summary(&self) -> String {
+        let keys = format!(
+            "{} of {} key(s) must sign",
+            self.trust_threshold, self.trusted_keys
+        );
+        match (self.trusted_keys, self.trust_version) {
+            (0, _) => "no patch-signing keys pinned".to_string(),
+            (_, 0) => format!("keys pinned at join, version not known yet; {keys}"),
+            (_, v) => format!("v{v}; {keys}"),
+        }
+    }
+
     pub fn summary(&self) -> String {
         let count = if self.unmanaged {
             "unmanaged (no desired count)".to_string()
@@ -150,6 +174,7 @@ impl Status {
                 ),
             ),
             ("renewals", self.renewals.to_string()),
+            ("trust policy", self.trust_summary()),
             (
                 "updated",
                 format!(
@@ -193,6 +218,9 @@ mod tests {
             cert_serial: "0abc".into(),
             cert_not_after: 2_000_000_000,
             renewals: 1,
+            trust_version: 0,
+            trusted_keys: 0,
+            trust_threshold: 0,
             updated_at: 1_700_000_000,
         }
     }
@@ -228,6 +256,9 @@ mod tests {
                 "revision",
                 "role",
                 "servers",
+                "trust_threshold",
+                "trust_version",
+                "trusted_keys",
                 "unmanaged",
                 "updated_at"
             ]

@@ -1,5 +1,5 @@
 //! Flotilla's wire protocol (generated from `flotilla/v1/*.proto`), the join token
-//! format, the limits every side enforces, the TLS pieces agent and CLI share, and the
+//! format, the signed trust-policy chain, the limits every side enforces, the TLS pieces agent and CLI share, and the
 //! one telemetry setup and error ending all binaries use.
 
 pub mod codec;
@@ -11,6 +11,7 @@ pub mod phase;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod trust;
 pub mod when;
 
 /// Generated protobuf and gRPC code for package `flotilla.v1`.

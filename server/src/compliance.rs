@@ -25,6 +25,8 @@ pub struct NodeInput {
     pub id: String,
     pub group: String,
     pub joined_at_ms: i64,
+    /// The trust policy version the node's agent holds (0: not reported).
+    pub trust_version: u64,
     /// component -> installed version
     pub installed: BTreeMap<String, String>,
 }
@@ -123,6 +125,13 @@ pub struct Report {
     pub nodes: Vec<NodeCompliance>,
     /// One entry per severity that has any patch, most severe first.
     pub remediation: Vec<SeverityStats>,
+    /// The fleet's trust policy version (0: none set).
+    #[serde(default)]
+    pub trust_version: u64,
+    /// Nodes whose agents hold an older trust policy (or have not said which
+    /// they hold): they refuse patches signed only by newer keys.
+    #[serde(default)]
+    pub old_trust: Vec<String>,
 }
 
 /// Where one node stands.
@@ -135,6 +144,9 @@ pub struct NodeCompliance {
     pub missing: Vec<MissingPatch>,
     /// True when any missing patch is past its SLA.
     pub overdue: bool,
+    /// The trust policy version its agent holds (0: not reported).
+    #[serde(default)]
+    pub trust_version: u64,
 }
 
 /// A patch a node lacks.
@@ -177,6 +189,7 @@ pub fn compute(
     patches: &[PatchInput],
     sla_of_group: &dyn Fn(&str) -> Sla,
     now_ms: i64,
+    trust_version: u64,
 ) -> Report {
     let mut slas: BTreeMap<&str, Sla> = BTreeMap::new();
     let mut out: Vec<NodeCompliance> = nodes
@@ -203,6 +216,7 @@ pub fn compute(
                 installed: node.installed.clone(),
                 overdue: missing.iter().any(|m| m.overdue),
                 missing,
+                trust_version: node.trust_version,
             }
         })
         .collect();
@@ -257,10 +271,18 @@ pub fn compute(
         })
         .collect();
 
+    let mut old_trust: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.trust_version < trust_version)
+        .map(|n| n.id.clone())
+        .collect();
+    old_trust.sort();
     Report {
         generated_at_ms: now_ms,
         nodes: out,
         remediation,
+        trust_version,
+        old_trust,
     }
 }
 
@@ -427,9 +449,27 @@ pub fn to_table(r: &Report) -> String {
     let overdue = r.nodes.iter().filter(|n| n.overdue).count();
     let lacking = r.nodes.iter().filter(|n| !n.missing.is_empty()).count();
     format!(
-        "Compliance at {}: {} nodes, {lacking} with missing patches, {overdue} overdue\n{nodes}\n\nTime to remediate\n{stats}\n",
+        "Compliance at {}: {} nodes, {lacking} with missing patches, {overdue} overdue\n{}{nodes}\n\nTime to remediate\n{stats}\n",
         generated_at(r.generated_at_ms),
         r.nodes.len(),
+        old_trust_line(r),
+    )
+}
+
+/// The nodes on an older trust policy than the fleet's, if any.
+fn old_trust_line(r: &Report) -> String {
+    const SHOWN: usize = 20;
+    if r.old_trust.is_empty() {
+        return String::new();
+    }
+    let mut ids = r.old_trust[..r.old_trust.len().min(SHOWN)].join(", ");
+    if r.old_trust.len() > SHOWN {
+        ids.push_str(&format!(" and {} more", r.old_trust.len() - SHOWN));
+    }
+    format!(
+        "{} node(s) hold an older trust policy than v{} (they refuse patches signed only by newer keys): {ids}\n",
+        r.old_trust.len(),
+        r.trust_version
     )
 }
 
@@ -462,6 +502,7 @@ pub fn to_csv(r: &Report) -> String {
         "sla_days",
         "overdue",
         "installed",
+        "trust_version",
     ]);
     for n in &r.nodes {
         let installed = installed_list(&n.installed, ";");
@@ -478,6 +519,7 @@ pub fn to_csv(r: &Report) -> String {
                 "",
                 "",
                 &installed,
+                &n.trust_version.to_string(),
             ]);
         }
         for m in &n.missing {
@@ -494,6 +536,7 @@ pub fn to_csv(r: &Report) -> String {
                 &m.sla_days.to_string(),
                 if m.overdue { "true" } else { "false" },
                 &installed,
+                &n.trust_version.to_string(),
             ]);
         }
     }

@@ -150,6 +150,9 @@ pub struct Facts {
     pub arch: String,
     pub agent_version: String,
     pub machine_id: String,
+    /// The trust policy version the agent holds (0: not known yet).
+    #[serde(default)]
+    pub trust_version: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -72,7 +72,7 @@ pub async fn publish(
     publisher: &str,
     rollout: crate::fleet::RolloutRequest,
 ) -> Result<(PatchRecord, Manifest)> {
-    let trust = crate::trust::get(&app.db).await?.ok_or_else(|| {
+    let trust = crate::trust::current(&app.db).await?.ok_or_else(|| {
         Error::FailedPrecondition(
             "no trust policy: an admin must first set the patch-signing keys (flotilla trust set)"
                 .into(),

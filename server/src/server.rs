@@ -215,6 +215,7 @@ pub async fn run(
         .with_context(|| format!("cannot read {}", paths.server_key.display()))?;
     // This data dir's CA must be the fleet's (recorded at the first start).
     let db = open_db(&cfg.data_dir, &cfg.store, ca.cert_pem()).await?;
+    crate::trust::migrate_legacy(&db).await?;
     let fleet = Fleet::load(
         db.clone(),
         FleetConfig {

@@ -15,6 +15,7 @@ pub fn facts(machine: &str) -> pb::NodeFacts {
         arch: "x86_64".into(),
         agent_version: "0".into(),
         machine_id: machine.into(),
+        trust_version: 0,
     }
 }
 

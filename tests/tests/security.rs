@@ -162,13 +162,7 @@ fn csr_asking_for_everything(key: &KeyPair) -> Vec<u8> {
 }
 
 fn facts(machine: &str) -> pb::NodeFacts {
-    pb::NodeFacts {
-        hostname: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        agent_version: "0".into(),
-        machine_id: machine.into(),
-    }
+    flotilla_e2e::enroll::facts(machine)
 }
 
 #[test]

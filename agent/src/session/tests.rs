@@ -28,6 +28,7 @@ fn joined_store(dir: &std::path::Path, role: Role) -> (Store, Identity) {
         renewals: 0,
         trusted_keys: Vec::new(),
         trust_threshold: 0,
+        trust_version: 0,
     };
     let store = Store::open(dir).unwrap();
     store
@@ -53,6 +54,7 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         observer: None,
         shared: None,
         source_address: None,
+        facts_changed: false,
     };
     (agent, rx)
 }

@@ -19,7 +19,17 @@ pub struct TrustPolicy {
 pub fn parse_public_key(text: &str) -> Result<PublicKey, ManifestError> {
     let text = text.trim();
     let parsed = if text.lines().count() >= 2 {
-        PublicKey::decode(text)
+        // Checked as a file, kept as its key line: the untrusted comment is
+        // part of the parsed key's equality, and one key must be one key
+        // whichever form it was given in (a threshold counts distinct keys).
+        PublicKey::decode(text).and_then(|_| {
+            PublicKey::from_base64(
+                text.lines()
+                    .map(str::trim)
+                    .rfind(|l| !l.is_empty())
+                    .unwrap_or(""),
+            )
+        })
     } else {
         PublicKey::from_base64(text)
     };
@@ -72,6 +82,24 @@ impl TrustPolicy {
         if bytes.len() > super::MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge { size: bytes.len() });
         }
+        self.check_signatures(bytes, signatures)?;
+        Manifest::parse(bytes)
+    }
+
+    /// Whether these keys are exactly `other`'s (in any order) with the same threshold.
+    pub fn same_as(&self, other: &TrustPolicy) -> bool {
+        self.threshold == other.threshold
+            && self.keys.len() == other.keys.len()
+            && self.keys.iter().all(|k| other.keys.contains(k))
+    }
+
+    /// Checks that at least `threshold` distinct trusted keys each made a valid
+    /// prehashed signature over exactly `bytes`.
+    pub fn check_signatures(
+        &self,
+        bytes: &[u8],
+        signatures: &[String],
+    ) -> Result<(), ManifestError> {
         if signatures.len() > MAX_SIGNATURES {
             return Err(ManifestError::TooManySignatures {
                 count: signatures.len(),
@@ -125,7 +153,7 @@ impl TrustPolicy {
                 need: self.threshold,
             });
         }
-        Manifest::parse(bytes)
+        Ok(())
     }
 }
 

@@ -452,7 +452,8 @@ fn node_json(n: &pb::NodeInfo) -> Value {
         "certificate_serial": n.certificate_serial, "certificate_not_after": n.certificate_not_after,
         "token_id": n.token_id, "installed": n.installed,
         "facts": { "hostname": f.hostname, "os": f.os, "arch": f.arch,
-                   "agent_version": f.agent_version, "machine_id": f.machine_id },
+                   "agent_version": f.agent_version, "machine_id": f.machine_id,
+                   "trust_version": f.trust_version },
     })
 }
 
@@ -522,7 +523,7 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
                 .collect();
             installed.sort();
             format!(
-                "node:        {}\ngroup:       {}\nstatus:      {}\nrole:        {}\nonline:      {}\nhostname:    {}\nos/arch:     {}/{}\nagent:       {}\nlabels:      {}\njoined:      {}\nlast seen:   {}\ncertificate: serial {} valid until {}\ninstalled:   {}",
+                "node:        {}\ngroup:       {}\nstatus:      {}\nrole:        {}\nonline:      {}\nhostname:    {}\nos/arch:     {}/{}\nagent:       {}\ntrust:       {}\nlabels:      {}\njoined:      {}\nlast seen:   {}\ncertificate: serial {} valid until {}\ninstalled:   {}",
                 n.id,
                 n.group,
                 n.status,
@@ -532,6 +533,10 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
                 f.os,
                 f.arch,
                 f.agent_version,
+                match f.trust_version {
+                    0 => "policy version not reported".to_string(),
+                    v => format!("policy v{v}"),
+                },
                 labels_text(&n.labels),
                 time(n.joined_at),
                 time(n.last_seen),

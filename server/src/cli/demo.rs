@@ -35,7 +35,7 @@ pub async fn prepare(dir: &Path, admin: &mut Admin) -> anyhow::Result<()> {
         .set_trust(pb::TrustPolicy {
             public_keys: vec![pk],
             threshold: 1,
-            sha256: String::new(),
+            ..Default::default()
         })
         .await
         .map_err(status_error)?;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use flotilla_proto::pb;
+use flotilla_proto::trust::PolicyDoc;
 use serde_json::json;
 
 use super::connect::{Target, status_error};
@@ -30,7 +31,8 @@ pub enum KeyCmd {
 
 #[derive(Subcommand)]
 pub enum TrustCmd {
-    /// Set the keys the fleet trusts and how many must sign each patch (admin).
+    /// Set the fleet's first trust policy: the keys that sign patches and how many must (admin).
+    /// Once set, it changes only by a signed rotation (trust propose, sign, publish).
     Set {
         /// A minisign public key file (repeatable).
         #[arg(long = "key", required = true)]
@@ -39,8 +41,44 @@ pub enum TrustCmd {
         #[arg(long, default_value_t = 1)]
         threshold: u32,
     },
-    /// Show the trust policy.
+    /// Show the trust policy in force.
     Show,
+    /// Write the next version of the trust policy, for its signers to sign.
+    Propose {
+        /// A minisign public key file of the new policy (repeatable: every key it keeps or adds).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// How many of the new keys must each sign a patch.
+        #[arg(long, default_value_t = 1)]
+        threshold: u32,
+        /// The policy document to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// The version it follows (default: the fleet's version now, asked from the server).
+        #[arg(long)]
+        after: Option<u64>,
+    },
+    /// Sign a proposed trust policy (writes FILE.<key-id>.minisig; stock `minisign -Sm FILE` does too).
+    /// The next version needs a threshold of the old keys and of the new keys.
+    Sign {
+        /// The policy document from `trust propose`.
+        policy: PathBuf,
+        /// Secret key from `flotilla key generate`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Read the key's password from this file instead of FLOTILLA_KEY_PASSWORD or a prompt.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Send a signed policy to the server, which checks it against the version in force and
+    /// pushes it to every agent (admin).
+    Publish {
+        /// The policy document from `trust propose`.
+        policy: PathBuf,
+        /// Signature files; default: FILE.minisig and FILE.*.minisig.
+        #[arg(long = "signature")]
+        sigs: Vec<PathBuf>,
+    },
 }
 
 /// The password for a secret key: a file, FLOTILLA_KEY_PASSWORD, or (None) a
@@ -129,38 +167,158 @@ pub fn key(out: Output, cmd: KeyCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads public key files into the base64 lines a policy document holds.
+fn key_lines(paths: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut lines: Vec<String> = Vec::new();
+    for p in paths {
+        let text = read_public_key(p)?;
+        let line = text
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_string();
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    Ok(lines)
+}
+
 pub async fn trust(target: &Target, out: Output, cmd: TrustCmd) -> anyhow::Result<()> {
-    let (mut c, _) = target.admin().await?;
     let t = match cmd {
         TrustCmd::Set { keys, threshold } => {
             let public_keys = keys
                 .iter()
                 .map(|k| read_public_key(k))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let (mut c, _) = target.admin().await?;
             c.set_trust(pb::TrustPolicy {
                 public_keys,
                 threshold,
-                sha256: String::new(),
+                ..Default::default()
             })
             .await
             .map_err(status_error)?
             .into_inner()
         }
-        TrustCmd::Show => c
-            .get_trust(pb::GetTrustRequest {})
+        TrustCmd::Show => {
+            let (mut c, _) = target.admin().await?;
+            c.get_trust(pb::GetTrustRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+        }
+        TrustCmd::Propose {
+            keys,
+            threshold,
+            out: path,
+            after,
+        } => return propose(target, out, &keys, threshold, &path, after).await,
+        TrustCmd::Sign {
+            policy,
+            key,
+            password_file,
+        } => {
+            return super::patch::sign_file(&policy, &key, password_file.as_deref(), out, |b| {
+                PolicyDoc::parse(b)
+                    .map(|_| ())
+                    .context("refusing to sign an invalid trust policy")
+            });
+        }
+        TrustCmd::Publish { policy, sigs } => {
+            let document = std::fs::read(&policy)
+                .with_context(|| format!("cannot read {}", policy.display()))?;
+            PolicyDoc::parse(&document)?;
+            let sigs = if sigs.is_empty() {
+                super::patch::default_sigs(&policy)?
+            } else {
+                sigs
+            };
+            if sigs.is_empty() {
+                bail!(
+                    "no signatures found beside {} (sign it with `flotilla trust sign` or `minisign -Sm`)",
+                    policy.display()
+                );
+            }
+            let signatures = sigs
+                .iter()
+                .map(|s| {
+                    std::fs::read_to_string(s)
+                        .with_context(|| format!("cannot read {}", s.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (mut c, _) = target.admin().await?;
+            c.publish_trust(pb::SignedTrustPolicy {
+                document: document.into(),
+                signatures,
+            })
             .await
             .map_err(status_error)?
-            .into_inner(),
+            .into_inner()
+        }
     };
     out.object(
         &format!(
-            "{} of {} key(s) must sign each patch\npolicy sha256: {}\n{}",
+            "trust policy v{}: {} of {} key(s) must sign each patch\npolicy sha256: {}\n{}",
+            t.version,
             t.threshold,
             t.public_keys.len(),
             t.sha256,
             t.public_keys.join("\n")
         ),
-        json!({ "public_keys": t.public_keys, "threshold": t.threshold, "sha256": t.sha256 }),
+        json!({ "version": t.version, "public_keys": t.public_keys, "threshold": t.threshold, "sha256": t.sha256 }),
+    );
+    Ok(())
+}
+
+/// Writes the next version's document (the fleet's version now plus one).
+async fn propose(
+    target: &Target,
+    out: Output,
+    keys: &[PathBuf],
+    threshold: u32,
+    path: &Path,
+    after: Option<u64>,
+) -> anyhow::Result<()> {
+    if path.exists() {
+        bail!(
+            "{} already exists; refusing to overwrite it",
+            path.display()
+        );
+    }
+    let after = match after {
+        Some(v) => v,
+        None => {
+            let (mut c, _) = target.admin().await?;
+            c.get_trust(pb::GetTrustRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .version
+        }
+    };
+    let doc = PolicyDoc {
+        version: after + 1,
+        keys: key_lines(keys)?,
+        threshold,
+    };
+    let bytes = doc.to_bytes();
+    PolicyDoc::parse(&bytes)?;
+    crate::ca::write_atomic(path, &bytes, false)?;
+    out.object(
+        &format!(
+            "trust policy v{} written to {}: {} of {} key(s); policy sha256 {}\n\
+             to take effect it must be signed by as many of v{after}'s keys as v{after} \
+             requires, and by {threshold} of its own: `flotilla trust sign {}`",
+            doc.version,
+            path.display(),
+            threshold,
+            doc.keys.len(),
+            doc.sha256(),
+            path.display()
+        ),
+        json!({ "version": doc.version, "path": path, "sha256": doc.sha256() }),
     );
     Ok(())
 }

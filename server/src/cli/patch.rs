@@ -220,9 +220,26 @@ pub(super) fn sign(
     password_file: Option<&Path>,
     out: Output,
 ) -> anyhow::Result<()> {
+    sign_file(manifest, key, password_file, out, |bytes| {
+        Manifest::parse(bytes)
+            .map(|_| ())
+            .context("refusing to sign an invalid manifest")
+    })
+}
+
+/// Signs `manifest` (a patch manifest or a trust policy document, which
+/// `check` accepts first) with a minisign secret key: writes
+/// FILE.<key-id>.minisig beside it.
+pub(super) fn sign_file(
+    manifest: &Path,
+    key: &Path,
+    password_file: Option<&Path>,
+    out: Output,
+    check: impl FnOnce(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
-    Manifest::parse(&bytes).context("refusing to sign an invalid manifest")?;
+    check(&bytes)?;
     let text =
         std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
     if super::keys::is_public_key(&text) {
@@ -286,8 +303,8 @@ fn name_signature(message: &str, sigs: &[PathBuf]) -> Option<String> {
     Some(sigs.get(n)?.display().to_string())
 }
 
-/// MANIFEST.minisig and MANIFEST.*.minisig beside the manifest.
-fn default_sigs(manifest: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// FILE.minisig and FILE.*.minisig beside a signed file.
+pub(super) fn default_sigs(manifest: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let name = manifest
         .file_name()
         .and_then(|n| n.to_str())

@@ -11,6 +11,7 @@ fn node(id: &str, group: &str, joined_at_ms: i64, installed: &[(&str, &str)]) ->
         id: id.into(),
         group: group.into(),
         joined_at_ms,
+        trust_version: 0,
         installed: installed
             .iter()
             .map(|(c, v)| (c.to_string(), v.to_string()))
@@ -77,7 +78,7 @@ fn fleet() -> (Vec<NodeInput>, Vec<PatchInput>) {
 #[test]
 fn overdue_nodes_come_first_with_exact_durations() {
     let (nodes, patches) = fleet();
-    let r = compute(&nodes, &patches, &default_sla, NOW);
+    let r = compute(&nodes, &patches, &default_sla, NOW, 0);
     let order: Vec<&str> = r.nodes.iter().map(|n| n.id.as_str()).collect();
     assert_eq!(order, ["a", "b", "c", "d"]);
 
@@ -125,7 +126,7 @@ fn most_overdue_node_first_and_group_slas_apply() {
         "strict" => Sla::parse("critical=7").expect("valid"),
         _ => Sla::parse("critical=14").expect("valid"),
     };
-    let r = compute(&nodes, &patches, &sla, NOW);
+    let r = compute(&nodes, &patches, &sla, NOW, 0);
     let order: Vec<(&str, i64)> = r
         .nodes
         .iter()
@@ -184,7 +185,7 @@ fn superseded_or_targeted_elsewhere_is_not_missing() {
             &[],
         ),
     ];
-    let r = compute(&nodes, &patches, &default_sla, NOW);
+    let r = compute(&nodes, &patches, &default_sla, NOW, 0);
     let mut ids: Vec<&str> = r.nodes[0]
         .missing
         .iter()
@@ -209,7 +210,7 @@ fn outstanding_counts_from_the_release_even_for_a_later_node() {
         &["old", "new"],
         &[],
     )];
-    let r = compute(&nodes, &patches, &default_sla, NOW);
+    let r = compute(&nodes, &patches, &default_sla, NOW, 0);
     let new = r.nodes.iter().find(|n| n.id == "new").expect("node");
     assert_eq!(new.missing[0].outstanding_since_ms, NOW - 40 * DAY);
     assert_eq!(new.missing[0].outstanding_secs, 40 * 86_400);
@@ -273,7 +274,7 @@ fn time_to_remediate_median_and_p95() {
             &[("n01", published - HOUR)],
         ),
     ];
-    let r = compute(&nodes, &patches, &default_sla, NOW);
+    let r = compute(&nodes, &patches, &default_sla, NOW, 0);
     let sev: Vec<Severity> = r.remediation.iter().map(|s| s.severity).collect();
     assert_eq!(sev, [Severity::Critical, Severity::Medium, Severity::Low]);
 
@@ -304,7 +305,7 @@ fn time_to_remediate_median_and_p95() {
 #[test]
 fn csv_parses_back_with_one_row_per_missing_patch() {
     let (nodes, patches) = fleet();
-    let r = compute(&nodes, &patches, &default_sla, NOW);
+    let r = compute(&nodes, &patches, &default_sla, NOW, 0);
     let text = to_csv(&r);
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     let header: Vec<String> = reader
@@ -315,7 +316,7 @@ fn csv_parses_back_with_one_row_per_missing_patch() {
         .collect();
     assert_eq!(
         header.join(","),
-        "node,group,status,patch,component,version,severity,outstanding_secs,sla_days,overdue,installed"
+        "node,group,status,patch,component,version,severity,outstanding_secs,sla_days,overdue,installed,trust_version"
     );
     let rows: Vec<csv::StringRecord> = reader.records().collect::<Result<_, _>>().expect("rows");
     // a: 2 missing, b: 1, c and d: one compliant row each.
@@ -326,6 +327,7 @@ fn csv_parses_back_with_one_row_per_missing_patch() {
     assert_eq!(&rows[0][7], (41 * 86_400 + 3 * 3600).to_string());
     assert_eq!(&rows[0][9], "true");
     assert_eq!(&rows[0][10], "openssl=3.0.1;pos-app=1.2.0");
+    assert_eq!(&rows[0][11], "0");
     assert_eq!(&rows[1][2], "missing");
     assert_eq!(&rows[3][2], "compliant");
     assert_eq!(&rows[3][3], "");
@@ -335,7 +337,7 @@ fn csv_parses_back_with_one_row_per_missing_patch() {
 #[test]
 fn json_round_trips() {
     let (nodes, patches) = fleet();
-    let r = compute(&nodes, &patches, &default_sla, NOW);
+    let r = compute(&nodes, &patches, &default_sla, NOW, 0);
     let json = to_json(&r);
     assert!(json.contains("\"severity\": \"critical\""), "{json}");
     let back: Report = serde_json::from_str(&json).expect("parses");
@@ -370,4 +372,33 @@ fn durations_read_well() {
     assert_eq!(duration(7 * 60 + 5), "7m 5s");
     assert_eq!(duration(15), "15s");
     assert_eq!(duration(-5), "0s");
+}
+
+#[test]
+fn hosts_on_an_older_trust_policy_are_flagged() {
+    let mut nodes = vec![
+        node("c", "g", 0, &[]),
+        node("a", "g", 0, &[]),
+        node("b", "g", 0, &[]),
+    ];
+    nodes[0].trust_version = 1;
+    nodes[1].trust_version = 3;
+    // b has not said which it holds (0): flagged too.
+    let r = compute(&nodes, &[], &default_sla, NOW, 3);
+    assert_eq!(r.trust_version, 3);
+    assert_eq!(r.old_trust, vec!["b".to_string(), "c".to_string()]);
+    let table = to_table(&r);
+    assert!(
+        table.contains("2 node(s) hold an older trust policy than v3") && table.contains("b, c"),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&to_json(&r)).unwrap();
+    assert_eq!(json["old_trust"], serde_json::json!(["b", "c"]));
+    // No policy, or everyone on it: nothing flagged.
+    assert!(
+        compute(&nodes, &[], &default_sla, NOW, 0)
+            .old_trust
+            .is_empty()
+    );
+    assert!(to_table(&compute(&nodes, &[], &default_sla, NOW, 0)).contains("Compliance at"));
 }

@@ -36,6 +36,7 @@ pub(super) fn followed(key: &str) -> bool {
         rollout_record::PREFIX,
         keys::PATCH_STATES,
         HELD,
+        crate::trust::PREFIX,
     ]
     .iter()
     .any(|p| key.starts_with(p))
@@ -114,6 +115,10 @@ impl Fleet {
         } else if key.starts_with(rollout_record::PREFIX) {
             if let Some(r) = decode::<RolloutRecord>(key, value) {
                 self.apply_rollout(st, r, fx);
+            }
+        } else if key.starts_with(crate::trust::PREFIX) {
+            if let Some(r) = decode::<crate::trust::PolicyRecord>(key, value) {
+                self.apply_trust(st, r);
             }
         } else if key.starts_with(keys::PATCHES) {
             if let Some(p) = decode::<PatchRecord>(key, value) {

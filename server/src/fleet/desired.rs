@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_proto::trust::SignedPolicy;
 
 use super::{Fleet, State};
 use crate::model::{NodeRecord, NodeStatus, Role};
@@ -36,16 +37,39 @@ pub struct Desired {
     pub labels: BTreeMap<String, String>,
     /// Committed patches to undo (their rollouts were aborted with rollback).
     pub rollback: Vec<String>,
+    /// Trust policy versions newer than the one the node holds, oldest first.
+    pub trust: Vec<SignedPolicy>,
+}
+
+impl State {
+    /// The newest trust policy version: part of every desired-state revision
+    /// (versions only grow).
+    pub(super) fn trust_version(&self) -> u64 {
+        self.trust.keys().next_back().copied().unwrap_or(0)
+    }
 }
 
 impl Fleet {
+    /// A trust policy version the view did not have: every session hears of it.
+    pub(super) fn apply_trust(&self, st: &mut State, record: crate::trust::PolicyRecord) {
+        if st.trust.contains_key(&record.version) {
+            return;
+        }
+        st.trust.insert(record.version, record.signed());
+        let held: Vec<String> = st.sessions.keys().cloned().collect();
+        for id in held {
+            self.push(st, &id);
+        }
+    }
+
     pub(super) fn desired_of(&self, st: &State, node: &NodeRecord) -> Desired {
         let group = st.groups.get(&node.group);
         Desired {
             revision: node.revision
                 + group.map_or(0, |g| g.revision)
                 + st.patch_revision()
-                + st.rollout_revision(),
+                + st.rollout_revision()
+                + st.trust_version(),
             node_id: node.id.clone(),
             group: node.group.clone(),
             desired_count: group.and_then(|g| g.desired),
@@ -55,6 +79,12 @@ impl Fleet {
             manifests: st.offered_manifests(node),
             labels: node.labels.clone(),
             rollback: st.rollbacks_for(&node.group, &node.id),
+            trust: st
+                .trust
+                .range(node.facts.trust_version + 1..)
+                .take(flotilla_proto::trust::MAX_CHAIN)
+                .map(|(_, p)| p.clone())
+                .collect(),
         }
     }
 

@@ -369,6 +369,7 @@ impl Fleet {
                 id: n.id.clone(),
                 group: n.group.clone(),
                 joined_at_ms: n.joined_at * 1000,
+                trust_version: n.facts.trust_version,
                 installed: n.installed.clone(),
             })
             .collect();
@@ -378,6 +379,12 @@ impl Fleet {
             .map(|g| (g.name.as_str(), sla_of(g)))
             .collect();
         let sla = |g: &str| slas.get(g).cloned().unwrap_or_default();
-        Ok(compliance::compute(&inputs, &patches, &sla, now_ms()))
+        Ok(compliance::compute(
+            &inputs,
+            &patches,
+            &sla,
+            now_ms(),
+            st.trust_version(),
+        ))
     }
 }

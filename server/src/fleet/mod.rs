@@ -100,6 +100,8 @@ struct State {
     remote: HashMap<String, Vec<String>>,
     /// Node -> how many of those keys list it: online on another replica.
     remote_count: HashMap<String, u32>,
+    /// The trust policy's versions, by version.
+    trust: BTreeMap<u64, flotilla_proto::trust::SignedPolicy>,
     /// The stored bytes of the node, group and rollout records above, by key:
     /// what this replica's writes expect (see `view`).
     known: HashMap<String, Known>,

@@ -589,6 +589,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         super::publish::get_trust(self, request).await
     }
 
+    async fn publish_trust(
+        &self,
+        request: Request<pb::SignedTrustPolicy>,
+    ) -> Result<Response<pb::TrustPolicy>, Status> {
+        super::publish::publish_trust(self, request).await
+    }
+
     async fn artifact_status(
         &self,
         request: Request<pb::ArtifactStatusRequest>,

@@ -67,6 +67,9 @@ impl AgentApi {
     }
 }
 
+/// Least time between two records of facts a session sends.
+const FACTS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// What the outbound half of a session carries between messages.
 struct Outbound {
     app: Arc<App>,
@@ -140,6 +143,11 @@ impl AgentApi {
         // Only messages from the agent move the deadline, not our own pushes.
         let deadline = tokio::time::sleep(allowed);
         tokio::pin!(deadline);
+        // Facts sent during the session are recorded at most once per
+        // FACTS_INTERVAL: the newest waits for its turn, older ones are dropped.
+        let mut facts: Option<crate::model::Facts> = None;
+        let facts_turn = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(facts_turn);
         loop {
             tokio::select! {
                 _ = app.shutdown.cancelled() => break,
@@ -148,8 +156,27 @@ impl AgentApi {
                     tracing::info!(node = %node_id, "no heartbeat in {allowed:?}; closing session");
                     break;
                 }
+                () = &mut facts_turn, if facts.is_some() => {
+                    let f = facts.take().expect("guarded");
+                    if let Err(e) = app.fleet.update_facts(&node_id, f).await {
+                        tracing::warn!(node = %node_id, error = %e, "cannot record the node's facts");
+                    }
+                    facts_turn.as_mut().reset(tokio::time::Instant::now() + FACTS_INTERVAL);
+                }
                 msg = inbound.message() => match msg {
-                    Ok(Some(_)) => deadline.as_mut().reset(tokio::time::Instant::now() + allowed),
+                    Ok(Some(m)) => {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + allowed);
+                        if let Some(agent_message::Kind::Facts(f)) = m.kind {
+                            let f: crate::model::Facts = f.into();
+                            match enroll::check_facts(&f) {
+                                Ok(()) => facts = Some(f),
+                                Err(e) => {
+                                    tracing::info!(node = %node_id, error = %e, "facts refused; closing session");
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(node = %node_id, %status, "session stream error");

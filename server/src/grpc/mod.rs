@@ -24,6 +24,7 @@ impl From<pb::NodeFacts> for Facts {
             arch,
             agent_version,
             machine_id,
+            trust_version,
         } = f;
         Self {
             hostname,
@@ -31,6 +32,7 @@ impl From<pb::NodeFacts> for Facts {
             arch,
             agent_version,
             machine_id,
+            trust_version,
         }
     }
 }
@@ -43,6 +45,7 @@ impl From<Facts> for pb::NodeFacts {
             arch: f.arch,
             agent_version: f.agent_version,
             machine_id: f.machine_id,
+            trust_version: f.trust_version,
         }
     }
 }

@@ -8,17 +8,19 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::AdminApi;
 use crate::model::OperatorRole;
-use crate::trust::TrustRecord;
+use crate::trust::PolicyRecord;
 
 /// Largest chunk of one upload message.
 const MAX_UPLOAD_CHUNK: usize = 1024 * 1024;
 
-fn trust_pb(t: &TrustRecord) -> pb::TrustPolicy {
-    pb::TrustPolicy {
-        public_keys: t.public_keys.clone(),
-        threshold: t.threshold,
-        sha256: t.sha256(),
-    }
+fn trust_pb(t: &PolicyRecord) -> Result<pb::TrustPolicy, Status> {
+    let doc = t.doc()?;
+    Ok(pb::TrustPolicy {
+        sha256: doc.sha256(),
+        public_keys: doc.keys,
+        threshold: doc.threshold,
+        version: t.version,
+    })
 }
 
 pub async fn set_trust(
@@ -27,16 +29,16 @@ pub async fn set_trust(
 ) -> Result<Response<pb::TrustPolicy>, Status> {
     let caller = api.caller(&request, OperatorRole::Admin).await?;
     let r = request.into_inner();
-    let record = TrustRecord::new(&r.public_keys, r.threshold)?;
-    crate::trust::set(&api.app.db, &record).await?;
+    let doc = crate::trust::first_document(&r.public_keys, r.threshold)?;
+    let record = crate::trust::set_first(&api.app.db, &doc, &caller.name).await?;
     api.audit(
         &caller,
         crate::audit::Action::TrustSet,
         "fleet",
-        serde_json::json!({ "keys": record.public_keys, "threshold": record.threshold, "sha256": record.sha256() }),
+        serde_json::json!({ "version": record.version, "keys": doc.keys, "threshold": doc.threshold, "sha256": doc.sha256() }),
     )
     .await?;
-    Ok(Response::new(trust_pb(&record)))
+    Ok(Response::new(trust_pb(&record)?))
 }
 
 pub async fn get_trust(
@@ -44,10 +46,38 @@ pub async fn get_trust(
     request: Request<pb::GetTrustRequest>,
 ) -> Result<Response<pb::TrustPolicy>, Status> {
     api.caller(&request, OperatorRole::Viewer).await?;
-    let record = crate::trust::get(&api.app.db)
+    let record = crate::trust::current(&api.app.db)
         .await?
         .ok_or_else(|| Status::not_found("no trust policy is set (flotilla trust set)"))?;
-    Ok(Response::new(trust_pb(&record)))
+    Ok(Response::new(trust_pb(&record)?))
+}
+
+/// A signed rotation of the trust policy: checked against the newest version
+/// (exactly the next one, signed by a threshold of its keys and of its own),
+/// stored, and sent to every agent in its desired state.
+pub async fn publish_trust(
+    api: &AdminApi,
+    request: Request<pb::SignedTrustPolicy>,
+) -> Result<Response<pb::TrustPolicy>, Status> {
+    let caller = api.caller(&request, OperatorRole::Admin).await?;
+    let r = request.into_inner();
+    let signed = flotilla_proto::trust::SignedPolicy::from(r);
+    let record = crate::trust::publish_next(&api.app.db, &signed, &caller.name).await?;
+    let doc = record.doc()?;
+    api.audit(
+        &caller,
+        crate::audit::Action::TrustRotate,
+        "fleet",
+        serde_json::json!({
+            "version": record.version,
+            "keys": doc.keys,
+            "threshold": doc.threshold,
+            "sha256": doc.sha256(),
+            "signatures": record.signatures.len(),
+        }),
+    )
+    .await?;
+    Ok(Response::new(trust_pb(&record)?))
 }
 
 pub async fn artifact_status(

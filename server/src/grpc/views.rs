@@ -47,6 +47,7 @@ impl From<&Desired> for pb::DesiredState {
             manifests: d.manifests.iter().map(Into::into).collect(),
             labels: d.labels.clone().into_iter().collect(),
             rollback: d.rollback.clone(),
+            trust: d.trust.iter().map(Into::into).collect(),
         }
     }
 }

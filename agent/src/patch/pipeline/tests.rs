@@ -33,6 +33,7 @@ fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipelin
         renewals: 0,
         trusted_keys: pk.into_iter().collect(),
         trust_threshold: 1,
+        trust_version: 0,
     };
     store
         .save_joined(&identity, &Desired::initial(Role::Active))

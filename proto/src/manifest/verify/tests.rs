@@ -294,3 +294,12 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn one_key_given_as_file_and_as_line_counts_once() {
+    let k = key();
+    let line = k.pk_text.lines().last().unwrap().trim().to_string();
+    // Both forms of one key: a policy of one distinct key, so a threshold of 2
+    // cannot be met by its one signature.
+    assert!(TrustPolicy::new(&[k.pk_text.clone(), line], 2).is_err());
+}

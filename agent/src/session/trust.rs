@@ -1,0 +1,162 @@
+//! Taking newer versions of the fleet's trust policy from the chain a desired
+//! state carries: each only when the version held signed it (and it signed
+//! itself), never going back. The server only carries the documents; what the
+//! host trusts follows from the keys it pinned at join.
+
+use flotilla_proto::manifest::TrustPolicy;
+use flotilla_proto::pb;
+use flotilla_proto::trust::{self, Held, SignedPolicy};
+
+use crate::state::Identity;
+
+/// The identity with the newest trust policy version `chain` leads to from
+/// the one `node` holds, or None when nothing changes. Keys pinned without a
+/// version first learn theirs from the chain (nothing new is trusted by that).
+pub fn adopt(node: &Identity, chain: &[pb::SignedTrustPolicy]) -> Option<Identity> {
+    if chain.is_empty() || node.trusted_keys.is_empty() {
+        return None;
+    }
+    let policy = match TrustPolicy::new(&node.trusted_keys, node.trust_threshold as usize) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "the pinned trust policy cannot be used; newer versions are not taken");
+            return None;
+        }
+    };
+    let chain: Vec<SignedPolicy> = chain.iter().cloned().map(Into::into).collect();
+    let mut version = node.trust_version;
+    if version == 0 {
+        match trust::anchor(&policy, &chain) {
+            Some(v) => version = v,
+            None => {
+                tracing::warn!(
+                    "the keys pinned at join are no version of the fleet's trust policy; \
+                     newer versions are not taken (join again with the fleet's keys)"
+                );
+                return None;
+            }
+        }
+    }
+    let (reached, stopped) = trust::walk(&Held { version, policy }, &chain);
+    if let Some(e) = stopped {
+        tracing::warn!(held = version, error = %e, "a trust policy version was refused");
+    }
+    let mut next = node.clone();
+    match reached {
+        Some(doc) => {
+            tracing::info!(
+                from = node.trust_version,
+                to = doc.version,
+                keys = doc.keys.len(),
+                threshold = doc.threshold,
+                "trust policy rotated"
+            );
+            next.trusted_keys = doc.keys;
+            next.trust_threshold = doc.threshold;
+            next.trust_version = doc.version;
+        }
+        None if version != node.trust_version => next.trust_version = version,
+        None => return None,
+    }
+    Some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Key {
+        line: String,
+        sk: minisign::SecretKey,
+        pk: minisign::PublicKey,
+    }
+
+    fn key() -> Key {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let text = kp.pk.to_box().unwrap().into_string();
+        Key {
+            line: text.lines().last().unwrap().to_string(),
+            sk: kp.sk,
+            pk: kp.pk,
+        }
+    }
+
+    fn signed(version: u64, keys: &[&Key], threshold: u32, by: &[&Key]) -> pb::SignedTrustPolicy {
+        let doc = trust::PolicyDoc {
+            version,
+            keys: keys.iter().map(|k| k.line.clone()).collect(),
+            threshold,
+        }
+        .to_bytes();
+        pb::SignedTrustPolicy {
+            signatures: by
+                .iter()
+                .map(|k| {
+                    minisign::sign(Some(&k.pk), &k.sk, doc.as_slice(), None, None)
+                        .unwrap()
+                        .into_string()
+                })
+                .collect(),
+            document: doc.into(),
+        }
+    }
+
+    fn node(keys: &[&Key], threshold: u32, version: u64) -> Identity {
+        Identity {
+            node_id: "n".into(),
+            group: "g".into(),
+            key_pem: String::new(),
+            cert_pem: String::new(),
+            ca_pem: String::new(),
+            servers: Vec::new(),
+            token_id: String::new(),
+            machine_id: "m".into(),
+            renewals: 0,
+            trusted_keys: keys.iter().map(|k| k.line.clone()).collect(),
+            trust_threshold: threshold,
+            trust_version: version,
+        }
+    }
+
+    #[test]
+    fn a_signed_rotation_replaces_the_pinned_keys() {
+        let (a, b, c) = (key(), key(), key());
+        let held = node(&[&a, &b], 2, 1);
+        let v2 = signed(2, &[&b, &c], 2, &[&a, &b, &c]);
+        let next = adopt(&held, &[v2]).unwrap();
+        assert_eq!(next.trust_version, 2);
+        assert_eq!(next.trusted_keys, vec![b.line.clone(), c.line.clone()]);
+        assert_eq!(next.trust_threshold, 2);
+    }
+
+    #[test]
+    fn keys_from_files_learn_their_version_then_walk() {
+        let (a, b) = (key(), key());
+        let held = node(&[&a], 1, 0);
+        let chain = [signed(1, &[&a], 1, &[]), signed(2, &[&b], 1, &[&a, &b])];
+        let next = adopt(&held, &chain).unwrap();
+        assert_eq!(
+            (next.trust_version, next.trusted_keys),
+            (2, vec![b.line.clone()])
+        );
+        // Only the root in the chain: the version is learnt, the keys stay.
+        let next = adopt(&held, &chain[..1]).unwrap();
+        assert_eq!(
+            (next.trust_version, next.trusted_keys),
+            (1, vec![a.line.clone()])
+        );
+    }
+
+    #[test]
+    fn a_forged_or_old_policy_changes_nothing() {
+        let (a, b, evil) = (key(), key(), key());
+        let held = node(&[&a, &b], 2, 2);
+        // Signed by the attacker's key only, or older than what is held.
+        let forged = signed(3, &[&evil], 1, &[&evil]);
+        let old = signed(1, &[&a], 1, &[&a]);
+        assert!(adopt(&held, &[forged, old]).is_none());
+        // Keys from files that are no version of the chain learn nothing.
+        let stranger = node(&[&evil], 1, 0);
+        assert!(adopt(&stranger, &[signed(1, &[&a], 1, &[])]).is_none());
+    }
+}
