@@ -206,7 +206,7 @@ else
     token=$(printf '%s' "$token" | tr -d ' \t\r\n')
     case $token in
         flt1.*.*.*) ;;
-        *) die "the join token does not look like flt1.<id>.<secret>.<ca-fingerprint> (check FLOTILLA_TOKEN or the token file)" ;;
+        *) die "the join token does not look like flt1.<id>.<secret>.<ca-fingerprint>[.<trust-hash>] (check FLOTILLA_TOKEN or the token file)" ;;
     esac
 
     set -- join

@@ -87,6 +87,8 @@ pub enum JoinError {
     Unreachable(Vec<String>),
     #[error("the server's enrollment answer is unusable: {0}")]
     BadResponse(String),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::PinError),
 }
 
 /// Everything about the options that needs no network: mistakes are cheap.
@@ -146,6 +148,15 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         .ok_or_else(|| JoinError::BadResponse(format!("unknown role {}", response.role)))?;
     let cert = cert_info(&response.certificate_pem)?;
     cert.check_key(&key.public_key)?;
+    // Key files win; else the policy the token pins, checked against its hash.
+    let (trusted_keys, trust_threshold, trust_version) =
+        match (&token.trust_sha256, opts.trusted_keys.is_empty()) {
+            (Some(pin), true) => {
+                let doc = crate::trust::pinned_at_join(pin, &response.trust)?;
+                (doc.keys, doc.threshold, doc.version)
+            }
+            _ => (opts.trusted_keys.clone(), opts.trust_threshold, 0),
+        };
 
     let identity = Identity {
         node_id: node_id.clone(),
@@ -158,9 +169,9 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         token_id: token.id,
         machine_id,
         renewals: 0,
-        trusted_keys: opts.trusted_keys.clone(),
-        trust_threshold: opts.trust_threshold,
-        trust_version: 0,
+        trusted_keys,
+        trust_threshold,
+        trust_version,
     };
     let desired = Desired::initial(role);
     store.save_joined(&identity, &desired)?;

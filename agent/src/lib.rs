@@ -18,6 +18,7 @@ pub mod refusal;
 pub mod session;
 pub mod state;
 pub mod status;
+pub mod trust;
 
 pub use enroll::{JoinError, JoinOptions, Joined, join, join_with};
 pub use session::{RunError, RunOptions, run, run_with};

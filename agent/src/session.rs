@@ -27,6 +27,7 @@ use crate::patch::pipeline::{Offer, PipelineConfig};
 use crate::refusal::{self, Refusal};
 use crate::state::{Desired, Identity, Ordering, Role, Store};
 use crate::status::Status;
+use crate::trust;
 use renewal::{
     AdoptError, RENEW_RETRY_BASE, RENEW_RETRY_CAP, RenewCall, RenewFailure, request_renewal,
 };
@@ -574,7 +575,6 @@ fn observe(observer: &Observer, was_open: bool, outcome: &Outcome) {
 
 mod options;
 mod renewal;
-mod trust;
 
 pub use options::{DEFAULT_ALLOWED_PATHS, DEFAULT_MAX_ARTIFACT_BYTES, RunError, RunOptions};
 

@@ -29,6 +29,8 @@ pub struct Joined {
     pub node: NodeRecord,
     pub certificate_pem: String,
     pub rejoined: bool,
+    /// The trust policy the token pins (hex SHA-256; "" when none).
+    pub trust_sha256: String,
 }
 
 /// Counts a join refused for its token (unknown, or the wrong secret), and
@@ -182,5 +184,6 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
         node,
         certificate_pem: cert.pem,
         rejoined,
+        trust_sha256: token.trust_sha256,
     })
 }

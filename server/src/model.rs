@@ -113,6 +113,9 @@ pub struct TokenRecord {
     pub revoked: bool,
     pub description: String,
     pub created_by: String,
+    /// Hex SHA-256 of the trust policy the token pins ("" when none).
+    #[serde(default)]
+    pub trust_sha256: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -56,17 +56,19 @@ impl TokenSpec {
     }
 }
 
-/// Creates a token bound to the CA with `ca_fingerprint`. Returns the full
-/// token (shown once) and its record.
+/// Creates a token bound to the CA with `ca_fingerprint` (and pinning the
+/// trust policy with `trust_sha256`, if given). Returns the full token (shown
+/// once) and its record.
 pub async fn create(
     db: &Db,
     mut spec: TokenSpec,
     ca_fingerprint: &str,
+    trust_sha256: Option<&str>,
     created_by: &str,
 ) -> Result<(JoinToken, TokenRecord)> {
     spec.validate()?;
     loop {
-        let token = JoinToken::generate(ca_fingerprint);
+        let token = JoinToken::generate(ca_fingerprint, trust_sha256);
         let now = now_secs();
         let rec = TokenRecord {
             id: token.id.clone(),
@@ -81,6 +83,7 @@ pub async fn create(
             revoked: false,
             description: spec.description.clone(),
             created_by: created_by.to_string(),
+            trust_sha256: trust_sha256.unwrap_or_default().to_string(),
         };
         if db.create(&keys::token(&rec.id), &rec).await? {
             return Ok((token, rec));
@@ -233,6 +236,7 @@ mod tests {
             revoked: false,
             description: String::new(),
             created_by: "t".into(),
+            trust_sha256: String::new(),
         }
     }
 
@@ -286,7 +290,7 @@ mod tests {
             requires_approval: false,
             description: String::new(),
         };
-        let (token, _) = create(&dbs[0], spec, "00", "t").await.unwrap();
+        let (token, _) = create(&dbs[0], spec, "00", None, "t").await.unwrap();
         let joins = (0..10).map(|i| {
             let db = dbs[i % dbs.len()].clone();
             let (id, secret) = (token.id.clone(), token.secret.clone());

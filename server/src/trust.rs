@@ -96,6 +96,22 @@ pub async fn current(db: &Db) -> Result<Option<PolicyRecord>> {
     Ok(db.last(PREFIX).await?)
 }
 
+/// The versions a joining host is given: from the newest whose keys and
+/// threshold hash to `pin` (all when there is no pin, or none matches: the
+/// agent then refuses the join), at most `MAX_CHAIN`.
+pub async fn for_join(db: &Db, pin: &str) -> Result<Vec<SignedPolicy>> {
+    let all = chain(db).await?;
+    let start = all
+        .iter()
+        .rposition(|r| !pin.is_empty() && r.doc().is_ok_and(|d| d.sha256() == pin))
+        .unwrap_or(0);
+    Ok(all[start..]
+        .iter()
+        .take(flotilla_proto::trust::MAX_CHAIN)
+        .map(PolicyRecord::signed)
+        .collect())
+}
+
 /// Stores the first version; FailedPrecondition once there is one (later
 /// versions are rotations, signed by the one before).
 pub async fn set_first(db: &Db, doc: &PolicyDoc, by: &str) -> Result<PolicyRecord> {

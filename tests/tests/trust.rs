@@ -222,3 +222,58 @@ fn forge_policy(server: &Server, version: u64, keys: &[&Key], by: &[&Key]) {
     .unwrap();
     db.flush().unwrap();
 }
+
+#[test]
+fn a_host_joins_with_the_policy_its_token_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k = key(d, "k");
+    let mut server = Server::init(d);
+    server.start();
+    server.cli(&["trust", "set", "--key", arg(&k.public)]);
+    // Pinned by default once there is a policy.
+    let token = server.token("store", 2, &["--label", "site=berlin"]);
+    assert_eq!(token.split('.').count(), 5, "{token}");
+
+    // No key file: the keys come from the server, checked against the token.
+    let mut host = Agent::new(d, "host00").with_root();
+    host.join(&server.url(), &token);
+    host.start(&[server.url()]);
+    wait_version(&[&host], 1);
+    patch::roll_out(&server, d, &k, "p1", "1.0.0", 1);
+
+    // A server whose policy is not the one the token pins: the join is refused
+    // and nothing is kept on the host.
+    let evil = key(d, "evil");
+    server.stop();
+    replace_root(&server, &evil);
+    server.start();
+    let other = Agent::new(d, "host01");
+    let out = other.join_output(&server.url(), &token, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is not the one the join token pins"), "{err}");
+    assert!(other.status().is_none(), "no identity may be kept");
+}
+
+/// Replaces the stored first version's keys with `key`'s in a stopped server.
+fn replace_root(server: &Server, key: &Key) {
+    let line = std::fs::read_to_string(&key.public)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let db = sled::open(server.data_dir.join("db")).expect("open the server's store");
+    let k = format!("trust/policy/{:020}", 1);
+    let mut rec: serde_json::Value = serde_json::from_slice(&db.get(&k).unwrap().unwrap()).unwrap();
+    let doc = flotilla_proto::trust::PolicyDoc {
+        version: 1,
+        keys: vec![line],
+        threshold: 1,
+    };
+    rec["document"] = serde_json::Value::String(String::from_utf8(doc.to_bytes()).unwrap());
+    db.insert(&k, serde_json::to_vec(&rec).unwrap()).unwrap();
+    db.flush().unwrap();
+}

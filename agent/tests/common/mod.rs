@@ -89,6 +89,7 @@ impl AgentService for Service {
             group: "depots".into(),
             role: pb::Role::Active as i32,
             rejoined: false,
+            trust: Vec::new(),
         }))
     }
 
@@ -187,7 +188,7 @@ pub async fn start(cert_lifetime: Duration) -> (Arc<Fake>, String) {
     let fingerprint = flotilla_proto::sha256_hex(ca_cert.der());
     let fake = Arc::new(Fake {
         issuer,
-        token: JoinToken::generate(&fingerprint),
+        token: JoinToken::generate(&fingerprint, None),
         cert_lifetime,
         serial: AtomicU64::new(1),
         enrolls: AtomicUsize::new(0),

@@ -41,6 +41,13 @@ pub enum TokenCmd {
         /// Free text kept with the token (what it is for).
         #[arg(long, default_value = "")]
         description: String,
+        /// Pin the fleet's trust policy in the token (the default when there is one): a host
+        /// joining without --trusted-key files takes its keys from the server, checked against it.
+        #[arg(long, conflicts_with = "no_pin_trust")]
+        pin_trust: bool,
+        /// Do not pin the trust policy: hosts must bring their own --trusted-key files.
+        #[arg(long)]
+        no_pin_trust: bool,
     },
     /// List tokens.
     List,
@@ -68,6 +75,7 @@ fn token_json(t: &pb::TokenInfo) -> Value {
         "max_uses": t.max_uses, "uses": t.uses, "labels": t.labels,
         "requires_approval": t.requires_approval, "revoked": t.revoked,
         "description": t.description, "created_by": t.created_by,
+        "trust_sha256": t.trust_sha256,
     })
 }
 
@@ -103,6 +111,8 @@ pub async fn token(target: &Target, out: Output, cmd: TokenCmd) -> anyhow::Resul
             labels,
             approval,
             description,
+            pin_trust,
+            no_pin_trust,
         } => {
             let r = c
                 .create_token(pb::CreateTokenRequest {
@@ -112,14 +122,24 @@ pub async fn token(target: &Target, out: Output, cmd: TokenCmd) -> anyhow::Resul
                     labels: labels.into_iter().collect::<HashMap<_, _>>(),
                     requires_approval: approval,
                     description,
+                    pin_trust: match (pin_trust, no_pin_trust) {
+                        (true, _) => Some(true),
+                        (_, true) => Some(false),
+                        _ => None,
+                    },
                 })
                 .await
                 .map_err(status_error)?
                 .into_inner();
             let info = r.info.unwrap_or_default();
+            let pinned = if info.trust_sha256.is_empty() {
+                "hosts bring their own --trusted-key files".to_string()
+            } else {
+                format!("pins trust policy sha256 {}", info.trust_sha256)
+            };
             out.object(
                 &format!(
-                    "{}\n\ntoken {} for group {}: {} use(s), expires {}. Shown once; keep it secret.",
+                    "{}\n\ntoken {} for group {}: {} use(s), expires {}; {pinned}. Shown once; keep it secret.",
                     r.token,
                     info.id,
                     info.group,

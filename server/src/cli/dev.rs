@@ -232,6 +232,7 @@ async fn start_fleet(
             labels: [("env".to_string(), "dev".to_string())].into(),
             requires_approval: false,
             description: "flotilla dev".into(),
+            pin_trust: None,
         })
         .await
         .map_err(status_error)?

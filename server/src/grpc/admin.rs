@@ -32,6 +32,7 @@ fn token_info(t: TokenRecord) -> pb::TokenInfo {
         revoked: t.revoked,
         description: t.description,
         created_by: t.created_by,
+        trust_sha256: t.trust_sha256,
     }
 }
 
@@ -169,8 +170,25 @@ impl pb::admin_service_server::AdminService for AdminApi {
             requires_approval: r.requires_approval,
             description: r.description,
         };
-        let (token, rec) =
-            tokens::create(&self.app.db, spec, self.app.ca.fingerprint(), &caller.name).await?;
+        let policy = crate::trust::current(&self.app.db).await?;
+        let pin = match (r.pin_trust, &policy) {
+            (Some(false), _) => None,
+            (_, Some(p)) => Some(p.doc()?.sha256()),
+            (Some(true), None) => {
+                return Err(Status::failed_precondition(
+                    "no trust policy to pin: an admin sets one first (flotilla trust set)",
+                ));
+            }
+            (None, None) => None,
+        };
+        let (token, rec) = tokens::create(
+            &self.app.db,
+            spec,
+            self.app.ca.fingerprint(),
+            pin.as_deref(),
+            &caller.name,
+        )
+        .await?;
         self.app.fleet.ensure_group(&rec.group).await?;
         self.audit(
             &caller,
@@ -181,6 +199,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 "max_uses": rec.max_uses,
                 "expires_at": rec.expires_at,
                 "requires_approval": rec.requires_approval,
+                "trust_sha256": rec.trust_sha256,
             }),
         )
         .await?;

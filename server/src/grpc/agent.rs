@@ -219,6 +219,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         )
         .await?;
         let role = super::views::role(joined.node.status, joined.node.role);
+        let trust = crate::trust::for_join(&self.app.db, &joined.trust_sha256).await?;
         Ok(Response::new(pb::EnrollResponse {
             node_id: joined.node.id,
             certificate_pem: joined.certificate_pem,
@@ -226,6 +227,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             group: joined.node.group,
             role: role as i32,
             rejoined: joined.rejoined,
+            trust: trust.iter().map(Into::into).collect(),
         }))
     }
 

@@ -1,13 +1,64 @@
-//! Taking newer versions of the fleet's trust policy from the chain a desired
-//! state carries: each only when the version held signed it (and it signed
-//! itself), never going back. The server only carries the documents; what the
-//! host trusts follows from the keys it pinned at join.
+//! The host's patch-signing keys: taken at join (from key files, or from the
+//! server checked against the hash the join token pins), then replaced only by
+//! newer versions of the fleet's trust policy from the chain a desired state
+//! carries, each only when the version held signed it (and it signed itself),
+//! never going back. The server only carries the documents; what the host
+//! trusts follows from what it was given at join.
 
 use flotilla_proto::manifest::TrustPolicy;
 use flotilla_proto::pb;
-use flotilla_proto::trust::{self, Held, SignedPolicy};
+use flotilla_proto::trust::{self, Held, PolicyDoc, SignedPolicy};
 
 use crate::state::Identity;
+
+/// Why a join refuses the server's trust policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "the server's trust policy is not the one the join token pins (sha256 {pinned}; the \
+         server offered {offered}): refusing to join. The server may not be the fleet's, or its \
+         policy was changed; ask for a new token, or join with --trusted-key files"
+    )]
+    Mismatch { pinned: String, offered: String },
+}
+
+/// Keys a host joining with a token that pins `pin` takes from `chain`: the
+/// newest version whose keys and threshold hash to `pin`, walked on to the
+/// newest version that follows from it.
+pub fn pinned_at_join(pin: &str, chain: &[pb::SignedTrustPolicy]) -> Result<PolicyDoc, PinError> {
+    let chain: Vec<SignedPolicy> = chain.iter().cloned().map(Into::into).collect();
+    let docs: Vec<PolicyDoc> = chain
+        .iter()
+        .filter_map(|s| PolicyDoc::parse(&s.document).ok())
+        .collect();
+    let Some(root) = docs
+        .iter()
+        .filter(|d| d.sha256() == pin)
+        .max_by_key(|d| d.version)
+    else {
+        let offered = if docs.is_empty() {
+            "none".to_string()
+        } else {
+            docs.iter()
+                .map(|d| format!("v{} {}", d.version, d.sha256()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(PinError::Mismatch {
+            pinned: pin.to_string(),
+            offered,
+        });
+    };
+    let held = Held {
+        version: root.version,
+        policy: root.policy().expect("parsed documents have a valid policy"),
+    };
+    let (reached, stopped) = trust::walk(&held, &chain);
+    if let Some(e) = stopped {
+        tracing::warn!(held = root.version, error = %e, "a trust policy version was refused");
+    }
+    Ok(reached.unwrap_or_else(|| root.clone()))
+}
 
 /// The identity with the newest trust policy version `chain` leads to from
 /// the one `node` holds, or None when nothing changes. Keys pinned without a
@@ -144,6 +195,37 @@ mod tests {
         assert_eq!(
             (next.trust_version, next.trusted_keys),
             (1, vec![a.line.clone()])
+        );
+    }
+
+    #[test]
+    fn a_pinned_token_takes_its_policy_and_walks_on() {
+        let (a, b) = (key(), key());
+        let v1 = signed(1, &[&a], 1, &[]);
+        let v2 = signed(2, &[&b], 1, &[&a, &b]);
+        let pin = trust::policy_sha256(std::slice::from_ref(&a.line), 1);
+        let got = pinned_at_join(&pin, &[v1.clone(), v2]).unwrap();
+        assert_eq!((got.version, got.keys), (2, vec![b.line.clone()]));
+        let only_root = pinned_at_join(&pin, &[v1]).unwrap();
+        assert_eq!(only_root.version, 1);
+    }
+
+    #[test]
+    fn a_policy_the_token_does_not_pin_refuses_the_join() {
+        let (a, evil) = (key(), key());
+        let pin = trust::policy_sha256(std::slice::from_ref(&a.line), 1);
+        let e = pinned_at_join(&pin, &[signed(1, &[&evil], 1, &[])])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is not the one the join token pins") && e.contains(&pin),
+            "{e}"
+        );
+        assert!(
+            pinned_at_join(&pin, &[])
+                .unwrap_err()
+                .to_string()
+                .contains("offered none")
         );
     }
 
