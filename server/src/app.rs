@@ -21,7 +21,8 @@ pub struct App {
     /// The other replicas' artifacts, fetched when this one lacks one.
     pub peers: crate::artifacts::peers::Peers,
     /// Failed joins: slowed, counted and audited.
-    pub join_guard: crate::join_guard::JoinGuard,
+    pub join_guard: crate::guess_guard::GuessGuard,
+    pub auth_guard: crate::guess_guard::GuessGuard,
     /// Cancelled when the server stops: long-lived streams end so shutdown can finish.
     pub shutdown: CancellationToken,
 }

@@ -45,10 +45,30 @@ struct NameClaim {
     at_ms: i64,
 }
 
-/// Creates a credential; returns the bearer string (shown once) and its record.
-/// The name is claimed first with a compare-and-swap, so of two creates of one
-/// name at once exactly one succeeds.
-pub async fn create(db: &Db, name: &str, role: OperatorRole) -> Result<(String, CredentialRecord)> {
+/// Longest lifetime a credential may be given: ten years.
+const MAX_TTL_SECS: u64 = 10 * 366 * 24 * 3600;
+
+fn expiry(ttl_secs: u64) -> Result<i64> {
+    match ttl_secs {
+        0 => Ok(0),
+        t if t > MAX_TTL_SECS => Err(Error::InvalidArgument(format!(
+            "a credential lifetime of {t}s is longer than ten years"
+        ))),
+        t => Ok(now_secs() + t as i64),
+    }
+}
+
+/// Creates a credential (expiring `ttl_secs` from now; 0: never); returns
+/// the bearer string (shown once) and its record. The name is claimed first
+/// with a compare-and-swap, so of two creates of one name at once exactly one
+/// succeeds.
+pub async fn create(
+    db: &Db,
+    name: &str,
+    role: OperatorRole,
+    ttl_secs: u64,
+) -> Result<(String, CredentialRecord)> {
+    let expires_at = expiry(ttl_secs)?;
     limits::check_name("credential name", name, limits::MAX_GROUP_NAME_LEN)?;
     let exists =
         || Error::FailedPrecondition(format!("a credential named {name:?} already exists"));
@@ -95,6 +115,9 @@ pub async fn create(db: &Db, name: &str, role: OperatorRole) -> Result<(String, 
         secret_sha256: flotilla_proto::sha256_hex(secret.as_bytes()),
         created_at: now_secs(),
         revoked: false,
+        expires_at,
+        ttl_secs,
+        rotated_at: 0,
     };
     if !db.create(&keys::credential(&id), &rec).await? {
         return Err(Error::Internal(format!(
@@ -106,6 +129,13 @@ pub async fn create(db: &Db, name: &str, role: OperatorRole) -> Result<(String, 
 
 pub async fn list(db: &Db) -> Result<Vec<CredentialRecord>> {
     Ok(db.list(keys::CREDENTIALS).await?)
+}
+
+/// The id part of a bearer string, if it has the shape of one (what failed
+/// attempts are counted against).
+pub fn bearer_id(bearer: &str) -> Option<&str> {
+    let (id, _) = bearer.split_once('.')?;
+    (id.len() == 10 && id.chars().all(|c| c.is_ascii_alphanumeric())).then_some(id)
 }
 
 /// Authenticates a bearer string.
@@ -131,10 +161,59 @@ pub async fn authenticate(db: &Db, bearer: &str) -> Result<Caller> {
             rec.name
         )));
     }
+    if rec.expires_at > 0 && now_secs() >= rec.expires_at {
+        return Err(Error::Unauthenticated(format!(
+            "the operator credential {:?} expired at {}: an admin gives it a new secret (flotilla credential rotate {})",
+            rec.name,
+            flotilla_proto::when::unix_secs(rec.expires_at),
+            rec.name
+        )));
+    }
     Ok(Caller {
         name: rec.name,
         role: rec.role,
     })
+}
+
+/// Gives the credential named `name` a new secret (the old one is refused
+/// from the moment this returns) expiring `ttl_secs` from now, or after the
+/// lifetime it was created with when 0. Returns the new bearer string.
+pub async fn rotate(db: &Db, name: &str, ttl_secs: u64) -> Result<(String, CredentialRecord)> {
+    let rec = list(db)
+        .await?
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| Error::NotFound(format!("no credential named {name:?}")))?;
+    if rec.revoked {
+        return Err(Error::FailedPrecondition(format!(
+            "credential {name:?} has been revoked; create a new one"
+        )));
+    }
+    let ttl = if ttl_secs > 0 { ttl_secs } else { rec.ttl_secs };
+    let expires_at = expiry(ttl)?;
+    let secret = random_string(32);
+    let hash = flotilla_proto::sha256_hex(secret.as_bytes());
+    let updated = db
+        .update(
+            &keys::credential(&rec.id),
+            |cur: Option<CredentialRecord>| {
+                let mut c =
+                    cur.ok_or_else(|| Error::NotFound(format!("no credential named {name:?}")))?;
+                if c.revoked {
+                    return Err(Error::FailedPrecondition(format!(
+                        "credential {name:?} has been revoked; create a new one"
+                    )));
+                }
+                c.secret_sha256 = hash.clone();
+                c.expires_at = expires_at;
+                c.ttl_secs = ttl;
+                c.rotated_at = now_secs();
+                Ok(Update::Put(c))
+            },
+        )
+        .await??
+        .ok_or_else(|| Error::Internal("credential vanished".into()))?;
+    Ok((format!("{}.{secret}", updated.id), updated))
 }
 
 /// Revokes the credential named `name`. Refuses to revoke the last admin
@@ -177,6 +256,46 @@ mod tests {
     use super::*;
     use crate::store::SledStore;
 
+    #[tokio::test]
+    async fn expired_and_rotated_secrets_are_refused_by_name() {
+        let (_dir, db) = temp_db();
+        let (old, rec) = create(&db, "ci", OperatorRole::Publisher, 3600)
+            .await
+            .unwrap();
+        assert!(rec.expires_at > now_secs());
+        authenticate(&db, &old).await.unwrap();
+        let (new, rotated) = rotate(&db, "ci", 0).await.unwrap();
+        assert_eq!(
+            (rotated.id.as_str(), rotated.ttl_secs),
+            (rec.id.as_str(), 3600)
+        );
+        let e = authenticate(&db, &old).await.unwrap_err().to_string();
+        assert!(e.contains("not valid"), "{e}");
+        authenticate(&db, &new).await.unwrap();
+        // Past its expiry, the credential is refused, saying so.
+        db.update(&keys::credential(&rec.id), |c: Option<CredentialRecord>| {
+            let mut c = c.unwrap();
+            c.expires_at = now_secs() - 1;
+            Ok::<_, Error>(Update::Put(c))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let e = authenticate(&db, &new).await.unwrap_err().to_string();
+        assert!(
+            e.contains("expired at") && e.contains("credential rotate ci"),
+            "{e}"
+        );
+        assert!(
+            create(&db, "x", OperatorRole::Viewer, MAX_TTL_SECS + 1)
+                .await
+                .is_err()
+        );
+        revoke(&db, "ci").await.unwrap();
+        let e = rotate(&db, "ci", 0).await.unwrap_err().to_string();
+        assert!(e.contains("revoked"), "{e}");
+    }
+
     fn temp_db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::new(std::sync::Arc::new(SledStore::open(dir.path()).unwrap()));
@@ -189,7 +308,7 @@ mod tests {
         let tries: Vec<_> = (0..16)
             .map(|_| {
                 let db = db.clone();
-                tokio::spawn(async move { create(&db, "ci", OperatorRole::Publisher).await })
+                tokio::spawn(async move { create(&db, "ci", OperatorRole::Publisher, 0).await })
             })
             .collect();
         let mut created = 0;
@@ -223,14 +342,16 @@ mod tests {
         )
         .await
         .unwrap();
-        let err = create(&db, "ops", OperatorRole::Admin).await.unwrap_err();
+        let err = create(&db, "ops", OperatorRole::Admin, 0)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
         // Claimed long ago and never completed: a crash's leftover.
         let stale = crate::model::now_ms() - ORPHAN_CLAIM_MS - 1;
         db.put(&keys::credential_name("ops"), &claim(stale))
             .await
             .unwrap();
-        let (_, rec) = create(&db, "ops", OperatorRole::Admin).await.unwrap();
+        let (_, rec) = create(&db, "ops", OperatorRole::Admin, 0).await.unwrap();
         let held: NameClaim = db
             .get(&keys::credential_name("ops"))
             .await
@@ -238,7 +359,9 @@ mod tests {
             .unwrap();
         assert_eq!(held.id, rec.id);
         // Now it is held by a real credential.
-        let err = create(&db, "ops", OperatorRole::Admin).await.unwrap_err();
+        let err = create(&db, "ops", OperatorRole::Admin, 0)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("already exists"), "{err}");
     }
 }

@@ -17,7 +17,7 @@ pub mod enroll;
 pub mod error;
 pub mod fleet;
 pub mod grpc;
-pub mod join_guard;
+pub mod guess_guard;
 pub mod maintenance;
 pub mod membership;
 pub mod model;

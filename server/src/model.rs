@@ -273,6 +273,15 @@ pub struct CredentialRecord {
     pub created_at: i64,
     #[serde(default)]
     pub revoked: bool,
+    /// Unix seconds after which it is refused (0: never).
+    #[serde(default)]
+    pub expires_at: i64,
+    /// The lifetime it was given (0: none): a rotation gives the new secret as long.
+    #[serde(default)]
+    pub ttl_secs: u64,
+    /// Unix seconds of the last rotation (0: never).
+    #[serde(default)]
+    pub rotated_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

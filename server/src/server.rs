@@ -138,7 +138,7 @@ pub async fn init(
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let ca = CertAuthority::create(&TlsPaths::in_dir(data_dir), names)?;
     let db = open_db(data_dir, store, ca.cert_pem()).await?;
-    let (bearer, rec) = crate::credentials::create(&db, admin_name, OperatorRole::Admin).await?;
+    let (bearer, rec) = crate::credentials::create(&db, admin_name, OperatorRole::Admin, 0).await?;
     let audit = AuditLog::open(db.clone()).await?;
     audit
         .record(
@@ -233,7 +233,8 @@ pub async fn run(
         CertAuthority::load(&paths).context("cannot load the CA")?,
     );
     let app = Arc::new(App {
-        join_guard: Default::default(),
+        join_guard: crate::guess_guard::GuessGuard::joins(),
+        auth_guard: crate::guess_guard::GuessGuard::authentications(),
         cfg: cfg.clone(),
         db,
         fleet: fleet.clone(),

@@ -512,3 +512,108 @@ fn the_data_dir_is_owner_only_whatever_the_umask() {
         "after a restart"
     );
 }
+
+#[test]
+fn credentials_expire_rotate_and_refusals_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut server = Server::init(d);
+    server.start();
+    let file = |n: &str| d.join(format!("{n}.credential"));
+    let path = |n: &str| file(n).to_str().unwrap().to_string();
+    let whoami = |f: &std::path::Path| server.cli_as(f, &["whoami"]);
+
+    // A credential with a two-second lifetime works, then is refused, saying why.
+    let out = server.cli(&[
+        "credential",
+        "create",
+        "--name",
+        "brief",
+        "--role",
+        "viewer",
+        "--ttl",
+        "2s",
+        "--out",
+        &path("brief"),
+    ]);
+    assert!(out.contains("expires"), "{out}");
+    assert!(whoami(&file("brief")).status.success());
+    let refused = wait_until("the credential to expire", Duration::from_secs(30), || {
+        let out = whoami(&file("brief"));
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+    });
+    assert!(refused.contains("expired at"), "{refused}");
+
+    // Rotation: the old secret is refused at once, the new one works.
+    server.cli(&[
+        "credential",
+        "create",
+        "--name",
+        "ops",
+        "--role",
+        "operator",
+        "--out",
+        &path("ops"),
+    ]);
+    assert!(whoami(&file("ops")).status.success());
+    let out = server.cli(&["credential", "rotate", "ops", "--out", &path("ops-new")]);
+    assert!(out.contains("rotated"), "{out}");
+    let old = whoami(&file("ops"));
+    assert!(!old.status.success());
+    assert!(String::from_utf8_lossy(&old.stderr).contains("not valid"));
+    let new = whoami(&file("ops-new"));
+    assert!(
+        new.status.success(),
+        "{}",
+        String::from_utf8_lossy(&new.stderr)
+    );
+    // The rotated file is not overwritten without --force.
+    let again = server.cli_as(
+        &server.credential(),
+        &["credential", "rotate", "ops", "--out", &path("ops-new")],
+    );
+    assert!(!again.status.success());
+
+    // Refusals are audited with their reason, at a bounded rate: many
+    // guesses from one address make one entry. They are not slowed, so the
+    // right secret still gets in at once.
+    let forged = d.join("forged.credential");
+    let text = std::fs::read_to_string(file("ops-new")).unwrap();
+    let forged_text: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("credential = \"") {
+            // Its id, another secret: a guess.
+            Some(rest) => format!("credential = \"{}.{}\"", &rest[..10], "x".repeat(32)),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(forged_text.trim(), text.trim());
+    std::fs::write(&forged, forged_text).unwrap();
+    for _ in 0..15 {
+        let out = whoami(&forged);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not valid"));
+    }
+    assert!(whoami(&file("ops-new")).status.success());
+    let audit = server.cli_json(&["audit", "--limit", "200"]);
+    let refusals: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "auth.failed")
+        .collect();
+    assert!(!refusals.is_empty(), "{audit}");
+    assert!(
+        refusals.len() <= 3,
+        "one entry per source and minute: {refusals:?}"
+    );
+    assert!(
+        refusals.iter().any(|e| e["detail"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("expired at")),
+        "{refusals:?}"
+    );
+    let _ = server.stop();
+}

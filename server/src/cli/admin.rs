@@ -453,6 +453,25 @@ pub enum NodesCmd {
         /// The node's id.
         id: String,
     },
+    /// Set or remove a node's labels without a re-join (its desired state follows at once).
+    SetLabels {
+        /// The node's id.
+        id: String,
+        /// Labels to set (key=value; a value replaces the node's).
+        #[arg(value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// A label key to remove (repeatable).
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
+    /// Move a node to another existing group without a re-join (it starts there as a standby).
+    Move {
+        /// The node's id.
+        id: String,
+        /// The group to move it to.
+        #[arg(long)]
+        group: String,
+    },
 }
 
 fn role_name(r: i32) -> &'static str {
@@ -530,10 +549,32 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
         NodesCmd::Accept { id } => (Some("accepted"), c.accept_node(req(id)).await),
         NodesCmd::Reject { id } => (Some("rejected"), c.reject_node(req(id)).await),
         NodesCmd::Revoke { id } => (Some("revoked"), c.revoke_node(req(id)).await),
+        NodesCmd::SetLabels { id, labels, remove } => {
+            if labels.is_empty() && remove.is_empty() {
+                anyhow::bail!("give labels to set (key=value) or --remove KEY");
+            }
+            let r = c
+                .set_node_labels(pb::SetNodeLabelsRequest {
+                    id,
+                    set: labels.into_iter().collect(),
+                    remove,
+                })
+                .await;
+            (Some("labels set"), r)
+        }
+        NodesCmd::Move { id, group } => {
+            let r = c.move_node(pb::MoveNodeRequest { id, group }).await;
+            (Some("moved"), r)
+        }
     };
     let n = node.map_err(status_error)?.into_inner();
     let human = match verb {
-        Some(v) => format!("node {} {v}", n.id),
+        Some(v) => format!(
+            "node {} {v}: group {}, labels {}",
+            n.id,
+            n.group,
+            labels_text(&n.labels)
+        ),
         None => {
             let f = n.facts.clone().unwrap_or_default();
             let mut installed: Vec<String> = n
@@ -624,6 +665,10 @@ pub enum CredentialCmd {
         /// Replace an existing file at --out (its credential is lost: revoke it too).
         #[arg(long)]
         force: bool,
+        /// Lifetime (e.g. 90d); after it the credential is refused until rotated.
+        /// Default: it never expires.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
     },
     /// List credentials.
     List,
@@ -632,11 +677,67 @@ pub enum CredentialCmd {
         /// The credential's name.
         name: String,
     },
+    /// Give a credential a new secret and write it to a file; the old secret is refused at once.
+    Rotate {
+        /// The credential's name.
+        name: String,
+        /// Where to write the new credential file (owner-only permissions).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file at --out.
+        #[arg(long)]
+        force: bool,
+        /// The new secret's lifetime (default: the lifetime the credential was created with).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+fn expires_text(at: i64) -> String {
+    if at == 0 {
+        "never".to_string()
+    } else {
+        time(at)
+    }
+}
+
+/// Writes a credential the server just issued to `path` and says so.
+fn save_credential(
+    r: pb::CreateCredentialResponse,
+    cred: CredentialFile,
+    target: &Target,
+    path: &std::path::Path,
+    out: Output,
+    done: &str,
+) -> anyhow::Result<()> {
+    CredentialFile {
+        credential: r.credential,
+        ca_certificate: cred.ca_certificate,
+        server: target.server.clone().or(cred.server),
+    }
+    .save(path)?;
+    let info = r.info.unwrap_or_default();
+    out.object(
+        &format!(
+            "credential {} ({}) {done} {}; expires {}",
+            info.name,
+            info.role,
+            path.display(),
+            expires_text(info.expires_at)
+        ),
+        json!({ "id": info.id, "name": info.name, "role": info.role, "file": path, "expires_at": info.expires_at }),
+    );
+    Ok(())
 }
 
 pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> anyhow::Result<()> {
     // Checked before the server makes a credential whose secret would be lost.
     if let CredentialCmd::Create {
+        out: path,
+        force: false,
+        ..
+    }
+    | CredentialCmd::Rotate {
         out: path,
         force: false,
         ..
@@ -655,28 +756,41 @@ pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> any
             role,
             out: path,
             force: _,
+            ttl,
         } => {
             let r = c
-                .create_credential(pb::CreateCredentialRequest { name, role })
+                .create_credential(pb::CreateCredentialRequest {
+                    name,
+                    role,
+                    ttl_secs: ttl.map_or(0, |t| t.as_secs().max(1)),
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            CredentialFile {
-                credential: r.credential,
-                ca_certificate: cred.ca_certificate,
-                server: target.server.clone().or(cred.server),
-            }
-            .save(&path)?;
-            let info = r.info.unwrap_or_default();
-            out.object(
-                &format!(
-                    "credential {} ({}) written to {}",
-                    info.name,
-                    info.role,
-                    path.display()
-                ),
-                json!({ "id": info.id, "name": info.name, "role": info.role, "file": path }),
-            );
+            save_credential(r, cred, target, &path, out, "written to")?;
+        }
+        CredentialCmd::Rotate {
+            name,
+            out: path,
+            force: _,
+            ttl,
+        } => {
+            let r = c
+                .rotate_credential(pb::RotateCredentialRequest {
+                    name,
+                    ttl_secs: ttl.map_or(0, |t| t.as_secs().max(1)),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            save_credential(
+                r,
+                cred,
+                target,
+                &path,
+                out,
+                "rotated: its new secret written to",
+            )?;
         }
         CredentialCmd::Revoke { name } => {
             let c = c
@@ -696,7 +810,7 @@ pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> any
                 .map_err(status_error)?
                 .into_inner();
             out.table(
-                &["ID", "NAME", "ROLE", "CREATED", "REVOKED"],
+                &["ID", "NAME", "ROLE", "CREATED", "EXPIRES", "REVOKED"],
                 r.credentials
                     .iter()
                     .map(|c| {
@@ -705,6 +819,7 @@ pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> any
                             c.name.clone(),
                             c.role.clone(),
                             time(c.created_at),
+                            expires_text(c.expires_at),
                             if c.revoked { "yes" } else { "no" }.to_string(),
                         ]
                     })
@@ -712,7 +827,7 @@ pub async fn credential(target: &Target, out: Output, cmd: CredentialCmd) -> any
                 Value::Array(
                     r.credentials
                         .iter()
-                        .map(|c| json!({ "id": c.id, "name": c.name, "role": c.role, "created_at": c.created_at, "revoked": c.revoked }))
+                        .map(|c| json!({ "id": c.id, "name": c.name, "role": c.role, "created_at": c.created_at, "expires_at": c.expires_at, "rotated_at": c.rotated_at, "revoked": c.revoked }))
                         .collect(),
                 ),
             );

@@ -23,6 +23,7 @@ mod desired;
 mod groups;
 mod offer;
 mod order;
+mod placement;
 mod published;
 mod quiet;
 mod rollout_commands;

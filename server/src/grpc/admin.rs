@@ -2,6 +2,7 @@
 //! against the role it needs, and (when it changes state) audited before it is
 //! acknowledged.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -36,6 +37,18 @@ fn token_info(t: TokenRecord) -> pb::TokenInfo {
     }
 }
 
+fn credential_info(c: crate::model::CredentialRecord) -> pb::CredentialInfo {
+    pb::CredentialInfo {
+        id: c.id,
+        name: c.name,
+        role: c.role.as_str().to_string(),
+        created_at: c.created_at,
+        revoked: c.revoked,
+        expires_at: c.expires_at,
+        rotated_at: c.rotated_at,
+    }
+}
+
 fn statuses(all: Vec<crate::fleet::GroupStatus>) -> Vec<pb::GroupStatus> {
     all.into_iter().map(Into::into).collect()
 }
@@ -59,27 +72,78 @@ fn node_info((n, online, last_seen): (NodeRecord, bool, i64)) -> pb::NodeInfo {
 }
 
 impl AdminApi {
+    /// The authenticated caller, if its role allows `needed`. Every refusal
+    /// is counted against the source and audited with its reason, at most
+    /// once per source and minute (with the count since the last).
     pub(super) async fn caller<T>(
         &self,
         req: &Request<T>,
         needed: OperatorRole,
     ) -> Result<Caller, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "no operator credential sent (use --credential or FLOTILLA_CREDENTIAL)",
+        let source = req.remote_addr().map(|a| a.ip());
+        let (id, result) = self.authenticate(req, needed).await;
+        let Err(e) = result else {
+            return result.map_err(Status::from);
+        };
+        if let Some(report) = self.app.auth_guard.failed(source, id.as_deref()) {
+            // What the peer sent is bounded before it is kept.
+            let reason = limits::clip(&e.to_string(), 256);
+            let credential = limits::clip(id.as_deref().unwrap_or(""), 16);
+            tracing::warn!(source = %report.source, credential = %credential, failures = report.count, "refused operator call: {reason}");
+            let detail = serde_json::json!({ "failures": report.count, "reason": reason });
+            if let Err(err) = self
+                .app
+                .audit
+                .record(
+                    &format!("source:{}", report.source),
+                    crate::audit::Action::AuthFailed,
+                    &credential,
+                    detail,
                 )
-            })?
-            .to_str()
-            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-        let bearer = header.strip_prefix("Bearer ").ok_or_else(|| {
-            Status::unauthenticated("authorization must be \"Bearer <credential>\"")
-        })?;
-        let caller = credentials::authenticate(&self.app.db, bearer).await?;
-        caller.require(needed)?;
-        Ok(caller)
+                .await
+            {
+                tracing::error!("cannot audit a refused operator call: {err}");
+            }
+        }
+        Err(e.into())
+    }
+
+    /// The bearer's credential id (when it has the shape of one) and the
+    /// caller, or why not.
+    async fn authenticate<T>(
+        &self,
+        req: &Request<T>,
+        needed: OperatorRole,
+    ) -> (Option<String>, Result<Caller, Error>) {
+        let header = match req.metadata().get("authorization") {
+            None => {
+                return (
+                    None,
+                    Err(Error::Unauthenticated(
+                        "no operator credential sent (use --credential or FLOTILLA_CREDENTIAL)"
+                            .into(),
+                    )),
+                );
+            }
+            Some(h) => h.to_str().ok(),
+        };
+        let Some(bearer) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return (
+                None,
+                Err(Error::Unauthenticated(
+                    "authorization must be \"Bearer <credential>\"".into(),
+                )),
+            );
+        };
+        let id = credentials::bearer_id(bearer).map(str::to_string);
+        // Never slowed: a right secret always gets in, so nobody can lock an
+        // operator out by guessing against their credential (a secret of
+        // ~165 bits needs no slowing to stay unguessable).
+        let result = match credentials::authenticate(&self.app.db, bearer).await {
+            Ok(caller) => caller.require(needed).map(|()| caller),
+            Err(e) => Err(e),
+        };
+        (id, result)
     }
 
     pub(super) async fn audit(
@@ -112,10 +176,14 @@ impl AdminApi {
         self.app.fleet.set_node_status(&id, to).await?;
         self.audit(&caller, action, &id, serde_json::json!({}))
             .await?;
+        self.node_info_of(&id).await
+    }
+
+    async fn node_info_of(&self, id: &str) -> Result<Response<pb::NodeInfo>, Status> {
         let info = self
             .app
             .fleet
-            .node(&id)
+            .node(id)
             .await
             .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
         Ok(Response::new(node_info(info)))
@@ -424,13 +492,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.caller(&request, OperatorRole::Viewer).await?;
         let id = request.into_inner().id;
         Self::node_id(&id)?;
-        let info = self
-            .app
-            .fleet
-            .node(&id)
-            .await
-            .ok_or_else(|| Status::not_found(format!("node {id} not found")))?;
-        Ok(Response::new(node_info(info)))
+        self.node_info_of(&id).await
     }
 
     async fn accept_node(
@@ -443,6 +505,53 @@ impl pb::admin_service_server::AdminService for AdminApi {
             crate::audit::Action::NodeAccept,
         )
         .await
+    }
+
+    async fn set_node_labels(
+        &self,
+        request: Request<pb::SetNodeLabelsRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let r = request.into_inner();
+        Self::node_id(&r.id)?;
+        let set: BTreeMap<String, String> = r.set.into_iter().collect();
+        limits::check_labels(set.iter()).map_err(Error::from)?;
+        if r.remove.len() > limits::MAX_LABELS {
+            return Err(Status::invalid_argument("too many labels to remove"));
+        }
+        let node = self
+            .app
+            .fleet
+            .set_node_labels(&r.id, &set, &r.remove)
+            .await?;
+        self.audit(
+            &caller,
+            crate::audit::Action::NodeLabels,
+            &r.id,
+            serde_json::json!({ "set": set, "remove": r.remove, "labels": node.labels }),
+        )
+        .await?;
+        self.node_info_of(&r.id).await
+    }
+
+    async fn move_node(
+        &self,
+        request: Request<pb::MoveNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let caller = self.caller(&request, OperatorRole::Operator).await?;
+        let r = request.into_inner();
+        Self::node_id(&r.id)?;
+        limits::check_name("group", &r.group, limits::MAX_GROUP_NAME_LEN).map_err(Error::from)?;
+        let before = self.app.fleet.node(&r.id).await.map(|(n, _, _)| n.group);
+        self.app.fleet.move_node(&r.id, &r.group).await?;
+        self.audit(
+            &caller,
+            crate::audit::Action::NodeMove,
+            &r.id,
+            serde_json::json!({ "from": before, "to": r.group }),
+        )
+        .await?;
+        self.node_info_of(&r.id).await
     }
 
     async fn reject_node(
@@ -506,23 +615,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 r.role
             ))
         })?;
-        let (bearer, rec) = credentials::create(&self.app.db, &r.name, role).await?;
+        let (bearer, rec) = credentials::create(&self.app.db, &r.name, role, r.ttl_secs).await?;
         self.audit(
             &caller,
             crate::audit::Action::CredentialCreate,
             &rec.name,
-            serde_json::json!({ "id": rec.id, "role": role.as_str() }),
+            serde_json::json!({ "id": rec.id, "role": role.as_str(), "expires_at": rec.expires_at }),
         )
         .await?;
         Ok(Response::new(pb::CreateCredentialResponse {
             credential: bearer,
-            info: Some(pb::CredentialInfo {
-                id: rec.id,
-                name: rec.name,
-                role: rec.role.as_str().to_string(),
-                created_at: rec.created_at,
-                revoked: rec.revoked,
-            }),
+            info: Some(credential_info(rec)),
         }))
     }
 
@@ -558,16 +661,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.caller(&request, OperatorRole::Admin).await?;
         let creds = credentials::list(&self.app.db).await?;
         Ok(Response::new(pb::ListCredentialsResponse {
-            credentials: creds
-                .into_iter()
-                .map(|c| pb::CredentialInfo {
-                    id: c.id,
-                    name: c.name,
-                    role: c.role.as_str().to_string(),
-                    created_at: c.created_at,
-                    revoked: c.revoked,
-                })
-                .collect(),
+            credentials: creds.into_iter().map(credential_info).collect(),
         }))
     }
 
@@ -585,12 +679,26 @@ impl pb::admin_service_server::AdminService for AdminApi {
             serde_json::json!({ "id": rec.id, "role": rec.role.as_str() }),
         )
         .await?;
-        Ok(Response::new(pb::CredentialInfo {
-            id: rec.id,
-            name: rec.name,
-            role: rec.role.as_str().to_string(),
-            created_at: rec.created_at,
-            revoked: rec.revoked,
+        Ok(Response::new(credential_info(rec)))
+    }
+
+    async fn rotate_credential(
+        &self,
+        request: Request<pb::RotateCredentialRequest>,
+    ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
+        let caller = self.caller(&request, OperatorRole::Admin).await?;
+        let r = request.into_inner();
+        let (bearer, rec) = credentials::rotate(&self.app.db, &r.name, r.ttl_secs).await?;
+        self.audit(
+            &caller,
+            crate::audit::Action::CredentialRotate,
+            &rec.name,
+            serde_json::json!({ "id": rec.id, "role": rec.role.as_str(), "expires_at": rec.expires_at }),
+        )
+        .await?;
+        Ok(Response::new(pb::CreateCredentialResponse {
+            credential: bearer,
+            info: Some(credential_info(rec)),
         }))
     }
 

@@ -1,7 +1,10 @@
-//! Failed joins: guessing a join token's secret is slowed per source address and
-//! per token, counted, and logged and audited at a bounded rate. Only failures
-//! count, so a provisioning run joining hundreds of hosts with one token from
-//! one address is never slowed.
+//! Guessing secrets: failed joins (a join token's secret) are slowed per source
+//! address and per token; they and failed operator authentications (a
+//! credential's secret, or a role that does not allow the call) are counted,
+//! and logged and audited at a bounded rate. Only failures count, so a
+//! provisioning run joining hundreds of hosts with one token from one address
+//! is never slowed. Operator calls are never slowed (see `grpc::admin`): a
+//! right secret always gets in.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use crate::error::Error;
 
-/// Failed joins taken back to back from one source or against one token...
+/// Failures taken back to back from one source or against one secret...
 pub const FAILURE_BURST: f64 = 10.0;
 /// ...and how fast that allowance comes back (one every two seconds).
 pub const FAILURES_PER_SEC: f64 = 0.5;
 /// At most one audit entry and one log line per source in this time, carrying
 /// the count of failures since the last.
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
-/// Sources and tokens tracked at once. When full, entries whose allowance has
+/// Sources and secrets tracked at once. When full, entries whose allowance has
 /// come back are dropped; if none has, failures from new keys share one bucket.
 const MAX_TRACKED: usize = 100_000;
 
@@ -59,12 +62,13 @@ impl Bucket {
     }
 }
 
-/// What a source or token is tracked by.
+/// What a source or secret is tracked by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
     /// IPv4 addresses one by one; IPv6 by /64, what one host usually holds.
     Source(IpAddr),
-    Token(String),
+    /// A join token's or a credential's id.
+    Secret(String),
     /// Every new key while the table is full.
     Overflow,
 }
@@ -88,24 +92,45 @@ pub struct Report {
     pub count: u64,
 }
 
-/// The failed-join limiter of one server.
-#[derive(Debug, Default)]
-pub struct JoinGuard {
+/// One server's limiter of one kind of guess.
+#[derive(Debug)]
+pub struct GuessGuard {
+    /// What fails, in messages: "joins", "authentications".
+    what: &'static str,
+    /// What the secret is, in messages: "join token", "credential".
+    secret: &'static str,
     buckets: Mutex<HashMap<Key, Bucket>>,
     failed: AtomicU64,
     refused: AtomicU64,
 }
 
-impl JoinGuard {
-    /// Refuses a join from `source` for `token_id` while either has used up its
-    /// failure allowance.
-    pub fn admit(&self, source: Option<IpAddr>, token_id: &str) -> Result<(), Error> {
+impl GuessGuard {
+    /// Failed joins, by source and join token.
+    pub fn joins() -> Self {
+        Self::new("joins", "join token")
+    }
+
+    /// Failed operator authentications, by source and credential.
+    pub fn authentications() -> Self {
+        Self::new("authentications", "credential")
+    }
+
+    fn new(what: &'static str, secret: &'static str) -> Self {
+        Self {
+            what,
+            secret,
+            buckets: Mutex::default(),
+            failed: AtomicU64::default(),
+            refused: AtomicU64::default(),
+        }
+    }
+
+    /// Refuses an attempt from `source` with the secret `id` while either
+    /// has used up its failure allowance.
+    pub fn admit(&self, source: Option<IpAddr>, id: &str) -> Result<(), Error> {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("join guard lock");
-        let keys = [
-            source.map(source_key),
-            Some(Key::Token(token_id.to_string())),
-        ];
+        let mut buckets = self.buckets.lock().expect("guess guard lock");
+        let keys = [source.map(source_key), Some(Key::Secret(id.to_string()))];
         for key in keys.into_iter().flatten() {
             let key = if buckets.contains_key(&key) {
                 key
@@ -116,13 +141,14 @@ impl JoinGuard {
             };
             if let Some(wait) = buckets.get_mut(&key).and_then(|b| b.wait(now)) {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                let what = match &key {
+                let whence = match &key {
                     Key::Source(ip) => format!("from {ip}"),
-                    Key::Token(id) => format!("with join token {id}"),
+                    Key::Secret(id) => format!("with {} {id}", self.secret),
                     Key::Overflow => "from new addresses".to_string(),
                 };
                 return Err(Error::ResourceExhausted(format!(
-                    "too many failed joins {what}; retry in {}s",
+                    "too many failed {} {whence}; retry in {}s",
+                    self.what,
                     wait.as_secs().max(1)
                 )));
             }
@@ -130,16 +156,16 @@ impl JoinGuard {
         Ok(())
     }
 
-    /// Counts a failed join (a wrong secret or an unknown token). Returns what to
+    /// Counts a failure (a wrong secret or an unknown id). Returns what to
     /// audit and log now: the first failure of a source, then at most one report
     /// per source every [`REPORT_EVERY`] with the count since the last.
-    pub fn failed(&self, source: Option<IpAddr>, token_id: Option<&str>) -> Option<Report> {
+    pub fn failed(&self, source: Option<IpAddr>, id: Option<&str>) -> Option<Report> {
         self.failed.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("join guard lock");
+        let mut buckets = self.buckets.lock().expect("guess guard lock");
         let source_key = source.map(source_key).unwrap_or(Key::Overflow);
         let mut keys = vec![source_key.clone()];
-        keys.extend(token_id.map(|t| Key::Token(t.to_string())));
+        keys.extend(id.map(|t| Key::Secret(t.to_string())));
         let mut report = None;
         for key in keys {
             let key = if buckets.contains_key(&key) || make_room(&mut buckets, now) {
@@ -170,12 +196,12 @@ impl JoinGuard {
         report
     }
 
-    /// Failed joins since the server started.
+    /// Failures since the server started.
     pub fn failures(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Joins refused for too many failures since the server started.
+    /// Attempts refused for too many failures since the server started.
     pub fn refusals(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
@@ -200,7 +226,7 @@ mod tests {
 
     #[test]
     fn failures_beyond_the_burst_are_refused_per_source_and_per_token() {
-        let g = JoinGuard::default();
+        let g = GuessGuard::joins();
         for _ in 0..FAILURE_BURST as usize {
             g.admit(ip("10.0.0.1"), "tok1").unwrap();
             g.failed(ip("10.0.0.1"), Some("tok1"));
@@ -217,8 +243,26 @@ mod tests {
     }
 
     #[test]
+    fn authentications_are_counted_apart_and_named_so() {
+        let g = GuessGuard::authentications();
+        for _ in 0..FAILURE_BURST as usize {
+            g.failed(ip("10.0.0.1"), Some("cred000001"));
+        }
+        let err = g
+            .admit(ip("10.0.0.7"), "cred000001")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("too many failed authentications with credential cred000001"),
+            "{err}"
+        );
+        // Joins from that address are another guard's business.
+        GuessGuard::joins().admit(ip("10.0.0.1"), "tok").unwrap();
+    }
+
+    #[test]
     fn ipv6_sources_count_by_64() {
-        let g = JoinGuard::default();
+        let g = GuessGuard::joins();
         for i in 0..FAILURE_BURST as usize {
             g.failed(ip(&format!("2001:db8:1:2::{i:x}")), None);
         }
@@ -228,7 +272,7 @@ mod tests {
 
     #[test]
     fn reports_come_once_per_source_and_interval_with_the_count() {
-        let g = JoinGuard::default();
+        let g = GuessGuard::joins();
         let first = g
             .failed(ip("10.0.0.1"), None)
             .expect("the first is reported");
