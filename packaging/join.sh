@@ -40,6 +40,9 @@ Options:
                         repeatable. Without one the host applies no patch.
       --trust-threshold N
                         How many pinned keys must sign each patch (default 1).
+      --machine-id ID   State this machine id instead of /etc/machine-id. Use it
+                        on hosts cloned from one image that kept the image's
+                        machine id (a copy of an online host is refused).
       --no-start        Join only; do not enable or start the systemd unit (for
                         hosts without systemd: start `flotilla-agent run` with
                         their own service manager).
@@ -85,6 +88,7 @@ servers=''
 labels=''
 keys=''
 threshold=''
+machine_id=''
 token=${FLOTILLA_TOKEN:-}
 start=yes
 
@@ -153,6 +157,15 @@ while [ $# -gt 0 ]; do
             ;;
         --trust-threshold=*)
             threshold=${1#--trust-threshold=}
+            shift
+            ;;
+        --machine-id)
+            need_value "$1" $#
+            machine_id=$2
+            shift 2
+            ;;
+        --machine-id=*)
+            machine_id=${1#--machine-id=}
             shift
             ;;
         --no-start)
@@ -237,7 +250,14 @@ else
         [ -n "$keys" ] || die "--trust-threshold needs at least one --trusted-key"
         set -- "$@" --trust-threshold "$threshold"
     fi
-    [ -n "$keys" ] || say "warning: no --trusted-key given: this host will refuse every patch"
+    if [ -n "$machine_id" ]; then
+        set -- "$@" --machine-id "$machine_id"
+    fi
+    case $token in
+        # A fifth part pins the fleet's trust policy: the keys come from the server.
+        flt1.*.*.*.*) ;;
+        *) [ -n "$keys" ] || say "warning: no --trusted-key given and the token pins no trust policy: this host will refuse every patch" ;;
+    esac
 
     # No --server at all is fine when the config file names servers; the agent
     # says so clearly when neither does.

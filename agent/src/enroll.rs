@@ -42,6 +42,9 @@ pub struct JoinOptions {
     pub trusted_keys: Vec<String>,
     /// How many of them must sign each manifest.
     pub trust_threshold: u32,
+    /// Join again from the state already in `state_dir`, proving the node's
+    /// key: the node, its patch journal and its downgrade memory are kept.
+    pub again: bool,
 }
 
 /// What a successful join produced.
@@ -71,10 +74,13 @@ pub enum JoinError {
     #[error("invalid labels: {0}")]
     Labels(NameError),
     #[error(
-        "already joined as node {node_id} in {state_dir}; to join again, stop the agent and \
-         remove the state directory"
+        "already joined as node {node_id} in {state_dir}; to join again keeping this node and \
+         its patch history, stop the agent and run join --again; to join as a new host, remove \
+         the state directory"
     )]
     AlreadyJoined { node_id: String, state_dir: PathBuf },
+    #[error("nothing to join again from: {state_dir} holds no node (join without --again)")]
+    NothingToRejoin { state_dir: PathBuf },
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -116,25 +122,45 @@ pub async fn join(opts: JoinOptions) -> Result<Joined, JoinError> {
 /// still where status.json (and a generated machine id) go.
 pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinError> {
     let token = check_options(&opts)?;
-    if let Some(existing) = store.identity()? {
-        return Err(JoinError::AlreadyJoined {
-            node_id: existing.node_id,
-            state_dir: opts.state_dir,
-        });
+    let previous = store.identity()?;
+    match (&previous, opts.again) {
+        (Some(existing), false) => {
+            return Err(JoinError::AlreadyJoined {
+                node_id: existing.node_id.clone(),
+                state_dir: opts.state_dir,
+            });
+        }
+        (None, true) => {
+            return Err(JoinError::NothingToRejoin {
+                state_dir: opts.state_dir,
+            });
+        }
+        _ => {}
     }
     let system_files: Vec<&std::path::Path> = SYSTEM_MACHINE_ID_FILES
         .iter()
         .map(std::path::Path::new)
         .collect();
-    let machine_id = facts::machine_id(opts.machine_id.as_deref(), &system_files, &opts.state_dir)?;
+    let machine_id = match (&previous, &opts.machine_id) {
+        (Some(p), None) => p.machine_id.clone(),
+        _ => facts::machine_id(opts.machine_id.as_deref(), &system_files, &opts.state_dir)?,
+    };
     let key = new_key_and_csr()?;
+    let proof = previous
+        .as_ref()
+        .map(|p| prove_key(p, &key.csr_der))
+        .transpose()?;
 
     let request = pb::EnrollRequest {
         token_id: token.id.clone(),
         token_secret: token.secret.clone(),
         csr_der: key.csr_der.clone(),
-        facts: Some(facts::node_facts(&machine_id, 0)),
+        facts: Some(facts::node_facts(
+            &machine_id,
+            previous.as_ref().map_or(0, |p| p.trust_version),
+        )),
         labels: opts.labels.clone().into_iter().collect(),
+        proof,
     };
     let (ca_pem, response) = enroll_with_failover(&opts.servers, &token, request).await?;
 
@@ -148,14 +174,27 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         .ok_or_else(|| JoinError::BadResponse(format!("unknown role {}", response.role)))?;
     let cert = cert_info(&response.certificate_pem)?;
     cert.check_key(&key.public_key)?;
-    // Key files win; else the policy the token pins, checked against its hash.
+    if let Some(p) = &previous
+        && p.node_id != node_id
+    {
+        return Err(JoinError::BadResponse(format!(
+            "asked to keep node {}, given node {node_id}",
+            p.node_id
+        )));
+    }
+    // Key files win; else the policy the token pins, checked against its hash;
+    // else, joining again, the keys this host already holds.
     let (trusted_keys, trust_threshold, trust_version) =
-        match (&token.trust_sha256, opts.trusted_keys.is_empty()) {
-            (Some(pin), true) => {
+        match (&token.trust_sha256, opts.trusted_keys.is_empty(), &previous) {
+            (_, false, _) => (opts.trusted_keys.clone(), opts.trust_threshold, 0),
+            (_, true, Some(p)) if !p.trusted_keys.is_empty() => {
+                (p.trusted_keys.clone(), p.trust_threshold, p.trust_version)
+            }
+            (Some(pin), true, _) => {
                 let doc = crate::trust::pinned_at_join(pin, &response.trust)?;
                 (doc.keys, doc.threshold, doc.version)
             }
-            _ => (opts.trusted_keys.clone(), opts.trust_threshold, 0),
+            _ => (Vec::new(), opts.trust_threshold, 0),
         };
 
     let identity = Identity {
@@ -173,8 +212,19 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         trust_threshold,
         trust_version,
     };
-    let desired = Desired::initial(role);
-    store.save_joined(&identity, &desired)?;
+    let desired = match (&previous, store.desired()?) {
+        // Joining again: the journal and the desired state held stay; the
+        // server's next push says what changed.
+        (Some(_), Some(held)) => {
+            store.save_identity(&identity)?;
+            held
+        }
+        _ => {
+            let desired = Desired::initial(role);
+            store.save_joined(&identity, &desired)?;
+            desired
+        }
+    };
     match Status::new(&identity, &desired, &identity.servers, false) {
         Ok(status) => {
             if let Err(e) = status.write(&opts.state_dir) {
@@ -189,6 +239,25 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         group: identity.group,
         role,
         rejoined: response.rejoined,
+    })
+}
+
+/// Proof that this host holds `node`'s key, for a re-join with `csr_der`.
+fn prove_key(node: &Identity, csr_der: &[u8]) -> Result<pb::KeyProof, JoinError> {
+    use rcgen::SigningKey;
+    let key = rcgen::KeyPair::from_pem(&node.key_pem).map_err(CertError::from)?;
+    let at_unix = crate::cert::unix_now();
+    let message = flotilla_proto::key_proof::message(
+        flotilla_proto::key_proof::REJOIN,
+        &node.node_id,
+        csr_der,
+        at_unix,
+    );
+    let signature = key.sign(&message).map_err(CertError::from)?;
+    Ok(pb::KeyProof {
+        node_id: node.node_id.clone(),
+        at_unix,
+        signature,
     })
 }
 
@@ -270,6 +339,7 @@ mod tests {
             state_dir: dir.join("state"),
             trusted_keys: Vec::new(),
             trust_threshold: 1,
+            again: false,
         }
     }
 

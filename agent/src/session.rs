@@ -289,6 +289,9 @@ impl Agent {
 
     /// One session with `url`, from connect to its end.
     async fn session(&mut self, url: &str) -> Outcome {
+        if cert::unix_now() >= self.cert.not_after {
+            return self.reenroll(url).await;
+        }
         let endpoint = match tls::endpoint(
             url,
             &self.node.ca_pem,

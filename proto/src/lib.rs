@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod durable;
 pub mod exit;
+pub mod key_proof;
 pub mod limits;
 pub mod manifest;
 pub mod phase;

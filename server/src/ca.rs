@@ -56,6 +56,9 @@ pub struct IssuedCert {
     pub pem: String,
     pub serial_hex: String,
     pub not_after: i64,
+    /// Hex of the certified key's raw ECDSA P-256 point ("" for another
+    /// kind of key): what a later proof of this key is checked against.
+    pub public_key_hex: String,
 }
 
 /// The loaded CA: its certificate and the key that signs with it.
@@ -265,10 +268,16 @@ impl CertAuthority {
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        let public_key_hex = if csr.public_key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256 {
+            hex::encode(rcgen::PublicKeyData::der_bytes(&csr.public_key))
+        } else {
+            String::new()
+        };
         Ok(IssuedCert {
             pem: cert.pem(),
             serial_hex,
             not_after: params.not_after.unix_timestamp(),
+            public_key_hex,
         })
     }
 }

@@ -41,6 +41,9 @@ pub struct PatchInput {
     /// When the fix was issued (the signed `issued_at`): outstanding time
     /// counts from it; time to remediate from it or the node's join, if later.
     pub issued_at_ms: i64,
+    /// It expired: a node that lacks it can no longer take it (a new patch
+    /// must be published).
+    pub expired: bool,
     /// ids of the nodes this patch targets
     pub targeted: BTreeSet<String>,
     /// node id -> when the node committed this patch (ms)
@@ -163,6 +166,9 @@ pub struct MissingPatch {
     pub overdue: bool,
     /// How far past the SLA; 0 when not overdue.
     pub overdue_by_secs: i64,
+    /// The patch expired before the node took it.
+    #[serde(default)]
+    pub expired: bool,
 }
 
 /// Time to remediate and the backlog for one severity.
@@ -330,6 +336,7 @@ fn missing_patch(patch: &PatchInput, sla: &Sla, now_ms: i64) -> MissingPatch {
         } else {
             0
         },
+        expired: patch.expired,
     }
 }
 
@@ -392,11 +399,12 @@ pub fn to_table(r: &Report) -> String {
                 .iter()
                 .map(|m| {
                     format!(
-                        "{} ({} {} {})",
+                        "{} ({} {} {}){}",
                         m.patch_id,
                         m.severity.as_str(),
                         m.component,
-                        m.version
+                        m.version,
+                        if m.expired { ", missed: expired" } else { "" }
                     )
                 })
                 .collect();
@@ -523,7 +531,11 @@ pub fn to_csv(r: &Report) -> String {
             ]);
         }
         for m in &n.missing {
-            let status = if m.overdue { "overdue" } else { "missing" };
+            let status = match (m.expired, m.overdue) {
+                (true, _) => "missed",
+                (false, true) => "overdue",
+                (false, false) => "missing",
+            };
             row(&[
                 &n.id,
                 &n.group,

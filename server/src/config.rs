@@ -23,6 +23,10 @@ pub struct FileConfig {
     pub startup_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub node_cert_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub clone_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub reenroll_within: Option<Duration>,
     pub max_connections_per_sec: Option<u32>,
     /// Connections open at once (default: the open-files limit less a reserve).
     pub max_connections: Option<usize>,
@@ -66,6 +70,12 @@ pub struct ServerConfig {
     pub offline_grace: Duration,
     pub startup_grace: Duration,
     pub node_cert_lifetime: Duration,
+    /// A node joined less than this ago is held by the host that joined it:
+    /// another host claiming its machine id without its key gets a new node.
+    pub clone_window: Duration,
+    /// How long after its certificate expired a node may still renew it by
+    /// proving its key (no token).
+    pub reenroll_within: Duration,
     /// New connections (TLS handshakes) let in per second; 0: no limit.
     pub max_connections_per_sec: u32,
     /// Connections open at once; None: the open-files limit less a reserve.
@@ -192,6 +202,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/flotilla-server";
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const DEFAULT_OFFLINE_GRACE: Duration = Duration::from_secs(60);
+/// See `ServerConfig::clone_window`.
+pub const DEFAULT_CLONE_WINDOW: Duration = Duration::from_secs(600);
+/// See `ServerConfig::reenroll_within`: 180 days.
+pub const DEFAULT_REENROLL_WITHIN: Duration = Duration::from_secs(180 * 24 * 3600);
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Well under what one core handshakes per second, so a reconnect storm leaves
 /// room for the sessions already up.
@@ -234,6 +248,8 @@ impl ServerConfig {
             node_cert_lifetime: file
                 .node_cert_lifetime
                 .unwrap_or(DEFAULT_NODE_CERT_LIFETIME),
+            clone_window: file.clone_window.unwrap_or(DEFAULT_CLONE_WINDOW),
+            reenroll_within: file.reenroll_within.unwrap_or(DEFAULT_REENROLL_WITHIN),
             max_connections_per_sec: file
                 .max_connections_per_sec
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SEC),

@@ -21,6 +21,21 @@ pub struct JoinRequest {
     pub csr_der: Vec<u8>,
     pub facts: Facts,
     pub labels: BTreeMap<String, String>,
+    /// A host joining again with its state: proof of its node's key.
+    pub proof: Option<crate::key_proof::KeyProof>,
+}
+
+/// Which node a join gives the host.
+enum Placement {
+    /// The node the host proved it holds the key of, or the node of its
+    /// machine id that no other host holds.
+    Existing(Box<NodeRecord>),
+    /// A new node, bound to the machine id (`bind`), or beside a node another
+    /// host holds under the same machine id (a clone).
+    New {
+        bind: bool,
+        clone_of: Option<String>,
+    },
 }
 
 /// What a join produced.
@@ -68,6 +83,156 @@ async fn failed_join(
     }
 }
 
+/// Renews the certificate of a node whose certificate expired while its host
+/// was away, on proof of the node's key (no token). Returns the new
+/// certificate.
+pub async fn reenroll(
+    app: &App,
+    source: Option<std::net::IpAddr>,
+    csr_der: &[u8],
+    proof: &crate::key_proof::KeyProof,
+) -> Result<crate::ca::IssuedCert> {
+    // Guessing at proofs is slowed like guessing at join tokens.
+    app.join_guard.admit(source, &proof.node_id)?;
+    let refuse = |e: Error| async {
+        app.join_guard.failed(source, None);
+        e
+    };
+    let Some(node) = app
+        .fleet
+        .node(&proof.node_id)
+        .await
+        .map(|(n, _, _)| n)
+        .filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected))
+    else {
+        return Err(refuse(Error::PermissionDenied(format!(
+            "node {} is not known, or was revoked or rejected",
+            limits::clip(&proof.node_id, 64)
+        )))
+        .await);
+    };
+    let now = now_secs();
+    let expired_for = now - node.cert_not_after;
+    if expired_for < 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "node {}'s certificate is still valid: it renews over its session",
+            node.id
+        )));
+    }
+    let window = app.cfg.reenroll_within;
+    if expired_for as u64 > window.as_secs() {
+        return Err(Error::PermissionDenied(format!(
+            "node {}'s certificate expired {} ago, longer than a node may renew with its key alone \
+             ({}, --reenroll-within): join it again with a token, keeping its node and history: \
+             flotilla-agent join --again --token …",
+            node.id,
+            crate::compliance::duration(expired_for),
+            humantime::format_duration(window)
+        )));
+    }
+    if let Err(e) = crate::key_proof::verify(
+        &node,
+        flotilla_proto::key_proof::REENROLL,
+        csr_der,
+        proof,
+        now,
+    ) {
+        return Err(refuse(e).await);
+    }
+    if csr_der.is_empty() || csr_der.len() > limits::MAX_CSR_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "the CSR must be 1 to {} bytes of DER",
+            limits::MAX_CSR_BYTES
+        )));
+    }
+    let cert = app
+        .ca
+        .issue_node_cert(csr_der, &node.id, app.cfg.node_cert_lifetime)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    app.fleet.set_certificate(&node.id, &cert).await?;
+    app.audit
+        .record(
+            &format!("node:{}", node.id),
+            crate::audit::Action::NodeReenroll,
+            &node.id,
+            serde_json::json!({ "certificate_serial": cert.serial_hex, "expired_for_secs": expired_for }),
+        )
+        .await?;
+    tracing::info!(node = %node.id, expired_for_secs = expired_for, "expired certificate renewed by proof of the node's key");
+    Ok(cert)
+}
+
+/// Which node a join gives the host (see [`Placement`]).
+async fn place(app: &App, req: &JoinRequest, clones_new_node: bool) -> Result<Placement> {
+    if let Some(proof) = &req.proof {
+        let node = app
+            .fleet
+            .node(&proof.node_id)
+            .await
+            .map(|(n, _, _)| n)
+            .filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected))
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "node {} is not known, or was revoked or rejected: join as a new node (remove the state directory)",
+                    limits::clip(&proof.node_id, 64)
+                ))
+            })?;
+        crate::key_proof::verify(
+            &node,
+            flotilla_proto::key_proof::REJOIN,
+            &req.csr_der,
+            proof,
+            now_secs(),
+        )?;
+        return Ok(Placement::Existing(Box::new(node)));
+    }
+    let Some(existing) = app
+        .fleet
+        .node_by_machine(&req.facts.machine_id)
+        .await?
+        .filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected))
+    else {
+        return Ok(Placement::New {
+            bind: true,
+            clone_of: None,
+        });
+    };
+    let online = app
+        .fleet
+        .node(&existing.id)
+        .await
+        .is_some_and(|(_, o, _)| o);
+    // Joined moments ago: two hosts of one image booting together.
+    let window = app.cfg.clone_window.as_secs() as i64;
+    let fresh = existing.enrolled_at > 0 && now_secs() - existing.enrolled_at < window;
+    if online && !clones_new_node {
+        let refusal = Error::FailedPrecondition(format!(
+            "node {} with machine id {} is online with another key: is this host a copy of it? \
+             Give it its own machine id (join --machine-id), or use a token made with \
+             --new-node-for-clones",
+            existing.id, existing.facts.machine_id
+        ));
+        app.audit
+            .record(
+                &format!("token:{}", req.token_id),
+                crate::audit::Action::NodeClone,
+                &existing.id,
+                serde_json::json!({ "machine_id": existing.facts.machine_id, "outcome": "refused" }),
+            )
+            .await?;
+        return Err(refusal);
+    }
+    if online || fresh {
+        return Ok(Placement::New {
+            bind: false,
+            clone_of: Some(existing.id),
+        });
+    }
+    // Offline and settled: the same host back from a fresh state directory
+    // (its old key is gone with it).
+    Ok(Placement::Existing(Box::new(existing)))
+}
+
 /// Checks the facts an agent sends.
 pub fn check_facts(f: &Facts) -> Result<()> {
     for (what, v) in [
@@ -108,12 +273,11 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
         return Err(e);
     }
 
-    let existing = app.fleet.node_by_machine(&req.facts.machine_id).await?;
-    let existing =
-        existing.filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected));
-    let node_id = existing
-        .as_ref()
-        .map_or_else(|| format!("node-{}", random_string(12)), |n| n.id.clone());
+    let placement = place(app, &req, rec.as_ref().is_some_and(|t| t.clones_new_node)).await?;
+    let node_id = match &placement {
+        Placement::Existing(n) => n.id.clone(),
+        Placement::New { .. } => format!("node-{}", random_string(12)),
+    };
     let cert = app
         .ca
         .issue_node_cert(&req.csr_der, &node_id, app.cfg.node_cert_lifetime)
@@ -123,9 +287,14 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
     let mut labels = req.labels.clone();
     // Labels the token stamps win over what the agent asks for.
     labels.extend(token.labels.clone());
-    let rejoined = existing.is_some();
-    let node = match existing {
-        Some(mut n) => {
+    let rejoined = matches!(placement, Placement::Existing(_));
+    let (bind, clone_of) = match &placement {
+        Placement::Existing(_) => (true, None),
+        Placement::New { bind, clone_of } => (*bind, clone_of.clone()),
+    };
+    let node = match placement {
+        Placement::Existing(n) => {
+            let mut n = *n;
             n.group = token.group.clone();
             n.facts = req.facts.clone();
             n.labels = labels;
@@ -133,6 +302,8 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             n.cert_serial = cert.serial_hex.clone();
             n.prev_cert_serial = String::new();
             n.cert_not_after = cert.not_after;
+            n.public_key = cert.public_key_hex.clone();
+            n.enrolled_at = now_secs();
             // A rejoin is a new trust decision: a token that needs approval puts
             // the node back to pending, and the old certificate stops working.
             if token.requires_approval {
@@ -140,7 +311,7 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             }
             n
         }
-        None => NodeRecord {
+        Placement::New { .. } => NodeRecord {
             id: node_id.clone(),
             group: token.group.clone(),
             status: if token.requires_approval {
@@ -156,12 +327,25 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             cert_serial: cert.serial_hex.clone(),
             prev_cert_serial: String::new(),
             cert_not_after: cert.not_after,
+            public_key: cert.public_key_hex.clone(),
+            enrolled_at: now_secs(),
             revision: 1,
             last_seen: 0,
             installed: Default::default(),
         },
     };
-    let node = app.fleet.save_node(node).await?;
+    let node = app.fleet.save_node(node, bind).await?;
+    if let Some(other) = &clone_of {
+        tracing::warn!(node = %node.id, %other, machine_id = %node.facts.machine_id, "a host joined with the machine id of a node another host holds: a new node");
+        app.audit
+            .record(
+                &format!("token:{}", token.id),
+                crate::audit::Action::NodeClone,
+                &node.id,
+                serde_json::json!({ "machine_id": node.facts.machine_id, "held_by": other, "outcome": "new node" }),
+            )
+            .await?;
+    }
     app.audit
         .record(
             &format!("token:{}", token.id),

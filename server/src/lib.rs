@@ -18,6 +18,7 @@ pub mod error;
 pub mod fleet;
 pub mod grpc;
 pub mod guess_guard;
+pub mod key_proof;
 pub mod maintenance;
 pub mod membership;
 pub mod model;

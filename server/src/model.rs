@@ -116,6 +116,10 @@ pub struct TokenRecord {
     /// Hex SHA-256 of the trust policy the token pins ("" when none).
     #[serde(default)]
     pub trust_sha256: String,
+    /// A host joining with the machine id of a node another host holds
+    /// (online) gets a new node instead of a refusal.
+    #[serde(default)]
+    pub clones_new_node: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +174,15 @@ pub struct NodeRecord {
     pub token_id: String,
     pub cert_serial: String,
     pub cert_not_after: i64,
+    /// The public key of its current certificate (hex of the raw ECDSA P-256
+    /// point; "" for another kind of key): what a proof of its key is checked
+    /// against.
+    #[serde(default)]
+    pub public_key: String,
+    /// When it last joined or re-joined (unix seconds; 0 for records from
+    /// before this was kept).
+    #[serde(default)]
+    pub enrolled_at: i64,
     /// The certificate before the last renewal: still accepted, so an agent that
     /// died between the server's answer and saving its new certificate can renew
     /// again instead of being locked out.

@@ -19,6 +19,8 @@ pub struct TokenSpec {
     pub labels: BTreeMap<String, String>,
     pub requires_approval: bool,
     pub description: String,
+    /// See `TokenRecord::clones_new_node`.
+    pub clones_new_node: bool,
 }
 
 pub const DEFAULT_TTL_SECS: u64 = 24 * 3600;
@@ -84,6 +86,7 @@ pub async fn create(
             description: spec.description.clone(),
             created_by: created_by.to_string(),
             trust_sha256: trust_sha256.unwrap_or_default().to_string(),
+            clones_new_node: spec.clones_new_node,
         };
         if db.create(&keys::token(&rec.id), &rec).await? {
             return Ok((token, rec));
@@ -237,6 +240,7 @@ mod tests {
             description: String::new(),
             created_by: "t".into(),
             trust_sha256: String::new(),
+            clones_new_node: false,
         }
     }
 
@@ -272,6 +276,7 @@ mod tests {
             labels: BTreeMap::new(),
             requires_approval: false,
             description: String::new(),
+            clones_new_node: false,
         };
         s.validate().unwrap();
         assert_eq!((s.ttl_secs, s.max_uses), (DEFAULT_TTL_SECS, 1));
@@ -289,6 +294,7 @@ mod tests {
             labels: BTreeMap::new(),
             requires_approval: false,
             description: String::new(),
+            clones_new_node: false,
         };
         let (token, _) = create(&dbs[0], spec, "00", None, "t").await.unwrap();
         let joins = (0..10).map(|i| {

@@ -304,6 +304,7 @@ impl Fleet {
                     state_dir: agent_dir(&self.cfg.state_dir, i),
                     trusted_keys: self.cfg.trusted_keys.clone(),
                     trust_threshold: self.cfg.trust_threshold,
+                    again: false,
                 };
                 running.spawn(async move { (i, join_one(&store, opts).await) });
             }

@@ -50,6 +50,7 @@ pub async fn enroll(
             csr_der: csr,
             facts: Some(facts(machine)),
             labels: Default::default(),
+            proof: None,
         })
         .await?
         .into_inner();

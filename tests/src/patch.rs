@@ -329,16 +329,34 @@ pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
     out
 }
 
+/// Builds a `files` patch `id` of component demo at `version` (one file,
+/// `bin/tool`; `extra` ends its spec, e.g. a `[targets]` table), signs it with
+/// each of `signers` and publishes it. Returns whether the server took it,
+/// with what the CLI said.
+pub fn publish_signed(
+    server: &Server,
+    dir: &Path,
+    id: &str,
+    version: &str,
+    extra: &str,
+    signers: &[&Key],
+) -> (bool, String) {
+    let tar_path = dir.join(format!("{id}.tar"));
+    tar(&tar_path, &[("bin/tool", version.as_bytes(), 0o755)]);
+    let spec = files_spec(dir, id, version, &tar_path, extra);
+    let manifest = build(server, &spec, &dir.join(id));
+    for k in signers {
+        sign(server, &manifest, k);
+    }
+    let (ok, out, err) = publish(server, &manifest);
+    (ok, format!("{out}{err}"))
+}
+
 /// Builds, signs and publishes a `files` patch `id` (one file, `bin/tool`,
 /// holding `version`) and waits until `n` nodes committed it.
 pub fn roll_out(server: &Server, dir: &Path, key: &Key, id: &str, version: &str, n: usize) {
-    let tar_path = dir.join(format!("{id}.tar"));
-    tar(&tar_path, &[("bin/tool", version.as_bytes(), 0o755)]);
-    let spec = files_spec(dir, id, version, &tar_path, "");
-    let manifest = build(server, &spec, &dir.join(id));
-    sign(server, &manifest, key);
-    let (ok, out, err) = publish(server, &manifest);
-    assert!(ok, "{out}{err}");
+    let (ok, out) = publish_signed(server, dir, id, version, "", &[key]);
+    assert!(ok, "{out}");
     let outcomes = wait_outcomes(server, id, n);
     assert!(outcomes.iter().all(|o| o.1 == "committed"), "{outcomes:?}");
 }

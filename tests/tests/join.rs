@@ -116,24 +116,6 @@ fn token_limits_and_refusals() {
 }
 
 #[test]
-fn rejoin_with_same_machine_gets_its_node_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::init(dir.path());
-    server.start();
-    let token = server.token("depot", 2, &["--label", "site=berlin"]);
-    let first = Agent::new(dir.path(), "host");
-    let id = first.join(&server.url(), &token);
-    // The same host (same machine id) joins again from a fresh state dir.
-    let mut again = Agent::new(dir.path(), "host");
-    again.state_dir = dir.path().join("host-again");
-    let id2 = again.join(&server.url(), &token);
-    assert_eq!(id, id2);
-    let nodes = server.nodes();
-    assert_eq!(nodes.len(), 1);
-    assert_eq!(nodes[0]["labels"]["site"], "berlin");
-}
-
-#[test]
 fn approval_keeps_node_pending_until_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::init(dir.path());

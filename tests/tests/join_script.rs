@@ -153,11 +153,29 @@ fn join_script_joins_starts_and_says_what_it_cannot_do() {
     );
     assert!(said.contains("--no-start"), "{said}");
     assert_eq!(node_count(&server), 1, "joined although it could not start");
-    // With --no-start it joins and leaves starting to the host.
-    let out = plain.run(&["--server", &url, "--no-start"], Some(&token));
+    // With --no-start it joins and leaves starting to the host; --machine-id
+    // is the machine id it states.
+    let out = plain.run(
+        &[
+            "--server",
+            &url,
+            "--no-start",
+            "--machine-id",
+            "image-copy-7",
+        ],
+        Some(&token),
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("not starting flotilla-agent.service (--no-start)"));
     assert_eq!(node_count(&server), 2);
+    assert!(
+        server
+            .nodes()
+            .iter()
+            .any(|n| n["facts"]["machine_id"] == "image-copy-7"),
+        "{:?}",
+        server.nodes()
+    );
 
     // Input it refuses before any network use.
     let fresh = Host::new(dir.path(), "c", true);

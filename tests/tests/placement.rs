@@ -37,19 +37,9 @@ fn moved_and_relabelled_nodes_get_the_patches_of_their_new_place() {
     assert_eq!(server.node(&stayed)["group"], "store");
 
     // A patch for the new group reaches the moved node only.
-    let tar = d.join("wh.tar");
-    patch::tar(&tar, &[("bin/tool", b"wh", 0o755)]);
-    let spec = patch::files_spec(
-        d,
-        "wh-1",
-        "1.0.0",
-        &tar,
-        "[targets]\ngroups = [\"warehouse\"]\n",
-    );
-    let manifest = patch::build(&server, &spec, &d.join("wh-1"));
-    patch::sign(&server, &manifest, &k);
-    let (ok, out, err) = patch::publish(&server, &manifest);
-    assert!(ok, "{out}{err}");
+    let groups = "[targets]\ngroups = [\"warehouse\"]\n";
+    let (ok, out) = patch::publish_signed(&server, d, "wh-1", "1.0.0", groups, &[&k]);
+    assert!(ok, "{out}");
     let outcomes = patch::wait_outcomes(&server, "wh-1", 1);
     assert_eq!(outcomes[0].0, moved, "{outcomes:?}");
     assert_eq!(outcomes[0].1, "committed", "{outcomes:?}");
@@ -62,19 +52,9 @@ fn moved_and_relabelled_nodes_get_the_patches_of_their_new_place() {
     assert_eq!(node["labels"]["tier"], "front", "{node}");
     let out = server.cli(&["nodes", "set-labels", &stayed, "--remove", "tier"]);
     assert!(!out.contains("tier="), "{out}");
-    let tar = d.join("paris.tar");
-    patch::tar(&tar, &[("bin/tool", b"paris", 0o755)]);
-    let spec = patch::files_spec(
-        d,
-        "paris-1",
-        "1.0.1",
-        &tar,
-        "[targets]\nlabels = { site = \"paris\" }\n",
-    );
-    let manifest = patch::build(&server, &spec, &d.join("paris-1"));
-    patch::sign(&server, &manifest, &k);
-    let (ok, out, err) = patch::publish(&server, &manifest);
-    assert!(ok, "{out}{err}");
+    let paris = "[targets]\nlabels = { site = \"paris\" }\n";
+    let (ok, out) = patch::publish_signed(&server, d, "paris-1", "1.0.1", paris, &[&k]);
+    assert!(ok, "{out}");
     let outcomes = patch::wait_outcomes(&server, "paris-1", 1);
     assert_eq!(
         (outcomes[0].0.as_str(), outcomes[0].1.as_str()),

@@ -205,6 +205,7 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
                     csr_der: csr,
                     facts: facts_sent,
                     labels: Default::default(),
+                    proof: None,
                 })
                 .await
                 .unwrap_err();
@@ -219,6 +220,7 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
                 csr_der: csr_asking_for_everything(&key),
                 facts: Some(facts("m-1")),
                 labels: Default::default(),
+                proof: None,
             })
             .await
             .unwrap()

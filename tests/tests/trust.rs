@@ -55,17 +55,9 @@ fn wait_version(agents: &[&Agent], version: u64) {
     }
 }
 
-/// Builds, signs (by `by`) and publishes a patch; returns whether the server took it.
+/// Publishes patch `id` signed by `by`; returns whether the server took it.
 fn publish_patch(server: &Server, dir: &Path, id: &str, by: &[&Key]) -> (bool, String) {
-    let tar = dir.join(format!("{id}.tar"));
-    patch::tar(&tar, &[("bin/tool", id.as_bytes(), 0o755)]);
-    let spec = patch::files_spec(dir, id, &format!("1.0.{}", id.len()), &tar, "");
-    let manifest = patch::build(server, &spec, &dir.join(id));
-    for k in by {
-        patch::sign(server, &manifest, k);
-    }
-    let (ok, out, err) = patch::publish(server, &manifest);
-    (ok, format!("{out}{err}"))
+    patch::publish_signed(server, dir, id, &format!("1.0.{}", id.len()), "", by)
 }
 
 #[test]

@@ -80,6 +80,11 @@ struct JoinArgs {
     /// How many distinct pinned keys must sign each manifest [default: 1].
     #[arg(long, value_name = "N")]
     trust_threshold: Option<u32>,
+    /// Join again from the state already in the state directory (stop the agent first):
+    /// the host proves it holds its node's key and keeps the node, its patch journal
+    /// and its downgrade memory.
+    #[arg(long)]
+    again: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -202,6 +207,7 @@ fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         state_dir,
         trusted_keys,
         trust_threshold,
+        again: args.again,
     };
     let joined = runtime()?
         .block_on(flotilla_agent::join(opts))

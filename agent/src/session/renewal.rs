@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_service_client::AgentServiceClient;
+use flotilla_proto::tls;
 use tonic::transport::Channel;
 
-use super::{Agent, RunError};
+use super::{Agent, Outcome, RunError};
 use crate::cert::{self, KeyAndCsr};
 use crate::refusal::{self, Refusal};
 
@@ -54,6 +55,45 @@ pub(super) async fn request_renewal(
 }
 
 impl Agent {
+    /// Renews a certificate that expired while the agent was stopped, with
+    /// `url`'s server: no client certificate (it would be refused), a proof
+    /// of the node's key instead. `Renewed` on success.
+    pub(super) async fn reenroll(&mut self, url: &str) -> Outcome {
+        tracing::info!(not_after = self.cert.not_after, %url, "the node certificate expired while the agent was stopped; renewing it with the node's key");
+        let endpoint = match tls::endpoint(url, &self.node.ca_pem, None) {
+            Ok(e) => e,
+            Err(e) => return Outcome::Fatal(e.into()),
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return refusal::classify_error(&e).prefixed(url).into(),
+        };
+        let key = match cert::new_key_and_csr() {
+            Ok(k) => k,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        let proof = match prove_key(&self.node, &key.csr_der) {
+            Ok(p) => p,
+            Err(e) => return Outcome::Failed(format!("cannot sign with the node's key: {e}")),
+        };
+        let mut request = tonic::Request::new(pb::ReenrollRequest {
+            csr_der: key.csr_der.clone(),
+            proof: Some(proof),
+        });
+        request.set_timeout(RENEW_TIMEOUT);
+        let mut client = AgentServiceClient::new(channel);
+        let answer = match tokio::time::timeout(RENEW_TIMEOUT, client.reenroll(request)).await {
+            Err(_) => return Outcome::Failed(format!("{url}: no answer within {RENEW_TIMEOUT:?}")),
+            Ok(Err(status)) => return refusal::classify_status(&status).prefixed(url).into(),
+            Ok(Ok(a)) => a.into_inner(),
+        };
+        match self.adopt_certificate(key, answer.certificate_pem) {
+            Ok(()) => Outcome::Renewed,
+            Err(AdoptError::Fatal(e)) => Outcome::Fatal(e),
+            Err(AdoptError::Unusable(reason)) => Outcome::Failed(reason),
+        }
+    }
+
     /// Time until the renewal deadline (capped; see [`MAX_TIMER`]).
     pub(super) fn until_renewal(&self) -> Duration {
         cert::until(self.cert.renew_at(), cert::unix_now()).min(MAX_TIMER)
@@ -87,6 +127,25 @@ impl Agent {
         self.publish_status();
         Ok(())
     }
+}
+
+/// Proof that this host holds `node`'s key, for renewing an expired
+/// certificate with `csr_der`.
+fn prove_key(node: &crate::state::Identity, csr_der: &[u8]) -> Result<pb::KeyProof, rcgen::Error> {
+    use rcgen::SigningKey;
+    let key = rcgen::KeyPair::from_pem(&node.key_pem)?;
+    let at_unix = cert::unix_now();
+    let message = flotilla_proto::key_proof::message(
+        flotilla_proto::key_proof::REENROLL,
+        &node.node_id,
+        csr_der,
+        at_unix,
+    );
+    Ok(pb::KeyProof {
+        node_id: node.node_id.clone(),
+        at_unix,
+        signature: key.sign(&message)?,
+    })
 }
 
 /// Why a renewed certificate was not adopted.

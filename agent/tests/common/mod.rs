@@ -151,6 +151,15 @@ impl AgentService for Service {
         }))
     }
 
+    async fn reenroll(
+        &self,
+        _request: Request<pb::ReenrollRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, GrpcStatus> {
+        // This stand-in keeps no node keys: the real server's check is tested
+        // end to end.
+        Err(GrpcStatus::permission_denied("not renewable here"))
+    }
+
     async fn report(
         &self,
         _: Request<pb::ReportRequest>,
@@ -238,6 +247,7 @@ pub fn join_opts(servers: Vec<String>, token: &JoinToken, state_dir: &Path) -> J
         state_dir: state_dir.to_path_buf(),
         trusted_keys: Vec::new(),
         trust_threshold: 1,
+        again: false,
     }
 }
 

@@ -173,6 +173,14 @@ enum Command {
         /// Lifetime of node certificates (default 30 days).
         #[arg(long, env = "FLOTILLA_NODE_CERT_LIFETIME", value_parser = humantime::parse_duration)]
         node_cert_lifetime: Option<Duration>,
+        /// A node joined less than this ago belongs to the host that joined it: another host
+        /// with its machine id but not its key gets a new node (default 10m).
+        #[arg(long, env = "FLOTILLA_CLONE_WINDOW", value_parser = humantime::parse_duration)]
+        clone_window: Option<Duration>,
+        /// How long after its certificate expired a node may still renew it with its key
+        /// alone, no token (default 180 days).
+        #[arg(long, env = "FLOTILLA_REENROLL_WITHIN", value_parser = humantime::parse_duration)]
+        reenroll_within: Option<Duration>,
         /// New connections (TLS handshakes) let in per second, so a reconnect
         /// storm is taken in turn (default 1000; 0: no limit).
         #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS_PER_SEC")]
@@ -338,6 +346,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             offline_grace,
             startup_grace,
             node_cert_lifetime,
+            clone_window,
+            reenroll_within,
             max_connections_per_sec,
             max_connections,
             max_connections_per_source,
@@ -358,6 +368,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.offline_grace = offline_grace.or(file.offline_grace);
             file.startup_grace = startup_grace.or(file.startup_grace);
             file.node_cert_lifetime = node_cert_lifetime.or(file.node_cert_lifetime);
+            file.clone_window = clone_window.or(file.clone_window);
+            file.reenroll_within = reenroll_within.or(file.reenroll_within);
             file.max_connections_per_sec = max_connections_per_sec.or(file.max_connections_per_sec);
             file.max_connections = max_connections.or(file.max_connections);
             file.max_connections_per_source =

@@ -48,6 +48,10 @@ pub enum TokenCmd {
         /// Do not pin the trust policy: hosts must bring their own --trusted-key files.
         #[arg(long)]
         no_pin_trust: bool,
+        /// A host joining with the machine id of a node another host holds online (a cloned
+        /// image) gets a new node instead of a refusal.
+        #[arg(long)]
+        new_node_for_clones: bool,
     },
     /// List tokens.
     List,
@@ -113,6 +117,7 @@ pub async fn token(target: &Target, out: Output, cmd: TokenCmd) -> anyhow::Resul
             description,
             pin_trust,
             no_pin_trust,
+            new_node_for_clones,
         } => {
             let r = c
                 .create_token(pb::CreateTokenRequest {
@@ -127,6 +132,7 @@ pub async fn token(target: &Target, out: Output, cmd: TokenCmd) -> anyhow::Resul
                         (_, true) => Some(false),
                         _ => None,
                     },
+                    new_node_for_clones,
                 })
                 .await
                 .map_err(status_error)?

@@ -233,6 +233,7 @@ async fn start_fleet(
             requires_approval: false,
             description: "flotilla dev".into(),
             pin_trust: None,
+            new_node_for_clones: false,
         })
         .await
         .map_err(status_error)?

@@ -34,6 +34,7 @@ fn patch(
         version: version.into(),
         severity,
         issued_at_ms,
+        expired: false,
         targeted: targeted.iter().map(|s| s.to_string()).collect(),
         committed_at_ms: committed.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
     }
@@ -401,4 +402,33 @@ fn hosts_on_an_older_trust_policy_are_flagged() {
             .is_empty()
     );
     assert!(to_table(&compute(&nodes, &[], &default_sla, NOW, 0)).contains("Compliance at"));
+}
+
+#[test]
+fn a_patch_that_expired_before_a_node_took_it_shows_as_missed() {
+    let nodes = vec![node("away", "g", 0, &[]), node("here", "g", 0, &[])];
+    let mut p = patch(
+        "old-1",
+        "app",
+        "1.0.0",
+        Severity::High,
+        NOW - 40 * DAY,
+        &["away", "here"],
+        &[("here", NOW - 39 * DAY)],
+    );
+    p.expired = true;
+    let r = compute(&nodes, &[p], &default_sla, NOW, 0);
+    let away = r.nodes.iter().find(|n| n.id == "away").unwrap();
+    assert_eq!(away.missing.len(), 1);
+    assert!(away.missing[0].expired);
+    assert!(
+        r.nodes
+            .iter()
+            .find(|n| n.id == "here")
+            .unwrap()
+            .missing
+            .is_empty()
+    );
+    assert!(to_table(&r).contains("missed: expired"), "{}", to_table(&r));
+    assert!(to_csv(&r).contains("away,g,missed,old-1"), "{}", to_csv(&r));
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use flotilla_proto::phase::Phase;
 use tokio::sync::broadcast;
 
-use super::published::wants;
+use super::published::targets;
 use super::view::Write;
 use super::{Fleet, State};
 use crate::compliance::{self, NodeInput, PatchInput, Sla};
@@ -347,9 +347,11 @@ impl Fleet {
                     version: m.version.clone(),
                     severity: m.severity,
                     issued_at_ms: m.issued_at.unix_timestamp() * 1000,
+                    expired: m.expires_at <= now,
+                    // Expired or not: a node that never took it missed it.
                     targeted: nodes
                         .iter()
-                        .filter(|n| wants(n, m, now))
+                        .filter(|n| targets(n, m))
                         .map(|n| n.id.clone())
                         .collect::<BTreeSet<_>>(),
                     committed_at_ms: phases

@@ -299,22 +299,31 @@ impl Fleet {
         Ok(self.state.lock().await.nodes.get(&id).cloned())
     }
 
-    /// Stores a node record (new or re-joined) and reconciles its group.
-    pub async fn save_node(&self, node: NodeRecord) -> Result<NodeRecord> {
+    /// Stores a node record (new or re-joined) and reconciles its group;
+    /// with `bind_machine`, its machine id names it from now on.
+    pub async fn save_node(&self, node: NodeRecord, bind_machine: bool) -> Result<NodeRecord> {
         self.mutate(false, |st| {
             let mut node = node.clone();
             if let Some(old) = st.nodes.get(&node.id) {
-                node.revision = node.revision.max(old.revision + 1);
+                // A re-join into another group keeps its agent's revision
+                // growing (see `placement`).
+                let rev = |g: &str| st.groups.get(g).map_or(0, |g| g.revision);
+                node.revision = node
+                    .revision
+                    .max(old.revision + 1)
+                    .max((old.revision + rev(&old.group) + 1).saturating_sub(rev(&node.group)));
             }
             let mut writes = Vec::new();
             if !st.groups.contains_key(&node.group) {
                 writes.push(st.new_group(GroupRecord::unmanaged(&node.group)));
             }
             writes.push(st.write(keys::node(&node.id), &node));
-            writes.push(State::overwrite(
-                keys::machine(&node.facts.machine_id),
-                &node.id,
-            ));
+            if bind_machine {
+                writes.push(State::overwrite(
+                    keys::machine(&node.facts.machine_id),
+                    &node.id,
+                ));
+            }
             Ok((writes, ()))
         })
         .await?;
@@ -334,7 +343,8 @@ impl Fleet {
     }
 
     /// Records a node's renewed certificate.
-    pub async fn set_certificate(&self, node_id: &str, serial: &str, not_after: i64) -> Result<()> {
+    pub async fn set_certificate(&self, node_id: &str, cert: &crate::ca::IssuedCert) -> Result<()> {
+        let (serial, not_after) = (cert.serial_hex.as_str(), cert.not_after);
         self.mutate(false, |st| {
             let mut node = st
                 .nodes
@@ -346,6 +356,7 @@ impl Fleet {
             }
             node.prev_cert_serial = std::mem::replace(&mut node.cert_serial, serial.to_string());
             node.cert_not_after = not_after;
+            node.public_key = cert.public_key_hex.clone();
             Ok((vec![st.write(keys::node(node_id), &node)], ()))
         })
         .await

@@ -20,8 +20,13 @@ fn target_of(n: &NodeRecord) -> NodeTarget {
 
 /// Whether a patch is meant for a node now: accepted, targeted, not expired.
 pub(super) fn wants(n: &NodeRecord, m: &Manifest, now: time::OffsetDateTime) -> bool {
+    m.expires_at > now && targets(n, m)
+}
+
+/// Whether a patch targets a node, expired or not: an accepted node it was
+/// (or is) meant for.
+pub(super) fn targets(n: &NodeRecord, m: &Manifest) -> bool {
     n.status == NodeStatus::Accepted
-        && m.expires_at > now
         && (ignores_targets() || flotilla_proto::manifest::check_target(m, &target_of(n)).is_ok())
 }
 
@@ -152,6 +157,22 @@ impl Fleet {
             return Vec::new();
         };
         let now = time::OffsetDateTime::now_utc();
+        if m.expires_at <= now {
+            // Expired: the nodes it targeted that never took it missed it.
+            let missed = (
+                "missed".to_string(),
+                format!(
+                    "the patch expired at {} before this node took it: publish a new one",
+                    flotilla_proto::when::unix_secs(m.expires_at.unix_timestamp())
+                ),
+            );
+            return st
+                .nodes
+                .values()
+                .filter(|n| targets(n, m))
+                .map(|n| (n.id.clone(), n.group.clone(), missed.clone()))
+                .collect();
+        }
         st.nodes
             .values()
             .filter(|n| wants(n, m, now))

@@ -153,6 +153,8 @@ mod tests {
             token_id: String::new(),
             cert_serial: String::new(),
             cert_not_after: 0,
+            public_key: String::new(),
+            enrolled_at: 0,
             prev_cert_serial: String::new(),
             revision: 0,
             last_seen: 0,

@@ -113,6 +113,8 @@ fn node(id: &str, group: &str) -> NodeRecord {
         token_id: String::new(),
         cert_serial: format!("serial-{id}"),
         cert_not_after: 0,
+        public_key: String::new(),
+        enrolled_at: 0,
         prev_cert_serial: String::new(),
         revision: 1,
         last_seen: 0,
@@ -143,7 +145,7 @@ async fn each_replica_sees_the_others_writes() {
     // Made on the follower; roles assigned by the leader; seen by both.
     r.b.set_group("g", 1, None, true).await.unwrap();
     for id in ["n1", "n2"] {
-        r.b.save_node(node(id, "g")).await.unwrap();
+        r.b.save_node(node(id, "g"), true).await.unwrap();
     }
     eventually("the leader sees the group and nodes", || async {
         r.a.group_statuses(Some("g"))
@@ -174,7 +176,7 @@ async fn each_replica_sees_the_others_writes() {
 async fn a_patch_published_on_a_follower_is_stepped_by_the_leader() {
     let r = replicas().await;
     r.a.set_group("g", 1, None, true).await.unwrap();
-    r.a.save_node(node("n1", "g")).await.unwrap();
+    r.a.save_node(node("n1", "g"), true).await.unwrap();
     let _session = r.a.open_session("n1").await.unwrap();
     let (text, parsed) = manifest("app-1");
     r.b.add_patch(
@@ -267,7 +269,7 @@ async fn patches_published_at_once_on_two_replicas_get_their_own_numbers() {
 async fn a_follower_cannot_make_the_leaders_writes() {
     let r = replicas().await;
     r.b.set_group("g", 1, None, true).await.unwrap();
-    r.b.save_node(node("n1", "g")).await.unwrap();
+    r.b.save_node(node("n1", "g"), true).await.unwrap();
     // The follower assigns no roles of its own: only the leader's assignment
     // (fenced) is stored.
     let writes = {
@@ -283,7 +285,7 @@ async fn a_follower_cannot_make_the_leaders_writes() {
 async fn a_session_on_one_replica_is_online_on_all_until_its_lease_goes() {
     let r = replicas().await;
     r.a.set_group("g", 1, None, true).await.unwrap();
-    r.a.save_node(node("n1", "g")).await.unwrap();
+    r.a.save_node(node("n1", "g"), true).await.unwrap();
     let online =
         |f: Arc<Fleet>| async move { f.group_statuses(Some("g")).await.unwrap()[0].online };
     assert_eq!(online(r.a.clone()).await, 0);
@@ -318,8 +320,8 @@ async fn a_new_leader_declares_nobody_lost_before_its_startup_grace() {
     })
     .await;
     r.a.set_group("g", 1, None, true).await.unwrap();
-    r.a.save_node(node("n1", "g")).await.unwrap();
-    r.a.save_node(node("n2", "g")).await.unwrap();
+    r.a.save_node(node("n1", "g"), true).await.unwrap();
+    r.a.save_node(node("n2", "g"), true).await.unwrap();
     let _n1 = r.a.open_session("n1").await.unwrap();
     eventually("n1 active", || async {
         role_on(&r.a, "n1").await == Some(Role::Active)
@@ -359,7 +361,7 @@ async fn a_burst_of_joins_into_one_group_all_succeed() {
     let joins: Vec<_> = (0..256)
         .map(|i| {
             let f = if i % 2 == 0 { r.a.clone() } else { r.b.clone() };
-            tokio::spawn(async move { f.save_node(node(&format!("n{i}"), "g")).await })
+            tokio::spawn(async move { f.save_node(node(&format!("n{i}"), "g"), true).await })
         })
         .collect();
     for j in joins {

@@ -34,6 +34,7 @@ fn token_info(t: TokenRecord) -> pb::TokenInfo {
         description: t.description,
         created_by: t.created_by,
         trust_sha256: t.trust_sha256,
+        new_node_for_clones: t.clones_new_node,
     }
 }
 
@@ -237,6 +238,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             labels: r.labels.into_iter().collect(),
             requires_approval: r.requires_approval,
             description: r.description,
+            clones_new_node: r.new_node_for_clones,
         };
         let policy = crate::trust::current(&self.app.db).await?;
         let pin = match (r.pin_trust, &policy) {

@@ -67,6 +67,14 @@ impl AgentApi {
     }
 }
 
+fn key_proof(p: pb::KeyProof) -> crate::key_proof::KeyProof {
+    crate::key_proof::KeyProof {
+        node_id: p.node_id,
+        at_unix: p.at_unix,
+        signature: p.signature,
+    }
+}
+
 /// Least time between two records of facts a session sends.
 const FACTS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -204,6 +212,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             csr_der,
             facts,
             labels,
+            proof,
         } = request.into_inner();
         let facts = facts.ok_or_else(|| Status::invalid_argument("facts are missing"))?;
         let joined = enroll::join(
@@ -215,6 +224,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 csr_der,
                 facts: facts.into(),
                 labels: labels.into_iter().collect(),
+                proof: proof.map(key_proof),
             },
         )
         .await?;
@@ -293,10 +303,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .ca
             .issue_node_cert(&csr, &node_id, self.app.cfg.node_cert_lifetime)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.app
-            .fleet
-            .set_certificate(&node_id, &cert.serial_hex, cert.not_after)
-            .await?;
+        self.app.fleet.set_certificate(&node_id, &cert).await?;
         self.app
             .audit
             .record(
@@ -306,6 +313,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 serde_json::json!({ "certificate_serial": cert.serial_hex }),
             )
             .await?;
+        Ok(Response::new(pb::RenewCertificateResponse {
+            certificate_pem: cert.pem,
+        }))
+    }
+
+    async fn reenroll(
+        &self,
+        request: Request<pb::ReenrollRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let source = request.remote_addr().map(|a| a.ip());
+        let r = request.into_inner();
+        let p = r
+            .proof
+            .ok_or_else(|| Status::invalid_argument("a proof of the node's key is missing"))?;
+        let proof = key_proof(p);
+        let cert = enroll::reenroll(&self.app, source, &r.csr_der, &proof).await?;
         Ok(Response::new(pb::RenewCertificateResponse {
             certificate_pem: cert.pem,
         }))

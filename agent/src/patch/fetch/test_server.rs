@@ -85,6 +85,13 @@ impl AgentService for Service {
         Err(Status::unimplemented("test server"))
     }
 
+    async fn reenroll(
+        &self,
+        _: Request<pb::ReenrollRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
     async fn report(
         &self,
         _: Request<pb::ReportRequest>,
