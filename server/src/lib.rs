@@ -27,5 +27,6 @@ pub mod replica;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod tokens;
 pub mod trust;

@@ -8,7 +8,7 @@ use flotilla_proto::{limits, pb};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::app::App;
 use crate::audit::AuditLog;
@@ -209,10 +209,7 @@ pub async fn run(
             cfg.data_dir.display()
         )
     })?;
-    let server_cert = std::fs::read_to_string(&paths.server_cert)
-        .with_context(|| format!("cannot read {}", paths.server_cert.display()))?;
-    let server_key = std::fs::read_to_string(&paths.server_key)
-        .with_context(|| format!("cannot read {}", paths.server_key.display()))?;
+    let server_cert = crate::tls::ServerCert::load(&paths)?;
     // This data dir's CA must be the fleet's (recorded at the first start).
     let db = open_db(&cfg.data_dir, &cfg.store, ca.cert_pem()).await?;
     crate::trust::migrate_legacy(&db).await?;
@@ -272,13 +269,36 @@ pub async fn run(
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
 
-    let tls = ServerTlsConfig::new()
-        .timeout(cfg.tls_handshake_timeout)
-        .identity(Identity::from_pem(server_cert, server_key))
-        .client_ca_root(Certificate::from_pem(app.ca.cert_pem()))
-        // Enroll and the admin calls come without a client certificate; every
-        // other agent call checks for one.
-        .client_auth_optional(true);
+    // Enroll and the admin calls come without a client certificate; every
+    // other agent call checks for one. The certificate is taken again when it
+    // is renewed, without a restart.
+    let tls = crate::tls::server_config(server_cert.clone(), app.ca.cert_pem())?;
+    let cert_keeper = {
+        let app = app.clone();
+        tokio::spawn(crate::tls::keep_current(
+            server_cert,
+            paths.clone(),
+            shutdown.clone(),
+            move |f, how| {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let detail = serde_json::json!({ "serial": f.serial_hex, "names": f.names, "not_after": f.not_after, "how": how });
+                    if let Err(e) = app
+                        .audit
+                        .record(
+                            "server",
+                            crate::audit::Action::ServerCertRenew,
+                            "server",
+                            detail,
+                        )
+                        .await
+                    {
+                        tracing::error!("cannot audit the server certificate's renewal: {e}");
+                    }
+                });
+            },
+        ))
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -326,14 +346,17 @@ pub async fn run(
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "flotilla-server listening");
 
     Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .add_service(health_service)
         .add_service(agent)
         .add_service(admin)
         .add_service(replicas)
         .serve_with_incoming_shutdown(
-            crate::admission::incoming(listener, cfg.max_connections_per_sec, connections),
+            crate::tls::accept(
+                crate::admission::incoming(listener, cfg.max_connections_per_sec, connections),
+                tls,
+                cfg.tls_handshake_timeout,
+            ),
             shutdown.cancelled(),
         )
         .await
@@ -346,6 +369,7 @@ pub async fn run(
         let _ = control.await;
     }
     let _ = replica.await;
+    let _ = cert_keeper.await;
     tracing::info!("flotilla-server stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Who may do what: revoked nodes, operator roles, mutual TLS, and certificates
 //! the server builds itself whatever the CSR asks for.
 
+use std::process::Command;
 use std::time::Duration;
 
 use flotilla_e2e::{Agent, Server, wait_until};
@@ -618,4 +619,60 @@ fn credentials_expire_rotate_and_refusals_are_audited() {
         "{refusals:?}"
     );
     let _ = server.stop();
+}
+
+#[test]
+fn the_server_certificate_renews_without_a_restart_and_agents_stay() {
+    use flotilla_e2e::patch;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k = patch::key(d, "k");
+    let (server, _agents) = patch::signed_fleet(d, &k, 3);
+    let port = server.url().rsplit(':').next().unwrap().to_string();
+    let by_name = format!("https://localhost:{port}");
+    let whoami_by_name = || {
+        Command::new(flotilla_e2e::bin("flotilla"))
+            .args(["--server", &by_name, "whoami"])
+            .env("FLOTILLA_CREDENTIAL", server.credential())
+            .output()
+            .unwrap()
+    };
+    assert!(whoami_by_name().status.success());
+    let renew = |args: &[&str]| {
+        let out = flotilla_e2e::server_cmd(
+            &[&["cert", "renew"], args].concat(),
+            &[("--data-dir", &server.data_dir)],
+        );
+        assert!(out.status.success(), "{}", flotilla_e2e::output_text(&out));
+        flotilla_e2e::output_text(&out)
+    };
+
+    // Without the name "localhost": the running server takes the new
+    // certificate, and a client reaching it by that name is refused.
+    let said = renew(&["--remove-name", "localhost"]);
+    assert!(said.contains("names 127.0.0.1"), "{said}");
+    wait_until(
+        "the server to take the new certificate",
+        Duration::from_secs(30),
+        || (!whoami_by_name().status.success()).then_some(()),
+    );
+    // With it again: reached by that name.
+    renew(&["--name", "localhost"]);
+    wait_until(
+        "the server to take the renewed certificate",
+        Duration::from_secs(30),
+        || whoami_by_name().status.success().then_some(()),
+    );
+
+    // The agents kept working across both: all online, and a patch reaches all.
+    assert_eq!(server.group("store")["online"], 3);
+    patch::roll_out(&server, d, &k, "after-renewal", "1.0.0", 3);
+    let audit = server.cli_json(&["audit", "--limit", "200"]);
+    let renewals = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "server.cert.renew")
+        .count();
+    assert_eq!(renewals, 2, "{audit}");
 }

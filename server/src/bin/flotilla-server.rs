@@ -62,6 +62,23 @@ impl StoreArgs {
 }
 
 #[derive(Subcommand)]
+enum CertCmd {
+    /// Re-issue the server certificate from the fleet's CA (2 years), keeping its names, adding
+    /// --name and removing --remove-name. A running server takes it without a restart.
+    Renew {
+        /// The server's data directory.
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = flotilla_server::config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// A DNS name or IP address to add (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// A name to remove (repeatable).
+        #[arg(long = "remove-name")]
+        remove_names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Create the CA, the server certificate and a first admin credential.
     Init {
@@ -99,6 +116,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The server's TLS certificate.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Back up a fleet: its records as of one moment, its CA and server
     /// certificate, its artifacts. A running sled server keeps running.
     Backup {
@@ -256,6 +276,34 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             flotilla_proto::outln!("initialised {}", data_dir.display());
             flotilla_proto::outln!("CA fingerprint (sha256): {}", done.ca_fingerprint);
             flotilla_proto::outln!("admin credential: {}", done.credential_path.display());
+            Ok(())
+        }
+        Command::Cert(CertCmd::Renew {
+            data_dir,
+            names,
+            remove_names,
+        }) => {
+            let paths = flotilla_server::ca::TlsPaths::in_dir(&data_dir);
+            let pem = std::fs::read_to_string(&paths.server_cert)
+                .with_context(|| format!("cannot read {}", paths.server_cert.display()))?;
+            let der = flotilla_proto::tls::first_pem_der(&pem)?;
+            let mut all = flotilla_server::tls::cert_facts(&der)?.names;
+            for n in names {
+                if !all.contains(&n) {
+                    all.push(n);
+                }
+            }
+            if let Some(missing) = remove_names.iter().find(|r| !all.contains(r)) {
+                anyhow::bail!("the server certificate has no name {missing:?} to remove");
+            }
+            all.retain(|n| !remove_names.contains(n));
+            let f = flotilla_server::tls::renew(&paths, &all)?;
+            flotilla_proto::outln!(
+                "server certificate renewed: serial {}, names {}, valid until {}; a running server takes it within seconds (no restart), and its agents keep their sessions",
+                f.serial_hex,
+                f.names.join(", "),
+                flotilla_proto::when::unix_secs(f.not_after)
+            );
             Ok(())
         }
         Command::ExportCa {
