@@ -540,6 +540,15 @@ pub fn role_hook(dir: &Path, name: &str, log: &Path) -> PathBuf {
 }
 
 /// A free loopback address for a server to listen on.
+/// A day of the week three days from today (UTC): a maintenance window on it
+/// is closed now, whatever the time zone.
+pub fn another_day() -> &'static str {
+    let today = time::OffsetDateTime::now_utc()
+        .weekday()
+        .number_days_from_monday() as usize;
+    ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(today + 3) % 7]
+}
+
 pub fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -355,19 +355,12 @@ fn capacity_guard_holds_and_waits_for_offline_nodes() {
 }
 
 /// A weekday three days from now (UTC), so its window is surely closed now.
-fn another_day() -> &'static str {
-    let today = time::OffsetDateTime::now_utc()
-        .weekday()
-        .number_days_from_monday() as usize;
-    ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(today + 3) % 7]
-}
-
 #[test]
 fn emergency_ignores_the_window_that_holds_a_normal_rollout() {
     let dir = tempfile::tempdir().unwrap();
     let k = patch::key(dir.path(), "release");
     let (server, agents) = fleet(dir.path(), &k, 4, &[]);
-    let window = format!("{} 03:00-04:00", another_day());
+    let window = format!("{} 03:00-04:00", flotilla_e2e::another_day());
     server.cli(&[
         "group",
         "config",

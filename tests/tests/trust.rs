@@ -97,6 +97,13 @@ fn rotations_reach_every_agent_and_retire_the_old_keys() {
     let (ok, out) = publish(&server, &bad);
     assert!(!ok && out.contains("not signed by the keys of v1"), "{out}");
 
+    // A patch signed by A and B is published under v1 and held by a closed
+    // maintenance window until after the rotation that retires A.
+    let window = format!("{} 03:00-04:00", flotilla_e2e::another_day());
+    server.cli(&["group", "config", "store", "--window", &window]);
+    let (ok, out) = patch::publish_signed(&server, d, "held", "1.0.3", "", &[&a, &b]);
+    assert!(ok, "{out}");
+
     // v1 {A,B,C} 2-of-3 -> v2 {B,C,D} 2-of-3, signed by B, C (v1) and B, C, D (v2).
     let v2 = d.join("v2.json");
     propose(&server, &v2, &[&b, &c, &k4], 2);
@@ -104,6 +111,22 @@ fn rotations_reach_every_agent_and_retire_the_old_keys() {
     let (ok, out) = publish(&server, &v2);
     assert!(ok && out.contains("v2"), "{out}");
     wait_version(&[&agents[0], &agents[1]], 2);
+
+    // Released now, the held patch is refused by each agent: under v2 only
+    // B's signature counts.
+    server.cli(&["group", "config", "store", "--clear-windows"]);
+    wait_until(
+        "both agents to refuse the held patch",
+        Duration::from_secs(60),
+        || {
+            let p = patch::phases(&server, "held");
+            let refused = p
+                .iter()
+                .filter(|(_, ph, err)| ph == "rejected" && err.contains("trusted key"))
+                .count();
+            (refused == 2).then_some(())
+        },
+    );
 
     // A manifest signed by A+B was fine before; now the server refuses it.
     let (ok, out) = publish_patch(&server, d, "p22", &[&a, &b]);
