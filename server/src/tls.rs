@@ -199,6 +199,11 @@ where
         .filter_map(|tls| async move { tls.map(Ok) })
 }
 
+/// Whether a certificate has a third of its lifetime left, or less.
+fn due_for_renewal(c: &CertFacts, now: i64) -> bool {
+    c.not_after - now <= (c.not_after - c.not_before) / 3
+}
+
 /// Keeps the certificate current until `shutdown`: takes a renewal made on
 /// disk, and renews it from the CA when a third of its lifetime is left.
 /// Every change is logged and handed to `changed` (which audits it).
@@ -230,9 +235,7 @@ pub async fn keep_current(
         let Ok(facts) = cert_facts(&cert.leaf()) else {
             continue;
         };
-        let now = crate::model::now_secs();
-        let lifetime = facts.not_after - facts.not_before;
-        if facts.not_after - now > lifetime / 3 {
+        if !due_for_renewal(&facts, crate::model::now_secs()) {
             continue;
         }
         match renew(&paths, &facts.names) {
@@ -241,5 +244,59 @@ pub async fn keep_current(
             }
             Err(e) => tracing::error!("cannot renew the server certificate: {e:#}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_with_a_third_of_the_lifetime_left() {
+        let c = CertFacts {
+            names: vec!["fleet".into()],
+            not_before: 0,
+            not_after: 300,
+            serial_hex: "01".into(),
+        };
+        assert!(!due_for_renewal(&c, 0));
+        assert!(!due_for_renewal(&c, 199));
+        assert!(due_for_renewal(&c, 200));
+        assert!(due_for_renewal(&c, 400), "and past its end");
+    }
+
+    #[test]
+    fn a_renewed_pair_is_taken_only_once_key_and_certificate_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = TlsPaths::in_dir(dir.path());
+        let ca = CertAuthority::create(&paths, &["fleet.test".into()]).unwrap();
+        let cert = ServerCert::load(&paths).unwrap();
+        let first = cert_facts(&cert.leaf()).unwrap();
+        assert_eq!(first.names, vec!["fleet.test".to_string()]);
+        assert!(!cert.reload(&paths).unwrap(), "nothing changed");
+        // Half a renewal: a new key beside the old certificate.
+        let key = std::fs::read(&paths.server_key).unwrap();
+        ca.write_server_cert(&paths, &["fleet.test".into(), "other.test".into()])
+            .unwrap();
+        let renewed_cert = std::fs::read(&paths.server_cert).unwrap();
+        let new_key = std::fs::read(&paths.server_key).unwrap();
+        std::fs::write(&paths.server_key, &key).unwrap();
+        assert!(
+            cert.reload(&paths).is_err(),
+            "a mismatched pair is not taken"
+        );
+        assert_eq!(
+            cert_facts(&cert.leaf()).unwrap().serial_hex,
+            first.serial_hex
+        );
+        std::fs::write(&paths.server_key, &new_key).unwrap();
+        std::fs::write(&paths.server_cert, &renewed_cert).unwrap();
+        assert!(cert.reload(&paths).unwrap());
+        let now = cert_facts(&cert.leaf()).unwrap();
+        assert_ne!(now.serial_hex, first.serial_hex);
+        assert_eq!(
+            now.names,
+            vec!["fleet.test".to_string(), "other.test".to_string()]
+        );
     }
 }
