@@ -174,13 +174,15 @@ pub fn accept<S, IO>(
 ) -> impl Stream<Item = io::Result<TlsStream<IO>>>
 where
     S: Stream<Item = io::Result<IO>>,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let acceptor = TlsAcceptor::from(config);
     incoming
         .map(move |conn| {
             let acceptor = acceptor.clone();
-            async move {
+            // Each handshake on a task of its own: they are spread over every
+            // core, as the CPU of a reconnect storm needs.
+            tokio::spawn(async move {
                 let conn = conn.ok()?;
                 match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
                     Ok(Ok(tls)) => Some(tls),
@@ -193,10 +195,10 @@ where
                         None
                     }
                 }
-            }
+            })
         })
         .buffer_unordered(MAX_HANDSHAKES)
-        .filter_map(|tls| async move { tls.map(Ok) })
+        .filter_map(|done| async move { done.ok().flatten().map(Ok) })
 }
 
 /// Whether a certificate has a third of its lifetime left, or less.
