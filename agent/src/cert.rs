@@ -120,6 +120,24 @@ pub fn until(at: i64, now: i64) -> Duration {
     Duration::from_secs(u64::try_from(at.saturating_sub(now)).unwrap_or(0))
 }
 
+/// Proof that this host holds `node`'s key (see `flotilla_proto::key_proof`),
+/// made for `purpose` and the new CSR `csr_der`.
+pub fn prove_key(
+    node: &crate::state::Identity,
+    purpose: &str,
+    csr_der: &[u8],
+) -> Result<flotilla_proto::pb::KeyProof, CertError> {
+    use rcgen::SigningKey;
+    let key = KeyPair::from_pem(&node.key_pem)?;
+    let at_unix = unix_now();
+    let message = flotilla_proto::key_proof::message(purpose, &node.node_id, csr_der, at_unix);
+    Ok(flotilla_proto::pb::KeyProof {
+        node_id: node.node_id.clone(),
+        at_unix,
+        signature: key.sign(&message)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

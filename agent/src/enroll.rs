@@ -148,7 +148,7 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
     let key = new_key_and_csr()?;
     let proof = previous
         .as_ref()
-        .map(|p| prove_key(p, &key.csr_der))
+        .map(|p| crate::cert::prove_key(p, flotilla_proto::key_proof::REJOIN, &key.csr_der))
         .transpose()?;
 
     let request = pb::EnrollRequest {
@@ -239,25 +239,6 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
         group: identity.group,
         role,
         rejoined: response.rejoined,
-    })
-}
-
-/// Proof that this host holds `node`'s key, for a re-join with `csr_der`.
-fn prove_key(node: &Identity, csr_der: &[u8]) -> Result<pb::KeyProof, JoinError> {
-    use rcgen::SigningKey;
-    let key = rcgen::KeyPair::from_pem(&node.key_pem).map_err(CertError::from)?;
-    let at_unix = crate::cert::unix_now();
-    let message = flotilla_proto::key_proof::message(
-        flotilla_proto::key_proof::REJOIN,
-        &node.node_id,
-        csr_der,
-        at_unix,
-    );
-    let signature = key.sign(&message).map_err(CertError::from)?;
-    Ok(pb::KeyProof {
-        node_id: node.node_id.clone(),
-        at_unix,
-        signature,
     })
 }
 

@@ -92,24 +92,14 @@ pub async fn reenroll(
     csr_der: &[u8],
     proof: &crate::key_proof::KeyProof,
 ) -> Result<crate::ca::IssuedCert> {
-    // Guessing at proofs is slowed like guessing at join tokens.
+    // Guessing at proofs is slowed, and audited, like guessing at join tokens.
     app.join_guard.admit(source, &proof.node_id)?;
-    let refuse = |e: Error| async {
-        app.join_guard.failed(source, None);
-        e
-    };
-    let Some(node) = app
-        .fleet
-        .node(&proof.node_id)
-        .await
-        .map(|(n, _, _)| n)
-        .filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected))
-    else {
-        return Err(refuse(Error::PermissionDenied(format!(
-            "node {} is not known, or was revoked or rejected",
-            limits::clip(&proof.node_id, 64)
-        )))
-        .await);
+    let node = match proven_node(app, proof).await {
+        Ok(n) => n,
+        Err(e) => {
+            failed_join(app, source, &proof.node_id, None, &e).await;
+            return Err(e);
+        }
     };
     let now = now_secs();
     let expired_for = now - node.cert_not_after;
@@ -137,7 +127,8 @@ pub async fn reenroll(
         proof,
         now,
     ) {
-        return Err(refuse(e).await);
+        failed_join(app, source, &proof.node_id, None, &e).await;
+        return Err(e);
     }
     if csr_der.is_empty() || csr_der.len() > limits::MAX_CSR_BYTES {
         return Err(Error::InvalidArgument(format!(
@@ -162,21 +153,26 @@ pub async fn reenroll(
     Ok(cert)
 }
 
+/// The node a proof names, if it may still prove itself: known, neither
+/// revoked nor rejected (its key is checked by the caller).
+async fn proven_node(app: &App, proof: &crate::key_proof::KeyProof) -> Result<NodeRecord> {
+    app.fleet
+        .node(&proof.node_id)
+        .await
+        .map(|(n, _, _)| n)
+        .filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected))
+        .ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "node {} is not known, or was revoked or rejected: join as a new node (remove the state directory)",
+                limits::clip(&proof.node_id, 64)
+            ))
+        })
+}
+
 /// Which node a join gives the host (see [`Placement`]).
 async fn place(app: &App, req: &JoinRequest, clones_new_node: bool) -> Result<Placement> {
     if let Some(proof) = &req.proof {
-        let node = app
-            .fleet
-            .node(&proof.node_id)
-            .await
-            .map(|(n, _, _)| n)
-            .filter(|n| !matches!(n.status, NodeStatus::Revoked | NodeStatus::Rejected))
-            .ok_or_else(|| {
-                Error::PermissionDenied(format!(
-                    "node {} is not known, or was revoked or rejected: join as a new node (remove the state directory)",
-                    limits::clip(&proof.node_id, 64)
-                ))
-            })?;
+        let node = proven_node(app, proof).await?;
         crate::key_proof::verify(
             &node,
             flotilla_proto::key_proof::REJOIN,

@@ -65,8 +65,8 @@ fn base64_line(text: &str) -> String {
         .to_string()
 }
 
-/// The first version's document: keys normalised (base64 lines, each once).
-pub fn first_document(keys: &[String], threshold: u32) -> Result<PolicyDoc> {
+/// Public keys as a policy document holds them: base64 lines, each once.
+pub fn normalise_keys(keys: &[String]) -> Vec<String> {
     let mut normalised = Vec::new();
     for k in keys {
         let line = base64_line(k);
@@ -74,9 +74,14 @@ pub fn first_document(keys: &[String], threshold: u32) -> Result<PolicyDoc> {
             normalised.push(line);
         }
     }
+    normalised
+}
+
+/// The first version's document (keys normalised).
+pub fn first_document(keys: &[String], threshold: u32) -> Result<PolicyDoc> {
     let doc = PolicyDoc {
         version: 1,
-        keys: normalised,
+        keys: normalise_keys(keys),
         threshold,
     };
     doc.policy()

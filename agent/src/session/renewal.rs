@@ -72,7 +72,11 @@ impl Agent {
             Ok(k) => k,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
-        let proof = match prove_key(&self.node, &key.csr_der) {
+        let proof = match cert::prove_key(
+            &self.node,
+            flotilla_proto::key_proof::REENROLL,
+            &key.csr_der,
+        ) {
             Ok(p) => p,
             Err(e) => return Outcome::Failed(format!("cannot sign with the node's key: {e}")),
         };
@@ -127,25 +131,6 @@ impl Agent {
         self.publish_status();
         Ok(())
     }
-}
-
-/// Proof that this host holds `node`'s key, for renewing an expired
-/// certificate with `csr_der`.
-fn prove_key(node: &crate::state::Identity, csr_der: &[u8]) -> Result<pb::KeyProof, rcgen::Error> {
-    use rcgen::SigningKey;
-    let key = rcgen::KeyPair::from_pem(&node.key_pem)?;
-    let at_unix = cert::unix_now();
-    let message = flotilla_proto::key_proof::message(
-        flotilla_proto::key_proof::REENROLL,
-        &node.node_id,
-        csr_der,
-        at_unix,
-    );
-    Ok(pb::KeyProof {
-        node_id: node.node_id.clone(),
-        at_unix,
-        signature: key.sign(&message)?,
-    })
 }
 
 /// Why a renewed certificate was not adopted.

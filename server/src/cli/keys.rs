@@ -169,20 +169,11 @@ pub fn key(out: Output, cmd: KeyCmd) -> anyhow::Result<()> {
 
 /// Reads public key files into the base64 lines a policy document holds.
 fn key_lines(paths: &[PathBuf]) -> anyhow::Result<Vec<String>> {
-    let mut lines: Vec<String> = Vec::new();
-    for p in paths {
-        let text = read_public_key(p)?;
-        let line = text
-            .lines()
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .unwrap_or("")
-            .to_string();
-        if !lines.contains(&line) {
-            lines.push(line);
-        }
-    }
-    Ok(lines)
+    let texts = paths
+        .iter()
+        .map(|p| read_public_key(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(crate::trust::normalise_keys(&texts))
 }
 
 pub async fn trust(target: &Target, out: Output, cmd: TrustCmd) -> anyhow::Result<()> {

@@ -305,13 +305,8 @@ impl Fleet {
         self.mutate(false, |st| {
             let mut node = node.clone();
             if let Some(old) = st.nodes.get(&node.id) {
-                // A re-join into another group keeps its agent's revision
-                // growing (see `placement`).
-                let rev = |g: &str| st.groups.get(g).map_or(0, |g| g.revision);
-                node.revision = node
-                    .revision
-                    .max(old.revision + 1)
-                    .max((old.revision + rev(&old.group) + 1).saturating_sub(rev(&node.group)));
+                // A re-join into another group keeps its agent's revision growing.
+                node.revision = node.revision.max(st.next_revision(old, &node.group));
             }
             let mut writes = Vec::new();
             if !st.groups.contains_key(&node.group) {

@@ -8,6 +8,18 @@ use super::Fleet;
 use crate::error::{Error, Result};
 use crate::model::{NodeRecord, NodeStatus, Role, keys};
 
+impl super::State {
+    /// The revision `node` takes when it changes, into group `to`: its
+    /// desired-state revision is its own plus its group's (plus fleet-wide
+    /// counters), so a group that counts less is made up for, and it grows.
+    pub(super) fn next_revision(&self, node: &NodeRecord, to: &str) -> u64 {
+        let rev = |g: &str| self.groups.get(g).map_or(0, |g| g.revision);
+        (node.revision + rev(&node.group) + 1)
+            .saturating_sub(rev(to))
+            .max(node.revision + 1)
+    }
+}
+
 impl Fleet {
     /// Sets the labels in `set` (a value replaces the one there) and removes
     /// those named in `remove`.
@@ -52,12 +64,7 @@ impl Fleet {
                     return Ok((Vec::new(), node.group));
                 }
                 let from = node.group.clone();
-                let rev = |g: &str| st.groups.get(g).map_or(0, |g| g.revision);
-                // The desired revision is the node's plus its group's (plus
-                // fleet-wide counters): make up for a group that counts less.
-                node.revision = (node.revision + rev(&from) + 1)
-                    .saturating_sub(rev(to))
-                    .max(node.revision + 1);
+                node.revision = st.next_revision(&node, to);
                 node.group = to.to_string();
                 node.role = Role::Standby;
                 Ok((vec![st.write(keys::node(node_id), &node)], from))
