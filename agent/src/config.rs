@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub download_deadline: Option<Duration>,
     /// Slowest a download may go, in bytes per second, judged over 10 s.
     pub min_download_rate: Option<u64>,
+    /// Fastest a download may go, in bytes per second (default: no limit).
+    pub max_download_rate: Option<u64>,
 }
 
 impl FileConfig {

@@ -12,6 +12,7 @@ pub mod phase;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod transfer;
 pub mod trust;
 pub mod when;
 

@@ -11,6 +11,7 @@ use sha2::Digest;
 use crate::error::{Error, Result};
 
 mod cache;
+pub mod meter;
 pub mod peers;
 
 /// Largest artifact the server accepts.
@@ -20,6 +21,8 @@ pub struct ArtifactStore {
     dir: PathBuf,
     /// Small complete artifacts, held in memory while they are served.
     cache: cache::Cache,
+    /// The cap on artifact bytes sent per second, and the bytes sent.
+    pub meter: std::sync::Arc<meter::Meter>,
 }
 
 /// How much of an artifact the server holds.
@@ -51,7 +54,15 @@ impl ArtifactStore {
         Ok(Self {
             dir,
             cache: cache::Cache::default(),
+            meter: std::sync::Arc::new(meter::Meter::new(0)),
         })
+    }
+
+    /// The same store, sending at most `rate` artifact bytes per second in all
+    /// (0: no cap).
+    pub fn with_max_rate(mut self, rate: u32) -> Self {
+        self.meter = std::sync::Arc::new(meter::Meter::new(rate));
+        self
     }
 
     pub fn path(&self, sha256: &str) -> PathBuf {

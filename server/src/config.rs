@@ -50,6 +50,9 @@ pub struct FileConfig {
     pub advertise_url: Option<String>,
     /// Replicas that must hold each artifact before a publish is acknowledged.
     pub artifact_copies: Option<u32>,
+    /// Artifact bytes per second this server sends in all, to agents and
+    /// replicas (default: no cap).
+    pub max_artifact_rate: Option<u32>,
 }
 
 impl FileConfig {
@@ -92,6 +95,8 @@ pub struct ServerConfig {
     pub advertise_url: Option<String>,
     /// See [`FileConfig::artifact_copies`]; None: 2 once there are 2 replicas.
     pub artifact_copies: Option<u32>,
+    /// See [`FileConfig::max_artifact_rate`]; 0: no cap.
+    pub max_artifact_rate: u32,
 }
 
 /// Where the fleet's records live.
@@ -266,6 +271,7 @@ impl ServerConfig {
             pending_timeout: file.pending_timeout.unwrap_or(DEFAULT_PENDING_TIMEOUT),
             advertise_url: file.advertise_url,
             artifact_copies: file.artifact_copies,
+            max_artifact_rate: file.max_artifact_rate.unwrap_or(0),
         })
     }
 

@@ -96,6 +96,9 @@ pub struct NodePatchRecord {
     /// The report that set this state: a re-send of it changes nothing.
     #[serde(default)]
     pub last_report_id: String,
+    /// How the node downloaded the patch, from the newest report that said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<flotilla_proto::transfer::Transfer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,6 +321,7 @@ pub struct ReportRecord {
     pub at_ms: i64,
     pub error: String,
     pub log_tail: String,
+    pub transfer: Option<flotilla_proto::transfer::Transfer>,
 }
 
 #[cfg(test)]

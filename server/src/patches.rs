@@ -131,6 +131,7 @@ pub async fn record_report(
                         error: rec.error.clone(),
                         log_tail: rec.log_tail.clone(),
                         last_report_id: rec.report_id.clone(),
+                        transfer: rec.transfer.clone().or(c.transfer),
                         ..c
                     },
                     None => NodePatchRecord {
@@ -141,6 +142,7 @@ pub async fn record_report(
                         error: rec.error.clone(),
                         log_tail: rec.log_tail.clone(),
                         last_report_id: rec.report_id.clone(),
+                        transfer: rec.transfer.clone(),
                     },
                 };
                 new = true;
@@ -183,6 +185,8 @@ pub struct NodePatchState {
     /// Why, for rolled_back, failed and rejected (or what a wait waits for).
     pub error: String,
     pub log_tail: String,
+    /// How the node downloaded the patch (None before it did).
+    pub transfer: Option<flotilla_proto::transfer::Transfer>,
 }
 
 /// Per-node states of a patch: every targeted node (waiting if silent) and any
@@ -230,6 +234,7 @@ pub async fn status(app: &App, id: &str) -> Result<(PatchInfo, Vec<NodePatchStat
                 updated_at_ms: r.updated_at_ms,
                 error: r.error,
                 log_tail: r.log_tail,
+                transfer: r.transfer,
             },
         );
     }

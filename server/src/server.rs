@@ -237,7 +237,8 @@ pub async fn run(
         fleet: fleet.clone(),
         ca,
         audit,
-        artifacts: crate::artifacts::ArtifactStore::open(&cfg.data_dir)?,
+        artifacts: crate::artifacts::ArtifactStore::open(&cfg.data_dir)?
+            .with_max_rate(cfg.max_artifact_rate),
         peers,
         shutdown: shutdown.clone(),
     });

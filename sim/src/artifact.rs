@@ -125,7 +125,8 @@ pub async fn fetch_all(
         set.spawn(async move {
             let t = Instant::now();
             let limits = FetchLimits::default();
-            let done = fetch::fetch(&source, &a, &dir, a.size, &limits).await;
+            let done =
+                fetch::fetch(&source, &a, &dir, a.size, &limits, &mut Default::default()).await;
             let took = t.elapsed();
             let _ = tokio::fs::remove_dir_all(&dir).await;
             (i, took, done.map(|_| a.size).map_err(|e| e.to_string()))

@@ -24,6 +24,7 @@ fn report(manifest_id: &str, seq: usize, error: &str) -> pb::ReportRequest {
         at_unix_ms: 1_000 + seq as i64,
         error: error.into(),
         log_tail: String::new(),
+        transfer: None,
     }
 }
 

@@ -134,6 +134,11 @@ struct RunArgs {
     /// Slowest a download may go, bytes per second over 10 s [default: 1024].
     #[arg(long, value_name = "BYTES_PER_SEC")]
     min_download_rate: Option<u64>,
+    /// Fastest a download may go, bytes per second, so the agent takes only
+    /// its share of a thin uplink [default: no limit]. The deadline grows and
+    /// the minimum rate falls to fit it.
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    max_download_rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -250,6 +255,9 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
     }
     if let Some(r) = args.min_download_rate.or(file.min_download_rate) {
         fetch.min_rate = r;
+    }
+    if let Some(r) = args.max_download_rate.or(file.max_download_rate) {
+        fetch.max_rate = r;
     }
     let opts = RunOptions {
         servers: file.servers(args.servers),

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use flotilla_proto::manifest::Artifact;
 use flotilla_proto::pb::{self, agent_service_client::AgentServiceClient};
+use flotilla_proto::transfer::Transfer;
 use tokio::time::{Instant, sleep_until};
 use tonic::transport::Channel;
 
@@ -54,7 +55,16 @@ pub struct FetchLimits {
     pub rate_window: Duration,
     /// Attempts in all, over all servers.
     pub max_attempts: u32,
+    /// Most bytes per second a download may take (0: no limit): the host's
+    /// share of a thin uplink.
+    pub max_rate: u64,
+    /// Ceiling of the first wait before a download that failed for a reason
+    /// that may pass is tried again; it doubles up to [`RETRY_ROUND_CAP`].
+    pub retry_after: Duration,
 }
+
+/// Cap on the wait between two tries of a download that keeps failing.
+pub const RETRY_ROUND_CAP: Duration = Duration::from_secs(300);
 
 impl Default for FetchLimits {
     fn default() -> Self {
@@ -63,7 +73,27 @@ impl Default for FetchLimits {
             min_rate: 1024,
             rate_window: Duration::from_secs(10),
             max_attempts: 6,
+            max_rate: 0,
+            retry_after: Duration::from_secs(5),
         }
+    }
+}
+
+impl FetchLimits {
+    /// The limits for an artifact of `size` bytes. Under a rate limit, the
+    /// deadline grows to at least twice the time the limit itself needs (plus a
+    /// minute), and the minimum rate falls to at most half the limit: a slow
+    /// download stays bounded, and the limit alone never fails one.
+    pub fn for_size(&self, size: u64) -> Self {
+        let mut limits = self.clone();
+        if self.max_rate > 0 {
+            let needed = Duration::from_secs(size.div_ceil(self.max_rate));
+            limits.deadline = self
+                .deadline
+                .max(needed.saturating_mul(2) + Duration::from_secs(60));
+            limits.min_rate = self.min_rate.min(self.max_rate / 2);
+        }
+        limits
     }
 }
 
@@ -214,15 +244,47 @@ pub async fn file_sha256(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), len))
 }
 
+impl FetchError {
+    /// True when trying again later may go through: the network, a server or
+    /// peer that was down, slow or cut off. False when the same request would
+    /// fail the same way: the manifest's artifact refused here, bytes that are
+    /// not the signed ones from the server itself, a local disk error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::BadDigest { .. }
+            | Self::TooLarge { .. }
+            | Self::NoServers { .. }
+            | Self::Io { .. }
+            | Self::Oversized { .. }
+            | Self::DigestMismatch { .. } => false,
+            // A request the server calls malformed will stay malformed; any
+            // other answer (unavailable, not found on this replica yet,
+            // overloaded, a certificate being renewed) may change.
+            Self::Server { code, .. } => *code != tonic::Code::InvalidArgument,
+            Self::Protocol { .. }
+            | Self::Truncated { .. }
+            | Self::DeadlineExceeded { .. }
+            | Self::TooSlow { .. } => true,
+        }
+    }
+
+    /// True for a local disk that is full (space may be freed).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+}
+
 /// Fetches `artifact` into `dir` (created if missing) and returns the path of the
 /// complete, verified file, `<dir>/<sha256>`. Refuses an artifact declared larger
-/// than `cap` before asking any server.
+/// than `cap` before asking any server. Each attempt is counted in `transfer`
+/// (with why it failed) and so is every byte received.
 pub async fn fetch(
     source: &dyn ArtifactSource,
     artifact: &Artifact,
     dir: &Path,
     cap: u64,
     limits: &FetchLimits,
+    transfer: &mut Transfer,
 ) -> Result<PathBuf, FetchError> {
     let name = artifact.name.clone();
     let sha = &artifact.sha256;
@@ -268,6 +330,7 @@ pub async fn fetch(
         return Err(FetchError::NoServers { name });
     }
 
+    let limits = &limits.for_size(artifact.size);
     let mut dl = Download::open(artifact, dir.join(format!("{sha}.part"))).await?;
     let deadline = Instant::now() + limits.deadline;
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
@@ -290,11 +353,13 @@ pub async fn fetch(
                 }
                 Err(actual) => {
                     dl.discard().await;
-                    return Err(FetchError::DigestMismatch {
+                    let e = FetchError::DigestMismatch {
                         name,
                         expected: sha.clone(),
                         actual,
-                    });
+                    };
+                    transfer.failed(&e.to_string());
+                    return Err(e);
                 }
             }
         }
@@ -306,15 +371,20 @@ pub async fn fetch(
             sleep_until((Instant::now() + backoff.next_delay()).min(deadline)).await;
         }
         attempts += 1;
-        match dl.attempt(source, server, limits, deadline).await {
-            Ok(()) => {}
+        let before = dl.received;
+        let result = dl.attempt(source, server, limits, deadline).await;
+        transfer.server_bytes += dl.received.saturating_sub(before);
+        match result {
+            Ok(()) => transfer.succeeded(),
             Err(Failure::Retry(e)) => {
+                transfer.failed(&e.to_string());
                 tracing::warn!(artifact = %name, attempt = attempts, error = %e, "artifact download attempt failed");
                 dl.sync().await?;
                 last = Some(e);
                 server = (server + 1) % servers;
             }
             Err(Failure::Fatal(e)) => {
+                transfer.failed(&e.to_string());
                 if matches!(e, FetchError::Oversized { .. }) {
                     dl.discard().await;
                 } else {

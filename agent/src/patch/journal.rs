@@ -40,6 +40,10 @@ pub struct Entry {
     pub error: Option<String>,
     /// The tail of an install script's or health check's output.
     pub log_tail: String,
+    /// How the artifacts were downloaded (attempts, failures, bytes by source);
+    /// sent with every later report, so the last one still says it.
+    #[serde(default)]
+    pub transfer: Option<flotilla_proto::transfer::Transfer>,
 }
 
 /// Why the journal could not be read or written.

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flotilla_proto::transfer::Transfer;
 use flotilla_proto::{limits, pb};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -43,6 +44,9 @@ pub struct Report {
     pub error: String,
     /// The tail of a script's or health check's output.
     pub log_tail: String,
+    /// How the artifacts were downloaded so far (None before any download).
+    #[serde(default)]
+    pub transfer: Option<Transfer>,
 }
 
 impl Report {
@@ -58,7 +62,14 @@ impl Report {
             at_unix_ms,
             error: error.to_string(),
             log_tail: log_tail.to_string(),
+            transfer: None,
         }
+    }
+
+    /// The same report, carrying how the artifacts were downloaded.
+    pub fn with_transfer(mut self, transfer: Option<Transfer>) -> Self {
+        self.transfer = transfer;
+        self
     }
 
     /// The request that carries this report.
@@ -70,6 +81,7 @@ impl Report {
             at_unix_ms: self.at_unix_ms,
             error: self.error.clone(),
             log_tail: self.log_tail.clone(),
+            transfer: self.transfer.as_ref().map(Transfer::to_proto),
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_proto::manifest::{Install, Manifest, NodeTarget, Rollback};
+use flotilla_proto::transfer::Transfer;
 use flotilla_proto::{limits, pb};
 use tokio::sync::watch;
 
@@ -66,9 +67,28 @@ pub struct Pipeline {
     journal: Journal,
     outbox: Outbox,
     cfg: PipelineConfig,
+    /// The offers (set by [`Pipeline::run`]): a download waiting to be tried
+    /// again stops when the server no longer offers its patch.
+    offers: Option<watch::Receiver<Offer>>,
     /// Committed patches the server asked to undo that could not be, with the
     /// reason last reported, so the same refusal is not queued again at every offer.
     refused: Mutex<BTreeMap<String, String>>,
+}
+
+/// How the downloads of a patch ended, when not by a failure.
+enum Downloaded {
+    /// Every artifact is on disk, verified.
+    Done,
+    /// The server stopped offering the patch while its download waited to be
+    /// tried again: the entry stays Verified until it is offered again.
+    Withdrawn,
+}
+
+/// Why one try at a patch's downloads stopped.
+enum DownloadError {
+    /// Nothing to download with (no identity): the patch fails.
+    Stop(Stop),
+    Fetch(fetch::FetchError),
 }
 
 /// How a step ended when it did not succeed.
@@ -125,12 +145,14 @@ impl Pipeline {
             journal,
             outbox,
             cfg,
+            offers: None,
             refused: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// Resumes unfinished entries, then takes offers until `offers` closes.
-    pub async fn run(self, mut offers: watch::Receiver<Offer>) {
+    pub async fn run(mut self, mut offers: watch::Receiver<Offer>) {
+        self.offers = Some(offers.clone());
         self.resume().await;
         loop {
             let offer = offers.borrow_and_update().clone();
@@ -153,6 +175,12 @@ impl Pipeline {
                 continue;
             }
             match self.journal.get(&signed.id) {
+                // Verified, its download not finished: it stopped to wait for
+                // the offer (after a restart, or when the server stopped
+                // offering it for a while).
+                Ok(Some(entry)) if matches!(entry.phase, Phase::Verified | Phase::Downloaded) => {
+                    self.go_on(entry).await
+                }
                 Ok(Some(_)) => continue,
                 Ok(None) => self.start(signed, &offer.target).await,
                 Err(e) => {
@@ -189,10 +217,10 @@ impl Pipeline {
         // the report and the log line get a bounded copy.
         let error = &limits::clip(error, STEP_TEXT_BYTES);
         let tail = &limits::clip_front(tail, STEP_TEXT_BYTES);
-        if let Err(e) = self
-            .outbox
-            .push(Report::new(&entry.manifest_id, phase, error, tail))
-        {
+        if let Err(e) = self.outbox.push(
+            Report::new(&entry.manifest_id, phase, error, tail)
+                .with_transfer(entry.transfer.clone()),
+        ) {
             tracing::error!(patch = %entry.manifest_id, error = %e, "cannot queue a report");
         }
         entry.phase = phase;
@@ -227,6 +255,7 @@ impl Pipeline {
             updated_at: unix_now(),
             error: None,
             log_tail: String::new(),
+            transfer: None,
         };
         if let Err(e) = self.journal.record(&entry) {
             tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record a received patch");
@@ -236,21 +265,33 @@ impl Pipeline {
             .outbox
             .push(Report::new(&entry.manifest_id, Phase::Received, "", ""));
         tracing::info!(patch = %entry.manifest_id, "patch received");
-        self.verify_and_go_on(entry, Some(target)).await;
+        self.verify_and_go_on(entry, Some(target), true).await;
     }
 
-    /// Verifies a received entry, then carries on with it or rejects it.
-    async fn verify_and_go_on(&self, mut entry: Entry, target: Option<&NodeTarget>) {
+    /// Verifies a received entry, then carries on with it (when `offered`; else
+    /// it waits for the offer) or rejects it.
+    async fn verify_and_go_on(&self, mut entry: Entry, target: Option<&NodeTarget>, offered: bool) {
         match self.verify(&entry, target) {
             Ok(m) => {
                 entry.component = m.component.clone();
                 entry.version = m.version.clone();
-                if self.advance(&mut entry, Phase::Verified, "", "") {
+                if self.advance(&mut entry, Phase::Verified, "", "") && offered {
                     self.carry_on(entry, m).await;
                 }
             }
             Err(stop) => {
                 self.advance(&mut entry, stop.phase, &stop.error, "");
+            }
+        }
+    }
+
+    /// Carries on with an entry the journal holds, from its recorded manifest.
+    async fn go_on(&self, mut entry: Entry) {
+        match Manifest::parse(&entry.manifest) {
+            Ok(m) => self.carry_on(entry, m).await,
+            Err(e) => {
+                let error = format!("journal entry unreadable: {e}");
+                self.advance(&mut entry, Phase::Failed, &error, "");
             }
         }
     }
@@ -287,22 +328,143 @@ impl Pipeline {
         Ok(ClientSource::new(servers))
     }
 
-    async fn download(&self, m: &Manifest) -> Result<BTreeMap<String, PathBuf>, Stop> {
-        let source = self.source().map_err(|e| Stop::new(Phase::Failed, e))?;
-        let mut paths = BTreeMap::new();
+    /// Every artifact of `m`, downloaded and verified. A failure that may pass
+    /// (the network, a server or peer down, slow or cut off) is tried again with
+    /// backoff until the patch expires, each try journaled and reported with the
+    /// entry's transfer; one that would fail the same way again fails the patch.
+    async fn download(&self, entry: &mut Entry, m: &Manifest) -> Result<Downloaded, Stop> {
+        let mut transfer = entry.transfer.clone().unwrap_or_default();
+        let mut backoff = crate::backoff::Backoff::new(
+            self.cfg.fetch.retry_after,
+            fetch::RETRY_ROUND_CAP.max(self.cfg.fetch.retry_after),
+        );
+        let mut freed = false;
+        loop {
+            let result = self.download_once(m, &mut transfer).await;
+            entry.transfer = Some(transfer.clone());
+            let e = match result {
+                Ok(()) => return Ok(Downloaded::Done),
+                Err(DownloadError::Stop(stop)) => return Err(stop),
+                Err(DownloadError::Fetch(e)) => e,
+            };
+            if e.is_disk_full() && !freed {
+                freed = true;
+                self.free_space(m);
+                continue;
+            }
+            if !e.is_transient() {
+                return Err(Stop::new(Phase::Failed, format!("download failed: {e}")));
+            }
+            let delay = backoff.next_delay();
+            let expires_at = m.expires_at;
+            if time::OffsetDateTime::now_utc() + delay >= expires_at {
+                return Err(Stop::new(
+                    Phase::Failed,
+                    format!(
+                        "download failed after {} attempt(s), and the patch expires at {expires_at} \
+                         before the next: {e}",
+                        transfer.attempts
+                    ),
+                ));
+            }
+            let note = format!(
+                "download not complete after {} attempt(s); trying again in {}s: {e}",
+                transfer.attempts,
+                delay.as_secs().max(1)
+            );
+            tracing::warn!(patch = %m.id, "{note}");
+            let phase = entry.phase;
+            if !self.advance(entry, phase, &note, "") {
+                return Err(Stop::new(
+                    Phase::Failed,
+                    "cannot record the download's progress",
+                ));
+            }
+            if !self.still_offered(&m.id, delay).await {
+                tracing::info!(patch = %m.id, "the server no longer offers this patch; its download waits until it does");
+                return Ok(Downloaded::Withdrawn);
+            }
+        }
+    }
+
+    /// One try at every artifact not yet on disk.
+    async fn download_once(
+        &self,
+        m: &Manifest,
+        transfer: &mut Transfer,
+    ) -> Result<(), DownloadError> {
+        let source = self
+            .source()
+            .map_err(|e| DownloadError::Stop(Stop::new(Phase::Failed, e)))?;
         for a in &m.artifacts {
-            let path = fetch::fetch(
+            fetch::fetch(
                 &source,
                 a,
                 &self.artifact_dir(),
                 self.cfg.policy.max_artifact_bytes,
                 &self.cfg.fetch,
+                transfer,
             )
             .await
-            .map_err(|e| Stop::new(Phase::Failed, format!("download failed: {e}")))?;
-            paths.insert(a.name.clone(), path);
+            .map_err(DownloadError::Fetch)?;
         }
-        Ok(paths)
+        Ok(())
+    }
+
+    /// Waits `delay`; false if meanwhile the server stopped offering patch `id`
+    /// (withdrawn, its rollout aborted, or overtaken by a newer version).
+    async fn still_offered(&self, id: &str, delay: Duration) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        let Some(mut offers) = self.offers.clone() else {
+            tokio::time::sleep_until(until).await;
+            return true;
+        };
+        loop {
+            {
+                let offer = offers.borrow_and_update();
+                if offer.rollback.iter().any(|r| r == id)
+                    || !offer.manifests.iter().any(|s| s.id == id)
+                {
+                    return false;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
+                changed = offers.changed() => if changed.is_err() {
+                    // The session is gone (the agent is stopping).
+                    tokio::time::sleep_until(until).await;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Removes downloads (complete or partial) that no unfinished patch but
+    /// `m` needs, so a full disk may take `m`'s artifacts.
+    fn free_space(&self, m: &Manifest) {
+        let keep: std::collections::BTreeSet<String> = m
+            .artifacts
+            .iter()
+            .map(|a| a.sha256.clone())
+            .chain(
+                self.journal
+                    .unfinished()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|e| Manifest::parse(&e.manifest).ok())
+                    .flat_map(|m| m.artifacts.into_iter().map(|a| a.sha256)),
+            )
+            .collect();
+        let Ok(dir) = std::fs::read_dir(self.artifact_dir()) else {
+            return;
+        };
+        for file in dir.flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let sha = name.strip_suffix(".part").unwrap_or(&name);
+            if !keep.contains(sha) && std::fs::remove_file(file.path()).is_ok() {
+                tracing::info!(file = %name, "removed an unneeded download to free space");
+            }
+        }
     }
 
     /// Rolls back after a failure and records how that went. The reason is
@@ -377,12 +539,13 @@ impl Pipeline {
     /// From Verified (or a later phase after a restart) to the end.
     async fn carry_on(&self, mut entry: Entry, m: Manifest) {
         if entry.phase == Phase::Verified {
-            match self.download(&m).await {
-                Ok(_) => {
+            match self.download(&mut entry, &m).await {
+                Ok(Downloaded::Done) => {
                     if !self.advance(&mut entry, Phase::Downloaded, "", "") {
                         return;
                     }
                 }
+                Ok(Downloaded::Withdrawn) => return,
                 Err(stop) => {
                     self.advance(&mut entry, stop.phase, &stop.error, &stop.tail);
                     self.cleanup(&m);
@@ -473,7 +636,14 @@ impl Pipeline {
                 // still against the time the update started.
                 // The offer (and so the node's target facts) is gone after a restart;
                 // the server only offered the manifest because it targets this node.
-                Phase::Received => self.verify_and_go_on(entry, None).await,
+                // The rest waits for the server's offer, as below.
+                Phase::Received => self.verify_and_go_on(entry, None, false).await,
+                // Nothing on the host changed yet: go on only when the server
+                // offers the patch again (it may have been withdrawn, its
+                // rollout aborted, or overtaken while the agent was down).
+                Phase::Verified | Phase::Downloaded => {
+                    tracing::info!(patch = %entry.manifest_id, "waiting for the server to offer the patch again");
+                }
                 // An undo the server asked for, cut short: finish it (both ways of
                 // undoing are safe to repeat).
                 Phase::Reverting => self.resume_revert(entry).await,

@@ -231,6 +231,10 @@ enum Command {
         /// acknowledged (default 2 when 2 or more replicas run, else 1).
         #[arg(long, env = "FLOTILLA_ARTIFACT_COPIES")]
         artifact_copies: Option<u32>,
+        /// Artifact bytes per second this server sends in all, to agents and
+        /// replicas (default: no cap), so downloads leave room on its uplink.
+        #[arg(long, env = "FLOTILLA_MAX_ARTIFACT_RATE", value_name = "BYTES_PER_SEC")]
+        max_artifact_rate: Option<u32>,
     },
 }
 
@@ -404,6 +408,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             pending_timeout,
             advertise_url,
             artifact_copies,
+            max_artifact_rate,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -427,6 +432,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.pending_timeout = pending_timeout.or(file.pending_timeout);
             file.advertise_url = advertise_url.or(file.advertise_url);
             file.artifact_copies = artifact_copies.or(file.artifact_copies);
+            file.max_artifact_rate = max_artifact_rate.or(file.max_artifact_rate);
             store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)

@@ -12,6 +12,7 @@ use flotilla_proto::manifest::{
 };
 use flotilla_proto::pb;
 use flotilla_proto::phase::Phase;
+use flotilla_proto::transfer::{self, Transfer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -76,6 +77,10 @@ pub enum PatchCmd {
         /// Wait (up to this long) until every targeted node reached an outcome, then print.
         #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<Duration>,
+        /// List every node: its phase, where its bytes came from, its download
+        /// attempts and the last error.
+        #[arg(long)]
+        nodes: bool,
     },
 }
 
@@ -574,7 +579,7 @@ pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Resul
             out.object(&String::from_utf8_lossy(&p.manifest), info_json(&p));
             Ok(())
         }
-        PatchCmd::Status { id, wait } => status(target, out, id, wait).await,
+        PatchCmd::Status { id, wait, nodes } => status(target, out, id, wait, nodes).await,
     }
 }
 
@@ -621,6 +626,7 @@ async fn status(
     out: Output,
     id: String,
     wait: Option<Duration>,
+    every_node: bool,
 ) -> anyhow::Result<()> {
     let (mut c, _) = target.admin().await?;
     let deadline = wait.map(|w| std::time::Instant::now() + w);
@@ -633,7 +639,7 @@ async fn status(
         let done = r.nodes.iter().all(|n| is_outcome(&n.phase));
         let waiting = deadline.is_some_and(|d| !done && std::time::Instant::now() < d);
         if !waiting {
-            print_status(out, &r);
+            print_status(out, &r, every_node);
             if deadline.is_some() && !done {
                 bail!("not every node reached an outcome in time");
             }
@@ -643,8 +649,9 @@ async fn status(
     }
 }
 
-fn print_status(out: Output, r: &pb::PatchStatusResponse) {
+fn print_status(out: Output, r: &pb::PatchStatusResponse, every_node: bool) {
     let p = r.patch.clone().unwrap_or_default();
+    let transfer = |n: &pb::NodePatchState| n.transfer.clone().map(Transfer::from_proto);
     let nodes: Vec<Value> = r
         .nodes
         .iter()
@@ -652,10 +659,13 @@ fn print_status(out: Output, r: &pb::PatchStatusResponse) {
             json!({
                 "node_id": n.node_id, "group": n.group, "phase": n.phase, "first_at_ms": n.first_at_ms,
                 "updated_at_ms": n.updated_at_ms, "error": n.error, "log_tail": n.log_tail,
+                "transfer": transfer(n),
             })
         })
         .collect();
-    let json = json!({ "patch": info_json(&p), "counts": r.counts, "nodes": nodes });
+    let json = json!({
+        "patch": info_json(&p), "counts": r.counts, "nodes": nodes, "served_bytes": r.served_bytes,
+    });
     if out.json {
         flotilla_proto::outln!("{}", serde_json::to_string_pretty(&json).expect("json"));
         return;
@@ -673,6 +683,42 @@ fn print_status(out: Output, r: &pb::PatchStatusResponse) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let downloads: Vec<Transfer> = r.nodes.iter().filter_map(transfer).collect();
+    if !downloads.is_empty() {
+        let sum = |f: fn(&Transfer) -> u64| downloads.iter().map(f).sum::<u64>();
+        let retried = downloads.iter().filter(|t| !t.failures.is_empty()).count();
+        flotilla_proto::outln!(
+            "downloads: {} node(s); from servers {}, from site peers {}, as deltas {}; {retried} node(s) retried; \
+             this server sent {}",
+            downloads.len(),
+            transfer::bytes(sum(|t| t.server_bytes)),
+            transfer::bytes(sum(|t| t.peer_bytes)),
+            transfer::bytes(sum(|t| t.delta_bytes)),
+            transfer::bytes(r.served_bytes),
+        );
+    }
+    if every_node {
+        out.table(
+            &["NODE", "GROUP", "PHASE", "BYTES FROM", "ATTEMPTS", "ERROR"],
+            r.nodes
+                .iter()
+                .map(|n| {
+                    let t = transfer(n);
+                    vec![
+                        n.node_id.clone(),
+                        n.group.clone(),
+                        n.phase.clone(),
+                        t.as_ref().map_or_else(|| "-".into(), Transfer::sources),
+                        t.as_ref()
+                            .map_or_else(|| "-".into(), |t| t.attempts.to_string()),
+                        n.error.clone(),
+                    ]
+                })
+                .collect(),
+            Value::Null,
+        );
+        return;
+    }
     let failing: Vec<_> = r
         .nodes
         .iter()

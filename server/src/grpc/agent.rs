@@ -362,6 +362,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
             at_ms: r.at_unix_ms,
             error: r.error,
             log_tail: r.log_tail,
+            transfer: r
+                .transfer
+                .map(flotilla_proto::transfer::Transfer::from_proto),
         };
         let recorded = crate::patches::record_report(&self.app, &node_id, rec).await?;
         Ok(Response::new(pb::ReportResponse { recorded }))

@@ -82,11 +82,31 @@ pub async fn serve(
         //! TEST-ONLY fault injection (cargo feature `fault-injection`, never in a
         //! shipped build): `FLOTILLA_FAULT_ARTIFACT_RATE` (bytes/s) throttles every
         //! artifact stream; `FLOTILLA_FAULT_ARTIFACT_CUT_AFTER` (bytes) breaks the
-        //! first stream this process serves with `Unavailable` after that many bytes.
-        use std::sync::atomic::{AtomicBool, Ordering};
+        //! first stream this process serves with `Unavailable` after that many
+        //! bytes; `FLOTILLA_FAULT_ARTIFACT_REFUSE_FIRST` (count) answers that many
+        //! first requests with `Unavailable`, as a server that is briefly down.
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::time::Duration;
 
         static CUT_DONE: AtomicBool = AtomicBool::new(false);
+        static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+        /// `Unavailable` for the first requests, as configured.
+        pub fn refuse() -> Result<(), tonic::Status> {
+            let Some(first) = env("FLOTILLA_FAULT_ARTIFACT_REFUSE_FIRST") else {
+                return Ok(());
+            };
+            let n = REFUSED.fetch_add(1, Ordering::SeqCst);
+            if n < first {
+                tracing::warn!(
+                    request = n + 1,
+                    of = first,
+                    "fault injection: refusing an artifact fetch"
+                );
+                return Err(tonic::Status::unavailable("fault injection: refused"));
+            }
+            Ok(())
+        }
 
         fn env(name: &str) -> Option<u64> {
             std::env::var(name).ok()?.trim().parse().ok()
@@ -137,15 +157,20 @@ pub async fn serve(
         }
     }
     #[cfg(feature = "fault-injection")]
+    fault::refuse()?;
+    #[cfg(feature = "fault-injection")]
     let mut faults = fault::Faults::for_stream();
 
     // A small channel bounds what a slow downloader holds on the server.
     let (tx, rx) = mpsc::channel(2);
+    let meter = artifacts.meter.clone();
+    let sha256 = sha256.to_string();
     tokio::spawn(async move {
         let mut offset = offset;
+        let chunk = meter.chunk(limits::ARTIFACT_CHUNK_BYTES);
         loop {
             #[cfg(feature = "fault-injection")]
-            let want = match faults.next_len(limits::ARTIFACT_CHUNK_BYTES) {
+            let want = match faults.next_len(chunk) {
                 Ok(n) => n,
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;
@@ -153,11 +178,12 @@ pub async fn serve(
                 }
             };
             #[cfg(not(feature = "fault-injection"))]
-            let want = limits::ARTIFACT_CHUNK_BYTES;
+            let want = chunk;
             match body.read(offset, want).await {
                 Ok(data) if data.is_empty() => break,
                 Ok(data) => {
                     let n = data.len();
+                    meter.send(&sha256, n).await;
                     #[cfg(feature = "fault-injection")]
                     faults.sent(n).await;
                     let chunk = pb::ArtifactChunk { offset, data };

@@ -234,9 +234,16 @@ pub async fn patch_status(
     for n in &nodes {
         *counts.entry(n.phase.clone()).or_default() += 1;
     }
+    let served_bytes = info
+        .manifest
+        .artifacts
+        .iter()
+        .map(|a| api.app.artifacts.meter.sent(&a.sha256))
+        .sum();
     Ok(Response::new(pb::PatchStatusResponse {
         patch: Some(info.into()),
         counts,
         nodes: nodes.into_iter().map(Into::into).collect(),
+        served_bytes,
     }))
 }

@@ -239,6 +239,10 @@ impl From<NodePatchState> for pb::NodePatchState {
             updated_at_ms: s.updated_at_ms,
             error: s.error,
             log_tail: s.log_tail,
+            transfer: s
+                .transfer
+                .as_ref()
+                .map(flotilla_proto::transfer::Transfer::to_proto),
         }
     }
 }

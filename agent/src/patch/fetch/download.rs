@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use flotilla_proto::manifest::Artifact;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, sleep_until, timeout_at};
 
-use super::rate::RateWindow;
+use super::rate::{RateWindow, Throttle};
 use super::{ArtifactSource, FetchError, FetchLimits};
 
 /// Read buffer when hashing a file already on disk.
@@ -136,6 +136,7 @@ impl<'a> Download<'a> {
         let a = self.artifact;
         let describe = || source.describe(server);
         let mut rate = RateWindow::new(limits, Instant::now());
+        let mut throttle = Throttle::new(limits.max_rate, Instant::now());
         let by = |rate: &RateWindow| {
             rate.read_by(Instant::now())
                 .map_or(deadline, |t| t.min(deadline))
@@ -193,6 +194,9 @@ impl<'a> Download<'a> {
                     limits,
                     describe(),
                 )));
+            }
+            if let Some(until) = throttle.after(now, len) {
+                sleep_until(until.min(deadline)).await;
             }
         }
     }

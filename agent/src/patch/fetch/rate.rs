@@ -76,3 +76,39 @@ impl RateWindow {
         u64::try_from(u128::from(bytes) * 1000 / ms).unwrap_or(u64::MAX)
     }
 }
+
+/// The ceiling: spaces chunks out so a download takes at most `rate` bytes/s,
+/// with up to a second's worth in a burst (a virtual schedule, as in GCRA: each
+/// chunk moves the time the next may start by its length over the rate).
+pub(super) struct Throttle {
+    rate: u64,
+    /// When the bytes received so far would have been allowed to finish.
+    next: Instant,
+}
+
+/// Burst a throttled download may take at once, as time at the rate.
+const BURST: Duration = Duration::from_secs(1);
+
+impl Throttle {
+    /// `rate` bytes per second; 0 is no limit.
+    pub(super) fn new(rate: u64, now: Instant) -> Self {
+        Self { rate, next: now }
+    }
+
+    /// Counts `bytes` received at `now`; the time to wait until before reading
+    /// more, when it is later than `now`.
+    pub(super) fn after(&mut self, now: Instant, bytes: u64) -> Option<Instant> {
+        if self.rate == 0 {
+            return None;
+        }
+        let cost = Duration::from_nanos(
+            u64::try_from(u128::from(bytes) * 1_000_000_000 / u128::from(self.rate))
+                .unwrap_or(u64::MAX),
+        );
+        // Time not used (a stall, a slow disk) is not saved up: the burst is
+        // the only allowance ahead of the schedule.
+        self.next = self.next.max(now) + cost;
+        let wait_until = self.next.checked_sub(BURST).unwrap_or(self.next);
+        (wait_until > now).then_some(wait_until)
+    }
+}

@@ -16,6 +16,7 @@ fn entry(id: &str, component: &str, version: &str, phase: Phase, at: i64) -> Ent
         updated_at: at,
         error: None,
         log_tail: String::new(),
+        transfer: None,
     }
 }
 

@@ -87,6 +87,7 @@ impl Pipeline {
             &self.artifact_dir(),
             self.cfg.policy.max_artifact_bytes,
             &self.cfg.fetch,
+            &mut Default::default(),
         )
         .await
         .map_err(|e| format!("download failed: {e}"))

@@ -96,6 +96,7 @@ fn expired_entry(started_at: i64) -> (Entry, String) {
         updated_at: started_at,
         error: None,
         log_tail: String::new(),
+        transfer: None,
     };
     (entry, public_key(&kp))
 }
@@ -549,6 +550,7 @@ async fn only_committed_patches_are_undone() {
         updated_at: unix_now(),
         error: None,
         log_tail: String::new(),
+        transfer: None,
     };
     p.journal.record(&entry).unwrap();
     for ph in [Phase::Verified, Phase::Downloaded] {
