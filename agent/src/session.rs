@@ -524,6 +524,7 @@ impl Agent {
     fn offer(&self, msg: &pb::DesiredState) {
         let offer = Offer {
             manifests: msg.manifests.clone(),
+            prefetch: msg.prefetch.clone(),
             rollback: msg.rollback.clone(),
             target: flotilla_proto::manifest::NodeTarget {
                 group: if msg.group.is_empty() {

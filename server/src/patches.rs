@@ -198,7 +198,17 @@ pub async fn status(app: &App, id: &str) -> Result<(PatchInfo, Vec<NodePatchStat
         .await
         .ok_or_else(|| Error::NotFound(format!("no patch with id {id}")))?;
     let mut by_node: BTreeMap<String, NodePatchState> = BTreeMap::new();
-    for (node, group, (waiting, detail)) in app.fleet.targeted_nodes(id).await {
+    // Nodes that may download ahead, and why their install waits.
+    let mut held_back: BTreeMap<String, String> = BTreeMap::new();
+    for (node, group, (waiting, detail), released) in app.fleet.targeted_nodes(id).await {
+        if !released {
+            let why = if detail.is_empty() {
+                waiting.clone()
+            } else {
+                format!("{waiting}: {detail}")
+            };
+            held_back.insert(node.clone(), why);
+        }
         by_node.insert(
             node.clone(),
             NodePatchState {
@@ -224,6 +234,13 @@ pub async fn status(app: &App, id: &str) -> Result<(PatchInfo, Vec<NodePatchStat
                 .map(|(n, _, _)| n.group)
                 .unwrap_or_default(),
         };
+        // Downloaded ahead, its install not released yet: say what it waits for.
+        let error = match held_back.get(&r.node_id) {
+            Some(why) if r.phase == Phase::Downloaded.as_str() => {
+                format!("downloaded ahead; install {why}")
+            }
+            _ => r.error,
+        };
         by_node.insert(
             r.node_id.clone(),
             NodePatchState {
@@ -232,7 +249,7 @@ pub async fn status(app: &App, id: &str) -> Result<(PatchInfo, Vec<NodePatchStat
                 phase: r.phase,
                 first_at_ms: r.first_at_ms,
                 updated_at_ms: r.updated_at_ms,
-                error: r.error,
+                error,
                 log_tail: r.log_tail,
                 transfer: r.transfer,
             },

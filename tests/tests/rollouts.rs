@@ -371,7 +371,8 @@ fn emergency_ignores_the_window_that_holds_a_normal_rollout() {
         &window,
     ]);
     let normal = make_patch(&server, dir.path(), &k, "app-2.0.0", "app", "2.0.0", "");
-    let out = publish(&server, &normal, &[]);
+    // Not downloaded ahead: the nodes show what the install waits for.
+    let out = publish(&server, &normal, &["--no-download-ahead"]);
     assert!(
         out.contains("rollout waiting for the maintenance window (store opens"),
         "{out}"
@@ -421,6 +422,66 @@ fn emergency_ignores_the_window_that_holds_a_normal_rollout() {
     });
     for a in &agents {
         assert!(a.root().join("opt/openssl/bin/tool").exists());
+        assert!(a.root().join("opt/app/bin/tool").exists());
+    }
+}
+
+/// With the window closed, targeted nodes download and verify the patch at
+/// once (reported `downloaded`, with what the install waits for) and install
+/// nothing; when the window opens they install without another artifact byte
+/// from the server.
+#[test]
+fn nodes_download_ahead_while_the_window_is_closed_and_install_when_it_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (server, agents) = fleet(dir.path(), &k, 3, &[]);
+    let window = format!("{} 03:00-04:00", flotilla_e2e::another_day());
+    server.cli(&["group", "config", "store", "--window", &window]);
+    let shown = server.cli(&["group", "config", "store"]);
+    assert!(shown.contains("download ahead on (windows)"), "{shown}");
+    let manifest = make_patch(&server, dir.path(), &k, "app-2.0.0", "app", "2.0.0", "");
+    let size = std::fs::metadata(dir.path().join("app-2.0.0.tar"))
+        .unwrap()
+        .len();
+    publish(&server, &manifest, &[]);
+    let status = wait_until("every node downloaded ahead", T, || {
+        let st = patch::status(&server, "app-2.0.0");
+        (st["counts"]["downloaded"] == 3).then_some(st)
+    });
+    for n in status["nodes"].as_array().unwrap() {
+        let why = n["error"].as_str().unwrap();
+        assert!(
+            why.starts_with(
+                "downloaded ahead; install waiting for window: the maintenance window opens at"
+            ),
+            "{n}"
+        );
+        assert_eq!(n["transfer"]["server_bytes"], size, "{n}");
+    }
+    assert_eq!(status["served_bytes"], 3 * size, "{status}");
+    let r = rollout(&server, "app-2.0.0");
+    assert_eq!(
+        r["groups"][0]["applying"], 0,
+        "downloads do not count as applying: {r}"
+    );
+    for a in &agents {
+        assert!(
+            !a.root().join("opt/app/bin/tool").exists(),
+            "nothing installed"
+        );
+    }
+    // The window opens: every node installs from what it downloaded.
+    server.cli(&["group", "config", "store", "--clear-windows"]);
+    let status = wait_until("every node committed", T, || {
+        let st = patch::status(&server, "app-2.0.0");
+        (st["counts"]["committed"] == 3).then_some(st)
+    });
+    assert_eq!(
+        status["served_bytes"],
+        3 * size,
+        "no artifact byte after the window opened: {status}"
+    );
+    for a in &agents {
         assert!(a.root().join("opt/app/bin/tool").exists());
     }
 }

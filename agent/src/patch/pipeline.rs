@@ -32,6 +32,9 @@ use crate::state::Store;
 #[derive(Debug, Clone, Default)]
 pub struct Offer {
     pub manifests: Vec<pb::SignedManifest>,
+    /// Manifests to download (and verify) ahead of their install, which waits
+    /// until they are offered in `manifests`.
+    pub prefetch: Vec<pb::SignedManifest>,
     /// Ids of committed patches the server asks this node to undo (an aborted
     /// rollout). Anything not committed here is ignored; an offered manifest with
     /// one of these ids is not started.
@@ -73,6 +76,17 @@ pub struct Pipeline {
     /// Committed patches the server asked to undo that could not be, with the
     /// reason last reported, so the same refusal is not queued again at every offer.
     refused: Mutex<BTreeMap<String, String>>,
+}
+
+/// How far the server lets an offered patch go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Go {
+    /// To the end: install, check, commit.
+    Install,
+    /// Up to Downloaded: its install is not released yet.
+    DownloadOnly,
+    /// Nowhere until offered (a restart: the offer is not known yet).
+    Wait,
 }
 
 /// How the downloads of a patch ended, when not by a failure.
@@ -163,26 +177,34 @@ impl Pipeline {
         }
     }
 
-    /// Acts on one offer: first undoes the committed patches it names, then starts
-    /// every offered manifest the journal does not know (and the server does not
-    /// ask to undo).
+    /// Acts on one offer: first undoes the committed patches it names, then
+    /// starts every offered manifest the journal does not know (and the server
+    /// does not ask to undo), then downloads those offered ahead of their
+    /// install.
     async fn take(&self, offer: Offer) {
         for id in &offer.rollback {
             self.revert(id).await;
         }
-        for signed in offer.manifests {
+        let installs = offer.manifests.iter().map(|s| (s, Go::Install));
+        let ahead = offer
+            .prefetch
+            .iter()
+            .filter(|s| !offer.manifests.iter().any(|m| m.id == s.id))
+            .map(|s| (s, Go::DownloadOnly));
+        for (signed, go) in installs.chain(ahead) {
             if offer.rollback.contains(&signed.id) {
                 continue;
             }
             match self.journal.get(&signed.id) {
-                // Verified, its download not finished: it stopped to wait for
-                // the offer (after a restart, or when the server stopped
-                // offering it for a while).
-                Ok(Some(entry)) if matches!(entry.phase, Phase::Verified | Phase::Downloaded) => {
-                    self.go_on(entry).await
+                // Not applying yet: it stopped to wait for the offer (after a
+                // restart, when the server stopped offering it for a while, or
+                // downloaded ahead of its install).
+                Ok(Some(entry)) if entry.phase == Phase::Verified => self.go_on(entry, go).await,
+                Ok(Some(entry)) if entry.phase == Phase::Downloaded && go == Go::Install => {
+                    self.go_on(entry, go).await
                 }
                 Ok(Some(_)) => continue,
-                Ok(None) => self.start(signed, &offer.target).await,
+                Ok(None) => self.start(signed.clone(), &offer.target, go).await,
                 Err(e) => {
                     tracing::error!(patch = %signed.id, error = %e, "cannot read the journal")
                 }
@@ -237,7 +259,7 @@ impl Pipeline {
         true
     }
 
-    async fn start(&self, signed: pb::SignedManifest, target: &NodeTarget) {
+    async fn start(&self, signed: pb::SignedManifest, target: &NodeTarget, go: Go) {
         // The id becomes a journal key and goes back in reports: take only ids a
         // manifest could have (the signed bytes must then agree).
         if flotilla_proto::limits::check_name("manifest id", &signed.id, 128).is_err() {
@@ -265,18 +287,18 @@ impl Pipeline {
             .outbox
             .push(Report::new(&entry.manifest_id, Phase::Received, "", ""));
         tracing::info!(patch = %entry.manifest_id, "patch received");
-        self.verify_and_go_on(entry, Some(target), true).await;
+        self.verify_and_go_on(entry, Some(target), go).await;
     }
 
-    /// Verifies a received entry, then carries on with it (when `offered`; else
-    /// it waits for the offer) or rejects it.
-    async fn verify_and_go_on(&self, mut entry: Entry, target: Option<&NodeTarget>, offered: bool) {
+    /// Verifies a received entry, then carries on with it as far as `go` says,
+    /// or rejects it.
+    async fn verify_and_go_on(&self, mut entry: Entry, target: Option<&NodeTarget>, go: Go) {
         match self.verify(&entry, target) {
             Ok(m) => {
                 entry.component = m.component.clone();
                 entry.version = m.version.clone();
-                if self.advance(&mut entry, Phase::Verified, "", "") && offered {
-                    self.carry_on(entry, m).await;
+                if self.advance(&mut entry, Phase::Verified, "", "") && go != Go::Wait {
+                    self.carry_on(entry, m, go).await;
                 }
             }
             Err(stop) => {
@@ -286,9 +308,9 @@ impl Pipeline {
     }
 
     /// Carries on with an entry the journal holds, from its recorded manifest.
-    async fn go_on(&self, mut entry: Entry) {
+    async fn go_on(&self, mut entry: Entry, go: Go) {
         match Manifest::parse(&entry.manifest) {
-            Ok(m) => self.carry_on(entry, m).await,
+            Ok(m) => self.carry_on(entry, m, go).await,
             Err(e) => {
                 let error = format!("journal entry unreadable: {e}");
                 self.advance(&mut entry, Phase::Failed, &error, "");
@@ -423,7 +445,11 @@ impl Pipeline {
             {
                 let offer = offers.borrow_and_update();
                 if offer.rollback.iter().any(|r| r == id)
-                    || !offer.manifests.iter().any(|s| s.id == id)
+                    || !offer
+                        .manifests
+                        .iter()
+                        .chain(&offer.prefetch)
+                        .any(|s| s.id == id)
                 {
                     return false;
                 }
@@ -536,8 +562,9 @@ impl Pipeline {
         }
     }
 
-    /// From Verified (or a later phase after a restart) to the end.
-    async fn carry_on(&self, mut entry: Entry, m: Manifest) {
+    /// From Verified (or a later phase after a restart) to the end, or to
+    /// Downloaded when only the download is released.
+    async fn carry_on(&self, mut entry: Entry, m: Manifest, go: Go) {
         if entry.phase == Phase::Verified {
             match self.download(&mut entry, &m).await {
                 Ok(Downloaded::Done) => {
@@ -552,6 +579,10 @@ impl Pipeline {
                     return;
                 }
             }
+        }
+        if entry.phase == Phase::Downloaded && go != Go::Install {
+            tracing::info!(patch = %entry.manifest_id, "downloaded ahead; the install waits for its release");
+            return;
         }
         if entry.phase == Phase::Downloaded {
             if !self.advance(&mut entry, Phase::Applying, "", "") {
@@ -637,7 +668,7 @@ impl Pipeline {
                 // The offer (and so the node's target facts) is gone after a restart;
                 // the server only offered the manifest because it targets this node.
                 // The rest waits for the server's offer, as below.
-                Phase::Received => self.verify_and_go_on(entry, None, false).await,
+                Phase::Received => self.verify_and_go_on(entry, None, Go::Wait).await,
                 // Nothing on the host changed yet: go on only when the server
                 // offers the patch again (it may have been withdrawn, its
                 // rollout aborted, or overtaken while the agent was down).
@@ -660,7 +691,7 @@ impl Pipeline {
                     );
                     self.roll_back(&mut entry, &m, why).await;
                 }
-                _ => self.carry_on(entry, m).await,
+                _ => self.carry_on(entry, m, Go::Install).await,
             }
         }
     }

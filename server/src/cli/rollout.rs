@@ -28,6 +28,14 @@ pub struct PolicyArgs {
     /// Node label to spread each wave over ("site"): the canary takes one node per value.
     #[arg(long)]
     pub spread_label: Option<String>,
+    /// Targeted nodes download and verify as soon as the patch is published;
+    /// installs still wait for their wave and window [default: where the group
+    /// has maintenance windows, never in an emergency].
+    #[arg(long, conflicts_with = "no_download_ahead")]
+    pub download_ahead: bool,
+    /// Nodes download only when their install is released.
+    #[arg(long)]
+    pub no_download_ahead: bool,
 }
 
 impl PolicyArgs {
@@ -38,6 +46,11 @@ impl PolicyArgs {
             max_applying: self.max_applying,
             failure_threshold: self.failure_threshold.clone(),
             spread_label: self.spread_label.clone(),
+            download_ahead: match (self.download_ahead, self.no_download_ahead) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
         };
         (p != pb::RolloutPolicy::default()).then_some(p)
     }
@@ -82,6 +95,7 @@ pub fn policy_json(p: Option<&pb::RolloutPolicy>) -> Value {
     json!({
         "waves": p.waves, "bake_secs": p.bake_secs, "max_applying": p.max_applying,
         "failure_threshold": p.failure_threshold, "spread_label": p.spread_label,
+        "download_ahead": p.download_ahead,
     })
 }
 
@@ -336,7 +350,7 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
     .into_inner();
     let p = g.rollout.clone().unwrap_or_default();
     let human = format!(
-        "group {}\n  time zone: {}\n  windows: {} (now {})\n  rollout: waves {}, bake {}s, max applying {}, failure threshold {}, spread {}\n  sla days: {}",
+        "group {}\n  time zone: {}\n  windows: {} (now {})\n  rollout: waves {}, bake {}s, max applying {}, failure threshold {}, spread {}, download ahead {}\n  sla days: {}",
         g.name,
         g.timezone,
         if g.windows.is_empty() {
@@ -354,6 +368,12 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
         p.max_applying.map_or("-".to_string(), |m| m.to_string()),
         p.failure_threshold.as_deref().unwrap_or("1"),
         p.spread_label.as_deref().unwrap_or("-"),
+        match p.download_ahead {
+            Some(true) => "on",
+            Some(false) => "off",
+            None if g.windows.is_empty() => "off (no windows)",
+            None => "on (windows)",
+        },
         g.sla
     );
     out.object(

@@ -122,7 +122,7 @@ impl Fleet {
             }
         } else if key.starts_with(keys::PATCHES) {
             if let Some(p) = decode::<PatchRecord>(key, value) {
-                Self::apply_patch(st, p, fx);
+                self.apply_patch(st, p, fx);
             }
         } else if let Some(rest) = key.strip_prefix(keys::PATCH_STATES)
             && let Some((patch, _)) = rest.split_once('/')
@@ -247,14 +247,17 @@ impl Fleet {
         }
     }
 
-    fn apply_patch(st: &mut State, record: PatchRecord, fx: &mut Effects) {
+    fn apply_patch(&self, st: &mut State, record: PatchRecord, fx: &mut Effects) {
         if st.patches.contains_key(&record.id) {
             return;
         }
         match Manifest::parse(record.manifest.as_bytes()) {
             Ok(m) => {
                 fx.rollout_wake = true;
+                let id = record.id.clone();
                 st.add_published(record, m);
+                // Its rollout may have come first (one transaction).
+                self.tell_targeted(st, &id, false);
             }
             Err(e) => {
                 tracing::error!(patch = %record.id, error = %e, "stored patch does not parse; skipped")
@@ -294,6 +297,12 @@ impl Fleet {
             })
             .cloned()
             .collect();
+        // Nodes not released yet may download ahead, or must stop: a new
+        // rollout tells those it lets download ahead, one whose state changed
+        // every node it targets.
+        if everyone {
+            self.tell_targeted(st, &id, old.is_some());
+        }
         // Another step may now change something.
         st.quiet.remove(&id);
         if !new.state.releases() {
@@ -304,6 +313,24 @@ impl Fleet {
         }
         fx.rollout_wake = true;
         fx.rollouts.insert(id);
+    }
+
+    /// Pushes the desired state of the nodes patch `id` targets that may
+    /// download it ahead (`all`: every node it targets).
+    fn tell_targeted(&self, st: &State, id: &str, all: bool) {
+        let Some((_, m)) = st.patches.get(id) else {
+            return;
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let tell: Vec<&str> = st
+            .nodes
+            .values()
+            .filter(|n| super::published::wants(n, m, now) && (all || st.may_download_ahead(id, n)))
+            .map(|n| n.id.as_str())
+            .collect();
+        for n in tell {
+            self.push(st, n);
+        }
     }
 
     /// Records a node's phase of a patch (unless the view has a newer report);

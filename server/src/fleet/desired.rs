@@ -34,6 +34,8 @@ pub struct Desired {
     pub role: Role,
     pub heartbeat_interval: Duration,
     pub manifests: Vec<SignedManifest>,
+    /// Patches to download ahead of their install.
+    pub prefetch: Vec<SignedManifest>,
     pub labels: BTreeMap<String, String>,
     /// Committed patches to undo (their rollouts were aborted with rollback).
     pub rollback: Vec<String>,
@@ -77,6 +79,7 @@ impl Fleet {
             role: node.role,
             heartbeat_interval: self.cfg.heartbeat_interval,
             manifests: st.offered_manifests(node),
+            prefetch: st.prefetched_manifests(node),
             labels: node.labels.clone(),
             rollback: st.rollbacks_for(&node.group, &node.id),
             trust: st

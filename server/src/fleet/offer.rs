@@ -10,6 +10,9 @@ use crate::model::PatchRecord;
 
 /// Most patches one desired state carries.
 pub(super) const MAX_MANIFESTS_PER_STATE: usize = 64;
+/// Most patches one desired state offers to download ahead (oldest first; the
+/// rest follow as those are released).
+const MAX_PREFETCH_PER_STATE: usize = 8;
 /// Bytes of manifests and signatures one desired state carries, well under the
 /// message limit.
 const MANIFEST_BYTES_PER_STATE: usize = flotilla_proto::limits::MAX_MESSAGE_BYTES / 2;
@@ -62,6 +65,46 @@ impl State {
             offered: wanted,
             queued,
         }
+    }
+
+    /// Patches the node may download ahead of its install: targeted, not
+    /// released to it yet, their rollout downloading ahead in its group, not
+    /// finished there and not overtaken by a newer version; oldest first.
+    pub(super) fn prefetch_for(&self, node: &NodeRecord) -> Vec<&PatchRecord> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut ahead: Vec<&PatchRecord> = self
+            .patches
+            .values()
+            .filter(|(r, m)| {
+                self.may_download_ahead(&r.id, node)
+                    && wants(node, m, now)
+                    && !self.finished_on(&r.id, &node.id)
+            })
+            .map(|(r, _)| r)
+            .collect();
+        ahead.sort_by_key(|r| r.seq);
+        ahead.truncate(MAX_PREFETCH_PER_STATE);
+        ahead
+    }
+
+    /// Whether `patch_id`'s rollout lets this node download it ahead now.
+    pub(super) fn may_download_ahead(&self, patch_id: &str, node: &NodeRecord) -> bool {
+        let Some(r) = self.rollouts.get(patch_id) else {
+            return false;
+        };
+        if r.is_released(&node.group, &node.id) || !self.downloads_ahead(r, &node.group) {
+            return false;
+        }
+        self.newer_than(patch_id)
+            .is_none_or(|newer| self.superseding(&newer, &node.group, &node.id).is_none())
+    }
+
+    /// The manifests a node's desired state offers to download ahead.
+    pub(super) fn prefetched_manifests(&self, node: &NodeRecord) -> Vec<super::SignedManifest> {
+        self.prefetch_for(node)
+            .into_iter()
+            .filter_map(|r| self.signed.get(&r.id).cloned())
+            .collect()
     }
 
     /// The manifests a node's desired state carries.

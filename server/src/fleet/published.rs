@@ -138,7 +138,11 @@ impl Fleet {
             .get(patch_id)
             .is_some_and(|p| p.contains_key(node_id));
         let offered = match st.rollouts.get(patch_id) {
-            Some(r) => r.groups.values().any(|g| g.released.contains(node_id)),
+            Some(r) => {
+                r.groups.values().any(|g| g.released.contains(node_id))
+                    || (st.may_download_ahead(patch_id, node)
+                        && flotilla_proto::manifest::check_target(m, &target_of(node)).is_ok())
+            }
             None => flotilla_proto::manifest::check_target(m, &target_of(node)).is_ok(),
         };
         if reported_before || offered {
@@ -150,8 +154,12 @@ impl Fleet {
         }
     }
 
-    /// Nodes (id, group, (why it waits, detail)) a patch targets now.
-    pub async fn targeted_nodes(&self, patch_id: &str) -> Vec<(String, String, (String, String))> {
+    /// Nodes (id, group, (why it waits, detail), released to it) a patch
+    /// targets now.
+    pub async fn targeted_nodes(
+        &self,
+        patch_id: &str,
+    ) -> Vec<(String, String, (String, String), bool)> {
         let st = self.state.lock().await;
         let Some((_, m)) = st.patches.get(patch_id) else {
             return Vec::new();
@@ -170,7 +178,7 @@ impl Fleet {
                 .nodes
                 .values()
                 .filter(|n| targets(n, m))
-                .map(|n| (n.id.clone(), n.group.clone(), missed.clone()))
+                .map(|n| (n.id.clone(), n.group.clone(), missed.clone(), false))
                 .collect();
         }
         st.nodes
@@ -181,6 +189,7 @@ impl Fleet {
                     n.id.clone(),
                     n.group.clone(),
                     Fleet::wait_reason(&st, patch_id, &n.group, &n.id),
+                    st.released_to(patch_id, &n.group, &n.id),
                 )
             })
             .collect()

@@ -149,6 +149,22 @@ impl State {
         out
     }
 
+    /// Whether `r` lets its targeted nodes in `group` download ahead of their
+    /// install: as its policy (or the group's default) says, else where the
+    /// group has maintenance windows; never in an emergency (everything is
+    /// released at once) or once aborted.
+    pub(super) fn downloads_ahead(&self, r: &RolloutRecord, group: &str) -> bool {
+        if r.emergency || r.state == RolloutState::Aborted {
+            return false;
+        }
+        let g = self.groups.get(group);
+        let defaults = g.map(|g| g.rollout.clone()).unwrap_or_default();
+        r.policy
+            .over(&defaults)
+            .download_ahead
+            .unwrap_or_else(|| g.is_some_and(|g| !g.windows.is_empty()))
+    }
+
     pub(super) fn policy_for(&self, r: &RolloutRecord, group: &str) -> Policy {
         let defaults = self
             .groups

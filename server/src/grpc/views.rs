@@ -45,6 +45,7 @@ impl From<&Desired> for pb::DesiredState {
             heartbeat_interval_ms: u32::try_from(d.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             manifests: d.manifests.iter().map(Into::into).collect(),
+            prefetch: d.prefetch.iter().map(Into::into).collect(),
             labels: d.labels.clone().into_iter().collect(),
             rollback: d.rollback.clone(),
             trust: d.trust.iter().map(Into::into).collect(),
@@ -85,13 +86,16 @@ impl From<GroupStatus> for pb::GroupStatus {
 pub fn policy_spec(p: Option<&pb::RolloutPolicy>) -> Result<PolicySpec> {
     match p {
         None => Ok(PolicySpec::default()),
-        Some(p) => PolicySpec::parse(
-            &p.waves,
-            p.bake_secs,
-            p.max_applying,
-            p.failure_threshold.as_deref(),
-            p.spread_label.as_deref(),
-        ),
+        Some(p) => Ok(PolicySpec {
+            download_ahead: p.download_ahead,
+            ..PolicySpec::parse(
+                &p.waves,
+                p.bake_secs,
+                p.max_applying,
+                p.failure_threshold.as_deref(),
+                p.spread_label.as_deref(),
+            )?
+        }),
     }
 }
 
@@ -103,6 +107,7 @@ impl From<&PolicySpec> for pb::RolloutPolicy {
             max_applying: p.max_applying,
             failure_threshold: p.failure_threshold.map(|t| t.to_string()),
             spread_label: p.spread_label.clone(),
+            download_ahead: p.download_ahead,
         }
     }
 }
@@ -259,8 +264,10 @@ mod tests {
             max_applying: Some(2),
             failure_threshold: Some("5%".into()),
             spread_label: Some("site".into()),
+            download_ahead: Some(false),
         }))
         .unwrap();
+        assert_eq!(spec.download_ahead, Some(false));
         assert_eq!(policy_spec(Some(&(&spec).into())).unwrap(), spec);
         assert_eq!(policy_spec(None).unwrap(), PolicySpec::default());
     }

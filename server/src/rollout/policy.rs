@@ -84,6 +84,10 @@ pub struct PolicySpec {
     pub failure_threshold: Option<Amount>,
     #[serde(default)]
     pub spread_label: Option<String>,
+    /// Nodes download ahead of their install (None: where the group has
+    /// maintenance windows; never in an emergency).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_ahead: Option<bool>,
 }
 
 impl PolicySpec {
@@ -146,6 +150,7 @@ impl PolicySpec {
             max_applying,
             failure_threshold,
             spread_label,
+            download_ahead: None,
         })
     }
 
@@ -160,6 +165,7 @@ impl PolicySpec {
                 .spread_label
                 .clone()
                 .or_else(|| base.spread_label.clone()),
+            download_ahead: self.download_ahead.or(base.download_ahead),
         }
     }
 }

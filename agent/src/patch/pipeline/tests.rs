@@ -236,6 +236,7 @@ fn host_policy(allow_scripts: bool) -> LocalPolicy {
 fn offer(manifests: &[&pb::SignedManifest], rollback: &[&str]) -> Offer {
     Offer {
         manifests: manifests.iter().map(|m| (*m).clone()).collect(),
+        prefetch: Vec::new(),
         rollback: rollback.iter().map(|id| id.to_string()).collect(),
         target: NodeTarget::default(),
     }
@@ -685,4 +686,64 @@ async fn a_rollback_the_host_stops_is_retried_until_it_completes_and_says_so_mea
     assert_eq!(phase(&p, "p-2"), Some(Phase::RolledBack));
     assert!(!dir.join("elsewhere").exists());
     assert_eq!(snapshot(&root), before);
+}
+
+#[tokio::test]
+async fn a_patch_offered_ahead_is_downloaded_and_installed_only_once_released() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    let ahead = Offer {
+        prefetch: vec![p1.clone()],
+        ..offer(&[], &[])
+    };
+
+    // Offered ahead: verified and downloaded, reported so, the host untouched.
+    p.take(ahead.clone()).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
+    assert_eq!(snapshot(&root), before);
+    assert_eq!(
+        reports(&p, "p1").iter().map(|r| r.0).collect::<Vec<_>>(),
+        [Phase::Received, Phase::Verified, Phase::Downloaded]
+    );
+    // Offered ahead again (a resent state): nothing more happens.
+    p.take(ahead).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
+    assert_eq!(snapshot(&root), before);
+
+    // Released: installed from what is on disk (no server to download from).
+    p.take(offer(&[&p1], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+    assert_eq!(std::fs::read(root.join("opt/c/bin/app")).unwrap(), b"app 1");
+}
+
+#[tokio::test]
+async fn a_restarted_agent_waits_for_the_offer_before_going_on() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    p.take(Offer {
+        prefetch: vec![p1.clone()],
+        ..offer(&[], &[])
+    })
+    .await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
+    drop(p);
+    // A restart with an offer that no longer has it (its rollout aborted):
+    // nothing is installed.
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    start(p, offer(&[], &[])).await;
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
+    assert_eq!(snapshot(&root), before);
+    // Offered for install: it goes on.
+    start(p, offer(&[&p1], &[])).await;
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
 }
