@@ -562,6 +562,43 @@ impl Pipeline {
         }
     }
 
+    /// Keeps the artifacts of `m`, just committed, as the bases a later
+    /// version's deltas are rebuilt from, and removes those of the versions of
+    /// its component it replaced (unless another unfinished or kept patch
+    /// shares them). One version's artifacts per component stay on disk.
+    fn keep_installed(&self, m: &Manifest) {
+        let entries = match self.journal.all() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the journal; the replaced version's downloads stay");
+                return;
+            }
+        };
+        let mut keep: std::collections::BTreeSet<String> =
+            m.artifacts.iter().map(|a| a.sha256.clone()).collect();
+        let mut drop = Vec::new();
+        for e in &entries {
+            if e.manifest_id == m.id {
+                continue;
+            }
+            let Ok(other) = Manifest::parse(&e.manifest) else {
+                continue;
+            };
+            let shas = other.artifacts.iter().map(|a| a.sha256.clone());
+            if !e.phase.is_final() || (e.phase == Phase::Committed && other.component != m.component)
+            {
+                // In flight, or another component's installed version.
+                keep.extend(shas);
+            } else {
+                drop.extend(shas);
+            }
+        }
+        for sha in drop.iter().filter(|s| !keep.contains(*s)) {
+            let _ = std::fs::remove_file(self.artifact_dir().join(sha));
+            let _ = std::fs::remove_file(self.artifact_dir().join(format!("{sha}.part")));
+        }
+    }
+
     /// From Verified (or a later phase after a restart) to the end, or to
     /// Downloaded when only the download is released.
     async fn carry_on(&self, mut entry: Entry, m: Manifest, go: Go) {
@@ -635,7 +672,7 @@ impl Pipeline {
         }
         if entry.phase == Phase::Healthy {
             self.advance(&mut entry, Phase::Committed, "", "");
-            self.cleanup(&m);
+            self.keep_installed(&m);
         }
     }
 

@@ -459,10 +459,11 @@ async fn a_rollback_script_is_fetched_again_if_gone_and_run() {
     assert!(marker.exists());
     ack_all(&p);
 
-    // The commit cleaned the artifacts up; a copy with the wrong bytes is not
-    // trusted, and with no server to fetch from the patch stays committed.
+    // The commit kept the artifacts (the installed version's); a copy that
+    // was changed since is not trusted, and with no server to fetch from the
+    // patch stays committed.
     let at = p.artifact_dir().join(flotilla_proto::sha256_hex(rollback));
-    assert!(!at.exists());
+    assert!(at.exists(), "kept with the installed version");
     std::fs::write(&at, b"#!/bin/sh\necho not the signed script\n").unwrap();
     p.take(offer(&[], &["s2"])).await;
     assert_eq!(phase(&p, "s2"), Some(Phase::Committed));
@@ -746,4 +747,25 @@ async fn a_restarted_agent_waits_for_the_offer_before_going_on() {
     start(p, offer(&[&p1], &[])).await;
     let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
     assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+}
+
+#[tokio::test]
+async fn the_installed_versions_artifacts_stay_as_delta_bases_and_only_those() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let on_disk = |data: &[u8]| {
+        p.artifact_dir()
+            .join(flotilla_proto::sha256_hex(data))
+            .exists()
+    };
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    p.take(offer(&[&p1], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+    assert!(on_disk(&tar_bytes(V1)), "the installed version's artifact stays");
+    let p2 = files_patch(&publisher, &p, "p2", "1.1.0", V2);
+    p.take(offer(&[&p1, &p2], &[])).await;
+    assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
+    assert!(on_disk(&tar_bytes(V2)));
+    assert!(!on_disk(&tar_bytes(V1)), "the replaced version's artifact goes");
 }
