@@ -82,6 +82,11 @@ pub struct PatchRecord {
     pub signatures: Vec<String>,
     pub published_at: i64,
     pub published_by: String,
+    /// The delta index published with it (`deltas.json`), exactly as sent
+    /// (UTF-8: it parsed as JSON); empty when it has none, as in records
+    /// stored before deltas existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub deltas: String,
 }
 
 /// Where one node stands with one patch, from its reports.

@@ -10,7 +10,7 @@ use super::*;
 /// Deterministic bytes that do not compress: a delta is small only because
 /// of its base.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut x = seed * 2 + 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
