@@ -63,9 +63,14 @@ pub(super) fn old_bundle(path: &Path, out_dir: &Path) -> anyhow::Result<OldBundl
 }
 
 /// Removes an earlier build's `deltas.json` from `out_dir`, with the delta
-/// files it lists: they were made for other manifest bytes. Says so on
-/// stderr when this build makes no deltas of its own.
-pub(super) fn remove_stale(out_dir: &Path, replacing: bool) -> anyhow::Result<()> {
+/// files it lists (never a file that is an artifact of `manifest`, the one
+/// being built): they were made for other manifest bytes. Says so on stderr
+/// when this build makes no deltas of its own.
+pub(super) fn remove_stale(
+    out_dir: &Path,
+    manifest: &Manifest,
+    replacing: bool,
+) -> anyhow::Result<()> {
     let path = out_dir.join(INDEX_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -75,7 +80,10 @@ pub(super) fn remove_stale(out_dir: &Path, replacing: bool) -> anyhow::Result<()
     // Names only from an index that parses: they are checked file names.
     let files = DeltaIndex::parse(&bytes).map_or(Vec::new(), |i| i.deltas);
     let mut removed = 0;
-    for d in &files {
+    for d in files
+        .iter()
+        .filter(|d| manifest.artifact(&d.name).is_none())
+    {
         match std::fs::remove_file(out_dir.join(&d.name)) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -165,7 +165,6 @@ pub(super) fn build(
     let old = delta_from
         .map(|p| super::delta::old_bundle(p, &out_dir))
         .transpose()?;
-    super::delta::remove_stale(&out_dir, old.is_some())?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
     let mut artifacts = Vec::new();
     for a in &spec.artifacts {
@@ -212,6 +211,8 @@ pub(super) fn build(
             names(&stale)
         );
     }
+    // Only now, with a valid manifest to write: a failed build keeps the old bundle whole.
+    super::delta::remove_stale(&out_dir, &manifest, old.is_some())?;
     crate::ca::write_atomic(&path, &bytes, false)?;
     let deltas = match &old {
         Some(old) => super::delta::build(&out_dir, &manifest, &bytes, old)?,
