@@ -15,9 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .codec_path("crate::codec::SmallBufferCodec")
-        // Shared, not copied: a manifest sits in every targeted node's desired
-        // state, and artifact chunks are slices of one buffer the server holds.
+        // Shared, not copied: a manifest (and its delta index) sits in every
+        // targeted node's desired state, and artifact chunks are slices of one
+        // buffer the server holds.
         .bytes(".flotilla.v1.SignedManifest.manifest")
+        .bytes(".flotilla.v1.SignedManifest.deltas")
         .bytes(".flotilla.v1.ArtifactChunk.data")
         .bytes(".flotilla.v1.SignedTrustPolicy.document")
         .compile_fds(fds)?;

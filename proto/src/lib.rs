@@ -1,8 +1,10 @@
 //! Flotilla's wire protocol (generated from `flotilla/v1/*.proto`), the join token
-//! format, the signed trust-policy chain, the limits every side enforces, the TLS pieces agent and CLI share, and the
-//! one telemetry setup and error ending all binaries use.
+//! format, the signed trust-policy chain, the delta index beside a patch
+//! manifest, the limits every side enforces, the TLS pieces agent and CLI
+//! share, and the one telemetry setup and error ending all binaries use.
 
 pub mod codec;
+pub mod delta;
 pub mod durable;
 pub mod exit;
 pub mod key_proof;

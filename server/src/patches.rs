@@ -1,8 +1,10 @@
 //! Patches on the server: publishing (verify against the trust policy, check the
-//! artifacts are held, store, push), and what nodes report about each patch.
+//! delta index against the manifest, check the artifacts and deltas are held,
+//! store, push), and what nodes report about each patch.
 
 use std::collections::BTreeMap;
 
+use flotilla_proto::delta::DeltaIndex;
 use flotilla_proto::manifest::Manifest;
 use flotilla_proto::phase::Phase;
 
@@ -11,27 +13,60 @@ use crate::error::{Error, Result};
 use crate::fleet::PatchInfo;
 use crate::model::{NodePatchRecord, PatchRecord, keys};
 
-/// Makes sure every artifact of `m` is held here (uploaded here, or fetched
-/// from the replica it was uploaded to) and by as many replicas as the
-/// publish needs (`--artifact-copies`; by default 2 once there are 2).
-async fn hold_artifacts(app: &App, m: &Manifest) -> Result<()> {
-    for a in &m.artifacts {
-        match app.artifacts.complete_size(&a.sha256) {
+/// A file a publish needs held: an artifact of the manifest, or a delta its
+/// index lists.
+struct Needed<'a> {
+    /// "artifact" or "delta", for messages.
+    what: &'static str,
+    name: &'a str,
+    sha256: &'a str,
+    size: u64,
+    /// Which document gives the size, for messages.
+    source: &'static str,
+}
+
+/// The manifest's artifacts, then the index's deltas.
+fn needed<'a>(m: &'a Manifest, index: Option<&'a DeltaIndex>) -> Vec<Needed<'a>> {
+    let artifacts = m.artifacts.iter().map(|a| Needed {
+        what: "artifact",
+        name: &a.name,
+        sha256: &a.sha256,
+        size: a.size,
+        source: "the manifest",
+    });
+    let deltas = index.into_iter().flat_map(|i| &i.deltas).map(|d| Needed {
+        what: "delta",
+        name: &d.name,
+        sha256: &d.sha256,
+        size: d.size,
+        source: "the delta index",
+    });
+    artifacts.chain(deltas).collect()
+}
+
+/// Makes sure every artifact of `m`, and every delta of its index, is held
+/// here (uploaded here, or fetched from the replica it was uploaded to) and
+/// by as many replicas as the publish needs (`--artifact-copies`; by default
+/// 2 once there are 2).
+async fn hold_artifacts(app: &App, m: &Manifest, index: Option<&DeltaIndex>) -> Result<()> {
+    let needed = needed(m, index);
+    for a in &needed {
+        match app.artifacts.complete_size(a.sha256) {
             Some(size) if size != a.size => {
                 return Err(Error::FailedPrecondition(format!(
-                    "artifact {} ({}) is held with {size} bytes, the manifest says {}",
-                    a.name, a.sha256, a.size
+                    "{} {} ({}) is held with {size} bytes, {} says {}",
+                    a.what, a.name, a.sha256, a.source, a.size
                 )));
             }
             Some(_) => {}
             None => app
                 .peers
-                .fetch(&app.artifacts, &a.sha256, a.size)
+                .fetch(&app.artifacts, a.sha256, a.size)
                 .await
                 .map_err(|e| {
                     Error::FailedPrecondition(format!(
-                        "artifact {} ({}) has not been uploaded: {e}",
-                        a.name, a.sha256
+                        "{} {} ({}) has not been uploaded: {e}",
+                        a.what, a.name, a.sha256
                     ))
                 })?,
         }
@@ -44,11 +79,12 @@ async fn hold_artifacts(app: &App, m: &Manifest) -> Result<()> {
     if want <= 1 {
         return Ok(());
     }
-    for a in &m.artifacts {
-        let (others, failures) = app.peers.replicate(&a.sha256, a.size, want - 1).await;
+    for a in &needed {
+        let (others, failures) = app.peers.replicate(a.sha256, a.size, want - 1).await;
         if others + 1 < want {
             return Err(Error::FailedPrecondition(format!(
-                "artifact {} ({}) is held by {} replica(s) of {replicas}, and a publish needs {want} (--artifact-copies){}",
+                "{} {} ({}) is held by {} replica(s) of {replicas}, and a publish needs {want} (--artifact-copies){}",
+                a.what,
                 a.name,
                 a.sha256,
                 others + 1,
@@ -63,12 +99,16 @@ async fn hold_artifacts(app: &App, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Verifies and stores a manifest, then pushes it to the nodes it targets. The
-/// signature is checked once here, for the whole fleet; each agent checks again.
+/// Verifies and stores a manifest (with its delta index, `deltas`, when not
+/// empty), then pushes it to the nodes it targets. The signature is checked
+/// once here, for the whole fleet; each agent checks again. The index is not
+/// signed: it is checked against the manifest here so a bad one is refused
+/// early, and the agents trust nothing in it.
 pub async fn publish(
     app: &App,
     manifest: Vec<u8>,
     signatures: Vec<String>,
+    deltas: Vec<u8>,
     publisher: &str,
     rollout: crate::fleet::RolloutRequest,
 ) -> Result<(PatchRecord, Manifest)> {
@@ -84,12 +124,22 @@ pub async fn publish(
         .map_err(|e| Error::InvalidArgument(format!("manifest refused: {e}")))?;
     flotilla_proto::manifest::check_time(&parsed, time::OffsetDateTime::now_utc())
         .map_err(|e| Error::InvalidArgument(format!("manifest refused: {e}")))?;
-    hold_artifacts(app, &parsed).await?;
+    let index = if deltas.is_empty() {
+        None
+    } else {
+        let index = DeltaIndex::parse(&deltas)
+            .and_then(|i| i.validate_against(&parsed, &manifest).map(|()| i))
+            .map_err(|e| Error::InvalidArgument(format!("delta index refused: {e}")))?;
+        Some(index)
+    };
+    hold_artifacts(app, &parsed, index.as_ref()).await?;
     let text = String::from_utf8(manifest)
         .map_err(|_| Error::InvalidArgument("manifest is not UTF-8".into()))?;
+    let deltas = String::from_utf8(deltas)
+        .map_err(|_| Error::InvalidArgument("delta index is not UTF-8".into()))?;
     let record = app
         .fleet
-        .add_patch(text, signatures, publisher, parsed.clone(), rollout)
+        .add_patch(text, signatures, deltas, publisher, parsed.clone(), rollout)
         .await?;
     Ok((record, parsed))
 }

@@ -1,7 +1,9 @@
-//! Patches on the agent: the artifact fetcher, the durable patch journal, the
-//! outbox that reports every phase to the server until it is acknowledged, and
-//! the pipeline that walks each offered manifest through them.
+//! Patches on the agent: the artifact fetcher, rebuilding an artifact from a
+//! delta and a base the host holds, the durable patch journal, the outbox that
+//! reports every phase to the server until it is acknowledged, and the pipeline
+//! that walks each offered manifest through them.
 
+pub mod delta;
 pub mod fetch;
 pub mod journal;
 pub mod outbox;

@@ -102,7 +102,7 @@ type = "restore"
     )?;
     let bundle = work.join(&id);
     // The demo signs its own bundle again each run.
-    super::patch::build(&spec, Some(bundle.clone()), true, out)?;
+    super::patch::build(&spec, Some(bundle.clone()), true, None, out)?;
     let manifest = bundle.join("manifest.json");
     super::patch::sign(&manifest, &dir.join("release.key"), None, out)?;
     // A canary first, then everyone: the rollout a real fleet would use.

@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod connect;
+mod delta;
 mod demo;
 mod dev;
 mod keys;

@@ -1,5 +1,6 @@
-//! `flotilla patch`: build a manifest from a spec, sign it, publish it with its
-//! artifacts (resumable uploads with a progress bar), and follow it.
+//! `flotilla patch`: build a manifest from a spec (and deltas from an older
+//! bundle: `delta.rs`), sign it, publish it with its artifacts and deltas
+//! (resumable uploads with a progress bar), and follow it.
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,10 @@ pub enum PatchCmd {
         /// other bytes) are removed.
         #[arg(long)]
         force: bool,
+        /// An older bundle (its directory or its manifest.json): also write a
+        /// zstd delta from it of each artifact that changed, and deltas.json.
+        #[arg(long, value_name = "OLD")]
+        delta_from: Option<PathBuf>,
     },
     /// Add a signature to a manifest (writes MANIFEST.<key-id>.minisig).
     Sign {
@@ -46,7 +51,7 @@ pub enum PatchCmd {
         #[arg(long)]
         password_file: Option<PathBuf>,
     },
-    /// Upload a manifest's artifacts (resuming) and publish it with its signatures.
+    /// Upload a manifest's artifacts and deltas (resuming) and publish it with its signatures.
     Publish {
         /// The signed manifest (manifest.json from `patch build`).
         manifest: PathBuf,
@@ -140,6 +145,7 @@ pub(super) fn build(
     spec_path: &Path,
     out_dir: Option<PathBuf>,
     force: bool,
+    delta_from: Option<&Path>,
     out: Output,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(spec_path)
@@ -160,6 +166,10 @@ pub(super) fn build(
             names(&stale)
         );
     }
+    // Read before anything here changes: it may not be this directory.
+    let old = delta_from
+        .map(|p| super::delta::old_bundle(p, &out_dir))
+        .transpose()?;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0)?;
     let mut artifacts = Vec::new();
     for a in &spec.artifacts {
@@ -206,15 +216,26 @@ pub(super) fn build(
             names(&stale)
         );
     }
+    // Only now, with a valid manifest to write: a failed build keeps the old bundle whole.
+    super::delta::remove_stale(&out_dir, &manifest, old.is_some())?;
     crate::ca::write_atomic(&path, &bytes, false)?;
+    let deltas = match &old {
+        Some(old) => super::delta::build(&out_dir, &manifest, &bytes, old)?,
+        None => 0,
+    };
     out.object(
         &format!(
-            "wrote {} ({} artifact(s)); sign it with `flotilla patch sign {} --key KEY`",
+            "wrote {} ({} artifact(s){}); sign it with `flotilla patch sign {} --key KEY`",
             path.display(),
             manifest.artifacts.len(),
+            if old.is_some() {
+                format!(", {deltas} delta(s)")
+            } else {
+                String::new()
+            },
             path.display()
         ),
-        json!({ "manifest": path, "id": manifest.id, "artifacts": manifest.artifacts.len() }),
+        json!({ "manifest": path, "id": manifest.id, "artifacts": manifest.artifacts.len(), "deltas": deltas }),
     );
     Ok(())
 }
@@ -337,7 +358,14 @@ pub(super) fn default_sigs(manifest: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 const UPLOAD_CHUNK: usize = 512 * 1024;
 
-async fn upload(c: &mut super::connect::Admin, path: &Path, a: &Artifact) -> anyhow::Result<()> {
+/// Uploads the file at `path` as `a` (an artifact, or a delta file; `source`
+/// says which document gives its digest), unless the server holds it.
+async fn upload(
+    c: &mut super::connect::Admin,
+    path: &Path,
+    a: &Artifact,
+    source: &str,
+) -> anyhow::Result<()> {
     let held = c
         .artifact_status(pb::ArtifactStatusRequest {
             sha256: a.sha256.clone(),
@@ -352,7 +380,7 @@ async fn upload(c: &mut super::connect::Admin, path: &Path, a: &Artifact) -> any
     let (sha, size) = hash_file(path)?;
     if sha != a.sha256 || size != a.size {
         bail!(
-            "{} does not match the manifest's digest and size",
+            "{} does not match the digest and size {source} gives",
             path.display()
         );
     }
@@ -451,10 +479,21 @@ pub(super) async fn publish(
             std::fs::read_to_string(s).with_context(|| format!("cannot read {}", s.display()))?,
         );
     }
+    let deltas = super::delta::for_publish(manifest_path, &manifest, &bytes)?;
     let (mut c, _) = target.admin().await?;
     let dir = manifest_path.parent().unwrap_or(Path::new("."));
     for a in &manifest.artifacts {
-        upload(&mut c, &dir.join(&a.name), a).await?;
+        upload(&mut c, &dir.join(&a.name), a, "the manifest").await?;
+    }
+    for d in deltas.iter().flat_map(|(_, index)| &index.deltas) {
+        let a = super::delta::as_artifact(d);
+        upload(
+            &mut c,
+            &dir.join(&d.name),
+            &a,
+            flotilla_proto::delta::INDEX_FILE,
+        )
+        .await?;
     }
     let info = c
         .publish_patch(pb::PublishPatchRequest {
@@ -463,6 +502,7 @@ pub(super) async fn publish(
             rollout: how.rollout,
             emergency: how.emergency,
             force: how.force,
+            deltas: deltas.map(|(bytes, _)| bytes).unwrap_or_default(),
         })
         .await
         .map_err(|s| match name_signature(s.message(), &sigs) {
@@ -533,6 +573,7 @@ fn info_json(p: &pb::PatchInfo) -> Value {
         "published_by": p.published_by, "targeted": p.targeted, "signatures": p.signatures,
         "emergency": p.emergency, "rollout_state": p.rollout_state,
         "artifacts": p.artifacts.iter().map(|a| json!({"name": a.name, "sha256": a.sha256, "size": a.size})).collect::<Vec<_>>(),
+        "deltas": super::delta::json(&p.deltas),
     })
 }
 
@@ -548,7 +589,8 @@ pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Resul
             spec,
             out_dir,
             force,
-        } => build(&spec, out_dir, force, out),
+            delta_from,
+        } => build(&spec, out_dir, force, delta_from.as_deref(), out),
         PatchCmd::Sign {
             manifest,
             key,
@@ -577,6 +619,12 @@ pub async fn patch(target: &Target, out: Output, cmd: PatchCmd) -> anyhow::Resul
                 .map_err(status_error)?
                 .into_inner();
             out.object(&String::from_utf8_lossy(&p.manifest), info_json(&p));
+            // Beside the manifest's exact bytes, not among them.
+            if !out.json {
+                for line in super::delta::summary(&p.deltas) {
+                    eprintln!("{line}");
+                }
+            }
             Ok(())
         }
         PatchCmd::Status { id, wait, nodes } => status(target, out, id, wait, nodes).await,

@@ -19,6 +19,9 @@ pub struct SignedManifest {
     pub manifest: Bytes,
     /// minisign signatures (.minisig text), one per signer.
     pub signatures: Vec<String>,
+    /// The delta index published with it (`deltas.json`), exactly as sent;
+    /// empty when none. Untrusted by the agents, so sent as it is.
+    pub deltas: Bytes,
 }
 
 /// One node's desired state.

@@ -89,6 +89,9 @@ struct State {
     /// Each published patch as desired states carry it: the manifest's bytes
     /// are shared by every node's state, not copied into each.
     signed: HashMap<String, SignedManifest>,
+    /// The size of each delta file a published patch's delta index lists, by
+    /// digest: artifacts too, to fetch from another replica and to serve.
+    delta_sizes: HashMap<String, u64>,
     /// Each patch's rollout, by patch id.
     rollouts: BTreeMap<String, RolloutRecord>,
     /// Patch id -> node id -> the last phase the node reported.
@@ -119,7 +122,22 @@ impl State {
             id: record.id.clone(),
             manifest: record.manifest.clone().into_bytes().into(),
             signatures: record.signatures.clone(),
+            deltas: record.deltas.clone().into_bytes().into(),
         };
+        if !record.deltas.is_empty() {
+            // Checked at publish; a record that no longer parses offers no
+            // delta files to fetch (the agents fall back to full artifacts).
+            match flotilla_proto::delta::DeltaIndex::parse(record.deltas.as_bytes()) {
+                Ok(index) => {
+                    for d in index.deltas {
+                        self.delta_sizes.insert(d.sha256, d.size);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(patch = %record.id, error = %e, "stored delta index does not parse")
+                }
+            }
+        }
         self.signed.insert(record.id.clone(), signed);
         self.patches.insert(record.id.clone(), (record, manifest));
     }

@@ -52,7 +52,9 @@ impl State {
         let mut budget = MANIFEST_BYTES_PER_STATE;
         let mut fits = 0;
         for r in wanted.iter().take(MAX_MANIFESTS_PER_STATE) {
-            let size = r.manifest.len() + r.signatures.iter().map(String::len).sum::<usize>();
+            let size = r.manifest.len()
+                + r.deltas.len()
+                + r.signatures.iter().map(String::len).sum::<usize>();
             // The first always goes: a single patch is within the limits by itself.
             if fits > 0 && size > budget {
                 break;

@@ -52,6 +52,7 @@ impl Fleet {
         &self,
         manifest: String,
         signatures: Vec<String>,
+        deltas: String,
         publisher: &str,
         parsed: Manifest,
         rollout: RolloutRequest,
@@ -60,7 +61,8 @@ impl Fleet {
             .mutate(false, |st| {
                 if let Some((existing, _)) = st.patches.get(&parsed.id) {
                     if existing.manifest == manifest {
-                        // Publishing the same signed bytes again is a no-op.
+                        // Publishing the same signed bytes again is a no-op
+                        // (the delta index of the first publish stays).
                         return Ok((Vec::new(), (existing.clone(), false)));
                     }
                     return Err(Error::FailedPrecondition(format!(
@@ -75,6 +77,7 @@ impl Fleet {
                     signatures: signatures.clone(),
                     published_at: now_secs(),
                     published_by: publisher.to_string(),
+                    deltas: deltas.clone(),
                 };
                 let rollout = RolloutRecord::new(
                     &record.id,
@@ -195,8 +198,9 @@ impl Fleet {
             .collect()
     }
 
-    /// The size of artifact `sha256` as a published manifest gives it: the
-    /// artifacts a replica may fetch from another (None: no patch has it).
+    /// The size of artifact `sha256` as a published manifest (or its delta
+    /// index, for a delta file) gives it: the artifacts a replica may fetch
+    /// from another (None: no patch has it).
     pub async fn artifact_size(&self, sha256: &str) -> Option<u64> {
         let st = self.state.lock().await;
         st.patches
@@ -204,6 +208,7 @@ impl Fleet {
             .flat_map(|(_, m)| &m.artifacts)
             .find(|a| a.sha256 == sha256)
             .map(|a| a.size)
+            .or_else(|| st.delta_sizes.get(sha256).copied())
     }
 
     /// Summary of one patch.

@@ -182,6 +182,7 @@ async fn a_patch_published_on_a_follower_is_stepped_by_the_leader() {
     r.b.add_patch(
         text,
         vec!["sig".into()],
+        String::new(),
         "tester",
         parsed,
         RolloutRequest::default(),
@@ -239,6 +240,60 @@ async fn racing_writes_converge_on_what_the_store_holds() {
 }
 
 #[tokio::test]
+async fn a_delta_index_reaches_the_other_replica_and_the_nodes() {
+    let r = replicas().await;
+    r.a.set_group("g", 1, None, true).await.unwrap();
+    r.a.save_node(node("n1", "g"), true).await.unwrap();
+    let session = r.a.open_session("n1").await.unwrap();
+    let (text, parsed) = manifest("app-1");
+    let target = &parsed.artifacts[0];
+    let base = "fedcba9876543210".repeat(4);
+    let delta = flotilla_proto::delta::Delta {
+        artifact: target.name.clone(),
+        name: flotilla_proto::delta::Delta::file_name(&target.name, &base),
+        base_sha256: base,
+        base_size: 9,
+        sha256: "ab".repeat(32),
+        size: 4,
+        target_sha256: target.sha256.clone(),
+        target_size: target.size,
+    };
+    let index = flotilla_proto::delta::DeltaIndex::new(text.as_bytes(), vec![delta]).to_bytes();
+    let index = String::from_utf8(index).unwrap();
+    r.b.add_patch(
+        text,
+        vec!["sig".into()],
+        index.clone(),
+        "tester",
+        parsed,
+        RolloutRequest::default(),
+    )
+    .await
+    .unwrap();
+    // The delta file is an artifact the leader may fetch and serve.
+    eventually("the leader knows the delta's size", || async {
+        r.a.artifact_size(&"ab".repeat(32)).await == Some(4)
+    })
+    .await;
+    assert_eq!(r.b.artifact_size(&"ab".repeat(32)).await, Some(4));
+    assert_eq!(r.a.artifact_size(&"cd".repeat(32)).await, None);
+    // The node is sent the index beside the manifest, byte for byte.
+    let mut desired = session.desired.clone();
+    eventually("the node is offered the patch", || {
+        let offered = desired.borrow_and_update().manifests.clone();
+        async move { !offered.is_empty() }
+    })
+    .await;
+    let offered = desired.borrow().manifests[0].clone();
+    assert_eq!(offered.deltas, index.as_bytes());
+    assert_eq!(
+        r.a.patch_info("app-1").await.unwrap().record.deltas,
+        index,
+        "stored with the patch"
+    );
+}
+
+#[tokio::test]
 async fn patches_published_at_once_on_two_replicas_get_their_own_numbers() {
     let r = replicas().await;
     r.a.set_group("g", 1, None, true).await.unwrap();
@@ -246,12 +301,26 @@ async fn patches_published_at_once_on_two_replicas_get_their_own_numbers() {
     let (t2, p2) = manifest("app-2");
     let (a, b) = (r.a.clone(), r.b.clone());
     let one = tokio::spawn(async move {
-        a.add_patch(t1, vec![], "x", p1, RolloutRequest::default())
-            .await
+        a.add_patch(
+            t1,
+            vec![],
+            String::new(),
+            "x",
+            p1,
+            RolloutRequest::default(),
+        )
+        .await
     });
     let two = tokio::spawn(async move {
-        b.add_patch(t2, vec![], "y", p2, RolloutRequest::default())
-            .await
+        b.add_patch(
+            t2,
+            vec![],
+            String::new(),
+            "y",
+            p2,
+            RolloutRequest::default(),
+        )
+        .await
     });
     let (one, two) = (one.await.unwrap().unwrap(), two.await.unwrap().unwrap());
     assert_ne!(one.seq, two.seq);

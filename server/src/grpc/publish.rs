@@ -162,8 +162,15 @@ pub async fn publish_patch(
         emergency: r.emergency,
         force: r.force,
     };
-    let (record, manifest) =
-        crate::patches::publish(&api.app, r.manifest, r.signatures, &caller.name, rollout).await?;
+    let (record, manifest) = crate::patches::publish(
+        &api.app,
+        r.manifest,
+        r.signatures,
+        r.deltas,
+        &caller.name,
+        rollout,
+    )
+    .await?;
     api.audit(
         &caller,
         if r.emergency {
@@ -177,6 +184,7 @@ pub async fn publish_patch(
             "version": manifest.version,
             "severity": manifest.severity.as_str(),
             "signatures": record.signatures.len(),
+            "deltas": delta_count(&record.deltas),
             "emergency": r.emergency,
             "force": r.force,
             "rollout": policy,
@@ -190,6 +198,14 @@ pub async fn publish_patch(
         .await
         .ok_or_else(|| Status::internal("patch vanished after publish"))?;
     Ok(Response::new(info.into()))
+}
+
+/// How many deltas a stored delta index lists (for the audit log).
+fn delta_count(index: &str) -> usize {
+    if index.is_empty() {
+        return 0;
+    }
+    flotilla_proto::delta::DeltaIndex::parse(index.as_bytes()).map_or(0, |i| i.deltas.len())
 }
 
 pub async fn list_patches(

@@ -29,6 +29,7 @@ impl From<&SignedManifest> for pb::SignedManifest {
             // Shared, not copied: every node's state carries the same bytes.
             manifest: m.manifest.clone(),
             signatures: m.signatures.clone(),
+            deltas: m.deltas.clone(),
         }
     }
 }
@@ -228,6 +229,7 @@ impl From<PatchInfo> for pb::PatchInfo {
             targeted,
             signatures: record.signatures.len() as u32,
             manifest: record.manifest.into_bytes(),
+            deltas: record.deltas.into_bytes(),
             emergency,
             rollout_state: rollout_state.map_or("", |s| s.as_str()).to_string(),
         }

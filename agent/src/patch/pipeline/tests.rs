@@ -190,6 +190,7 @@ impl Publisher {
             id: id.into(),
             signatures: vec![sign(&self.kp, manifest.as_bytes())],
             manifest: manifest.into_bytes().into(),
+            ..Default::default()
         }
     }
 }

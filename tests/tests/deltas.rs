@@ -1,0 +1,318 @@
+//! Delta patches end to end: `patch build --delta-from` an older bundle, the
+//! server's refusals of a bad index and of a delta it does not hold, `patch
+//! publish` uploading the deltas, and a node that is sent the index, fetches
+//! the delta and rebuilds the artifact from the base it holds.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_e2e::{Server, enroll, patch};
+use flotilla_proto::delta::{DeltaIndex, INDEX_FILE};
+use flotilla_proto::manifest::Manifest;
+use flotilla_proto::pb;
+use flotilla_proto::pb::admin_service_client::AdminServiceClient;
+use tonic::transport::Channel;
+
+const ID: &str = "app-1.0.1";
+
+/// Deterministic bytes that do not compress: a delta is small only because
+/// of its base.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed * 2 + 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An admin client calling as the server's first credential, to send what
+/// the CLI would refuse to send.
+async fn admin(
+    server: &Server,
+) -> AdminServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl tonic::service::Interceptor + use<>,
+    >,
+> {
+    let file = std::fs::read_to_string(server.credential()).unwrap();
+    let credential = file
+        .lines()
+        .find_map(|l| l.strip_prefix("credential = "))
+        .expect("a credential line")
+        .trim_matches('"')
+        .to_string();
+    let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {credential}").parse().unwrap();
+    AdminServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    })
+}
+
+fn refused(e: tonic::Status, code: tonic::Code, want: &str) {
+    assert_eq!(e.code(), code, "{e}");
+    assert!(e.message().contains(want), "{e}");
+}
+
+#[test]
+fn a_patch_built_with_delta_from_carries_a_small_delta_to_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = patch::key(d, "release");
+    let mut server = Server::init(d);
+    server.start();
+    server.cli(&[
+        "trust",
+        "set",
+        "--threshold",
+        "1",
+        "--key",
+        key.public.to_str().unwrap(),
+    ]);
+
+    // 1.0.0 with a 5 MiB artifact; 1.0.1 changes a few bytes and adds some.
+    let v1 = noise(5 << 20, 1);
+    let mut v2 = v1.clone();
+    v2[1 << 20..(1 << 20) + 16].copy_from_slice(b"version 1.0.1 ok");
+    v2.extend_from_slice(&noise(1000, 2));
+    std::fs::write(d.join("v1.bin"), &v1).unwrap();
+    std::fs::write(d.join("v2.bin"), &v2).unwrap();
+    let spec1 = patch::files_spec(d, "app-1.0.0", "1.0.0", &d.join("v1.bin"), "");
+    let old = d.join("app-1.0.0");
+    patch::build(&server, &spec1, &old);
+    let spec2 = patch::files_spec(d, ID, "1.0.1", &d.join("v2.bin"), "");
+    let new = d.join(ID);
+    let (ok, out, err) = patch::cli(
+        &server,
+        &[
+            "patch",
+            "build",
+            spec2.to_str().unwrap(),
+            "--out-dir",
+            new.to_str().unwrap(),
+            "--delta-from",
+            old.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("(1 artifact(s), 1 delta(s))"), "{out}");
+    let manifest_path = new.join("manifest.json");
+    let manifest_bytes = std::fs::read(&manifest_path).unwrap();
+    let manifest = Manifest::parse(&manifest_bytes).unwrap();
+    let index_bytes = std::fs::read(new.join(INDEX_FILE)).unwrap();
+    let index = DeltaIndex::parse(&index_bytes).unwrap();
+    index.validate_against(&manifest, &manifest_bytes).unwrap();
+    let delta = index.deltas[0].clone();
+    let delta_bytes = std::fs::read(new.join(&delta.name)).unwrap();
+    assert_eq!(flotilla_proto::sha256_hex(&delta_bytes), delta.sha256);
+    assert!(
+        delta.size * 100 < v2.len() as u64,
+        "a {} byte delta for a few changed bytes of {}",
+        delta.size,
+        v2.len()
+    );
+    patch::sign(&server, &manifest_path, &key);
+    let signature = signature_of(&new);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    flotilla_proto::install_crypto_provider();
+    rt.block_on(async {
+        let mut admin = admin(&server).await;
+        let request = |deltas: Vec<u8>| pb::PublishPatchRequest {
+            manifest: manifest_bytes.clone(),
+            signatures: vec![signature.clone()],
+            deltas,
+            ..Default::default()
+        };
+        // An index for other manifest bytes is refused before anything else.
+        let mut other = index.clone();
+        other.manifest_sha256 = "0".repeat(64);
+        let e = admin
+            .publish_patch(request(other.to_bytes()))
+            .await
+            .unwrap_err();
+        refused(
+            e,
+            tonic::Code::InvalidArgument,
+            "delta index refused: delta index is for the manifest with sha256 0000",
+        );
+        // With the artifact held but not its delta: refused like a missing artifact.
+        let target = &manifest.artifacts[0];
+        let chunks: Vec<pb::ArtifactUpload> = v2
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, c)| pb::ArtifactUpload {
+                sha256: if i == 0 {
+                    target.sha256.clone()
+                } else {
+                    String::new()
+                },
+                size: if i == 0 { target.size } else { 0 },
+                offset: 0,
+                data: c.to_vec(),
+            })
+            .collect();
+        let held = admin
+            .upload_artifact(tokio_stream::iter(chunks))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(held.complete);
+        let e = admin
+            .publish_patch(request(index_bytes.clone()))
+            .await
+            .unwrap_err();
+        refused(
+            e,
+            tonic::Code::FailedPrecondition,
+            &format!(
+                "delta {} ({}) has not been uploaded",
+                delta.name, delta.sha256
+            ),
+        );
+    });
+
+    // `patch publish` uploads the delta and sends the index.
+    let (ok, out, err) = patch::publish(&server, &manifest_path);
+    assert!(ok, "{out}{err}");
+    let held = server.data_dir.join("artifacts").join(&delta.sha256);
+    assert_eq!(
+        std::fs::read(held).unwrap(),
+        delta_bytes,
+        "the server holds it"
+    );
+    let shown = server.cli_json(&["patch", "show", ID]);
+    assert_eq!(
+        shown["deltas"][0]["sha256"],
+        delta.sha256.as_str(),
+        "{shown}"
+    );
+    assert_eq!(shown["deltas"][0]["artifact"], "payload.tar", "{shown}");
+    let (ok, out, err) = patch::cli(&server, &["patch", "show", ID]);
+    let text = String::from_utf8(manifest_bytes.clone()).unwrap();
+    assert!(ok && out.trim_end() == text.trim_end(), "{out}");
+    assert!(
+        err.contains(&format!("delta {}: payload.tar from base", delta.name)),
+        "{err}"
+    );
+
+    // A node joining now is sent the index beside the manifest, fetches the
+    // delta, and rebuilds 1.0.1's artifact from 1.0.0's.
+    let token: flotilla_proto::token::JoinToken = server.token("store", 1, &[]).parse().unwrap();
+    rt.block_on(async {
+        let (_, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "host-1")
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hello = pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                last_revision: 0,
+                facts: Some(enroll::facts("host-1")),
+            })),
+        };
+        tx.send(hello).await.unwrap();
+        let beat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let msg = pb::AgentMessage {
+                    kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {})),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut states = node
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let offered = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let msg = states.message().await.unwrap().expect("a desired state");
+                let Some(pb::server_message::Kind::Desired(d)) = msg.kind else {
+                    continue;
+                };
+                if let Some(m) = d.manifests.into_iter().find(|m| m.id == ID) {
+                    return m;
+                }
+            }
+        })
+        .await
+        .expect("the patch is offered within 30s");
+        assert_eq!(offered.manifest.as_ref(), manifest_bytes.as_slice());
+        assert_eq!(offered.deltas.as_ref(), index_bytes.as_slice());
+        beat.abort();
+
+        let mut chunks = node
+            .fetch_artifact(pb::FetchArtifactRequest {
+                sha256: delta.sha256.clone(),
+                offset: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut fetched = Vec::new();
+        while let Some(c) = chunks.message().await.unwrap() {
+            fetched.extend_from_slice(&c.data);
+        }
+        assert_eq!(fetched, delta_bytes);
+        let fetched_path = d.join("fetched.zst");
+        std::fs::write(&fetched_path, &fetched).unwrap();
+        let out_dir = d.join("rebuilt");
+        std::fs::create_dir(&out_dir).unwrap();
+        let rebuilt = flotilla_agent::patch::delta::rebuild(
+            &old.join("payload.tar"),
+            &delta.base_sha256,
+            &fetched_path,
+            &manifest.artifacts[0],
+            &out_dir,
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(rebuilt).unwrap(), v2);
+    });
+    assert_no_stray_files(&new, &delta.name);
+}
+
+/// The one signature in a bundle (`patch sign` names it after its key).
+fn signature_of(bundle: &Path) -> String {
+    let path = std::fs::read_dir(bundle)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".minisig"))
+        .expect("a signature");
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// The bundle holds the manifest, its signature, the artifact, the delta and
+/// its index, and nothing else (no temp files).
+fn assert_no_stray_files(bundle: &Path, delta: &str) {
+    let mut names: Vec<String> = std::fs::read_dir(bundle)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".minisig"))
+        .collect();
+    names.sort();
+    let mut want = vec![
+        INDEX_FILE.to_string(),
+        "manifest.json".to_string(),
+        "payload.tar".to_string(),
+        delta.to_string(),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+}
