@@ -34,6 +34,12 @@ impl Transfer {
     /// past [`MAX_FAILURES`]).
     pub fn failed(&mut self, why: &str) {
         self.attempts = self.attempts.saturating_add(1);
+        self.noted(why);
+    }
+
+    /// Keeps a reason something did not go as it should (a delta that could
+    /// not be used) without counting an attempt.
+    pub fn noted(&mut self, why: &str) {
         if self.failures.len() >= MAX_FAILURES {
             self.failures.remove(0);
         }

@@ -316,3 +316,144 @@ fn assert_no_stray_files(bundle: &Path, delta: &str) {
     want.sort();
     assert_eq!(names, want);
 }
+
+/// Builds a 1.0.x bundle of `data` (as `blob.bin` in the tar) into `dir/<id>`,
+/// with `--delta-from` `from` when given; signs it. Returns the manifest path.
+fn bundle(
+    server: &Server,
+    dir: &Path,
+    key: &patch::Key,
+    version: &str,
+    data: &[u8],
+    from: Option<&Path>,
+) -> std::path::PathBuf {
+    let id = format!("app-{version}");
+    let tar = dir.join(format!("{id}.tar"));
+    patch::tar(&tar, &[("blob.bin", data, 0o644)]);
+    let spec = patch::files_spec(dir, &id, version, &tar, "");
+    let out = dir.join(&id);
+    let mut args = vec![
+        "patch",
+        "build",
+        spec.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ];
+    if let Some(from) = from {
+        args.extend(["--delta-from", from.to_str().unwrap()]);
+    }
+    let (ok, _, err) = patch::cli(server, &args);
+    assert!(ok, "patch build failed: {err}");
+    let manifest = out.join("manifest.json");
+    patch::sign(server, &manifest, key);
+    manifest
+}
+
+/// (phase, transfer) of every node, once each reached an outcome.
+fn outcomes(server: &Server, id: &str, n: usize) -> Vec<(String, serde_json::Value)> {
+    patch::wait_outcomes(server, id, n);
+    patch::status(server, id)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["phase"].as_str().unwrap().to_string(),
+                n["transfer"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Real agents: the one holding 1.0.0 downloads only the delta of 1.0.1 and
+/// rebuilds the artifact; the one whose base is gone gets the whole artifact;
+/// a delta that rebuilds other bytes is refused and the whole artifact used.
+#[test]
+fn agents_holding_the_base_download_only_the_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = patch::key(d, "release");
+    let (server, agents) = patch::signed_fleet(d, &key, 2);
+    let v0 = noise(5 << 20, 7);
+    let m0 = bundle(&server, d, &key, "1.0.0", &v0, None);
+    assert!(patch::publish(&server, &m0).0);
+    let first = outcomes(&server, "app-1.0.0", 2);
+    assert!(first.iter().all(|(p, _)| p == "committed"), "{first:?}");
+    // The second host lost its copy of the installed version's artifact.
+    let base: Manifest = Manifest::parse(&std::fs::read(&m0).unwrap()).unwrap();
+    let base_sha = &base.artifacts[0].sha256;
+    let kept = agents[1].state_dir.join("artifacts").join(base_sha);
+    assert!(kept.exists(), "the installed version's artifact is kept");
+    std::fs::remove_file(&kept).unwrap();
+
+    let mut v1 = v0.clone();
+    v1[1 << 20..(1 << 20) + 4096].copy_from_slice(&noise(4096, 8));
+    let m1 = bundle(&server, d, &key, "1.0.1", &v1, Some(&d.join("app-1.0.0")));
+    let full = std::fs::metadata(d.join("app-1.0.1").join("payload.tar"))
+        .unwrap()
+        .len();
+    assert!(patch::publish(&server, &m1).0);
+    let second = outcomes(&server, "app-1.0.1", 2);
+    eprintln!("deltas: {second:?}");
+    assert!(second.iter().all(|(p, _)| p == "committed"), "{second:?}");
+    let mut bytes: Vec<(u64, u64)> = second
+        .iter()
+        .map(|(_, t)| {
+            (
+                t["server_bytes"].as_u64().unwrap(),
+                t["delta_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    bytes.sort();
+    let (delta_node, whole_node) = (bytes[0], bytes[1]);
+    assert!(
+        delta_node.0 == delta_node.1 && delta_node.0 < full / 50,
+        "only the delta: {bytes:?}"
+    );
+    assert_eq!(whole_node, (full, 0), "no base, the whole artifact");
+    for a in &agents {
+        assert_eq!(
+            std::fs::read(a.root().join("opt/demo/blob.bin")).unwrap(),
+            v1
+        );
+    }
+
+    // 1.0.2's index claims its delta applies to 1.0.1's artifact (which both
+    // hold now) but it was made from other bytes: the rebuild does not give
+    // the signed bytes, and both hosts fetch the artifact whole.
+    let mut v2 = v1.clone();
+    v2[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 9));
+    // Equal to 1.0.2 but in one region, so the delta refers to 1.0.2's new
+    // bytes, which 1.0.1 does not have.
+    let mut other = v2.clone();
+    other[4 << 20..(4 << 20) + 4096].copy_from_slice(&noise(4096, 11));
+    bundle(&server, d, &key, "0.9.0", &other, None);
+    let m2 = bundle(&server, d, &key, "1.0.2", &v2, Some(&d.join("app-0.9.0")));
+    let index_path = d.join("app-1.0.2").join(INDEX_FILE);
+    let mut index = DeltaIndex::parse(&std::fs::read(&index_path).unwrap()).unwrap();
+    let v1_manifest = Manifest::parse(&std::fs::read(&m1).unwrap()).unwrap();
+    index.deltas[0].base_sha256 = v1_manifest.artifacts[0].sha256.clone();
+    index.deltas[0].base_size = v1_manifest.artifacts[0].size;
+    std::fs::write(&index_path, index.to_bytes()).unwrap();
+    assert!(patch::publish(&server, &m2).0);
+    let third = outcomes(&server, "app-1.0.2", 2);
+    eprintln!("bad delta: {third:?}");
+    for (phase, t) in &third {
+        assert_eq!(phase, "committed");
+        let failures = t["failures"].as_array().unwrap();
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.as_str().unwrap().contains("fetching it whole")),
+            "{t}"
+        );
+        assert!(t["server_bytes"].as_u64().unwrap() >= full, "{t}");
+    }
+    for a in &agents {
+        assert_eq!(
+            std::fs::read(a.root().join("opt/demo/blob.bin")).unwrap(),
+            v2
+        );
+    }
+}

@@ -44,6 +44,10 @@ pub struct Entry {
     /// sent with every later report, so the last one still says it.
     #[serde(default)]
     pub transfer: Option<flotilla_proto::transfer::Transfer>,
+    /// The delta index offered with the manifest (`deltas.json`, untrusted;
+    /// empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub deltas: String,
 }
 
 /// Why the journal could not be read or written.

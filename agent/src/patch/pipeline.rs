@@ -16,11 +16,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_proto::manifest::{Install, Manifest, NodeTarget, Rollback};
-use flotilla_proto::transfer::Transfer;
 use flotilla_proto::{limits, pb};
 use tokio::sync::watch;
 
-use super::fetch::{self, ClientSource, FetchLimits};
+use super::fetch::{self, FetchLimits};
 use super::journal::{Entry, Journal, Phase};
 use super::outbox::{Outbox, Report};
 use crate::embed::SharedChannel;
@@ -87,22 +86,6 @@ enum Go {
     DownloadOnly,
     /// Nowhere until offered (a restart: the offer is not known yet).
     Wait,
-}
-
-/// How the downloads of a patch ended, when not by a failure.
-enum Downloaded {
-    /// Every artifact is on disk, verified.
-    Done,
-    /// The server stopped offering the patch while its download waited to be
-    /// tried again: the entry stays Verified until it is offered again.
-    Withdrawn,
-}
-
-/// Why one try at a patch's downloads stopped.
-enum DownloadError {
-    /// Nothing to download with (no identity): the patch fails.
-    Stop(Stop),
-    Fetch(fetch::FetchError),
 }
 
 /// How a step ended when it did not succeed.
@@ -278,6 +261,8 @@ impl Pipeline {
             error: None,
             log_tail: String::new(),
             transfer: None,
+            // Not UTF-8 is not an index: the full artifacts will do.
+            deltas: String::from_utf8(signed.deltas.to_vec()).unwrap_or_default(),
         };
         if let Err(e) = self.journal.record(&entry) {
             tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record a received patch");
@@ -314,181 +299,6 @@ impl Pipeline {
             Err(e) => {
                 let error = format!("journal entry unreadable: {e}");
                 self.advance(&mut entry, Phase::Failed, &error, "");
-            }
-        }
-    }
-
-    /// Artifact sources: the open session's connection first, when it is
-    /// shared, then every server with the node's current certificate, so a
-    /// download goes on elsewhere when the session's server goes away.
-    fn source(&self) -> Result<ClientSource, String> {
-        let mut servers = Vec::new();
-        if let Some(channel) = self.cfg.shared.as_ref().and_then(SharedChannel::get) {
-            let client = pb::agent_service_client::AgentServiceClient::new(channel)
-                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
-            servers.push(("the session's server".to_string(), client));
-        }
-        let identity = match self.store.identity() {
-            Ok(Some(identity)) => identity,
-            // The session's connection alone will do.
-            _ if !servers.is_empty() => return Ok(ClientSource::new(servers)),
-            Ok(None) => return Err("the agent has no identity".into()),
-            Err(e) => return Err(e.to_string()),
-        };
-        for url in &self.cfg.servers {
-            let endpoint = flotilla_proto::tls::endpoint(
-                url,
-                &identity.ca_pem,
-                Some((&identity.cert_pem, &identity.key_pem)),
-            )
-            .map_err(|e| e.to_string())?
-            .local_address(self.cfg.source_address);
-            let client = pb::agent_service_client::AgentServiceClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
-            servers.push((url.clone(), client));
-        }
-        Ok(ClientSource::new(servers))
-    }
-
-    /// Every artifact of `m`, downloaded and verified. A failure that may pass
-    /// (the network, a server or peer down, slow or cut off) is tried again with
-    /// backoff until the patch expires, each try journaled and reported with the
-    /// entry's transfer; one that would fail the same way again fails the patch.
-    async fn download(&self, entry: &mut Entry, m: &Manifest) -> Result<Downloaded, Stop> {
-        let mut transfer = entry.transfer.clone().unwrap_or_default();
-        let mut backoff = crate::backoff::Backoff::new(
-            self.cfg.fetch.retry_after,
-            fetch::RETRY_ROUND_CAP.max(self.cfg.fetch.retry_after),
-        );
-        let mut freed = false;
-        loop {
-            let result = self.download_once(m, &mut transfer).await;
-            entry.transfer = Some(transfer.clone());
-            let e = match result {
-                Ok(()) => return Ok(Downloaded::Done),
-                Err(DownloadError::Stop(stop)) => return Err(stop),
-                Err(DownloadError::Fetch(e)) => e,
-            };
-            if e.is_disk_full() && !freed {
-                freed = true;
-                self.free_space(m);
-                continue;
-            }
-            if !e.is_transient() {
-                return Err(Stop::new(Phase::Failed, format!("download failed: {e}")));
-            }
-            let delay = backoff.next_delay();
-            let expires_at = m.expires_at;
-            if time::OffsetDateTime::now_utc() + delay >= expires_at {
-                return Err(Stop::new(
-                    Phase::Failed,
-                    format!(
-                        "download failed after {} attempt(s), and the patch expires at {expires_at} \
-                         before the next: {e}",
-                        transfer.attempts
-                    ),
-                ));
-            }
-            let note = format!(
-                "download not complete after {} attempt(s); trying again in {}s: {e}",
-                transfer.attempts,
-                delay.as_secs().max(1)
-            );
-            tracing::warn!(patch = %m.id, "{note}");
-            let phase = entry.phase;
-            if !self.advance(entry, phase, &note, "") {
-                return Err(Stop::new(
-                    Phase::Failed,
-                    "cannot record the download's progress",
-                ));
-            }
-            if !self.still_offered(&m.id, delay).await {
-                tracing::info!(patch = %m.id, "the server no longer offers this patch; its download waits until it does");
-                return Ok(Downloaded::Withdrawn);
-            }
-        }
-    }
-
-    /// One try at every artifact not yet on disk.
-    async fn download_once(
-        &self,
-        m: &Manifest,
-        transfer: &mut Transfer,
-    ) -> Result<(), DownloadError> {
-        let source = self
-            .source()
-            .map_err(|e| DownloadError::Stop(Stop::new(Phase::Failed, e)))?;
-        for a in &m.artifacts {
-            fetch::fetch(
-                &source,
-                a,
-                &self.artifact_dir(),
-                self.cfg.policy.max_artifact_bytes,
-                &self.cfg.fetch,
-                transfer,
-            )
-            .await
-            .map_err(DownloadError::Fetch)?;
-        }
-        Ok(())
-    }
-
-    /// Waits `delay`; false if meanwhile the server stopped offering patch `id`
-    /// (withdrawn, its rollout aborted, or overtaken by a newer version).
-    async fn still_offered(&self, id: &str, delay: Duration) -> bool {
-        let until = tokio::time::Instant::now() + delay;
-        let Some(mut offers) = self.offers.clone() else {
-            tokio::time::sleep_until(until).await;
-            return true;
-        };
-        loop {
-            {
-                let offer = offers.borrow_and_update();
-                if offer.rollback.iter().any(|r| r == id)
-                    || !offer
-                        .manifests
-                        .iter()
-                        .chain(&offer.prefetch)
-                        .any(|s| s.id == id)
-                {
-                    return false;
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => return true,
-                changed = offers.changed() => if changed.is_err() {
-                    // The session is gone (the agent is stopping).
-                    tokio::time::sleep_until(until).await;
-                    return true;
-                }
-            }
-        }
-    }
-
-    /// Removes downloads (complete or partial) that no unfinished patch but
-    /// `m` needs, so a full disk may take `m`'s artifacts.
-    fn free_space(&self, m: &Manifest) {
-        let keep: std::collections::BTreeSet<String> = m
-            .artifacts
-            .iter()
-            .map(|a| a.sha256.clone())
-            .chain(
-                self.journal
-                    .unfinished()
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|e| Manifest::parse(&e.manifest).ok())
-                    .flat_map(|m| m.artifacts.into_iter().map(|a| a.sha256)),
-            )
-            .collect();
-        let Ok(dir) = std::fs::read_dir(self.artifact_dir()) else {
-            return;
-        };
-        for file in dir.flatten() {
-            let name = file.file_name().to_string_lossy().into_owned();
-            let sha = name.strip_suffix(".part").unwrap_or(&name);
-            if !keep.contains(sha) && std::fs::remove_file(file.path()).is_ok() {
-                tracing::info!(file = %name, "removed an unneeded download to free space");
             }
         }
     }
@@ -585,7 +395,8 @@ impl Pipeline {
                 continue;
             };
             let shas = other.artifacts.iter().map(|a| a.sha256.clone());
-            if !e.phase.is_final() || (e.phase == Phase::Committed && other.component != m.component)
+            if !e.phase.is_final()
+                || (e.phase == Phase::Committed && other.component != m.component)
             {
                 // In flight, or another component's installed version.
                 keep.extend(shas);
@@ -734,6 +545,8 @@ impl Pipeline {
     }
 }
 
+mod download;
+use download::Downloaded;
 mod host;
 mod revert;
 #[cfg(test)]

@@ -9,6 +9,7 @@ mod dev;
 mod keys;
 mod output;
 mod patch;
+mod patch_status;
 mod rollout;
 
 use clap::{Parser, Subcommand};

@@ -17,6 +17,7 @@ fn entry(id: &str, component: &str, version: &str, phase: Phase, at: i64) -> Ent
         error: None,
         log_tail: String::new(),
         transfer: None,
+        deltas: String::new(),
     }
 }
 

@@ -97,6 +97,7 @@ fn expired_entry(started_at: i64) -> (Entry, String) {
         error: None,
         log_tail: String::new(),
         transfer: None,
+        deltas: String::new(),
     };
     (entry, public_key(&kp))
 }
@@ -554,6 +555,7 @@ async fn only_committed_patches_are_undone() {
         error: None,
         log_tail: String::new(),
         transfer: None,
+        deltas: String::new(),
     };
     p.journal.record(&entry).unwrap();
     for ph in [Phase::Verified, Phase::Downloaded] {
@@ -763,10 +765,16 @@ async fn the_installed_versions_artifacts_stay_as_delta_bases_and_only_those() {
     let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
     p.take(offer(&[&p1], &[])).await;
     assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
-    assert!(on_disk(&tar_bytes(V1)), "the installed version's artifact stays");
+    assert!(
+        on_disk(&tar_bytes(V1)),
+        "the installed version's artifact stays"
+    );
     let p2 = files_patch(&publisher, &p, "p2", "1.1.0", V2);
     p.take(offer(&[&p1, &p2], &[])).await;
     assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
     assert!(on_disk(&tar_bytes(V2)));
-    assert!(!on_disk(&tar_bytes(V1)), "the replaced version's artifact goes");
+    assert!(
+        !on_disk(&tar_bytes(V1)),
+        "the replaced version's artifact goes"
+    );
 }

@@ -1,0 +1,302 @@
+//! The download step of the pipeline: every artifact of a patch, from a delta
+//! where the host holds its base, else whole; tries that fail for a reason
+//! that may pass are tried again with backoff until the patch expires, and
+//! stop when the server no longer offers the patch.
+
+use std::time::Duration;
+
+use flotilla_proto::delta::DeltaIndex;
+use flotilla_proto::manifest::{Artifact, Manifest};
+use flotilla_proto::pb;
+use flotilla_proto::transfer::Transfer;
+
+use super::{Entry, Phase, Pipeline, Stop};
+use crate::embed::SharedChannel;
+use crate::patch::delta;
+use crate::patch::fetch::{self, ClientSource};
+
+/// How the downloads of a patch ended, when not by a failure.
+pub(super) enum Downloaded {
+    /// Every artifact is on disk, verified.
+    Done,
+    /// The server stopped offering the patch while its download waited to be
+    /// tried again: the entry stays Verified until it is offered again.
+    Withdrawn,
+}
+
+/// Why one try at a patch's downloads stopped.
+pub(super) enum DownloadError {
+    /// Nothing to download with (no identity): the patch fails.
+    Stop(Stop),
+    Fetch(fetch::FetchError),
+}
+
+impl Pipeline {
+    /// Artifact sources: the open session's connection first, when it is
+    /// shared, then every server with the node's current certificate, so a
+    /// download goes on elsewhere when the session's server goes away.
+    pub(super) fn source(&self) -> Result<ClientSource, String> {
+        let mut servers = Vec::new();
+        if let Some(channel) = self.cfg.shared.as_ref().and_then(SharedChannel::get) {
+            let client = pb::agent_service_client::AgentServiceClient::new(channel)
+                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
+            servers.push(("the session's server".to_string(), client));
+        }
+        let identity = match self.store.identity() {
+            Ok(Some(identity)) => identity,
+            // The session's connection alone will do.
+            _ if !servers.is_empty() => return Ok(ClientSource::new(servers)),
+            Ok(None) => return Err("the agent has no identity".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        for url in &self.cfg.servers {
+            let endpoint = flotilla_proto::tls::endpoint(
+                url,
+                &identity.ca_pem,
+                Some((&identity.cert_pem, &identity.key_pem)),
+            )
+            .map_err(|e| e.to_string())?
+            .local_address(self.cfg.source_address);
+            let client = pb::agent_service_client::AgentServiceClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
+            servers.push((url.clone(), client));
+        }
+        Ok(ClientSource::new(servers))
+    }
+
+    /// Every artifact of `m`, downloaded and verified. A failure that may pass
+    /// (the network, a server or peer down, slow or cut off) is tried again with
+    /// backoff until the patch expires, each try journaled and reported with the
+    /// entry's transfer; one that would fail the same way again fails the patch.
+    pub(super) async fn download(
+        &self,
+        entry: &mut Entry,
+        m: &Manifest,
+    ) -> Result<Downloaded, Stop> {
+        let mut transfer = entry.transfer.clone().unwrap_or_default();
+        let mut backoff = crate::backoff::Backoff::new(
+            self.cfg.fetch.retry_after,
+            fetch::RETRY_ROUND_CAP.max(self.cfg.fetch.retry_after),
+        );
+        let mut freed = false;
+        loop {
+            let result = self.download_once(m, &entry.deltas, &mut transfer).await;
+            entry.transfer = Some(transfer.clone());
+            let e = match result {
+                Ok(()) => return Ok(Downloaded::Done),
+                Err(DownloadError::Stop(stop)) => return Err(stop),
+                Err(DownloadError::Fetch(e)) => e,
+            };
+            if e.is_disk_full() && !freed {
+                freed = true;
+                self.free_space(m);
+                continue;
+            }
+            if !e.is_transient() {
+                return Err(Stop::new(Phase::Failed, format!("download failed: {e}")));
+            }
+            let delay = backoff.next_delay();
+            let expires_at = m.expires_at;
+            if time::OffsetDateTime::now_utc() + delay >= expires_at {
+                return Err(Stop::new(
+                    Phase::Failed,
+                    format!(
+                        "download failed after {} attempt(s), and the patch expires at {expires_at} \
+                         before the next: {e}",
+                        transfer.attempts
+                    ),
+                ));
+            }
+            let note = format!(
+                "download not complete after {} attempt(s); trying again in {}s: {e}",
+                transfer.attempts,
+                delay.as_secs().max(1)
+            );
+            tracing::warn!(patch = %m.id, "{note}");
+            let phase = entry.phase;
+            if !self.advance(entry, phase, &note, "") {
+                return Err(Stop::new(
+                    Phase::Failed,
+                    "cannot record the download's progress",
+                ));
+            }
+            if !self.still_offered(&m.id, delay).await {
+                tracing::info!(patch = %m.id, "the server no longer offers this patch; its download waits until it does");
+                return Ok(Downloaded::Withdrawn);
+            }
+        }
+    }
+
+    /// One try at every artifact not yet on disk: from a delta where one
+    /// applies, else whole.
+    async fn download_once(
+        &self,
+        m: &Manifest,
+        deltas: &str,
+        transfer: &mut Transfer,
+    ) -> Result<(), DownloadError> {
+        let source = self
+            .source()
+            .map_err(|e| DownloadError::Stop(Stop::new(Phase::Failed, e)))?;
+        let index = self.delta_index(m, deltas);
+        for a in &m.artifacts {
+            if let Some(index) = &index
+                && self.rebuilt_from_delta(&source, index, a, transfer).await
+            {
+                continue;
+            }
+            fetch::fetch(
+                &source,
+                a,
+                &self.artifact_dir(),
+                self.cfg.policy.max_artifact_bytes,
+                &self.cfg.fetch,
+                transfer,
+            )
+            .await
+            .map_err(DownloadError::Fetch)?;
+        }
+        Ok(())
+    }
+
+    /// The delta index offered with `m`, if it is one for `m`'s exact bytes.
+    /// It is trusted for nothing (see `flotilla_proto::delta`); one that does
+    /// not check out only means whole artifacts.
+    fn delta_index(&self, m: &Manifest, deltas: &str) -> Option<DeltaIndex> {
+        if deltas.is_empty() {
+            return None;
+        }
+        let bytes = self.journal.get(&m.id).ok().flatten()?.manifest;
+        match DeltaIndex::parse(deltas.as_bytes())
+            .and_then(|i| i.validate_against(m, &bytes).map(|()| i))
+        {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!(patch = %m.id, error = %e, "ignoring the delta index; downloading whole artifacts");
+                None
+            }
+        }
+    }
+
+    /// Rebuilds artifact `a` from a delta whose base this host holds: the
+    /// delta is downloaded (counted in `transfer`), the result checked against
+    /// the signed digest. False when no delta applies or any step failed (the
+    /// failure noted in `transfer`): the artifact is then fetched whole.
+    async fn rebuilt_from_delta(
+        &self,
+        source: &ClientSource,
+        index: &DeltaIndex,
+        a: &Artifact,
+        transfer: &mut Transfer,
+    ) -> bool {
+        let dir = self.artifact_dir();
+        if dir.join(&a.sha256).exists() {
+            // Complete already (the fetcher checks its digest).
+            return false;
+        }
+        let Some(d) = index
+            .for_artifact(&a.name)
+            .find(|d| dir.join(&d.base_sha256).is_file())
+        else {
+            return false;
+        };
+        let file = Artifact {
+            name: d.name.clone(),
+            sha256: d.sha256.clone(),
+            size: d.size,
+        };
+        let before = transfer.server_bytes;
+        let fetched = fetch::fetch(
+            source,
+            &file,
+            &dir,
+            self.cfg.policy.max_artifact_bytes,
+            &self.cfg.fetch,
+            transfer,
+        )
+        .await;
+        transfer.delta_bytes += transfer.server_bytes - before;
+        let result = match fetched {
+            Ok(path) => delta::rebuild(&dir.join(&d.base_sha256), &d.base_sha256, &path, a, &dir)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let _ = std::fs::remove_file(dir.join(&d.sha256));
+        match result {
+            Ok(_) => {
+                tracing::info!(artifact = %a.name, delta = %d.name, bytes = d.size, "artifact rebuilt from a delta");
+                true
+            }
+            Err(e) => {
+                let why = format!(
+                    "delta {} for artifact {}: {e}; fetching it whole",
+                    d.name, a.name
+                );
+                tracing::warn!("{why}");
+                transfer.noted(&why);
+                false
+            }
+        }
+    }
+
+    /// Waits `delay`; false if meanwhile the server stopped offering patch `id`
+    /// (withdrawn, its rollout aborted, or overtaken by a newer version).
+    async fn still_offered(&self, id: &str, delay: Duration) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        let Some(mut offers) = self.offers.clone() else {
+            tokio::time::sleep_until(until).await;
+            return true;
+        };
+        loop {
+            {
+                let offer = offers.borrow_and_update();
+                if offer.rollback.iter().any(|r| r == id)
+                    || !offer
+                        .manifests
+                        .iter()
+                        .chain(&offer.prefetch)
+                        .any(|s| s.id == id)
+                {
+                    return false;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
+                changed = offers.changed() => if changed.is_err() {
+                    // The session is gone (the agent is stopping).
+                    tokio::time::sleep_until(until).await;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Removes downloads (complete or partial) that no unfinished patch but
+    /// `m` needs, so a full disk may take `m`'s artifacts.
+    fn free_space(&self, m: &Manifest) {
+        let keep: std::collections::BTreeSet<String> = m
+            .artifacts
+            .iter()
+            .map(|a| a.sha256.clone())
+            .chain(
+                self.journal
+                    .unfinished()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|e| Manifest::parse(&e.manifest).ok())
+                    .flat_map(|m| m.artifacts.into_iter().map(|a| a.sha256)),
+            )
+            .collect();
+        let Ok(dir) = std::fs::read_dir(self.artifact_dir()) else {
+            return;
+        };
+        for file in dir.flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let sha = name.strip_suffix(".part").unwrap_or(&name);
+            if !keep.contains(sha) && std::fs::remove_file(file.path()).is_ok() {
+                tracing::info!(file = %name, "removed an unneeded download to free space");
+            }
+        }
+    }
+}
