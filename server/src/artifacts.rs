@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 mod cache;
 pub mod meter;
 pub mod peers;
+pub mod sites;
 
 /// Largest artifact the server accepts.
 pub const MAX_ARTIFACT_BYTES: u64 = flotilla_proto::manifest::MAX_ARTIFACT_BYTES;
@@ -23,6 +24,8 @@ pub struct ArtifactStore {
     cache: cache::Cache,
     /// The cap on artifact bytes sent per second, and the bytes sent.
     pub meter: std::sync::Arc<meter::Meter>,
+    /// Downloads in flight per site, and the cap on them.
+    pub sites: sites::SiteSlots,
 }
 
 /// How much of an artifact the server holds.
@@ -55,6 +58,7 @@ impl ArtifactStore {
             dir,
             cache: cache::Cache::default(),
             meter: std::sync::Arc::new(meter::Meter::new(0)),
+            sites: sites::SiteSlots::new(0),
         })
     }
 
@@ -62,6 +66,13 @@ impl ArtifactStore {
     /// (0: no cap).
     pub fn with_max_rate(mut self, rate: u32) -> Self {
         self.meter = std::sync::Arc::new(meter::Meter::new(rate));
+        self
+    }
+
+    /// The same store, letting at most `max` nodes of one site download at
+    /// once (0: no cap).
+    pub fn with_max_site_downloads(mut self, max: u32) -> Self {
+        self.sites = sites::SiteSlots::new(max);
         self
     }
 

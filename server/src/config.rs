@@ -53,6 +53,8 @@ pub struct FileConfig {
     /// Artifact bytes per second this server sends in all, to agents and
     /// replicas (default: no cap).
     pub max_artifact_rate: Option<u32>,
+    /// Nodes of one site downloading from this server at once (default: no cap).
+    pub max_site_downloads: Option<u32>,
 }
 
 impl FileConfig {
@@ -97,6 +99,8 @@ pub struct ServerConfig {
     pub artifact_copies: Option<u32>,
     /// See [`FileConfig::max_artifact_rate`]; 0: no cap.
     pub max_artifact_rate: u32,
+    /// See [`FileConfig::max_site_downloads`]; 0: no cap.
+    pub max_site_downloads: u32,
 }
 
 /// Where the fleet's records live.
@@ -272,6 +276,7 @@ impl ServerConfig {
             advertise_url: file.advertise_url,
             artifact_copies: file.artifact_copies,
             max_artifact_rate: file.max_artifact_rate.unwrap_or(0),
+            max_site_downloads: file.max_site_downloads.unwrap_or(0),
         })
     }
 

@@ -231,6 +231,19 @@ pub struct GroupRecord {
     /// on from its revision (its nodes' desired-state revisions only grow).
     #[serde(default)]
     pub deleted: bool,
+    /// The node label whose value is a node's site (None: `site`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_label: Option<String>,
+}
+
+/// The label a node's site is read from when its group sets none.
+pub const DEFAULT_SITE_LABEL: &str = "site";
+
+impl GroupRecord {
+    /// The label key whose value is a node's site in this group.
+    pub fn site_label(&self) -> &str {
+        self.site_label.as_deref().unwrap_or(DEFAULT_SITE_LABEL)
+    }
 }
 
 impl GroupRecord {
@@ -245,6 +258,7 @@ impl GroupRecord {
             rollout: Default::default(),
             sla: String::new(),
             deleted: false,
+            site_label: None,
         }
     }
 }

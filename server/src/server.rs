@@ -238,7 +238,8 @@ pub async fn run(
         ca,
         audit,
         artifacts: crate::artifacts::ArtifactStore::open(&cfg.data_dir)?
-            .with_max_rate(cfg.max_artifact_rate),
+            .with_max_rate(cfg.max_artifact_rate)
+            .with_max_site_downloads(cfg.max_site_downloads),
         peers,
         shutdown: shutdown.clone(),
     });

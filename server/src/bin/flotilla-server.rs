@@ -235,6 +235,11 @@ enum Command {
         /// replicas (default: no cap), so downloads leave room on its uplink.
         #[arg(long, env = "FLOTILLA_MAX_ARTIFACT_RATE", value_name = "BYTES_PER_SEC")]
         max_artifact_rate: Option<u32>,
+        /// Nodes of one site (the value of its group's site label) that may
+        /// download from this server at once; the others try again shortly
+        /// (default: no cap).
+        #[arg(long, env = "FLOTILLA_MAX_SITE_DOWNLOADS", value_name = "N")]
+        max_site_downloads: Option<u32>,
     },
 }
 
@@ -409,6 +414,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             advertise_url,
             artifact_copies,
             max_artifact_rate,
+            max_site_downloads,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -433,6 +439,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.advertise_url = advertise_url.or(file.advertise_url);
             file.artifact_copies = artifact_copies.or(file.artifact_copies);
             file.max_artifact_rate = max_artifact_rate.or(file.max_artifact_rate);
+            file.max_site_downloads = max_site_downloads.or(file.max_site_downloads);
             store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)

@@ -11,6 +11,7 @@ mod output;
 mod patch;
 mod patch_status;
 mod rollout;
+mod sites;
 
 use clap::{Parser, Subcommand};
 
@@ -68,6 +69,13 @@ enum Command {
     /// Reports over the fleet.
     #[command(subcommand)]
     Report(rollout::ReportCmd),
+    /// The sites of the groups (nodes sharing a site label's value): nodes,
+    /// online, downloads from the server now.
+    Sites {
+        /// Only this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// Start a local dev fleet: a server and agents, on this machine.
     Dev(dev::DevArgs),
 }
@@ -90,5 +98,6 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Patch(cmd) => patch::patch(&cli.target, out, cmd).await,
         Command::Rollout(cmd) => rollout::rollout(&cli.target, out, cmd).await,
         Command::Report(cmd) => rollout::report(&cli.target, out, cmd).await,
+        Command::Sites { group } => sites::list(&cli.target, out, group).await,
     }
 }

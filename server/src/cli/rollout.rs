@@ -321,6 +321,9 @@ pub struct GroupConfigArgs {
     /// SLA days per severity ("critical=30,high=90").
     #[arg(long)]
     pub sla: Option<String>,
+    /// The node label whose value is a node's site [default: site].
+    #[arg(long)]
+    pub site_label: Option<String>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -331,6 +334,7 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
         && a.windows.is_empty()
         && !a.clear_windows
         && a.sla.is_none()
+        && a.site_label.is_none()
         && a.policy.to_pb().is_none();
     let g = if unchanged {
         c.get_group_config(pb::GetGroupConfigRequest { name: a.name })
@@ -343,6 +347,7 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
             clear_windows: a.clear_windows,
             rollout: a.policy.to_pb(),
             sla: a.sla,
+            site_label: a.site_label,
         })
         .await
     }
@@ -350,7 +355,7 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
     .into_inner();
     let p = g.rollout.clone().unwrap_or_default();
     let human = format!(
-        "group {}\n  time zone: {}\n  windows: {} (now {})\n  rollout: waves {}, bake {}s, max applying {}, failure threshold {}, spread {}, download ahead {}\n  sla days: {}",
+        "group {}\n  time zone: {}\n  windows: {} (now {})\n  rollout: waves {}, bake {}s, max applying {}, failure threshold {}, spread {}, download ahead {}\n  sla days: {}\n  site label: {}",
         g.name,
         g.timezone,
         if g.windows.is_empty() {
@@ -374,13 +379,15 @@ pub async fn group_config(target: &Target, out: Output, a: GroupConfigArgs) -> a
             None if g.windows.is_empty() => "off (no windows)",
             None => "on (windows)",
         },
-        g.sla
+        g.sla,
+        g.site_label
     );
     out.object(
         &human,
         json!({
             "name": g.name, "timezone": g.timezone, "windows": g.windows,
             "window_open": g.window_open, "sla": g.sla, "rollout": policy_json(g.rollout.as_ref()),
+            "site_label": g.site_label,
         }),
     );
     Ok(())

@@ -59,6 +59,8 @@ pub struct GroupConfig {
     pub sla: String,
     /// Whether a window is open now (true when there is none).
     pub window_open: bool,
+    /// The node label whose value is a node's site.
+    pub site_label: String,
 }
 
 /// A change to a group's settings: what is None (or empty) stays as it is.
@@ -74,6 +76,8 @@ pub struct GroupSettings {
     pub rollout: Option<PolicySpec>,
     /// SLA days per severity, "critical=30,high=90".
     pub sla: Option<String>,
+    /// The node label whose value is a node's site.
+    pub site_label: Option<String>,
 }
 
 fn config_of(g: &GroupRecord) -> GroupConfig {
@@ -90,6 +94,7 @@ fn config_of(g: &GroupRecord) -> GroupConfig {
         rollout: g.rollout.clone(),
         sla: sla_text(&sla_of(g)),
         window_open,
+        site_label: g.site_label().to_string(),
     }
 }
 
@@ -309,6 +314,15 @@ impl Fleet {
                 Sla::parse(sla).map_err(Error::InvalidArgument)?;
                 g.sla = sla.trim().to_string();
             }
+            if let Some(label) = &r.site_label {
+                let label = label.trim();
+                flotilla_proto::limits::check_name("site label", label, 63)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                g.site_label = Some(label.to_string());
+            }
+            // Windows and rollout defaults decide which patches the nodes
+            // download ahead: their desired states change.
+            g.revision += 1;
             let config = config_of(&g);
             Ok((vec![st.write(keys::group(&r.name), &g)], config))
         })

@@ -29,6 +29,7 @@ mod quiet;
 mod rollout_commands;
 mod rollout_view;
 mod rollouts;
+mod sites;
 mod view;
 
 pub use desired::{Desired, SignedManifest};
@@ -38,6 +39,7 @@ pub use published::PatchInfo;
 pub use rollout_view::{RolloutGroup, RolloutInfo, WaveProgress};
 use rollouts::PhaseNote;
 pub use rollouts::RolloutRequest;
+pub use sites::SiteView;
 use view::Known;
 
 use crate::rollout::plan::Waiting;

@@ -831,4 +831,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::ComplianceReportResponse>, Status> {
         super::rollout::compliance_report(self, request).await
     }
+
+    async fn list_sites(
+        &self,
+        request: Request<pb::ListSitesRequest>,
+    ) -> Result<Response<pb::ListSitesResponse>, Status> {
+        super::rollout::list_sites(self, request).await
+    }
 }

@@ -376,9 +376,21 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        self.authorize(&request).await?;
+        let node_id = self.authorize(&request).await?;
         let r = request.into_inner();
         crate::artifacts::check_sha256(&r.sha256)?;
+        // A site's nodes share its uplink: so many download at once.
+        let slot = match self.app.fleet.site_of(&node_id).await {
+            Some(site) if self.app.artifacts.sites.max() > 0 => {
+                Some(self.app.artifacts.sites.take(&site).ok_or_else(|| {
+                    Status::resource_exhausted(format!(
+                        "site {site}: {} downloads at once already; try again shortly",
+                        self.app.artifacts.sites.max()
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         // Not here yet (published on another replica): fetched from one that
         // holds it, only for an artifact of a published patch.
         if self.app.artifacts.complete_size(&r.sha256).is_none()
@@ -390,7 +402,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 .await?;
         }
         Ok(Response::new(
-            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset).await?,
+            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset, slot).await?,
         ))
     }
 }

@@ -39,11 +39,13 @@ impl Body {
     }
 }
 
-/// The complete artifact `sha256` from `offset` on.
+/// The complete artifact `sha256` from `offset` on; `slot` (a site's place
+/// in its downloads at once) is held until the stream ends.
 pub async fn serve(
     artifacts: &ArtifactStore,
     sha256: &str,
     offset: u64,
+    slot: Option<crate::artifacts::sites::SiteSlot>,
 ) -> Result<ChunkStream, Status> {
     let (mut body, len) = match artifacts.in_memory(sha256).await? {
         Some(bytes) => {
@@ -166,6 +168,7 @@ pub async fn serve(
     let meter = artifacts.meter.clone();
     let sha256 = sha256.to_string();
     tokio::spawn(async move {
+        let _slot = slot;
         let mut offset = offset;
         let chunk = meter.chunk(limits::ARTIFACT_CHUNK_BYTES);
         loop {

@@ -219,3 +219,33 @@ pub async fn compliance_report(
         report_json: crate::compliance::to_json(&report),
     }))
 }
+
+pub async fn list_sites(
+    api: &AdminApi,
+    request: Request<pb::ListSitesRequest>,
+) -> Result<Response<pb::ListSitesResponse>, Status> {
+    api.caller(&request, OperatorRole::Viewer).await?;
+    let group = request.into_inner().group;
+    if !group.is_empty() {
+        // An unknown group is NotFound, as everywhere.
+        api.app.fleet.group_config(&group).await?;
+    }
+    let slots = &api.app.artifacts.sites;
+    let sites = api
+        .app
+        .fleet
+        .sites((!group.is_empty()).then_some(group.as_str()))
+        .await
+        .into_iter()
+        .map(|s| pb::SiteInfo {
+            downloads: slots.in_flight(&format!("{}/{}", s.group, s.site)) as u32,
+            max_downloads: slots.max() as u32,
+            group: s.group,
+            label: s.label,
+            site: s.site,
+            nodes: s.nodes,
+            online: s.online,
+        })
+        .collect();
+    Ok(Response::new(pb::ListSitesResponse { sites }))
+}

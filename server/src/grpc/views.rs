@@ -122,6 +122,7 @@ impl From<GroupConfig> for pb::GroupConfig {
             windows: c.windows,
             sla: c.sla,
             window_open: c.window_open,
+            site_label: c.site_label,
         }
     }
 }
@@ -141,6 +142,7 @@ impl TryFrom<pb::ConfigureGroupRequest> for GroupSettings {
             windows: r.windows,
             clear_windows: r.clear_windows,
             sla: r.sla,
+            site_label: r.site_label,
         })
     }
 }
