@@ -71,6 +71,64 @@ pub async fn hash(file: &Path, expect: Option<&str>, repeat: u32) -> anyhow::Res
     })
 }
 
+#[derive(Debug, Serialize)]
+pub struct RebuildReport {
+    pub delta_bytes: u64,
+    pub target_bytes: u64,
+    pub target_sha256: String,
+    /// Seconds of each rebuild, in order.
+    pub runs_secs: Vec<f64>,
+    /// Of the rebuilt artifact, per second of the median run.
+    pub median_mib_per_s: f64,
+}
+
+/// Rebuilds `target` (its digest and size taken from the file) from `delta`
+/// and `base` `repeat` times with the agent's delta routine, into a temp dir.
+pub async fn rebuild(
+    base: &Path,
+    delta: &Path,
+    target: &Path,
+    repeat: u32,
+) -> anyhow::Result<RebuildReport> {
+    let (base_sha, _) = fetch::file_sha256(base)
+        .await
+        .with_context(|| format!("cannot hash {}", base.display()))?;
+    let (sha256, size) = fetch::file_sha256(target)
+        .await
+        .with_context(|| format!("cannot hash {}", target.display()))?;
+    let delta_bytes = std::fs::metadata(delta)
+        .with_context(|| format!("cannot read {}", delta.display()))?
+        .len();
+    let artifact = Artifact {
+        name: "target".into(),
+        sha256: sha256.clone(),
+        size,
+    };
+    // Beside the target (same filesystem), removed after each run.
+    let out = target.with_extension("rebuilt.d");
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut runs = Vec::new();
+    for _ in 0..repeat.clamp(1, 20) {
+        let t = Instant::now();
+        let rebuilt =
+            flotilla_agent::patch::delta::rebuild(base, &base_sha, delta, &artifact, &out)
+                .await
+                .context("rebuild")?;
+        runs.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(rebuilt)?;
+    }
+    std::fs::remove_dir(&out)?;
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(RebuildReport {
+        delta_bytes,
+        target_bytes: size,
+        target_sha256: sha256,
+        median_mib_per_s: mib_per_s(size, sorted[sorted.len() / 2]),
+        runs_secs: runs,
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 fn cpu_sha_ni() -> bool {
     std::arch::is_x86_feature_detected!("sha")

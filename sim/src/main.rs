@@ -44,6 +44,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         repeat: u32,
     },
+    /// Rebuild TARGET from DELTA and BASE with the agent's delta routine
+    /// (checked against TARGET's digest), timed.
+    Rebuild {
+        base: PathBuf,
+        delta: PathBuf,
+        /// The artifact the delta should rebuild (its digest and size are checked).
+        target: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+    },
     /// N enrolled agents download one artifact at once through the agent's fetcher.
     Fetch(FetchArgs),
     /// Serve a file over plain TCP to each connection (the baseline of `fetch`).
@@ -294,6 +304,23 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             print(cli.json, &report, || report.text())
+        }
+        Cmd::Rebuild {
+            base,
+            delta,
+            target,
+            repeat,
+        } => {
+            let r = artifact::rebuild(&base, &delta, &target, repeat).await?;
+            print(cli.json, &r, || {
+                format!(
+                    "agent delta rebuild: {} delta bytes -> {} bytes, median {:.0} MiB/s over {} runs\n",
+                    r.delta_bytes,
+                    r.target_bytes,
+                    r.median_mib_per_s,
+                    r.runs_secs.len()
+                )
+            })
         }
         Cmd::Hash {
             file,

@@ -412,6 +412,11 @@ fn agents_holding_the_base_download_only_the_delta() {
         "only the delta: {bytes:?}"
     );
     assert_eq!(whole_node, (full, 0), "no base, the whole artifact");
+    assert_eq!(
+        patch::status(&server, "app-1.0.1")["served_bytes"],
+        delta_node.0 + whole_node.0,
+        "what the server sent of the patch, delta file included"
+    );
     for a in &agents {
         assert_eq!(
             std::fs::read(a.root().join("opt/demo/blob.bin")).unwrap(),

@@ -250,11 +250,17 @@ pub async fn patch_status(
     for n in &nodes {
         *counts.entry(n.phase.clone()).or_default() += 1;
     }
+    // Its artifacts and its delta files (a stored index always parses).
+    let deltas = flotilla_proto::delta::DeltaIndex::parse(info.record.deltas.as_bytes())
+        .map(|i| i.deltas)
+        .unwrap_or_default();
     let served_bytes = info
         .manifest
         .artifacts
         .iter()
-        .map(|a| api.app.artifacts.meter.sent(&a.sha256))
+        .map(|a| &a.sha256)
+        .chain(deltas.iter().map(|d| &d.sha256))
+        .map(|sha| api.app.artifacts.meter.sent(sha))
         .sum();
     Ok(Response::new(pb::PatchStatusResponse {
         patch: Some(info.into()),
