@@ -119,8 +119,9 @@ impl Phase {
 
     /// Whether an entry may move from `self` to `to`: one step forward, the same
     /// phase again (to update its details), or to RolledBack, Failed or Rejected,
-    /// from any phase of the forward path before Committed; Superseded only from
-    /// Received (it is decided by verification, before anything is fetched). Undoing a committed
+    /// from any phase of the forward path before Committed; Superseded only
+    /// before Applying (it is decided by verification, which runs again when a
+    /// patch verified or downloaded earlier is offered again). Undoing a committed
     /// patch is its own path: Committed only becomes Reverting, and Reverting only
     /// RolledBack or Failed. Any other final phase never changes.
     pub fn may_become(self, to: Phase) -> bool {
@@ -132,7 +133,9 @@ impl Phase {
                 self == to
                     || self.next() == Some(to)
                     || matches!(to, Self::RolledBack | Self::Failed | Self::Rejected)
-                    || (self == Self::Received && to == Self::Superseded)
+                    // Overtaken before anything on the host changed.
+                    || (matches!(self, Self::Received | Self::Verified | Self::Downloaded)
+                        && to == Self::Superseded)
             }
         }
     }

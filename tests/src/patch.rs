@@ -45,6 +45,20 @@ pub fn tar(path: &Path, files: &[(&str, &[u8], u32)]) {
     b.finish().expect("finish tar");
 }
 
+/// Deterministic bytes that do not compress (xorshift): a delta of them is
+/// small only because of its base, and a download of them takes its size.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed * 2 + 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Writes a spec for a `files` patch of `artifact` into /opt/demo (component `demo`).
 pub fn files_spec(dir: &Path, id: &str, version: &str, artifact: &Path, extra: &str) -> PathBuf {
     component_spec(dir, id, "demo", version, artifact, extra)

@@ -15,20 +15,6 @@ use tonic::transport::Channel;
 
 const ID: &str = "app-1.0.1";
 
-/// Deterministic bytes that do not compress: a delta is small only because
-/// of its base.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed * 2 + 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// An admin client calling as the server's first credential, to send what
 /// the CLI would refuse to send.
 async fn admin(
@@ -80,10 +66,10 @@ fn a_patch_built_with_delta_from_carries_a_small_delta_to_the_fleet() {
     ]);
 
     // 1.0.0 with a 5 MiB artifact; 1.0.1 changes a few bytes and adds some.
-    let v1 = noise(5 << 20, 1);
+    let v1 = patch::noise(5 << 20, 1);
     let mut v2 = v1.clone();
     v2[1 << 20..(1 << 20) + 16].copy_from_slice(b"version 1.0.1 ok");
-    v2.extend_from_slice(&noise(1000, 2));
+    v2.extend_from_slice(&patch::noise(1000, 2));
     std::fs::write(d.join("v1.bin"), &v1).unwrap();
     std::fs::write(d.join("v2.bin"), &v2).unwrap();
     let spec1 = patch::files_spec(d, "app-1.0.0", "1.0.0", &d.join("v1.bin"), "");
@@ -374,7 +360,7 @@ fn agents_holding_the_base_download_only_the_delta() {
     let d = dir.path();
     let key = patch::key(d, "release");
     let (server, agents) = patch::signed_fleet(d, &key, 2);
-    let v0 = noise(5 << 20, 7);
+    let v0 = patch::noise(5 << 20, 7);
     let m0 = bundle(&server, d, &key, "1.0.0", &v0, None);
     assert!(patch::publish(&server, &m0).0);
     let first = outcomes(&server, "app-1.0.0", 2);
@@ -387,7 +373,7 @@ fn agents_holding_the_base_download_only_the_delta() {
     std::fs::remove_file(&kept).unwrap();
 
     let mut v1 = v0.clone();
-    v1[1 << 20..(1 << 20) + 4096].copy_from_slice(&noise(4096, 8));
+    v1[1 << 20..(1 << 20) + 4096].copy_from_slice(&patch::noise(4096, 8));
     let m1 = bundle(&server, d, &key, "1.0.1", &v1, Some(&d.join("app-1.0.0")));
     let full = std::fs::metadata(d.join("app-1.0.1").join("payload.tar"))
         .unwrap()
@@ -428,11 +414,11 @@ fn agents_holding_the_base_download_only_the_delta() {
     // hold now) but it was made from other bytes: the rebuild does not give
     // the signed bytes, and both hosts fetch the artifact whole.
     let mut v2 = v1.clone();
-    v2[2 << 20..(2 << 20) + 4096].copy_from_slice(&noise(4096, 9));
+    v2[2 << 20..(2 << 20) + 4096].copy_from_slice(&patch::noise(4096, 9));
     // Equal to 1.0.2 but in one region, so the delta refers to 1.0.2's new
     // bytes, which 1.0.1 does not have.
     let mut other = v2.clone();
-    other[4 << 20..(4 << 20) + 4096].copy_from_slice(&noise(4096, 11));
+    other[4 << 20..(4 << 20) + 4096].copy_from_slice(&patch::noise(4096, 11));
     bundle(&server, d, &key, "0.9.0", &other, None);
     let m2 = bundle(&server, d, &key, "1.0.2", &v2, Some(&d.join("app-0.9.0")));
     let index_path = d.join("app-1.0.2").join(INDEX_FILE);

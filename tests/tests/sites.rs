@@ -10,19 +10,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(120);
 
-/// Deterministic bytes that do not compress.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed * 2 + 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn a_site_downloads_at_most_its_cap_at_once_and_every_node_commits() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,7 +57,7 @@ fn a_site_downloads_at_most_its_cap_at_once_and_every_node_commits() {
         "{sites}"
     );
     let tar = d.join("blob.tar");
-    patch::tar(&tar, &[("blob.bin", &noise(400_000, 3), 0o644)]);
+    patch::tar(&tar, &[("blob.bin", &patch::noise(400_000, 3), 0o644)]);
     let spec = patch::files_spec(d, "app-1.0.0", "1.0.0", &tar, "");
     let manifest = patch::build(&server, &spec, &d.join("app-1.0.0"));
     patch::sign(&server, &manifest, &key);

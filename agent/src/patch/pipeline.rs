@@ -182,9 +182,11 @@ impl Pipeline {
                 // Not applying yet: it stopped to wait for the offer (after a
                 // restart, when the server stopped offering it for a while, or
                 // downloaded ahead of its install).
-                Ok(Some(entry)) if entry.phase == Phase::Verified => self.go_on(entry, go).await,
+                Ok(Some(entry)) if entry.phase == Phase::Verified => {
+                    self.go_on(entry, go, &offer.target).await
+                }
                 Ok(Some(entry)) if entry.phase == Phase::Downloaded && go == Go::Install => {
-                    self.go_on(entry, go).await
+                    self.go_on(entry, go, &offer.target).await
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) => self.start(signed.clone(), &offer.target, go).await,
@@ -292,13 +294,18 @@ impl Pipeline {
         }
     }
 
-    /// Carries on with an entry the journal holds, from its recorded manifest.
-    async fn go_on(&self, mut entry: Entry, go: Go) {
-        match Manifest::parse(&entry.manifest) {
+    /// Carries on with an entry the journal holds (verified, or downloaded
+    /// ahead), offered again. It is verified again first: since it was, the
+    /// trust policy may have rotated its signers' keys out, the host's policy
+    /// or installed versions may have changed.
+    async fn go_on(&self, mut entry: Entry, go: Go, target: &NodeTarget) {
+        match self.verify(&entry, Some(target)) {
             Ok(m) => self.carry_on(entry, m, go).await,
-            Err(e) => {
-                let error = format!("journal entry unreadable: {e}");
-                self.advance(&mut entry, Phase::Failed, &error, "");
+            Err(stop) => {
+                self.advance(&mut entry, stop.phase, &stop.error, "");
+                if let Ok(m) = Manifest::parse(&entry.manifest) {
+                    self.cleanup(&m);
+                }
             }
         }
     }

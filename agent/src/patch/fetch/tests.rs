@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use flotilla_proto::manifest::Artifact;
 
 use super::rate::RateWindow;
-use super::test_server::{Knobs, serve, source};
+use super::test_server::{Fake, Knobs, serve, source};
 use super::*;
 use flotilla_proto::transfer::Transfer;
 
@@ -40,6 +40,25 @@ fn quick() -> FetchLimits {
     }
 }
 
+/// `fetch` from the fake servers `fakes`, counting into a transfer of its own.
+async fn fetch_new(
+    fakes: &[&std::sync::Arc<Fake>],
+    a: &Artifact,
+    dir: &Path,
+    cap: u64,
+    limits: &FetchLimits,
+) -> Result<PathBuf, FetchError> {
+    fetch(
+        &source(fakes),
+        a,
+        dir,
+        cap,
+        limits,
+        &mut Transfer::default(),
+    )
+    .await
+}
+
 fn part_of(dir: &Path, a: &Artifact) -> PathBuf {
     dir.join(format!("{}.part", a.sha256))
 }
@@ -49,32 +68,18 @@ async fn downloads_a_whole_artifact() {
     let fake = serve(knobs()).await;
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
-    let path = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap();
+    let path = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap();
     assert_eq!(path, dir.path().join(&a.sha256));
     assert_eq!(std::fs::read(&path).unwrap(), data());
     assert!(!part_of(dir.path(), &a).exists());
     assert_eq!(fake.requests(), [0]);
 
     // Already there: checked, not fetched again.
-    let again = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap();
+    let again = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap();
     assert_eq!(again, path);
     assert_eq!(fake.requests(), [0]);
 }
@@ -88,16 +93,9 @@ async fn resumes_after_a_cut_from_the_bytes_received() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
-    let path = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap();
+    let path = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(path).unwrap(), data());
     assert_eq!(fake.requests(), [0, 3_500]);
 }
@@ -141,16 +139,9 @@ async fn gives_up_after_max_attempts_naming_the_last_failure() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
-    let err = fetch(
-        &source(&[&down]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&down], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, FetchError::Server { code: tonic::Code::Unavailable, server, .. } if *server == down.url),
         "{err}"
@@ -167,16 +158,9 @@ async fn a_wrong_digest_deletes_the_download_and_is_not_retried() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
-    let err = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap_err();
     match &err {
         FetchError::DigestMismatch {
             name,
@@ -204,16 +188,9 @@ async fn more_bytes_than_declared_abort_at_once() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
-    let err = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, FetchError::Oversized { name, size, .. } if name == "app.tar" && *size == SIZE as u64),
         "{err}"
@@ -228,16 +205,9 @@ async fn an_artifact_over_the_cap_is_refused_before_any_request() {
     let fake = serve(knobs()).await;
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
-    let err = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        9_999,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &a, dir.path(), 9_999, &quick())
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -257,16 +227,9 @@ async fn an_artifact_over_the_cap_is_refused_before_any_request() {
         sha256: "../../etc/passwd".into(),
         ..a
     };
-    let err = fetch(
-        &source(&[&fake]),
-        &bad,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &bad, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap_err();
     assert!(matches!(err, FetchError::BadDigest { .. }), "{err}");
     assert!(fake.requests().is_empty());
 }
@@ -292,16 +255,9 @@ async fn a_trickling_server_is_too_slow() {
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
     let started = Instant::now();
-    let err = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &slow_limits(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &slow_limits())
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     match &err {
         FetchError::TooSlow { rate, min_rate, .. } => {
@@ -328,16 +284,9 @@ async fn a_silent_server_is_too_slow_too() {
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
     let started = Instant::now();
-    let err = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &slow_limits(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &slow_limits())
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, FetchError::TooSlow { rate: 0, .. }), "{err}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -362,16 +311,9 @@ async fn the_deadline_bounds_the_whole_download_and_keeps_the_bytes() {
         ..FetchLimits::default()
     };
     let started = Instant::now();
-    let err = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &limits,
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &limits)
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     let FetchError::DeadlineExceeded { received, size, .. } = err else {
         panic!("expected the deadline, got {err}");
@@ -389,16 +331,9 @@ async fn resumes_from_a_partial_file_left_before_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let a = artifact(&data());
     std::fs::write(part_of(dir.path(), &a), &data()[..6_000]).unwrap();
-    let path = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap();
+    let path = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(path).unwrap(), data());
     assert_eq!(fake.requests(), [6_000]);
 }
@@ -410,31 +345,17 @@ async fn a_bad_or_overlong_partial_file_is_started_over() {
     let a = artifact(&data());
     // Longer than the artifact: deleted before any request.
     std::fs::write(part_of(dir.path(), &a), vec![0u8; SIZE + 1]).unwrap();
-    fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap();
+    fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap();
     assert_eq!(fake.requests(), [0]);
 
     // Garbage on disk (a torn write): resumed, found wrong, downloaded again once.
     std::fs::remove_file(dir.path().join(&a.sha256)).unwrap();
     std::fs::write(part_of(dir.path(), &a), vec![0u8; 6_000]).unwrap();
-    let path = fetch(
-        &source(&[&fake]),
-        &a,
-        dir.path(),
-        1 << 20,
-        &quick(),
-        &mut Transfer::default(),
-    )
-    .await
-    .unwrap();
+    let path = fetch_new(&[&fake], &a, dir.path(), 1 << 20, &quick())
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(path).unwrap(), data());
     assert_eq!(fake.requests(), [0, 6_000, 0]);
 }

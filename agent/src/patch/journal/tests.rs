@@ -41,7 +41,7 @@ fn the_transition_table() {
             } else if from.is_final() || to == Reverting {
                 false
             } else if to == Superseded {
-                from == Received
+                matches!(from, Received | Verified | Downloaded)
             } else if matches!(to, RolledBack | Failed | Rejected) || from == to {
                 true
             } else {
@@ -71,7 +71,8 @@ fn the_transition_table() {
     assert_eq!(Reverting.to_proto(), pb::PatchPhase::Reverting);
     assert_eq!(Reverting.as_str(), "reverting");
     // Overtaken by a newer version: decided at verification, final, not a failure.
-    assert!(Received.may_become(Superseded) && !Verified.may_become(Superseded));
+    assert!(Received.may_become(Superseded) && Downloaded.may_become(Superseded));
+    assert!(!Applying.may_become(Superseded) && !Committed.may_become(Superseded));
     assert!(Superseded.is_final() && !Superseded.may_start());
     assert_eq!(Superseded.to_proto(), pb::PatchPhase::Superseded);
 }

@@ -778,3 +778,34 @@ async fn the_installed_versions_artifacts_stay_as_delta_bases_and_only_those() {
         "the replaced version's artifact goes"
     );
 }
+
+#[tokio::test]
+async fn a_patch_downloaded_ahead_is_verified_again_before_it_installs() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    p.take(Offer {
+        prefetch: vec![p1.clone()],
+        ..offer(&[], &[])
+    })
+    .await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
+    drop(p);
+    // Meanwhile the trust policy rotated: the publisher's key is no longer
+    // trusted here. Released now, the patch is refused, the host untouched.
+    let rotated = Publisher::new();
+    let p = pipeline_with(&dir, Some(rotated.public_key()), host_policy(false));
+    p.take(offer(&[&p1], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Rejected));
+    assert_eq!(snapshot(&root), before);
+    let tar = tar_bytes(V1);
+    assert!(
+        !p.artifact_dir()
+            .join(flotilla_proto::sha256_hex(&tar))
+            .exists(),
+        "its download is removed"
+    );
+}
