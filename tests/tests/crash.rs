@@ -342,6 +342,55 @@ fn refused_downloads_are_tried_again_until_they_go_through() {
     );
 }
 
+/// A download that keeps failing stops being tried once the server no longer
+/// offers the patch (its rollout aborted): the node is not failed, the host
+/// untouched.
+#[test]
+fn a_download_stops_being_tried_when_the_rollout_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("payload.tar");
+    patch::tar(&tar, &[("blob.bin", &noise(16 << 10, 4), 0o644)]);
+    let (server, agent, key) = fleet(
+        dir.path(),
+        &[(
+            "FLOTILLA_FAULT_ARTIFACT_REFUSE_FIRST",
+            "1000000".to_string(),
+        )],
+        &[],
+    );
+    let before = patch::snapshot(&agent.root());
+    let _ = release(
+        &server,
+        dir.path(),
+        &key,
+        &[("payload.tar", &tar)],
+        "[install]\ntype = \"files\"\nartifact = \"payload.tar\"\ndestination = \"/opt/demo\"\n",
+    );
+    let mut history = History::new();
+    let (_, note) = history.until(&server, "a try to end and be reported", |p| {
+        p == "verified" && {
+            let (_, error) = server_phase(&server);
+            error.contains("trying again")
+        }
+    });
+    assert!(note.contains("fault injection: refused"), "{note}");
+    server.cli(&["rollout", "abort", ID]);
+    wait_until("the agent to stop trying", T, || {
+        agent
+            .log_text()
+            .contains("the server no longer offers this patch")
+            .then_some(())
+    });
+    history.print("aborted");
+    let (phase, _) = server_phase(&server);
+    assert_eq!(phase, "verified", "not failed: {:?}", history.phases());
+    assert_eq!(
+        patch::snapshot(&agent.root()),
+        before,
+        "the host is untouched"
+    );
+}
+
 /// A download that trickles ends each try at its deadline, is tried again
 /// (reported, the host untouched) and fails only when the patch expires.
 #[test]
