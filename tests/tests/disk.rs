@@ -75,3 +75,35 @@ fn a_patch_that_does_not_fit_is_refused_before_anything_is_written() {
     assert_eq!(out[0].1, "committed", "{out:?}");
     assert_eq!(std::fs::read(demo.join("VERSION")).unwrap(), b"2\n");
 }
+
+/// The agent's download directory fills up with what an earlier download left
+/// (a partial file of an artifact no patch needs): the download that meets the
+/// full disk removes it and goes on, and the patch commits.
+#[test]
+fn a_full_download_directory_is_cleared_of_unneeded_downloads_and_the_patch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = patch::key(dir.path(), "release");
+    let (server, agents) = patch::signed_fleet(dir.path(), &k, 1);
+    let artifacts = agents[0].state_dir.join("artifacts");
+    let _fs = Tmpfs::mount(&artifacts, "2m");
+    let stale = artifacts.join(format!("{}.part", "0".repeat(64)));
+    std::fs::write(&stale, vec![7u8; 1536 << 10]).unwrap();
+
+    let tar = dir.path().join("app.tar");
+    patch::tar(&tar, &[("data.bin", &patch::noise(1 << 20, 5), 0o644)]);
+    let spec = patch::files_spec(dir.path(), "needs-room", "1.0.0", &tar, "");
+    let manifest = patch::build(&server, &spec, &dir.path().join("needs-room"));
+    patch::sign(&server, &manifest, &k);
+    assert!(patch::publish(&server, &manifest).0);
+    let out = patch::wait_outcomes(&server, "needs-room", 1);
+    assert_eq!(out[0].1, "committed", "{out:?}");
+    assert!(!stale.exists(), "the unneeded partial download was removed");
+    let st = patch::status(&server, "needs-room");
+    let failures = st["nodes"][0]["transfer"]["failures"].to_string();
+    assert!(failures.contains("No space left"), "{st}");
+    assert!(
+        agents[0]
+            .log_text()
+            .contains("removed an unneeded download to free space")
+    );
+}
