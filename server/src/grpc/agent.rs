@@ -379,17 +379,21 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let node_id = self.authorize(&request).await?;
         let r = request.into_inner();
         crate::artifacts::check_sha256(&r.sha256)?;
-        // A site's nodes share its uplink: so many download at once.
-        let slot = match self.app.fleet.site_of(&node_id).await {
-            Some(site) if self.app.artifacts.sites.max() > 0 => {
-                Some(self.app.artifacts.sites.take(&site).ok_or_else(|| {
-                    Status::resource_exhausted(format!(
-                        "site {site}: {} downloads at once already; try again shortly",
-                        self.app.artifacts.sites.max()
-                    ))
-                })?)
-            }
-            _ => None,
+        // A site's nodes share its uplink: so many download at once (the
+        // fleet is asked only when there is a cap).
+        let sites = &self.app.artifacts.sites;
+        let site = match sites.max() {
+            0 => None,
+            _ => self.app.fleet.site_of(&node_id).await,
+        };
+        let slot = match site {
+            Some(site) => Some(sites.take(&site).ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "site {site}: {} downloads at once already; try again shortly",
+                    sites.max()
+                ))
+            })?),
+            None => None,
         };
         // Not here yet (published on another replica): fetched from one that
         // holds it, only for an artifact of a published patch.
