@@ -67,6 +67,18 @@ pub struct FileConfig {
     pub min_download_rate: Option<u64>,
     /// Fastest a download may go, in bytes per second (default: no limit).
     pub max_download_rate: Option<u64>,
+    /// Serve this site's other agents, chosen before agents that only
+    /// listen (default false; listens on `site_listen`).
+    pub serve_site: Option<bool>,
+    /// Listen for this site's other agents here, so the server may choose
+    /// this agent to serve them (default: not at all, or 0.0.0.0:7444 with
+    /// `serve_site`).
+    pub site_listen: Option<std::net::SocketAddr>,
+    /// The URL the site's peers reach this agent at (default: derived from
+    /// the listen address, or the address towards the servers).
+    pub site_advertise: Option<String>,
+    /// Most bytes the site cache holds (default 4 GiB).
+    pub site_cache_bytes: Option<u64>,
 }
 
 impl FileConfig {

@@ -48,6 +48,7 @@ pub fn node_facts(machine_id: &str, trust_version: u64) -> pb::NodeFacts {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         machine_id: machine_id.to_string(),
         trust_version,
+        ..Default::default()
     }
 }
 

@@ -16,9 +16,11 @@ pub mod install;
 pub mod patch;
 pub mod refusal;
 pub mod session;
+pub mod site;
 pub mod state;
 pub mod status;
 pub mod trust;
+pub mod uplink;
 
 pub use enroll::{JoinError, JoinOptions, Joined, join, join_with};
 pub use session::{RunError, RunOptions, run, run_with};

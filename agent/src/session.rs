@@ -96,6 +96,10 @@ struct Agent {
     source_address: Option<std::net::IpAddr>,
     /// The host's facts changed (a new trust policy) since the server was told.
     facts_changed: bool,
+    /// The site service, when this agent serves its site's peers.
+    site: Option<crate::site::Site>,
+    /// What the site cache held when the server was last told.
+    sent_cache: crate::site::CacheStats,
 }
 
 /// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
@@ -154,6 +158,25 @@ where
         });
     }
 
+    let site = match &opts.site {
+        Some(site) => Some(
+            crate::site::start(
+                site,
+                crate::uplink::Uplink {
+                    store: store.clone(),
+                    servers: servers.clone(),
+                    shared: opts.shared_channel.clone(),
+                    source_address: opts.source_address,
+                },
+                opts.fetch.clone(),
+                opts.policy.max_artifact_bytes,
+                &opts.state_dir,
+                &crate::patch::pipeline::artifact_dir(&opts.state_dir),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let patches = Patches::start(
         store.clone(),
         PipelineConfig {
@@ -165,6 +188,7 @@ where
             executor: opts.executor,
             shared: opts.shared_channel.clone(),
             source_address: opts.source_address,
+            site_cache: site.as_ref().map(|s| s.cache.clone()),
         },
     )?;
     let mut agent = Agent {
@@ -180,6 +204,8 @@ where
         shared: opts.shared_channel.clone(),
         source_address: opts.source_address,
         facts_changed: false,
+        site,
+        sent_cache: crate::site::CacheStats::default(),
     };
     tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
     agent.publish_status();
@@ -319,10 +345,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let hello = message(agent_message::Kind::Hello(pb::Hello {
             last_revision: self.held.revision,
-            facts: Some(facts::node_facts(
-                &self.node.machine_id,
-                self.node.trust_version,
-            )),
+            facts: Some(self.facts()),
         }));
         self.facts_changed = false;
         // A fresh queue always has room.
@@ -367,7 +390,7 @@ impl Agent {
                         if self.facts_changed {
                             // The server learns what the host holds now (the
                             // next Hello says it too, if this is lost).
-                            let facts = facts::node_facts(&self.node.machine_id, self.node.trust_version);
+                            let facts = self.facts();
                             if tx.try_send(message(agent_message::Kind::Facts(facts))).is_ok() {
                                 self.facts_changed = false;
                             }
@@ -383,6 +406,12 @@ impl Agent {
                     },
                 },
                 _ = heartbeat.tick() => {
+                    if let Some(site) = &self.site
+                        && *site.cache.stats().borrow() != self.sent_cache
+                    {
+                        // What the site cache holds, for `flotilla sites`.
+                        let _ = tx.try_send(message(agent_message::Kind::Facts(self.facts())));
+                    }
                     match tx.try_send(message(agent_message::Kind::Heartbeat(pb::Heartbeat {}))) {
                         Ok(()) => tracing::trace!("heartbeat"),
                         Err(mpsc::error::TrySendError::Full(_)) => {
@@ -521,6 +550,19 @@ impl Agent {
         Ok(())
     }
 
+    /// The host's facts as the server is told them.
+    fn facts(&mut self) -> pb::NodeFacts {
+        let mut facts = facts::node_facts(&self.node.machine_id, self.node.trust_version);
+        if let Some(site) = &self.site {
+            site.facts(&mut facts);
+            self.sent_cache = crate::site::CacheStats {
+                files: facts.site_cache_files,
+                bytes: facts.site_cache_bytes,
+            };
+        }
+        facts
+    }
+
     fn offer(&self, msg: &pb::DesiredState) {
         let offer = Offer {
             manifests: msg.manifests.clone(),
@@ -536,6 +578,7 @@ impl Agent {
                 os: std::env::consts::OS.to_string(),
                 arch: std::env::consts::ARCH.to_string(),
             },
+            site_peers: msg.site_peers.clone(),
         };
         let _ = self.offers.send(offer);
     }

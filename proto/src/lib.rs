@@ -11,6 +11,7 @@ pub mod key_proof;
 pub mod limits;
 pub mod manifest;
 pub mod phase;
+pub mod site;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -28,6 +28,45 @@ pub enum TlsError {
     Material(String),
 }
 
+/// The TLS connections of `incoming`: handshakes run up to `max_handshakes`
+/// at a time, each given `timeout`; a connection whose handshake fails or takes longer is
+/// dropped (and so closed).
+pub fn accept<S, IO>(
+    incoming: S,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+    max_handshakes: usize,
+) -> impl futures::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<IO>>>
+where
+    S: futures::Stream<Item = std::io::Result<IO>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::StreamExt;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    incoming
+        .map(move |conn| {
+            let acceptor = acceptor.clone();
+            // Each handshake on a task of its own: they are spread over every
+            // core, as the CPU of a reconnect storm needs.
+            tokio::spawn(async move {
+                let conn = conn.ok()?;
+                match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
+                    Ok(Ok(tls)) => Some(tls),
+                    Ok(Err(e)) => {
+                        tracing::debug!("TLS handshake failed: {e}");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake took longer than {timeout:?}");
+                        None
+                    }
+                }
+            })
+        })
+        .buffer_unordered(max_handshakes)
+        .filter_map(|done| async move { done.ok().flatten().map(Ok) })
+}
+
 /// Host and port of an `https://host:port` URL.
 pub fn host_port(url: &str) -> Result<(String, u16), TlsError> {
     let bad = |reason: &str| TlsError::Url {
@@ -214,9 +253,21 @@ pub fn endpoint(
     identity: Option<(&str, &str)>,
 ) -> Result<Endpoint, TlsError> {
     let (host, _) = host_port(url)?;
+    endpoint_named(url, &host, ca_pem, identity)
+}
+
+/// [`endpoint`], checking the server's certificate for `name` rather than
+/// the URL's host (a site peer, reached by address, is named by its node).
+pub fn endpoint_named(
+    url: &str,
+    name: &str,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Endpoint, TlsError> {
+    host_port(url)?;
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(host);
+        .domain_name(name);
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }

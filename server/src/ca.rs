@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::CertificateSigningRequestDer;
 use time::OffsetDateTime;
@@ -258,7 +258,17 @@ impl CertAuthority {
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // A client of the servers, and the server of its site's peers, under
+        // a name no real server can have (see `flotilla_proto::site`).
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.subject_alt_names = vec![SanType::DnsName(
+            flotilla_proto::site::server_name(node_id)
+                .try_into()
+                .map_err(|e| CaError::BadCsr(format!("node id {node_id:?}: {e}")))?,
+        )];
         // A little slack for clocks that run behind, small against the lifetime so
         // that "renew at two thirds" stays well after issue.
         params.not_before = now - (lifetime / 10).min(Duration::from_secs(300));
@@ -344,8 +354,19 @@ mod tests {
         assert_eq!(node_id_of(&der).unwrap(), "node-abc");
         assert!(!cert.is_ca());
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
-        assert!(eku.client_auth && !eku.server_auth && !eku.any);
-        assert!(cert.subject_alternative_name().unwrap().is_none());
+        assert!(eku.client_auth && eku.server_auth && !eku.any);
+        // Its one name is the site-peer name no server can have, not the
+        // CSR's.
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["DNSName(node-abc.node.flotilla.invalid)"]);
         // The node's own key is in the certificate.
         assert_eq!(
             cert.public_key().subject_public_key.data.as_ref(),

@@ -243,6 +243,11 @@ pub fn check_facts(f: &Facts) -> Result<()> {
         return Err(Error::InvalidArgument("machine id is empty".into()));
     }
     limits::check_text("machine id", &f.machine_id, limits::MAX_FACT_LEN)?;
+    if !f.site_url.is_empty() {
+        limits::check_text("site URL", &f.site_url, limits::MAX_FACT_LEN)?;
+        flotilla_proto::tls::host_port(&f.site_url)
+            .map_err(|e| Error::InvalidArgument(format!("site URL: {e}")))?;
+    }
     Ok(())
 }
 

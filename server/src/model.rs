@@ -168,6 +168,22 @@ pub struct Facts {
     /// The trust policy version the agent holds (0: not known yet).
     #[serde(default)]
     pub trust_version: u64,
+    /// Where the agent serves its site's peers (https://IP:PORT); empty when
+    /// it does not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site_url: String,
+    /// Its host's operator marked it to serve its site.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serve_site: bool,
+    /// What its site cache holds: artifacts and bytes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub site_cache_files: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub site_cache_bytes: u64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -354,10 +354,11 @@ pub async fn run(
         .add_service(admin)
         .add_service(replicas)
         .serve_with_incoming_shutdown(
-            crate::tls::accept(
+            flotilla_proto::tls::accept(
                 crate::admission::incoming(listener, cfg.max_connections_per_sec, connections),
                 tls,
                 cfg.tls_handshake_timeout,
+                crate::tls::MAX_HANDSHAKES,
             ),
             shutdown.cancelled(),
         )

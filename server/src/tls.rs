@@ -1,22 +1,18 @@
 //! The server's side of TLS: its certificate, taken again without a restart
 //! when it changes on disk (`flotilla-server cert renew`) or renewed from the
-//! CA when a third of its lifetime is left; and the handshake of every new
-//! connection, many at a time, each bounded in time. Agents and the CLI pin
-//! the CA, not this certificate, so sessions go on across a renewal.
+//! CA when a third of its lifetime is left (handshakes are
+//! `flotilla_proto::tls::accept`'s). Agents and the CLI pin the CA, not this
+//! certificate, so sessions go on across a renewal.
 
-use std::io;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::{CertAuthority, TlsPaths};
@@ -25,7 +21,7 @@ use crate::ca::{CertAuthority, TlsPaths};
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once, at most (the connection limits bound the
 /// connections before that).
-const MAX_HANDSHAKES: usize = 4096;
+pub const MAX_HANDSHAKES: usize = 4096;
 
 /// The server certificate in use, swapped whole when it is renewed.
 #[derive(Debug)]
@@ -162,43 +158,6 @@ pub fn server_config(cert: Arc<ServerCert>, ca_pem: &str) -> anyhow::Result<Arc<
         .with_cert_resolver(cert);
     config.alpn_protocols.push(b"h2".to_vec());
     Ok(Arc::new(config))
-}
-
-/// The TLS connections of `incoming`: handshakes run many at a time, each
-/// given `timeout`; a connection whose handshake fails or takes longer is
-/// dropped (and so closed).
-pub fn accept<S, IO>(
-    incoming: S,
-    config: Arc<ServerConfig>,
-    timeout: Duration,
-) -> impl Stream<Item = io::Result<TlsStream<IO>>>
-where
-    S: Stream<Item = io::Result<IO>>,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let acceptor = TlsAcceptor::from(config);
-    incoming
-        .map(move |conn| {
-            let acceptor = acceptor.clone();
-            // Each handshake on a task of its own: they are spread over every
-            // core, as the CPU of a reconnect storm needs.
-            tokio::spawn(async move {
-                let conn = conn.ok()?;
-                match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
-                    Ok(Ok(tls)) => Some(tls),
-                    Ok(Err(e)) => {
-                        tracing::debug!("TLS handshake failed: {e}");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake took longer than {timeout:?}");
-                        None
-                    }
-                }
-            })
-        })
-        .buffer_unordered(MAX_HANDSHAKES)
-        .filter_map(|done| async move { done.ok().flatten().map(Ok) })
 }
 
 /// Whether a certificate has a third of its lifetime left, or less.

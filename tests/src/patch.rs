@@ -202,6 +202,9 @@ pub struct FleetOptions<'a> {
     /// Site labels handed out in turn (agent i gets `site=sites[i % len]`);
     /// empty: every agent is at site berlin.
     pub sites: &'a [&'a str],
+    /// The first this many agents serve their sites (`--serve-site`, on a
+    /// loopback port of their own), and start first.
+    pub serving: usize,
 }
 
 /// A server with a trust policy and running agents in group "store" (label
@@ -246,6 +249,10 @@ pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
     for i in 0..o.agents {
         let mut a = Agent::new(dir, &format!("host{i:02}")).with_root();
         a.run_args.extend(o.run_args.iter().map(|s| s.to_string()));
+        if i < o.serving {
+            a.run_args
+                .extend(["--serve-site", "--site-listen", "127.0.0.1:0"].map(String::from));
+        }
         let mut args: Vec<&str> = join_args.iter().map(String::as_str).collect();
         let site = (!o.sites.is_empty()).then(|| format!("site={}", o.sites[i % o.sites.len()]));
         if let Some(site) = &site {

@@ -4,7 +4,6 @@
 //! the delta and rebuilds the artifact from the base it holds.
 
 use std::path::Path;
-use std::time::Duration;
 
 use flotilla_e2e::{Server, enroll, patch};
 use flotilla_proto::delta::{DeltaIndex, INDEX_FILE};
@@ -202,43 +201,8 @@ fn a_patch_built_with_delta_from_carries_a_small_delta_to_the_fleet() {
         let (_, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "host-1")
             .await
             .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let hello = pb::AgentMessage {
-            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
-                last_revision: 0,
-                facts: Some(enroll::facts("host-1")),
-            })),
-        };
-        tx.send(hello).await.unwrap();
-        let beat = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let msg = pb::AgentMessage {
-                    kind: Some(pb::agent_message::Kind::Heartbeat(pb::Heartbeat {})),
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut states = node
-            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let offered = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let msg = states.message().await.unwrap().expect("a desired state");
-                let Some(pb::server_message::Kind::Desired(d)) = msg.kind else {
-                    continue;
-                };
-                if let Some(m) = d.manifests.into_iter().find(|m| m.id == ID) {
-                    return m;
-                }
-            }
-        })
-        .await
-        .expect("the patch is offered within 30s");
+        let (beat, mut states) = enroll::open_session(&mut node, "host-1").await;
+        let (_, offered) = enroll::offered(&mut states, ID).await;
         assert_eq!(offered.manifest.as_ref(), manifest_bytes.as_slice());
         assert_eq!(offered.deltas.as_ref(), index_bytes.as_slice());
         beat.abort();

@@ -139,6 +139,22 @@ struct RunArgs {
     /// the minimum rate falls to fit it.
     #[arg(long, value_name = "BYTES_PER_SEC")]
     max_download_rate: Option<u64>,
+    /// Serve this site's other agents (fetch each artifact once over the
+    /// site's uplink and hand it to them); chosen before agents that only
+    /// listen. Listens on --site-listen [default: 0.0.0.0:7444].
+    #[arg(long)]
+    serve_site: bool,
+    /// Listen for this site's other agents on ADDR, so the server may choose
+    /// this agent to serve its site when none is marked with --serve-site.
+    #[arg(long, value_name = "ADDR")]
+    site_listen: Option<std::net::SocketAddr>,
+    /// The URL the site's peers reach this agent at [default: the listen
+    /// address, or the address this host reaches the servers from].
+    #[arg(long, value_name = "URL")]
+    site_advertise: Option<String>,
+    /// Most bytes the site cache holds [default: 4 GiB].
+    #[arg(long, value_name = "BYTES")]
+    site_cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -259,7 +275,24 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
     if let Some(r) = args.max_download_rate.or(file.max_download_rate) {
         fetch.max_rate = r;
     }
+    let marked = args.serve_site || file.serve_site.unwrap_or(false);
+    let site = match args.site_listen.or(file.site_listen) {
+        None if !marked => None,
+        listen => Some(flotilla_agent::site::SiteOptions {
+            listen: listen.unwrap_or(std::net::SocketAddr::from((
+                [0, 0, 0, 0],
+                flotilla_agent::site::DEFAULT_PORT,
+            ))),
+            advertise: args.site_advertise.or(file.site_advertise.clone()),
+            marked,
+            cache_bytes: args
+                .site_cache_bytes
+                .or(file.site_cache_bytes)
+                .unwrap_or(flotilla_agent::site::DEFAULT_CACHE_BYTES),
+        }),
+    };
     let opts = RunOptions {
+        site,
         servers: file.servers(args.servers),
         role_hook: file.role_hook(args.role_hook),
         max_backoff: file.max_backoff(args.max_backoff, backoff::DEFAULT_CAP)?,

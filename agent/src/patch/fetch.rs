@@ -112,6 +112,11 @@ pub trait ArtifactSource: Send + Sync {
     fn servers(&self) -> usize;
     /// A server's name for messages (its URL).
     fn describe(&self, server: usize) -> String;
+    /// Whether these are a site's peers rather than the fleet's servers (their
+    /// bytes are counted apart).
+    fn is_peer(&self) -> bool {
+        false
+    }
 }
 
 /// An [`ArtifactSource`] over gRPC clients, one per server (with whatever TLS their
@@ -207,12 +212,14 @@ pub enum FetchError {
         size: u64,
     },
     #[error(
-        "artifact {name}: sha256 is {actual} but the manifest says {expected}; download deleted (the server holds bad bytes)"
+        "artifact {name}: sha256 is {actual} but the manifest says {expected}; download deleted (bytes from {from})"
     )]
     DigestMismatch {
         name: String,
         expected: String,
         actual: String,
+        /// Who sent the bytes (the last source of the download).
+        from: String,
     },
     #[error(
         "artifact {name}: not complete within {deadline:?}; {received} of {size} bytes received"
@@ -335,6 +342,7 @@ pub async fn fetch(
     let deadline = Instant::now() + limits.deadline;
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
     let mut server = 0;
+    let mut last_server = 0;
     let mut attempts = 0;
     let mut last = None;
     loop {
@@ -357,6 +365,7 @@ pub async fn fetch(
                         name,
                         expected: sha.clone(),
                         actual,
+                        from: source.describe(last_server),
                     };
                     transfer.failed(&e.to_string());
                     return Err(e);
@@ -373,7 +382,15 @@ pub async fn fetch(
         attempts += 1;
         let before = dl.received;
         let result = dl.attempt(source, server, limits, deadline).await;
-        transfer.server_bytes += dl.received.saturating_sub(before);
+        let got = dl.received.saturating_sub(before);
+        if got > 0 {
+            last_server = server;
+        }
+        if source.is_peer() {
+            transfer.peer_bytes += got;
+        } else {
+            transfer.server_bytes += got;
+        }
         match result {
             Ok(()) => transfer.succeeded(),
             Err(Failure::Retry(e)) => {

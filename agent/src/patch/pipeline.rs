@@ -39,6 +39,8 @@ pub struct Offer {
     /// one of these ids is not started.
     pub rollback: Vec<String>,
     pub target: NodeTarget,
+    /// Agents of this site that may serve its artifacts, best first.
+    pub site_peers: Vec<pb::SitePeer>,
 }
 
 /// How this host runs patches: set by the host's operator, never by the server.
@@ -62,6 +64,9 @@ pub struct PipelineConfig {
     pub shared: Option<SharedChannel>,
     /// The local address downloads connect from (None: the system's choice).
     pub source_address: Option<std::net::IpAddr>,
+    /// This agent's site cache, when it serves its site: its own downloads
+    /// go through it, so the site's uplink carries each artifact once.
+    pub site_cache: Option<std::sync::Arc<crate::site::SiteCache>>,
 }
 
 pub struct Pipeline {
@@ -128,6 +133,11 @@ const DONE_PLAN_FILE: &str = "plan.rolled-back.json";
 
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Where the agent with work (state) directory `work_dir` keeps its downloads.
+pub fn artifact_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("artifacts")
 }
 
 /// `path` (absolute, as a manifest names it) inside `root`.
@@ -213,7 +223,7 @@ impl Pipeline {
     }
 
     fn artifact_dir(&self) -> PathBuf {
-        self.cfg.work_dir.join("artifacts")
+        artifact_dir(&self.cfg.work_dir)
     }
 
     /// Queues the report of `phase` (flushed), then records `entry` in `phase`

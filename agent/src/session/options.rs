@@ -48,6 +48,9 @@ pub struct RunOptions {
     /// simulator spreads its agents over loopback addresses, each with its own
     /// ephemeral ports towards the server.
     pub source_address: Option<IpAddr>,
+    /// Serve this site's other agents (None: this agent does not listen for
+    /// them).
+    pub site: Option<crate::site::SiteOptions>,
 }
 
 /// Install paths allowed when the host's operator names none.
@@ -82,6 +85,7 @@ impl RunOptions {
             observer: None,
             shared_channel: None,
             source_address: None,
+            site: None,
         }
     }
 }
@@ -99,6 +103,8 @@ pub enum RunError {
     Tls(#[from] TlsError),
     #[error("the node's stored certificate is unusable: {0} (join again with a new token)")]
     Cert(#[from] CertError),
+    #[error(transparent)]
+    Site(#[from] crate::site::SiteError),
     #[error(
         "the server refused this node: {0}. The node was probably revoked or removed, or \
          its certificate expired while the agent was stopped; remove the state directory \

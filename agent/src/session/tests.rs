@@ -55,6 +55,8 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         shared: None,
         source_address: None,
         facts_changed: false,
+        site: None,
+        sent_cache: Default::default(),
     };
     (agent, rx)
 }

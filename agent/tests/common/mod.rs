@@ -175,6 +175,13 @@ impl AgentService for Service {
     ) -> Result<Response<ChunkStream>, GrpcStatus> {
         Err(GrpcStatus::unimplemented("not in this fake"))
     }
+
+    async fn authorize_site_peer(
+        &self,
+        _: Request<pb::AuthorizeSitePeerRequest>,
+    ) -> Result<Response<pb::AuthorizeSitePeerResponse>, GrpcStatus> {
+        Err(GrpcStatus::unimplemented("not in this fake"))
+    }
 }
 
 /// Starts a fake server on 127.0.0.1; returns it and its URL.

@@ -141,6 +141,7 @@ impl Fleet {
 
     fn apply_node(&self, st: &mut State, node: NodeRecord, fx: &mut Effects) {
         let id = node.id.clone();
+        st.index_site_server(st.nodes.get(&id).cloned().as_ref(), &node);
         let old = st.nodes.insert(id.clone(), node);
         let new = &st.nodes[&id];
         let moved = old.as_ref().is_none_or(|o| {

@@ -44,6 +44,9 @@ pub struct Desired {
     pub rollback: Vec<String>,
     /// Trust policy versions newer than the one the node holds, oldest first.
     pub trust: Vec<SignedPolicy>,
+    /// The site's agents that may serve it artifacts, best first (not part
+    /// of the revision).
+    pub site_peers: Vec<super::SitePeer>,
 }
 
 impl State {
@@ -91,6 +94,7 @@ impl Fleet {
                 .take(flotilla_proto::trust::MAX_CHAIN)
                 .map(|(_, p)| p.clone())
                 .collect(),
+            site_peers: st.site_peers_for(node),
         }
     }
 

@@ -39,7 +39,7 @@ pub use published::PatchInfo;
 pub use rollout_view::{RolloutGroup, RolloutInfo, WaveProgress};
 use rollouts::PhaseNote;
 pub use rollouts::RolloutRequest;
-pub use sites::SiteView;
+pub use sites::{ServingAgent, SitePeer, SiteView};
 use view::Known;
 
 use crate::rollout::plan::Waiting;
@@ -108,6 +108,8 @@ struct State {
     remote_count: HashMap<String, u32>,
     /// The trust policy's versions, by version.
     trust: BTreeMap<u64, flotilla_proto::trust::SignedPolicy>,
+    /// Group -> the accepted nodes that listen for site peers (see `sites`).
+    site_capable: HashMap<String, std::collections::BTreeSet<String>>,
     /// The stored bytes of the node, group and rollout records above, by key:
     /// what this replica's writes expect (see `view`).
     known: HashMap<String, Known>,

@@ -382,8 +382,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // A site's nodes share its uplink: so many download at once (the
         // fleet is asked only when there is a cap).
         let sites = &self.app.artifacts.sites;
+        // The agent serving its site fetches for all of it: never queued
+        // behind the site's others.
         let site = match sites.max() {
             0 => None,
+            _ if self.app.fleet.serves_its_site(&node_id).await => None,
             _ => self.app.fleet.site_of(&node_id).await,
         };
         let slot = match site {
@@ -408,5 +411,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
         Ok(Response::new(
             super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset, slot).await?,
         ))
+    }
+
+    async fn authorize_site_peer(
+        &self,
+        request: Request<pb::AuthorizeSitePeerRequest>,
+    ) -> Result<Response<pb::AuthorizeSitePeerResponse>, Status> {
+        let node_id = self.authorize(&request).await?;
+        let r = request.into_inner();
+        crate::artifacts::check_sha256(&r.sha256)?;
+        limits::check_text("peer node id", &r.peer_node_id, limits::MAX_FACT_LEN)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let size = self
+            .app
+            .fleet
+            .authorize_site_peer(&node_id, &r.peer_node_id, &r.sha256)
+            .await?;
+        Ok(Response::new(pb::AuthorizeSitePeerResponse { size }))
     }
 }

@@ -25,6 +25,10 @@ impl From<pb::NodeFacts> for Facts {
             agent_version,
             machine_id,
             trust_version,
+            site_url,
+            serve_site,
+            site_cache_files,
+            site_cache_bytes,
         } = f;
         Self {
             hostname,
@@ -33,6 +37,10 @@ impl From<pb::NodeFacts> for Facts {
             agent_version,
             machine_id,
             trust_version,
+            site_url,
+            serve_site,
+            site_cache_files,
+            site_cache_bytes,
         }
     }
 }
@@ -46,6 +54,10 @@ impl From<Facts> for pb::NodeFacts {
             agent_version: f.agent_version,
             machine_id: f.machine_id,
             trust_version: f.trust_version,
+            site_url: f.site_url,
+            serve_site: f.serve_site,
+            site_cache_files: f.site_cache_files,
+            site_cache_bytes: f.site_cache_bytes,
         }
     }
 }

@@ -245,6 +245,19 @@ pub async fn list_sites(
             site: s.site,
             nodes: s.nodes,
             online: s.online,
+            serving_node: s
+                .serving
+                .as_ref()
+                .map(|a| a.node_id.clone())
+                .unwrap_or_default(),
+            serving_url: s
+                .serving
+                .as_ref()
+                .map(|a| a.url.clone())
+                .unwrap_or_default(),
+            serving_marked: s.serving.as_ref().is_some_and(|a| a.marked),
+            cache_files: s.serving.as_ref().map_or(0, |a| a.cache_files),
+            cache_bytes: s.serving.as_ref().map_or(0, |a| a.cache_bytes),
         })
         .collect();
     Ok(Response::new(pb::ListSitesResponse { sites }))

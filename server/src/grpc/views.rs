@@ -50,6 +50,14 @@ impl From<&Desired> for pb::DesiredState {
             labels: d.labels.clone().into_iter().collect(),
             rollback: d.rollback.clone(),
             trust: d.trust.iter().map(Into::into).collect(),
+            site_peers: d
+                .site_peers
+                .iter()
+                .map(|p| pb::SitePeer {
+                    node_id: p.node_id.clone(),
+                    url: p.url.clone(),
+                })
+                .collect(),
         }
     }
 }

@@ -99,6 +99,13 @@ impl AgentService for Service {
         Err(Status::unimplemented("test server"))
     }
 
+    async fn authorize_site_peer(
+        &self,
+        _: Request<pb::AuthorizeSitePeerRequest>,
+    ) -> Result<Response<pb::AuthorizeSitePeerResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
     type FetchArtifactStream = Boxed<pb::ArtifactChunk>;
 
     async fn fetch_artifact(

@@ -166,8 +166,10 @@ async fn a_wrong_digest_deletes_the_download_and_is_not_retried() {
             name,
             expected,
             actual,
+            from,
         } => {
             assert_eq!(name, "app.tar");
+            assert!(from.contains("127.0.0.1"), "names the server: {from}");
             assert_eq!(*expected, a.sha256);
             assert_ne!(*actual, a.sha256);
         }
@@ -545,6 +547,7 @@ fn failures_that_may_pass_are_told_from_those_that_will_not() {
             name: name(),
             expected: "e".into(),
             actual: "a".into(),
+            from: "s".into(),
         },
         FetchError::Oversized {
             name: name(),

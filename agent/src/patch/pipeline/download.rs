@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use flotilla_proto::delta::DeltaIndex;
 use flotilla_proto::manifest::{Artifact, Manifest};
-use flotilla_proto::pb;
 use flotilla_proto::transfer::Transfer;
 
 use super::{Entry, Phase, Pipeline, Stop};
-use crate::embed::SharedChannel;
 use crate::patch::delta;
-use crate::patch::fetch::{self, ClientSource};
+use crate::patch::fetch::{self, ArtifactSource, ClientSource};
+use crate::site::peers::PeerSource;
+use crate::uplink::Uplink;
 
 /// How the downloads of a patch ended, when not by a failure.
 pub(super) enum Downloaded {
@@ -31,37 +31,85 @@ pub(super) enum DownloadError {
     Fetch(fetch::FetchError),
 }
 
+/// Where one try at a patch's downloads gets its bytes.
+pub(super) struct Sources {
+    servers: ClientSource,
+    /// The site's serving agents, when this agent is told of any.
+    peers: Option<PeerSource>,
+}
+
 impl Pipeline {
-    /// Artifact sources: the open session's connection first, when it is
-    /// shared, then every server with the node's current certificate, so a
-    /// download goes on elsewhere when the session's server goes away.
-    pub(super) fn source(&self) -> Result<ClientSource, String> {
-        let mut servers = Vec::new();
-        if let Some(channel) = self.cfg.shared.as_ref().and_then(SharedChannel::get) {
-            let client = pb::agent_service_client::AgentServiceClient::new(channel)
-                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
-            servers.push(("the session's server".to_string(), client));
+    pub(super) fn uplink(&self) -> Uplink {
+        Uplink {
+            store: self.store.clone(),
+            servers: self.cfg.servers.clone(),
+            shared: self.cfg.shared.clone(),
+            source_address: self.cfg.source_address,
         }
-        let identity = match self.store.identity() {
-            Ok(Some(identity)) => identity,
-            // The session's connection alone will do.
-            _ if !servers.is_empty() => return Ok(ClientSource::new(servers)),
-            Ok(None) => return Err("the agent has no identity".into()),
-            Err(e) => return Err(e.to_string()),
-        };
-        for url in &self.cfg.servers {
-            let endpoint = flotilla_proto::tls::endpoint(
-                url,
-                &identity.ca_pem,
-                Some((&identity.cert_pem, &identity.key_pem)),
-            )
-            .map_err(|e| e.to_string())?
-            .local_address(self.cfg.source_address);
-            let client = pb::agent_service_client::AgentServiceClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(flotilla_proto::limits::MAX_MESSAGE_BYTES);
-            servers.push((url.clone(), client));
+    }
+
+    /// The servers (the open session's connection first, when it is shared),
+    /// and the site peers the server named last.
+    fn sources(&self) -> Result<Sources, String> {
+        let servers = self.uplink().source()?;
+        let named = self
+            .offers
+            .as_ref()
+            .map(|o| o.borrow().site_peers.clone())
+            .unwrap_or_default();
+        let peers = match (named.is_empty(), self.store.identity()) {
+            (false, Ok(Some(identity))) => {
+                Some(PeerSource::new(&named, &identity, self.cfg.source_address))
+            }
+            _ => None,
         }
-        Ok(ClientSource::new(servers))
+        .filter(|p| !p.is_empty());
+        Ok(Sources { servers, peers })
+    }
+
+    /// Fetches `a` into the artifact directory: from the site's peers first
+    /// (any failure there noted, and the servers then go on from what
+    /// arrived), through this agent's own site cache when it serves its
+    /// site, else from the servers.
+    async fn fetch(
+        &self,
+        sources: &Sources,
+        a: &Artifact,
+        transfer: &mut Transfer,
+    ) -> Result<std::path::PathBuf, fetch::FetchError> {
+        let dir = self.artifact_dir();
+        let cap = self.cfg.policy.max_artifact_bytes;
+        if let Some(peers) = &sources.peers
+            && !dir.join(&a.sha256).exists()
+        {
+            let limits = fetch::FetchLimits {
+                max_attempts: u32::try_from(peers.servers()).unwrap_or(u32::MAX),
+                ..self.cfg.fetch.clone()
+            };
+            match fetch::fetch(peers, a, &dir, cap, &limits, transfer).await {
+                Ok(path) => return Ok(path),
+                Err(e) => {
+                    tracing::warn!(artifact = %a.name, error = %e, "no site peer could serve the artifact; fetching it from the servers");
+                }
+            }
+        } else if let Some(cache) = &self.cfg.site_cache
+            && !dir.join(&a.sha256).exists()
+        {
+            let cached = cache.fill(a, transfer).await?;
+            std::fs::create_dir_all(&dir).map_err(|source| fetch::FetchError::Io {
+                name: a.name.clone(),
+                action: "create directory",
+                path: dir.clone(),
+                source,
+            })?;
+            // Shared with the cache, which never evicts a file the host
+            // still holds; a copy where a link cannot be made.
+            let here = dir.join(&a.sha256);
+            if std::fs::hard_link(&cached, &here).is_err() {
+                let _ = std::fs::copy(&cached, &here);
+            }
+        }
+        fetch::fetch(&sources.servers, a, &dir, cap, &self.cfg.fetch, transfer).await
     }
 
     /// Every artifact of `m`, downloaded and verified. A failure that may pass
@@ -135,26 +183,19 @@ impl Pipeline {
         deltas: &str,
         transfer: &mut Transfer,
     ) -> Result<(), DownloadError> {
-        let source = self
-            .source()
+        let sources = self
+            .sources()
             .map_err(|e| DownloadError::Stop(Stop::new(Phase::Failed, e)))?;
         let index = self.delta_index(m, deltas);
         for a in &m.artifacts {
             if let Some(index) = &index
-                && self.rebuilt_from_delta(&source, index, a, transfer).await
+                && self.rebuilt_from_delta(&sources, index, a, transfer).await
             {
                 continue;
             }
-            fetch::fetch(
-                &source,
-                a,
-                &self.artifact_dir(),
-                self.cfg.policy.max_artifact_bytes,
-                &self.cfg.fetch,
-                transfer,
-            )
-            .await
-            .map_err(DownloadError::Fetch)?;
+            self.fetch(&sources, a, transfer)
+                .await
+                .map_err(DownloadError::Fetch)?;
         }
         Ok(())
     }
@@ -184,7 +225,7 @@ impl Pipeline {
     /// failure noted in `transfer`): the artifact is then fetched whole.
     async fn rebuilt_from_delta(
         &self,
-        source: &ClientSource,
+        sources: &Sources,
         index: &DeltaIndex,
         a: &Artifact,
         transfer: &mut Transfer,
@@ -205,17 +246,9 @@ impl Pipeline {
             sha256: d.sha256.clone(),
             size: d.size,
         };
-        let before = transfer.server_bytes;
-        let fetched = fetch::fetch(
-            source,
-            &file,
-            &dir,
-            self.cfg.policy.max_artifact_bytes,
-            &self.cfg.fetch,
-            transfer,
-        )
-        .await;
-        transfer.delta_bytes += transfer.server_bytes - before;
+        let before = transfer.server_bytes + transfer.peer_bytes;
+        let fetched = self.fetch(sources, &file, transfer).await;
+        transfer.delta_bytes += transfer.server_bytes + transfer.peer_bytes - before;
         let result = match fetched {
             Ok(path) => delta::rebuild(&dir.join(&d.base_sha256), &d.base_sha256, &path, a, &dir)
                 .await

@@ -80,7 +80,7 @@ impl Pipeline {
         let a = m
             .artifact(name)
             .ok_or_else(|| format!("no artifact {name}"))?;
-        let source = self.source()?;
+        let source = self.uplink().source()?;
         fetch::fetch(
             &source,
             a,

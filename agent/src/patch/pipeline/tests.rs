@@ -53,6 +53,7 @@ fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipelin
             executor: Executor::Host,
             shared: None,
             source_address: None,
+            site_cache: None,
         },
     )
 }
@@ -241,6 +242,7 @@ fn offer(manifests: &[&pb::SignedManifest], rollback: &[&str]) -> Offer {
         prefetch: Vec::new(),
         rollback: rollback.iter().map(|id| id.to_string()).collect(),
         target: NodeTarget::default(),
+        site_peers: Vec::new(),
     }
 }
 

@@ -1,0 +1,276 @@
+//! The site service of a serving agent: mutual TLS with the fleet's node
+//! certificates (its own, taken again when renewed), each request authorized
+//! by the server (a peer of this site, an artifact of a patch offered to it),
+//! and the artifact streamed from the site cache, while it fills if need be.
+//! The server is asked at every request, never remembered: a node revoked a
+//! moment ago is refused at once (one small call per peer download).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use flotilla_proto::limits;
+use flotilla_proto::manifest::Artifact;
+use flotilla_proto::pb;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::{Request, Response, Status};
+
+use super::cache::{Fill, SiteCache};
+use crate::state::Store;
+use crate::uplink::Uplink;
+
+/// Peers' downloads served at once; more are told to go to the servers.
+const MAX_STREAMS: usize = 64;
+/// How often a reader at the end of a growing file looks for more.
+const GROWING_POLL: Duration = Duration::from_millis(100);
+
+/// The node's current certificate, for the handshakes of its site service.
+pub(super) struct NodeCert {
+    store: Store,
+    current: Mutex<Option<(String, Arc<CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for NodeCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeCert")
+    }
+}
+
+impl NodeCert {
+    pub(super) fn new(store: Store) -> Self {
+        Self {
+            store,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn load(cert_pem: &str, key_pem: &str) -> Option<Arc<CertifiedKey>> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).ok()?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).ok()?;
+        Some(Arc::new(CertifiedKey::new(chain, signer)))
+    }
+}
+
+impl ResolvesServerCert for NodeCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let identity = self.store.identity().ok()??;
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((pem, key)) = current.as_ref()
+            && *pem == identity.cert_pem
+        {
+            return Some(key.clone());
+        }
+        let key = Self::load(&identity.cert_pem, &identity.key_pem)?;
+        *current = Some((identity.cert_pem, key.clone()));
+        Some(key)
+    }
+}
+
+/// The TLS configuration of the site service: this node's certificate, and
+/// a client certificate of the fleet's CA required of every peer.
+pub(super) fn tls_config(store: Store, ca_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let verifier = WebPkiClientVerifier::builder(roots.into())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(NodeCert::new(store)));
+    config.alpn_protocols.push(b"h2".to_vec());
+    Ok(Arc::new(config))
+}
+
+/// The site service.
+pub(super) struct SiteApi {
+    pub(super) cache: Arc<SiteCache>,
+    pub(super) uplink: Uplink,
+    streams: Arc<Semaphore>,
+}
+
+impl SiteApi {
+    pub(super) fn new(cache: Arc<SiteCache>, uplink: Uplink) -> Self {
+        Self {
+            cache,
+            uplink,
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        }
+    }
+
+    /// The size of artifact `sha256` if the server lets `peer` have it.
+    async fn authorize(&self, peer: &str, sha256: &str) -> Result<u64, Status> {
+        let clients = self
+            .uplink
+            .clients()
+            .map_err(|e| Status::unavailable(format!("cannot ask the servers: {e}")))?;
+        let mut last = Status::unavailable("no server to ask");
+        for (name, mut client) in clients {
+            let asked = client
+                .authorize_site_peer(pb::AuthorizeSitePeerRequest {
+                    peer_node_id: peer.to_string(),
+                    sha256: sha256.to_string(),
+                })
+                .await;
+            match asked {
+                Ok(r) => return Ok(r.into_inner().size),
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    return Err(Status::permission_denied(format!(
+                        "the fleet refuses: {}",
+                        s.message()
+                    )));
+                }
+                Err(s) => {
+                    last = Status::unavailable(format!(
+                        "cannot ask {name} about this peer: {}",
+                        s.message()
+                    ));
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The node a request comes from, by its client certificate's subject.
+fn peer_of<T>(req: &Request<T>) -> Result<String, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a node certificate of this fleet is needed"))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(first)
+        .map_err(|_| Status::unauthenticated("the client certificate cannot be parsed"))?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .filter(|id| id.starts_with("node-"))
+        .map(str::to_string)
+        .ok_or_else(|| Status::unauthenticated("the client certificate does not name a node"))
+}
+
+fn check_sha256(sha: &str) -> Result<(), Status> {
+    if sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "sha256 must be 64 lower-case hex characters",
+        ))
+    }
+}
+
+type ChunkStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+
+#[tonic::async_trait]
+impl pb::site_service_server::SiteService for SiteApi {
+    type FetchArtifactStream = ChunkStream;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let peer = peer_of(&request)?;
+        let r = request.into_inner();
+        check_sha256(&r.sha256)?;
+        let slot = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("this agent serves as many peers as it can; use the servers")
+        })?;
+        let size = self.authorize(&peer, &r.sha256).await?;
+        if r.offset > size {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the artifact's {size} bytes",
+                r.offset
+            )));
+        }
+        self.cache.start_fill(Artifact {
+            name: r.sha256.clone(),
+            sha256: r.sha256.clone(),
+            size,
+        });
+        let reader = self
+            .cache
+            .reader(&r.sha256)
+            .await
+            .map_err(|e| Status::internal(format!("cannot read the site cache: {e}")))?
+            .ok_or_else(|| Status::unavailable("the site cache cannot get this artifact now"))?;
+        tracing::debug!(%peer, artifact = %r.sha256, offset = r.offset, "serving a site peer");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(status) = stream(reader, r.offset, size, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ChunkStream::new(rx)))
+    }
+}
+
+/// Sends the file from `offset` to `size` in chunks; at the end of a file
+/// still filling, waits for more.
+async fn stream(
+    reader: super::cache::Reader,
+    mut offset: u64,
+    size: u64,
+    tx: &mpsc::Sender<Result<pb::ArtifactChunk, Status>>,
+) -> Result<(), Status> {
+    let super::cache::Reader { mut file, mut fill } = reader;
+    let io = |e: std::io::Error| Status::internal(format!("cannot read the site cache: {e}"));
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(io)?;
+    let mut buf = vec![0u8; limits::ARTIFACT_CHUNK_BYTES];
+    let mut last_look = false;
+    while offset < size {
+        let want = usize::try_from(size - offset)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = file.read(&mut buf[..want]).await.map_err(io)?;
+        if n > 0 {
+            let chunk = pb::ArtifactChunk {
+                offset,
+                data: buf[..n].to_vec().into(),
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return Ok(());
+            }
+            offset += n as u64;
+            continue;
+        }
+        let state = fill.as_ref().map(|f| f.borrow().clone());
+        match state {
+            Some(Fill::Running) => {
+                let f = fill.as_mut().expect("matched");
+                tokio::select! {
+                    _ = f.changed() => {}
+                    () = tokio::time::sleep(GROWING_POLL) => {}
+                    () = tx.closed() => return Ok(()),
+                }
+            }
+            // Filled: what is left is on disk now; one more look.
+            Some(Fill::Done) if !last_look => last_look = true,
+            Some(Fill::Failed(why)) => {
+                return Err(Status::unavailable(format!(
+                    "the site cache could not fetch this artifact: {why}"
+                )));
+            }
+            _ => {
+                return Err(Status::data_loss(format!(
+                    "the cached artifact ends at byte {offset} of {size}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
