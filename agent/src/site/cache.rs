@@ -304,3 +304,6 @@ fn cached_files(dir: &Path) -> Vec<Cached> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use flotilla_proto::manifest::Manifest;
 use tokio_util::sync::CancellationToken;
 
-use super::{Fleet, FleetConfig, RolloutRequest};
+use super::{Fleet, FleetConfig, RolloutRequest, State};
 use crate::model::{GroupRecord, NodeRecord, NodeStatus, Role, keys};
 use crate::replica::{Leadership, Replica};
 use crate::rollout::record::{self as rollout_record, RolloutRecord, RolloutState};
@@ -441,4 +441,86 @@ async fn a_burst_of_joins_into_one_group_all_succeed() {
             && r.b.nodes(Some("g")).await.is_ok_and(|n| n.len() == 256)
     })
     .await;
+}
+
+/// A node of group g at site `site`, listening for its peers when `url` is
+/// not empty, marked to serve when `marked`, enrolled at `enrolled`.
+fn site_node(id: &str, site: &str, url: &str, marked: bool, enrolled: i64) -> NodeRecord {
+    let mut n = node(id, "g");
+    n.labels.insert("site".into(), site.into());
+    n.facts.site_url = url.into();
+    n.facts.serve_site = marked;
+    n.enrolled_at = enrolled;
+    n
+}
+
+fn put(st: &mut State, n: NodeRecord) {
+    st.index_site_server(st.nodes.get(&n.id).cloned().as_ref(), &n);
+    st.nodes.insert(n.id.clone(), n);
+}
+
+fn online(st: &mut State, ids: &[&str]) {
+    for id in ids {
+        st.remote_count.insert(id.to_string(), 1);
+    }
+}
+
+#[test]
+fn a_site_is_served_by_a_marked_agent_first_then_the_longest_enrolled_online() {
+    let mut st = State::default();
+    put(
+        &mut st,
+        site_node("a", "x", "https://10.0.0.1:7444", false, 10),
+    );
+    put(
+        &mut st,
+        site_node("b", "x", "https://10.0.0.2:7444", false, 5),
+    );
+    put(
+        &mut st,
+        site_node("c", "x", "https://10.0.0.3:7444", true, 20),
+    );
+    put(&mut st, site_node("d", "x", "", false, 1));
+    put(
+        &mut st,
+        site_node("e", "y", "https://10.0.1.1:7444", false, 1),
+    );
+    online(&mut st, &["a", "c", "d", "e"]);
+    let ids = |v: Vec<&NodeRecord>| v.into_iter().map(|n| n.id.clone()).collect::<Vec<_>>();
+    // b listens but is offline; d does not listen.
+    assert_eq!(ids(st.site_servers("g/x")), ["c", "a"]);
+    let peers = |st: &State, id: &str| {
+        st.site_peers_for(&st.nodes[id])
+            .into_iter()
+            .map(|p| p.node_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(peers(&st, "d"), ["c", "a"]);
+    assert_eq!(
+        peers(&st, "a"),
+        ["c"],
+        "a fallback is told of the serving agent"
+    );
+    assert!(
+        peers(&st, "c").is_empty(),
+        "the serving agent fetches for the site"
+    );
+    assert!(peers(&st, "e").is_empty(), "alone at its site");
+    // The marked agent goes offline: the longest enrolled that listens serves.
+    st.remote_count.remove("c");
+    assert_eq!(ids(st.site_servers("g/x")), ["a"]);
+    online(&mut st, &["b"]);
+    assert_eq!(ids(st.site_servers("g/x")), ["b", "a"]);
+    // Moved to another site, or revoked: no longer a candidate there.
+    put(
+        &mut st,
+        site_node("b", "y", "https://10.0.0.2:7444", false, 5),
+    );
+    assert_eq!(ids(st.site_servers("g/x")), ["a"]);
+    assert_eq!(ids(st.site_servers("g/y")), ["e", "b"]);
+    let mut revoked = site_node("a", "x", "https://10.0.0.1:7444", false, 10);
+    revoked.status = NodeStatus::Revoked;
+    put(&mut st, revoked);
+    assert!(st.site_servers("g/x").is_empty());
+    assert!(peers(&st, "d").is_empty());
 }
