@@ -116,6 +116,11 @@ fn each_site_takes_the_artifact_over_its_uplink_about_once() {
             .all(|s| s["cache_files"] == 1 && s["cache_bytes"] == size)
             .then_some(())
     });
+    let shown = server.cli(&["rollout", "show", "app-1.0.0"]);
+    assert!(
+        shown.contains("from site peers") && shown.contains("this server sent"),
+        "{shown}"
+    );
     let table = server.cli(&["sites"]);
     assert!(
         table.contains("SERVED BY") && table.contains(&servers[0]),

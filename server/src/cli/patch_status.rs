@@ -83,19 +83,8 @@ fn print_status(out: Output, r: &pb::PatchStatusResponse, every_node: bool) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let downloads: Vec<Transfer> = r.nodes.iter().filter_map(transfer).collect();
-    if !downloads.is_empty() {
-        let sum = |f: fn(&Transfer) -> u64| downloads.iter().map(f).sum::<u64>();
-        let retried = downloads.iter().filter(|t| !t.failures.is_empty()).count();
-        flotilla_proto::outln!(
-            "downloads: {} node(s); from servers {}, from site peers {}, as deltas {}; {retried} node(s) retried; \
-             this server sent {}",
-            downloads.len(),
-            transfer::bytes(sum(|t| t.server_bytes)),
-            transfer::bytes(sum(|t| t.peer_bytes)),
-            transfer::bytes(sum(|t| t.delta_bytes)),
-            transfer::bytes(r.served_bytes),
-        );
+    if let Some(line) = downloads_line(r) {
+        flotilla_proto::outln!("{line}");
     }
     if every_node {
         out.table(
@@ -141,4 +130,28 @@ fn print_status(out: Output, r: &pb::PatchStatusResponse, every_node: bool) {
             Value::Null,
         );
     }
+}
+
+/// Where a patch's nodes got their bytes, in one line (None before any
+/// node reported a download).
+pub fn downloads_line(r: &pb::PatchStatusResponse) -> Option<String> {
+    let downloads: Vec<Transfer> = r
+        .nodes
+        .iter()
+        .filter_map(|n| n.transfer.clone().map(Transfer::from_proto))
+        .collect();
+    if downloads.is_empty() {
+        return None;
+    }
+    let sum = |f: fn(&Transfer) -> u64| downloads.iter().map(f).sum::<u64>();
+    let retried = downloads.iter().filter(|t| !t.failures.is_empty()).count();
+    Some(format!(
+        "downloads: {} node(s); from servers {}, from site peers {}, as deltas {}; {retried} node(s) retried; \
+         this server sent {}",
+        downloads.len(),
+        transfer::bytes(sum(|t| t.server_bytes)),
+        transfer::bytes(sum(|t| t.peer_bytes)),
+        transfer::bytes(sum(|t| t.delta_bytes)),
+        transfer::bytes(r.served_bytes),
+    ))
 }

@@ -209,6 +209,10 @@ fn human(r: &pb::RolloutInfo) -> String {
 
 pub async fn rollout(target: &Target, out: Output, cmd: RolloutCmd) -> anyhow::Result<()> {
     let (mut c, _) = target.admin().await?;
+    let shown = match &cmd {
+        RolloutCmd::Show { patch } => Some(patch.clone()),
+        _ => None,
+    };
     let info = match cmd {
         RolloutCmd::List => {
             let r = c
@@ -300,7 +304,22 @@ pub async fn rollout(target: &Target, out: Output, cmd: RolloutCmd) -> anyhow::R
     }
     .map_err(status_error)?
     .into_inner();
-    out.object(&human(&info), rollout_json(&info));
+    let mut text = human(&info);
+    if let Some(patch) = shown
+        && !out.json
+    {
+        // Where the nodes' bytes came from (per node: `patch status --nodes`).
+        let status = c
+            .patch_status(pb::PatchStatusRequest { id: patch })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if let Some(line) = super::patch_status::downloads_line(&status) {
+            text.push('\n');
+            text.push_str(&line);
+        }
+    }
+    out.object(&text, rollout_json(&info));
     Ok(())
 }
 

@@ -32,7 +32,11 @@ pub async fn list(target: &Target, out: Output, group: Option<String>) -> anyhow
         if s.serving_node.is_empty() {
             "-".to_string()
         } else {
-            format!("{} files, {} bytes", s.cache_files, s.cache_bytes)
+            format!(
+                "{} files, {}",
+                s.cache_files,
+                flotilla_proto::transfer::bytes(s.cache_bytes)
+            )
         }
     };
     out.table(
