@@ -126,9 +126,12 @@ pub async fn start(
     let tls =
         serve::tls_config(uplink.store.clone(), &identity.ca_pem).map_err(SiteError::Setup)?;
     let api = serve::SiteApi::new(cache.clone(), uplink);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = serve::incoming(listener, serve::MAX_CONNECTIONS);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
+            // A peer gone without closing its connection frees its slot.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(pb::site_service_server::SiteServiceServer::new(api))
             .serve_with_incoming(flotilla_proto::tls::accept(
                 incoming,

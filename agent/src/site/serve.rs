@@ -25,6 +25,9 @@ use crate::uplink::Uplink;
 
 /// Peers' downloads served at once; more are told to go to the servers.
 const MAX_STREAMS: usize = 64;
+/// Connections held at once (handshaking or open); more wait in the
+/// listener's backlog.
+pub(super) const MAX_CONNECTIONS: usize = 256;
 /// How often a reader at the end of a growing file looks for more.
 const GROWING_POLL: Duration = Duration::from_millis(100);
 
@@ -273,4 +276,110 @@ async fn stream(
         }
     }
     Ok(())
+}
+
+/// A peer connection holding one of the site service's connection slots
+/// until it closes.
+pub(super) struct Slotted {
+    inner: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Slotted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Slotted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Slotted {
+    // The TCP kind, so the peer's certificates reach requests.
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// The listener's connections, at most `max` held at once.
+pub(super) fn incoming(
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> impl futures::Stream<Item = std::io::Result<Slotted>> {
+    let slots = Arc::new(Semaphore::new(max));
+    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        loop {
+            match listener.accept().await {
+                Ok((inner, _)) => {
+                    let _ = inner.set_nodelay(true);
+                    let conn = Slotted { inner, _slot: slot };
+                    return Some((Ok(conn), (listener, slots)));
+                }
+                // Out of descriptors, or a connection gone before it was
+                // taken: an error would end the accept loop.
+                Err(e) => {
+                    tracing::warn!("cannot accept a site peer's connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn connections_past_the_bound_wait_until_one_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(super::incoming(listener, 2));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let first = incoming.next().await.unwrap().unwrap();
+        let _second = incoming.next().await.unwrap().unwrap();
+        let third = tokio::time::timeout(std::time::Duration::from_millis(200), incoming.next());
+        assert!(third.await.is_err(), "a third connection waits for a slot");
+        drop(first);
+        let third = tokio::time::timeout(std::time::Duration::from_secs(5), incoming.next());
+        assert!(
+            third.await.unwrap().unwrap().is_ok(),
+            "taken once one closed"
+        );
+    }
 }
