@@ -141,8 +141,8 @@ impl Fleet {
 
     fn apply_node(&self, st: &mut State, node: NodeRecord, fx: &mut Effects) {
         let id = node.id.clone();
-        st.index_site_server(st.nodes.get(&id).cloned().as_ref(), &node);
         let old = st.nodes.insert(id.clone(), node);
+        st.index_site_server(old.as_ref().map(|o| o.group.as_str()), &id);
         let new = &st.nodes[&id];
         let moved = old.as_ref().is_none_or(|o| {
             o.group != new.group

@@ -180,22 +180,27 @@ impl Fleet {
 }
 
 impl State {
-    /// Indexes `node`'s ability to serve its site (called with every
-    /// version of its record): agents that listen for peers, by group.
-    pub(super) fn index_site_server(&mut self, old: Option<&NodeRecord>, node: &NodeRecord) {
-        if let Some(o) = old
-            && let Some(ids) = self.site_capable.get_mut(&o.group)
+    /// Indexes node `node_id`'s ability to serve its site, as its record
+    /// stands now (`old_group`: its group before): agents that listen for
+    /// peers, by group.
+    pub(super) fn index_site_server(&mut self, old_group: Option<&str>, node_id: &str) {
+        if let Some(g) = old_group
+            && let Some(ids) = self.site_capable.get_mut(g)
         {
-            ids.remove(&o.id);
+            ids.remove(node_id);
             if ids.is_empty() {
-                self.site_capable.remove(&o.group);
+                self.site_capable.remove(g);
             }
         }
-        if node.status == NodeStatus::Accepted && !node.facts.site_url.is_empty() {
+        if let Some(n) = self.nodes.get(node_id)
+            && n.status == NodeStatus::Accepted
+            && !n.facts.site_url.is_empty()
+        {
+            let group = n.group.clone();
             self.site_capable
-                .entry(node.group.clone())
+                .entry(group)
                 .or_default()
-                .insert(node.id.clone());
+                .insert(node_id.to_string());
         }
     }
 

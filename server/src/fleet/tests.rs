@@ -455,8 +455,9 @@ fn site_node(id: &str, site: &str, url: &str, marked: bool, enrolled: i64) -> No
 }
 
 fn put(st: &mut State, n: NodeRecord) {
-    st.index_site_server(st.nodes.get(&n.id).cloned().as_ref(), &n);
-    st.nodes.insert(n.id.clone(), n);
+    let id = n.id.clone();
+    let old = st.nodes.insert(id.clone(), n);
+    st.index_site_server(old.as_ref().map(|o| o.group.as_str()), &id);
 }
 
 fn online(st: &mut State, ids: &[&str]) {
