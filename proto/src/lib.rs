@@ -25,6 +25,11 @@ pub mod pb {
     tonic::include_proto!("flotilla.v1");
 }
 
+/// The encoded descriptors of every Flotilla service and message, for gRPC
+/// reflection (`grpcurl` without the .proto files).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/flotilla_descriptor.bin"));
+
 /// Lower-case hex SHA-256 of `bytes`: the fingerprint of a CA certificate (DER).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -306,6 +306,30 @@ pub async fn run(
     health_reporter
         .set_serving::<pb::agent_service_server::AgentServiceServer<crate::grpc::agent::AgentApi>>()
         .await;
+    health_reporter
+        .set_serving::<pb::admin_service_server::AdminServiceServer<crate::grpc::admin::AdminApi>>()
+        .await;
+    // What `grpcurl` needs to call any service without the .proto files
+    // (the descriptors are public: the protocol is documented). Only the
+    // services this server serves are listed (agents serve SiteService).
+    let reflection = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for name in [
+            "flotilla.v1.AgentService",
+            "flotilla.v1.AdminService",
+            "flotilla.v1.ReplicaService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            b = b.with_service_name(name);
+        }
+        b
+    };
+    let reflection_alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
 
     let connections = crate::connections::Registry::new(connection_limits(&cfg));
     // A request on a connection ends its pending time (see `connections`).
@@ -350,6 +374,8 @@ pub async fn run(
     Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(agent)
         .add_service(admin)
         .add_service(replicas)
