@@ -55,6 +55,8 @@ pub struct FileConfig {
     pub max_artifact_rate: Option<u32>,
     /// Nodes of one site downloading from this server at once (default: no cap).
     pub max_site_downloads: Option<u32>,
+    /// Where to serve Prometheus metrics over plain HTTP (default: nowhere).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl FileConfig {
@@ -101,6 +103,8 @@ pub struct ServerConfig {
     pub max_artifact_rate: u32,
     /// See [`FileConfig::max_site_downloads`]; 0: no cap.
     pub max_site_downloads: u32,
+    /// See [`FileConfig::metrics_listen`].
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where the fleet's records live.
@@ -277,6 +281,7 @@ impl ServerConfig {
             artifact_copies: file.artifact_copies,
             max_artifact_rate: file.max_artifact_rate.unwrap_or(0),
             max_site_downloads: file.max_site_downloads.unwrap_or(0),
+            metrics_listen: file.metrics_listen,
         })
     }
 
@@ -313,6 +318,11 @@ impl ServerConfig {
     /// Where the bound address is written once the server listens.
     pub fn addr_file(&self) -> PathBuf {
         self.data_dir.join("server.addr")
+    }
+
+    /// Where the metrics address is written once it listens.
+    pub fn metrics_addr_file(&self) -> PathBuf {
+        self.data_dir.join("metrics.addr")
     }
 }
 

@@ -128,10 +128,12 @@ impl Registry {
         let conn = match self.register(addr) {
             Ok(conn) => conn,
             Err(why) => {
-                let counter = match why {
-                    Refusal::PerSource => &self.refusals.per_source,
-                    Refusal::Global => &self.refusals.global,
+                let (counter, reason) = match why {
+                    Refusal::PerSource => (&self.refusals.per_source, "per_source"),
+                    Refusal::Global => (&self.refusals.global, "global"),
                 };
+                metrics::counter!("flotilla_connections_refused_total", "reason" => reason)
+                    .increment(1);
                 counter.fetch_add(1, Ordering::Relaxed);
                 self.maybe_log();
                 return None;
@@ -186,6 +188,8 @@ impl Registry {
             {
                 c.close.cancel();
                 self.refusals.evicted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("flotilla_connections_refused_total", "reason" => "evicted")
+                    .increment(1);
                 self.maybe_log();
                 return true;
             }
@@ -309,6 +313,8 @@ impl LimitedStream {
                 .refusals
                 .timed_out
                 .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("flotilla_connections_refused_total", "reason" => "timed_out")
+                .increment(1);
             self.registry.maybe_log();
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -21,6 +21,7 @@ pub mod guess_guard;
 pub mod key_proof;
 pub mod maintenance;
 pub mod membership;
+pub mod metrics;
 pub mod model;
 pub mod patches;
 pub mod replica;

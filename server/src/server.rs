@@ -367,6 +367,26 @@ pub async fn run(
         served,
     );
 
+    if let Some(at) = cfg.metrics_listen {
+        let handle = crate::metrics::install()?;
+        let metrics = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {at}"))?;
+        let bound = metrics.local_addr()?;
+        crate::ca::write_atomic(
+            &cfg.metrics_addr_file(),
+            bound.to_string().as_bytes(),
+            false,
+        )?;
+        tracing::info!(addr = %bound, "serving metrics at http://{bound}/metrics");
+        tokio::spawn(crate::metrics::serve(
+            metrics,
+            handle,
+            app.clone(),
+            shutdown.clone(),
+        ));
+    }
+
     let addr = listener.local_addr()?;
     crate::ca::write_atomic(&cfg.addr_file(), addr.to_string().as_bytes(), false)?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "flotilla-server listening");

@@ -245,9 +245,24 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
             .value;
         assert!(!bc.ca, "must not be a CA");
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
-        assert!(eku.client_auth && !eku.server_auth && !eku.any && eku.other.is_empty());
-        assert!(
-            cert.subject_alternative_name().unwrap().is_none(),
+        // Client, and server of its site's peers under a name no real
+        // server has; nothing the CSR asked for.
+        assert!(eku.client_auth && eku.server_auth && !eku.any && eku.other.is_empty());
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .expect("the site-peer name")
+            .value
+            .general_names
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            names,
+            [format!(
+                "DNSName({})",
+                flotilla_proto::site::server_name(&resp.node_id)
+            )],
             "no SANs from the CSR"
         );
         let lifetime =

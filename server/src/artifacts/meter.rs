@@ -44,6 +44,7 @@ impl Meter {
             // `n` never exceeds the burst (see `chunk`): the wait always ends.
             let _ = limiter.until_n_ready(cells).await;
         }
+        metrics::counter!("flotilla_artifact_bytes_sent_total").increment(n as u64);
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         match sent.get_mut(sha256) {
             Some(total) => *total += n as u64,

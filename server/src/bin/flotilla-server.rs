@@ -78,6 +78,8 @@ enum CertCmd {
     },
 }
 
+// Parsed once per process: the size of `Run`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create the CA, the server certificate and a first admin credential.
@@ -240,6 +242,10 @@ enum Command {
         /// (default: no cap).
         #[arg(long, env = "FLOTILLA_MAX_SITE_DOWNLOADS", value_name = "N")]
         max_site_downloads: Option<u32>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no
+        /// credential: listen on a private address) [default: off].
+        #[arg(long, env = "FLOTILLA_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -415,6 +421,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             artifact_copies,
             max_artifact_rate,
             max_site_downloads,
+            metrics_listen,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -440,6 +447,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.artifact_copies = artifact_copies.or(file.artifact_copies);
             file.max_artifact_rate = max_artifact_rate.or(file.max_artifact_rate);
             file.max_site_downloads = max_site_downloads.or(file.max_site_downloads);
+            file.metrics_listen = metrics_listen.or(file.metrics_listen);
             store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)

@@ -743,7 +743,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::PublishPatchRequest>,
     ) -> Result<Response<pb::PatchInfo>, Status> {
-        super::publish::publish_patch(self, request).await
+        let started = std::time::Instant::now();
+        let published = super::publish::publish_patch(self, request).await;
+        if published.is_ok() {
+            metrics::histogram!("flotilla_publish_seconds").record(started.elapsed());
+        }
+        published
     }
 
     async fn list_patches(

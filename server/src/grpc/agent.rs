@@ -366,7 +366,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 .transfer
                 .map(flotilla_proto::transfer::Transfer::from_proto),
         };
+        let phase_name = phase.as_str();
         let recorded = crate::patches::record_report(&self.app, &node_id, rec).await?;
+        if recorded {
+            metrics::counter!("flotilla_reports_total", "phase" => phase_name).increment(1);
+        }
         Ok(Response::new(pb::ReportResponse { recorded }))
     }
 
