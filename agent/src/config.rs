@@ -79,6 +79,8 @@ pub struct FileConfig {
     pub site_advertise: Option<String>,
     /// Most bytes the site cache holds (default 4 GiB).
     pub site_cache_bytes: Option<u64>,
+    /// A node-exporter textfile to keep the agent's metrics in (default: none).
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 impl FileConfig {

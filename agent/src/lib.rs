@@ -19,6 +19,7 @@ pub mod session;
 pub mod site;
 pub mod state;
 pub mod status;
+pub mod textfile;
 pub mod trust;
 pub mod uplink;
 

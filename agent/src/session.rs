@@ -100,6 +100,8 @@ struct Agent {
     site: Option<crate::site::Site>,
     /// What the site cache held when the server was last told.
     sent_cache: crate::site::CacheStats,
+    /// The metrics textfile, when the host's operator asked for one.
+    textfile: Option<std::sync::Arc<crate::textfile::Textfile>>,
 }
 
 /// Runs the agent until `shutdown` completes (then `Ok`) or the node is refused or
@@ -177,6 +179,10 @@ where
         ),
         None => None,
     };
+    let textfile = opts
+        .metrics_textfile
+        .clone()
+        .map(|p| std::sync::Arc::new(crate::textfile::Textfile::new(p)));
     let patches = Patches::start(
         store.clone(),
         PipelineConfig {
@@ -189,6 +195,7 @@ where
             shared: opts.shared_channel.clone(),
             source_address: opts.source_address,
             site_cache: site.as_ref().map(|s| s.cache.clone()),
+            textfile: textfile.clone(),
         },
     )?;
     let mut agent = Agent {
@@ -206,6 +213,7 @@ where
         facts_changed: false,
         site,
         sent_cache: crate::site::CacheStats::default(),
+        textfile,
     };
     tracing::info!(node_id = %agent.node.node_id, group = %agent.node.group, role = %agent.held.role, revision = agent.held.revision, "agent starting");
     agent.publish_status();
@@ -596,6 +604,9 @@ impl Agent {
     /// Rewrites status.json. Failing to is logged, not fatal: it is a report, and
     /// the session matters more.
     fn publish_status(&self) {
+        if let Some(t) = &self.textfile {
+            t.session(self.connected, self.cert.not_after);
+        }
         let written = Status::new(&self.node, &self.held, &self.servers, self.connected)
             .map_err(|e| e.to_string())
             .and_then(|s| s.write(self.store.dir()).map_err(|e| e.to_string()));

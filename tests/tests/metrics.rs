@@ -1,5 +1,6 @@
 //! Prometheus metrics: `--metrics-listen` serves `/metrics` over plain HTTP;
-//! a scrape parses as the text format, and a rollout moves its counters.
+//! a scrape parses as the text format, and a rollout moves its counters. An
+//! agent's `--metrics-textfile` follows its session and its patches.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -52,7 +53,7 @@ fn a_scrape_parses_and_a_rollout_moves_the_counters() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let key = patch::key(d, "release");
-    let (server, _agents) = patch::fleet(
+    let (server, mut agents) = patch::fleet(
         d,
         FleetOptions {
             agents: 2,
@@ -62,6 +63,21 @@ fn a_scrape_parses_and_a_rollout_moves_the_counters() {
             ..FleetOptions::default()
         },
     );
+    // One agent keeps a textfile for node-exporter.
+    let prom = d.join("agent0.prom");
+    agents[0].kill9();
+    agents[0].run_args.extend([
+        "--metrics-textfile".to_string(),
+        prom.to_string_lossy().into_owned(),
+    ]);
+    agents[0].start(&[server.url()]);
+    wait_until("the agent's textfile says connected", T, || {
+        let text = std::fs::read_to_string(&prom).ok()?;
+        text.contains("flotilla_agent_connected 1\n").then_some(())
+    });
+    wait_until("both agents online", T, || {
+        (server.group("store")["online"] == 2).then_some(())
+    });
     let before = scrape(&server);
     assert_eq!(value(&before, "flotilla_sessions", &[]), 2.0);
     assert_eq!(
@@ -95,7 +111,9 @@ fn a_scrape_parses_and_a_rollout_moves_the_counters() {
     let size = std::fs::metadata(&tar).unwrap().len() as f64;
     let after = wait_until("the rollout's counters moved", T, || {
         let s = scrape(&server);
-        (value(&s, "flotilla_reports_total", &[("phase", "committed")]) == 2.0).then_some(s)
+        (value(&s, "flotilla_reports_total", &[("phase", "committed")]) == 2.0
+            && value(&s, "flotilla_rollouts", &[("state", "completed")]) == 1.0)
+            .then_some(s)
     });
     assert!(
         value(&after, "flotilla_reports_total", &[]) > 2.0,
@@ -110,11 +128,34 @@ fn a_scrape_parses_and_a_rollout_moves_the_counters() {
         2.0
     );
     assert_eq!(
-        value(&after, "flotilla_rollouts", &[("state", "completed")]),
-        1.0
+        value(&after, "flotilla_rollouts", &[("state", "running")]),
+        0.0
     );
     assert!(value(&after, "flotilla_artifact_bytes_sent_total", &[]) >= 2.0 * size);
     assert_eq!(value(&after, "flotilla_publish_seconds_count", &[]), 1.0);
+
+    let text = wait_until("the textfile has the patch", T, || {
+        let text = std::fs::read_to_string(&prom).ok()?;
+        text.contains("flotilla_agent_last_report_timestamp_seconds")
+            .then_some(text)
+    });
+    let agent = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert_eq!(
+        value(
+            &agent,
+            "flotilla_agent_patch_phase",
+            &[("patch", "app-1.0.0"), ("phase", "committed")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        value(
+            &agent,
+            "flotilla_agent_certificate_expiry_timestamp_seconds",
+            &[]
+        ) > now
+    );
 
     let (status, _) = get(&server, "/other");
     assert!(status.contains("404"), "{status}");

@@ -155,6 +155,11 @@ struct RunArgs {
     /// Most bytes the site cache holds [default: 4 GiB].
     #[arg(long, value_name = "BYTES")]
     site_cache_bytes: Option<u64>,
+    /// Keep the agent's metrics in this node-exporter textfile (session,
+    /// certificate expiry, the newest patch's phase, the last report)
+    /// [default: none].
+    #[arg(long, value_name = "PATH")]
+    metrics_textfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +298,7 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
     };
     let opts = RunOptions {
         site,
+        metrics_textfile: args.metrics_textfile.or(file.metrics_textfile.clone()),
         servers: file.servers(args.servers),
         role_hook: file.role_hook(args.role_hook),
         max_backoff: file.max_backoff(args.max_backoff, backoff::DEFAULT_CAP)?,

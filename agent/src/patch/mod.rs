@@ -33,11 +33,18 @@ impl Patches {
         let reporter =
             report::Reporter::new(store.clone(), cfg.servers.clone(), cfg.source_address)
                 .sharing(cfg.shared.clone());
+        let textfile = cfg.textfile.clone();
         let sender = tokio::spawn(outbox::run_sender(
             outbox.clone(),
             move |r| {
-                let reporter = reporter.clone();
-                async move { reporter.send(r).await }
+                let (reporter, textfile) = (reporter.clone(), textfile.clone());
+                async move {
+                    let sent = reporter.send(r).await;
+                    if let (Ok(()), Some(t)) = (&sent, &textfile) {
+                        t.reported();
+                    }
+                    sent
+                }
             },
             std::future::pending::<()>(),
         ));

@@ -67,6 +67,8 @@ pub struct PipelineConfig {
     /// This agent's site cache, when it serves its site: its own downloads
     /// go through it, so the site's uplink carries each artifact once.
     pub site_cache: Option<std::sync::Arc<crate::site::SiteCache>>,
+    /// The metrics textfile, told of every step.
+    pub textfile: Option<std::sync::Arc<crate::textfile::Textfile>>,
 }
 
 pub struct Pipeline {
@@ -250,6 +252,9 @@ impl Pipeline {
         }
         if phase.is_final() {
             tracing::info!(patch = %entry.manifest_id, phase = phase.as_str(), error, "patch finished");
+        }
+        if let Some(t) = &self.cfg.textfile {
+            t.patch(&entry.manifest_id, phase.as_str());
         }
         true
     }

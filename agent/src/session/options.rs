@@ -51,6 +51,9 @@ pub struct RunOptions {
     /// Serve this site's other agents (None: this agent does not listen for
     /// them).
     pub site: Option<crate::site::SiteOptions>,
+    /// Where to keep a node-exporter textfile of the agent's metrics (None:
+    /// nowhere).
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 /// Install paths allowed when the host's operator names none.
@@ -86,6 +89,7 @@ impl RunOptions {
             shared_channel: None,
             source_address: None,
             site: None,
+            metrics_textfile: None,
         }
     }
 }

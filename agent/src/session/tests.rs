@@ -57,6 +57,7 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         facts_changed: false,
         site: None,
         sent_cache: Default::default(),
+        textfile: None,
     };
     (agent, rx)
 }

@@ -54,6 +54,7 @@ fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipelin
             shared: None,
             source_address: None,
             site_cache: None,
+            textfile: None,
         },
     )
 }
