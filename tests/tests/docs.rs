@@ -274,3 +274,48 @@ fn protobuf_stays_at_the_grpc_edge() {
     );
     assert!(files.len() > 50, "the server's sources were not found");
 }
+
+/// Every `flotilla_…` metric name in `text`, histogram suffixes taken off.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("flotilla_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_monitoring_examples_use_metrics_the_programs_export() {
+    let exported = std::fs::read_to_string(repo().join("server/src/metrics.rs")).unwrap()
+        + &std::fs::read_to_string(repo().join("agent/src/textfile.rs")).unwrap();
+    let dir = repo().join("packaging/monitoring");
+    let alerts = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
+    let guide = std::fs::read_to_string(repo().join("docs/operator-guide.md")).unwrap();
+    let section = guide
+        .split_once("### Metrics")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .expect("the guide's Metrics section");
+    let used: BTreeSet<String> = [alerts.as_str(), dashboard.as_str(), section]
+        .iter()
+        .flat_map(|t| metric_names(t))
+        .collect();
+    assert!(used.len() > 10, "{used:?}");
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|m| !exported.contains(&format!("\"{m}\"")))
+        .collect();
+    assert!(missing.is_empty(), "not exported: {missing:?}");
+}
