@@ -141,13 +141,23 @@ impl History {
         what: &str,
         done: impl Fn(&str) -> bool,
     ) -> (String, String) {
+        self.until_with(server, what, |phase, _| done(phase))
+    }
+
+    /// Waits until `done(phase, error)` holds of one look at the server.
+    fn until_with(
+        &mut self,
+        server: &Server,
+        what: &str,
+        done: impl Fn(&str, &str) -> bool,
+    ) -> (String, String) {
         let start = self.start.expect("started");
         wait_until(what, T, || {
             let (phase, error) = server_phase(server);
             if self.seen.last().map(|(p, _)| p.as_str()) != Some(phase.as_str()) {
                 self.seen.push((phase.clone(), start.elapsed()));
             }
-            done(&phase).then_some((phase, error))
+            done(&phase, &error).then_some((phase, error))
         })
     }
 
@@ -367,11 +377,8 @@ fn a_download_stops_being_tried_when_the_rollout_is_aborted() {
         "[install]\ntype = \"files\"\nartifact = \"payload.tar\"\ndestination = \"/opt/demo\"\n",
     );
     let mut history = History::new();
-    let (_, note) = history.until(&server, "a try to end and be reported", |p| {
-        p == "verified" && {
-            let (_, error) = server_phase(&server);
-            error.contains("trying again")
-        }
+    let (_, note) = history.until_with(&server, "a try to end and be reported", |p, error| {
+        p == "verified" && error.contains("trying again")
     });
     assert!(note.contains("fault injection: refused"), "{note}");
     server.cli(&["rollout", "abort", ID]);
@@ -416,11 +423,8 @@ fn trickling_download_is_bounded_by_its_deadline_and_the_patch_expiry() {
         "25s",
     );
     let mut history = History::new();
-    let (_, note) = history.until(&server, "a try to end and be reported", |p| {
-        p == "verified" && {
-            let (_, error) = server_phase(&server);
-            error.contains("trying again")
-        }
+    let (_, note) = history.until_with(&server, "a try to end and be reported", |p, error| {
+        p == "verified" && error.contains("trying again")
     });
     eprintln!("trickle: reported while waiting: {note}");
     assert!(
