@@ -44,6 +44,9 @@ pub struct SiteCache {
     cap: u64,
     /// Fills in progress, by digest.
     fills: Mutex<HashMap<String, watch::Receiver<Fill>>>,
+    /// Digests whose cached file was checked since the agent started (filled
+    /// by it, or hashed before it was first served).
+    verified: Mutex<std::collections::HashSet<String>>,
     stats: watch::Sender<CacheStats>,
 }
 
@@ -103,6 +106,7 @@ impl SiteCache {
             limits,
             cap,
             fills: Mutex::new(HashMap::new()),
+            verified: Mutex::new(std::collections::HashSet::new()),
             stats: watch::channel(CacheStats::default()).0,
         });
         cache.evict();
@@ -111,6 +115,28 @@ impl SiteCache {
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<Fill>>> {
         self.fills.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the complete file for `sha256` holds those bytes: hashed once
+    /// per run before it is first served (a file damaged on disk while the
+    /// agent was down is removed, to be fetched again, not handed out).
+    async fn intact(&self, sha256: &str) -> std::io::Result<bool> {
+        if self.checked().contains(sha256) {
+            return Ok(true);
+        }
+        let path = self.path(sha256);
+        let (actual, _) = fetch::file_sha256(&path).await?;
+        if actual == sha256 {
+            self.checked().insert(sha256.to_string());
+            return Ok(true);
+        }
+        tracing::warn!(artifact = %sha256, %actual, "a cached artifact does not match its digest; removing it");
+        tokio::fs::remove_file(&path).await?;
+        Ok(false)
     }
 
     /// What the cache holds now (changes after every fill and eviction).
@@ -168,6 +194,9 @@ impl SiteCache {
                 }
             };
             let result = self.fetch(a, transfer).await;
+            if result.is_ok() {
+                self.checked().insert(a.sha256.clone());
+            }
             guard.tx.send_replace(match &result {
                 Ok(_) => Fill::Done,
                 Err(e) => Fill::Failed(e.to_string()),
@@ -206,8 +235,8 @@ impl SiteCache {
         fetch::fetch(&source, a, &self.dir, self.cap, &self.limits, transfer).await
     }
 
-    /// The cached artifact `sha256` for a peer: complete, or being filled
-    /// (read it as it grows). None when it is neither.
+    /// The cached artifact `sha256` for a peer: complete (and intact), or
+    /// being filled (read it as it grows). None when it is neither.
     pub async fn reader(&self, sha256: &str) -> std::io::Result<Option<Reader>> {
         let fill = self.table().get(sha256).cloned();
         let done = self.path(sha256);
@@ -215,6 +244,9 @@ impl SiteCache {
         loop {
             match tokio::fs::File::open(&done).await {
                 Ok(file) => {
+                    if !self.intact(sha256).await? {
+                        return Ok(None);
+                    }
                     // Recently used: last to be evicted.
                     let _ = file.set_modified(SystemTime::now()).await;
                     return Ok(Some(Reader { file, fill: None }));

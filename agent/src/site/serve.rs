@@ -197,17 +197,23 @@ impl pb::site_service_server::SiteService for SiteApi {
                 r.offset
             )));
         }
-        self.cache.start_fill(Artifact {
+        let artifact = Artifact {
             name: r.sha256.clone(),
             sha256: r.sha256.clone(),
             size,
-        });
-        let reader = self
-            .cache
-            .reader(&r.sha256)
-            .await
-            .map_err(|e| Status::internal(format!("cannot read the site cache: {e}")))?
-            .ok_or_else(|| Status::unavailable("the site cache cannot get this artifact now"))?;
+        };
+        let cache_error =
+            |e: std::io::Error| Status::internal(format!("cannot read the site cache: {e}"));
+        self.cache.start_fill(artifact.clone());
+        let reader = match self.cache.reader(&r.sha256).await.map_err(cache_error)? {
+            Some(reader) => Some(reader),
+            None => {
+                // Removed as damaged, or evicted meanwhile: fetched again.
+                self.cache.start_fill(artifact);
+                self.cache.reader(&r.sha256).await.map_err(cache_error)?
+            }
+        }
+        .ok_or_else(|| Status::unavailable("the site cache cannot get this artifact now"))?;
         tracing::debug!(%peer, artifact = %r.sha256, offset = r.offset, "serving a site peer");
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {

@@ -67,19 +67,29 @@ fn the_least_recently_used_go_first_never_one_the_host_holds() {
 }
 
 #[tokio::test]
-async fn a_peer_reads_complete_files_and_nothing_else() {
+async fn a_peer_reads_complete_intact_files_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let c = cache(dir.path(), 1 << 20);
     let cached = dir.path().join("cache");
-    put(&cached, 7, 10, Duration::from_secs(3600));
-    let mut r = c.reader(&digest(7)).await.unwrap().expect("complete");
+    std::fs::create_dir_all(&cached).unwrap();
+    let bytes = b"seven bytes and more";
+    let sha = flotilla_proto::sha256_hex(bytes);
+    std::fs::write(cached.join(&sha), bytes).unwrap();
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(cached.join(&sha))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let mut r = c.reader(&sha).await.unwrap().expect("complete");
     assert!(r.fill.is_none());
     let mut got = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(&mut r.file, &mut got)
         .await
         .unwrap();
-    assert_eq!(got, vec![7u8; 10]);
-    let used = std::fs::metadata(cached.join(digest(7)))
+    assert_eq!(got, bytes);
+    let used = std::fs::metadata(cached.join(&sha))
         .unwrap()
         .modified()
         .unwrap();
@@ -87,6 +97,11 @@ async fn a_peer_reads_complete_files_and_nothing_else() {
         used > SystemTime::now() - Duration::from_secs(60),
         "serving it makes it recently used"
     );
+    // A file damaged on disk (its name is not its digest) is removed, not
+    // served.
+    put(&cached, 7, 10, Duration::from_secs(60));
+    assert!(c.reader(&digest(7)).await.unwrap().is_none());
+    assert!(!cached.join(digest(7)).exists());
     // A partial file no fill is working on is not served.
     std::fs::write(cached.join(format!("{}.part", digest(8))), [8u8; 4]).unwrap();
     assert!(c.reader(&digest(8)).await.unwrap().is_none());
