@@ -351,3 +351,51 @@ fn a_closed_pipe_ends_the_cli_quietly() {
         assert_ne!(status.code(), Some(101), "{err}");
     }
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_itself() {
+    for (shell, marker) in [
+        ("bash", "_flotilla()"),
+        ("zsh", "#compdef flotilla"),
+        ("fish", "complete -c flotilla"),
+    ] {
+        let out = Command::new(bin("flotilla"))
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}");
+        assert!(script.contains(marker), "{shell}: {script:.200}");
+        assert!(script.contains("rollout"), "{shell} completes commands");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("man1");
+    let out = Command::new(bin("flotilla"))
+        .arg("man")
+        .arg("--out-dir")
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "flotilla.1",
+        "flotilla-patch.1",
+        "flotilla-patch-build.1",
+        "flotilla-rollout-abort.1",
+    ] {
+        let text = std::fs::read_to_string(pages.join(page)).unwrap_or_default();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text:.200}"
+        );
+    }
+    let build = std::fs::read_to_string(pages.join("flotilla-patch-build.1")).unwrap();
+    assert!(
+        build.contains("delta"),
+        "options are documented: {build:.400}"
+    );
+}

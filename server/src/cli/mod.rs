@@ -11,6 +11,7 @@ mod output;
 mod patch;
 mod patch_status;
 mod rollout;
+mod shell;
 mod sites;
 
 use clap::{Parser, Subcommand};
@@ -70,7 +71,8 @@ enum Command {
     #[command(subcommand)]
     Report(rollout::ReportCmd),
     /// The sites of the groups (nodes sharing a site label's value): nodes,
-    /// online, downloads from the server now.
+    /// online, the agent serving each and its cache, downloads from the
+    /// server now.
     Sites {
         /// Only this group.
         #[arg(long)]
@@ -78,6 +80,18 @@ enum Command {
     },
     /// Start a local dev fleet: a server and agents, on this machine.
     Dev(dev::DevArgs),
+    /// Print a shell completion script (e.g. `flotilla completion bash >
+    /// /etc/bash_completion.d/flotilla`).
+    Completion {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages: flotilla.1 and one per command.
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out_dir: std::path::PathBuf,
+    },
 }
 
 /// Entry point of the `flotilla` binary.
@@ -86,6 +100,11 @@ pub async fn main() -> anyhow::Result<()> {
     let out = output::Output { json: cli.json };
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Completion { shell } => {
+            shell::completion(shell);
+            Ok(())
+        }
+        Command::Man { out_dir } => shell::man(&out_dir),
         Command::Token(cmd) => admin::token(&cli.target, out, cmd).await,
         Command::Group(cmd) => admin::group(&cli.target, out, cmd).await,
         Command::Nodes(cmd) => admin::nodes(&cli.target, out, cmd).await,
