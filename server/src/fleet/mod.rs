@@ -102,6 +102,9 @@ struct State {
     waiting: HashMap<String, BTreeMap<String, Waiting>>,
     /// Patch id -> what its rollout waits for while another step would change nothing.
     quiet: HashMap<String, quiet::Quiet>,
+    /// Patch id -> progress changes of its nodes noted so far: a step that
+    /// was being written meanwhile does not settle quiet (see `quiet`).
+    noted: HashMap<String, u64>,
     /// Held key of another replica -> the nodes whose sessions it holds.
     remote: HashMap<String, Vec<String>>,
     /// Node -> how many of those keys list it: online on another replica.

@@ -30,14 +30,21 @@ impl State {
     /// After a step of `patch_id`'s rollout: marks it quiet when nothing but
     /// the nodes it waits for, a timer or the fleet's membership can move it.
     /// A step that released nodes, or a group held back by capacity, is not.
+    ///
+    /// `seen` is how many progress changes of the patch were noted when the
+    /// step was planned: one noted since (while the step was being written)
+    /// found no quiet entry to count down, so the rollout is left to step
+    /// again rather than wait for reports that already came.
     pub(super) fn settle_after_step(
         &mut self,
         patch_id: &str,
         released_now: bool,
         waiting: &BTreeMap<String, Waiting>,
         until: Option<i64>,
+        seen: u64,
     ) {
         let quiet = !released_now
+            && self.noted_changes(patch_id) == seen
             && waiting.values().all(|w| {
                 matches!(
                     w,
@@ -87,6 +94,7 @@ impl State {
         from: Progress,
         to: Progress,
     ) -> bool {
+        *self.noted.entry(patch_id.to_string()).or_default() += 1;
         let Some(node) = self.nodes.get(node_id) else {
             return true;
         };
@@ -126,9 +134,16 @@ impl State {
             .collect();
         for id in held {
             self.quiet.remove(&id);
+            *self.noted.entry(id).or_default() += 1;
             wake = true;
         }
         wake
+    }
+
+    /// Progress changes noted of `patch_id`'s nodes so far (see
+    /// [`State::settle_after_step`]).
+    pub(super) fn noted_changes(&self, patch_id: &str) -> u64 {
+        self.noted.get(patch_id).copied().unwrap_or(0)
     }
 }
 
@@ -175,7 +190,7 @@ mod tests {
         }
         st.rollouts.insert("p".into(), r);
         let waiting = BTreeMap::from([("g".to_string(), Waiting::Wave)]);
-        st.settle_after_step("p", false, &waiting, None);
+        st.settle_after_step("p", false, &waiting, None, 0);
         st
     }
 
@@ -223,17 +238,34 @@ mod tests {
     fn releasing_or_capacity_is_never_quiet_and_timers_come_due() {
         let mut st = waiting_wave();
         let capacity = BTreeMap::from([("g".to_string(), Waiting::Capacity)]);
-        st.settle_after_step("p", false, &capacity, None);
+        let seen = st.noted_changes("p");
+        st.settle_after_step("p", false, &capacity, None, seen);
         assert!(!st.quiet.contains_key("p"));
         assert!(st.note_progress("a", "p", Progress::Applying, Progress::Committed));
         let bake = BTreeMap::from([("g".to_string(), Waiting::Bake(1_000))]);
-        st.settle_after_step("p", true, &bake, Some(1_000));
+        let seen = st.noted_changes("p");
+        st.settle_after_step("p", true, &bake, Some(1_000), seen);
         assert!(
             !st.quiet.contains_key("p"),
             "a step that released is not quiet"
         );
-        st.settle_after_step("p", false, &bake, Some(1_000));
+        st.settle_after_step("p", false, &bake, Some(1_000), seen);
         assert!(!st.quiet["p"].due(999));
         assert!(st.quiet["p"].due(1_000));
+    }
+
+    #[test]
+    fn progress_noted_while_a_step_is_written_keeps_the_rollout_stepping() {
+        let mut st = waiting_wave();
+        st.quiet.remove("p");
+        // A step planned now, before the wave's nodes report...
+        let seen = st.noted_changes("p");
+        for id in ["a", "b", "c"] {
+            assert!(commit(&mut st, id), "nothing quiet to count down: wakes");
+        }
+        // ...settles after they did: waiting for them would wait forever.
+        let waiting = BTreeMap::from([("g".to_string(), Waiting::Wave)]);
+        st.settle_after_step("p", false, &waiting, None, seen);
+        assert!(!st.quiet.contains_key("p"), "left to step again");
     }
 }

@@ -5,7 +5,7 @@
 //! it records every release before the node is told, and pauses a rollout when
 //! its failures reach the threshold.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -349,14 +349,18 @@ impl Fleet {
         if ids.is_empty() {
             return None;
         }
-        let (steps, stepped) = {
+        let (steps, stepped, seen) = {
             let st = self.state.lock().await;
             let mut load = st.load();
             let steps: Vec<Step> = ids
                 .iter()
                 .filter_map(|id| self.step(&st, id, &mut load))
                 .collect();
-            (steps, ids)
+            let seen: HashMap<String, u64> = ids
+                .iter()
+                .map(|id| (id.clone(), st.noted_changes(id)))
+                .collect();
+            (steps, ids, seen)
         };
         let next = steps.iter().filter_map(|s| s.until).min();
         let writes: Vec<Write> = steps.iter().filter_map(|s| s.write.clone()).collect();
@@ -375,7 +379,8 @@ impl Fleet {
                     st.quiet.remove(&s.patch_id);
                     continue;
                 }
-                st.settle_after_step(&s.patch_id, s.released_now, &s.waiting, s.until);
+                let noted = seen.get(&s.patch_id).copied().unwrap_or(0);
+                st.settle_after_step(&s.patch_id, s.released_now, &s.waiting, s.until, noted);
                 st.waiting.insert(s.patch_id, s.waiting);
             }
         } else {
