@@ -727,21 +727,27 @@ async fn a_patch_offered_ahead_is_downloaded_and_installed_only_once_released() 
     assert_eq!(std::fs::read(root.join("opt/c/bin/app")).unwrap(), b"app 1");
 }
 
-#[tokio::test]
-async fn a_restarted_agent_waits_for_the_offer_before_going_on() {
-    let (_tmp, dir) = host();
-    let publisher = Publisher::new();
-    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
-    let root = dir.join("root");
-    let before = snapshot(&root);
-    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+/// Patch p1 (1.0.0 of V1) taken ahead of its install by an agent that then
+/// stopped: Downloaded, the host untouched.
+async fn downloaded_ahead(dir: &Path, publisher: &Publisher) -> pb::SignedManifest {
+    let p = pipeline_with(dir, Some(publisher.public_key()), host_policy(false));
+    let p1 = files_patch(publisher, &p, "p1", "1.0.0", V1);
     p.take(Offer {
         prefetch: vec![p1.clone()],
         ..offer(&[], &[])
     })
     .await;
     assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
-    drop(p);
+    p1
+}
+
+#[tokio::test]
+async fn a_restarted_agent_waits_for_the_offer_before_going_on() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    let p1 = downloaded_ahead(&dir, &publisher).await;
     // A restart with an offer that no longer has it (its rollout aborted):
     // nothing is installed.
     let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
@@ -786,17 +792,9 @@ async fn the_installed_versions_artifacts_stay_as_delta_bases_and_only_those() {
 async fn a_patch_downloaded_ahead_is_verified_again_before_it_installs() {
     let (_tmp, dir) = host();
     let publisher = Publisher::new();
-    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
     let root = dir.join("root");
     let before = snapshot(&root);
-    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
-    p.take(Offer {
-        prefetch: vec![p1.clone()],
-        ..offer(&[], &[])
-    })
-    .await;
-    assert_eq!(phase(&p, "p1"), Some(Phase::Downloaded));
-    drop(p);
+    let p1 = downloaded_ahead(&dir, &publisher).await;
     // Meanwhile the trust policy rotated: the publisher's key is no longer
     // trusted here. Released now, the patch is refused, the host untouched.
     let rotated = Publisher::new();
