@@ -81,6 +81,10 @@ pub struct FileConfig {
     pub site_cache_bytes: Option<u64>,
     /// A node-exporter textfile to keep the agent's metrics in (default: none).
     pub metrics_textfile: Option<PathBuf>,
+    /// Committed versions per component whose backups stay (default 2).
+    pub keep_backups: Option<usize>,
+    /// Most bytes the download directory holds (default 8 GiB).
+    pub max_download_bytes: Option<u64>,
 }
 
 impl FileConfig {
@@ -194,6 +198,30 @@ mod tests {
                 .map(String::as_str),
             Some("eu-1")
         );
+    }
+
+    /// Every key the packaged example shows (commented out) is one the agent
+    /// reads, with a value it accepts.
+    #[test]
+    fn the_packaged_example_parses_with_every_key_set() {
+        let example = include_str!("../../packaging/config/agent.toml");
+        let set: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = FileConfig::parse(&set).unwrap_or_else(|e| panic!("{e}\n{set}"));
+        assert!(c.keep_backups.is_some() && c.max_download_bytes.is_some());
+        assert!(c.metrics_textfile.is_some() && c.labels.is_some());
     }
 
     #[test]

@@ -196,6 +196,7 @@ where
             source_address: opts.source_address,
             site_cache: site.as_ref().map(|s| s.cache.clone()),
             textfile: textfile.clone(),
+            disk: opts.disk.clone(),
         },
     )?;
     let mut agent = Agent {

@@ -11,6 +11,7 @@ use sha2::Digest;
 use crate::error::{Error, Result};
 
 mod cache;
+pub mod gc;
 pub mod meter;
 pub mod peers;
 pub mod sites;
@@ -26,6 +27,20 @@ pub struct ArtifactStore {
     pub meter: std::sync::Arc<meter::Meter>,
     /// Downloads in flight per site, and the cap on them.
     pub sites: sites::SiteSlots,
+    /// Written by a collection while it decides and removes; read by each
+    /// publish from finding its files held until its patch is stored, so a
+    /// file a publish found is never collected under it (publishes do not
+    /// wait for each other).
+    pub collecting: tokio::sync::RwLock<()>,
+}
+
+/// A file in the store (complete, or an upload in progress).
+#[derive(Debug, Clone)]
+pub struct HeldFile {
+    pub sha256: String,
+    pub size: u64,
+    pub partial: bool,
+    pub modified: std::time::SystemTime,
 }
 
 /// How much of an artifact the server holds.
@@ -59,6 +74,7 @@ impl ArtifactStore {
             cache: cache::Cache::default(),
             meter: std::sync::Arc::new(meter::Meter::new(0)),
             sites: sites::SiteSlots::new(0),
+            collecting: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -104,6 +120,60 @@ impl ArtifactStore {
             .await
             .map_err(|e| io("read", &path, e))?;
         Ok(Some(b))
+    }
+
+    /// Every file held: complete artifacts and uploads in progress (anything
+    /// else in the directory is not the store's, and is left alone).
+    pub fn files(&self) -> Result<Vec<HeldFile>> {
+        let mut out = Vec::new();
+        for (dir, partial) in [(self.dir.clone(), false), (self.dir.join("partial"), true)] {
+            let entries = std::fs::read_dir(&dir).map_err(|e| io("list", &dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| io("list", &dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() || check_sha256(&name).is_err() {
+                    continue;
+                }
+                out.push(HeldFile {
+                    sha256: name,
+                    size: meta.len(),
+                    partial,
+                    modified: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a file (complete or partial), durably.
+    pub fn remove(&self, sha256: &str, partial: bool) -> Result<()> {
+        check_sha256(sha256)?;
+        let path = if partial {
+            self.partial(sha256)
+        } else {
+            self.cache.forget(sha256);
+            self.path(sha256)
+        };
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("remove", &path, e));
+            }
+            _ => {}
+        }
+        let dir = path.parent().unwrap_or(&self.dir);
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync", dir, e))
+    }
+
+    /// Marks a complete artifact as wanted now (a publish names it again):
+    /// its retention as an unnamed file starts over.
+    pub fn touch(&self, sha256: &str) {
+        let path = self.path(sha256);
+        if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
     }
 
     /// Size of a complete artifact, if present.

@@ -57,6 +57,10 @@ pub struct FileConfig {
     pub max_site_downloads: Option<u32>,
     /// Where to serve Prometheus metrics over plain HTTP (default: nowhere).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long an artifact stays after the last patch naming it expired, or
+    /// after it was written when no patch names it (default 30 days).
+    #[serde(default, with = "humantime_serde")]
+    pub artifact_retention: Option<Duration>,
 }
 
 impl FileConfig {
@@ -105,6 +109,8 @@ pub struct ServerConfig {
     pub max_site_downloads: u32,
     /// See [`FileConfig::metrics_listen`].
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// See [`FileConfig::artifact_retention`].
+    pub artifact_retention: Duration,
 }
 
 /// Where the fleet's records live.
@@ -230,6 +236,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 8192;
 pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_ARTIFACT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl ServerConfig {
     /// Settings for a data dir with every default; tests start from here.
@@ -282,6 +289,9 @@ impl ServerConfig {
             max_artifact_rate: file.max_artifact_rate.unwrap_or(0),
             max_site_downloads: file.max_site_downloads.unwrap_or(0),
             metrics_listen: file.metrics_listen,
+            artifact_retention: file
+                .artifact_retention
+                .unwrap_or(DEFAULT_ARTIFACT_RETENTION),
         })
     }
 
@@ -329,6 +339,29 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key the packaged example shows (commented out) is one the server
+    /// reads, with a value it accepts.
+    #[test]
+    fn the_packaged_example_parses_with_every_key_set() {
+        let example = include_str!("../../packaging/config/server.toml");
+        let set: String = example
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: FileConfig = toml::from_str(&set).unwrap_or_else(|e| panic!("{e}\n{set}"));
+        assert!(c.artifact_retention.is_some() && c.metrics_listen.is_some());
+    }
 
     #[test]
     fn file_fills_defaults_and_refuses_unknown_keys() {

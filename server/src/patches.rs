@@ -58,7 +58,8 @@ async fn hold_artifacts(app: &App, m: &Manifest, index: Option<&DeltaIndex>) -> 
                     a.what, a.name, a.sha256, a.source, a.size
                 )));
             }
-            Some(_) => {}
+            // Named again: an unnamed file's retention starts over.
+            Some(_) => app.artifacts.touch(a.sha256),
             None => app
                 .peers
                 .fetch(&app.artifacts, a.sha256, a.size)
@@ -132,6 +133,9 @@ pub async fn publish(
             .map_err(|e| Error::InvalidArgument(format!("delta index refused: {e}")))?;
         Some(index)
     };
+    // No collection removes a file between finding it held and storing the
+    // patch that names it.
+    let _collecting = app.artifacts.collecting.read().await;
     hold_artifacts(app, &parsed, index.as_ref()).await?;
     let text = String::from_utf8(manifest)
         .map_err(|_| Error::InvalidArgument("manifest is not UTF-8".into()))?;

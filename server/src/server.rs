@@ -270,6 +270,7 @@ pub async fn run(
     let follower = tokio::spawn(fleet.clone().run_follower(shutdown.clone()));
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
+    let artifact_gc = tokio::spawn(crate::artifacts::gc::run(app.clone(), shutdown.clone()));
 
     // Enroll and the admin calls come without a client certificate; every
     // other agent call checks for one. The certificate is taken again when it
@@ -414,6 +415,7 @@ pub async fn run(
     let _ = follower.await;
     let _ = reconciler.await;
     let _ = rollouts.await;
+    let _ = artifact_gc.await;
     if let Some(control) = control {
         let _ = control.await;
     }

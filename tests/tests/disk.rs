@@ -1,7 +1,8 @@
 //! A full disk under a real agent: a patch that does not fit the filesystem
-//! under its destination is refused before anything is written, with how much
-//! it needs; the host is unchanged, no temp file is left, and a patch that fits
-//! installs afterwards.
+//! under its destination is refused as `insufficient disk` before its
+//! download starts, with how much it needs; the host is unchanged, nothing is
+//! downloaded, and a patch that fits installs afterwards. A download
+//! directory full of what no patch needs is cleared to make room.
 
 use std::path::Path;
 use std::process::Command;
@@ -59,10 +60,15 @@ fn a_patch_that_does_not_fit_is_refused_before_anything_is_written() {
     assert!(patch::publish(&server, &manifest).0);
     let out = patch::wait_outcomes(&server, "too-big", 1);
     let (_, phase, error) = &out[0];
-    assert_eq!(phase, "rolled_back", "{out:?}");
-    assert!(error.contains("not enough free space"), "{error}");
-    assert!(!error.contains("rollback failed"), "{error}");
+    // Refused before its download: not one byte of it was fetched.
+    assert_eq!(phase, "failed", "{out:?}");
+    assert!(error.contains("insufficient disk"), "{error}");
+    assert!(error.contains(&demo.display().to_string()), "{error}");
     assert_eq!(patch::snapshot(&root), before, "the host changed");
+    let downloaded: Vec<_> = std::fs::read_dir(agents[0].state_dir.join("artifacts"))
+        .map(|d| d.flatten().map(|f| f.file_name()).collect())
+        .unwrap_or_default();
+    assert!(downloaded.is_empty(), "downloaded: {downloaded:?}");
 
     // One that fits goes in.
     let tar = dir.path().join("small.tar");
@@ -85,9 +91,9 @@ fn a_full_download_directory_is_cleared_of_unneeded_downloads_and_the_patch_goes
     let k = patch::key(dir.path(), "release");
     let (server, agents) = patch::signed_fleet(dir.path(), &k, 1);
     let artifacts = agents[0].state_dir.join("artifacts");
-    let _fs = Tmpfs::mount(&artifacts, "2m");
+    let _fs = Tmpfs::mount(&artifacts, "3m");
     let stale = artifacts.join(format!("{}.part", "0".repeat(64)));
-    std::fs::write(&stale, vec![7u8; 1536 << 10]).unwrap();
+    std::fs::write(&stale, vec![7u8; 2560 << 10]).unwrap();
 
     let tar = dir.path().join("app.tar");
     patch::tar(&tar, &[("data.bin", &patch::noise(1 << 20, 5), 0o644)]);
@@ -98,12 +104,13 @@ fn a_full_download_directory_is_cleared_of_unneeded_downloads_and_the_patch_goes
     let out = patch::wait_outcomes(&server, "needs-room", 1);
     assert_eq!(out[0].1, "committed", "{out:?}");
     assert!(!stale.exists(), "the unneeded partial download was removed");
+    // Found before the download started, not by a failed write.
     let st = patch::status(&server, "needs-room");
     let failures = st["nodes"][0]["transfer"]["failures"].to_string();
-    assert!(failures.contains("No space left"), "{st}");
+    assert!(!failures.contains("No space left"), "{st}");
     assert!(
         agents[0]
             .log_text()
-            .contains("removed an unneeded download to free space")
+            .contains("removed an unneeded download to make room")
     );
 }

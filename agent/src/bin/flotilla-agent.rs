@@ -160,6 +160,16 @@ struct RunArgs {
     /// [default: none].
     #[arg(long, value_name = "PATH")]
     metrics_textfile: Option<PathBuf>,
+    /// Keep the backups of the newest N committed versions of each component
+    /// (what `rollout abort --rollback` restores from); older ones are
+    /// removed [default: 2, at least 1].
+    #[arg(long, value_name = "N")]
+    keep_backups: Option<usize>,
+    /// Most bytes the download directory holds (complete downloads, kept as
+    /// delta bases, and downloads in progress); a patch that would go past
+    /// it is refused as `insufficient disk` before its download [default: 8 GiB].
+    #[arg(long, value_name = "BYTES")]
+    max_download_bytes: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -321,8 +331,22 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         // server's CPU per patch and ~48 KiB of server memory per host).
         shared_channel: Some(flotilla_agent::embed::SharedChannel::new()),
         source_address: args.source_address.or(file.source_address),
+        disk: flotilla_agent::patch::pipeline::DiskLimits {
+            keep_backups: args
+                .keep_backups
+                .or(file.keep_backups)
+                .unwrap_or(flotilla_agent::patch::pipeline::DEFAULT_KEEP_BACKUPS),
+            max_download_bytes: args
+                .max_download_bytes
+                .or(file.max_download_bytes)
+                .unwrap_or(flotilla_agent::patch::pipeline::DEFAULT_MAX_DOWNLOAD_BYTES),
+        },
         ..defaults
     };
+    anyhow::ensure!(
+        opts.disk.keep_backups >= 1,
+        "keep_backups must be at least 1: the newest version's backups are what a rollback restores"
+    );
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = shutdown_signal().context("cannot listen for stop signals")?;

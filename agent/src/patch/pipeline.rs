@@ -69,6 +69,8 @@ pub struct PipelineConfig {
     pub site_cache: Option<std::sync::Arc<crate::site::SiteCache>>,
     /// The metrics textfile, told of every step.
     pub textfile: Option<std::sync::Arc<crate::textfile::Textfile>>,
+    /// How much disk downloads and backups may take.
+    pub disk: DiskLimits,
 }
 
 pub struct Pipeline {
@@ -394,44 +396,6 @@ impl Pipeline {
         }
     }
 
-    /// Keeps the artifacts of `m`, just committed, as the bases a later
-    /// version's deltas are rebuilt from, and removes those of the versions of
-    /// its component it replaced (unless another unfinished or kept patch
-    /// shares them). One version's artifacts per component stay on disk.
-    fn keep_installed(&self, m: &Manifest) {
-        let entries = match self.journal.all() {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the journal; the replaced version's downloads stay");
-                return;
-            }
-        };
-        let mut keep: std::collections::BTreeSet<String> =
-            m.artifacts.iter().map(|a| a.sha256.clone()).collect();
-        let mut drop = Vec::new();
-        for e in &entries {
-            if e.manifest_id == m.id {
-                continue;
-            }
-            let Ok(other) = Manifest::parse(&e.manifest) else {
-                continue;
-            };
-            let shas = other.artifacts.iter().map(|a| a.sha256.clone());
-            if !e.phase.is_final()
-                || (e.phase == Phase::Committed && other.component != m.component)
-            {
-                // In flight, or another component's installed version.
-                keep.extend(shas);
-            } else {
-                drop.extend(shas);
-            }
-        }
-        for sha in drop.iter().filter(|s| !keep.contains(*s)) {
-            let _ = std::fs::remove_file(self.artifact_dir().join(sha));
-            let _ = std::fs::remove_file(self.artifact_dir().join(format!("{sha}.part")));
-        }
-    }
-
     /// From Verified (or a later phase after a restart) to the end, or to
     /// Downloaded when only the download is released.
     async fn carry_on(&self, mut entry: Entry, m: Manifest, go: Go) {
@@ -567,6 +531,8 @@ impl Pipeline {
     }
 }
 
+mod disk;
+pub use disk::{DEFAULT_KEEP_BACKUPS, DEFAULT_MAX_DOWNLOAD_BYTES, DiskLimits};
 mod download;
 use download::Downloaded;
 mod host;

@@ -54,6 +54,8 @@ pub struct RunOptions {
     /// Where to keep a node-exporter textfile of the agent's metrics (None:
     /// nowhere).
     pub metrics_textfile: Option<PathBuf>,
+    /// How much disk downloads and backups may take.
+    pub disk: crate::patch::pipeline::DiskLimits,
 }
 
 /// Install paths allowed when the host's operator names none.
@@ -90,6 +92,7 @@ impl RunOptions {
             source_address: None,
             site: None,
             metrics_textfile: None,
+            disk: Default::default(),
         }
     }
 }

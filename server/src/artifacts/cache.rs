@@ -38,6 +38,15 @@ impl Cache {
             .and_then(|(cell, _)| cell.get().cloned())
     }
 
+    /// Drops `sha256` (its file is being removed).
+    pub fn forget(&self, sha256: &str) {
+        let mut e = self.entries.lock().expect("held artifacts");
+        if let Some((_, n)) = e.by_sha.remove(sha256) {
+            e.bytes -= n;
+            e.order.retain(|s| s != sha256);
+        }
+    }
+
     /// The complete artifact `sha256` of `len` bytes stored at `path`: read
     /// once, however many downloads ask at the same time, and kept while the
     /// budget allows. Callers check `len <= MAX_HELD_ARTIFACT`.

@@ -246,6 +246,11 @@ enum Command {
         /// credential: listen on a private address) [default: off].
         #[arg(long, env = "FLOTILLA_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// How long an artifact stays once the last patch naming it has
+        /// expired, or once written when no patch names it (an upload never
+        /// published) [default: 30d]. Checked hourly.
+        #[arg(long, env = "FLOTILLA_ARTIFACT_RETENTION", value_parser = humantime::parse_duration)]
+        artifact_retention: Option<Duration>,
     },
 }
 
@@ -422,6 +427,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_artifact_rate,
             max_site_downloads,
             metrics_listen,
+            artifact_retention,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -448,6 +454,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.max_artifact_rate = max_artifact_rate.or(file.max_artifact_rate);
             file.max_site_downloads = max_site_downloads.or(file.max_site_downloads);
             file.metrics_listen = metrics_listen.or(file.metrics_listen);
+            file.artifact_retention = artifact_retention.or(file.artifact_retention);
             store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)

@@ -2,6 +2,7 @@
 //! local dev fleet. Human tables by default, `--json` for scripts.
 
 mod admin;
+mod artifacts;
 pub mod connect;
 mod delta;
 mod demo;
@@ -64,6 +65,9 @@ enum Command {
     /// Signed patches: build, sign, publish, follow.
     #[command(subcommand)]
     Patch(patch::PatchCmd),
+    /// The server's stored artifacts: collect what the retention policy lets go.
+    #[command(subcommand)]
+    Artifacts(artifacts::ArtifactsCmd),
     /// Rollouts of published patches: progress, pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCmd),
@@ -115,6 +119,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Key(cmd) => keys::key(out, cmd),
         Command::Trust(cmd) => keys::trust(&cli.target, out, cmd).await,
         Command::Patch(cmd) => patch::patch(&cli.target, out, cmd).await,
+        Command::Artifacts(cmd) => artifacts::artifacts(&cli.target, out, cmd).await,
         Command::Rollout(cmd) => rollout::rollout(&cli.target, out, cmd).await,
         Command::Report(cmd) => rollout::report(&cli.target, out, cmd).await,
         Command::Sites { group } => sites::list(&cli.target, out, group).await,

@@ -739,6 +739,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         super::publish::upload_artifact(self, request).await
     }
 
+    async fn collect_artifacts(
+        &self,
+        request: Request<pb::CollectArtifactsRequest>,
+    ) -> Result<Response<pb::CollectArtifactsResponse>, Status> {
+        super::publish::collect_artifacts(self, request).await
+    }
+
     async fn publish_patch(
         &self,
         request: Request<pb::PublishPatchRequest>,

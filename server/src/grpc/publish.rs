@@ -95,6 +95,47 @@ pub async fn artifact_status(
     }))
 }
 
+pub async fn collect_artifacts(
+    api: &AdminApi,
+    request: Request<pb::CollectArtifactsRequest>,
+) -> Result<Response<pb::CollectArtifactsResponse>, Status> {
+    let dry_run = request.get_ref().dry_run;
+    let needed = if dry_run {
+        OperatorRole::Viewer
+    } else {
+        OperatorRole::Admin
+    };
+    let caller = api.caller(&request, needed).await?;
+    let retention = api.app.cfg.artifact_retention;
+    let out =
+        crate::artifacts::gc::collect(&api.app.artifacts, &api.app.db, retention, dry_run).await?;
+    if !dry_run {
+        api.audit(
+            &caller,
+            crate::audit::Action::ArtifactGc,
+            "artifacts",
+            crate::artifacts::gc::audit_detail(&out, retention),
+        )
+        .await?;
+    }
+    Ok(Response::new(pb::CollectArtifactsResponse {
+        collected: out
+            .collected
+            .into_iter()
+            .map(|c| pb::CollectedArtifact {
+                sha256: c.sha256,
+                size: c.size,
+                partial: c.partial,
+                why: c.why,
+            })
+            .collect(),
+        kept: out.kept,
+        kept_bytes: out.kept_bytes,
+        retention_secs: retention.as_secs(),
+        dry_run,
+    }))
+}
+
 pub async fn upload_artifact(
     api: &AdminApi,
     request: Request<Streaming<pb::ArtifactUpload>>,

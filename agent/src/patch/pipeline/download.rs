@@ -126,6 +126,9 @@ impl Pipeline {
             self.cfg.fetch.retry_after,
             fetch::RETRY_ROUND_CAP.max(self.cfg.fetch.retry_after),
         );
+        // Refused whole rather than failing half-way through.
+        self.make_room(m)
+            .map_err(|why| Stop::new(Phase::Failed, why))?;
         let mut freed = false;
         loop {
             let result = self.download_once(m, &entry.deltas, &mut transfer).await;
@@ -135,10 +138,16 @@ impl Pipeline {
                 Err(DownloadError::Stop(stop)) => return Err(stop),
                 Err(DownloadError::Fetch(e)) => e,
             };
-            if e.is_disk_full() && !freed {
-                freed = true;
-                self.free_space(m);
-                continue;
+            if e.is_disk_full() {
+                if !freed {
+                    freed = true;
+                    self.free_space(m);
+                    continue;
+                }
+                return Err(Stop::new(
+                    Phase::Failed,
+                    format!("insufficient disk: the download filled its filesystem: {e}"),
+                ));
             }
             if !e.is_transient() {
                 return Err(Stop::new(Phase::Failed, format!("download failed: {e}")));
@@ -301,34 +310,6 @@ impl Pipeline {
                     tokio::time::sleep_until(until).await;
                     return true;
                 }
-            }
-        }
-    }
-
-    /// Removes downloads (complete or partial) that no unfinished patch but
-    /// `m` needs, so a full disk may take `m`'s artifacts.
-    fn free_space(&self, m: &Manifest) {
-        let keep: std::collections::BTreeSet<String> = m
-            .artifacts
-            .iter()
-            .map(|a| a.sha256.clone())
-            .chain(
-                self.journal
-                    .unfinished()
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|e| Manifest::parse(&e.manifest).ok())
-                    .flat_map(|m| m.artifacts.into_iter().map(|a| a.sha256)),
-            )
-            .collect();
-        let Ok(dir) = std::fs::read_dir(self.artifact_dir()) else {
-            return;
-        };
-        for file in dir.flatten() {
-            let name = file.file_name().to_string_lossy().into_owned();
-            let sha = name.strip_suffix(".part").unwrap_or(&name);
-            if !keep.contains(sha) && std::fs::remove_file(file.path()).is_ok() {
-                tracing::info!(file = %name, "removed an unneeded download to free space");
             }
         }
     }

@@ -20,6 +20,16 @@ fn pipeline(dir: &Path, pk: Option<String>) -> Pipeline {
 /// `pipeline`, with this host policy. The host's root is `dir/root`, downloads and
 /// backups go under `dir`, and there is no server to download from.
 fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipeline {
+    pipeline_on_disk(dir, pk, policy, DiskLimits::default())
+}
+
+/// `pipeline_with`, with these disk limits.
+fn pipeline_on_disk(
+    dir: &Path,
+    pk: Option<String>,
+    policy: LocalPolicy,
+    disk: DiskLimits,
+) -> Pipeline {
     let store = Store::open(&dir.join("state")).unwrap();
     let identity = Identity {
         node_id: "node-1".into(),
@@ -55,6 +65,7 @@ fn pipeline_with(dir: &Path, pk: Option<String>, policy: LocalPolicy) -> Pipelin
             source_address: None,
             site_cache: None,
             textfile: None,
+            disk,
         },
     )
 }
@@ -810,3 +821,5 @@ async fn a_patch_downloaded_ahead_is_verified_again_before_it_installs() {
         "its download is removed"
     );
 }
+
+mod disk;
