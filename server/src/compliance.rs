@@ -557,5 +557,6 @@ pub fn to_csv(r: &Report) -> String {
     String::from_utf8(bytes).expect("CSV of UTF-8 fields is UTF-8")
 }
 
+pub mod evidence;
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,9 @@ pub mod keys {
     pub const MACHINES: &str = "machines/";
     pub const GROUPS: &str = "groups/";
     pub const AUDIT: &str = "audit/";
+    /// The newest audit entry's seq and hash, written with it: what a
+    /// removed or rewritten newest entry is found by.
+    pub const AUDIT_HEAD: &str = "audit-head";
     pub const CREDENTIALS: &str = "credentials/";
     /// Credential name -> the id holding it: the compare-and-swap that keeps names unique.
     pub const CREDENTIAL_NAMES: &str = "credential-names/";
@@ -335,7 +338,7 @@ pub struct CredentialRecord {
     pub rotated_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub seq: u64,
     pub at_ms: i64,
@@ -343,6 +346,13 @@ pub struct AuditRecord {
     pub action: String,
     pub target: String,
     pub detail: serde_json::Value,
+    /// The previous entry's hash (see `audit::chain`); empty in entries
+    /// written before the log was chained.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prev: String,
+    /// This entry's hash: SHA-256 of its JSON with this field empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
 }
 
 /// A node's report on a patch, as received (kept as the node's patch state,

@@ -110,7 +110,9 @@ fn check(line: &str) -> Option<String> {
     let mut leaf_help = help(&path);
     for w in rest.by_ref() {
         let subs = subcommands(&leaf_help);
-        if subs.is_empty() {
+        // A flag ends the commands (`flotilla audit --limit 5`: `audit`
+        // takes flags, or a subcommand).
+        if subs.is_empty() || w.starts_with('-') {
             break;
         }
         if !subs.contains(*w) {

@@ -617,44 +617,6 @@ pub async fn nodes(target: &Target, out: Output, cmd: NodesCmd) -> anyhow::Resul
     Ok(())
 }
 
-pub async fn audit(target: &Target, out: Output, limit: u32) -> anyhow::Result<()> {
-    let (mut c, _) = target.admin().await?;
-    let r = c
-        .list_audit(pb::ListAuditRequest { limit })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    out.table(
-        &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
-        r.entries
-            .iter()
-            .map(|e| {
-                vec![
-                    e.seq.to_string(),
-                    time(e.at_unix_ms / 1000),
-                    e.actor.clone(),
-                    e.action.clone(),
-                    e.target.clone(),
-                    super::output::detail(&e.detail),
-                ]
-            })
-            .collect(),
-        Value::Array(
-            r.entries
-                .iter()
-                .map(|e| {
-                    json!({
-                        "seq": e.seq, "at_unix_ms": e.at_unix_ms, "actor": e.actor,
-                        "action": e.action, "target": e.target,
-                        "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::Null),
-                    })
-                })
-                .collect(),
-        ),
-    );
-    Ok(())
-}
-
 #[derive(Subcommand)]
 pub enum CredentialCmd {
     /// Create an operator credential and write it to a file.

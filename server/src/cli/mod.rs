@@ -3,6 +3,7 @@
 
 mod admin;
 mod artifacts;
+mod audit;
 pub mod connect;
 mod delta;
 mod demo;
@@ -42,12 +43,9 @@ enum Command {
     /// Joined nodes.
     #[command(subcommand)]
     Nodes(admin::NodesCmd),
-    /// The audit log of every change.
-    Audit {
-        /// How many of the newest entries.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
+    /// The audit log of every change (and of refused attempts): the newest
+    /// entries, `verify` its hash chain, `export` it as JSON lines.
+    Audit(audit::AuditArgs),
     /// Operator credentials (admin only).
     #[command(subcommand)]
     Credential(admin::CredentialCmd),
@@ -112,7 +110,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Token(cmd) => admin::token(&cli.target, out, cmd).await,
         Command::Group(cmd) => admin::group(&cli.target, out, cmd).await,
         Command::Nodes(cmd) => admin::nodes(&cli.target, out, cmd).await,
-        Command::Audit { limit } => admin::audit(&cli.target, out, limit).await,
+        Command::Audit(args) => audit::audit(&cli.target, out, args).await,
         Command::Credential(cmd) => admin::credential(&cli.target, out, cmd).await,
         Command::Whoami => admin::whoami(&cli.target, out).await,
         Command::Replicas(admin::ReplicasCmd::List) => admin::replicas(&cli.target, out).await,

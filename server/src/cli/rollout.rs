@@ -422,6 +422,18 @@ pub enum ReportCmd {
         /// Tables for people, JSON or CSV for tools.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Write a signed, dated evidence file instead (the JSON report with
+        /// when, from which server, by whom, and the audit log's checked
+        /// head), signed with this minisign secret key into
+        /// FILE.<key-id>.minisig beside it. Needs --out.
+        #[arg(long, value_name = "KEY", requires = "out")]
+        sign: Option<std::path::PathBuf>,
+        /// The evidence file to write (with --sign).
+        #[arg(long, value_name = "FILE", requires = "sign")]
+        out: Option<std::path::PathBuf>,
+        /// The signing key's password, from this file (else asked for).
+        #[arg(long, value_name = "FILE", requires = "sign")]
+        password_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -433,16 +445,49 @@ pub enum Format {
 }
 
 pub async fn report(target: &Target, out: Output, cmd: ReportCmd) -> anyhow::Result<()> {
-    let ReportCmd::Compliance { group, format } = cmd;
-    let (mut c, _) = target.admin().await?;
+    let ReportCmd::Compliance {
+        group,
+        format,
+        sign,
+        out: evidence,
+        password_file,
+    } = cmd;
+    let (mut c, cred) = target.admin().await?;
     let r = c
         .compliance_report(pb::ComplianceReportRequest {
-            group: group.unwrap_or_default(),
+            group: group.clone().unwrap_or_default(),
         })
         .await
         .map_err(status_error)?
         .into_inner();
     let report: crate::compliance::Report = serde_json::from_str(&r.report_json)?;
+    if let (Some(key), Some(path)) = (sign, evidence) {
+        anyhow::ensure!(
+            format != Format::Csv,
+            "an evidence file is JSON: leave out --format csv"
+        );
+        let who = c
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let audit = c
+            .verify_audit(pb::VerifyAuditRequest::default())
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let audit = super::audit::verdict(audit);
+        let server = target.server.clone().or(cred.server).unwrap_or_default();
+        let doc = crate::compliance::evidence::document(
+            &report,
+            &server,
+            &who.name,
+            group.as_deref(),
+            &audit,
+        );
+        crate::ca::write_atomic(&path, doc.as_bytes(), false)?;
+        return super::patch::sign_file(&path, &key, password_file.as_deref(), out, |_| Ok(()));
+    }
     // --json is the same as --format json.
     let format = if out.json { Format::Json } else { format };
     match format {

@@ -585,11 +585,19 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         self.caller(&request, OperatorRole::Viewer).await?;
-        let limit = match request.into_inner().limit {
+        let r = request.into_inner();
+        let limit = match r.limit {
             0 => 100,
             n => n.min(limits::MAX_AUDIT_PAGE),
+        } as usize;
+        let entries = if r.after_seq > 0 || r.since_unix_ms > 0 {
+            self.app
+                .audit
+                .page(r.after_seq, r.since_unix_ms, limit)
+                .await?
+        } else {
+            self.app.audit.tail(limit).await?
         };
-        let entries = self.app.audit.tail(limit as usize).await?;
         Ok(Response::new(pb::ListAuditResponse {
             entries: entries
                 .into_iter()
@@ -600,9 +608,50 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     action: e.action,
                     target: e.target,
                     detail: e.detail.to_string(),
+                    prev: e.prev,
+                    sha256: e.sha256,
                 })
                 .collect(),
         }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.caller(&request, OperatorRole::Viewer).await?;
+        let anchors: Vec<crate::audit::chain::Head> = request
+            .into_inner()
+            .anchors
+            .into_iter()
+            .map(|a| crate::audit::chain::Head {
+                seq: a.seq,
+                sha256: a.sha256,
+            })
+            .collect();
+        if anchors.len() > 1000 {
+            return Err(Status::invalid_argument("at most 1000 anchors"));
+        }
+        Ok(Response::new(
+            match self.app.audit.verify(&anchors).await? {
+                Ok(ok) => pb::VerifyAuditResponse {
+                    intact: true,
+                    entries: ok.entries,
+                    chained_from: ok.chained_from.unwrap_or(0),
+                    newest: ok.newest.map(|h| pb::AuditAnchor {
+                        seq: h.seq,
+                        sha256: h.sha256,
+                    }),
+                    ..Default::default()
+                },
+                Err(broken) => pb::VerifyAuditResponse {
+                    intact: false,
+                    broken_seq: broken.seq,
+                    broken_reason: broken.reason,
+                    ..Default::default()
+                },
+            },
+        ))
     }
 
     async fn create_credential(
