@@ -321,11 +321,31 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         // server's CPU per patch and ~48 KiB of server memory per host).
         shared_channel: Some(flotilla_agent::embed::SharedChannel::new()),
         source_address: args.source_address.or(file.source_address),
+        // READY=1 for systemd (Type=notify) once the first session is up;
+        // reconnects later say nothing. Nothing is sent without NOTIFY_SOCKET.
+        observer: Some(flotilla_agent::embed::Observer::new({
+            let ready = std::sync::Once::new();
+            move |event| {
+                if event == flotilla_agent::embed::SessionEvent::Opened {
+                    ready.call_once(flotilla_proto::systemd::ready);
+                }
+            }
+        })),
         ..defaults
     };
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = shutdown_signal().context("cannot listen for stop signals")?;
+        if let Some(interval) = flotilla_proto::systemd::watchdog_interval() {
+            // The runtime has one thread, shared by the session, the patch
+            // pipeline and the hooks' supervision: this task gets to ping only
+            // when none of them blocks it. That is the wedge it detects (a
+            // blocking call or a busy loop on the runtime); installs and
+            // unpacking run on blocking threads and do not stop the pings.
+            tokio::spawn(flotilla_proto::systemd::watchdog(interval, || async {
+                true
+            }));
+        }
         flotilla_agent::run(opts, shutdown)
             .await
             .context("the agent stopped")
@@ -342,6 +362,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
         }
+        flotilla_proto::systemd::stopping();
     })
 }
 
