@@ -1,7 +1,8 @@
 //! Flotilla's wire protocol (generated from `flotilla/v1/*.proto`), the join token
 //! format, the signed trust-policy chain, the delta index beside a patch
 //! manifest, the limits every side enforces, the TLS pieces agent and CLI
-//! share, and the one telemetry setup and error ending all binaries use.
+//! share, the one telemetry setup and error ending all binaries use, and their
+//! systemd notifications.
 
 pub mod codec;
 pub mod delta;
@@ -12,6 +13,7 @@ pub mod limits;
 pub mod manifest;
 pub mod phase;
 pub mod site;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

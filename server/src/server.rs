@@ -392,7 +392,7 @@ pub async fn run(
     crate::ca::write_atomic(&cfg.addr_file(), addr.to_string().as_bytes(), false)?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "flotilla-server listening");
 
-    Server::builder()
+    let serving = Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .add_service(health_service)
         .add_service(reflection)
@@ -408,10 +408,11 @@ pub async fn run(
                 crate::tls::MAX_HANDSHAKES,
             ),
             shutdown.cancelled(),
-        )
-        .await
-        .context("gRPC server failed")?;
+        );
+    let notifier = notify_systemd(&app.db, &shutdown);
+    serving.await.context("gRPC server failed")?;
     shutdown.cancel();
+    let _ = notifier.await;
     let _ = follower.await;
     let _ = reconciler.await;
     let _ = rollouts.await;
@@ -424,3 +425,45 @@ pub async fn run(
     tracing::info!("flotilla-server stopped");
     Ok(())
 }
+
+/// Tells systemd (a `Type=notify` unit) the server is ready, called as the
+/// gRPC server is about to take its first connection: the listener is bound
+/// and everything it serves is loaded. Then STOPPING=1 once `shutdown` begins,
+/// and watchdog pings while the store answers. Nothing is sent without
+/// NOTIFY_SOCKET.
+fn notify_systemd(db: &Db, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+    flotilla_proto::systemd::ready();
+    let stopping = shutdown.clone();
+    let db = db.clone();
+    tokio::spawn(async move {
+        let watchdog = async {
+            match flotilla_proto::systemd::watchdog_interval() {
+                // A wedged server is one whose store no longer answers a read
+                // of one key in time (sled stuck on its lock or on disk I/O,
+                // an etcd client hung), or whose runtime no longer runs this
+                // task. A read that fails in time does not count: etcd being
+                // down is logged and retried, and a restart would not bring
+                // it back.
+                Some(interval) => {
+                    flotilla_proto::systemd::watchdog(interval, || {
+                        let db = db.clone();
+                        async move {
+                            let _ = db.raw().get(WATCHDOG_PROBE_KEY).await;
+                            true
+                        }
+                    })
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stopping.cancelled() => flotilla_proto::systemd::stopping(),
+            _ = watchdog => {}
+        }
+    })
+}
+
+/// The key the watchdog's probe reads: no record has it, so the read is as
+/// cheap as the store allows.
+const WATCHDOG_PROBE_KEY: &str = "watchdog-probe";

@@ -341,6 +341,16 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
                 .or(file.max_download_bytes)
                 .unwrap_or(flotilla_agent::patch::pipeline::DEFAULT_MAX_DOWNLOAD_BYTES),
         },
+        // READY=1 for systemd (Type=notify) once the first session is up;
+        // reconnects later say nothing. Nothing is sent without NOTIFY_SOCKET.
+        observer: Some(flotilla_agent::embed::Observer::new({
+            let ready = std::sync::Once::new();
+            move |event| {
+                if event == flotilla_agent::embed::SessionEvent::Opened {
+                    ready.call_once(flotilla_proto::systemd::ready);
+                }
+            }
+        })),
         ..defaults
     };
     anyhow::ensure!(
@@ -350,6 +360,16 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = shutdown_signal().context("cannot listen for stop signals")?;
+        if let Some(interval) = flotilla_proto::systemd::watchdog_interval() {
+            // The runtime has one thread, shared by the session, the patch
+            // pipeline and the hooks' supervision: this task gets to ping only
+            // when none of them blocks it. That is the wedge it detects (a
+            // blocking call or a busy loop on the runtime); installs and
+            // unpacking run on blocking threads and do not stop the pings.
+            tokio::spawn(flotilla_proto::systemd::watchdog(interval, || async {
+                true
+            }));
+        }
         flotilla_agent::run(opts, shutdown)
             .await
             .context("the agent stopped")
@@ -366,6 +386,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = int.recv() => tracing::info!("SIGINT: stopping"),
         }
+        flotilla_proto::systemd::stopping();
     })
 }
 
