@@ -17,6 +17,8 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     pub ca: CertAuthority,
     pub audit: AuditLog,
+    /// The fleet's events, for webhooks and followers.
+    pub events: crate::events::EventLog,
     pub artifacts: ArtifactStore,
     /// The other replicas' artifacts, fetched when this one lacks one.
     pub peers: crate::artifacts::peers::Peers,

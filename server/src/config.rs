@@ -61,6 +61,10 @@ pub struct FileConfig {
     /// after it was written when no patch names it (default 30 days).
     #[serde(default, with = "humantime_serde")]
     pub artifact_retention: Option<Duration>,
+    /// How long an event waits for a webhook that does not take it before it
+    /// is dropped (with an audit entry); default 24 hours.
+    #[serde(default, with = "humantime_serde")]
+    pub webhook_max_age: Option<Duration>,
 }
 
 impl FileConfig {
@@ -111,6 +115,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// See [`FileConfig::artifact_retention`].
     pub artifact_retention: Duration,
+    /// See [`FileConfig::webhook_max_age`].
+    pub webhook_max_age: Duration,
 }
 
 /// Where the fleet's records live.
@@ -236,6 +242,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 8192;
 pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_WEBHOOK_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_ARTIFACT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl ServerConfig {
@@ -292,6 +299,7 @@ impl ServerConfig {
             artifact_retention: file
                 .artifact_retention
                 .unwrap_or(DEFAULT_ARTIFACT_RETENTION),
+            webhook_max_age: file.webhook_max_age.unwrap_or(DEFAULT_WEBHOOK_MAX_AGE),
         })
     }
 

@@ -364,6 +364,17 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             }),
         )
         .await?;
+    app.events
+        .append(
+            crate::events::Kind::NodeJoined,
+            &node.id,
+            serde_json::json!({
+                "node": node.id, "group": node.group, "hostname": node.facts.hostname,
+                "status": node.status.as_str(), "rejoined": rejoined,
+                "labels": node.labels,
+            }),
+        )
+        .await?;
     tracing::info!(node = %node.id, group = %node.group, rejoined, "node joined");
     Ok(Joined {
         node,

@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod data_dir;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod fleet;
 pub mod grpc;
 pub mod guess_guard;

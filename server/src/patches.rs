@@ -222,6 +222,18 @@ pub async fn record_report(
     if new && phase.is_final() {
         tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
     }
+    if new && matches!(phase, Phase::Failed | Phase::RolledBack | Phase::Rejected) {
+        app.events
+            .append(
+                crate::events::Kind::PatchFailed,
+                &rec.manifest_id,
+                serde_json::json!({
+                    "patch": rec.manifest_id, "node": node_id, "phase": name,
+                    "error": rec.error,
+                }),
+            )
+            .await?;
+    }
     Ok(new)
 }
 

@@ -229,7 +229,9 @@ pub async fn run(
         replica_id.clone(),
         CertAuthority::load(&paths).context("cannot load the CA")?,
     );
+    let events = crate::events::EventLog::new(db.clone());
     let app = Arc::new(App {
+        events,
         join_guard: crate::guess_guard::GuessGuard::joins(),
         auth_guard: crate::guess_guard::GuessGuard::authentications(),
         cfg: cfg.clone(),
@@ -271,6 +273,8 @@ pub async fn run(
     let reconciler = tokio::spawn(fleet.clone().run_reconciler(shutdown.clone()));
     let rollouts = tokio::spawn(fleet.clone().run_rollouts(shutdown.clone()));
     let artifact_gc = tokio::spawn(crate::artifacts::gc::run(app.clone(), shutdown.clone()));
+    let events = tokio::spawn(crate::events::detect::run(app.clone(), shutdown.clone()));
+    let webhooks = tokio::spawn(crate::events::webhooks::run(app.clone(), shutdown.clone()));
 
     // Enroll and the admin calls come without a client certificate; every
     // other agent call checks for one. The certificate is taken again when it
@@ -417,6 +421,8 @@ pub async fn run(
     let _ = reconciler.await;
     let _ = rollouts.await;
     let _ = artifact_gc.await;
+    let _ = events.await;
+    let _ = webhooks.await;
     if let Some(control) = control {
         let _ = control.await;
     }

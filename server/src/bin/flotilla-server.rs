@@ -251,6 +251,10 @@ enum Command {
         /// published) [default: 30d]. Checked hourly.
         #[arg(long, env = "FLOTILLA_ARTIFACT_RETENTION", value_parser = humantime::parse_duration)]
         artifact_retention: Option<Duration>,
+        /// How long an event waits for a webhook receiver that does not take
+        /// it before it is dropped, with an audit entry [default: 24h].
+        #[arg(long, env = "FLOTILLA_WEBHOOK_MAX_AGE", value_parser = humantime::parse_duration)]
+        webhook_max_age: Option<Duration>,
     },
 }
 
@@ -428,6 +432,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_site_downloads,
             metrics_listen,
             artifact_retention,
+            webhook_max_age,
         } => {
             let mut file = match config {
                 Some(path) => FileConfig::load(&path)?,
@@ -455,6 +460,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.max_site_downloads = max_site_downloads.or(file.max_site_downloads);
             file.metrics_listen = metrics_listen.or(file.metrics_listen);
             file.artifact_retention = artifact_retention.or(file.artifact_retention);
+            file.webhook_max_age = webhook_max_age.or(file.webhook_max_age);
             store.over(&mut file);
             let cfg = ServerConfig::merge(file)?;
             let listener = flotilla_server::admission::listen(cfg.listen)

@@ -8,6 +8,7 @@ pub mod connect;
 mod delta;
 mod demo;
 mod dev;
+mod events;
 mod keys;
 mod output;
 mod patch;
@@ -80,6 +81,12 @@ enum Command {
         #[arg(long)]
         group: Option<String>,
     },
+    /// Webhooks: the fleet's events POSTed to receivers (autoscalers, chat).
+    #[command(subcommand)]
+    Webhook(events::WebhookCmd),
+    /// The fleet's events (deficit, surplus, rollouts, nodes, failed
+    /// patches), and with --follow each new one as it happens.
+    Events(events::EventsArgs),
     /// Start a local dev fleet: a server and agents, on this machine.
     Dev(dev::DevArgs),
     /// Print a shell completion script (e.g. `flotilla completion bash >
@@ -120,6 +127,8 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Artifacts(cmd) => artifacts::artifacts(&cli.target, out, cmd).await,
         Command::Rollout(cmd) => rollout::rollout(&cli.target, out, cmd).await,
         Command::Report(cmd) => rollout::report(&cli.target, out, cmd).await,
+        Command::Webhook(cmd) => events::webhook(&cli.target, out, cmd).await,
+        Command::Events(args) => events::events(&cli.target, out, args).await,
         Command::Sites { group } => sites::list(&cli.target, out, group).await,
     }
 }

@@ -39,6 +39,8 @@ pub struct GroupStatus {
     pub active: u32,
     pub healthy_active: u32,
     pub standby: u32,
+    /// Standby nodes online.
+    pub healthy_standby: u32,
     pub pending: u32,
     pub online: u32,
     /// desired - healthy_active, never below zero.
@@ -228,6 +230,7 @@ impl Fleet {
     fn status_of(&self, st: &State, name: &str) -> GroupStatus {
         let g = st.groups.get(name);
         let mut c = membership::Counts::default();
+        let mut healthy_standby = 0;
         for n in st.nodes.values().filter(|n| n.group == name) {
             let online = st.online(&n.id);
             match n.status {
@@ -239,7 +242,12 @@ impl Fleet {
                             c.healthy_active += 1;
                         }
                     }
-                    Role::Standby => c.standby += 1,
+                    Role::Standby => {
+                        c.standby += 1;
+                        if online {
+                            healthy_standby += 1;
+                        }
+                    }
                 },
                 NodeStatus::Rejected | NodeStatus::Revoked => continue,
             }
@@ -256,6 +264,7 @@ impl Fleet {
             active: c.active,
             healthy_active: c.healthy_active,
             standby: c.standby,
+            healthy_standby,
             pending: c.pending,
             online: c.online,
             deficit: c.deficit(desired),

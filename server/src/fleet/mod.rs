@@ -230,6 +230,27 @@ impl Fleet {
         self.leadership.read().expect("leadership").clone()
     }
 
+    /// Whether this replica leads (runs the fleet's singletons).
+    pub fn is_leading(&self) -> bool {
+        self.leadership().is_leading()
+    }
+
+    /// Accepted nodes offline for `grace` or longer: (id, group, for how long).
+    /// A node not seen since this replica started counts from the start.
+    pub async fn offline_past(&self, grace: Duration) -> Vec<(String, String, Duration)> {
+        let st = self.state.lock().await;
+        let now = Instant::now();
+        st.nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Accepted && !st.online(&n.id))
+            .filter_map(|n| {
+                let since = st.offline_since.get(&n.id).copied().unwrap_or(self.started);
+                let d = now.saturating_duration_since(since);
+                (d >= grace).then(|| (n.id.clone(), n.group.clone(), d))
+            })
+            .collect()
+    }
+
     /// Wakes the reconciler and the rollout controller after a change.
     fn changed(&self) {
         self.wake.notify_one();

@@ -788,6 +788,36 @@ impl pb::admin_service_server::AdminService for AdminApi {
         super::publish::upload_artifact(self, request).await
     }
 
+    async fn add_webhook(
+        &self,
+        request: Request<pb::AddWebhookRequest>,
+    ) -> Result<Response<pb::WebhookInfo>, Status> {
+        super::events::add_webhook(self, request).await
+    }
+
+    async fn list_webhooks(
+        &self,
+        request: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        super::events::list_webhooks(self, request).await
+    }
+
+    async fn remove_webhook(
+        &self,
+        request: Request<pb::RemoveWebhookRequest>,
+    ) -> Result<Response<pb::WebhookInfo>, Status> {
+        super::events::remove_webhook(self, request).await
+    }
+
+    type WatchEventsStream = super::events::EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        super::events::watch_events(self, request).await
+    }
+
     async fn collect_artifacts(
         &self,
         request: Request<pb::CollectArtifactsRequest>,

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod artifact_stream;
+pub mod events;
 pub mod publish;
 pub mod rate;
 pub mod replica;

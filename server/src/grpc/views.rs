@@ -71,6 +71,7 @@ impl From<GroupStatus> for pb::GroupStatus {
             active,
             healthy_active,
             standby,
+            healthy_standby: _,
             pending,
             online,
             deficit,
