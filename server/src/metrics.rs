@@ -83,6 +83,22 @@ fn describe() {
         "flotilla_publish_seconds",
         "time to publish a patch (checks, store, push)"
     );
+    describe_histogram!(
+        "flotilla_push_seconds",
+        "from a change to a node's desired state to its leaving for the node"
+    );
+    describe_histogram!(
+        "flotilla_store_seconds",
+        "time of each store operation, by op"
+    );
+    describe_counter!(
+        "flotilla_store_errors_total",
+        "store operations that failed, by op"
+    );
+    describe_counter!(
+        "flotilla_webhook_deliveries_total",
+        "webhook POSTs, by outcome"
+    );
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.

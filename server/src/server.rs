@@ -30,7 +30,11 @@ pub struct Initialized {
 /// data dir, or etcd, which every replica of the fleet shares. The CA must
 /// be the fleet's, and no restore or migration may be loading the prefix.
 async fn open_db(data_dir: &Path, store: &StoreConfig, ca_pem: &str) -> anyhow::Result<Db> {
-    open_store_as(data_dir, store, None, Some(ca_pem)).await
+    let db = open_store_as(data_dir, store, None, Some(ca_pem)).await?;
+    // Timed and counted for the metrics (a no-op without --metrics-listen).
+    Ok(Db::new(Arc::new(crate::store::metered::Metered::new(
+        db.raw().clone(),
+    ))))
 }
 
 /// Opens the fleet's store; on etcd, `hold` names the run (a restore, a

@@ -133,6 +133,10 @@ fn a_scrape_parses_and_a_rollout_moves_the_counters() {
     );
     assert!(value(&after, "flotilla_artifact_bytes_sent_total", &[]) >= 2.0 * size);
     assert_eq!(value(&after, "flotilla_publish_seconds_count", &[]), 1.0);
+    // Each agent was sent the patch over its session; the store was timed.
+    assert!(value(&after, "flotilla_push_seconds_count", &[]) >= 2.0);
+    assert!(value(&after, "flotilla_store_seconds_count", &[("op", "txn")]) > 0.0);
+    assert!(value(&after, "flotilla_store_seconds_count", &[("op", "get")]) > 0.0);
 
     let text = wait_until("the textfile has the patch", T, || {
         let text = std::fs::read_to_string(&prom).ok()?;

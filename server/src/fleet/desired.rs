@@ -47,7 +47,22 @@ pub struct Desired {
     /// The site's agents that may serve it artifacts, best first (not part
     /// of the revision).
     pub site_peers: Vec<super::SitePeer>,
+    /// When it was made (for the push latency metric).
+    pub made_at: MadeAt,
 }
+
+/// When a desired state was made: not part of what a node is told, so every
+/// stamp equals every other.
+#[derive(Debug, Clone, Copy)]
+pub struct MadeAt(pub std::time::Instant);
+
+impl PartialEq for MadeAt {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for MadeAt {}
 
 impl State {
     /// The newest trust policy version: part of every desired-state revision
@@ -95,6 +110,7 @@ impl Fleet {
                 .map(|(_, p)| p.clone())
                 .collect(),
             site_peers: st.site_peers_for(node),
+            made_at: MadeAt(std::time::Instant::now()),
         }
     }
 

@@ -128,7 +128,11 @@ fn outbound(o: Outbound) -> SessionStream {
             changed = o.desired.changed() => match changed {
                 Err(_) => None,
                 Ok(()) => {
-                    let m = desired_message(&o.desired.borrow_and_update());
+                    let d = o.desired.borrow_and_update();
+                    // From the change that made it to its leaving for the node.
+                    metrics::histogram!("flotilla_push_seconds").record(d.made_at.0.elapsed());
+                    let m = desired_message(&d);
+                    drop(d);
                     Some((Ok(m), o))
                 }
             },

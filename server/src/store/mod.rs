@@ -12,6 +12,7 @@ mod etcd_members;
 pub(crate) mod etcd_store;
 mod feed;
 mod history;
+pub mod metered;
 mod sled_store;
 
 use std::sync::Arc;
