@@ -399,3 +399,63 @@ fn completions_and_man_pages_come_from_the_command_line_itself() {
         "options are documented: {build:.400}"
     );
 }
+
+#[test]
+fn tables_fit_the_terminal_unless_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    server.cli(&["group", "create", "store-eu-with-a-rather-long-name"]);
+    let widest = |extra: &[&str]| {
+        let out = Command::new(bin("flotilla"))
+            .args(extra)
+            .arg("audit")
+            .env("FLOTILLA_SERVER", server.url())
+            .env("FLOTILLA_CREDENTIAL", server.credential())
+            .env("COLUMNS", "60")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap()
+    };
+    assert!(widest(&[]) <= 60, "wrapped to $COLUMNS");
+    assert!(widest(&["--wide"]) > 60, "--wide does not wrap");
+}
+
+/// `patch build` shows its hashing on a terminal (a large artifact takes a
+/// while), and nothing of it in a pipe.
+#[test]
+fn patch_build_shows_its_hashing_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tar = d.join("app.tar");
+    patch::tar(&tar, &[("big.bin", &patch::noise(24 << 20, 3), 0o644)]);
+    let spec = patch::files_spec(d, "big", "1.0.0", &tar, "");
+    let build = format!(
+        "{} patch build {} --out-dir {}",
+        bin("flotilla").display(),
+        spec.display(),
+        d.join("out").display()
+    );
+    // `script` gives the CLI a terminal.
+    let on_tty = Command::new("script")
+        .args(["-qec", &build, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs");
+    assert!(on_tty.status.success());
+    assert!(
+        String::from_utf8_lossy(&on_tty.stdout).contains("hashing payload.tar"),
+        "{}",
+        String::from_utf8_lossy(&on_tty.stdout)
+    );
+    let piped = Command::new("sh")
+        .args(["-c", &format!("{build} --force")])
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("hashing"));
+}

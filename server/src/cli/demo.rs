@@ -66,7 +66,10 @@ fn payload(path: &Path, version: &str) -> anyhow::Result<()> {
 /// Builds, signs and publishes the demo patch, then prints its progress until
 /// every one of `agents` committed it.
 pub async fn roll_out(dir: &Path, target: &Target, group: &str, agents: u32) -> anyhow::Result<()> {
-    let out = Output { json: false };
+    let out = Output {
+        json: false,
+        wide: false,
+    };
     let work = dir.join("demo");
     std::fs::create_dir_all(&work)?;
     let stamp = crate::model::now_secs();

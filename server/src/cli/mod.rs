@@ -29,6 +29,10 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Print tables as wide as their content: long cells are not wrapped to
+    /// the terminal's width.
+    #[arg(long, global = true)]
+    wide: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,7 +110,10 @@ enum Command {
 /// Entry point of the `flotilla` binary.
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let out = output::Output { json: cli.json };
+    let out = output::Output {
+        json: cli.json,
+        wide: cli.wide,
+    };
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
         Command::Completion { shell } => {

@@ -6,6 +6,8 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
     pub json: bool,
+    /// Tables as wide as their content, never wrapped.
+    pub wide: bool,
 }
 
 impl Output {
@@ -17,14 +19,19 @@ impl Output {
         }
         let mut t = Table::new();
         // Borderless, as the docs show; long cells wrap to fit the terminal
-        // (its width, or $COLUMNS when set; a pipe without $COLUMNS is not wrapped).
+        // (its width, or $COLUMNS when set; a pipe without $COLUMNS is not
+        // wrapped), unless --wide.
         t.load_preset(NOTHING);
-        t.set_content_arrangement(ContentArrangement::Dynamic);
-        if let Some(w) = std::env::var("COLUMNS")
-            .ok()
-            .and_then(|c| c.parse::<u16>().ok())
-        {
-            t.set_width(w);
+        if self.wide {
+            t.set_content_arrangement(ContentArrangement::Disabled);
+        } else {
+            t.set_content_arrangement(ContentArrangement::Dynamic);
+            if let Some(w) = std::env::var("COLUMNS")
+                .ok()
+                .and_then(|c| c.parse::<u16>().ok())
+            {
+                t.set_width(w);
+            }
         }
         t.set_header(headers.to_vec());
         for r in rows {

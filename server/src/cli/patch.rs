@@ -122,9 +122,31 @@ struct SpecArtifact {
     path: PathBuf,
 }
 
-fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+/// A progress bar of `len` bytes on stderr, when stderr is a terminal
+/// (scripts and logs get none).
+fn progress(len: u64, msg: String) -> indicatif::ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+/// SHA-256 and size of the file of artifact `name`, with a progress bar
+/// (large artifacts take a while to hash).
+fn hash_file(path: &Path, name: &str) -> anyhow::Result<(String, u64)> {
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata().map_or(0, |m| m.len());
+    let bar = progress(len, format!("hashing {name}"));
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1024 * 1024];
     let mut size = 0u64;
@@ -135,7 +157,9 @@ fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
         }
         h.update(&buf[..n]);
         size += n as u64;
+        bar.inc(n as u64);
     }
+    bar.finish_and_clear();
     Ok((hex::encode(h.finalize()), size))
 }
 
@@ -172,7 +196,7 @@ pub(super) fn build(
     let mut artifacts = Vec::new();
     for a in &spec.artifacts {
         let src = base.join(&a.path);
-        let (sha256, size) = hash_file(&src)?;
+        let (sha256, size) = hash_file(&src, &a.name)?;
         let dest = out_dir.join(&a.name);
         if std::fs::canonicalize(&src).ok() != std::fs::canonicalize(&dest).ok() {
             std::fs::copy(&src, &dest)
@@ -375,25 +399,14 @@ async fn upload(
     if held.complete {
         return Ok(());
     }
-    let (sha, size) = hash_file(path)?;
+    let (sha, size) = hash_file(path, &a.name)?;
     if sha != a.sha256 || size != a.size {
         bail!(
             "{} does not match the digest and size {source} gives",
             path.display()
         );
     }
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(a.size)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_message(a.name.clone());
+    let bar = progress(a.size, a.name.clone());
     bar.set_position(held.received);
     let mut file = std::fs::File::open(path)?;
     use std::io::Seek;

@@ -7,7 +7,10 @@ use std::process::Command;
 use super::*;
 use crate::cli::output::Output;
 
-const OUT: Output = Output { json: false };
+const OUT: Output = Output {
+    json: false,
+    wide: false,
+};
 
 /// Deterministic bytes that do not compress.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
