@@ -181,3 +181,108 @@ where
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{CertAuthority, TlsPaths};
+
+    /// An HTTPS receiver with a certificate for `localhost` from its own CA,
+    /// answering `status`; returns its port, its CA and what it received.
+    async fn receiver(
+        dir: &std::path::Path,
+        status: u16,
+    ) -> (u16, String, tokio::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+        let paths = TlsPaths::in_dir(dir);
+        let ca = CertAuthority::create(&paths, &["localhost".into()]).unwrap();
+        let cert = crate::tls::ServerCert::load(&paths).unwrap();
+        let tls = crate::tls::server_config(cert, ca.cert_pem()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(stream) = tokio_rustls::TlsAcceptor::from(tls.clone())
+                    .accept(tcp)
+                    .await
+                else {
+                    continue;
+                };
+                let tx = tx.clone();
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let sig = req
+                                .headers()
+                                .get("flotilla-signature")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                            let _ = tx.send((sig, body)).await;
+                            let mut res =
+                                hyper::Response::new(Full::new(Bytes::from_static(b"nope")));
+                            *res.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(res)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (port, ca.cert_pem().to_string(), rx)
+    }
+
+    #[tokio::test]
+    async fn an_https_receiver_is_reached_with_its_ca_and_refused_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, ca, mut got) = receiver(dir.path(), 204).await;
+        let target = Target::parse(&format!("https://localhost:{port}/hook?x=1")).unwrap();
+        assert_eq!(target.path, "/hook?x=1");
+        let headers = [("flotilla-signature", "t=1,v1=ab".to_string())];
+        let status = post(
+            &target,
+            &ca,
+            &headers,
+            b"{}".to_vec(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 204);
+        let (sig, body) = got.recv().await.unwrap();
+        assert_eq!((sig.as_str(), body.as_slice()), ("t=1,v1=ab", &b"{}"[..]));
+
+        // Another CA: the receiver is not trusted, and nothing is sent.
+        let other = tempfile::tempdir().unwrap();
+        let (_, other_ca, _) = receiver(other.path(), 204).await;
+        let err = post(
+            &target,
+            &other_ca,
+            &headers,
+            b"{}".to_vec(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("TLS"), "{err}");
+        assert!(got.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_is_a_failed_delivery_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, ca, _got) = receiver(dir.path(), 503).await;
+        let target = Target::parse(&format!("https://localhost:{port}/")).unwrap();
+        let err = post(&target, &ca, &[], b"{}".to_vec(), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(err.contains("503") && err.contains("nope"), "{err}");
+        assert!(Target::parse("ftp://x/").is_err());
+        assert!(Target::parse("https:///nohost").is_err());
+    }
+}
