@@ -177,8 +177,8 @@ async fn look(app: &App, settled: bool) -> Result<()> {
     };
     let groups: Vec<GroupNow> = app
         .fleet
-        .group_statuses(None)
-        .await?
+        .published_group_statuses()
+        .await
         .into_iter()
         .map(|g| GroupNow {
             name: g.name,
@@ -188,20 +188,31 @@ async fn look(app: &App, settled: bool) -> Result<()> {
             deficit: g.deficit,
         })
         .collect();
-    let rollouts: Vec<RolloutNow> = app
+    let mut rollouts: Vec<RolloutNow> = app
         .fleet
-        .rollout_infos()
+        .rollout_briefs()
         .await
         .into_iter()
         .map(|r| RolloutNow {
             patch_id: r.patch_id,
             state: r.state,
             reason: r.reason,
-            failures: r.failures,
+            failures: 0,
             component: r.component,
             version: r.version,
         })
         .collect();
+    // The failure count (which visits the rollout's nodes) only for a
+    // rollout about to be told of.
+    for r in rollouts.iter_mut().filter(|r| {
+        !fresh
+            && r.state != RolloutState::Running
+            && seen.rollouts.get(&r.patch_id).map(String::as_str) != Some(r.state.as_str())
+    }) {
+        if let Some(info) = app.fleet.rollout_info(&r.patch_id).await {
+            r.failures = info.failures;
+        }
+    }
     let offline: Vec<OfflineNow> = app
         .fleet
         .offline_past(app.cfg.offline_grace)

@@ -294,6 +294,17 @@ impl Fleet {
             .collect())
     }
 
+    /// Every group's status as last published to watchers (kept current by
+    /// every change): no node is visited, so it is cheap enough to ask every
+    /// second.
+    pub async fn published_group_statuses(&self) -> Vec<GroupStatus> {
+        let st = self.state.lock().await;
+        st.groups
+            .keys()
+            .filter_map(|n| st.published.get(n).cloned())
+            .collect()
+    }
+
     /// Group status changes from now on.
     pub fn subscribe_groups(&self) -> broadcast::Receiver<GroupStatus> {
         self.group_events.subscribe()

@@ -36,7 +36,7 @@ pub use desired::{Desired, SignedManifest};
 use flotilla_proto::manifest::Manifest;
 pub use groups::{GroupConfig, GroupSettings, GroupStatus};
 pub use published::PatchInfo;
-pub use rollout_view::{RolloutGroup, RolloutInfo, WaveProgress};
+pub use rollout_view::{RolloutBrief, RolloutGroup, RolloutInfo, WaveProgress};
 use rollouts::PhaseNote;
 pub use rollouts::RolloutRequest;
 pub use sites::{ServingAgent, SitePeer, SiteView};

@@ -81,7 +81,36 @@ fn window_opens_at_ms(g: &crate::model::GroupRecord) -> i64 {
     }
 }
 
+/// A rollout's state without its progress.
+#[derive(Debug, Clone)]
+pub struct RolloutBrief {
+    pub patch_id: String,
+    pub state: RolloutState,
+    pub reason: String,
+    pub component: String,
+    pub version: String,
+}
+
 impl Fleet {
+    /// Every rollout's state, without progress: no node is visited, so it
+    /// is cheap enough to ask every second.
+    pub async fn rollout_briefs(&self) -> Vec<RolloutBrief> {
+        let st = self.state.lock().await;
+        st.rollouts
+            .iter()
+            .filter_map(|(id, r)| {
+                let (_, m) = st.patches.get(id)?;
+                Some(RolloutBrief {
+                    patch_id: id.clone(),
+                    state: r.state,
+                    reason: r.reason.clone(),
+                    component: m.component.clone(),
+                    version: m.version.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// One rollout's state and progress per group.
     pub async fn rollout_info(&self, id: &str) -> Option<RolloutInfo> {
         let st = self.state.lock().await;
