@@ -205,20 +205,7 @@ mod tests {
     #[test]
     fn the_packaged_example_parses_with_every_key_set() {
         let example = include_str!("../../packaging/config/agent.toml");
-        let set: String = example
-            .lines()
-            .map(|l| match l.strip_prefix('#') {
-                Some(rest)
-                    if rest.split_once(" = ").is_some_and(|(k, _)| {
-                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                    }) =>
-                {
-                    rest
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let set = flotilla_proto::config_example::with_every_key_set(example);
         let c = FileConfig::parse(&set).unwrap_or_else(|e| panic!("{e}\n{set}"));
         assert!(c.keep_backups.is_some() && c.max_download_bytes.is_some());
         assert!(c.metrics_textfile.is_some() && c.labels.is_some());

@@ -5,6 +5,7 @@
 //! systemd notifications.
 
 pub mod codec;
+pub mod config_example;
 pub mod delta;
 pub mod durable;
 pub mod exit;

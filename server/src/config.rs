@@ -353,20 +353,7 @@ mod tests {
     #[test]
     fn the_packaged_example_parses_with_every_key_set() {
         let example = include_str!("../../packaging/config/server.toml");
-        let set: String = example
-            .lines()
-            .map(|l| match l.strip_prefix('#') {
-                Some(rest)
-                    if rest.split_once(" = ").is_some_and(|(k, _)| {
-                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                    }) =>
-                {
-                    rest
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let set = flotilla_proto::config_example::with_every_key_set(example);
         let c: FileConfig = toml::from_str(&set).unwrap_or_else(|e| panic!("{e}\n{set}"));
         assert!(c.artifact_retention.is_some() && c.metrics_listen.is_some());
     }

@@ -10,14 +10,18 @@ fn ents(n: u8) -> Vec<Ent> {
     vec![Ent::File("bin/app", app, 0o755)]
 }
 
+/// A pipeline for /opt/c trusting `publisher`, with these disk limits.
+fn on_disk(dir: &Path, publisher: &Publisher, disk: DiskLimits) -> Pipeline {
+    pipeline_on_disk(dir, Some(publisher.public_key()), host_policy(false), disk)
+}
+
 #[tokio::test]
 async fn backups_are_kept_for_the_newest_versions_of_a_component_only() {
     let (_tmp, dir) = host();
     let publisher = Publisher::new();
-    let p = pipeline_on_disk(
+    let p = on_disk(
         &dir,
-        Some(publisher.public_key()),
-        host_policy(false),
+        &publisher,
         DiskLimits {
             keep_backups: 2,
             ..DiskLimits::default()
@@ -74,10 +78,9 @@ async fn backups_are_kept_for_the_newest_versions_of_a_component_only() {
 async fn a_patch_past_the_download_bound_is_refused_before_anything_happens() {
     let (_tmp, dir) = host();
     let publisher = Publisher::new();
-    let p = pipeline_on_disk(
+    let p = on_disk(
         &dir,
-        Some(publisher.public_key()),
-        host_policy(false),
+        &publisher,
         DiskLimits {
             max_download_bytes: 100,
             ..DiskLimits::default()
