@@ -216,12 +216,9 @@ pub async fn record_report(
             )
             .await?;
     }
-    // Also when this is a re-send: an earlier try's write may not have reached
-    // the disk (its sync failed, so it was never acknowledged).
-    app.db.sync().await?;
-    if new && phase.is_final() {
-        tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
-    }
+    // A failure's event before the sync: the event's write is durable, and
+    // takes the report's with it, so a crash before either is a report sent
+    // again as new (its event then written), never an event lost.
     if new && matches!(phase, Phase::Failed | Phase::RolledBack | Phase::Rejected) {
         app.events
             .append(
@@ -233,6 +230,12 @@ pub async fn record_report(
                 }),
             )
             .await?;
+    }
+    // Also when this is a re-send: an earlier try's write may not have reached
+    // the disk (its sync failed, so it was never acknowledged).
+    app.db.sync().await?;
+    if new && phase.is_final() {
+        tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
     }
     Ok(new)
 }
