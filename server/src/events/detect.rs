@@ -20,6 +20,8 @@ use crate::rollout::record::RolloutState;
 const SEEN: &str = "events-seen";
 /// How often the fleet is looked at (and at each group or rollout change).
 const TICK: Duration = Duration::from_secs(1);
+/// The least time between two looks.
+const COALESCE: Duration = Duration::from_millis(250);
 
 /// What the events so far told.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -157,6 +159,14 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             _ = rollouts.recv() => {}
             () = tokio::time::sleep(TICK) => {}
         }
+        // Changes come in bursts (a rollout moves with every report): one
+        // look takes them all, and looks are at least a quarter second apart.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(COALESCE) => {}
+        }
+        drain(&mut groups);
+        drain(&mut rollouts);
         if !app.fleet.is_leading() {
             leading_since = None;
             continue;
@@ -167,6 +177,12 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             tracing::warn!(error = %e, "cannot turn the fleet's state into events; trying again");
         }
     }
+}
+
+/// Takes every change waiting in `rx` (the look that follows sees them all).
+fn drain<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<T>) {
+    use tokio::sync::broadcast::error::TryRecvError;
+    while matches!(rx.try_recv(), Ok(_) | Err(TryRecvError::Lagged(_))) {}
 }
 
 async fn look(app: &App, settled: bool) -> Result<()> {

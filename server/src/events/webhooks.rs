@@ -171,10 +171,14 @@ pub async fn remove(app: &App, id: &str) -> Result<WebhookRecord> {
     Ok(rec)
 }
 
+/// How often the event log is pruned (a scan of it).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// Delivers to every webhook while this replica leads, until `shutdown`; one
 /// worker per webhook, so a slow receiver holds up only its own events.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     let mut workers: HashMap<String, (WebhookRecord, CancellationToken)> = HashMap::new();
+    let mut pruned = tokio::time::Instant::now();
     loop {
         let wanted = if app.fleet.is_leading() {
             list(&app).await.unwrap_or_else(|e| {
@@ -202,7 +206,10 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        prune(&app, workers.is_empty()).await;
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = tokio::time::Instant::now();
+            prune(&app, workers.is_empty()).await;
+        }
     }
 }
 
