@@ -16,6 +16,8 @@ use crate::store::{Condition, Db, Op};
 
 const PREFIX: &str = "events/";
 const HEAD: &str = "events-head";
+/// The highest id pruned: reads start past it.
+const FLOOR: &str = "events-floor";
 
 fn key(id: u64) -> String {
     format!("{PREFIX}{id:020}")
@@ -201,9 +203,12 @@ impl EventLog {
         }
     }
 
-    /// Up to `limit` events after `after`, oldest first.
+    /// Up to `limit` events after `after`, oldest first (from the oldest
+    /// kept, when `after` was pruned).
     pub async fn after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
         let (newest, _) = self.head().await?;
+        let floor = self.db.get::<u64>(FLOOR).await?.unwrap_or(0);
+        let after = after.max(floor);
         if newest <= after {
             return Ok(Vec::new());
         }
@@ -220,7 +225,7 @@ impl EventLog {
     /// Removes events up to `upto` written before `before_ms` (delivered to
     /// every webhook, or dropped by it, and old enough for followers).
     pub async fn prune(&self, upto: u64, before_ms: i64) -> Result<u64> {
-        let mut removed = 0;
+        let mut gone = Vec::new();
         for (k, v) in self.db.raw().scan_prefix(PREFIX).await? {
             let Ok(e) = serde_json::from_slice::<Event>(&v) else {
                 continue;
@@ -228,9 +233,61 @@ impl EventLog {
             if e.id > upto || e.at_ms >= before_ms {
                 break;
             }
-            self.db.raw().delete(&k).await?;
-            removed += 1;
+            gone.push((k, e.id));
         }
-        Ok(removed)
+        let Some((_, last)) = gone.last() else {
+            return Ok(0);
+        };
+        // The floor first: a reader never looks for a pruned id.
+        self.db.put(FLOOR, last).await?;
+        for chunk in gone.chunks(256) {
+            let deletes = chunk.iter().map(|(k, _)| Op::Delete(k.clone())).collect();
+            self.db.raw().txn(Vec::new(), deletes).await?;
+        }
+        Ok(gone.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_keep_their_order_and_reads_start_past_what_was_pruned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = Db::new(std::sync::Arc::new(
+            crate::store::SledStore::open(tmp.path()).unwrap(),
+        ));
+        let log = EventLog::new(db.clone());
+        for n in 0..5 {
+            let id = log
+                .append(Kind::Deficit, "g", serde_json::json!({ "n": n }))
+                .await
+                .unwrap();
+            assert_eq!(id, n + 1);
+        }
+        // A second log on the same store (another replica) goes on after it.
+        let other = EventLog::new(db);
+        assert_eq!(
+            other
+                .append(Kind::Surplus, "g", serde_json::json!({}))
+                .await
+                .unwrap(),
+            6
+        );
+        let ids = |v: Vec<Event>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(log.after(0, 100).await.unwrap()), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(ids(log.after(4, 1).await.unwrap()), [5]);
+        // Pruned up to 3 (all are old enough): a reader from 0 starts at 4.
+        assert_eq!(log.prune(3, i64::MAX).await.unwrap(), 3);
+        assert_eq!(ids(log.after(0, 2).await.unwrap()), [4, 5]);
+        assert_eq!(log.prune(3, i64::MAX).await.unwrap(), 0);
+        // Too new to prune.
+        assert_eq!(log.prune(6, 0).await.unwrap(), 0);
+        assert!(parse_kinds(&["deficit,nope".into()]).is_err());
+        assert_eq!(
+            parse_kinds(&["deficit, surplus".into(), "deficit".into()]).unwrap(),
+            ["deficit", "surplus"]
+        );
     }
 }
