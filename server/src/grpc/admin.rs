@@ -38,18 +38,6 @@ fn token_info(t: TokenRecord) -> pb::TokenInfo {
     }
 }
 
-fn credential_info(c: crate::model::CredentialRecord) -> pb::CredentialInfo {
-    pb::CredentialInfo {
-        id: c.id,
-        name: c.name,
-        role: c.role.as_str().to_string(),
-        created_at: c.created_at,
-        revoked: c.revoked,
-        expires_at: c.expires_at,
-        rotated_at: c.rotated_at,
-    }
-}
-
 fn statuses(all: Vec<crate::fleet::GroupStatus>) -> Vec<pb::GroupStatus> {
     all.into_iter().map(Into::into).collect()
 }
@@ -218,11 +206,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let caller = self.caller(&request, OperatorRole::Viewer).await?;
-        Ok(Response::new(pb::WhoAmIResponse {
-            name: caller.name,
-            role: caller.role.as_str().to_string(),
-        }))
+        super::access::who_am_i(self, request).await
     }
 
     async fn create_token(
@@ -584,100 +568,21 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        self.caller(&request, OperatorRole::Viewer).await?;
-        let r = request.into_inner();
-        let limit = match r.limit {
-            0 => 100,
-            n => n.min(limits::MAX_AUDIT_PAGE),
-        } as usize;
-        let entries = if r.after_seq > 0 || r.since_unix_ms > 0 {
-            self.app
-                .audit
-                .page(r.after_seq, r.since_unix_ms, limit)
-                .await?
-        } else {
-            self.app.audit.tail(limit).await?
-        };
-        Ok(Response::new(pb::ListAuditResponse {
-            entries: entries
-                .into_iter()
-                .map(|e| pb::AuditEntry {
-                    seq: e.seq,
-                    at_unix_ms: e.at_ms,
-                    actor: e.actor,
-                    action: e.action,
-                    target: e.target,
-                    detail: e.detail.to_string(),
-                    prev: e.prev,
-                    sha256: e.sha256,
-                })
-                .collect(),
-        }))
+        super::access::list_audit(self, request).await
     }
 
     async fn verify_audit(
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        self.caller(&request, OperatorRole::Viewer).await?;
-        let anchors: Vec<crate::audit::chain::Head> = request
-            .into_inner()
-            .anchors
-            .into_iter()
-            .map(|a| crate::audit::chain::Head {
-                seq: a.seq,
-                sha256: a.sha256,
-            })
-            .collect();
-        if anchors.len() > 1000 {
-            return Err(Status::invalid_argument("at most 1000 anchors"));
-        }
-        Ok(Response::new(
-            match self.app.audit.verify(&anchors).await? {
-                Ok(ok) => pb::VerifyAuditResponse {
-                    intact: true,
-                    entries: ok.entries,
-                    chained_from: ok.chained_from.unwrap_or(0),
-                    newest: ok.newest.map(|h| pb::AuditAnchor {
-                        seq: h.seq,
-                        sha256: h.sha256,
-                    }),
-                    ..Default::default()
-                },
-                Err(broken) => pb::VerifyAuditResponse {
-                    intact: false,
-                    broken_seq: broken.seq,
-                    broken_reason: broken.reason,
-                    ..Default::default()
-                },
-            },
-        ))
+        super::access::verify_audit(self, request).await
     }
 
     async fn create_credential(
         &self,
         request: Request<pb::CreateCredentialRequest>,
     ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
-        let caller = self.caller(&request, OperatorRole::Admin).await?;
-        let r = request.into_inner();
-        let role = OperatorRole::parse(&r.role).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "unknown role {:?}: use viewer, operator, publisher or admin",
-                r.role
-            ))
-        })?;
-        let (bearer, rec) = credentials::create(&self.app.db, &r.name, role, r.ttl_secs).await?;
-        self.audit(
-            &caller,
-            crate::audit::Action::CredentialCreate,
-            &rec.name,
-            serde_json::json!({ "id": rec.id, "role": role.as_str(), "expires_at": rec.expires_at }),
-        )
-        .await?;
-        Ok(Response::new(pb::CreateCredentialResponse {
-            credential: bearer,
-            info: Some(credential_info(rec)),
-        }))
+        super::access::create_credential(self, request).await
     }
 
     async fn list_replicas(
@@ -709,48 +614,21 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
-        self.caller(&request, OperatorRole::Admin).await?;
-        let creds = credentials::list(&self.app.db).await?;
-        Ok(Response::new(pb::ListCredentialsResponse {
-            credentials: creds.into_iter().map(credential_info).collect(),
-        }))
+        super::access::list_credentials(self, request).await
     }
 
     async fn revoke_credential(
         &self,
         request: Request<pb::RevokeCredentialRequest>,
     ) -> Result<Response<pb::CredentialInfo>, Status> {
-        let caller = self.caller(&request, OperatorRole::Admin).await?;
-        let name = request.into_inner().name;
-        let rec = credentials::revoke(&self.app.db, &name).await?;
-        self.audit(
-            &caller,
-            crate::audit::Action::CredentialRevoke,
-            &rec.name,
-            serde_json::json!({ "id": rec.id, "role": rec.role.as_str() }),
-        )
-        .await?;
-        Ok(Response::new(credential_info(rec)))
+        super::access::revoke_credential(self, request).await
     }
 
     async fn rotate_credential(
         &self,
         request: Request<pb::RotateCredentialRequest>,
     ) -> Result<Response<pb::CreateCredentialResponse>, Status> {
-        let caller = self.caller(&request, OperatorRole::Admin).await?;
-        let r = request.into_inner();
-        let (bearer, rec) = credentials::rotate(&self.app.db, &r.name, r.ttl_secs).await?;
-        self.audit(
-            &caller,
-            crate::audit::Action::CredentialRotate,
-            &rec.name,
-            serde_json::json!({ "id": rec.id, "role": rec.role.as_str(), "expires_at": rec.expires_at }),
-        )
-        .await?;
-        Ok(Response::new(pb::CreateCredentialResponse {
-            credential: bearer,
-            info: Some(credential_info(rec)),
-        }))
+        super::access::rotate_credential(self, request).await
     }
 
     async fn set_trust(

@@ -3,6 +3,7 @@
 //! gRPC clients, and `server.rs` (which wires the services) use protobuf
 //! types (see the invariants in ARCHITECTURE.md).
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod artifact_stream;
