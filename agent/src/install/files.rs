@@ -374,7 +374,25 @@ fn record_prev(pe: &mut PlanEntry, kind: Kind, meta: &Meta) {
 
 /// Room the filesystem keeps beyond what an install needs: directory entries,
 /// inodes' blocks, and the rounding of each file to whole blocks.
-const SPACE_SLACK: u64 = 1 << 20;
+pub(crate) const SPACE_SLACK: u64 = 1 << 20;
+
+/// The filesystem holding `path` (or, when it does not exist yet, its
+/// nearest existing ancestor, which will hold it): that ancestor, the bytes
+/// free to an unprivileged writer there, and the filesystem's device.
+pub(crate) fn free_space(path: &Path) -> io::Result<(PathBuf, u64, u64)> {
+    let on = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    let st = nix::sys::statvfs::statvfs(&on).map_err(io::Error::from)?;
+    let dev = std::os::unix::fs::MetadataExt::dev(&fs::metadata(&on)?);
+    Ok((
+        on,
+        st.blocks_available().saturating_mul(st.fragment_size()),
+        dev,
+    ))
+}
 
 /// Refuses an install that cannot fit before anything is written: the files
 /// it unpacks (their exact sizes, from the archive) on the destination's
@@ -402,25 +420,20 @@ fn check_space(
         .map(|m| m.len())
         .sum();
     // The destination may not exist yet: its nearest existing ancestor holds it.
-    let on_host = destination
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
     let need = |path: &Path, bytes: u64| -> Result<(), InstallError> {
-        let st = nix::sys::statvfs::statvfs(path)
-            .map_err(|e| InstallError::io("read the free space of", path, e.into()))?;
-        let free = st.blocks_available().saturating_mul(st.fragment_size());
+        let (on, free, _) =
+            free_space(path).map_err(|e| InstallError::io("read the free space of", path, e))?;
         let need = bytes.saturating_add(SPACE_SLACK);
         if free < need {
             return Err(InstallError::NotEnoughSpace {
-                path: path.to_path_buf(),
+                path: on,
                 need,
                 free,
             });
         }
         Ok(())
     };
-    need(on_host, unpacked)?;
+    need(destination, unpacked)?;
     need(work_dir, backups)
 }
 

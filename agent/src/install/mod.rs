@@ -34,6 +34,7 @@ use std::path::{Component, Path, PathBuf};
 
 pub use error::InstallError;
 pub use files::{FilesReport, install_files};
+pub(crate) use files::{SPACE_SLACK, free_space};
 pub use health::health_check;
 pub use rollback::rollback_files;
 pub use script::{ScriptOutput, kill_recorded, run_program, run_program_recorded};

@@ -391,9 +391,14 @@ impl Pipeline {
     /// (a later rollback of a committed patch needs them).
     fn cleanup(&self, m: &Manifest) {
         for a in &m.artifacts {
-            let _ = std::fs::remove_file(self.artifact_dir().join(&a.sha256));
-            let _ = std::fs::remove_file(self.artifact_dir().join(format!("{}.part", a.sha256)));
+            self.remove_download(&a.sha256);
         }
+    }
+
+    /// Removes an artifact's download, complete or partial.
+    fn remove_download(&self, sha256: &str) {
+        let _ = std::fs::remove_file(self.artifact_dir().join(sha256));
+        let _ = std::fs::remove_file(self.artifact_dir().join(format!("{sha256}.part")));
     }
 
     /// From Verified (or a later phase after a restart) to the end, or to

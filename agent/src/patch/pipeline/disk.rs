@@ -3,13 +3,13 @@
 //! of committed patches kept for the newest few versions of each component.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::manifest::{Install, Manifest};
 use flotilla_proto::transfer::bytes;
 
 use super::{Entry, Phase, Pipeline, under_root};
+use crate::install::{SPACE_SLACK, free_space};
 
 /// How much disk the pipeline may take on this host: set by the host's
 /// operator, never by the server.
@@ -27,8 +27,6 @@ pub struct DiskLimits {
 pub const DEFAULT_KEEP_BACKUPS: usize = 2;
 /// Download directory bound when the host's operator sets none.
 pub const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 8 << 30;
-/// Room left beyond what a patch needs (as the install's own check keeps).
-const MARGIN: u64 = 1 << 20;
 
 impl Default for DiskLimits {
     fn default() -> Self {
@@ -37,23 +35,6 @@ impl Default for DiskLimits {
             max_download_bytes: DEFAULT_MAX_DOWNLOAD_BYTES,
         }
     }
-}
-
-/// Bytes free to an unprivileged writer on the filesystem holding `path` (or
-/// its nearest existing ancestor), and that filesystem's device.
-fn free_at(path: &Path) -> std::io::Result<(PathBuf, u64, u64)> {
-    let on = path
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"))
-        .to_path_buf();
-    let st = nix::sys::statvfs::statvfs(&on).map_err(std::io::Error::from)?;
-    let dev = std::fs::metadata(&on)?.dev();
-    Ok((
-        on,
-        st.blocks_available().saturating_mul(st.fragment_size()),
-        dev,
-    ))
 }
 
 fn len(path: &Path) -> u64 {
@@ -131,7 +112,7 @@ impl Pipeline {
         // up when they share one.
         let mut needs: Vec<(u64, PathBuf, u64, u64, String)> = Vec::new();
         for (path, n, what) in wanted {
-            let (on, free, dev) = free_at(&path)
+            let (on, free, dev) = free_space(&path)
                 .map_err(|e| format!("cannot read the free space of {}: {e}", path.display()))?;
             match needs.iter_mut().find(|need| need.0 == dev) {
                 Some(need) => {
@@ -142,7 +123,7 @@ impl Pipeline {
             }
         }
         for (_, on, free, n, what) in needs {
-            let want = n.saturating_add(MARGIN);
+            let want = n.saturating_add(SPACE_SLACK);
             if free < want {
                 return Err(format!(
                     "insufficient disk: the filesystem of {} has {} free, the patch needs {} \
@@ -150,7 +131,7 @@ impl Pipeline {
                     on.display(),
                     bytes(free),
                     bytes(want),
-                    bytes(MARGIN)
+                    bytes(SPACE_SLACK)
                 ));
             }
         }
@@ -236,10 +217,8 @@ impl Pipeline {
                 && e.phase.is_final()
                 && let Ok(other) = Manifest::parse(&e.manifest)
             {
-                let dir = self.artifact_dir();
                 for a in other.artifacts.iter().filter(|a| !keep.contains(&a.sha256)) {
-                    let _ = std::fs::remove_file(dir.join(&a.sha256));
-                    let _ = std::fs::remove_file(dir.join(format!("{}.part", a.sha256)));
+                    self.remove_download(&a.sha256);
                 }
             }
             match e.phase {
