@@ -52,6 +52,8 @@ pub enum Action {
     RolloutPause,
     RolloutResume,
     RolloutAbort,
+    DashboardSignIn,
+    DashboardSignOut,
 }
 
 impl Action {
@@ -93,6 +95,8 @@ impl Action {
         Action::RolloutPause,
         Action::RolloutResume,
         Action::RolloutAbort,
+        Action::DashboardSignIn,
+        Action::DashboardSignOut,
     ];
 
     /// The name stored and shown: `group.set`.
@@ -135,6 +139,8 @@ impl Action {
             Action::RolloutPause => "rollout.pause",
             Action::RolloutResume => "rollout.resume",
             Action::RolloutAbort => "rollout.abort",
+            Action::DashboardSignIn => "dashboard.signin",
+            Action::DashboardSignOut => "dashboard.signout",
         }
     }
 }

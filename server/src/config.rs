@@ -57,6 +57,8 @@ pub struct FileConfig {
     pub max_site_downloads: Option<u32>,
     /// Where to serve Prometheus metrics over plain HTTP (default: nowhere).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where to serve the dashboard over HTTPS (default: nowhere).
+    pub web_listen: Option<std::net::SocketAddr>,
     /// How long an artifact stays after the last patch naming it expired, or
     /// after it was written when no patch names it (default 30 days).
     #[serde(default, with = "humantime_serde")]
@@ -113,6 +115,8 @@ pub struct ServerConfig {
     pub max_site_downloads: u32,
     /// See [`FileConfig::metrics_listen`].
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// See [`FileConfig::web_listen`].
+    pub web_listen: Option<std::net::SocketAddr>,
     /// See [`FileConfig::artifact_retention`].
     pub artifact_retention: Duration,
     /// See [`FileConfig::webhook_max_age`].
@@ -296,6 +300,7 @@ impl ServerConfig {
             max_artifact_rate: file.max_artifact_rate.unwrap_or(0),
             max_site_downloads: file.max_site_downloads.unwrap_or(0),
             metrics_listen: file.metrics_listen,
+            web_listen: file.web_listen,
             artifact_retention: file
                 .artifact_retention
                 .unwrap_or(DEFAULT_ARTIFACT_RETENTION),
@@ -336,6 +341,11 @@ impl ServerConfig {
     /// Where the bound address is written once the server listens.
     pub fn addr_file(&self) -> PathBuf {
         self.data_dir.join("server.addr")
+    }
+
+    /// Where the dashboard's address is written once it listens.
+    pub fn web_addr_file(&self) -> PathBuf {
+        self.data_dir.join("web.addr")
     }
 
     /// Where the metrics address is written once it listens.

@@ -17,6 +17,12 @@ pub struct Caller {
     pub role: OperatorRole,
 }
 
+/// A caller this process has already authenticated (a dashboard session),
+/// carried in a request's extensions to the admin calls made on its behalf.
+/// Only the server itself fills extensions: nothing from the network can.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Caller);
+
 impl Caller {
     /// Refuses with PermissionDenied unless the caller's role allows `needed`.
     pub fn require(&self, needed: OperatorRole) -> Result<()> {
@@ -155,6 +161,20 @@ pub async fn authenticate(db: &Db, bearer: &str) -> Result<Caller> {
     if !crate::tokens::digest_eq(&hash, &rec.secret_sha256) {
         return Err(bad());
     }
+    still_valid(rec)
+}
+
+/// The caller a credential id stands for now, checked again without its
+/// secret: for a dashboard session signed in with it, whose credential may
+/// since have been revoked, expired or given another role.
+pub async fn current(db: &Db, id: &str) -> Result<Caller> {
+    let rec: CredentialRecord = db.get(&keys::credential(id)).await?.ok_or_else(|| {
+        Error::Unauthenticated("the credential this session signed in with is gone".into())
+    })?;
+    still_valid(rec)
+}
+
+fn still_valid(rec: CredentialRecord) -> Result<Caller> {
     if rec.revoked {
         return Err(Error::Unauthenticated(format!(
             "the operator credential {:?} has been revoked",

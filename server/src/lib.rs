@@ -32,3 +32,4 @@ pub mod store;
 pub mod tls;
 pub mod tokens;
 pub mod trust;
+pub mod web;

@@ -287,7 +287,7 @@ pub async fn run(
     let cert_keeper = {
         let app = app.clone();
         tokio::spawn(crate::tls::keep_current(
-            server_cert,
+            server_cert.clone(),
             paths.clone(),
             shutdown.clone(),
             move |f, how| {
@@ -391,6 +391,19 @@ pub async fn run(
         tokio::spawn(crate::metrics::serve(
             metrics,
             handle,
+            app.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    if let Some(at) = cfg.web_listen {
+        let web = crate::web::bind(at).await?;
+        let bound = web.local_addr()?;
+        crate::ca::write_atomic(&cfg.web_addr_file(), bound.to_string().as_bytes(), false)?;
+        tracing::info!(addr = %bound, "serving the dashboard at https://{bound}/");
+        tokio::spawn(crate::web::serve(
+            web,
+            crate::tls::web_config(server_cert.clone()),
             app.clone(),
             shutdown.clone(),
         ));

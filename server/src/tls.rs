@@ -160,6 +160,16 @@ pub fn server_config(cert: Arc<ServerCert>, ca_pem: &str) -> anyhow::Result<Arc<
     Ok(Arc::new(config))
 }
 
+/// The dashboard's: the same certificate (renewals taken alike), no client
+/// certificate asked for, HTTP/1.1.
+pub fn web_config(cert: Arc<ServerCert>) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols.push(b"http/1.1".to_vec());
+    Arc::new(config)
+}
+
 /// Whether a certificate has a third of its lifetime left, or less.
 fn due_for_renewal(c: &CertFacts, now: i64) -> bool {
     c.not_after - now <= (c.not_after - c.not_before) / 3

@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod etcd;
 pub mod measure;
 pub mod patch;
+pub mod web;
 
 /// A built binary of the workspace. The test command builds them first
 /// (`cargo build --workspace --bins`); they sit next to the test's `deps/` dir,

@@ -205,6 +205,8 @@ pub struct FleetOptions<'a> {
     /// The first this many agents serve their sites (`--serve-site`, on a
     /// loopback port of their own), and start first.
     pub serving: usize,
+    /// Extra `flotilla-server run` arguments (e.g. `--web-listen`).
+    pub server_args: &'a [&'a str],
 }
 
 /// A server with a trust policy and running agents in group "store" (label
@@ -216,6 +218,9 @@ pub fn fleet(dir: &Path, o: FleetOptions) -> (Server, Vec<Agent>) {
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
+    server
+        .extra_args
+        .extend(o.server_args.iter().map(|a| a.to_string()));
     server.start();
     let threshold = o.server_threshold.max(1).to_string();
     let mut args = vec!["trust", "set", "--threshold", threshold.as_str()];

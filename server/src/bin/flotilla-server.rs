@@ -246,6 +246,10 @@ enum Command {
         /// credential: listen on a private address) [default: off].
         #[arg(long, env = "FLOTILLA_METRICS_LISTEN", value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Serve the dashboard at https://ADDR/ with the server's certificate
+        /// (operators sign in with their credential) [default: off].
+        #[arg(long, env = "FLOTILLA_WEB_LISTEN", value_name = "ADDR")]
+        web_listen: Option<std::net::SocketAddr>,
         /// How long an artifact stays once the last patch naming it has
         /// expired, or once written when no patch names it (an upload never
         /// published) [default: 30d]. Checked hourly.
@@ -431,6 +435,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_artifact_rate,
             max_site_downloads,
             metrics_listen,
+            web_listen,
             artifact_retention,
             webhook_max_age,
         } => {
@@ -459,6 +464,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             file.max_artifact_rate = max_artifact_rate.or(file.max_artifact_rate);
             file.max_site_downloads = max_site_downloads.or(file.max_site_downloads);
             file.metrics_listen = metrics_listen.or(file.metrics_listen);
+            file.web_listen = web_listen.or(file.web_listen);
             file.artifact_retention = artifact_retention.or(file.artifact_retention);
             file.webhook_max_age = webhook_max_age.or(file.webhook_max_age);
             store.over(&mut file);

@@ -128,6 +128,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await?;
     }
     let _ = std::fs::remove_file(server_dir.join("server.addr"));
+    let _ = std::fs::remove_file(server_dir.join("web.addr"));
     let mut children: Vec<(String, Child)> = Vec::new();
     let server = Command::new(&server_bin)
         .args([
@@ -138,6 +139,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "5s",
             "--offline-grace",
             "20s",
+            "--web-listen",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(&server_dir)
@@ -164,6 +167,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 dir.display()
             );
             flotilla_proto::outln!("  server:         {url}");
+            // Written before the server's own address, so it is there now.
+            if let Ok(web) = std::fs::read_to_string(server_dir.join("web.addr")) {
+                flotilla_proto::outln!(
+                    "  dashboard:      https://{}/ (sign in with {}; the browser warns \
+                     about the certificate: it is from this dev fleet's own CA)",
+                    web.trim(),
+                    cred.display()
+                );
+            }
             flotilla_proto::outln!();
             flotilla_proto::outln!("Talk to it from another terminal:");
             flotilla_proto::outln!("  export FLOTILLA_SERVER={url}");

@@ -13,7 +13,7 @@ mod keys;
 mod output;
 mod patch;
 mod patch_status;
-mod rollout;
+pub(crate) mod rollout;
 mod shell;
 mod sites;
 

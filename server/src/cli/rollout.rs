@@ -122,7 +122,7 @@ fn rollout_json(r: &pb::RolloutInfo) -> Value {
 }
 
 /// What a group's rollout waits for, in words.
-pub(super) fn waiting_text(g: &pb::RolloutGroup) -> String {
+pub(crate) fn waiting_text(g: &pb::RolloutGroup) -> String {
     let at = |ms: i64| super::output::time(ms / 1000);
     match g.waiting_for.as_str() {
         "" => String::new(),

@@ -29,6 +29,7 @@ mod quiet;
 mod rollout_commands;
 mod rollout_view;
 mod rollouts;
+pub mod search;
 mod sites;
 mod view;
 
