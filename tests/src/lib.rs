@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod browser;
 pub mod enroll;
 pub mod etcd;
 pub mod measure;
@@ -292,6 +293,23 @@ impl Server {
         let mut a = args.to_vec();
         a.push("--json");
         serde_json::from_str(&self.cli(&a)).expect("CLI printed JSON")
+    }
+
+    /// Creates an operator credential `name` with `role`, written to
+    /// `dir/<name>.credential`; its path.
+    pub fn new_credential(&self, dir: &Path, name: &str, role: &str) -> PathBuf {
+        let path = dir.join(format!("{name}.credential"));
+        self.cli(&[
+            "credential",
+            "create",
+            "--name",
+            name,
+            "--role",
+            role,
+            "--out",
+            path.to_str().expect("UTF-8 path"),
+        ]);
+        path
     }
 
     /// Creates a join token and returns it.

@@ -3,7 +3,7 @@
 //! sign-out, CSRF and cross-site refusals, and each endpoint's answer for
 //! each role (viewer, operator, publisher, admin).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_e2e::patch::{FleetOptions, fleet, key, phases, publish_signed};
@@ -25,21 +25,6 @@ struct Setup {
     pending: Vec<String>,
 }
 
-fn credential(server: &Server, dir: &Path, role: &str) -> PathBuf {
-    let path = dir.join(format!("{role}.credential"));
-    server.cli(&[
-        "credential",
-        "create",
-        "--name",
-        &format!("web-{role}"),
-        "--role",
-        role,
-        "--out",
-        path.to_str().unwrap(),
-    ]);
-    path
-}
-
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let release = key(dir.path(), "release");
@@ -58,7 +43,7 @@ fn setup() -> Setup {
     let web = Dashboard::of(&server);
     let creds = ROLES
         .iter()
-        .map(|r| credential(&server, dir.path(), r))
+        .map(|r| server.new_credential(dir.path(), &format!("web-{r}"), r))
         .collect();
     server.cli(&[
         "group", "config", "store", "--waves", "1,100%", "--bake", "1h",
@@ -129,7 +114,7 @@ fn every_answer_carries_the_security_headers_and_sessions_end_at_sign_out() {
         assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"));
         assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
         assert_eq!(answer.header("x-frame-options"), Some("DENY"));
-        assert_eq!(answer.header("referrer-policy"), Some("no-referrer"));
+        assert_eq!(answer.header("referrer-policy"), Some("same-origin"));
         assert!(answer.header("strict-transport-security").is_some());
     }
     assert_eq!(home.header("cache-control"), Some("no-store"));

@@ -72,6 +72,14 @@ impl Act {
             }
         }
     }
+    /// How its button looks: aborting is the one that cannot be taken back.
+    fn class(self) -> &'static str {
+        match self {
+            Self::Pause => "",
+            Self::Resume => "primary",
+            Self::Abort | Self::AbortRollback => "danger",
+        }
+    }
     /// Offered for a rollout in `state`.
     fn offered(state: &str) -> &'static [Act] {
         match state {
@@ -99,6 +107,14 @@ async fn snapshot(web: &Web, signed: &Signed, id: &str) -> Result<Markup, PageEr
     let groups: Vec<String> = r.groups.iter().map(|g| g.group.clone()).collect();
     let sites = web.app.fleet.site_progress(id, &groups).await;
     Ok(live_section(&r, &status, &sites, signed))
+}
+
+/// A short digest of a rendering of the live section: the page carries the
+/// one it was drawn with, and each update its own (as the event's id), so
+/// the script replaces nothing that did not change (a button is not swapped
+/// under a finger).
+fn version(html: &str) -> String {
+    flotilla_proto::sha256_hex(html.as_bytes())[..16].to_string()
 }
 
 /// Where one wave stands, in the CLI's words.
@@ -147,7 +163,7 @@ fn live_section(
                 @for act in Act::offered(&r.state) {
                     form method="get" action={ "/rollouts/" (seg(&r.patch_id)) "/confirm" } {
                         input type="hidden" name="action" value=(act.as_str());
-                        button type="submit" class=(if matches!(act, Act::Resume) { "primary" } else { "danger" }) data-act=(act.as_str()) { (act.label()) "…" }
+                        button type="submit" class=(act.class()) data-act=(act.as_str()) { (act.label()) "…" }
                     }
                 }
             }
@@ -194,7 +210,7 @@ fn live_section(
         } }
         h2 { "Nodes" }
         p.muted {
-            (status.nodes.len()) " nodes have reported. "
+            (status.nodes.len()) " nodes targeted or reporting. "
             @if status.nodes.len() > NODE_ROWS { "Failures and nodes still moving first; the first " (NODE_ROWS) " shown. " }
             a href={ "/nodes?patch=" (seg(&r.patch_id)) } { "All of them on the nodes page" } "."
         }
@@ -227,15 +243,16 @@ pub async fn page(
         }))
         .await?
         .into_inner();
-    let live = snapshot(&web, &signed, &id).await?;
+    let live = snapshot(&web, &signed, &id).await?.into_string();
     let body = html! {
         h1 { "Rollout of " (r.component) " " (r.version) @if r.emergency { " " (badge("emergency")) } }
         p.muted {
             "Patch " a href={ "/patches/" (seg(&id)) } { (id) } " · severity " (r.severity)
             " · " span #live-status.live-status role="status" aria-live="polite" { "loading" }
         }
-        section #live data-live={ "/rollouts/" (seg(&id)) "/live" } data-live-status="live-status" aria-live="polite" {
-            (live)
+        section #live data-live={ "/rollouts/" (seg(&id)) "/live" } data-live-status="live-status"
+            data-live-version=(version(&live)) aria-live="polite" {
+            (maud::PreEscaped(live))
         }
     };
     Ok(layout::page(
@@ -346,7 +363,7 @@ pub async fn confirm(
             form method="post" action={ "/rollouts/" (seg(&id)) "/act" } {
                 input type="hidden" name="csrf" value=(signed.csrf);
                 input type="hidden" name="action" value=(act.as_str());
-                button type="submit" #confirm class=(if act == Act::Resume { "primary" } else { "danger" }) { "Yes, " (act.label().to_lowercase()) }
+                button type="submit" #confirm class=(act.class()) { "Yes, " (act.label().to_lowercase()) }
             }
             a href={ "/rollouts/" (seg(&id)) } { "Cancel" }
         }

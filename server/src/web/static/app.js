@@ -7,6 +7,10 @@ function follow(el) {
   const status = document.getElementById(el.dataset.liveStatus || "");
   const src = new EventSource(el.dataset.live);
   src.addEventListener("update", (e) => {
+    if (status) status.textContent = "live";
+    // Each update names its version: the one the page already shows is kept.
+    if (e.lastEventId && e.lastEventId === el.dataset.liveVersion) return;
+    el.dataset.liveVersion = e.lastEventId;
     el.innerHTML = e.data;
     el.dataset.updates = String(Number(el.dataset.updates || "0") + 1);
     if (status) status.textContent = "live";
