@@ -86,8 +86,13 @@ impl Dashboard {
         let addr = wait_until("the dashboard to listen", Duration::from_secs(20), || {
             std::fs::read_to_string(&file).ok()?.trim().parse().ok()
         });
+        Self::at(addr, &server.ca_pem())
+    }
+
+    /// The dashboard at `addr`, whose certificate is from the CA in `ca_pem`.
+    pub fn at(addr: SocketAddr, ca_pem: &str) -> Self {
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(server.ca_pem().as_bytes()) {
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(c.expect("CA PEM")).expect("CA cert");
         }
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -161,6 +166,44 @@ impl Dashboard {
                 headers,
                 body: String::from_utf8_lossy(&body).into_owned(),
             }
+        })
+    }
+
+    /// Follows a server-sent event stream: each chunk of the body, as it
+    /// comes, is sent to `chunks` until the stream ends (then the status).
+    pub fn follow(&self, path: &str, cookie: &str, chunks: std::sync::mpsc::Sender<String>) -> u16 {
+        self.rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake with the dashboard");
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .expect("HTTP/1.1 handshake");
+            tokio::spawn(conn);
+            let req = hyper::Request::get(path)
+                .header("host", self.addr.to_string())
+                .header("cookie", cookie)
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let resp = send.send_request(req).await.expect("an answer");
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref()
+                    && chunks
+                        .send(String::from_utf8_lossy(data).into_owned())
+                        .is_err()
+                {
+                    break;
+                }
+            }
+            status
         })
     }
 

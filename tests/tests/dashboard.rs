@@ -184,11 +184,28 @@ fn every_answer_carries_the_security_headers_and_sessions_end_at_sign_out() {
     assert!(home.body.contains("web-operator"), "{}", home.body);
     let csrf = home.csrf().unwrap();
 
+    // A live rollout stream is open on this session.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let follower = Dashboard::at(web.addr, &s.server.ca_pem());
+    let (live_path, cookie) = (format!("/rollouts/{}/live", s.patch), session.clone());
+    let live = std::thread::spawn(move || follower.follow(&live_path, &cookie, tx));
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a first update");
+    assert!(first.contains("event: update"), "{first}");
+
     // Sign-out without the CSRF token is refused and ends nothing.
     assert_eq!(web.post("/signout", Some(&session), &[]).status, 403);
     assert_eq!(web.get("/", Some(&session)).status, 200);
     let out = web.post("/signout", Some(&session), &[("csrf", &csrf)]);
     assert_eq!(out.status, 303);
+    // The open stream ends with the session (within its next look).
+    let mut rest = String::new();
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_secs(20)) {
+        rest.push_str(&chunk);
+    }
+    assert!(rest.contains("event: end"), "{rest}");
+    assert_eq!(live.join().unwrap(), 200);
     // The server forgot the session: the old cookie is useless.
     assert_eq!(web.get("/", Some(&session)).status, 303);
     assert_eq!(web.get("/nodes", Some(&session)).status, 303);

@@ -1,10 +1,11 @@
 //! `flotilla dev`, the README's first command: a server and agents come up, answer
-//! the CLI, and all stop on Ctrl-C.
+//! the CLI and on the dashboard it prints, and all stop on Ctrl-C.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use flotilla_e2e::web::Dashboard;
 use flotilla_e2e::{bin, wait_until};
 
 #[test]
@@ -57,6 +58,21 @@ fn dev_fleet_starts_answers_and_stops_cleanly() {
         assert_eq!(std::fs::read_to_string(version).unwrap(), "1.0.0\n");
     }
     let credential = fleet_dir.join("server/admin.credential");
+    // The dashboard it printed answers, and the printed credential signs in.
+    let web = printed
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("dashboard:      https://"))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no dashboard URL in {printed:?}"));
+    let ca = std::fs::read_to_string(fleet_dir.join("server/tls/ca.pem")).unwrap();
+    let web = Dashboard::at(web.parse().unwrap(), &ca);
+    let (session, _) = web.sign_in(&credential);
+    let home = web.get("/", Some(&session));
+    assert!(
+        home.body.contains("Fleet overview") && home.body.contains(">dev<"),
+        "{}",
+        home.body
+    );
     let out = Command::new(bin("flotilla"))
         .args(["nodes", "list", "--json"])
         .env("FLOTILLA_SERVER", &url)
