@@ -365,7 +365,9 @@ mod tests {
         let example = include_str!("../../packaging/config/server.toml");
         let set = flotilla_proto::config_example::with_every_key_set(example);
         let c: FileConfig = toml::from_str(&set).unwrap_or_else(|e| panic!("{e}\n{set}"));
-        assert!(c.artifact_retention.is_some() && c.metrics_listen.is_some());
+        assert!(
+            c.artifact_retention.is_some() && c.metrics_listen.is_some() && c.web_listen.is_some()
+        );
     }
 
     #[test]

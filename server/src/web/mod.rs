@@ -114,6 +114,10 @@ pub async fn serve(
                 let slot = slots.clone().acquire_owned().await.expect("never closed");
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        // Pages are written as a few small TLS records: without
+                        // this, Nagle's algorithm holds the last one until the
+                        // browser's delayed ACK (tens of milliseconds a page).
+                        let _ = stream.set_nodelay(true);
                         return Some((
                             Ok(Accepted {
                                 stream,
