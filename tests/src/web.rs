@@ -117,6 +117,23 @@ impl Dashboard {
         format!("https://{}", self.addr)
     }
 
+    /// A fresh HTTP/1.1 connection over TLS.
+    async fn connect(&self) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake with the dashboard");
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("HTTP/1.1 handshake");
+        tokio::spawn(conn);
+        send
+    }
+
     /// One request on a fresh connection; `headers` as given (a `Host`
     /// header is added).
     pub fn request(
@@ -127,19 +144,7 @@ impl Dashboard {
         body: &str,
     ) -> Answer {
         self.rt.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .expect("connect");
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
-                .await
-                .expect("TLS handshake with the dashboard");
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .expect("HTTP/1.1 handshake");
-            tokio::spawn(conn);
+            let mut send = self.connect().await;
             let mut req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
@@ -173,19 +178,7 @@ impl Dashboard {
     /// comes, is sent to `chunks` until the stream ends (then the status).
     pub fn follow(&self, path: &str, cookie: &str, chunks: std::sync::mpsc::Sender<String>) -> u16 {
         self.rt.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .expect("connect");
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
-                .await
-                .expect("TLS handshake with the dashboard");
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .expect("HTTP/1.1 handshake");
-            tokio::spawn(conn);
+            let mut send = self.connect().await;
             let req = hyper::Request::get(path)
                 .header("host", self.addr.to_string())
                 .header("cookie", cookie)

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::Web;
 use super::layout::{self, PageError, at_ms, at_secs, badge, pager, seg};
-use super::session::Signed;
+use super::session::{ActionForm, Signed};
 use crate::fleet::search::{NodeQuery, NodeRow, NodeState, PhaseFilter};
 use crate::model::{NodePatchRecord, NodeStatus, OperatorRole, Role, keys};
 
@@ -311,20 +311,12 @@ pub async fn approvals(State(web): State<Web>, signed: Signed) -> Result<Markup,
     Ok(layout::page("Approvals", Some(&signed), body))
 }
 
-#[derive(Debug, Deserialize)]
-pub struct DecideForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    action: String,
-}
-
 /// Accepts or rejects a pending node, as `flotilla nodes accept|reject`.
 pub async fn decide(
     State(web): State<Web>,
     signed: Signed,
     Path(id): Path<String>,
-    Form(form): Form<DecideForm>,
+    Form(form): Form<ActionForm>,
 ) -> Result<Response, PageError> {
     signed.check_csrf(&form.csrf)?;
     let req = signed.request(pb::NodeActionRequest { id: id.clone() });

@@ -11,6 +11,7 @@ use super::Web;
 use super::layout::{self, PageError, at_ms, at_secs, badge, seg};
 use super::session::Signed;
 use crate::model::{PatchRecord, keys};
+use flotilla_proto::transfer::bytes;
 
 /// Node rows shown; the rest on the nodes page.
 const NODE_ROWS: usize = 200;
@@ -25,21 +26,6 @@ fn key_id(signature: &str) -> String {
             .map(|b| format!("{b:02X}"))
             .collect(),
         Err(_) => "(unreadable)".into(),
-    }
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -134,13 +120,4 @@ pub async fn page(
         Some(&signed),
         body,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(super::bytes(512), "512 B");
-        assert_eq!(super::bytes(5 * 1024 * 1024), "5.0 MiB");
-    }
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::Web;
 use super::layout::{self, PageError, at_ms, badge, seg};
-use super::session::Signed;
+use super::session::{ActionForm, Signed};
 use crate::model::OperatorRole;
 
 /// Node rows shown on the page; the rest are on the nodes page, filtered.
@@ -371,20 +371,12 @@ pub async fn confirm(
     Ok(layout::page("Confirm", Some(&signed), body))
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ActForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    action: String,
-}
-
 /// Sends a confirmed action as the CLI's call (its role check and audit).
 pub async fn act(
     State(web): State<Web>,
     signed: Signed,
     Path(id): Path<String>,
-    Form(form): Form<ActForm>,
+    Form(form): Form<ActionForm>,
 ) -> Result<Response, PageError> {
     signed.check_csrf(&form.csrf)?;
     let act = Act::parse(&form.action).ok_or_else(|| PageError::bad_request("unknown action"))?;

@@ -405,6 +405,15 @@ pub struct CsrfForm {
     csrf: String,
 }
 
+/// A form that asks for one action (pause, accept, ...), with its CSRF token.
+#[derive(Debug, Deserialize)]
+pub struct ActionForm {
+    #[serde(default)]
+    pub csrf: String,
+    #[serde(default)]
+    pub action: String,
+}
+
 /// Ends the session in the store (the cookie is useless from then on, on
 /// every replica) and clears the cookie.
 pub async fn signout(
