@@ -51,11 +51,20 @@ pub(crate) fn open<'a>(
     let reader: Box<dyn Read + 'a> = match compression {
         Compression::None => Box::new(buffered),
         Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(err)?)
+            let mut d = zstd::stream::read::Decoder::with_buffer(buffered).map_err(err)?;
+            // The frame says how much window it needs, and the decoder would
+            // allocate up to 128 MiB for it: bounded here, so the agent stays
+            // small whatever an artifact says.
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(err)?;
+            Box::new(d)
         }
     };
     Ok(tar::Archive::new(reader))
 }
+
+/// Largest zstd window an artifact may need: 2^25 (32 MiB), what every
+/// compression level up to 19 uses; `--long` and `--ultra` frames need more.
+pub(crate) const ZSTD_WINDOW_LOG_MAX: u32 = 25;
 
 /// Longest GNU long name or long link (`L`, `K`) taken: a path the kernel
 /// takes, and its NUL.
@@ -77,9 +86,19 @@ fn check_extension_headers(
     compression: Compression,
     artifact: &Path,
 ) -> Result<(), InstallError> {
-    let err = |source| InstallError::Archive {
-        artifact: artifact.to_path_buf(),
-        source,
+    let err = |source: std::io::Error| {
+        // zstd's words for a frame whose window is past the bound.
+        if source.to_string().contains("too much memory") {
+            InstallError::ZstdWindowTooLarge {
+                artifact: artifact.to_path_buf(),
+                max_mib: (1u64 << ZSTD_WINDOW_LOG_MAX) >> 20,
+            }
+        } else {
+            InstallError::Archive {
+                artifact: artifact.to_path_buf(),
+                source,
+            }
+        }
     };
     let mut archive = open(file, compression, artifact)?;
     let mut pax_size: Option<u64> = None;
@@ -97,13 +116,35 @@ fn check_extension_headers(
             EntryType::GNULongLink => ("GNU long link", MAX_LONG_NAME),
             EntryType::XHeader => ("pax", MAX_PAX_HEADER),
             EntryType::XGlobalHeader => ("pax global", MAX_PAX_HEADER),
-            _ => {
+            // Entry types the tar crate reads nothing extra for (the ones
+            // refused are refused by name in `classify`). Any other is refused
+            // here, before the tar crate's own pass: a GNU sparse header's
+            // extension blocks, for one, would be read into a list however
+            // many there are.
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::Directory
+            | EntryType::Symlink
+            | EntryType::Link
+            | EntryType::Char
+            | EntryType::Block
+            | EntryType::Fifo => {
                 if let Some(pax) = pax_size.take()
                     && pax != size
                 {
                     return Err(InstallError::PaxSizeMismatch { pax, header: size });
                 }
                 continue;
+            }
+            other => {
+                let name = entry.header().path_bytes();
+                return Err(InstallError::UnsupportedEntry {
+                    entry: String::from_utf8_lossy(&name).into_owned(),
+                    kind: match other {
+                        EntryType::GNUSparse => "GNU sparse file".into(),
+                        other => format!("{:?}", char::from(other.as_byte())),
+                    },
+                });
             }
         };
         if size > limit {
@@ -307,6 +348,24 @@ fn symlink_target<R: Read>(entry: &tar::Entry<'_, R>, name: &str) -> Result<Path
             entry: name.to_owned(),
             target: target.to_owned(),
         });
+    }
+    // `..` only as a leading run: `../../x` resolves where it reads from the
+    // link's own directory (whose parts are directories: nothing is installed
+    // through a symlink), while in `s/../x` the name `s` may be, or later
+    // become, a symlink, and the link would lead somewhere else than checked.
+    let mut named = false;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if named => {
+                return Err(InstallError::SymlinkParentAfterName {
+                    entry: name.to_owned(),
+                    target: target.to_owned(),
+                });
+            }
+            ".." => {}
+            _ => named = true,
+        }
     }
     if target.contains('\0') || target.len() > PATH_MAX {
         return Err(InstallError::InvalidEntryName {

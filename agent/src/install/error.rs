@@ -92,6 +92,16 @@ pub enum InstallError {
         via: String,
     },
 
+    #[error(
+        "artifact entry {entry:?} is a symlink to {target:?}, which has '..' after a name; '..' is allowed only at the start of a target (the name before it may become a symlink, and the link would then lead elsewhere)"
+    )]
+    SymlinkParentAfterName { entry: String, target: String },
+
+    #[error(
+        "artifact {artifact}: its zstd frame needs a window larger than {max_mib} MiB to decode (compressed with --long or --ultra?); recompress it without them"
+    )]
+    ZstdWindowTooLarge { artifact: PathBuf, max_mib: u64 },
+
     #[error("artifact entry {entry:?} is a symlink with an empty target")]
     SymlinkEmpty { entry: String },
 

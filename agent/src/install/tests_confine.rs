@@ -158,7 +158,9 @@ fn an_allowed_path_that_resolves_through_another_allowed_tree_is_refused() {
 
 /// Names and link targets the random archives are made of: nested paths, the
 /// allowed path itself, its parent, and targets that climb out.
-const NAMES: &[&str] = &["x", "d", "d/y", "d/e", "d/e/z", "newapp", "newapp/x", "opt"];
+const NAMES: &[&str] = &[
+    "x", "d", "d/y", "d/e", "d/e/z", "newapp", "newapp/x", "opt", "s", "d/s", "d/e/L",
+];
 const TARGETS: &[&str] = &[
     "x",
     "d",
@@ -168,6 +170,10 @@ const TARGETS: &[&str] = &[
     "../etc",
     "d/../..",
     "e",
+    "s/../../..",
+    "../s/x",
+    "s/x",
+    "../..",
 ];
 
 fn entry() -> impl Strategy<Value = Ent> {
@@ -207,6 +213,30 @@ proptest! {
                 let _ = fs::remove_file(s.work.join(super::plan::PLAN_FILE));
             }
             prop_assert_eq!(&outside(&s, &allowed), &before);
+            // And every link the tree holds leads inside it, wherever it goes.
+            for link in links(&allowed) {
+                if let Ok(to) = fs::canonicalize(&link) {
+                    let inside = fs::canonicalize(&allowed).unwrap();
+                    prop_assert!(to.starts_with(&inside), "{} -> {}", link.display(), to.display());
+                }
+            }
         }
     }
+}
+
+/// Every symlink under `dir` (not followed).
+fn links(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(read) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in read.flatten() {
+        let p = e.path();
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => out.push(p),
+            Ok(m) if m.is_dir() => out.extend(links(&p)),
+            _ => {}
+        }
+    }
+    out
 }

@@ -85,13 +85,14 @@ fn escaping_symlinks_are_refused() {
     assert!(matches!(err, InstallError::SymlinkAbsolute { .. }), "{err}");
     assert!(err.to_string().contains("/etc/passwd"), "{err}");
 
-    // Each link alone stays inside, but `..` after the first one climbs out.
+    // Each link alone stays inside, but `..` after the first one would climb
+    // out: `..` after a name is refused whatever that name is.
     let err = refused(&[
         Ent::Symlink("a/up", ".."),
         Ent::Symlink("b", "a/up/../../outside"),
     ]);
     assert!(
-        matches!(err, InstallError::SymlinkThroughSymlink { .. }),
+        matches!(err, InstallError::SymlinkParentAfterName { .. }),
         "{err}"
     );
 }
@@ -387,4 +388,120 @@ fn a_long_name_within_the_bound_still_installs() {
     let pol = policy(&[&s.dest]);
     install_files(&artifact, Compression::None, &s.dest, &pol, &s.work).unwrap();
     assert_eq!(fs::read(s.dest.join(&name)).unwrap(), b"ok");
+}
+
+/// A GNU sparse header followed by `blocks` extension blocks, each saying
+/// another follows: 512 bytes each to the tar crate's list, were it read.
+fn sparse_bomb(blocks: usize) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(EntryType::GNUSparse);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_path("sparse").unwrap();
+    h.as_gnu_mut().unwrap().isextended[0] = 1;
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    for i in 0..blocks {
+        let mut ext = [0u8; 512];
+        ext[504] = u8::from(i + 1 < blocks);
+        out.extend_from_slice(&ext);
+    }
+    out.extend(tar_bytes(&[ok_file()]));
+    out
+}
+
+fn refused_zstd(bytes: &[u8]) -> InstallError {
+    let s = Scratch::new();
+    host(&s);
+    let before = snapshot(&s.dest);
+    let artifact = s.art.join("bomb.tar.zst");
+    fs::write(&artifact, bytes).unwrap();
+    let pol = policy(&[&s.dest]);
+    let err = install_files(&artifact, Compression::Zstd, &s.dest, &pol, &s.work)
+        .expect_err("the install must be refused");
+    assert_eq!(snapshot(&s.dest), before, "host changed by: {err}");
+    assert!(!s.work.join(PLAN_FILE).exists());
+    err
+}
+
+#[test]
+fn gnu_sparse_and_unknown_entry_types_are_refused_before_the_tar_reader_parses_them() {
+    // 20,000 extension blocks (10 MB) compress to a few KB.
+    let bomb = zstd::encode_all(&sparse_bomb(20_000)[..], 3).unwrap();
+    assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+    let err = refused_zstd(&bomb);
+    assert!(
+        matches!(&err, InstallError::UnsupportedEntry { entry, kind } if entry == "sparse" && kind == "GNU sparse file"),
+        "{err}"
+    );
+    // Any type the installer does not know (GNU volume header 'V', multivolume
+    // 'M', an unassigned letter) is refused by name in the same pass.
+    for t in [b'V', b'M', b'N', b'Q'] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::new(t));
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_path("odd").unwrap();
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend(tar_bytes(&[ok_file()]));
+        let err = refused_bytes(&bytes);
+        assert!(
+            matches!(&err, InstallError::UnsupportedEntry { kind, .. } if kind.contains(char::from(t))),
+            "{}: {err}",
+            char::from(t)
+        );
+    }
+}
+
+#[test]
+fn a_zstd_frame_asking_for_a_large_window_is_refused() {
+    let tar = tar_bytes(&[ok_file()]);
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    enc.window_log(27).unwrap();
+    enc.long_distance_matching(true).unwrap();
+    enc.include_contentsize(false).unwrap();
+    std::io::Write::write_all(&mut enc, &tar).unwrap();
+    let err = refused_zstd(&enc.finish().unwrap());
+    assert!(
+        matches!(err, InstallError::ZstdWindowTooLarge { max_mib: 32, .. }),
+        "{err}"
+    );
+    // The same archive at an ordinary level installs.
+    let s = Scratch::new();
+    let artifact = s.art.join("ok.tar.zst");
+    fs::write(&artifact, zstd::encode_all(&tar[..], 19).unwrap()).unwrap();
+    let pol = policy(&[&s.dest]);
+    install_files(&artifact, Compression::Zstd, &s.dest, &pol, &s.work).unwrap();
+}
+
+#[test]
+fn a_symlink_target_may_climb_only_before_its_first_name() {
+    let s = Scratch::new();
+    host(&s);
+    let pol = policy(&[&s.dest]);
+    // The chain of two patches: `s` does not exist yet when `L` is checked,
+    // and a later patch could make `s` a link that climbs. Refused at once.
+    for target in ["s/../../../../etc", "a/../b", "./x/./../y", "x/.."] {
+        let err = refused_with(&s, &[Ent::Symlink("d1/d2/d3/L", target)], &pol, &s.dest);
+        assert!(
+            matches!(err, InstallError::SymlinkParentAfterName { .. }),
+            "{target}: {err}"
+        );
+    }
+    // Climbing first, then down, inside the destination: installed.
+    let artifact = write_artifact(
+        &s.art,
+        &[
+            Ent::Symlink("d1/d2/L", "../../bin/tool"),
+            Ent::Symlink("d1/M", "./../etc/conf"),
+        ],
+        Compression::None,
+    );
+    install_files(&artifact, Compression::None, &s.dest, &pol, &s.work).unwrap();
+    assert_eq!(
+        fs::canonicalize(s.dest.join("d1/d2/L")).unwrap(),
+        fs::canonicalize(s.dest.join("bin/tool")).unwrap()
+    );
 }
