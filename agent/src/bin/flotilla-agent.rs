@@ -206,7 +206,7 @@ fn real_main(cli: Cli) -> Result<()> {
     let state_dir = file.state_dir(cli.state_dir);
     match cli.command {
         Command::Join(args) => join(args, &file, state_dir),
-        Command::Run(args) => run(args, &file, state_dir),
+        Command::Run(args) => run(args, &file, state_dir, cli.config.as_deref()),
         Command::Status(args) => status(&args, &state_dir),
     }
 }
@@ -264,7 +264,12 @@ fn join(args: JoinArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
+fn run(
+    args: RunArgs,
+    file: &FileConfig,
+    state_dir: PathBuf,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
     let defaults = RunOptions::new(state_dir.clone());
     let allowed_paths = if !args.allowed_paths.is_empty() {
         args.allowed_paths
@@ -357,6 +362,9 @@ fn run(args: RunArgs, file: &FileConfig, state_dir: PathBuf) -> Result<()> {
         opts.disk.keep_backups >= 1,
         "keep_backups must be at least 1: the newest version's backups are what a rollback restores"
     );
+    opts.policy
+        .check_own_files(&opts.root, &opts.state_dir, config)
+        .map_err(anyhow::Error::msg)?;
     let rt = runtime()?;
     rt.block_on(async {
         let shutdown = shutdown_signal().context("cannot listen for stop signals")?;

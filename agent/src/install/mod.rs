@@ -109,6 +109,43 @@ impl LocalPolicy {
         })
     }
 
+    /// Refuses a policy under which a patch could write the agent's own
+    /// files: an allowed path (as the host sees it, under `root`) that holds
+    /// `state_dir` or lies in it (the journal, the pinned keys, the node's
+    /// key), or that holds the config file (which says what is allowed). A
+    /// signed patch must not be able to widen its own limits.
+    pub fn check_own_files(
+        &self,
+        root: &Path,
+        state_dir: &Path,
+        config: Option<&Path>,
+    ) -> Result<(), String> {
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let state = real(state_dir);
+        for a in &self.allowed_paths {
+            let host = real(&root.join(a.strip_prefix("/").unwrap_or(a)));
+            if state.starts_with(&host) || host.starts_with(&state) {
+                return Err(format!(
+                    "allowed path {} overlaps the agent's state directory {}: a patch could \
+                     replace its journal and pinned keys; allow paths apart from it",
+                    a.display(),
+                    state_dir.display()
+                ));
+            }
+            if let Some(c) = config
+                && real(c).starts_with(&host)
+            {
+                return Err(format!(
+                    "allowed path {} holds the agent's config file {}: a patch could widen \
+                     its own limits; allow paths apart from it",
+                    a.display(),
+                    c.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether anything at or under `dir` may be written: `dir` is allowed, or it
     /// contains an allowed path (destination `/opt/app` with only `/opt/app/bin`
     /// allowed). Each entry is then checked on its own.
@@ -231,6 +268,35 @@ mod policy_tests {
         let p = policy(&["opt/app", ""]);
         assert!(!p.allows(Path::new("/opt/app/x")));
         assert!(!p.allows(Path::new("/x")));
+    }
+
+    #[test]
+    fn allowed_paths_never_reach_the_agents_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let state = root.join("var/lib/flotilla-agent");
+        std::fs::create_dir_all(&state).unwrap();
+        let config = root.join("etc/flotilla/agent.toml");
+        let at = |p: &[&str]| LocalPolicy {
+            allowed_paths: p.iter().map(PathBuf::from).collect(),
+            ..policy(&[])
+        };
+        let check = |p: &[&str]| at(p).check_own_files(Path::new("/"), &state, Some(&config));
+        let state_s = state.to_str().unwrap();
+        let above = root.join("var").to_string_lossy().into_owned();
+        let inside = state.join("keys").to_string_lossy().into_owned();
+        let etc = root.join("etc").to_string_lossy().into_owned();
+        let opt = root.join("opt").to_string_lossy().into_owned();
+        for p in [state_s, above.as_str(), inside.as_str()] {
+            let e = check(&[p]).unwrap_err();
+            assert!(e.contains("state directory"), "{p}: {e}");
+        }
+        assert!(check(&[&etc]).unwrap_err().contains("config file"));
+        check(&[&opt]).unwrap();
+        // Under --root, the allowed paths are the root's.
+        let rooted = at(&["/var"]).check_own_files(root, &state, None);
+        assert!(rooted.unwrap_err().contains("state directory"));
+        at(&["/opt"]).check_own_files(root, &state, None).unwrap();
     }
 
     #[test]
