@@ -56,14 +56,7 @@ fn screenshots() -> PathBuf {
 fn sign_in(b: &Browser, base: &str, credential: &Path, by_file: bool) {
     b.goto(&format!("{base}/signin"));
     if by_file {
-        b.run(async {
-            b.client
-                .find(fantoccini::Locator::Css("#credential-file"))
-                .await?
-                .send_keys(credential.to_str().unwrap())
-                .await
-        })
-        .expect("choose the file");
+        b.send_keys("#credential-file", credential.to_str().unwrap());
         b.wait_for(
             "the file's text in the form",
             Duration::from_secs(10),
@@ -71,14 +64,7 @@ fn sign_in(b: &Browser, base: &str, credential: &Path, by_file: bool) {
         );
     } else {
         let text = std::fs::read_to_string(credential).unwrap();
-        b.run(async {
-            b.client
-                .find(fantoccini::Locator::Css("#credential"))
-                .await?
-                .send_keys(&text)
-                .await
-        })
-        .expect("paste");
+        b.send_keys("#credential", &text);
     }
     b.click("form.signin button[type=submit]");
     b.wait_for(
@@ -280,15 +266,12 @@ fn a_viewer_sees_no_buttons_is_refused_and_hostile_labels_stay_text() {
     );
     // A POST forged from the page with the session's own token: the
     // server refuses it for the role.
-    let status = b
-        .run(b.client.execute_async(
-            "const done = arguments[arguments.length - 1];\
-             const csrf = document.querySelector('input[name=csrf]').value;\
-             fetch('/rollouts/view-1/act', {method: 'POST', body: new URLSearchParams({csrf, action: 'pause'})})\
-               .then(r => done(r.status), e => done(String(e)));",
-            vec![],
-        ))
-        .expect("fetch");
+    let status = b.eval_async(
+        "const done = arguments[arguments.length - 1];\
+         const csrf = document.querySelector('input[name=csrf]').value;\
+         fetch('/rollouts/view-1/act', {method: 'POST', body: new URLSearchParams({csrf, action: 'pause'})})\
+           .then(r => done(r.status), e => done(String(e)));",
+    );
     assert_eq!(status, 403);
     assert_eq!(rollout_state(&server, "view-1"), "running");
 }
