@@ -12,6 +12,7 @@ use serde_json::Value;
 
 pub mod enroll;
 pub mod etcd;
+pub mod h2;
 pub mod measure;
 pub mod patch;
 
