@@ -27,4 +27,7 @@ pub struct App {
     pub auth_guard: crate::guess_guard::GuessGuard,
     /// Cancelled when the server stops: long-lived streams end so shutdown can finish.
     pub shutdown: CancellationToken,
+    /// The open connections: a service that has authenticated its caller
+    /// tells it so, which ends the connection's pending deadline.
+    pub connections: Arc<crate::connections::Registry>,
 }

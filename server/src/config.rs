@@ -99,10 +99,11 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// Connections one source address may hold; 0: no limit.
     pub max_connections_per_source: usize,
-    /// Connections one source address may hold before their first request; 0: no limit.
+    /// Connections one source may hold while pending (before their peer has
+    /// proven who it is, see `connections`); 0: no limit.
     pub max_pending_per_source: usize,
     pub tls_handshake_timeout: Duration,
-    /// How long a connection may go without making its first request.
+    /// How long a connection may stay pending.
     pub pending_timeout: Duration,
     pub store: StoreConfig,
     /// See [`FileConfig::advertise_url`]; None: from the listen address.
@@ -241,7 +242,7 @@ pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3
 pub const DEFAULT_MAX_CONNECTIONS_PER_SEC: u32 = 1000;
 /// Sessions one address may hold: a large site behind one NAT address.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 8192;
-/// Connections one address may hold before their first request: well above
+/// Connections one source may hold while pending: well above
 /// what a reconnecting site has in handshake at once at the admission rate.
 pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,10 +1,16 @@
 //! Connection limits: what idle or flooding peers can hold. Every accepted
-//! connection is counted per source address and in all; one that has not made
-//! a request yet (in TLS handshake, or connected and silent) is *pending*:
-//! pending connections are capped per source, closed after a deadline, and,
-//! when too many are pending in all, the oldest makes room for the newest, so
-//! a flood cannot hold the descriptors that sessions, the store and operators
-//! need. Refusals are logged at a bounded rate.
+//! connection is counted per source (an IPv4 address, an IPv6 /64) and in
+//! all; one whose peer has not yet proven who it is is *pending*: in TLS
+//! handshake, connected and silent, or making calls that authenticate nobody
+//! (a failed join, an operator call without a valid credential, a health
+//! check). A connection leaves pending only through [`Registry::authenticated`],
+//! which the services call once a caller checked out (a node's or replica's
+//! client certificate, an operator's credential, a join that succeeded), so
+//! sending requests cannot keep a connection alive. Pending connections are
+//! capped per source, closed after a deadline, and, when too many are pending
+//! in all, the oldest makes room for the newest, so a flood cannot hold the
+//! descriptors that sessions, the store and operators need. Refusals are
+//! logged at a bounded rate.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -21,6 +27,12 @@ use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// Requests one pending connection has served at once; more wait, unread.
+/// A request's body is read whole (up to a message, 4 MiB) before its handler
+/// can look at the caller, so this, not the stream limit, bounds what a
+/// connection that authenticated nobody makes the server hold: about
+/// PENDING_CALLS messages, plus the HTTP/2 window of what waits.
+pub const PENDING_CALLS: usize = 4;
 /// Descriptors kept back from connections at start: the store, artifact files,
 /// logs, and room for an operator when everything else is taken.
 pub const DESCRIPTOR_RESERVE: u64 = 1024;
@@ -32,14 +44,38 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// Connections open at once, in all.
     pub max_connections: usize,
-    /// Connections one source address may hold (0: no limit).
+    /// Connections one source may hold (0: no limit).
     pub max_per_source: usize,
-    /// Pending connections one source address may hold (0: no limit).
+    /// Pending connections one source may hold (0: no limit).
     pub max_pending_per_source: usize,
     /// Pending connections in all; past this the oldest is closed for a new one.
     pub max_pending: usize,
     /// How long a connection may stay pending (TLS handshake included).
     pub pending_timeout: Duration,
+}
+
+/// Marks a call made in-process for a connection of another listener (the
+/// dashboard's, which keeps a registry of its own): its peer address names
+/// none of the gRPC listener's connections, so the call ends no pending time
+/// there (the same address and port may well be connected to both).
+#[derive(Debug, Clone, Copy)]
+pub struct OtherListener;
+
+/// The source a connection is counted under: an IPv4 address (an IPv4-mapped
+/// IPv6 address as the IPv4 one), or the /64 of an IPv6 address, which one
+/// host or one customer usually holds whole: counted address by address, one
+/// machine could take 2^64 sources' allowance.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// Raises the process's soft open-files limit to its hard limit, and returns
@@ -66,7 +102,10 @@ pub fn raise_nofile_limit() -> u64 {
 #[derive(Debug)]
 struct Conn {
     addr: SocketAddr,
+    /// Its peer proved who it is: no longer pending.
     used: AtomicBool,
+    /// Places for requests served while it is pending (see [`PENDING_CALLS`]).
+    calls: Arc<tokio::sync::Semaphore>,
     /// Cancelled to close it (evicted for a newer pending connection).
     close: CancellationToken,
 }
@@ -152,7 +191,11 @@ impl Registry {
     fn register(&self, addr: SocketAddr) -> Result<Arc<Conn>, Refusal> {
         let l = &self.limits;
         let mut inner = self.inner.lock().expect("connection registry");
-        let source = inner.sources.get(&addr.ip()).copied().unwrap_or_default();
+        let source = inner
+            .sources
+            .get(&source_of(addr.ip()))
+            .copied()
+            .unwrap_or_default();
         if (l.max_pending_per_source > 0 && source.pending >= l.max_pending_per_source)
             || (l.max_per_source > 0 && source.open >= l.max_per_source)
         {
@@ -168,10 +211,11 @@ impl Registry {
         let conn = Arc::new(Conn {
             addr,
             used: AtomicBool::new(false),
+            calls: Arc::new(tokio::sync::Semaphore::new(PENDING_CALLS)),
             close: CancellationToken::new(),
         });
         inner.by_addr.insert(addr, Arc::clone(&conn));
-        let s = inner.sources.entry(addr.ip()).or_default();
+        let s = inner.sources.entry(source_of(addr.ip())).or_default();
         s.open += 1;
         s.pending += 1;
         inner.total += 1;
@@ -197,18 +241,34 @@ impl Registry {
         false
     }
 
-    /// A request arrived on the connection from `addr`: it is no longer pending.
-    pub fn mark_used(&self, addr: SocketAddr) {
+    /// The peer of the connection from `addr` proved who it is (a node's or
+    /// replica's certificate checked out, an operator's credential did, or a
+    /// join succeeded): the connection is no longer pending, and keeps no
+    /// deadline. Requests alone never do this: a peer that authenticates
+    /// nobody stays pending however many calls it makes. None (a request
+    /// without a peer address) changes nothing.
+    pub fn authenticated(&self, addr: Option<SocketAddr>) {
+        let Some(addr) = addr else {
+            return;
+        };
         let mut inner = self.inner.lock().expect("connection registry");
         let Some(conn) = inner.by_addr.get(&addr).cloned() else {
             return;
         };
         if !conn.used.swap(true, Ordering::AcqRel) {
             inner.pending -= 1;
-            if let Some(s) = inner.sources.get_mut(&addr.ip()) {
+            if let Some(s) = inner.sources.get_mut(&source_of(addr.ip())) {
                 s.pending -= 1;
             }
         }
+    }
+
+    /// The places for requests of the connection from `addr` while it is
+    /// pending; None once its peer authenticated (or for an unknown address).
+    fn pending_calls(&self, addr: SocketAddr) -> Option<Arc<tokio::sync::Semaphore>> {
+        let inner = self.inner.lock().expect("connection registry");
+        let conn = inner.by_addr.get(&addr)?;
+        (!conn.used.load(Ordering::Acquire)).then(|| Arc::clone(&conn.calls))
     }
 
     fn release(&self, conn: &Conn) {
@@ -225,7 +285,7 @@ impl Registry {
         if was_pending {
             inner.pending -= 1;
         }
-        let ip = conn.addr.ip();
+        let ip = source_of(conn.addr.ip());
         if let Some(s) = inner.sources.get_mut(&ip) {
             s.open -= 1;
             if was_pending {
@@ -280,6 +340,77 @@ impl Registry {
     }
 }
 
+/// The server's layer under every service: a request on a pending connection
+/// waits for one of its [`PENDING_CALLS`] places before it is served (its body
+/// read); requests on connections whose peer authenticated go straight on.
+#[derive(Clone)]
+pub struct PendingCallsLayer {
+    registry: Arc<Registry>,
+}
+
+impl PendingCallsLayer {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for PendingCallsLayer {
+    type Service = PendingCalls<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PendingCalls {
+            inner,
+            registry: Arc::clone(&self.registry),
+        }
+    }
+}
+
+/// See [`PendingCallsLayer`].
+#[derive(Clone)]
+pub struct PendingCalls<S> {
+    inner: S,
+    registry: Arc<Registry>,
+}
+
+/// The peer address tonic put in a request's extensions.
+fn remote_addr<B>(req: &tonic::codegen::http::Request<B>) -> Option<SocketAddr> {
+    use tonic::transport::server::TlsConnectInfo;
+    let ext = req.extensions();
+    ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.get_ref().remote_addr())
+        .or_else(|| ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()))
+}
+
+impl<S, B> tower_service::Service<tonic::codegen::http::Request<B>> for PendingCalls<S>
+where
+    S: tower_service::Service<tonic::codegen::http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let Some(places) = remote_addr(&req).and_then(|a| self.registry.pending_calls(a)) else {
+            return Box::pin(self.inner.call(req));
+        };
+        // The instance that was made ready serves this request; a clone
+        // takes its place for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            // Never closed: the semaphore lives as long as its connection.
+            let _place = places.acquire_owned().await;
+            inner.call(req).await
+        })
+    }
+}
+
 /// A connection under the limits: closed when evicted or when it stays pending
 /// past its deadline; counted out when dropped.
 pub struct LimitedStream {
@@ -294,6 +425,11 @@ impl LimitedStream {
     /// The TCP connection underneath.
     pub fn tcp(&self) -> &TcpStream {
         &self.inner
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.conn.addr
     }
 
     /// An error if the connection is to close now.
@@ -318,7 +454,7 @@ impl LimitedStream {
             self.registry.maybe_log();
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "no request within the pending deadline",
+                "the peer proved no identity within the pending deadline",
             ));
         }
         Ok(())
@@ -425,8 +561,9 @@ mod tests {
         }
         let (_c, s) = pair(&listener, "127.0.0.1").await;
         assert!(reg.admit(s).is_none(), "a fourth pending from one source");
-        // A request moves one out of pending: its source may open another.
-        reg.mark_used(held[0].1.conn.addr);
+        // An authenticated caller moves one out of pending: its source may
+        // open another.
+        reg.authenticated(Some(held[0].1.conn.addr));
         let (c, s) = pair(&listener, "127.0.0.1").await;
         held.push((c, reg.admit(s).unwrap()));
         assert_eq!(reg.counts(), (4, 3));
@@ -442,6 +579,112 @@ mod tests {
         assert_eq!(reg.counts(), (0, 0));
     }
 
+    #[test]
+    fn ipv6_sources_are_counted_by_64_and_mapped_addresses_as_ipv4() {
+        let reg = Registry::new(Limits {
+            max_pending: 8,
+            ..limits()
+        });
+        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        for i in 1..=3 {
+            reg.register(at(&format!("[2001:db8:1:2::{i}]:4000")))
+                .expect("under the per-source cap");
+        }
+        // Any other address of the same /64 is the same source...
+        assert_eq!(
+            reg.register(at("[2001:db8:1:2:ffff:ffff:ffff:ffff]:4000"))
+                .unwrap_err(),
+            Refusal::PerSource
+        );
+        // ... and the next /64 another.
+        reg.register(at("[2001:db8:1:3::1]:4000")).unwrap();
+        // An IPv4-mapped address counts with its IPv4 address.
+        for _ in 0..3 {
+            reg.register(at("10.0.0.1:4000")).unwrap();
+        }
+        assert_eq!(
+            reg.register(at("[::ffff:10.0.0.1]:4000")).unwrap_err(),
+            Refusal::PerSource
+        );
+        // Authenticating one of a /64's connections frees a pending place.
+        reg.authenticated(Some(at("[2001:db8:1:2::1]:4000")));
+        reg.register(at("[2001:db8:1:2::4]:4000")).unwrap();
+    }
+
+    /// A service whose calls count themselves in, then wait for `open`.
+    #[derive(Clone)]
+    struct Gate {
+        started: Arc<AtomicU64>,
+        open: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl tower_service::Service<tonic::codegen::http::Request<()>> for Gate {
+        type Response = ();
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<(), Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: tonic::codegen::http::Request<()>) -> Self::Future {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let open = Arc::clone(&self.open);
+            Box::pin(async move {
+                open.acquire().await.expect("open").forget();
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_connection_is_served_a_few_calls_at_a_time() {
+        use tower_layer::Layer;
+        use tower_service::Service;
+        let reg = Registry::new(limits());
+        let addr: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let _conn = reg.register(addr).unwrap();
+        let gate = Gate {
+            started: Arc::default(),
+            open: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let mut svc = PendingCallsLayer::new(Arc::clone(&reg)).layer(gate.clone());
+        let mut call = || {
+            let mut req = tonic::codegen::http::Request::new(());
+            req.extensions_mut().insert(TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(addr),
+            });
+            tokio::spawn(svc.call(req))
+        };
+        let started = |n: u64| {
+            let gate = gate.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while gate.started.load(Ordering::SeqCst) < n {
+                    assert!(Instant::now() < deadline, "{n} calls never started");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let calls: Vec<_> = (0..PENDING_CALLS + 2).map(|_| call()).collect();
+        started(PENDING_CALLS as u64).await;
+        // The others wait for a place (their bodies would stay unread).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(gate.started.load(Ordering::SeqCst), PENDING_CALLS as u64);
+        // One finishes: the next starts.
+        gate.open.add_permits(1);
+        started(PENDING_CALLS as u64 + 1).await;
+        // Once the peer authenticated, calls go straight on.
+        reg.authenticated(Some(addr));
+        let last = call();
+        started(PENDING_CALLS as u64 + 2).await;
+        gate.open.add_permits(PENDING_CALLS + 2);
+        for c in calls.into_iter().chain([last]) {
+            c.await.unwrap().unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_that_stays_pending_is_closed_at_its_deadline() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -454,10 +697,10 @@ mod tests {
         let mut buf = [0u8; 1];
         let err = quiet.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        // One that made a request is not.
+        // One whose peer authenticated is not.
         let (mut c, s) = pair(&listener, "127.0.0.1").await;
         let mut used = reg.admit(s).unwrap();
-        reg.mark_used(used.conn.addr);
+        reg.authenticated(Some(used.conn.addr));
         // Well past the deadline, it still reads.
         tokio::time::sleep(Duration::from_millis(500)).await;
         tokio::io::AsyncWriteExt::write_all(&mut c, b"x")

@@ -49,38 +49,46 @@ pub struct Joined {
 }
 
 /// Counts a join refused for its token (unknown, or the wrong secret), and
-/// audits and logs it at a bounded rate: the first failure of a source, then
-/// one entry per source and interval with the count.
+/// audits and logs it at a bounded rate (see `guess_guard`). Returns the
+/// answer: the failure's own, or "too many failed joins" once the token's
+/// allowance is used up.
 async fn failed_join(
     app: &App,
     source: Option<std::net::IpAddr>,
     token_id: &str,
     known: Option<&str>,
-    why: &Error,
-) {
-    let Some(report) = app.join_guard.failed(source, known) else {
-        return;
-    };
-    // The id and the error quote what the peer sent: bounded before they are kept.
-    let token = limits::clip(token_id, 64);
-    let error = limits::clip(&why.to_string(), 256);
-    tracing::warn!(source = %report.source, token = %token, failures = report.count, "failed join: {error}");
-    let detail = serde_json::json!({
-        "failures": report.count,
-        "error": error,
-    });
-    if let Err(e) = app
-        .audit
-        .record(
-            &format!("source:{}", report.source),
-            crate::audit::Action::JoinFailed,
-            &token,
-            detail,
-        )
-        .await
-    {
-        tracing::error!("cannot audit a failed join: {e}");
+    why: Error,
+) -> Error {
+    let failure = app.join_guard.failed(source, known);
+    if let Some(report) = failure.report {
+        // The id and the error quote what the peer sent: bounded before they are kept.
+        let token = limits::clip(token_id, 64);
+        let error = limits::clip(&why.to_string(), 256);
+        let detail = if report.is_summary() {
+            tracing::warn!(
+                failures = report.count,
+                sources = report.held_back,
+                "failed joins from many sources (their own reports held back this interval)"
+            );
+            serde_json::json!({ "failures": report.count, "sources": report.held_back })
+        } else {
+            tracing::warn!(source = %report.source, token = %token, failures = report.count, "failed join: {error}");
+            serde_json::json!({ "failures": report.count, "error": error })
+        };
+        if let Err(e) = app
+            .audit
+            .record(
+                &format!("source:{}", report.source),
+                crate::audit::Action::JoinFailed,
+                if report.is_summary() { "" } else { &token },
+                detail,
+            )
+            .await
+        {
+            tracing::error!("cannot audit a failed join: {e}");
+        }
     }
+    failure.slowed.unwrap_or(why)
 }
 
 /// Renews the certificate of a node whose certificate expired while its host
@@ -93,13 +101,10 @@ pub async fn reenroll(
     proof: &crate::key_proof::KeyProof,
 ) -> Result<crate::ca::IssuedCert> {
     // Guessing at proofs is slowed, and audited, like guessing at join tokens.
-    app.join_guard.admit(source, &proof.node_id)?;
+    app.join_guard.admit(source)?;
     let node = match proven_node(app, proof).await {
         Ok(n) => n,
-        Err(e) => {
-            failed_join(app, source, &proof.node_id, None, &e).await;
-            return Err(e);
-        }
+        Err(e) => return Err(failed_join(app, source, &proof.node_id, None, e).await),
     };
     let now = now_secs();
     let expired_for = now - node.cert_not_after;
@@ -127,8 +132,7 @@ pub async fn reenroll(
         proof,
         now,
     ) {
-        failed_join(app, source, &proof.node_id, None, &e).await;
-        return Err(e);
+        return Err(failed_join(app, source, &proof.node_id, None, e).await);
     }
     if csr_der.is_empty() || csr_der.len() > limits::MAX_CSR_BYTES {
         return Err(Error::InvalidArgument(format!(
@@ -252,7 +256,9 @@ pub fn check_facts(f: &Facts) -> Result<()> {
 }
 
 pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
-    app.join_guard.admit(req.source, &req.token_id)?;
+    // Only the source's own failures refuse it unheard; the token's allowance
+    // answers wrong secrets only, after the check (see `guess_guard`).
+    app.join_guard.admit(req.source)?;
     check_facts(&req.facts)?;
     limits::check_labels(req.labels.iter())?;
     if req.csr_der.is_empty() || req.csr_der.len() > limits::MAX_CSR_BYTES {
@@ -269,7 +275,7 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
             // Only a token that exists is tracked by id: made-up ids would
             // only fill the table.
             let known = rec.is_some().then_some(req.token_id.as_str());
-            failed_join(app, req.source, &req.token_id, known, &e).await;
+            return Err(failed_join(app, req.source, &req.token_id, known, e).await);
         }
         return Err(e);
     }

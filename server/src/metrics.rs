@@ -2,8 +2,8 @@
 //! scrape, and `GET /metrics` over plain HTTP on a port of its own
 //! (`--metrics-listen`, off by default). Counters and histograms are
 //! recorded where things happen (reports, publishes, artifact bytes,
-//! connections refused or closed by the limits); they are no-ops while no
-//! recorder is installed.
+//! connections refused or closed by the limits, failed joins and operator
+//! calls); they are no-ops while no recorder is installed.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -78,6 +78,18 @@ fn describe() {
     describe_counter!(
         "flotilla_connections_refused_total",
         "connections refused by the admission limits, by reason"
+    );
+    describe_counter!(
+        "flotilla_join_failures_total",
+        "joins refused for their secret (unknown token, wrong secret, a node key's proof that failed)"
+    );
+    describe_counter!(
+        "flotilla_join_refused_total",
+        "joins answered \"too many failed joins\" (the source's or the token's allowance used up)"
+    );
+    describe_counter!(
+        "flotilla_auth_failures_total",
+        "operator calls refused for their credential or role"
     );
     describe_histogram!(
         "flotilla_publish_seconds",

@@ -107,6 +107,11 @@ pub struct NodePatchRecord {
     /// How the node downloaded the patch, from the newest report that said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<flotilla_proto::transfer::Transfer>,
+    /// When the node had last enrolled (unix seconds, the server's clock) as
+    /// this was reported: a record from an earlier enrollment (a host back
+    /// with a fresh state directory) may start over from any phase.
+    #[serde(default)]
+    pub enrolled_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

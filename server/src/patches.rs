@@ -149,20 +149,30 @@ pub async fn publish(
 }
 
 /// Records a node's report in its patch state, once the fleet agrees the node
-/// may report on that patch (see `Fleet::check_report`): one write, no per-report record
-/// (a fleet sends several reports per node and patch). Returns false for a
-/// re-send of the last report (its first answer was lost) or a report older
-/// than the one stored; neither changes anything.
+/// may report that phase on that patch (see `Fleet::check_report`): one
+/// write, no per-report record (a fleet sends several reports per node and
+/// patch). Returns false for a re-send of the last report (its first answer
+/// was lost), a report older than the one stored, or one that repeats a
+/// final phase; none changes anything. A move out of a final phase that the
+/// agent's own journal could not make (see [`may_reach`]) is refused,
+/// unless the stored phase is from before the node last enrolled (a host
+/// back with a fresh state directory starts its patches over).
 pub async fn record_report(
     app: &App,
     node_id: &str,
     rec: crate::model::ReportRecord,
 ) -> Result<bool> {
-    app.fleet.check_report(node_id, &rec.manifest_id).await?;
+    let enrolled_at = app
+        .fleet
+        .check_report(node_id, &rec.manifest_id, rec.phase)
+        .await?;
     let phase = rec.phase;
     let name = phase.as_str().to_string();
     let at = rec.at_ms;
     let mut new = false;
+    // Whether this report is the move into its failure phase (the first
+    // report of it): only that one is an event and a log line.
+    let mut failed_now = false;
     // One fsync for the report and what it changes in the fleet (installed
     // versions), taken at the end, after the fleet's lock is let go.
     let stored = app
@@ -171,6 +181,12 @@ pub async fn record_report(
             &keys::patch_state(&rec.manifest_id, node_id),
             |cur: Option<NodePatchRecord>| {
                 new = false;
+                failed_now = false;
+                // The server's own record of the enrollment, not the node's
+                // clock, says whether the record is of an earlier one.
+                let was = cur
+                    .as_ref()
+                    .map(|c| (Phase::parse(&c.phase), c.enrolled_at != enrolled_at));
                 let next = match cur {
                     Some(c) if c.last_report_id == rec.report_id => {
                         return Ok::<_, Error>(crate::store::Update::Keep);
@@ -179,15 +195,34 @@ pub async fn record_report(
                     Some(c) if c.updated_at_ms > at => {
                         return Ok(crate::store::Update::Keep);
                     }
-                    Some(c) => NodePatchRecord {
-                        phase: name.clone(),
-                        updated_at_ms: at,
-                        error: rec.error.clone(),
-                        log_tail: rec.log_tail.clone(),
-                        last_report_id: rec.report_id.clone(),
-                        transfer: rec.transfer.clone().or(c.transfer),
-                        ..c
-                    },
+                    Some(c) => {
+                        if let Some((Some(from), false)) = was
+                            && from.is_final()
+                        {
+                            // The same final phase again says nothing new
+                            // (and must not append an event each time).
+                            if from == phase {
+                                return Ok(crate::store::Update::Keep);
+                            }
+                            if !may_reach(from, phase) {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "patch {} is {from} on node {node_id}, which is final: \
+                                     it cannot become {phase}",
+                                    rec.manifest_id
+                                )));
+                            }
+                        }
+                        NodePatchRecord {
+                            phase: name.clone(),
+                            updated_at_ms: at,
+                            error: rec.error.clone(),
+                            log_tail: rec.log_tail.clone(),
+                            last_report_id: rec.report_id.clone(),
+                            transfer: rec.transfer.clone().or(c.transfer),
+                            enrolled_at,
+                            ..c
+                        }
+                    }
                     None => NodePatchRecord {
                         node_id: node_id.to_string(),
                         phase: name.clone(),
@@ -197,9 +232,12 @@ pub async fn record_report(
                         log_tail: rec.log_tail.clone(),
                         last_report_id: rec.report_id.clone(),
                         transfer: rec.transfer.clone(),
+                        enrolled_at,
                     },
                 };
                 new = true;
+                failed_now = is_failure(phase)
+                    && !matches!(was, Some((Some(from), false)) if is_failure(from));
                 Ok(crate::store::Update::Put(next))
             },
         )
@@ -219,7 +257,7 @@ pub async fn record_report(
     // A failure's event before the sync: the event's write is durable, and
     // takes the report's with it, so a crash before either is a report sent
     // again as new (its event then written), never an event lost.
-    if new && matches!(phase, Phase::Failed | Phase::RolledBack | Phase::Rejected) {
+    if failed_now {
         app.events
             .append(
                 crate::events::Kind::PatchFailed,
@@ -238,6 +276,35 @@ pub async fn record_report(
         tracing::info!(node = node_id, patch = %rec.manifest_id, phase = %name, error = %rec.error, "patch outcome");
     }
     Ok(new)
+}
+
+/// Whether an agent's journal can take a patch from `from` to `to` in one
+/// move or several ([`Phase::may_become`]): the agent reports only the newest
+/// of the phases it went through while a report was in flight, so the server
+/// sees Committed become RolledBack when the Reverting between was never
+/// sent.
+fn may_reach(from: Phase, to: Phase) -> bool {
+    let mut seen = vec![from];
+    let mut next = 0;
+    while let Some(&at) = seen.get(next) {
+        next += 1;
+        for p in Phase::ALL {
+            if at.may_become(p) {
+                if p == to {
+                    return true;
+                }
+                if !seen.contains(&p) {
+                    seen.push(p);
+                }
+            }
+        }
+    }
+    false
+}
+
+/// The phases a patch.failed event tells of.
+fn is_failure(phase: Phase) -> bool {
+    matches!(phase, Phase::Failed | Phase::RolledBack | Phase::Rejected)
 }
 
 /// Where a patch stands on one node.

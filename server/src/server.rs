@@ -7,7 +7,6 @@ use anyhow::Context;
 use flotilla_proto::{limits, pb};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::app::App;
@@ -168,16 +167,69 @@ pub async fn init(
     })
 }
 
+/// Open files below which the server refuses to start: its store, artifact
+/// transfers, operators and more than a handful of sessions cannot share
+/// fewer.
+pub const MIN_OPEN_FILES: u64 = 256;
+/// Below this many connections (from the open-files limit) the server warns
+/// at start: a fleet of thousands of agents needs a descriptor each.
+const LOW_CONNECTIONS: usize = 4096;
+/// How to raise the limit, for messages.
+const RAISE_NOFILE: &str = "raise the hard open-files limit (LimitNOFILE= in the systemd unit, \
+     which the package sets to 65536; `ulimit -Hn`; /etc/security/limits.conf)";
+
+/// Connections and the descriptors kept back from them, for an open-files
+/// limit of `nofile`: 1,024 kept for the store, artifact files and logs, or
+/// half of the limit when it is smaller (a limit of 1,024 gives 512
+/// connections rather than none).
+fn split_nofile(nofile: u64) -> (usize, u64) {
+    let reserve = crate::connections::DESCRIPTOR_RESERVE.min(nofile / 2);
+    let connections = usize::try_from(nofile - reserve).unwrap_or(usize::MAX);
+    (connections, reserve)
+}
+
 /// The connection limits: the open-files limit is raised to its hard limit
 /// first, and what connections may take of it keeps a reserve for the store,
 /// artifact files and operators; pending connections may hold half of that.
-fn connection_limits(cfg: &ServerConfig) -> crate::connections::Limits {
+/// A limit too low to serve is an error; a low one is warned of loudly.
+fn connection_limits(cfg: &ServerConfig) -> anyhow::Result<crate::connections::Limits> {
     let nofile = crate::connections::raise_nofile_limit();
-    let max_connections = cfg.max_connections.unwrap_or_else(|| {
-        usize::try_from(nofile.saturating_sub(crate::connections::DESCRIPTOR_RESERVE))
-            .unwrap_or(usize::MAX)
-            .max(16)
-    });
+    let (from_nofile, reserve) = split_nofile(nofile);
+    let max_connections = match cfg.max_connections {
+        Some(n) => {
+            if n > from_nofile {
+                tracing::warn!(
+                    open_files = nofile,
+                    max_connections = n,
+                    reserve,
+                    "--max-connections {n} is more than the open-files limit ({nofile}) leaves \
+                     after {reserve} descriptors for the store and files ({from_nofile}): a flood \
+                     can leave the server without descriptors for its store. Lower \
+                     --max-connections, or {RAISE_NOFILE}"
+                );
+            }
+            n
+        }
+        None => {
+            anyhow::ensure!(
+                nofile >= MIN_OPEN_FILES,
+                "the open-files limit is {nofile}, fewer than the {MIN_OPEN_FILES} the server \
+                 needs for its store, artifact files and connections: {RAISE_NOFILE} (65536 \
+                 serves a large fleet)"
+            );
+            if from_nofile < LOW_CONNECTIONS {
+                tracing::warn!(
+                    open_files = nofile,
+                    max_connections = from_nofile,
+                    reserve,
+                    "the open-files limit ({nofile}) leaves room for only {from_nofile} \
+                     connections: more agents than that cannot all hold sessions, and a \
+                     connection flood fills it sooner. For a fleet, {RAISE_NOFILE}, e.g. to 65536"
+                );
+            }
+            from_nofile
+        }
+    };
     let limits = crate::connections::Limits {
         max_connections,
         max_per_source: cfg.max_connections_per_source,
@@ -187,13 +239,14 @@ fn connection_limits(cfg: &ServerConfig) -> crate::connections::Limits {
     };
     tracing::info!(
         open_files = nofile,
+        reserve,
         max_connections,
         max_per_source = limits.max_per_source,
         max_pending = limits.max_pending,
         max_pending_per_source = limits.max_pending_per_source,
         "connection limits"
     );
-    limits
+    Ok(limits)
 }
 
 /// Serves the data directory on `listener` until `shutdown` is cancelled.
@@ -234,7 +287,9 @@ pub async fn run(
         CertAuthority::load(&paths).context("cannot load the CA")?,
     );
     let events = crate::events::EventLog::new(db.clone());
+    let connections = crate::connections::Registry::new(connection_limits(&cfg)?);
     let app = Arc::new(App {
+        connections: connections.clone(),
         events,
         join_guard: crate::guess_guard::GuessGuard::joins(),
         auth_guard: crate::guess_guard::GuessGuard::authentications(),
@@ -340,41 +395,24 @@ pub async fn run(
     let reflection_alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
 
-    let connections = crate::connections::Registry::new(connection_limits(&cfg));
-    // A request on a connection ends its pending time (see `connections`).
-    let served = {
-        let connections = connections.clone();
-        move |req: tonic::Request<()>| {
-            if let Some(addr) = req.remote_addr() {
-                connections.mark_used(addr);
-            }
-            Ok(req)
-        }
-    };
-    let agent = InterceptedService::new(
-        pb::agent_service_server::AgentServiceServer::new(crate::grpc::agent::AgentApi::new(
-            app.clone(),
-        ))
-        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
-        served.clone(),
-    );
-    let replicas = InterceptedService::new(
+    // Each service tells `connections` when it has authenticated its caller
+    // (see `connections`): no request alone ends a connection's pending time.
+    let agent = pb::agent_service_server::AgentServiceServer::new(
+        crate::grpc::agent::AgentApi::new(app.clone()),
+    )
+    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+    let replicas =
         pb::replica_service_server::ReplicaServiceServer::new(crate::grpc::replica::ReplicaApi {
             app: app.clone(),
         })
         .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
-        served.clone(),
-    );
-    let admin = InterceptedService::new(
-        pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {
-            app: app.clone(),
-        })
-        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
-        served,
-    );
+        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+    let admin = pb::admin_service_server::AdminServiceServer::new(crate::grpc::admin::AdminApi {
+        app: app.clone(),
+    })
+    .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
 
     if let Some(at) = cfg.metrics_listen {
         let handle = crate::metrics::install()?;
@@ -405,6 +443,10 @@ pub async fn run(
             web,
             crate::tls::web_config(server_cert.clone()),
             app.clone(),
+            crate::web::Deadlines {
+                handshake: cfg.tls_handshake_timeout,
+                pending: cfg.pending_timeout,
+            },
             shutdown.clone(),
         ));
     }
@@ -413,8 +455,10 @@ pub async fn run(
     crate::ca::write_atomic(&cfg.addr_file(), addr.to_string().as_bytes(), false)?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "flotilla-server listening");
 
-    let serving = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+    let serving = http2_limits(Server::builder())
+        .layer(crate::connections::PendingCallsLayer::new(
+            connections.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -448,6 +492,43 @@ pub async fn run(
     tracing::info!("flotilla-server stopped");
     Ok(())
 }
+
+/// What one HTTP/2 connection may hold, whoever is at the other end. A
+/// request's body is read as it arrives, up to a whole message (4 MiB), before
+/// its handler looks at the caller; so a connection's memory is bounded by its
+/// streams: at most [`MAX_STREAMS`] at once, each taking at most one message
+/// (one that has authenticated nobody: `connections::PENDING_CALLS` of them,
+/// and it is closed at its pending deadline whatever it has in flight). No
+/// request timeout: sessions, event follows and artifact transfers are
+/// long-lived streams, and tonic's would cut them.
+fn http2_limits(server: Server) -> Server {
+    server
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        // Flow control: what a peer may send ahead of the server's reading.
+        .initial_stream_window_size(Some(WINDOW))
+        .initial_connection_window_size(Some(WINDOW))
+        .max_frame_size(Some(16 * 1024))
+        .http2_max_header_list_size(Some(16 * 1024))
+        // Streams a peer opens and resets at once cost the server work
+        // without counting against MAX_STREAMS (CVE-2023-44487): past this
+        // many queued the connection is closed.
+        .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS as usize))
+        // Pings find a peer gone silent (a host powered off keeps its TCP
+        // connection open for the kernel's hours): closed when one goes
+        // unanswered.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+}
+
+/// Streams one connection may have open at once: an agent uses a session, a
+/// report and a few downloads; the CLI a handful of calls. Beyond it the
+/// peer's new streams are refused (REFUSED_STREAM), and well-behaved clients
+/// queue them.
+pub const MAX_STREAMS: u32 = 64;
+/// Bytes a peer may send on one stream, and on the whole connection, that the
+/// server has not read yet (hyper's defaults, pinned: what requests waiting
+/// for a place hold, see `connections::PENDING_CALLS`).
+const WINDOW: u32 = 1024 * 1024;
 
 /// Tells systemd (a `Type=notify` unit) the server is ready, called as the
 /// gRPC server is about to take its first connection: the listener is bound
@@ -490,3 +571,18 @@ fn notify_systemd(db: &Db, shutdown: &CancellationToken) -> tokio::task::JoinHan
 /// The key the watchdog's probe reads: no record has it, so the read is as
 /// cheap as the store allows.
 const WATCHDOG_PROBE_KEY: &str = "watchdog-probe";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_files_limit_keeps_a_reserve_and_half_of_a_small_one() {
+        // Large limits keep the full reserve...
+        assert_eq!(split_nofile(65_536), (64_512, 1024));
+        assert_eq!(split_nofile(2048), (1024, 1024));
+        // ...small ones half, so 1,024 (a common hard limit) still serves.
+        assert_eq!(split_nofile(1024), (512, 512));
+        assert_eq!(split_nofile(MIN_OPEN_FILES), (128, 128));
+    }
+}

@@ -13,6 +13,7 @@ use serde_json::Value;
 pub mod browser;
 pub mod enroll;
 pub mod etcd;
+pub mod h2;
 pub mod measure;
 pub mod patch;
 pub mod web;

@@ -393,3 +393,111 @@ fn each_endpoint_answers_each_role_as_the_cli_does() {
     assert!(by("web-admin", "rollout.abort"));
     assert!(!by("web-viewer", "rollout.pause") && !by("web-publisher", "rollout.pause"));
 }
+
+/// Idle connections (TCP only, never a TLS handshake) from one address past
+/// its cap, and from many addresses past the pending bound in all: the
+/// dashboard's per-source cap closes the excess at once, a browser from
+/// another address still signs in and reads pages while the flood lasts
+/// (the oldest idle connection makes room), and every idle one is closed at
+/// the pending deadline.
+#[test]
+fn idle_connection_floods_leave_the_dashboard_to_the_people_on_call() {
+    use tokio::io::AsyncReadExt;
+    // The flood holds a few hundred descriptors in this process.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+
+    const PENDING_S: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.extra_args.extend(
+        [
+            "--web-listen",
+            "127.0.0.1:0",
+            "--pending-timeout",
+            &format!("{PENDING_S}s"),
+            "--tls-handshake-timeout",
+            "2s",
+        ]
+        .map(String::from),
+    );
+    server.start();
+    let web = Dashboard::of(&server);
+    let cred = server.new_credential(dir.path(), "oncall", "operator");
+    let addr = web.addr;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let open = |source: String, n: usize| {
+        rt.block_on(async move {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+                held.push(socket.connect(addr).await.expect("connect"));
+            }
+            held
+        })
+    };
+    // The connections of `conns` the server has not closed within
+    // `within` (all watched together), and how many it closed.
+    let watch = |conns: Vec<tokio::net::TcpStream>, within: Duration| {
+        rt.block_on(async move {
+            let tasks: Vec<_> = conns
+                .into_iter()
+                .map(|mut c| {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 16];
+                        let read = tokio::time::timeout(within, c.read(&mut buf)).await;
+                        (c, matches!(read, Ok(Ok(0) | Err(_))))
+                    })
+                })
+                .collect();
+            let (mut open, mut gone) = (Vec::new(), 0);
+            for t in tasks {
+                match t.await.unwrap() {
+                    (_, true) => gone += 1,
+                    (c, false) => open.push(c),
+                }
+            }
+            (open, gone)
+        })
+    };
+
+    // One address: 40 idle connections, of which 16 may stay pending.
+    let started = std::time::Instant::now();
+    let (one, refused) = watch(open("127.0.0.2".into(), 40), Duration::from_secs(1));
+    assert_eq!(refused, 24, "connections past one source's pending cap");
+    // Many addresses: 10 x 16 more, past the 128 pending in all.
+    let many: Vec<_> = (3..13)
+        .flat_map(|i| open(format!("127.0.0.{i}"), 16))
+        .collect();
+
+    // While the flood is held, a browser from another address signs in and
+    // reads pages.
+    let (session, _) = web.sign_in(&cred);
+    for path in ["/", "/nodes", "/audit"] {
+        let page = web.get(path, Some(&session));
+        assert_eq!(page.status, 200, "{path} during the flood: {}", page.body);
+    }
+    eprintln!(
+        "signed in and read 3 pages during the flood, {:?} after it began",
+        started.elapsed()
+    );
+
+    // Every idle connection is closed by the deadline (or was evicted
+    // earlier to make room).
+    let deadline = Duration::from_secs(PENDING_S + 10).saturating_sub(started.elapsed());
+    let (left, _) = watch(one.into_iter().chain(many).collect(), deadline);
+    assert!(
+        left.is_empty(),
+        "{} idle connections still open {:?} after the flood began",
+        left.len(),
+        started.elapsed()
+    );
+    // And the dashboard still answers.
+    assert_eq!(web.get("/", Some(&session)).status, 200);
+}

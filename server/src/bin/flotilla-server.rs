@@ -208,20 +208,25 @@ enum Command {
         #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS_PER_SEC")]
         max_connections_per_sec: Option<u32>,
         /// Connections open at once (default: the open-files limit, raised to
-        /// its hard limit at start, less 1024 kept for the store and operators).
+        /// its hard limit at start, less 1024 kept for the store and operators,
+        /// or less half of it below 2048).
         #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS")]
         max_connections: Option<usize>,
-        /// Connections one source address may hold (default 8192; 0: no limit).
+        /// Connections one source (an IPv4 address, an IPv6 /64) may hold
+        /// (default 8192; 0: no limit).
         #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS_PER_SOURCE")]
         max_connections_per_source: Option<usize>,
-        /// Connections one source address may hold before their first request
-        /// (default 64; 0: no limit).
+        /// Connections one source (an IPv4 address, an IPv6 /64) may hold
+        /// before their peer proves who it is: a node or replica certificate,
+        /// an operator credential, a join that succeeded (default 64; 0: no
+        /// limit).
         #[arg(long, env = "FLOTILLA_MAX_PENDING_PER_SOURCE")]
         max_pending_per_source: Option<usize>,
         /// Deadline of a TLS handshake (default 5s).
         #[arg(long, env = "FLOTILLA_TLS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
         tls_handshake_timeout: Option<Duration>,
-        /// How long a connection may go without its first request (default 20s).
+        /// How long a connection may stay without its peer proving who it is,
+        /// whatever requests it makes (default 20s).
         #[arg(long, env = "FLOTILLA_PENDING_TIMEOUT", value_parser = humantime::parse_duration)]
         pending_timeout: Option<Duration>,
         /// The https://host:port other replicas and operators reach this server

@@ -2,6 +2,7 @@
 //! with its rollout, and which nodes a patch targets.
 
 use flotilla_proto::manifest::{Manifest, NodeTarget};
+use flotilla_proto::phase::Phase;
 
 use super::{Fleet, RolloutRequest, State};
 use crate::error::{Error, Result};
@@ -115,12 +116,16 @@ impl Fleet {
         Ok(record)
     }
 
-    /// Whether `node_id` may report on `patch_id`: only an accepted node, only
-    /// about a patch that exists and was offered to it (released to it by the
-    /// patch's rollout, in any group it was in; or, for a patch without one,
-    /// targeted at it), or that it reported on before. Anything else would be
-    /// false evidence in patch status, installed versions and compliance.
-    pub async fn check_report(&self, node_id: &str, patch_id: &str) -> Result<()> {
+    /// Whether `node_id` may report `phase` on `patch_id`: only an accepted
+    /// node, only about a patch that exists and was offered to it, and only
+    /// as far as it was offered. Released to it by the patch's rollout (in
+    /// any group it was in), or, for a patch without one, targeted at it:
+    /// any phase. Only offered to download ahead of its release (or reported
+    /// on before, not released since): the phases a download can reach
+    /// ([`may_report_ahead`]). Anything else would be false evidence in
+    /// patch status, installed versions, rollout progress and compliance.
+    /// Returns when the node last enrolled (unix seconds).
+    pub async fn check_report(&self, node_id: &str, patch_id: &str, phase: Phase) -> Result<i64> {
         let st = self.state.lock().await;
         let node = st
             .nodes
@@ -140,21 +145,29 @@ impl Fleet {
             .phases
             .get(patch_id)
             .is_some_and(|p| p.contains_key(node_id));
-        let offered = match st.rollouts.get(patch_id) {
-            Some(r) => {
-                r.groups.values().any(|g| g.released.contains(node_id))
-                    || (st.may_download_ahead(patch_id, node)
-                        && flotilla_proto::manifest::check_target(m, &target_of(node)).is_ok())
-            }
-            None => flotilla_proto::manifest::check_target(m, &target_of(node)).is_ok(),
+        let targeted = || flotilla_proto::manifest::check_target(m, &target_of(node)).is_ok();
+        let (released, ahead) = match st.rollouts.get(patch_id) {
+            Some(r) => (
+                r.groups.values().any(|g| g.released.contains(node_id)),
+                st.may_download_ahead(patch_id, node) && targeted(),
+            ),
+            None => (targeted(), false),
         };
-        if reported_before || offered {
-            Ok(())
-        } else {
-            Err(Error::FailedPrecondition(format!(
-                "patch {patch_id} was never offered to node {node_id}"
-            )))
+        if released || (reported_before && !st.rollouts.contains_key(patch_id)) {
+            return Ok(node.enrolled_at);
         }
+        if !(ahead || reported_before) {
+            return Err(Error::FailedPrecondition(format!(
+                "patch {patch_id} was never offered to node {node_id}"
+            )));
+        }
+        if !may_report_ahead(phase) {
+            return Err(Error::FailedPrecondition(format!(
+                "patch {patch_id} was offered to node {node_id} only to download ahead of its \
+                 release: it cannot be {phase} there"
+            )));
+        }
+        Ok(node.enrolled_at)
     }
 
     /// Nodes (id, group, (why it waits, detail), released to it) a patch
@@ -235,6 +248,21 @@ impl Fleet {
         out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         out.into_iter().map(|(_, i)| i).collect()
     }
+}
+
+/// The phases a node may report on a patch it was offered only to download
+/// ahead of its install's release: up to Downloaded, and the ends a download
+/// or its verification can come to.
+pub fn may_report_ahead(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Received
+            | Phase::Verified
+            | Phase::Downloaded
+            | Phase::Failed
+            | Phase::Rejected
+            | Phase::Superseded
+    )
 }
 
 /// A published patch: its record and manifest, with how many nodes it

@@ -63,7 +63,8 @@ fn node_info((n, online, last_seen): (NodeRecord, bool, i64)) -> pb::NodeInfo {
 impl AdminApi {
     /// The authenticated caller, if its role allows `needed`. Every refusal
     /// is counted against the source and audited with its reason, at most
-    /// once per source and minute (with the count since the last).
+    /// once per source and minute (with the count since the last), and within
+    /// a budget for all sources together (see `guess_guard`).
     pub(super) async fn caller<T>(
         &self,
         req: &Request<T>,
@@ -72,14 +73,37 @@ impl AdminApi {
         let source = req.remote_addr().map(|a| a.ip());
         let (id, result) = self.authenticate(req, needed).await;
         let Err(e) = result else {
+            // Only a credential that checked out (and allows the call) ends
+            // the connection's pending time (see `connections`).
+            if req
+                .extensions()
+                .get::<crate::connections::OtherListener>()
+                .is_none()
+            {
+                self.app.connections.authenticated(req.remote_addr());
+            }
             return result.map_err(Status::from);
         };
-        if let Some(report) = self.app.auth_guard.failed(source, id.as_deref()) {
+        // Never answered "too many": operator calls are not slowed.
+        if let Some(report) = self.app.auth_guard.failed(source, id.as_deref()).report {
             // What the peer sent is bounded before it is kept.
             let reason = limits::clip(&e.to_string(), 256);
-            let credential = limits::clip(id.as_deref().unwrap_or(""), 16);
-            tracing::warn!(source = %report.source, credential = %credential, failures = report.count, "refused operator call: {reason}");
-            let detail = serde_json::json!({ "failures": report.count, "reason": reason });
+            let credential = if report.is_summary() {
+                String::new()
+            } else {
+                limits::clip(id.as_deref().unwrap_or(""), 16)
+            };
+            let detail = if report.is_summary() {
+                tracing::warn!(
+                    failures = report.count,
+                    sources = report.held_back,
+                    "refused operator calls from many sources (their own reports held back this interval)"
+                );
+                serde_json::json!({ "failures": report.count, "sources": report.held_back })
+            } else {
+                tracing::warn!(source = %report.source, credential = %credential, failures = report.count, "refused operator call: {reason}");
+                serde_json::json!({ "failures": report.count, "reason": reason })
+            };
             if let Err(err) = self
                 .app
                 .audit

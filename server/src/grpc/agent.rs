@@ -56,14 +56,21 @@ impl AgentApi {
         }
     }
 
-    /// Identifies the calling node and checks it may still call.
-    async fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// Identifies the calling node and checks it may still call: its
+    /// connection is then an authenticated one (see `connections`).
+    async fn authorized_peer<T>(&self, req: &Request<T>) -> Result<Peer, Status> {
         let peer = peer_of(req)?;
         self.app
             .fleet
             .check_node_allowed(&peer.node_id, &peer.serial)
             .await?;
-        Ok(peer.node_id)
+        self.app.connections.authenticated(req.remote_addr());
+        Ok(peer)
+    }
+
+    /// [`Self::authorized_peer`]'s node id.
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        Ok(self.authorized_peer(req).await?.node_id)
     }
 }
 
@@ -209,7 +216,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let source = request.remote_addr().map(|a| a.ip());
+        let addr = request.remote_addr();
+        let source = addr.map(|a| a.ip());
         let pb::EnrollRequest {
             token_id,
             token_secret,
@@ -232,6 +240,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             },
         )
         .await?;
+        // A join that succeeded proved the token: its connection may stay.
+        self.app.connections.authenticated(addr);
         let role = super::views::role(joined.node.status, joined.node.role);
         let trust = crate::trust::for_join(&self.app.db, &joined.trust_sha256).await?;
         Ok(Response::new(pb::EnrollResponse {
@@ -251,11 +261,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let peer = peer_of(&request)?;
-        self.app
-            .fleet
-            .check_node_allowed(&peer.node_id, &peer.serial)
-            .await?;
+        let peer = self.authorized_peer(&request).await?;
         let node_id = peer.node_id.clone();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -326,13 +332,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::ReenrollRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        let source = request.remote_addr().map(|a| a.ip());
+        let addr = request.remote_addr();
+        let source = addr.map(|a| a.ip());
         let r = request.into_inner();
         let p = r
             .proof
             .ok_or_else(|| Status::invalid_argument("a proof of the node's key is missing"))?;
         let proof = key_proof(p);
         let cert = enroll::reenroll(&self.app, source, &r.csr_der, &proof).await?;
+        // The node's key checked out.
+        self.app.connections.authenticated(addr);
         Ok(Response::new(pb::RenewCertificateResponse {
             certificate_pem: cert.pem,
         }))

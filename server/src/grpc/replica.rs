@@ -41,6 +41,7 @@ impl ReplicaApi {
                 "replica {id} is not registered in the fleet's store"
             )));
         }
+        self.app.connections.authenticated(req.remote_addr());
         Ok(id)
     }
 }

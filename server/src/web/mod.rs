@@ -25,16 +25,31 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::connections::{Limits, Registry};
 use crate::grpc::admin::AdminApi;
 
 pub use session::SESSION_TTL;
 
-/// Browser connections open at once; past it new ones wait in the accept
-/// queue (a dashboard has a handful of people on it, not thousands).
+/// Browser connections open at once (a dashboard has a handful of people on
+/// it, not thousands). They are held to the same kind of limits as the gRPC
+/// listener's (`connections`), in a registry of their own: a connection is
+/// *pending* until a request on it carries a live session (or signs in), and
+/// pending ones are capped per source and in all, closed at the server's
+/// pending deadline, the oldest evicted for the newest; so idle or
+/// half-open connections from a few addresses cannot take the dashboard
+/// from the people on call, and signed-in browsers keep theirs.
 const MAX_CONNECTIONS: usize = 256;
-/// TLS handshakes at once, each given [`HANDSHAKE_TIMEOUT`].
+/// Connections one source (an IPv4 address, an IPv6 /64) may hold: an office
+/// behind one address, each browser opening a few.
+const MAX_PER_SOURCE: usize = 64;
+/// Pending connections one source may hold, and all sources together (half
+/// of [`MAX_CONNECTIONS`]: the rest is kept for signed-in browsers).
+const MAX_PENDING_PER_SOURCE: usize = 16;
+const MAX_PENDING: usize = MAX_CONNECTIONS / 2;
+/// New connections taken per second (the rest wait in the accept queue).
+const ACCEPT_PER_SEC: u32 = 100;
+/// TLS handshakes at once, each given the server's handshake deadline.
 const MAX_HANDSHAKES: usize = 64;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request's headers must arrive within this, and so must the next
 /// request's on a kept-alive connection.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -50,6 +65,9 @@ pub struct Web {
     sessions: Arc<session::Sessions>,
     /// Live rollout streams open at once.
     streams: Arc<tokio::sync::Semaphore>,
+    /// The dashboard's connections: a request that proves a session ends
+    /// its connection's pending time.
+    connections: Arc<Registry>,
 }
 
 /// Live streams open at once across every browser.
@@ -88,54 +106,45 @@ pub async fn bind(at: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for the dashboard on {at}"))
 }
 
+/// The server's deadlines, as the gRPC listener has them.
+pub struct Deadlines {
+    /// For a TLS handshake.
+    pub handshake: Duration,
+    /// For a connection's peer to show a session (or sign in).
+    pub pending: Duration,
+}
+
 /// Serves the dashboard on `listener` with `tls` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Arc<App>,
+    deadlines: Deadlines,
     shutdown: CancellationToken,
 ) {
     use futures::StreamExt;
     let sessions = Arc::new(session::Sessions::new(app.db.clone()));
     tokio::spawn(session::sweep(sessions.clone(), shutdown.clone()));
+    let connections = Registry::new(Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_per_source: MAX_PER_SOURCE,
+        max_pending_per_source: MAX_PENDING_PER_SOURCE,
+        max_pending: MAX_PENDING,
+        pending_timeout: deadlines.pending,
+    });
     let web = Web {
         api: Arc::new(AdminApi { app: app.clone() }),
         app,
         sessions,
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        connections: connections.clone(),
     };
     let router = router(web);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    // Accepted only while a slot is free: past the bound, connections wait
-    // in the kernel's queue instead of costing descriptors and tasks here.
-    let incoming =
-        futures::stream::unfold((listener, slots.clone()), |(listener, slots)| async move {
-            loop {
-                let slot = slots.clone().acquire_owned().await.expect("never closed");
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        // Pages are written as a few small TLS records: without
-                        // this, Nagle's algorithm holds the last one until the
-                        // browser's delayed ACK (tens of milliseconds a page).
-                        let _ = stream.set_nodelay(true);
-                        return Some((
-                            Ok(Accepted {
-                                stream,
-                                peer,
-                                _slot: slot,
-                            }),
-                            (listener, slots),
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!("cannot accept a dashboard connection: {e}");
-                        drop(slot);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        });
-    let tls_conns = flotilla_proto::tls::accept(incoming, tls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES);
+    // Pages are written as a few small TLS records: the accept loop turns off
+    // Nagle's algorithm, which would hold the last one until the browser's
+    // delayed ACK (tens of milliseconds a page).
+    let incoming = crate::admission::incoming(listener, ACCEPT_PER_SEC, connections);
+    let tls_conns = flotilla_proto::tls::accept(incoming, tls, deadlines.handshake, MAX_HANDSHAKES);
     tokio::pin!(tls_conns);
     loop {
         let conn = tokio::select! {
@@ -150,7 +159,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let (io, _) = conn.get_ref();
-            let peer = io.peer;
+            let peer = io.peer();
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let mut router = router.clone();
@@ -175,45 +184,5 @@ pub async fn serve(
                 () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
             }
         });
-    }
-}
-
-/// A TCP connection holding one of the dashboard's connection slots until
-/// it is dropped.
-pub struct Accepted {
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl tokio::io::AsyncRead for Accepted {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Accepted {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -251,6 +251,14 @@ impl FromRequestParts<Web> for Signed {
             }
             Err(e) => return Err(PageError::internal(e)),
         };
+        // A live session: the connection is a signed-in browser's, kept
+        // past the pending deadline (see `web::serve`).
+        web.connections.authenticated(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        );
         Ok(Signed {
             caller,
             csrf: s.csrf,
@@ -358,6 +366,8 @@ pub async fn signin(
             local_addr: None,
             remote_addr: Some(peer),
         });
+    req.extensions_mut()
+        .insert(crate::connections::OtherListener);
     let who = match web.api.who_am_i(req).await {
         Ok(who) => who.into_inner(),
         Err(status) => {
@@ -370,6 +380,7 @@ pub async fn signin(
     let Some(id) = credentials::bearer_id(&bearer) else {
         return PageError::internal("an accepted credential without an id").into_response();
     };
+    web.connections.authenticated(Some(peer));
     let source = peer.ip().to_string();
     let (token, _) = match web.sessions.create(id, &source).await {
         Ok(t) => t,
