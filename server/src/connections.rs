@@ -182,6 +182,7 @@ impl Registry {
         Some(LimitedStream {
             closed: Box::pin(conn.close.clone().cancelled_owned()),
             pending: Some(Box::pin(deadline)),
+            expired: false,
             inner: stream,
             conn,
             registry: Arc::clone(self),
@@ -419,6 +420,8 @@ pub struct LimitedStream {
     registry: Arc<Registry>,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     pending: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The pending deadline passed (counted once).
+    expired: bool,
 }
 
 impl LimitedStream {
@@ -442,9 +445,16 @@ impl LimitedStream {
         }
         if self.conn.used.load(Ordering::Acquire) {
             self.pending = None;
+        } else if self.expired {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer proved no identity within the pending deadline",
+            ));
         } else if let Some(deadline) = self.pending.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
+            // Counted and logged once, whether reading or writing saw it.
+            self.expired = true;
             self.registry
                 .refusals
                 .timed_out
@@ -486,8 +496,10 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.conn.close.is_cancelled() {
-            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        // Deadlines bite while writing too: a pending connection's peer that
+        // stops reading would otherwise hold it past them.
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -505,8 +517,8 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.conn.close.is_cancelled() {
-            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
@@ -707,5 +719,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(used.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pending_connection_whose_peer_stops_reading_is_closed_while_writing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reg = Registry::new(Limits {
+            pending_timeout: Duration::from_millis(300),
+            ..limits()
+        });
+        // The peer never reads: the server's writes fill the socket buffers
+        // and then wait, until the deadline ends them.
+        let (_peer, s) = pair(&listener, "127.0.0.1").await;
+        let mut stuck = reg.admit(s).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let err = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut stuck, &chunk).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the write is still held past the deadline");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Reads see it too.
+        let mut buf = [0u8; 1];
+        let err = stuck.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -24,6 +24,9 @@ use crate::app::App;
 const MAX_SCRAPES: usize = 8;
 /// How long a scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one scrape's connection may last in all, reading the answer
+/// included: a peer that never reads keeps no slot for longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The process's recorder, once installed.
 static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -149,8 +152,10 @@ pub async fn serve(
                 .header_read_timeout(REQUEST_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!("metrics connection: {e}");
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Err(e)) => tracing::debug!("metrics connection: {e}"),
+                Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_TIMEOUT:?}"),
+                Ok(Ok(())) => {}
             }
         });
     }
