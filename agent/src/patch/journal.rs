@@ -257,6 +257,36 @@ impl Journal {
         Ok(out)
     }
 
+    /// Notes that `entry`, just recorded Rejected, was refused before its
+    /// signatures checked out: anyone who can reach the agent as its server
+    /// can send such offers, each with an id of its own, so the journal keeps
+    /// only the newest [`MAX_UNTRUSTED`] of them (without their bytes: see
+    /// `pipeline`). Removes the older ones and returns their ids. One that is
+    /// offered again is checked again, and refused again: what its bytes say
+    /// does not change, only the keys it is checked against may, and a
+    /// manifest signed by a key the host trusts is never one of these.
+    pub fn note_untrusted(&self, entry: &Entry) -> Result<Vec<String>, JournalError> {
+        let key = untrusted_key(entry.updated_at, &entry.manifest_id);
+        self.tree.insert(&key, b"")?;
+        let noted = self.tree.scan(UNTRUSTED_PREFIX.as_bytes())?;
+        let mut removed = Vec::new();
+        // Keys sort by time (fixed width), oldest first.
+        for (k, _) in noted.iter().take(noted.len().saturating_sub(MAX_UNTRUSTED)) {
+            let id = String::from_utf8_lossy(&k[UNTRUSTED_PREFIX.len() + 21..]).into_owned();
+            // Only an entry still as it was noted goes.
+            if self
+                .get(&id)?
+                .is_some_and(|e| e.phase == Phase::Rejected && e.manifest.is_empty())
+            {
+                self.tree.remove(id.as_bytes())?;
+                removed.push(id);
+            }
+            self.tree.remove(k)?;
+        }
+        self.tree.flush()?;
+        Ok(removed)
+    }
+
     fn rebuild_index(&self) -> Result<(), JournalError> {
         let stale: Vec<_> = self
             .tree
@@ -293,6 +323,15 @@ impl Journal {
 const INDEX_PREFIX: &str = "-";
 /// Present while the index agrees with the entries.
 const INDEX_OK: &[u8] = b"-index-ok";
+/// Entries refused before their signatures checked out, by time:
+/// `-untrusted/<unix seconds, 20 digits>/<id>` (see [`Journal::note_untrusted`]).
+const UNTRUSTED_PREFIX: &str = "-untrusted/";
+/// Refused untrusted offers the journal remembers.
+pub const MAX_UNTRUSTED: usize = 256;
+
+fn untrusted_key(at: i64, id: &str) -> Vec<u8> {
+    format!("{UNTRUSTED_PREFIX}{:020}/{id}", at.max(0)).into_bytes()
+}
 
 fn index_key(component: &str) -> Vec<u8> {
     format!("{INDEX_PREFIX}installed/{component}").into_bytes()

@@ -206,6 +206,21 @@ impl Outbox {
         self.ack(seq)
     }
 
+    /// Removes every queued report about the manifests `ids` (their journal
+    /// entries were let go: nothing about them needs telling), flushed.
+    pub fn forget(&self, ids: &[String]) -> Result<(), OutboxError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for (seq, report) in self.pending()? {
+            if ids.contains(&report.manifest_id) {
+                self.inner.tree.remove(seq.to_be_bytes())?;
+            }
+        }
+        self.inner.tree.flush()?;
+        Ok(())
+    }
+
     /// Returns once a report has been pushed since the last wait returned (at once if
     /// one was pushed meanwhile: no wake-up is lost).
     pub async fn wait(&self) {

@@ -105,6 +105,8 @@ struct Stop {
     /// Trying again later may go through (the host may change: space freed, a
     /// path put right); the artifact, plan and backups will not.
     retry: bool,
+    /// Refused before its signatures checked out (Rejected).
+    untrusted: bool,
 }
 
 impl Stop {
@@ -114,6 +116,15 @@ impl Stop {
             error: error.into(),
             tail: String::new(),
             retry: false,
+            untrusted: false,
+        }
+    }
+
+    /// A refusal of bytes no key the host trusts signed.
+    fn untrusted(error: impl Into<String>) -> Self {
+        Self {
+            untrusted: true,
+            ..Self::new(Phase::Rejected, error)
         }
     }
 }
@@ -305,9 +316,33 @@ impl Pipeline {
                     self.carry_on(entry, m, go).await;
                 }
             }
+            Err(stop) if stop.untrusted => self.reject_untrusted(entry, &stop.error),
             Err(stop) => {
                 self.advance(&mut entry, stop.phase, &stop.error, "");
             }
+        }
+    }
+
+    /// Rejects a received entry whose signatures did not check out. Its bytes
+    /// are not kept (nothing will read them; the id stays, so it is not
+    /// looked at again while the journal remembers it), and the journal keeps
+    /// only so many such entries, letting the oldest go with their queued
+    /// reports: offers nobody trusted signed cannot grow the host's state,
+    /// however many a server sends.
+    fn reject_untrusted(&self, mut entry: Entry, error: &str) {
+        entry.manifest = Vec::new();
+        entry.signatures = Vec::new();
+        entry.deltas = String::new();
+        if !self.advance(&mut entry, Phase::Rejected, error, "") {
+            return;
+        }
+        match self.journal.note_untrusted(&entry) {
+            Ok(removed) => {
+                if let Err(e) = self.outbox.forget(&removed) {
+                    tracing::warn!(error = %e, "cannot drop the reports of forgotten refusals");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot bound the journal's refusals"),
         }
     }
 
@@ -457,10 +492,8 @@ impl Pipeline {
                             _ => String::new(),
                         };
                         let why = Stop {
-                            phase: Phase::RolledBack,
-                            error: e.to_string(),
                             tail,
-                            retry: false,
+                            ..Stop::new(Phase::RolledBack, e.to_string())
                         };
                         self.roll_back(&mut entry, &m, why).await;
                         return;

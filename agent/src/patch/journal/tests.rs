@@ -247,3 +247,33 @@ fn installed_versions_come_from_the_index_not_the_entries() {
             .is_err()
     );
 }
+
+#[test]
+fn only_the_newest_untrusted_refusals_are_remembered() {
+    let (_db, j) = journal();
+    // A committed patch, which no number of refusals touches.
+    j.record(&entry("good", "c", "1.0.0", Received, 1)).unwrap();
+    for p in [Verified, Downloaded, Applying, Applied, Healthy, Committed] {
+        j.record(&entry("good", "c", "1.0.0", p, 1)).unwrap();
+    }
+    let mut removed = Vec::new();
+    for i in 0..MAX_UNTRUSTED + 10 {
+        let mut e = entry(&format!("bad-{i:04}"), "", "", Rejected, 100 + i as i64);
+        e.manifest.clear();
+        e.signatures.clear();
+        j.record(&e).unwrap();
+        removed.extend(j.note_untrusted(&e).unwrap());
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("bad-{i:04}")).collect();
+    assert_eq!(removed, expected);
+    assert_eq!(j.all().unwrap().len(), MAX_UNTRUSTED + 1);
+    assert!(j.get("bad-0000").unwrap().is_none());
+    assert!(j.get("bad-0010").unwrap().is_some());
+    assert_eq!(j.installed_versions().unwrap()["c"], "1.0.0");
+    // An id noted, then found holding its bytes (not what was noted), stays.
+    let mut kept = entry("kept", "", "", Rejected, 0);
+    j.record(&kept).unwrap();
+    kept.manifest.clear();
+    assert!(j.note_untrusted(&kept).unwrap().is_empty());
+    assert!(j.get("kept").unwrap().is_some());
+}

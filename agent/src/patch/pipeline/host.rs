@@ -58,14 +58,15 @@ impl Pipeline {
             Ok(out.tail)
         } else {
             Err(Stop {
-                phase: Phase::Failed,
-                error: format!(
-                    "{phase} script {artifact} exited with {}",
-                    out.code
-                        .map_or("a signal".to_string(), |c| format!("code {c}"))
-                ),
                 tail: out.tail,
-                retry: false,
+                ..Stop::new(
+                    Phase::Failed,
+                    format!(
+                        "{phase} script {artifact} exited with {}",
+                        out.code
+                            .map_or("a signal".to_string(), |c| format!("code {c}"))
+                    ),
+                )
             })
         }
     }

@@ -823,3 +823,4 @@ async fn a_patch_downloaded_ahead_is_verified_again_before_it_installs() {
 }
 
 mod disk;
+mod untrusted;

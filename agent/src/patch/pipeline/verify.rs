@@ -65,11 +65,20 @@ impl Pipeline {
             ),
             e => Stop::new(Phase::Rejected, e.to_string()),
         };
-        self.checks(entry, target).map_err(refused)
+        // Refused before its signatures checked out: bytes nobody the host
+        // trusts vouched for (see `Journal::note_untrusted`).
+        let m = self
+            .verify_signatures(entry)
+            .map_err(|e| Stop::untrusted(e.to_string()))?;
+        self.checks(m, entry, target).map_err(refused)
     }
 
-    fn checks(&self, entry: &Entry, target: Option<&NodeTarget>) -> Result<Manifest, Refusal> {
-        let m = self.verify_signatures(entry)?;
+    fn checks(
+        &self,
+        m: Manifest,
+        entry: &Entry,
+        target: Option<&NodeTarget>,
+    ) -> Result<Manifest, Refusal> {
         let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
             .map_err(|_| Refusal::BadStart(entry.started_at))?;
         manifest::check_time(&m, started)?;
