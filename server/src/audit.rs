@@ -11,138 +11,71 @@ use crate::model::{AuditRecord, keys, now_ms};
 use crate::store::{Condition, Db, Op};
 use chain::Head;
 
-/// Everything the server writes to the audit log. The operator guide's audit
-/// table lists each (a test holds it to that).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    ServerInit,
-    ReplicaInit,
-    CredentialCreate,
-    CredentialRevoke,
-    CredentialRotate,
-    TokenCreate,
-    TokenRevoke,
-    TokenExtend,
-    GroupCreate,
-    GroupSet,
-    GroupConfigure,
-    GroupDelete,
-    NodeAccept,
-    NodeLabels,
-    NodeMove,
-    NodeReject,
-    NodeRevoke,
-    NodeJoin,
-    NodeRejoin,
-    NodeClone,
-    JoinFailed,
-    AuthFailed,
-    NodeRenew,
-    NodeReenroll,
-    ServerCertRenew,
-    TrustSet,
-    TrustRotate,
-    ArtifactUpload,
-    ArtifactGc,
-    WebhookAdd,
-    WebhookRemove,
-    WebhookDropped,
-    PatchPublish,
-    PatchPublishEmergency,
-    RolloutPause,
-    RolloutResume,
-    RolloutAbort,
-    DashboardSignIn,
-    DashboardSignOut,
+/// Declares [`Action`] with each variant's stored name, and `Action::ALL`
+/// from the same list: a new action cannot be left out of `ALL` (which the
+/// guide's audit table is held to).
+macro_rules! actions {
+    ($($variant:ident => $name:literal,)*) => {
+        /// Everything the server writes to the audit log. The operator guide's
+        /// audit table lists each (a test holds it to that).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Action {
+            $($variant,)*
+        }
+
+        impl Action {
+            pub const ALL: &[Action] = &[$(Action::$variant,)*];
+
+            /// The name stored and shown: `group.set`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Action::$variant => $name,)*
+                }
+            }
+        }
+    };
 }
 
-impl Action {
-    pub const ALL: &[Action] = &[
-        Action::ServerInit,
-        Action::ReplicaInit,
-        Action::CredentialCreate,
-        Action::CredentialRevoke,
-        Action::CredentialRotate,
-        Action::TokenCreate,
-        Action::TokenRevoke,
-        Action::TokenExtend,
-        Action::GroupCreate,
-        Action::GroupSet,
-        Action::GroupConfigure,
-        Action::GroupDelete,
-        Action::NodeAccept,
-        Action::NodeLabels,
-        Action::NodeMove,
-        Action::NodeReject,
-        Action::NodeRevoke,
-        Action::NodeJoin,
-        Action::NodeRejoin,
-        Action::NodeClone,
-        Action::JoinFailed,
-        Action::AuthFailed,
-        Action::NodeRenew,
-        Action::NodeReenroll,
-        Action::ServerCertRenew,
-        Action::TrustSet,
-        Action::TrustRotate,
-        Action::ArtifactUpload,
-        Action::ArtifactGc,
-        Action::WebhookAdd,
-        Action::WebhookRemove,
-        Action::WebhookDropped,
-        Action::PatchPublish,
-        Action::PatchPublishEmergency,
-        Action::RolloutPause,
-        Action::RolloutResume,
-        Action::RolloutAbort,
-        Action::DashboardSignIn,
-        Action::DashboardSignOut,
-    ];
-
-    /// The name stored and shown: `group.set`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::ServerInit => "server.init",
-            Action::ReplicaInit => "replica.init",
-            Action::CredentialCreate => "credential.create",
-            Action::CredentialRevoke => "credential.revoke",
-            Action::CredentialRotate => "credential.rotate",
-            Action::TokenCreate => "token.create",
-            Action::TokenRevoke => "token.revoke",
-            Action::TokenExtend => "token.extend",
-            Action::GroupCreate => "group.create",
-            Action::GroupSet => "group.set",
-            Action::GroupConfigure => "group.configure",
-            Action::GroupDelete => "group.delete",
-            Action::NodeAccept => "node.accept",
-            Action::NodeLabels => "node.labels",
-            Action::NodeMove => "node.move",
-            Action::NodeReject => "node.reject",
-            Action::NodeRevoke => "node.revoke",
-            Action::NodeJoin => "node.join",
-            Action::NodeRejoin => "node.rejoin",
-            Action::NodeClone => "node.clone",
-            Action::JoinFailed => "join.failed",
-            Action::AuthFailed => "auth.failed",
-            Action::NodeRenew => "node.renew",
-            Action::NodeReenroll => "node.reenroll",
-            Action::ServerCertRenew => "server.cert.renew",
-            Action::TrustSet => "trust.set",
-            Action::TrustRotate => "trust.rotate",
-            Action::ArtifactUpload => "artifact.upload",
-            Action::ArtifactGc => "artifact.gc",
-            Action::WebhookAdd => "webhook.add",
-            Action::WebhookRemove => "webhook.remove",
-            Action::WebhookDropped => "webhook.dropped",
-            Action::PatchPublish => "patch.publish",
-            Action::PatchPublishEmergency => "patch.publish.emergency",
-            Action::RolloutPause => "rollout.pause",
-            Action::RolloutResume => "rollout.resume",
-            Action::RolloutAbort => "rollout.abort",
-            Action::DashboardSignIn => "dashboard.signin",
-            Action::DashboardSignOut => "dashboard.signout",
-        }
-    }
+actions! {
+    ServerInit => "server.init",
+    ReplicaInit => "replica.init",
+    CredentialCreate => "credential.create",
+    CredentialRevoke => "credential.revoke",
+    CredentialRotate => "credential.rotate",
+    TokenCreate => "token.create",
+    TokenRevoke => "token.revoke",
+    TokenExtend => "token.extend",
+    GroupCreate => "group.create",
+    GroupSet => "group.set",
+    GroupConfigure => "group.configure",
+    GroupDelete => "group.delete",
+    NodeAccept => "node.accept",
+    NodeLabels => "node.labels",
+    NodeMove => "node.move",
+    NodeReject => "node.reject",
+    NodeRevoke => "node.revoke",
+    NodeJoin => "node.join",
+    NodeRejoin => "node.rejoin",
+    NodeClone => "node.clone",
+    JoinFailed => "join.failed",
+    AuthFailed => "auth.failed",
+    NodeRenew => "node.renew",
+    NodeReenroll => "node.reenroll",
+    ServerCertRenew => "server.cert.renew",
+    TrustSet => "trust.set",
+    TrustRotate => "trust.rotate",
+    ArtifactUpload => "artifact.upload",
+    ArtifactGc => "artifact.gc",
+    WebhookAdd => "webhook.add",
+    WebhookRemove => "webhook.remove",
+    WebhookDropped => "webhook.dropped",
+    PatchPublish => "patch.publish",
+    PatchPublishEmergency => "patch.publish.emergency",
+    RolloutPause => "rollout.pause",
+    RolloutResume => "rollout.resume",
+    RolloutAbort => "rollout.abort",
+    DashboardSignIn => "dashboard.signin",
+    DashboardSignOut => "dashboard.signout",
 }
 
 pub struct AuditLog {
