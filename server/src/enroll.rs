@@ -64,29 +64,16 @@ async fn failed_join(
         // The id and the error quote what the peer sent: bounded before they are kept.
         let token = limits::clip(token_id, 64);
         let error = limits::clip(&why.to_string(), 256);
-        let detail = if report.is_summary() {
-            tracing::warn!(
-                failures = report.count,
-                sources = report.held_back,
-                "failed joins from many sources (their own reports held back this interval)"
-            );
-            serde_json::json!({ "failures": report.count, "sources": report.held_back })
-        } else {
-            tracing::warn!(source = %report.source, token = %token, failures = report.count, "failed join: {error}");
-            serde_json::json!({ "failures": report.count, "error": error })
-        };
-        if let Err(e) = app
-            .audit
-            .record(
-                &format!("source:{}", report.source),
+        report
+            .tell(
+                &app.audit,
                 crate::audit::Action::JoinFailed,
-                if report.is_summary() { "" } else { &token },
-                detail,
+                "failed join",
+                &token,
+                "error",
+                &error,
             )
-            .await
-        {
-            tracing::error!("cannot audit a failed join: {e}");
-        }
+            .await;
     }
     failure.slowed.unwrap_or(why)
 }

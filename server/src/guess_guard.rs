@@ -106,6 +106,40 @@ impl Report {
     pub fn is_summary(&self) -> bool {
         self.held_back > 0
     }
+
+    /// Logs this report and writes it to the audit log as `action`: a
+    /// source's own with `target` (what the failure was against) and
+    /// `detail_key: why`, both already bounded by the caller; a summary with
+    /// the failures and the sources it stands for. `what` names the failures
+    /// in the log line ("failed join").
+    pub async fn tell(
+        &self,
+        audit: &crate::audit::AuditLog,
+        action: crate::audit::Action,
+        what: &str,
+        target: &str,
+        detail_key: &str,
+        why: &str,
+    ) {
+        let (target, detail) = if self.is_summary() {
+            tracing::warn!(
+                failures = self.count,
+                sources = self.held_back,
+                "{what}s from many sources (their own reports held back this interval)"
+            );
+            let detail = serde_json::json!({ "failures": self.count, "sources": self.held_back });
+            ("", detail)
+        } else {
+            tracing::warn!(source = %self.source, target, failures = self.count, "{what}: {why}");
+            let mut detail = serde_json::json!({ "failures": self.count });
+            detail[detail_key] = why.into();
+            (target, detail)
+        };
+        let actor = format!("source:{}", self.source);
+        if let Err(e) = audit.record(&actor, action, target, detail).await {
+            tracing::error!("cannot audit a {what}: {e}");
+        }
+    }
 }
 
 /// What a failure comes to.

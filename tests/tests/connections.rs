@@ -56,31 +56,12 @@ fn an_idle_connection_flood_locks_nobody_out() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::init(dir.path());
-    server.extra_args.extend(
-        [
-            "--max-connections",
-            "600",
-            "--max-pending-per-source",
-            "32",
-            "--pending-timeout",
-            "3s",
-            "--tls-handshake-timeout",
-            "2s",
-            "--max-connections-per-sec",
-            "0",
-        ]
-        .map(String::from),
+    let (server, running, running_id, token) = server_with_an_agent(
+        dir.path(),
+        Duration::from_secs(3),
+        &["--max-pending-per-source", "32"],
     );
-    server.start();
     let url = server.url();
-    let token = server.token("pos", 2, &[]);
-    let mut running = Agent::new(dir.path(), "running");
-    let running_id = running.join(&url, &token);
-    running.start(std::slice::from_ref(&url));
-    wait_until("the running agent online", Duration::from_secs(30), || {
-        (server.node(&running_id)["online"] == true).then_some(())
-    });
 
     let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -152,6 +133,7 @@ const SLACK: Duration = Duration::from_secs(2);
 fn server_with_an_agent(
     dir: &std::path::Path,
     pending: Duration,
+    extra_args: &[&str],
 ) -> (Server, Agent, String, String) {
     // Floods hold hundreds of descriptors in this process.
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -171,6 +153,9 @@ fn server_with_an_agent(
         ]
         .map(String::from),
     );
+    server
+        .extra_args
+        .extend(extra_args.iter().map(|a| a.to_string()));
     server.start();
     let token = server.token("pos", 2, &[]);
     let mut running = Agent::new(dir, "running");
@@ -284,7 +269,7 @@ fn connections_that_authenticate_nobody_are_closed_at_the_pending_deadline() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     let dir = tempfile::tempdir().unwrap();
-    let (server, running, running_id, token) = server_with_an_agent(dir.path(), PENDING);
+    let (server, running, running_id, token) = server_with_an_agent(dir.path(), PENDING, &[]);
     let url = server.url();
     let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
     let config = h2::tls_config(&server.ca_pem());
@@ -442,7 +427,7 @@ fn a_connection_cannot_hold_more_streams_or_bodies_than_its_limits() {
     let dir = tempfile::tempdir().unwrap();
     // Time enough to fill what the server takes before the deadline.
     let pending = 3 * PENDING;
-    let (server, running, running_id, _) = server_with_an_agent(dir.path(), pending);
+    let (server, running, running_id, _) = server_with_an_agent(dir.path(), pending, &[]);
     let addr: std::net::SocketAddr = server.url().trim_start_matches("https://").parse().unwrap();
     let config = h2::tls_config(&server.ca_pem());
     let rt = tokio::runtime::Builder::new_current_thread()

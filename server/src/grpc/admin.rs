@@ -88,35 +88,17 @@ impl AdminApi {
         if let Some(report) = self.app.auth_guard.failed(source, id.as_deref()).report {
             // What the peer sent is bounded before it is kept.
             let reason = limits::clip(&e.to_string(), 256);
-            let credential = if report.is_summary() {
-                String::new()
-            } else {
-                limits::clip(id.as_deref().unwrap_or(""), 16)
-            };
-            let detail = if report.is_summary() {
-                tracing::warn!(
-                    failures = report.count,
-                    sources = report.held_back,
-                    "refused operator calls from many sources (their own reports held back this interval)"
-                );
-                serde_json::json!({ "failures": report.count, "sources": report.held_back })
-            } else {
-                tracing::warn!(source = %report.source, credential = %credential, failures = report.count, "refused operator call: {reason}");
-                serde_json::json!({ "failures": report.count, "reason": reason })
-            };
-            if let Err(err) = self
-                .app
-                .audit
-                .record(
-                    &format!("source:{}", report.source),
+            let credential = limits::clip(id.as_deref().unwrap_or(""), 16);
+            report
+                .tell(
+                    &self.app.audit,
                     crate::audit::Action::AuthFailed,
+                    "refused operator call",
                     &credential,
-                    detail,
+                    "reason",
+                    &reason,
                 )
-                .await
-            {
-                tracing::error!("cannot audit a refused operator call: {err}");
-            }
+                .await;
         }
         Err(e.into())
     }
