@@ -1,5 +1,7 @@
 //! Limits shared by server, agent and CLI. Every input from outside has one.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 /// Largest gRPC message either side decodes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest CSR the server parses.
@@ -91,6 +93,23 @@ pub fn check_labels<'a>(
         check_text("label value", v, MAX_LABEL_VALUE_LEN)?;
     }
     Ok(())
+}
+
+/// The source a connection is counted under: an IPv4 address (an IPv4-mapped
+/// IPv6 address as the IPv4 one), or the /64 of an IPv6 address, which one
+/// host or one customer usually holds whole: counted address by address, one
+/// machine could take 2^64 sources' allowance.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 #[cfg(test)]

@@ -61,22 +61,7 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy)]
 pub struct OtherListener;
 
-/// The source a connection is counted under: an IPv4 address (an IPv4-mapped
-/// IPv6 address as the IPv4 one), or the /64 of an IPv6 address, which one
-/// host or one customer usually holds whole: counted address by address, one
-/// machine could take 2^64 sources' allowance.
-pub fn source_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
+pub use flotilla_proto::limits::source_of;
 
 /// Raises the process's soft open-files limit to its hard limit, and returns
 /// the soft limit now in force.

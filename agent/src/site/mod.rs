@@ -126,7 +126,7 @@ pub async fn start(
     let tls =
         serve::tls_config(uplink.store.clone(), &identity.ca_pem).map_err(SiteError::Setup)?;
     let api = serve::SiteApi::new(cache.clone(), uplink);
-    let incoming = serve::incoming(listener, serve::MAX_CONNECTIONS);
+    let incoming = serve::incoming(listener, serve::MAX_CONNECTIONS, serve::MAX_PER_SOURCE);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             // A peer gone without closing its connection frees its slot.

@@ -5,6 +5,8 @@
 //! The server is asked at every request, never remembered: a node revoked a
 //! moment ago is refused at once (one small call per peer download).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -284,11 +286,63 @@ async fn stream(
     Ok(())
 }
 
-/// A peer connection holding one of the site service's connection slots
-/// until it closes.
+/// A peer connection holding one of the site service's connection slots,
+/// and one of its source's, until it closes.
 pub(super) struct Slotted {
     inner: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _source: SourceSlot,
+}
+
+/// Connections one source (an IPv4 address, an IPv6 /64) may hold: a peer
+/// agent opens one per download it takes from here, a few at once. So one
+/// host on the site's network, holding connections in TLS handshake (each
+/// for up to its deadline), takes at most an eighth of the slots the site's
+/// other peers need.
+pub(super) const MAX_PER_SOURCE: usize = MAX_CONNECTIONS / 8;
+
+/// Open connections by source.
+#[derive(Clone, Default)]
+struct Sources(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl Sources {
+    /// A place for a connection from `ip`, or None when its source holds
+    /// `max` already.
+    fn take(&self, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let source = flotilla_proto::limits::source_of(ip);
+        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = held.entry(source).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            source,
+        })
+    }
+}
+
+/// One connection's place in its source's count, given back when dropped.
+struct SourceSlot {
+    sources: Sources,
+    source: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .sources
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Slotted {
@@ -334,34 +388,57 @@ impl tonic::transport::server::Connected for Slotted {
     }
 }
 
-/// The listener's connections, at most `max` held at once.
+/// The listener's connections, at most `max` held at once and
+/// `max_per_source` from one source; one past its source's bound is closed
+/// at once (logged at most once a minute).
 pub(super) fn incoming(
     listener: tokio::net::TcpListener,
     max: usize,
+    max_per_source: usize,
 ) -> impl futures::Stream<Item = std::io::Result<Slotted>> {
     let slots = Arc::new(Semaphore::new(max));
-    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        loop {
-            match listener.accept().await {
-                Ok((inner, _)) => {
-                    let _ = inner.set_nodelay(true);
-                    let conn = Slotted { inner, _slot: slot };
-                    return Some((Ok(conn), (listener, slots)));
-                }
-                // Out of descriptors, or a connection gone before it was
-                // taken: an error would end the accept loop.
-                Err(e) => {
-                    tracing::warn!("cannot accept a site peer's connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+    let state = (
+        listener,
+        slots,
+        Sources::default(),
+        None::<std::time::Instant>,
+    );
+    futures::stream::unfold(
+        state,
+        move |(listener, slots, sources, mut logged)| async move {
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            loop {
+                match listener.accept().await {
+                    Ok((inner, peer)) => {
+                        let Some(source) = sources.take(peer.ip(), max_per_source) else {
+                            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                                tracing::warn!(%peer, "refused a site peer's connection: its address holds {max_per_source} already");
+                                logged = Some(std::time::Instant::now());
+                            }
+                            continue;
+                        };
+                        let _ = inner.set_nodelay(true);
+                        let conn = Slotted {
+                            inner,
+                            _slot: slot,
+                            _source: source,
+                        };
+                        return Some((Ok(conn), (listener, slots, sources, logged)));
+                    }
+                    // Out of descriptors, or a connection gone before it was
+                    // taken: an error would end the accept loop.
+                    Err(e) => {
+                        tracing::warn!("cannot accept a site peer's connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -372,7 +449,7 @@ mod tests {
     async fn connections_past_the_bound_wait_until_one_closes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = Box::pin(super::incoming(listener, 2));
+        let mut incoming = Box::pin(super::incoming(listener, 2, 8));
         let mut clients = Vec::new();
         for _ in 0..3 {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
@@ -387,5 +464,44 @@ mod tests {
             third.await.unwrap().unwrap().is_ok(),
             "taken once one closed"
         );
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_its_share() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(super::incoming(listener, 16, 3));
+        let connect = |from: &'static str| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let mut held = Vec::new();
+        let mut from_one = Vec::new();
+        for _ in 0..5 {
+            from_one.push(connect("127.0.0.1").await);
+        }
+        for _ in 0..3 {
+            held.push(incoming.next().await.unwrap().unwrap());
+        }
+        // Another address still gets in; the two past the first's share
+        // were closed as they were taken.
+        let _other = connect("127.0.0.2").await;
+        let taken = incoming.next().await.unwrap().unwrap();
+        assert_eq!(
+            taken.inner.peer_addr().unwrap().ip().to_string(),
+            "127.0.0.2"
+        );
+        let mut buf = [0u8; 1];
+        for c in &mut from_one[3..] {
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut buf));
+            assert!(matches!(read.await, Ok(Ok(0) | Err(_))), "closed at once");
+        }
+        // One closes: its source may connect again.
+        held.pop();
+        let _again = connect("127.0.0.1").await;
+        let again = tokio::time::timeout(std::time::Duration::from_secs(5), incoming.next());
+        assert!(again.await.unwrap().unwrap().is_ok());
     }
 }
