@@ -222,11 +222,13 @@ enum Command {
         /// limit).
         #[arg(long, env = "FLOTILLA_MAX_PENDING_PER_SOURCE")]
         max_pending_per_source: Option<usize>,
-        /// Deadline of a TLS handshake (default 5s).
+        /// Deadline of a TLS handshake, on the gRPC and the dashboard's
+        /// listener (default 5s).
         #[arg(long, env = "FLOTILLA_TLS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
         tls_handshake_timeout: Option<Duration>,
         /// How long a connection may stay without its peer proving who it is,
-        /// whatever requests it makes (default 20s).
+        /// whatever requests it makes (default 20s); on the dashboard's
+        /// listener, without showing a session.
         #[arg(long, env = "FLOTILLA_PENDING_TIMEOUT", value_parser = humantime::parse_duration)]
         pending_timeout: Option<Duration>,
         /// The https://host:port other replicas and operators reach this server
