@@ -59,6 +59,11 @@ async fn failed_join(
     known: Option<&str>,
     why: Error,
 ) -> Error {
+    // Only a refusal of the secret or proof is a guess: a store that does
+    // not answer, or a malformed request, is no failure of the caller's.
+    if !why.is_refusal() {
+        return why;
+    }
     let failure = app.join_guard.failed(source, known);
     if let Some(report) = failure.report {
         // The id and the error quote what the peer sent: bounded before they are kept.

@@ -28,6 +28,15 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// Whether this refuses the caller for who it is or what it may do (a
+    /// wrong secret, an unknown id, a role too low): what guessing is counted
+    /// by. A store that does not answer is not.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::Unauthenticated(_) | Error::PermissionDenied(_))
+    }
+}
+
 impl From<flotilla_proto::limits::NameError> for Error {
     fn from(e: flotilla_proto::limits::NameError) -> Self {
         Self::InvalidArgument(e.to_string())

@@ -84,7 +84,13 @@ impl AdminApi {
             }
             return result.map_err(Status::from);
         };
-        // Never answered "too many": operator calls are not slowed.
+        // Only refusals of the credential or role count; a store that does
+        // not answer is told as itself, without an audit entry it could not
+        // write either. Never answered "too many": operator calls are not
+        // slowed.
+        if !e.is_refusal() {
+            return Err(e.into());
+        }
         if let Some(report) = self.app.auth_guard.failed(source, id.as_deref()).report {
             // What the peer sent is bounded before it is kept.
             let reason = limits::clip(&e.to_string(), 256);
