@@ -117,7 +117,8 @@ struct RunArgs {
     #[arg(long = "allow-path", value_name = "DIR")]
     allowed_paths: Vec<PathBuf>,
     /// Let patches run install and rollback scripts, and health checks through
-    /// a shell or interpreter (sh, bash, python...) [default: off].
+    /// a shell or interpreter (sh, bash, python...) or a program that runs
+    /// one (timeout, nice, sudo, xargs...) [default: off].
     #[arg(long)]
     allow_scripts: bool,
     /// Refuse every patch that has a health check. By default a health check

@@ -101,12 +101,20 @@ impl LocalPolicy {
             );
         }
         let program = command.first()?;
-        (!self.allow_scripts && is_interpreter(program)).then(|| {
-            format!(
-                "the health check runs {program}, a shell or interpreter: this host allows \
-                 health checks only as a program run directly (scripts need --allow-scripts)"
-            )
-        })
+        if self.allow_scripts {
+            return None;
+        }
+        let what = if is_interpreter(program) {
+            "a shell or interpreter"
+        } else if is_runner(program) {
+            "a program that runs the program named in its arguments, like a shell or interpreter"
+        } else {
+            return None;
+        };
+        Some(format!(
+            "the health check runs {program}, {what}: this host allows health checks only \
+             as a program run directly (scripts need --allow-scripts)"
+        ))
     }
 
     /// Refuses a policy under which a patch could write the agent's own
@@ -191,13 +199,65 @@ fn is_interpreter(program: &str) -> bool {
         "osascript",
         "pwsh",
     ];
+    NAMES.contains(&program_name(program))
+}
+
+/// Programs whose job is to run another program named in their arguments
+/// (`timeout 5 sh -c …`, `nice bash …`, `find / -exec sh …`): refused like a
+/// shell, or the guard would be one word away from useless.
+fn is_runner(program: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "nice",
+        "nohup",
+        "timeout",
+        "setsid",
+        "stdbuf",
+        "chroot",
+        "sudo",
+        "su",
+        "runuser",
+        "doas",
+        "sg",
+        "xargs",
+        "flock",
+        "ionice",
+        "taskset",
+        "chrt",
+        "unshare",
+        "nsenter",
+        "setpriv",
+        "capsh",
+        "prlimit",
+        "numactl",
+        "cgexec",
+        "systemd-run",
+        "script",
+        "watch",
+        "strace",
+        "ltrace",
+        "gdb",
+        "time",
+        "expect",
+        "find",
+        "make",
+        "parallel",
+        "ssh",
+        "bwrap",
+        "firejail",
+        "run-parts",
+        "start-stop-daemon",
+    ];
+    NAMES.contains(&program_name(program))
+}
+
+/// A program's name as the lists above spell it: the file name without its
+/// directory and without a version (python3, python3.12, perl5.36).
+fn program_name(program: &str) -> &str {
     let name = Path::new(program)
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or(program);
-    // python3, python3.12, perl5.36: the version is not part of the name.
-    let name = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
-    NAMES.contains(&name)
+    name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.')
 }
 
 /// Absolute, with no `.` or `..` parts (`Path::components` already drops inner `.`).
@@ -240,6 +300,35 @@ mod policy_tests {
                 .unwrap();
             assert!(why.contains("a shell or interpreter"), "{shell}: {why}");
         }
+        // A shell one word away, behind a program that runs programs.
+        for runner in [
+            &["timeout", "5", "/bin/sh", "-c", "true"][..],
+            &["/usr/bin/nice", "-n", "5", "bash", "-c", "true"],
+            &[
+                "/usr/bin/find",
+                "/",
+                "-maxdepth",
+                "0",
+                "-exec",
+                "sh",
+                "-c",
+                "true",
+                ";",
+            ],
+            &["xargs", "sh", "-c"],
+            &["/usr/bin/setsid", "perl", "-e", "1"],
+            &["/usr/bin/systemd-run", "--wait", "/bin/sh"],
+        ] {
+            let why = p.refuses_health_check(&cmd(runner)).unwrap();
+            assert!(
+                why.contains("runs the program named in its arguments"),
+                "{runner:?}: {why}"
+            );
+        }
+        assert_eq!(
+            p.refuses_health_check(&cmd(&["/usr/bin/curl", "-fsS", "http://127.0.0.1/"])),
+            None
+        );
         p.allow_scripts = true;
         assert_eq!(
             p.refuses_health_check(&cmd(&["/bin/sh", "-c", "true"])),
