@@ -23,19 +23,17 @@ pub enum PinError {
 }
 
 /// Keys a host joining with a token that pins `pin` takes from `chain`: the
-/// newest version whose keys and threshold hash to `pin`, walked on to the
-/// newest version that follows from it.
+/// keys and threshold that hash to `pin`, at the version they provably hold
+/// (see [`trust::anchor`]; 0 when the chain proves none, to be learnt
+/// later), walked on to the newest version that follows from it.
 pub fn pinned_at_join(pin: &str, chain: &[pb::SignedTrustPolicy]) -> Result<PolicyDoc, PinError> {
     let chain: Vec<SignedPolicy> = chain.iter().cloned().map(Into::into).collect();
     let docs: Vec<PolicyDoc> = chain
         .iter()
+        .take(trust::MAX_CHAIN)
         .filter_map(|s| PolicyDoc::parse(&s.document).ok())
         .collect();
-    let Some(root) = docs
-        .iter()
-        .filter(|d| d.sha256() == pin)
-        .max_by_key(|d| d.version)
-    else {
+    let Some(root) = docs.iter().find(|d| d.sha256() == pin) else {
         let offered = if docs.is_empty() {
             "none".to_string()
         } else {
@@ -46,18 +44,29 @@ pub fn pinned_at_join(pin: &str, chain: &[pb::SignedTrustPolicy]) -> Result<Poli
         };
         return Err(PinError::Mismatch {
             pinned: pin.to_string(),
-            offered,
+            offered: flotilla_proto::limits::clip(&offered, 1024),
         });
     };
-    let held = Held {
-        version: root.version,
-        policy: root.policy().expect("parsed documents have a valid policy"),
+    let policy = root.policy().expect("parsed documents have a valid policy");
+    let Some(version) = trust::anchor(&policy, 0, &chain) else {
+        tracing::warn!(
+            "the server's trust policy documents do not prove which version the pinned keys \
+             are; they are held without a version until one that does is offered"
+        );
+        return Ok(PolicyDoc {
+            version: 0,
+            ..root.clone()
+        });
     };
-    let (reached, stopped) = trust::walk(&held, &chain);
+    let at = PolicyDoc {
+        version,
+        ..root.clone()
+    };
+    let (reached, stopped) = trust::walk(&Held { version, policy }, &chain);
     if let Some(e) = stopped {
-        tracing::warn!(held = root.version, error = %e, "a trust policy version was refused");
+        tracing::warn!(held = version, error = %e, "a trust policy version was refused");
     }
-    Ok(reached.unwrap_or_else(|| root.clone()))
+    Ok(reached.unwrap_or(at))
 }
 
 /// The identity with the newest trust policy version `chain` leads to from
@@ -75,19 +84,20 @@ pub fn adopt(node: &Identity, chain: &[pb::SignedTrustPolicy]) -> Option<Identit
         }
     };
     let chain: Vec<SignedPolicy> = chain.iter().cloned().map(Into::into).collect();
-    let mut version = node.trust_version;
-    if version == 0 {
-        match trust::anchor(&policy, &chain) {
-            Some(v) => version = v,
-            None => {
-                tracing::warn!(
-                    "the keys pinned at join are no version of the fleet's trust policy; \
-                     newer versions are not taken (join again with the fleet's keys)"
-                );
-                return None;
-            }
+    // Keys held without a version, or a version below the highest their own
+    // signatures place them at, learn it first (nothing new is trusted).
+    let version = match trust::anchor(&policy, node.trust_version, &chain) {
+        Some(v) => v,
+        None if node.trust_version == 0 => {
+            tracing::warn!(
+                "the keys pinned at join are no version of the fleet's trust policy that the \
+                 documents offered prove; newer versions are not taken (join again with the \
+                 fleet's keys)"
+            );
+            return None;
         }
-    }
+        None => node.trust_version,
+    };
     let (reached, stopped) = trust::walk(&Held { version, policy }, &chain);
     if let Some(e) = stopped {
         tracing::warn!(held = version, error = %e, "a trust policy version was refused");
@@ -240,5 +250,39 @@ mod tests {
         // Keys from files that are no version of the chain learn nothing.
         let stranger = node(&[&evil], 1, 0);
         assert!(adopt(&stranger, &[signed(1, &[&a], 1, &[])]).is_none());
+    }
+
+    #[test]
+    fn an_unsigned_version_number_never_places_the_hosts_keys() {
+        let (a, b, c) = (key(), key(), key());
+        // The host's own keys offered unsigned as "v999", beside the real
+        // chain: the real version is learnt and the rotation taken.
+        let forged = signed(999, &[&a], 1, &[]);
+        let v1 = signed(1, &[&a], 1, &[]);
+        let v2 = signed(2, &[&b], 1, &[&a, &b]);
+        let v3 = signed(3, &[&c], 1, &[&b, &c]);
+        let next = adopt(
+            &node(&[&a], 1, 0),
+            &[forged.clone(), v1.clone(), v2.clone()],
+        )
+        .unwrap();
+        assert_eq!(
+            (next.trust_version, next.trusted_keys),
+            (2, vec![b.line.clone()])
+        );
+        // Only the forgery: nothing learnt, and a later honest chain still walks.
+        assert!(adopt(&node(&[&a], 1, 0), std::slice::from_ref(&forged)).is_none());
+        // Held at v2 (b): a forged "v999" of b's keys does not hide v3.
+        let held = node(&[&b], 1, 2);
+        let forged_b = signed(999, &[&b], 1, &[]);
+        let next = adopt(&held, &[forged_b.clone(), v3.clone()]).unwrap();
+        assert_eq!(next.trust_version, 3);
+        assert!(adopt(&held, &[forged_b]).is_none());
+        // At join: the pin proves the keys, not a version.
+        let pin = trust::policy_sha256(std::slice::from_ref(&a.line), 1);
+        let got = pinned_at_join(&pin, std::slice::from_ref(&forged)).unwrap();
+        assert_eq!((got.version, got.keys), (0, vec![a.line.clone()]));
+        let got = pinned_at_join(&pin, &[forged, v1, v2, v3]).unwrap();
+        assert_eq!((got.version, got.keys), (3, vec![c.line.clone()]));
     }
 }

@@ -195,17 +195,26 @@ pub fn walk(held: &Held, chain: &[SignedPolicy]) -> (Option<PolicyDoc>, Option<T
     (reached, None)
 }
 
-/// For a host that pinned keys without a version (given as key files at
-/// join): the version in `chain` whose keys and threshold are exactly the
-/// pinned ones, newest first. Nothing is trusted by this: only a version
-/// number is given to keys the host already holds.
-pub fn anchor(pinned: &TrustPolicy, chain: &[SignedPolicy]) -> Option<u64> {
+/// The highest version in `chain` above `held` that is provably the pinned
+/// keys' own: a later version a threshold of those keys signed (every
+/// rotation is signed by its own keys), or, for a host holding no version
+/// yet, the root (version 1, unsigned by design) holding exactly those keys.
+/// A version number alone proves nothing: a server that offers the host's
+/// own keys as "version 999" unsigned gives it no version, so real
+/// rotations 2 to 998 are not skipped. Nothing new is trusted by this: only
+/// a version number is given to keys the host already holds.
+pub fn anchor(pinned: &TrustPolicy, held: u64, chain: &[SignedPolicy]) -> Option<u64> {
     chain
         .iter()
         .take(MAX_CHAIN)
-        .filter_map(|s| PolicyDoc::parse(&s.document).ok())
-        .filter(|d| d.policy().is_ok_and(|p| p.same_as(pinned)))
-        .map(|d| d.version)
+        .filter(|s| s.signatures.len() <= MAX_SIGNATURES * 2)
+        .filter_map(|s| Some((PolicyDoc::parse(&s.document).ok()?, s)))
+        .filter(|(d, _)| d.version > held && d.policy().is_ok_and(|p| p.same_as(pinned)))
+        .filter(|(d, s)| {
+            (d.version == 1 && held == 0)
+                || pinned.check_signatures(&s.document, &s.signatures).is_ok()
+        })
+        .map(|(d, _)| d.version)
         .max()
 }
 

@@ -195,11 +195,40 @@ fn keys_pinned_without_a_version_find_theirs() {
     let v2 = doc(2, &[&f.b, &f.c], 1);
     let chain = vec![signed(&v1, &[]), signed(&v2, &[&f.b])];
     let pinned = TrustPolicy::new(&[f.b.line.clone(), f.a.line.clone()], 1).unwrap();
-    assert_eq!(anchor(&pinned, &chain), Some(1));
+    assert_eq!(anchor(&pinned, 0, &chain), Some(1));
+    // Held at v1 already: nothing above it is those keys' own.
+    assert_eq!(anchor(&pinned, 1, &chain), None);
     let other = TrustPolicy::new(std::slice::from_ref(&f.a.line), 1).unwrap();
-    assert_eq!(anchor(&other, &chain), None);
+    assert_eq!(anchor(&other, 0, &chain), None);
     let other_threshold = TrustPolicy::new(&[f.a.line.clone(), f.b.line.clone()], 2).unwrap();
-    assert_eq!(anchor(&other_threshold, &chain), None);
+    assert_eq!(anchor(&other_threshold, 0, &chain), None);
+}
+
+#[test]
+fn a_version_number_alone_does_not_place_pinned_keys() {
+    let f = fleet();
+    let v1 = doc(1, &[&f.a], 1);
+    let v2 = doc(2, &[&f.b], 1);
+    let v3 = doc(3, &[&f.a], 1);
+    let pinned = TrustPolicy::new(std::slice::from_ref(&f.a.line), 1).unwrap();
+    // The host's own keys offered unsigned as "v999" (or signed by other
+    // keys): no version, so the real rotations are not skipped.
+    let forged = doc(999, &[&f.a], 1);
+    let real = vec![signed(&v1, &[]), signed(&v2, &[&f.a, &f.b])];
+    let mut chain = real.clone();
+    chain.push(signed(&forged, &[]));
+    assert_eq!(anchor(&pinned, 0, &chain), Some(1));
+    chain.push(signed(&forged, &[&f.c]));
+    assert_eq!(anchor(&pinned, 0, &chain), Some(1));
+    // An unsigned "v1" does not move a host that already holds a version.
+    assert_eq!(anchor(&pinned, 1, &chain), None);
+    // A later version its own keys signed does place them (every rotation
+    // is signed by its own keys), above one held already too.
+    let mut chain = real;
+    chain.push(signed(&v3, &[&f.b, &f.a]));
+    assert_eq!(anchor(&pinned, 0, &chain), Some(3));
+    assert_eq!(anchor(&pinned, 1, &chain), Some(3));
+    assert_eq!(anchor(&pinned, 3, &chain), None);
 }
 
 #[test]
