@@ -257,6 +257,19 @@ impl Journal {
         Ok(out)
     }
 
+    /// The manifest id of the committed entry `component` is at now (the one
+    /// `installed_versions` reports), if any.
+    pub fn installed_id(&self, component: &str) -> Result<Option<String>, JournalError> {
+        if self.tree.get(INDEX_OK)?.is_none() {
+            self.rebuild_index()?;
+        }
+        let key = index_key(component);
+        Ok(match self.tree.get(&key)? {
+            Some(b) => Some(decode_index(&key, &b)?.manifest_id),
+            None => None,
+        })
+    }
+
     /// Notes that `entry`, just recorded Rejected, was refused before its
     /// signatures checked out: anyone who can reach the agent as its server
     /// can send such offers, each with an id of its own, so the journal keeps

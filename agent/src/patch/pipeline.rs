@@ -190,7 +190,24 @@ impl Pipeline {
     /// does not ask to undo), then downloads those offered ahead of their
     /// install.
     async fn take(&self, offer: Offer) {
-        for id in &offer.rollback {
+        // Newest commit first (the journal's own order of commits): an older
+        // commit of a component is undone only once those above it are.
+        let mut undo: Vec<(i64, &String)> = offer
+            .rollback
+            .iter()
+            .map(|id| {
+                let at = self
+                    .journal
+                    .get(id)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |e| e.updated_at);
+                (at, id)
+            })
+            .collect();
+        undo.sort_by(|a, b| b.cmp(a));
+        undo.dedup();
+        for (_, id) in undo {
             self.revert(id).await;
         }
         let installs = offer.manifests.iter().map(|s| (s, Go::Install));

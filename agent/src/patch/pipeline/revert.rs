@@ -48,6 +48,24 @@ impl Pipeline {
     /// (fetched again, digest checked, when it was cleaned up).
     async fn prepare_revert(&self, entry: &Entry, resuming: bool) -> Result<Manifest, String> {
         let m = self.verify_signatures(entry).map_err(|e| e.to_string())?;
+        // Only the component's newest commit is undone: restoring an older
+        // one's backup under a newer install would leave the files half old
+        // while the journal says the newer one is committed. (An undo a crash
+        // cut short has left the index already and is finished.)
+        if !resuming {
+            let newest = self
+                .journal
+                .installed_id(&entry.component)
+                .map_err(|e| e.to_string())?;
+            if let Some(newest) = newest.filter(|n| *n != entry.manifest_id) {
+                return Err(format!(
+                    "a newer patch of {} ({}) is installed over it: only the newest \
+                     commit of a component is undone",
+                    limits::clip(&entry.component, 256),
+                    limits::clip(&newest, 256)
+                ));
+            }
+        }
         if self.cfg.executor.skips_host() {
             return Ok(m);
         }

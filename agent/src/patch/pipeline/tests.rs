@@ -326,6 +326,21 @@ async fn a_reverted_files_patch_restores_the_exact_previous_files() {
     assert_eq!(p.journal.installed_versions().unwrap()[COMPONENT], "1.1.0");
     ack_all(&p);
 
+    // Asked to undo p1 while p2 is installed over it: refused, nothing touched
+    // (p1's backup would leave p2's files half old).
+    p.take(offer(&[&p1, &p2], &["p1"])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+    assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
+    assert_eq!(std::fs::read(root.join("opt/c/bin/app")).unwrap(), b"app 2");
+    let refused = reports(&p, "p1");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, Phase::Committed);
+    assert!(
+        refused[0].1.contains("a newer patch of c (p2)"),
+        "{refused:?}"
+    );
+    ack_all(&p);
+
     // The rollout of p2 is aborted: the host goes back to p1's files, exactly.
     p.take(offer(&[&p1], &["p2"])).await;
     assert_eq!(phase(&p, "p2"), Some(Phase::RolledBack));
@@ -342,7 +357,7 @@ async fn a_reverted_files_patch_restores_the_exact_previous_files() {
     let entry = p.journal.get("p2").unwrap().unwrap();
     assert_eq!(entry.error.as_deref(), Some(REVERTED));
 
-    // Then p1's too: back to what the host had before any patch.
+    // Then p1's too (now the newest): back to what the host had before any patch.
     p.take(offer(&[], &["p1"])).await;
     assert_eq!(phase(&p, "p1"), Some(Phase::RolledBack));
     assert_eq!(snapshot(&root), before);
@@ -546,6 +561,27 @@ async fn a_tampered_journal_entry_is_not_undone() {
         "{}",
         sent[0].1
     );
+}
+
+#[tokio::test]
+async fn undoing_a_components_commits_at_once_goes_newest_first() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    let p1 = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    let p2 = files_patch(&publisher, &p, "p2", "1.1.0", V2);
+    p.take(offer(&[&p1], &[])).await;
+    p.take(offer(&[&p1, &p2], &[])).await;
+    assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
+    ack_all(&p);
+    // Named oldest first (and one twice): undone newest first, both.
+    p.take(offer(&[], &["p1", "p2", "p1"])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::RolledBack));
+    assert_eq!(phase(&p, "p2"), Some(Phase::RolledBack));
+    assert_eq!(snapshot(&root), before);
+    assert!(reports(&p, "p1").iter().all(|(_, e)| !e.contains("newer")));
 }
 
 #[tokio::test]

@@ -56,7 +56,15 @@ async fn backups_are_kept_for_the_newest_versions_of_a_component_only() {
     p.take(offer(&refs, &["p4"])).await;
     assert_eq!(phase(&p, "p4"), Some(Phase::RolledBack));
     assert_eq!(snapshot(&root), at[2]);
-    // One whose backups are gone is refused, naming why, and nothing changes.
+    // Under a newer commit (p3), p2 is not undone; once p3 is, p2's backups
+    // are gone: refused, naming why, and nothing changes.
+    p.take(offer(&[], &["p2"])).await;
+    assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
+    assert_eq!(snapshot(&root), at[2]);
+    p.take(offer(&[], &["p3"])).await;
+    assert_eq!(phase(&p, "p3"), Some(Phase::RolledBack));
+    assert_eq!(snapshot(&root), at[1]);
+    ack_all(&p);
     p.take(offer(&[], &["p2"])).await;
     assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
     let refused = reports(&p, "p2");
@@ -64,14 +72,17 @@ async fn backups_are_kept_for_the_newest_versions_of_a_component_only() {
         refused.iter().any(|(_, e)| e.contains("is gone")),
         "{refused:?}"
     );
-    assert_eq!(snapshot(&root), at[2]);
+    assert_eq!(snapshot(&root), at[1]);
 
     // The next commit drops the rolled-back patch's directory too.
     let p5 = files_patch(&publisher, &p, "p5", "1.5.0", &ents(5));
     p.take(offer(&[&p5], &[])).await;
     assert_eq!(phase(&p, "p5"), Some(Phase::Committed));
-    assert!(!has_backups("p4"), "a rolled-back patch's directory stays");
-    assert!(has_backups("p3") && has_backups("p5"));
+    assert!(
+        !has_backups("p4") && !has_backups("p3"),
+        "a rolled-back patch's directory stays"
+    );
+    assert!(has_backups("p5"));
 }
 
 #[tokio::test]
