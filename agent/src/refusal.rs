@@ -1,10 +1,13 @@
 //! Telling a server that refuses the node apart from one that is merely unreachable.
 //!
-//! A refused node (revoked, removed, certificate no longer trusted) must stop and
-//! say so: retrying forever would only hammer the server. The refusal comes either
-//! as a gRPC status (PermissionDenied, Unauthenticated) or, when the server rejects
-//! the client certificate during the TLS handshake, as a TLS alert buried in a
-//! transport error.
+//! A refused node (revoked, removed) must stop and say so: retrying forever
+//! would only hammer the server. Only a refusal the server is known to have
+//! sent counts: a gRPC status (PermissionDenied, Unauthenticated) over a
+//! connection whose server certificate checked out against the pinned CA. A
+//! TLS alert that rejects the client certificate during the handshake is only
+//! reported: it may come before the server has proven anything (a plaintext
+//! alert before ServerHello can be sent by anyone on the path), so it is
+//! retried like an unreachable server, with backoff.
 
 use std::error::Error;
 
@@ -30,7 +33,8 @@ impl Refusal {
     }
 }
 
-/// Alerts a server sends when it will not accept the client's certificate.
+/// Alerts a server sends when it will not accept the client's certificate
+/// (named in the retry's reason, never fatal: see the module's text).
 const REFUSAL_ALERTS: [AlertDescription; 8] = [
     AlertDescription::BadCertificate,
     AlertDescription::UnsupportedCertificate,
@@ -88,15 +92,16 @@ fn tls_refusal(e: &(dyn Error + 'static)) -> Option<String> {
 }
 
 fn describe(alert: AlertDescription) -> String {
-    format!("the server rejected the node certificate during the TLS handshake ({alert:?})")
+    format!(
+        "the TLS handshake ended with a {alert:?} alert: the server (or whatever answered at \
+         its address before the server proved itself) rejected the node certificate; retrying, \
+         as an unauthenticated alert cannot stop the agent"
+    )
 }
 
-/// Classifies a transport error (connecting).
+/// Classifies a transport error (connecting): always worth retrying.
 pub fn classify_error(e: &(dyn Error + 'static)) -> Refusal {
-    match tls_refusal(e) {
-        Some(reason) => Refusal::Refused(reason),
-        None => Refusal::Transient(chain_text(e)),
-    }
+    Refusal::Transient(tls_refusal(e).unwrap_or_else(|| chain_text(e)))
 }
 
 /// Classifies a gRPC status (a call, or a session that ended with one).
@@ -110,10 +115,10 @@ pub fn classify_status(status: &Status) -> Refusal {
         Code::PermissionDenied | Code::Unauthenticated => {
             Refusal::Refused(format!("{:?}: {reason}", status.code()))
         }
-        _ => match tls_refusal(status) {
-            Some(reason) => Refusal::Refused(reason),
-            None => Refusal::Transient(format!("{:?}: {}", status.code(), chain_text(status))),
-        },
+        _ => Refusal::Transient(match tls_refusal(status) {
+            Some(reason) => reason,
+            None => format!("{:?}: {}", status.code(), chain_text(status)),
+        }),
     }
 }
 
@@ -143,23 +148,31 @@ mod tests {
     }
 
     #[test]
-    fn a_certificate_alert_inside_a_transport_error_is_a_refusal() {
+    fn a_certificate_alert_is_named_but_never_stops_the_agent() {
+        // Unauthenticated: anyone on the path can send one before ServerHello.
         let io = std::io::Error::other(rustls::Error::AlertReceived(
             AlertDescription::CertificateRevoked,
         ));
         let r = classify_error(&io);
         assert!(
-            matches!(&r, Refusal::Refused(m) if m.contains("CertificateRevoked")),
+            matches!(&r, Refusal::Transient(m) if m.contains("CertificateRevoked")
+                && m.contains("rejected the node certificate")),
             "{r:?}"
         );
         // Inside a status, as tonic wraps transport errors.
         let status = Status::from_error(Box::new(std::io::Error::other(
             rustls::Error::AlertReceived(AlertDescription::BadCertificate),
         )));
-        assert!(matches!(classify_status(&status), Refusal::Refused(_)));
+        assert!(matches!(
+            classify_status(&status),
+            Refusal::Transient(m) if m.contains("BadCertificate")
+        ));
         // Only printed, not exposed as a source.
         let printed = std::io::Error::other("h2: received fatal alert: UnknownCA");
-        assert!(matches!(classify_error(&printed), Refusal::Refused(_)));
+        assert!(matches!(
+            classify_error(&printed),
+            Refusal::Transient(m) if m.contains("UnknownCA")
+        ));
     }
 
     #[test]

@@ -281,6 +281,12 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut backoff = Backoff::new(backoff::BASE, max_backoff);
         let mut index = 0;
+        // Servers that refused the node since one last accepted it: the agent
+        // stops only when every one of them has (one replica, or something
+        // holding one server's key, cannot stop it alone).
+        let mut refused_by = std::collections::BTreeSet::new();
+        let distinct: std::collections::BTreeSet<&String> = self.servers.iter().collect();
+        let distinct = distinct.len();
         loop {
             let url = self.servers[index].clone();
             let outcome = tokio::select! {
@@ -294,12 +300,24 @@ impl Agent {
             self.set_connected(false);
             match outcome {
                 Outcome::Renewed => {
+                    refused_by.clear();
                     tracing::info!(%url, "reconnecting with the renewed certificate");
                     continue;
                 }
-                Outcome::Rejected(reason) => return Err(RunError::Rejected(reason)),
+                Outcome::Rejected(reason) => {
+                    refused_by.insert(url.clone());
+                    if refused_by.len() >= distinct {
+                        return Err(RunError::Rejected(reason));
+                    }
+                    tracing::warn!(
+                        %url, %reason,
+                        "this server refused the node; trying the others before stopping"
+                    );
+                    index = (index + 1) % self.servers.len();
+                }
                 Outcome::Fatal(e) => return Err(e),
                 Outcome::Ended { up_for, reason } => {
+                    refused_by.clear();
                     tracing::warn!(%url, up_for = ?up_for, %reason, "session ended");
                     // A session that lasted proves this server healthy: retry it
                     // first. One that did not counts as a failed attempt.

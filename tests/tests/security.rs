@@ -50,6 +50,81 @@ fn revoked_node_is_cut_off_and_cannot_reconnect() {
 }
 
 #[test]
+fn one_server_refusing_does_not_stop_an_agent_that_has_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token = server.token("pos", 1, &[]);
+    let mut a = Agent::new(dir.path(), "till");
+    let id = a.join(&server.url(), &token);
+    // The same server under two names: two servers to the agent.
+    let port = server.url().rsplit(':').next().unwrap().to_string();
+    let other = format!("https://localhost:{port}");
+    a.start(&[server.url(), other]);
+    wait_until("the node to be online", T, || {
+        (server.node(&id)["online"] == true).then_some(())
+    });
+    server.cli(&["nodes", "revoke", &id]);
+    let status = wait_until("the revoked agent to stop", T, || a.try_exit());
+    assert!(!status.success());
+    let log = a.log_text();
+    // The first refusal sent it to the other server; the second stopped it.
+    assert!(
+        log.contains("this server refused the node; trying the others before stopping"),
+        "{log}"
+    );
+    assert!(log.contains("revoked"), "{log}");
+}
+
+/// A listener that answers every connection's first bytes with a plaintext
+/// fatal TLS alert (bad_certificate) before any ServerHello, as anyone on
+/// the path can; counts the connections.
+fn alert_sender() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = conn.read(&mut [0u8; 1024]);
+            let _ = conn.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x2a]);
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn an_unauthenticated_tls_alert_never_stops_the_agent() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token = server.token("pos", 1, &[]);
+    let mut a = Agent::new(dir.path(), "till");
+    let id = a.join(&server.url(), &token);
+    let (alerting, seen) = alert_sender();
+    // First in the list: the agent moves on to the real server.
+    a.start(&[alerting.clone(), server.url()]);
+    wait_until("the node to be online", T, || {
+        (server.node(&id)["online"] == true).then_some(())
+    });
+    assert!(seen.load(Ordering::SeqCst) >= 1);
+    a.kill9();
+    // Nothing but alerts: it keeps trying, naming what it got, and does not exit.
+    a.start(std::slice::from_ref(&alerting));
+    wait_until("three alerts taken", T, || {
+        (seen.load(Ordering::SeqCst) >= 4).then_some(())
+    });
+    assert!(a.try_exit().is_none(), "{}", a.log_text());
+    assert!(a.log_text().contains("BadCertificate"), "{}", a.log_text());
+    a.kill9();
+}
+
+#[test]
 fn viewer_cannot_change_anything_and_changes_are_audited() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::init(dir.path());
