@@ -325,7 +325,11 @@ impl Pipeline {
     /// Verifies a received entry, then carries on with it as far as `go` says,
     /// or rejects it.
     async fn verify_and_go_on(&self, mut entry: Entry, target: Option<&NodeTarget>, go: Go) {
-        match self.verify(&entry, target) {
+        // Within one run of the update (a fresh offer, or a restart that
+        // verifies again): the time it started, so a clock jump meanwhile
+        // changes nothing.
+        let at = entry.started_at;
+        match self.verify(&entry, target, at) {
             Ok(m) => {
                 entry.component = m.component.clone();
                 entry.version = m.version.clone();
@@ -366,9 +370,11 @@ impl Pipeline {
     /// Carries on with an entry the journal holds (verified, or downloaded
     /// ahead), offered again. It is verified again first: since it was, the
     /// trust policy may have rotated its signers' keys out, the host's policy
-    /// or installed versions may have changed.
+    /// or installed versions may have changed, and the manifest may have
+    /// expired — judged now, not when it was first received: a patch
+    /// downloaded ahead months ago is not released after its expiry.
     async fn go_on(&self, mut entry: Entry, go: Go, target: &NodeTarget) {
-        match self.verify(&entry, Some(target)) {
+        match self.verify(&entry, Some(target), unix_now()) {
             Ok(m) => self.carry_on(entry, m, go).await,
             Err(stop) => {
                 self.advance(&mut entry, stop.phase, &stop.error, "");

@@ -1,5 +1,5 @@
 //! The pipeline's verdicts that need no server: expiry is judged against the time
-//! the update started, a host with no pinned keys applies nothing, and a committed
+//! the update started (or now, for one taken up again), a host with no pinned keys applies nothing, and a committed
 //! patch the server asks to undo is undone (artifacts placed where a download
 //! would have left them).
 
@@ -122,15 +122,46 @@ fn expiry_is_judged_at_the_start_of_the_update() {
     let (entry, pk) = expired_entry(two_hours_ago);
     let p = pipeline(dir.path(), Some(pk));
     // Started before the manifest expired: still valid now, whatever the clock says.
-    assert!(p.verify(&entry, None).is_ok());
+    assert!(p.verify(&entry, None, entry.started_at).is_ok());
     // The same manifest starting now is refused.
     let fresh = Entry {
         started_at: unix_now(),
         ..entry
     };
-    let stop = p.verify(&fresh, None).unwrap_err();
+    let stop = p.verify(&fresh, None, fresh.started_at).unwrap_err();
     assert_eq!(stop.phase, Phase::Rejected);
     assert!(stop.error.contains("expired"), "{}", stop.error);
+}
+
+#[tokio::test]
+async fn a_patch_taken_up_again_is_judged_now_not_when_first_received() {
+    let (_tmp, dir) = host();
+    let root = dir.join("root");
+    let before = snapshot(&root);
+    // Received and downloaded ahead two hours ago, before the manifest
+    // expired an hour ago; now offered for install.
+    let (mut entry, pk) = expired_entry(unix_now() - 7200);
+    let p = pipeline_with(&dir, Some(pk), host_policy(false));
+    p.journal.record(&entry).unwrap();
+    for ph in [Phase::Verified, Phase::Downloaded] {
+        entry.phase = ph;
+        p.journal.record(&entry).unwrap();
+    }
+    let signed = pb::SignedManifest {
+        id: entry.manifest_id.clone(),
+        manifest: entry.manifest.clone().into(),
+        signatures: entry.signatures.clone(),
+        ..Default::default()
+    };
+    p.take(offer(&[&signed], &[])).await;
+    let got = p.journal.get("p1").unwrap().unwrap();
+    assert_eq!(got.phase, Phase::Rejected);
+    assert!(
+        got.error.as_deref().unwrap_or("").contains("expired"),
+        "{:?}",
+        got.error
+    );
+    assert_eq!(snapshot(&root), before);
 }
 
 #[test]
@@ -138,7 +169,7 @@ fn no_pinned_keys_means_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let (entry, _) = expired_entry(unix_now() - 7200);
     let p = pipeline(dir.path(), None);
-    let stop = p.verify(&entry, None).unwrap_err();
+    let stop = p.verify(&entry, None, entry.started_at).unwrap_err();
     assert_eq!(stop.phase, Phase::Rejected);
     assert!(
         stop.error.contains("no patch-signing keys are pinned"),

@@ -1,6 +1,7 @@
 //! The checks a received patch passes before anything is fetched: signatures
-//! against the keys this host pinned, expiry against the time the update
-//! started, target, version, and this host's own policy. Each refusal is typed,
+//! against the keys this host pinned, expiry (against the time the update
+//! started, or now for one taken up again), target, version, and this host's
+//! own policy. Each refusal is typed,
 //! so its words come from where the check is.
 
 use std::path::{Path, PathBuf};
@@ -22,8 +23,8 @@ pub(crate) enum Refusal {
     NoTrustedKeys,
     #[error("the signed manifest's id is {signed:?}, but it was offered as {offered:?}")]
     IdMismatch { signed: String, offered: String },
-    #[error("the update's start time {0} is not a time")]
-    BadStart(i64),
+    #[error("{0} (seconds since 1970) is not a time to judge the manifest's validity at")]
+    BadTime(i64),
     #[error("cannot read the agent's state: {0}")]
     State(String),
     #[error("artifact {name} is {size} bytes; this host's cap is {cap}")]
@@ -42,14 +43,15 @@ pub(crate) enum Refusal {
 }
 
 impl Pipeline {
-    /// Every check of the trust model, against the time the update started.
-    /// Refused: Rejected, or Superseded when a newer version of the component is
-    /// installed (an older patch overtaken on its way here is no attack and no
-    /// failure, but it is not applied either).
+    /// Every check of the trust model, the manifest's validity judged at `at`
+    /// (unix seconds). Refused: Rejected, or Superseded when a newer version of
+    /// the component is installed (an older patch overtaken on its way here is
+    /// no attack and no failure, but it is not applied either).
     pub(super) fn verify(
         &self,
         entry: &Entry,
         target: Option<&NodeTarget>,
+        at: i64,
     ) -> Result<Manifest, Stop> {
         let refused = |e: Refusal| match e {
             Refusal::Manifest(ManifestError::Downgrade {
@@ -70,18 +72,17 @@ impl Pipeline {
         let m = self
             .verify_signatures(entry)
             .map_err(|e| Stop::untrusted(e.to_string()))?;
-        self.checks(m, entry, target).map_err(refused)
+        self.checks(m, target, at).map_err(refused)
     }
 
     fn checks(
         &self,
         m: Manifest,
-        entry: &Entry,
         target: Option<&NodeTarget>,
+        at: i64,
     ) -> Result<Manifest, Refusal> {
-        let started = time::OffsetDateTime::from_unix_timestamp(entry.started_at)
-            .map_err(|_| Refusal::BadStart(entry.started_at))?;
-        manifest::check_time(&m, started)?;
+        let at = time::OffsetDateTime::from_unix_timestamp(at).map_err(|_| Refusal::BadTime(at))?;
+        manifest::check_time(&m, at)?;
         if let Some(target) = target {
             manifest::check_target(&m, target)?;
         }
