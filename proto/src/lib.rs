@@ -9,6 +9,7 @@ pub mod config_example;
 pub mod delta;
 pub mod durable;
 pub mod exit;
+pub mod http2;
 pub mod key_proof;
 pub mod limits;
 pub mod manifest;

@@ -493,42 +493,17 @@ pub async fn run(
     Ok(())
 }
 
-/// What one HTTP/2 connection may hold, whoever is at the other end. A
-/// request's body is read as it arrives, up to a whole message (4 MiB), before
-/// its handler looks at the caller; so a connection's memory is bounded by its
-/// streams: at most [`MAX_STREAMS`] at once, each taking at most one message
-/// (one that has authenticated nobody: `connections::PENDING_CALLS` of them,
-/// and it is closed at its pending deadline whatever it has in flight). No
-/// request timeout: sessions, event follows and artifact transfers are
-/// long-lived streams, and tonic's would cut them.
+/// The fleet's bounds on each HTTP/2 connection (see `flotilla_proto::http2`;
+/// a request that has authenticated nobody is also one of
+/// `connections::PENDING_CALLS`, and its connection is closed at its pending
+/// deadline whatever it has in flight), and pings that find a peer gone
+/// silent (a host powered off keeps its TCP connection open for the
+/// kernel's hours): closed when one goes unanswered.
 fn http2_limits(server: Server) -> Server {
-    server
-        .max_concurrent_streams(Some(MAX_STREAMS))
-        // Flow control: what a peer may send ahead of the server's reading.
-        .initial_stream_window_size(Some(WINDOW))
-        .initial_connection_window_size(Some(WINDOW))
-        .max_frame_size(Some(16 * 1024))
-        .http2_max_header_list_size(Some(16 * 1024))
-        // Streams a peer opens and resets at once cost the server work
-        // without counting against MAX_STREAMS (CVE-2023-44487): past this
-        // many queued the connection is closed.
-        .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS as usize))
-        // Pings find a peer gone silent (a host powered off keeps its TCP
-        // connection open for the kernel's hours): closed when one goes
-        // unanswered.
+    flotilla_proto::http2::limits(server)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
 }
-
-/// Streams one connection may have open at once: an agent uses a session, a
-/// report and a few downloads; the CLI a handful of calls. Beyond it the
-/// peer's new streams are refused (REFUSED_STREAM), and well-behaved clients
-/// queue them.
-pub const MAX_STREAMS: u32 = 64;
-/// Bytes a peer may send on one stream, and on the whole connection, that the
-/// server has not read yet (hyper's defaults, pinned: what requests waiting
-/// for a place hold, see `connections::PENDING_CALLS`).
-const WINDOW: u32 = 1024 * 1024;
 
 /// Tells systemd (a `Type=notify` unit) the server is ready, called as the
 /// gRPC server is about to take its first connection: the listener is bound

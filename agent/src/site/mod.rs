@@ -128,8 +128,9 @@ pub async fn start(
     let api = serve::SiteApi::new(cache.clone(), uplink);
     let incoming = serve::incoming(listener, serve::MAX_CONNECTIONS, serve::MAX_PER_SOURCE);
     let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            // A peer gone without closing its connection frees its slot.
+        // The server's bounds on each connection (streams, windows, frames,
+        // headers, resets); a peer gone without closing it frees its slot.
+        let served = flotilla_proto::http2::limits(tonic::transport::Server::builder())
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(pb::site_service_server::SiteServiceServer::new(api))
