@@ -280,13 +280,15 @@ impl SiteCache {
 
     /// Removes the least recently used artifacts while the cache holds more
     /// than its limit, sparing those being filled and those the host's own
-    /// downloads hold too; then publishes what it holds.
+    /// downloads hold too; then publishes what it holds. Partial files (a
+    /// fill that failed keeps its bytes to resume from) count and go too:
+    /// fills cut short, however many, cannot grow the cache past its limit.
     fn evict(&self) {
         let filling: Vec<String> = self.table().keys().cloned().collect();
         let mut files = cached_files(&self.dir);
         let mut bytes: u64 = files.iter().map(|f| f.size).sum();
         files.sort_by_key(|f| f.used);
-        let mut count = files.len();
+        let mut count = files.iter().filter(|f| !f.partial).count();
         for f in &files {
             if bytes <= self.max_bytes {
                 break;
@@ -294,10 +296,12 @@ impl SiteCache {
             if f.links > 1 || filling.contains(&f.sha256) {
                 continue;
             }
-            if std::fs::remove_file(self.dir.join(&f.sha256)).is_ok() {
-                tracing::info!(artifact = %f.sha256, bytes = f.size, "evicted from the site cache");
+            if std::fs::remove_file(self.dir.join(f.name())).is_ok() {
+                tracing::info!(artifact = %f.sha256, bytes = f.size, partial = f.partial, "evicted from the site cache");
                 bytes -= f.size;
-                count -= 1;
+                if !f.partial {
+                    count -= 1;
+                }
             }
         }
         self.stats.send_replace(CacheStats {
@@ -307,12 +311,23 @@ impl SiteCache {
     }
 }
 
-/// A complete file in the cache.
+/// A file in the cache: complete, or partial (`<sha256>.part`).
 struct Cached {
     sha256: String,
+    partial: bool,
     size: u64,
     used: SystemTime,
     links: u64,
+}
+
+impl Cached {
+    fn name(&self) -> String {
+        if self.partial {
+            format!("{}.part", self.sha256)
+        } else {
+            self.sha256.clone()
+        }
+    }
 }
 
 fn cached_files(dir: &Path) -> Vec<Cached> {
@@ -323,12 +338,20 @@ fn cached_files(dir: &Path) -> Vec<Cached> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let (sha256, partial) = match name.strip_suffix(".part") {
+                Some(sha256) => (sha256.to_string(), true),
+                None => (name, false),
+            };
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return None;
             }
             let meta = e.metadata().ok()?;
+            if !meta.is_file() {
+                return None;
+            }
             Some(Cached {
-                sha256: name,
+                sha256,
+                partial,
                 size: meta.len(),
                 used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 links: meta.nlink(),

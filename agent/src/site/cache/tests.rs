@@ -49,20 +49,31 @@ fn the_least_recently_used_go_first_never_one_the_host_holds() {
     put(&cached, 2, 100, Duration::from_secs(300));
     put(&cached, 3, 100, Duration::from_secs(200));
     put(&cached, 4, 100, Duration::from_secs(100));
-    std::fs::write(cached.join(format!("{}.part", digest(5))), [0u8; 500]).unwrap();
+    // A fill in progress, and what a fill cut short left (the oldest).
+    let part = |n: u8| cached.join(format!("{}.part", digest(n)));
+    std::fs::write(part(5), [0u8; 50]).unwrap();
+    c.table().insert(digest(5), watch::channel(Fill::Running).1);
+    std::fs::write(part(6), [0u8; 300]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(part(6))
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(500))
+        .unwrap();
     c.evict();
     let left: Vec<bool> = (1..=4).map(|n| cached.join(digest(n)).exists()).collect();
-    assert_eq!(left, [true, false, false, true], "400 bytes down to 200");
+    assert_eq!(left, [true, false, false, true], "750 bytes down to 250");
+    assert!(!part(6).exists(), "a partial file counts, and goes");
+    assert!(
+        part(5).exists(),
+        "a fill in progress is not the cache's to evict"
+    );
     assert_eq!(
         *c.stats().borrow(),
         CacheStats {
             files: 2,
-            bytes: 200
+            bytes: 250
         }
-    );
-    assert!(
-        cached.join(format!("{}.part", digest(5))).exists(),
-        "a fill in progress is not the cache's to evict"
     );
 }
 
