@@ -274,6 +274,11 @@ impl Pipeline {
         }
         entry.phase = phase;
         entry.updated_at = unix_now();
+        if phase.is_final() {
+            // Only downloads read it: a finished patch's entry keeps no more
+            // than it needs.
+            entry.deltas = String::new();
+        }
         entry.error = (!error.is_empty()).then(|| error.to_string());
         entry.log_tail = tail.to_string();
         if let Err(e) = self.journal.record(entry) {
@@ -293,9 +298,23 @@ impl Pipeline {
         // The id becomes a journal key and goes back in reports: take only ids a
         // manifest could have (the signed bytes must then agree).
         if flotilla_proto::limits::check_name("manifest id", &signed.id, 128).is_err() {
-            tracing::warn!(id = %signed.id.escape_debug(), "ignoring an offer with an impossible manifest id");
+            let id = limits::clip(&signed.id, 256);
+            tracing::warn!(id = %id.escape_debug(), "ignoring an offer with an impossible manifest id");
             return;
         }
+        // The index is not signed (each delta is checked against the signed
+        // digests): one past its limit is not kept, nor read, at all.
+        let deltas = if signed.deltas.len() > flotilla_proto::delta::MAX_INDEX_BYTES {
+            tracing::warn!(
+                patch = %signed.id,
+                bytes = signed.deltas.len(),
+                "the offer's delta index is past its limit; downloading whole artifacts"
+            );
+            String::new()
+        } else {
+            // Not UTF-8 is not an index: the full artifacts will do.
+            String::from_utf8(signed.deltas.to_vec()).unwrap_or_default()
+        };
         let entry = Entry {
             manifest_id: signed.id.clone(),
             manifest: signed.manifest.into(),
@@ -308,8 +327,7 @@ impl Pipeline {
             error: None,
             log_tail: String::new(),
             transfer: None,
-            // Not UTF-8 is not an index: the full artifacts will do.
-            deltas: String::from_utf8(signed.deltas.to_vec()).unwrap_or_default(),
+            deltas,
         };
         if let Err(e) = self.journal.record(&entry) {
             tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record a received patch");

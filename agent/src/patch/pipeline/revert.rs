@@ -18,11 +18,11 @@ impl Pipeline {
                 return;
             }
             Ok(None) => {
-                tracing::debug!(patch = %id.escape_debug(), "asked to undo an unknown patch; ignoring");
+                tracing::debug!(patch = %limits::clip(id, 256).escape_debug(), "asked to undo an unknown patch; ignoring");
                 return;
             }
             Err(e) => {
-                tracing::error!(patch = %id.escape_debug(), error = %e, "cannot read the journal");
+                tracing::error!(patch = %limits::clip(id, 256).escape_debug(), error = %e, "cannot read the journal");
                 return;
             }
         };

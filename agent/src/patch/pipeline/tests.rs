@@ -616,6 +616,28 @@ async fn undoing_a_components_commits_at_once_goes_newest_first() {
 }
 
 #[tokio::test]
+async fn a_delta_index_past_its_limit_is_never_kept_and_none_outlives_its_patch() {
+    let (_tmp, dir) = host();
+    let publisher = Publisher::new();
+    let p = pipeline_with(&dir, Some(publisher.public_key()), host_policy(false));
+    let mut big = files_patch(&publisher, &p, "p1", "1.0.0", V1);
+    big.deltas = vec![b' '; flotilla_proto::delta::MAX_INDEX_BYTES + 1].into();
+    let mut small = files_patch(&publisher, &p, "p2", "1.1.0", V2);
+    small.deltas = b"{}".to_vec().into();
+    // Offered ahead only: the small index is kept for the install to come.
+    let mut ahead = offer(&[], &[]);
+    ahead.prefetch = vec![big.clone(), small.clone()];
+    p.take(ahead).await;
+    let deltas = |id: &str| p.journal.get(id).unwrap().unwrap().deltas;
+    assert_eq!(deltas("p1"), "");
+    assert_eq!(deltas("p2"), "{}");
+    p.take(offer(&[&big, &small], &[])).await;
+    assert_eq!(phase(&p, "p1"), Some(Phase::Committed));
+    assert_eq!(phase(&p, "p2"), Some(Phase::Committed));
+    assert_eq!(deltas("p2"), "", "a finished patch keeps no index");
+}
+
+#[tokio::test]
 async fn only_committed_patches_are_undone() {
     let (_tmp, dir) = host();
     let publisher = Publisher::new();
