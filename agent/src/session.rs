@@ -96,6 +96,9 @@ struct Agent {
     source_address: Option<std::net::IpAddr>,
     /// The host's facts changed (a new trust policy) since the server was told.
     facts_changed: bool,
+    /// No desired state taken yet in this session: the first is the server's
+    /// view now, taken whatever its revision (see `on_desired`).
+    session_fresh: bool,
     /// The site service, when this agent serves its site's peers.
     site: Option<crate::site::Site>,
     /// What the site cache held when the server was last told.
@@ -212,6 +215,7 @@ where
         shared: opts.shared_channel.clone(),
         source_address: opts.source_address,
         facts_changed: false,
+        session_fresh: false,
         site,
         sent_cache: crate::site::CacheStats::default(),
         textfile,
@@ -375,6 +379,7 @@ impl Agent {
             facts: Some(self.facts()),
         }));
         self.facts_changed = false;
+        self.session_fresh = true;
         // A fresh queue always has room.
         let _ = tx.try_send(hello);
         let opening = tokio::time::timeout(OPEN_TIMEOUT, client.session(ReceiverStream::new(rx)));
@@ -518,7 +523,24 @@ impl Agent {
         if msg.heartbeat_interval_ms > 0 {
             self.held.heartbeat_interval_ms = msg.heartbeat_interval_ms.max(100);
         }
-        let order = self.held.order(msg.revision);
+        // Revisions order one server's pushes. The first of a session is that
+        // server's view now, taken even when its revision is lower than the
+        // one held: a server restored from a backup counts from less, and a
+        // revision once pushed too high (u64::MAX) must not make every later
+        // one look stale forever.
+        let order = match self.held.order(msg.revision) {
+            Ordering::Older if self.session_fresh => {
+                tracing::warn!(
+                    held = self.held.revision,
+                    received = msg.revision,
+                    "the server's desired state has a lower revision than the one held \
+                     (a server restored from a backup?); taking it as the server's view now"
+                );
+                Ordering::Newer
+            }
+            order => order,
+        };
+        self.session_fresh = false;
         if order != Ordering::Older {
             // Offered even at the same revision: after a restart the pipeline needs
             // the offer again, and it never starts a manifest twice.

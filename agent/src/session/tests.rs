@@ -55,6 +55,7 @@ fn agent(dir: &std::path::Path) -> (Agent, mpsc::UnboundedReceiver<RoleChange>) 
         shared: None,
         source_address: None,
         facts_changed: false,
+        session_fresh: false,
         site: None,
         sent_cache: Default::default(),
         textfile: None,
@@ -111,6 +112,29 @@ fn older_and_equal_revisions_change_nothing() {
     assert_eq!(agent.held.role, Role::Standby);
     assert_eq!(agent.store.desired().unwrap().unwrap().role, Role::Standby);
     assert!(hooks.try_recv().is_err(), "no hook for ignored states");
+}
+
+#[test]
+fn a_sessions_first_desired_state_is_taken_whatever_its_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, mut hooks) = agent(dir.path());
+    // A server pushed the highest revision there is.
+    agent
+        .on_desired(&desired(u64::MAX, pb::Role::Standby))
+        .unwrap();
+    assert_eq!(agent.held.revision, u64::MAX);
+    let _ = hooks.try_recv();
+    // Within that session, lower ones are stale.
+    agent.on_desired(&desired(3, pb::Role::Active)).unwrap();
+    assert_eq!(agent.held.role, Role::Standby);
+    // The next session's first is the server's view now; then order again.
+    agent.session_fresh = true;
+    agent.on_desired(&desired(3, pb::Role::Active)).unwrap();
+    assert_eq!((agent.held.revision, agent.held.role), (3, Role::Active));
+    assert_eq!(agent.store.desired().unwrap().unwrap().revision, 3);
+    assert!(hooks.try_recv().is_ok(), "the role change runs the hook");
+    agent.on_desired(&desired(2, pb::Role::Standby)).unwrap();
+    assert_eq!((agent.held.revision, agent.held.role), (3, Role::Active));
 }
 
 #[test]
