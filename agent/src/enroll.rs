@@ -170,6 +170,13 @@ pub async fn join_with(store: &Store, opts: JoinOptions) -> Result<Joined, JoinE
     if node_id.is_empty() {
         return Err(JoinError::BadResponse("no node id".into()));
     }
+    // It reaches file names, logs and the role hook's environment.
+    flotilla_proto::limits::check_name(
+        "group",
+        &response.group,
+        flotilla_proto::limits::MAX_GROUP_NAME_LEN,
+    )
+    .map_err(|e| JoinError::BadResponse(e.to_string()))?;
     let role = Role::from_proto(response.role)
         .ok_or_else(|| JoinError::BadResponse(format!("unknown role {}", response.role)))?;
     let cert = cert_info(&response.certificate_pem)?;

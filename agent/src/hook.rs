@@ -123,6 +123,8 @@ impl RoleHook {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills what it started too.
+            .process_group(0)
             // If the agent stops mid-hook, the hook goes too; the change is still
             // unhandled in the state, so the hook runs again at the next start.
             .kill_on_drop(true);
@@ -177,9 +179,18 @@ impl RoleHook {
         if let Some(err) = child.stderr.take() {
             readers.push(tokio::spawn(drain(err, tail.clone())));
         }
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         let waited = tokio::time::timeout(self.timeout, child.wait()).await;
         if waited.is_err() {
-            // Kill and reap; a kill can only fail if the child already exited.
+            // The whole group (what the hook started holds its pipes open
+            // too), then kill and reap; a kill can only fail if the child
+            // already exited. Never 0 or 1: our own group or init's.
+            if let Some(pgid) = pgid.filter(|&p| p > 1) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             let _ = child.kill().await;
         }
         for reader in &mut readers {
@@ -305,6 +316,50 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(!marker.exists());
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_hook_started_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let hook = script(
+            dir.path(),
+            &format!(
+                "sleep 30 &
+echo $! > '{}'
+sleep 30",
+                pidfile.display()
+            ),
+        );
+        let outcome = RoleHook::new(&hook, Duration::from_millis(500))
+            .run(&change())
+            .await;
+        assert!(
+            matches!(outcome, HookOutcome::TimedOut { .. }),
+            "{outcome:?}"
+        );
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let stat = std::path::Path::new("/proc").join(pid.trim()).join("stat");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // Gone, or dead and waiting to be reaped by whoever adopted it.
+            match std::fs::read_to_string(&stat) {
+                Err(_) => break,
+                Ok(s)
+                    if s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+                {
+                    break;
+                }
+                Ok(_) => {}
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hook's child {pid} outlived its timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]

@@ -500,7 +500,16 @@ impl Agent {
     /// before acting on it, then queues the role hook if the role changed.
     fn on_desired(&mut self, msg: &pb::DesiredState) -> Result<(), RunError> {
         if !msg.node_id.is_empty() && msg.node_id != self.node.node_id {
-            tracing::warn!(for_node = %msg.node_id, "ignoring desired state meant for another node");
+            let for_node = limits::clip(&msg.node_id, 256);
+            tracing::warn!(for_node = %for_node.escape_debug(), "ignoring desired state meant for another node");
+            return Ok(());
+        }
+        // The group reaches the identity, logs and the role hook's environment:
+        // a message whose group is no group name is malformed, all of it.
+        if !msg.group.is_empty()
+            && let Err(e) = limits::check_name("group", &msg.group, limits::MAX_GROUP_NAME_LEN)
+        {
+            tracing::warn!(error = %limits::clip(&e.to_string(), 512), "ignoring a malformed desired state");
             return Ok(());
         }
         // Before the manifests are offered: they may be signed by the new keys.

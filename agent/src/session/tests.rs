@@ -138,6 +138,20 @@ fn a_sessions_first_desired_state_is_taken_whatever_its_revision() {
 }
 
 #[test]
+fn a_desired_state_whose_group_is_no_group_name_is_ignored_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, mut hooks) = agent(dir.path());
+    for group in ["a\0b".to_string(), "x\ny".to_string(), "g".repeat(4 << 20)] {
+        let mut msg = desired(7, pb::Role::Standby);
+        msg.group = group;
+        agent.on_desired(&msg).unwrap();
+        assert_eq!(agent.held.revision, 0);
+        assert_eq!(agent.node.group, "depots");
+        assert!(hooks.try_recv().is_err());
+    }
+}
+
+#[test]
 fn same_role_runs_no_hook_and_bad_messages_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let (mut agent, mut hooks) = agent(dir.path());
