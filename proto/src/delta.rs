@@ -115,6 +115,11 @@ impl Delta {
         if self.base_sha256 == self.target_sha256 {
             return Err(self.refuse("its base and its target are the same artifact"));
         }
+        // The delta file is stored, then removed, under its digest beside the
+        // artifacts: one with an artifact's digest would stand for it.
+        if self.sha256 == self.base_sha256 || self.sha256 == self.target_sha256 {
+            return Err(self.refuse("its digest is its base's or its target's"));
+        }
         if self.base_size > MAX_DELTA_BYTES || self.target_size > MAX_DELTA_BYTES {
             return Err(self.refuse(format!(
                 "base ({} bytes) and target ({} bytes) must each be at most {MAX_DELTA_BYTES} bytes",
@@ -225,6 +230,9 @@ impl DeltaIndex {
         for d in &self.deltas {
             if manifest.artifact(&d.name).is_some() {
                 return Err(d.refuse("has the name of one of the manifest's artifacts"));
+            }
+            if manifest.artifacts.iter().any(|a| a.sha256 == d.sha256) {
+                return Err(d.refuse("has the digest of one of the manifest's artifacts"));
             }
             let Some(a) = manifest.artifact(&d.artifact) else {
                 return Err(d.refuse(format!(
@@ -381,6 +389,14 @@ mod tests {
             |v| v["deltas"][0]["base_sha256"] = "1".repeat(64).into(),
             "its base and its target are the same",
         );
+        // A delta stored under its base's or target's digest would stand
+        // for it (and be removed after use).
+        for other in ["2", "1"] {
+            refused(
+                |v| v["deltas"][0]["sha256"] = other.repeat(64).into(),
+                "its digest is its base's or its target's",
+            );
+        }
     }
 
     #[test]

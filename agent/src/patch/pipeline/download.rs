@@ -50,7 +50,7 @@ impl Pipeline {
 
     /// The servers (the open session's connection first, when it is shared),
     /// and the site peers the server named last.
-    fn sources(&self) -> Result<Sources, String> {
+    pub(super) fn sources(&self) -> Result<Sources, String> {
         let servers = self.uplink().source()?;
         let named = self
             .offers
@@ -232,7 +232,7 @@ impl Pipeline {
     /// delta is downloaded (counted in `transfer`), the result checked against
     /// the signed digest. False when no delta applies or any step failed (the
     /// failure noted in `transfer`): the artifact is then fetched whole.
-    async fn rebuilt_from_delta(
+    pub(super) async fn rebuilt_from_delta(
         &self,
         sources: &Sources,
         index: &DeltaIndex,
@@ -255,6 +255,10 @@ impl Pipeline {
             sha256: d.sha256.clone(),
             size: d.size,
         };
+        // The delta's file is removed after use only if this fetch made it:
+        // whatever was there under that digest already (another patch's
+        // artifact, a base) is the host's, not the delta's.
+        let held_before = dir.join(&d.sha256).exists();
         let before = transfer.server_bytes + transfer.peer_bytes;
         let fetched = self.fetch(sources, &file, transfer).await;
         transfer.delta_bytes += transfer.server_bytes + transfer.peer_bytes - before;
@@ -264,7 +268,9 @@ impl Pipeline {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let _ = std::fs::remove_file(dir.join(&d.sha256));
+        if !held_before {
+            let _ = std::fs::remove_file(dir.join(&d.sha256));
+        }
         match result {
             Ok(_) => {
                 tracing::info!(artifact = %a.name, delta = %d.name, bytes = d.size, "artifact rebuilt from a delta");

@@ -638,6 +638,51 @@ async fn a_delta_index_past_its_limit_is_never_kept_and_none_outlives_its_patch(
 }
 
 #[tokio::test]
+async fn a_delta_never_removes_a_file_it_did_not_bring() {
+    let (_tmp, dir) = host();
+    let p = pipeline_with(
+        &dir,
+        Some(Publisher::new().public_key()),
+        host_policy(false),
+    );
+    // Another patch's download, the base, and a target not here yet.
+    let other = b"another patch's artifact".to_vec();
+    let base = b"the base".to_vec();
+    let target = vec![7u8; 4096];
+    place_artifact(&p, &other);
+    place_artifact(&p, &base);
+    let sha = flotilla_proto::sha256_hex;
+    let a = flotilla_proto::manifest::Artifact {
+        name: "app.tar".into(),
+        sha256: sha(&target),
+        size: target.len() as u64,
+    };
+    // An index (trusted for nothing) whose delta has the other file's digest.
+    let d = flotilla_proto::delta::Delta {
+        artifact: "app.tar".into(),
+        name: flotilla_proto::delta::Delta::file_name("app.tar", &sha(&base)),
+        base_sha256: sha(&base),
+        base_size: base.len() as u64,
+        sha256: sha(&other),
+        size: other.len() as u64,
+        target_sha256: a.sha256.clone(),
+        target_size: a.size,
+    };
+    let index = flotilla_proto::delta::DeltaIndex::new(b"{}", vec![d]);
+    let sources = p.sources().unwrap();
+    let mut transfer = Default::default();
+    assert!(
+        !p.rebuilt_from_delta(&sources, &index, &a, &mut transfer)
+            .await
+    );
+    assert_eq!(
+        std::fs::read(p.artifact_dir().join(sha(&other))).unwrap(),
+        other
+    );
+    assert!(p.artifact_dir().join(sha(&base)).is_file());
+}
+
+#[tokio::test]
 async fn only_committed_patches_are_undone() {
     let (_tmp, dir) = host();
     let publisher = Publisher::new();
