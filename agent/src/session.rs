@@ -285,10 +285,12 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut backoff = Backoff::new(backoff::BASE, max_backoff);
         let mut index = 0;
-        // Servers that refused the node since one last accepted it: the agent
-        // stops only when every one of them has (one replica, or something
-        // holding one server's key, cannot stop it alone).
-        let mut refused_by = std::collections::BTreeSet::new();
+        // A refusal stops the agent only once every server has been tried
+        // since the first one and none accepted the node (one replica, or
+        // whoever holds one server's key, cannot stop an agent another
+        // server still takes; an unreachable one does not keep it going).
+        let mut refused: Option<String> = None;
+        let mut tried = std::collections::BTreeSet::new();
         let distinct: std::collections::BTreeSet<&String> = self.servers.iter().collect();
         let distinct = distinct.len();
         loop {
@@ -304,24 +306,25 @@ impl Agent {
             self.set_connected(false);
             match outcome {
                 Outcome::Renewed => {
-                    refused_by.clear();
+                    (refused, tried) = (None, Default::default());
                     tracing::info!(%url, "reconnecting with the renewed certificate");
                     continue;
                 }
                 Outcome::Rejected(reason) => {
-                    refused_by.insert(url.clone());
-                    if refused_by.len() >= distinct {
+                    tried.insert(url.clone());
+                    if tried.len() >= distinct {
                         return Err(RunError::Rejected(reason));
                     }
                     tracing::warn!(
                         %url, %reason,
                         "this server refused the node; trying the others before stopping"
                     );
+                    refused.get_or_insert(reason);
                     index = (index + 1) % self.servers.len();
                 }
                 Outcome::Fatal(e) => return Err(e),
                 Outcome::Ended { up_for, reason } => {
-                    refused_by.clear();
+                    (refused, tried) = (None, Default::default());
                     tracing::warn!(%url, up_for = ?up_for, %reason, "session ended");
                     // A session that lasted proves this server healthy: retry it
                     // first. One that did not counts as a failed attempt.
@@ -331,6 +334,12 @@ impl Agent {
                 }
                 Outcome::Failed(reason) => {
                     tracing::warn!(%url, %reason, "cannot open a session");
+                    if let Some(refusal) = &refused {
+                        tried.insert(url.clone());
+                        if tried.len() >= distinct {
+                            return Err(RunError::Rejected(refusal.clone()));
+                        }
+                    }
                     index = (index + 1) % self.servers.len();
                 }
             }
