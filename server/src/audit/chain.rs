@@ -60,10 +60,47 @@ pub fn verify(
     anchors: &[Head],
     whole: bool,
 ) -> Result<Intact, Broken> {
-    let broken = |seq: u64, reason: String| Err(Broken { seq, reason });
-    let mut prev: Option<(&AuditRecord, String)> = None;
-    let mut chained_from = None;
+    let mut v = Verifier::new(anchors, whole);
     for e in entries {
+        v.push(e)?;
+    }
+    v.finish(head)
+}
+
+/// The previous entry, as far as the checks of the next need it.
+struct Seen {
+    seq: u64,
+    what: String,
+    own: String,
+}
+
+/// [`verify`] one entry at a time, holding only the previous one and the
+/// anchors: a log of any length is checked in bounded memory.
+pub struct Verifier<'a> {
+    anchors: &'a [Head],
+    whole: bool,
+    prev: Option<Seen>,
+    chained_from: Option<u64>,
+    entries: u64,
+    /// The hash of each anchor's entry, as met.
+    anchored: Vec<Option<String>>,
+}
+
+impl<'a> Verifier<'a> {
+    pub fn new(anchors: &'a [Head], whole: bool) -> Self {
+        Self {
+            anchors,
+            whole,
+            prev: None,
+            chained_from: None,
+            entries: 0,
+            anchored: vec![None; anchors.len()],
+        }
+    }
+
+    /// The next entry (oldest first).
+    pub fn push(&mut self, e: &AuditRecord) -> Result<(), Broken> {
+        let broken = |seq: u64, reason: String| Err(Broken { seq, reason });
         let own = hash(e);
         if !e.sha256.is_empty() && e.sha256 != own {
             return broken(
@@ -75,8 +112,8 @@ pub fn verify(
                 ),
             );
         }
-        match &prev {
-            None if whole && e.seq != 1 => {
+        match &self.prev {
+            None if self.whole && e.seq != 1 => {
                 return broken(
                     1,
                     format!(
@@ -86,7 +123,7 @@ pub fn verify(
                     ),
                 );
             }
-            Some((p, _)) if e.seq <= p.seq => {
+            Some(p) if e.seq <= p.seq => {
                 return broken(
                     e.seq,
                     format!(
@@ -95,7 +132,7 @@ pub fn verify(
                     ),
                 );
             }
-            Some((p, _)) if e.seq != p.seq + 1 => {
+            Some(p) if e.seq != p.seq + 1 => {
                 return broken(
                     p.seq + 1,
                     format!(
@@ -109,7 +146,7 @@ pub fn verify(
             _ => {}
         }
         if e.sha256.is_empty() {
-            if chained_from.is_some() {
+            if self.chained_from.is_some() {
                 return broken(
                     e.seq,
                     format!(
@@ -120,94 +157,108 @@ pub fn verify(
                 );
             }
         } else {
-            chained_from.get_or_insert(e.seq);
-            if let Some((p, p_hash)) = &prev
-                && &e.prev != p_hash
+            self.chained_from.get_or_insert(e.seq);
+            if let Some(p) = &self.prev
+                && e.prev != p.own
             {
                 return broken(
                     p.seq,
                     format!(
                         "entry {} ({}) was changed or replaced: entry {} records another hash for it",
-                        p.seq,
-                        describe(p),
-                        e.seq
+                        p.seq, p.what, e.seq
                     ),
                 );
             }
         }
-        prev = Some((e, own));
-    }
-    if let Some(head) = head {
-        match &prev {
-            None => {
-                return broken(
-                    1,
-                    format!("every entry is gone: the head records entry {}", head.seq),
-                );
+        for (a, seen) in self.anchors.iter().zip(&mut self.anchored) {
+            if a.seq == e.seq {
+                *seen = Some(own.clone());
             }
-            Some((last, _)) if last.seq < head.seq => {
-                return broken(
-                    last.seq + 1,
-                    format!(
-                        "entries {} to {} were removed: the head records entry {}",
-                        last.seq + 1,
-                        head.seq,
-                        head.seq
-                    ),
-                );
-            }
-            Some((last, _)) if last.seq > head.seq => {
-                return broken(
-                    head.seq + 1,
-                    format!(
-                        "entries {} to {} were not written by the server: the head records entry {}",
-                        head.seq + 1,
-                        last.seq,
-                        head.seq
-                    ),
-                );
-            }
-            Some((last, own)) if own != &head.sha256 => {
-                return broken(
-                    last.seq,
-                    format!(
-                        "entry {} ({}) was changed or replaced: the head records another hash for it",
-                        last.seq,
-                        describe(last)
-                    ),
-                );
-            }
-            _ => {}
         }
-    }
-    for a in anchors {
-        match entries.iter().find(|e| e.seq == a.seq) {
-            None => {
-                return broken(
-                    a.seq,
-                    format!("entry {} of the anchor is not in the log", a.seq),
-                );
-            }
-            Some(e) if hash(e) != a.sha256 => {
-                return broken(
-                    a.seq,
-                    format!(
-                        "entry {} does not match the anchor recorded for it: the log was rewritten from there or before",
-                        a.seq
-                    ),
-                );
-            }
-            _ => {}
-        }
-    }
-    Ok(Intact {
-        entries: entries.len() as u64,
-        chained_from,
-        newest: prev.map(|(e, own)| Head {
+        self.entries += 1;
+        self.prev = Some(Seen {
             seq: e.seq,
-            sha256: own,
-        }),
-    })
+            what: describe(e),
+            own,
+        });
+        Ok(())
+    }
+
+    /// After the last entry: against the store's `head`, if given, and the
+    /// anchors.
+    pub fn finish(self, head: Option<&Head>) -> Result<Intact, Broken> {
+        let broken = |seq: u64, reason: String| Err(Broken { seq, reason });
+        if let Some(head) = head {
+            match &self.prev {
+                None => {
+                    return broken(
+                        1,
+                        format!("every entry is gone: the head records entry {}", head.seq),
+                    );
+                }
+                Some(last) if last.seq < head.seq => {
+                    return broken(
+                        last.seq + 1,
+                        format!(
+                            "entries {} to {} were removed: the head records entry {}",
+                            last.seq + 1,
+                            head.seq,
+                            head.seq
+                        ),
+                    );
+                }
+                Some(last) if last.seq > head.seq => {
+                    return broken(
+                        head.seq + 1,
+                        format!(
+                            "entries {} to {} were not written by the server: the head records entry {}",
+                            head.seq + 1,
+                            last.seq,
+                            head.seq
+                        ),
+                    );
+                }
+                Some(last) if last.own != head.sha256 => {
+                    return broken(
+                        last.seq,
+                        format!(
+                            "entry {} ({}) was changed or replaced: the head records another hash for it",
+                            last.seq, last.what
+                        ),
+                    );
+                }
+                _ => {}
+            }
+        }
+        for (a, seen) in self.anchors.iter().zip(&self.anchored) {
+            match seen {
+                None => {
+                    return broken(
+                        a.seq,
+                        format!("entry {} of the anchor is not in the log", a.seq),
+                    );
+                }
+                Some(h) if *h != a.sha256 => {
+                    return broken(
+                        a.seq,
+                        format!(
+                            "entry {} does not match the anchor recorded for it: the log was rewritten from there or before",
+                            a.seq
+                        ),
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(Intact {
+            entries: self.entries,
+            chained_from: self.chained_from,
+            newest: self.prev.map(|p| Head {
+                seq: p.seq,
+                sha256: p.own,
+            }),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@ use super::layout::{self, PageError, at_ms, pager, seg};
 use super::session::Signed;
 
 const PAGE_SIZE: usize = 100;
+/// Entries one page request reads at most: a filter that matches little
+/// shows what it found so far, and a link that searches on.
+const MAX_READ: u64 = 10_000;
+/// Longest filter text looked for (longer is cut, as on the nodes page).
+const MAX_FILTER: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct AuditQuery {
@@ -40,22 +45,28 @@ pub async fn page(
     signed: Signed,
     Query(q): Query<AuditQuery>,
 ) -> Result<Markup, PageError> {
-    let all = web.app.audit.tail(usize::MAX).await?;
-    let contains = |hay: &str, needle: &str| {
-        needle.is_empty() || hay.to_lowercase().contains(&needle.to_lowercase())
+    let q = AuditQuery {
+        actor: clip_filter(&q.actor),
+        action: clip_filter(&q.action),
+        target: clip_filter(&q.target),
+        before: q.before,
     };
-    let mut shown = all
-        .iter()
-        .rev()
-        .filter(|e| q.before == 0 || e.seq < q.before)
-        .filter(|e| contains(&e.actor, &q.actor) && contains(&e.target, &q.target))
-        .filter(|e| {
-            q.action.is_empty()
-                || e.action == q.action
-                || e.action.starts_with(&format!("{}.", q.action))
-        });
-    let page: Vec<_> = shown.by_ref().take(PAGE_SIZE).collect();
-    let more = shown.next().is_some();
+    let (actor, target) = (q.actor.to_lowercase(), q.target.to_lowercase());
+    let action_prefix = format!("{}.", q.action);
+    let contains =
+        |hay: &str, needle: &str| needle.is_empty() || hay.to_lowercase().contains(needle);
+    let keep = |e: &crate::model::AuditRecord| {
+        contains(&e.actor, &actor)
+            && contains(&e.target, &target)
+            && (q.action.is_empty() || e.action == q.action || e.action.starts_with(&action_prefix))
+    };
+    let found = web
+        .app
+        .audit
+        .back(q.before, PAGE_SIZE, MAX_READ, keep)
+        .await?;
+    let page = found.entries;
+    let more = found.next > 1;
     let body = html! {
         h1 { "Audit log" }
         form.filters method="get" action="/audit" role="search" {
@@ -83,11 +94,23 @@ pub async fn page(
                 @if page.is_empty() { tr { td colspan="6" { "No entry matches." } } }
             }
         } }
+        @if more && page.len() < PAGE_SIZE {
+            p.muted { "Searched back to entry " (found.next) ": older entries on the next page." }
+        }
         (pager(
             (q.before > 0).then(|| q.href(0)),
-            more.then(|| q.href(page.last().map_or(0, |e| e.seq))),
+            more.then(|| q.href(found.next)),
         ))
         p.muted { "The log is hash-chained: " code { "flotilla audit verify" } " checks it." }
     };
     Ok(layout::page("Audit", Some(&signed), body))
+}
+
+/// A filter as looked for: at most [`MAX_FILTER`] bytes, cut at a character.
+fn clip_filter(s: &str) -> String {
+    let mut end = s.len().min(MAX_FILTER);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
