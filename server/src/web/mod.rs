@@ -13,6 +13,7 @@ mod overview;
 mod patches;
 mod rollouts;
 mod session;
+mod streams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,15 +64,12 @@ pub struct Web {
     app: Arc<App>,
     api: Arc<AdminApi>,
     sessions: Arc<session::Sessions>,
-    /// Live rollout streams open at once.
-    streams: Arc<tokio::sync::Semaphore>,
+    /// Places for live rollout streams.
+    streams: Arc<streams::Streams>,
     /// The dashboard's connections: a request that proves a session ends
     /// its connection's pending time.
     connections: Arc<Registry>,
 }
-
-/// Live streams open at once across every browser.
-const MAX_STREAMS: usize = 64;
 
 fn router(web: Web) -> Router {
     Router::new()
@@ -136,7 +134,7 @@ pub async fn serve(
         api: Arc::new(AdminApi { app: app.clone() }),
         app,
         sessions,
-        streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        streams: Arc::new(streams::Streams::new()),
         connections: connections.clone(),
     };
     let router = router(web);

@@ -262,6 +262,20 @@ pub async fn page(
     ))
 }
 
+/// How long a live stream waits for its reader to take the next event: a
+/// browser that stops reading gives its place back, and its session's
+/// checks (sign-out, expiry) are not held up behind it.
+const SEND_WITHIN: Duration = Duration::from_secs(30);
+
+/// Queues `event` for the stream's reader; false when the reader is gone or
+/// has not read for [`SEND_WITHIN`] (the stream then ends).
+async fn send(tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>, event: Event) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_WITHIN, tx.send(Ok(event))).await,
+        Ok(Ok(()))
+    )
+}
+
 /// The live section again each time it changes: on a rollout event, or a
 /// look each second (node phases between release and outcome).
 pub async fn live(
@@ -269,12 +283,10 @@ pub async fn live(
     signed: Signed,
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
-    let Ok(slot) = web.streams.clone().try_acquire_owned() else {
-        return Err(PageError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "too many live pages open: reload later",
-        ));
-    };
+    let slot = web
+        .streams
+        .take(signed.session_key())
+        .map_err(|why| PageError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, why))?;
     let first = snapshot(&web, &signed, &id).await?.into_string();
     let mut events = web.app.fleet.subscribe_rollouts();
     let shutdown = web.app.shutdown.clone();
@@ -282,11 +294,7 @@ pub async fn live(
     tokio::spawn(async move {
         let _slot = slot;
         let mut last = first;
-        if tx
-            .send(Ok(Event::default().event("update").data(&last)))
-            .await
-            .is_err()
-        {
+        if !send(&tx, Event::default().event("update").data(&last)).await {
             return;
         }
         loop {
@@ -303,27 +311,19 @@ pub async fn live(
             // The session is checked again: a sign-out, an expiry or a
             // revoked credential ends the stream.
             if signed.still_valid(&web).await.is_err() {
-                let _ = tx
-                    .send(Ok(Event::default().event("end").data("signed out")))
-                    .await;
+                send(&tx, Event::default().event("end").data("signed out")).await;
                 return;
             }
             let now = match snapshot(&web, &signed, &id).await {
                 Ok(m) => m.into_string(),
                 Err(_) => {
-                    let _ = tx
-                        .send(Ok(Event::default().event("end").data("ended")))
-                        .await;
+                    send(&tx, Event::default().event("end").data("ended")).await;
                     return;
                 }
             };
             if now != last {
                 last = now;
-                if tx
-                    .send(Ok(Event::default().event("update").data(&last)))
-                    .await
-                    .is_err()
-                {
+                if !send(&tx, Event::default().event("update").data(&last)).await {
                     return;
                 }
             }

@@ -175,6 +175,11 @@ impl Signed {
         r
     }
 
+    /// Which session this is (the stream places it holds are counted by it).
+    pub fn session_key(&self) -> &str {
+        &self.key
+    }
+
     /// Whether this operator's role allows `needed` (what a page shows; the
     /// admin call checks again).
     pub fn may(&self, needed: crate::model::OperatorRole) -> bool {
