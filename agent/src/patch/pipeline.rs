@@ -84,7 +84,21 @@ pub struct Pipeline {
     /// Committed patches the server asked to undo that could not be, with the
     /// reason last reported, so the same refusal is not queued again at every offer.
     refused: Mutex<BTreeMap<String, String>>,
+    /// Log lines about offers nobody trusted signed: whoever answers as the
+    /// server can send them as fast as it likes.
+    untrusted_log: Mutex<UntrustedLog>,
 }
+
+/// One line a minute about untrusted offers: the first of each minute in
+/// full, then how many more there were.
+#[derive(Default)]
+struct UntrustedLog {
+    since: Option<std::time::Instant>,
+    more: u64,
+}
+
+/// How often a line about untrusted offers is written.
+const UNTRUSTED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How far the server lets an offered patch go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +183,7 @@ impl Pipeline {
             cfg,
             offers: None,
             refused: Mutex::new(BTreeMap::new()),
+            untrusted_log: Mutex::default(),
         }
     }
 
@@ -262,6 +277,18 @@ impl Pipeline {
     /// (flushed). In that order, a crash between the two can only repeat a
     /// report (the step is redone from the journal), never lose the last one.
     fn advance(&self, entry: &mut Entry, phase: Phase, error: &str, tail: &str) -> bool {
+        self.record_step(entry, phase, error, tail, true)
+    }
+
+    /// [`Self::advance`], saying so in the log when `log`.
+    fn record_step(
+        &self,
+        entry: &mut Entry,
+        phase: Phase,
+        error: &str,
+        tail: &str,
+        log: bool,
+    ) -> bool {
         // Whatever an artifact, a script or a server made of these, the journal,
         // the report and the log line get a bounded copy.
         let error = &limits::clip(error, STEP_TEXT_BYTES);
@@ -285,7 +312,7 @@ impl Pipeline {
             tracing::error!(patch = %entry.manifest_id, error = %e, "cannot record a patch step; stopping it");
             return false;
         }
-        if phase.is_final() {
+        if phase.is_final() && log {
             tracing::info!(patch = %entry.manifest_id, phase = phase.as_str(), error, "patch finished");
         }
         if let Some(t) = &self.cfg.textfile {
@@ -336,7 +363,7 @@ impl Pipeline {
         let _ = self
             .outbox
             .push(Report::new(&entry.manifest_id, Phase::Received, "", ""));
-        tracing::info!(patch = %entry.manifest_id, "patch received");
+        tracing::debug!(patch = %entry.manifest_id, "patch received");
         self.verify_and_go_on(entry, Some(target), go).await;
     }
 
@@ -349,6 +376,7 @@ impl Pipeline {
         let at = entry.started_at;
         match self.verify(&entry, target, at) {
             Ok(m) => {
+                tracing::info!(patch = %entry.manifest_id, component = %m.component, version = %m.version, "patch received");
                 entry.component = m.component.clone();
                 entry.version = m.version.clone();
                 if self.advance(&mut entry, Phase::Verified, "", "") && go != Go::Wait {
@@ -372,9 +400,10 @@ impl Pipeline {
         entry.manifest = Vec::new();
         entry.signatures = Vec::new();
         entry.deltas = String::new();
-        if !self.advance(&mut entry, Phase::Rejected, error, "") {
+        if !self.record_step(&mut entry, Phase::Rejected, error, "", false) {
             return;
         }
+        self.log_untrusted(&entry.manifest_id, error);
         match self.journal.note_untrusted(&entry) {
             Ok(removed) => {
                 if let Err(e) = self.outbox.forget(&removed) {
@@ -383,6 +412,30 @@ impl Pipeline {
             }
             Err(e) => tracing::warn!(error = %e, "cannot bound the journal's refusals"),
         }
+    }
+
+    /// Logs an untrusted offer's refusal: the first of each minute, then how
+    /// many more the minute had (the journal and reports say the rest).
+    fn log_untrusted(&self, id: &str, error: &str) {
+        let mut log = self
+            .untrusted_log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if log
+            .since
+            .is_some_and(|t| now.duration_since(t) < UNTRUSTED_LOG_EVERY)
+        {
+            log.more += 1;
+            return;
+        }
+        let more = std::mem::take(&mut log.more);
+        log.since = Some(now);
+        tracing::warn!(
+            patch = %id, error, refused_before_unlogged = more,
+            "an offered patch was refused: its signatures do not check out \
+             (one line a minute; the journal and the server's reports have each)"
+        );
     }
 
     /// Carries on with an entry the journal holds (verified, or downloaded

@@ -70,3 +70,53 @@ async fn offers_nobody_trusted_signed_keep_the_journal_and_the_outbox_bounded() 
     assert_eq!(phase(&p, "good"), Some(Phase::Committed));
     assert_eq!(journal_ids(&p).len(), MAX_UNTRUSTED + 1);
 }
+
+/// What the tracing macros write while the returned guard lives (this
+/// thread only: the tests' runtime is single-threaded).
+fn capture_log() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    #[derive(Clone)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf(Default::default());
+    let out = buf.0.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || buf.clone())
+        .finish();
+    (out, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn untrusted_offers_make_one_log_line_a_minute_however_many() {
+    let (_tmp, dir) = host();
+    let stranger = Publisher::new();
+    let p = pipeline_with(
+        &dir,
+        Some(Publisher::new().public_key()),
+        host_policy(false),
+    );
+    let foreign = files_patch(&stranger, &p, "foreign", "1.0.0", V1);
+    let (log, _guard) = capture_log();
+    for i in 0..200 {
+        let mut m = foreign.clone();
+        m.id = format!("forged-{i:04}");
+        p.take(offer(&[&m], &[])).await;
+    }
+    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    let lines = text.lines().count();
+    assert_eq!(lines, 1, "{text}");
+    assert!(text.contains("signatures do not check out"), "{text}");
+    assert_eq!(phase(&p, "forged-0199"), Some(Phase::Rejected));
+}
