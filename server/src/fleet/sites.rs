@@ -155,19 +155,24 @@ impl Fleet {
             .chain(st.prefetch_for(peer))
             .map(|r| r.id.clone())
             .collect::<Vec<_>>();
+        let mut indexes = Vec::new();
         for id in &offered {
             if let Some((_, m)) = st.patches.get(id)
                 && let Some(a) = m.artifacts.iter().find(|a| a.sha256 == sha256)
             {
                 return Ok(a.size);
             }
-            let deltas = st
-                .signed
-                .get(id)
-                .map(|s| s.deltas.clone())
-                .unwrap_or_default();
-            if !deltas.is_empty()
-                && let Ok(index) = flotilla_proto::delta::DeltaIndex::parse(&deltas)
+            if let Some(s) = st.signed.get(id)
+                && !s.deltas.is_empty()
+            {
+                indexes.push(s.deltas.clone());
+            }
+        }
+        // Delta indexes are parsed with the fleet's lock let go: every
+        // session, report and offer waits on it.
+        drop(st);
+        for deltas in indexes {
+            if let Ok(index) = flotilla_proto::delta::DeltaIndex::parse(&deltas)
                 && let Some(d) = index.deltas.iter().find(|d| d.sha256 == sha256)
             {
                 return Ok(d.size);
