@@ -224,6 +224,37 @@ fn every_answer_carries_the_security_headers_and_sessions_end_at_sign_out() {
     let (session, _) = web.sign_in(&s.creds[0]);
     s.server.cli(&["credential", "revoke", "web-viewer"]);
     assert_eq!(web.get("/", Some(&session)).status, 303);
+
+    // Sign-ins of one credential in a loop: each is a session and an audit
+    // entry kept for good, so past a burst they wait (and others do not).
+    let text = std::fs::read_to_string(&s.creds[3]).unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..14 {
+        let page = web.get("/signin", None);
+        let pre = page.cookie("__Host-flotilla-signin").unwrap();
+        let csrf = page.csrf().unwrap();
+        let done = web.post(
+            "/signin",
+            Some(&pre),
+            &[("csrf", &csrf), ("credential", &text)],
+        );
+        if done.status == 429 {
+            assert!(done.body.contains("wait a minute"), "{}", done.body);
+        }
+        statuses.push(done.status);
+    }
+    let signed_in = statuses.iter().filter(|&&c| c == 303).count();
+    assert!((1..=10).contains(&signed_in), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    web.sign_in(&s.creds[2]);
+    let audit = s.server.cli_json(&["audit", "--limit", "200"]);
+    let entries = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor"] == "web-admin" && e["action"] == "dashboard.signin")
+        .count();
+    assert_eq!(entries, signed_in, "{audit}");
 }
 
 #[test]

@@ -51,7 +51,14 @@ struct SessionRecord {
 
 pub struct Sessions {
     db: Db,
+    /// Sign-ins per credential: each is a session write and an audit entry,
+    /// kept for good. Counted only once the credential checked out (a wrong
+    /// secret is the guess guard's), so nobody can use up another's.
+    signins: governor::DefaultKeyedRateLimiter<String>,
 }
+
+/// Sign-ins one credential may make back to back, then one a minute.
+const SIGNIN_BURST: u32 = 10;
 
 fn key(token: &str) -> String {
     format!("{PREFIX}{}", flotilla_proto::sha256_hex(token.as_bytes()))
@@ -64,7 +71,12 @@ fn random_token() -> String {
 
 impl Sessions {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        let quota = governor::Quota::per_minute(std::num::NonZeroU32::MIN)
+            .allow_burst(std::num::NonZeroU32::new(SIGNIN_BURST).expect("non-zero"));
+        Self {
+            db,
+            signins: governor::RateLimiter::keyed(quota),
+        }
     }
 
     /// A new session for `credential`; its token (for the cookie) and CSRF token.
@@ -386,6 +398,15 @@ pub async fn signin(
         return PageError::internal("an accepted credential without an id").into_response();
     };
     web.connections.authenticated(Some(peer));
+    if web.sessions.signins.check_key(&id.to_string()).is_err() {
+        return signin_form(
+            Some(&format!(
+                "{SIGNIN_BURST} sign-ins with this credential came just now: wait a minute \
+                 (its sessions last an hour; signing out and in again is not needed)"
+            )),
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+        );
+    }
     let source = peer.ip().to_string();
     let (token, _) = match web.sessions.create(id, &source).await {
         Ok(t) => t,
