@@ -28,6 +28,7 @@ pub mod patches;
 pub mod replica;
 pub mod rollout;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod tls;
 pub mod tokens;

@@ -22,12 +22,25 @@ pub struct AgentApi {
     pub app: Arc<App>,
     /// How fast each node's reports are taken.
     reports: super::rate::NodeRate,
+    /// How fast each node's certificate renewals are.
+    renewals: super::rate::NodeRate,
+    /// How fast each node opens sessions (each may store its facts).
+    sessions: super::rate::NodeRate,
+    /// Artifact downloads each node has open at once.
+    downloads: crate::slots::KeyedSlots,
 }
 
-/// The node a call comes from: the subject and serial of its client certificate.
+/// Artifact downloads one node may have open at once: an agent downloads a
+/// patch's artifacts one after another, and a serving agent fills its site
+/// cache a few at a time.
+pub const DOWNLOADS_PER_NODE: usize = 8;
+
+/// The node a call comes from: the subject and serial of its client
+/// certificate, and its status now.
 struct Peer {
     node_id: String,
     serial: String,
+    status: crate::model::NodeStatus,
 }
 
 fn peer_of<T>(req: &Request<T>) -> Result<Peer, Status> {
@@ -45,25 +58,31 @@ fn peer_of<T>(req: &Request<T>) -> Result<Peer, Status> {
     Ok(Peer {
         node_id,
         serial: hex::encode(cert.raw_serial()),
+        status: crate::model::NodeStatus::Pending,
     })
 }
 
 impl AgentApi {
     pub fn new(app: Arc<App>) -> Self {
         Self {
-            app,
             reports: super::rate::NodeRate::reports(),
+            renewals: super::rate::NodeRate::renewals(app.cfg.node_cert_lifetime),
+            sessions: super::rate::NodeRate::sessions(),
+            downloads: crate::slots::KeyedSlots::new(DOWNLOADS_PER_NODE),
+            app,
         }
     }
 
     /// Identifies the calling node and checks it may still call: its
     /// connection is then an authenticated one (see `connections`).
     async fn authorized_peer<T>(&self, req: &Request<T>) -> Result<Peer, Status> {
-        let peer = peer_of(req)?;
-        self.app
+        let mut peer = peer_of(req)?;
+        peer.status = self
+            .app
             .fleet
             .check_node_allowed(&peer.node_id, &peer.serial)
-            .await?;
+            .await?
+            .status;
         self.app.connections.authenticated(req.remote_addr());
         Ok(peer)
     }
@@ -263,6 +282,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = self.authorized_peer(&request).await?;
         let node_id = peer.node_id.clone();
+        self.sessions.check(&node_id)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
             .await
@@ -307,6 +327,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
         let node_id = self.authorize(&request).await?;
+        // Each renewal is a CA signature, a store write and an audit entry
+        // kept for good.
+        self.renewals.check(&node_id)?;
         let csr = request.into_inner().csr_der;
         let cert = self
             .app
@@ -393,7 +416,20 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let node_id = self.authorize(&request).await?;
+        let peer = self.authorized_peer(&request).await?;
+        let node_id = peer.node_id;
+        // A pending node is offered nothing, so it fetches nothing.
+        if peer.status != crate::model::NodeStatus::Accepted {
+            return Err(Status::permission_denied(format!(
+                "node {node_id} is waiting for an operator's approval: it downloads nothing until accepted"
+            )));
+        }
+        let mine = self.downloads.take(&node_id).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "node {node_id} has {} artifact downloads open already; try again when one ends",
+                self.downloads.max_per_key()
+            ))
+        })?;
         let r = request.into_inner();
         crate::artifacts::check_sha256(&r.sha256)?;
         // A site's nodes share its uplink: so many download at once (the
@@ -426,7 +462,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 .await?;
         }
         Ok(Response::new(
-            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset, slot).await?,
+            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset, (slot, mine))
+                .await?,
         ))
     }
 

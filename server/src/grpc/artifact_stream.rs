@@ -39,13 +39,18 @@ impl Body {
     }
 }
 
-/// The complete artifact `sha256` from `offset` on; `slot` (a site's place
-/// in its downloads at once) is held until the stream ends.
+/// How long a stream waits for its reader to take the next chunk: a reader
+/// that stops reading (while still answering HTTP/2 pings) gives back what
+/// the stream holds — an open file, its places — instead of keeping it.
+const SEND_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The complete artifact `sha256` from `offset` on; `held` (places in the
+/// downloads at once: the site's, the node's) is kept until the stream ends.
 pub async fn serve(
     artifacts: &ArtifactStore,
     sha256: &str,
     offset: u64,
-    slot: Option<crate::artifacts::sites::SiteSlot>,
+    held: impl Send + 'static,
 ) -> Result<ChunkStream, Status> {
     let (mut body, len) = match artifacts.in_memory(sha256).await? {
         Some(bytes) => {
@@ -168,7 +173,7 @@ pub async fn serve(
     let meter = artifacts.meter.clone();
     let sha256 = sha256.to_string();
     tokio::spawn(async move {
-        let _slot = slot;
+        let _held = held;
         let mut offset = offset;
         let chunk = meter.chunk(limits::ARTIFACT_CHUNK_BYTES);
         loop {
@@ -191,8 +196,13 @@ pub async fn serve(
                     faults.sent(n).await;
                     let chunk = pb::ArtifactChunk { offset, data };
                     offset += n as u64;
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        break;
+                    match tokio::time::timeout(SEND_WITHIN, tx.send(Ok(chunk))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            tracing::info!(%sha256, offset, "an artifact download stopped reading; ending it");
+                            break;
+                        }
                     }
                 }
                 Err(e) => {

@@ -1,9 +1,10 @@
 //! Per-node call rates at the gRPC edge: a node that floods the server with
-//! reports is slowed down (ResourceExhausted, which agents retry with backoff)
-//! without slowing the rest of the fleet.
+//! reports, renewals or sessions is slowed down (ResourceExhausted, which
+//! agents retry with backoff) without slowing the rest of the fleet.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -15,6 +16,13 @@ pub const REPORTS_PER_SEC: u32 = 10;
 /// Reports one node may send back to back: enough for a node back from a long
 /// time offline with every queued outcome of a busy week.
 pub const REPORT_BURST: u32 = 120;
+/// Renewals one node may ask for back to back.
+pub const RENEWAL_BURST: u32 = 5;
+/// Sessions one node may open back to back, then one each [`SESSION_EVERY`]:
+/// a replica's restart makes each agent reconnect once, a bad network a few
+/// times a minute (a session that ends quickly grows the agent's backoff).
+pub const SESSION_BURST: u32 = 30;
+pub const SESSION_EVERY: Duration = Duration::from_secs(2);
 /// Checks between sweeps of nodes whose bucket is full again, so the table
 /// holds only recently active nodes.
 const SWEEP_EVERY: u64 = 4096;
@@ -23,7 +31,8 @@ const SWEEP_EVERY: u64 = 4096;
 /// the table is bounded by the fleet, and swept as it goes.
 pub struct NodeRate {
     what: &'static str,
-    per_sec: u32,
+    /// The sustained rate, in words ("10 per second").
+    limit: String,
     limiter: DefaultKeyedRateLimiter<String>,
     checks: AtomicU64,
 }
@@ -32,7 +41,7 @@ impl std::fmt::Debug for NodeRate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeRate")
             .field("what", &self.what)
-            .field("per_sec", &self.per_sec)
+            .field("limit", &self.limit)
             .field("nodes", &self.limiter.len())
             .finish()
     }
@@ -41,12 +50,55 @@ impl std::fmt::Debug for NodeRate {
 impl NodeRate {
     /// `what` names the calls in the refusal ("reports").
     pub fn new(what: &'static str, per_sec: NonZeroU32, burst: NonZeroU32) -> Self {
+        Self::with_quota(
+            what,
+            format!("{per_sec} per second"),
+            Quota::per_second(per_sec).allow_burst(burst),
+        )
+    }
+
+    /// `burst` calls back to back, then one each `period`.
+    pub fn every(what: &'static str, period: Duration, burst: NonZeroU32) -> Self {
+        let quota = Quota::with_period(period)
+            .expect("a period above zero")
+            .allow_burst(burst);
+        Self::with_quota(
+            what,
+            format!("one every {}", humantime::format_duration(period)),
+            quota,
+        )
+    }
+
+    fn with_quota(what: &'static str, limit: String, quota: Quota) -> Self {
         Self {
             what,
-            per_sec: per_sec.get(),
-            limiter: RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst)),
+            limit,
+            limiter: RateLimiter::keyed(quota),
             checks: AtomicU64::new(0),
         }
+    }
+
+    /// The limits certificate renewals get, for certificates that live
+    /// `lifetime`: an agent renews once in two thirds of one, and retries a
+    /// renewal whose answer it lost; more is a node making the server sign,
+    /// store and audit in a loop.
+    pub fn renewals(lifetime: Duration) -> Self {
+        let period = (lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        Self::every(
+            "certificate renewals",
+            period,
+            NonZeroU32::new(RENEWAL_BURST).expect("non-zero"),
+        )
+    }
+
+    /// The limits session opens get: an agent reconnects with backoff, so
+    /// more is a node making the server store its facts in a loop.
+    pub fn sessions() -> Self {
+        Self::every(
+            "sessions",
+            SESSION_EVERY,
+            NonZeroU32::new(SESSION_BURST).expect("non-zero"),
+        )
     }
 
     /// The limits reports get.
@@ -65,8 +117,8 @@ impl NodeRate {
         }
         self.limiter.check_key(&node_id.to_string()).map_err(|_| {
             Error::ResourceExhausted(format!(
-                "node {node_id} sends {} faster than {} per second; retry later",
-                self.what, self.per_sec
+                "node {node_id} sends {} faster than {}; retry later",
+                self.what, self.limit
             ))
         })
     }

@@ -60,7 +60,7 @@ impl pb::replica_service_server::ReplicaService for ReplicaApi {
         // Only what this replica holds itself: replicas never fetch for each
         // other, so a request cannot go round in circles.
         Ok(Response::new(
-            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset, None).await?,
+            super::artifact_stream::serve(&self.app.artifacts, &r.sha256, r.offset, ()).await?,
         ))
     }
 

@@ -2,10 +2,11 @@
 //! browser, and fewer for one signed-in session, so one operator's tabs (or
 //! a script holding a session) cannot take every place.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::slots::{KeyedSlot, KeyedSlots};
 
 /// Live streams open at once across every browser.
 pub const MAX_STREAMS: usize = 64;
@@ -15,63 +16,40 @@ pub const MAX_PER_SESSION: usize = 8;
 /// The places, shared by every page handler.
 pub struct Streams {
     all: Arc<Semaphore>,
-    by_session: Arc<Mutex<HashMap<String, usize>>>,
+    by_session: KeyedSlots,
 }
 
 /// One stream's place: given back when dropped.
 pub struct Slot {
     _all: OwnedSemaphorePermit,
-    session: String,
-    by_session: Arc<Mutex<HashMap<String, usize>>>,
+    _session: KeyedSlot,
 }
 
 impl Streams {
     pub fn new() -> Self {
         Self {
             all: Arc::new(Semaphore::new(MAX_STREAMS)),
-            by_session: Arc::default(),
+            by_session: KeyedSlots::new(MAX_PER_SESSION),
         }
     }
 
     /// A place for a stream of `session`, or why there is none.
     pub fn take(&self, session: &str) -> Result<Slot, &'static str> {
-        let mut held = self
+        let mine = self
             .by_session
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mine = held.get(session).copied().unwrap_or(0);
-        if mine >= MAX_PER_SESSION {
-            return Err("too many live pages open in this session: close some");
-        }
+            .take(session)
+            .ok_or("too many live pages open in this session: close some")?;
         let all = self
             .all
             .clone()
             .try_acquire_owned()
             .map_err(|_| "too many live pages open: reload later")?;
-        held.insert(session.to_string(), mine + 1);
         Ok(Slot {
             _all: all,
-            session: session.to_string(),
-            by_session: self.by_session.clone(),
+            _session: mine,
         })
     }
 }
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut held = self
-            .by_session
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = held.get_mut(&self.session) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.session);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +69,6 @@ mod tests {
         drop(mine);
         assert!(streams.take("a").is_ok());
         drop(others);
-        assert!(streams.by_session.lock().unwrap().len() <= 1);
+        assert!(streams.by_session.keys() <= 1);
     }
 }

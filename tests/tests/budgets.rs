@@ -1,0 +1,198 @@
+//! What one node can make the server do in a loop stays bounded: its
+//! certificate renewals (a CA signature, a store write and an audit entry
+//! each), its session opens (each may store its facts) and its artifact
+//! downloads open at once; a pending node downloads nothing. Real server,
+//! real TLS, nodes enrolled by hand as a misbehaving agent would.
+
+use std::time::Duration;
+
+use flotilla_e2e::enroll::{self, Enrolled};
+use flotilla_e2e::{Server, patch};
+use flotilla_proto::pb;
+use flotilla_proto::token::JoinToken;
+
+fn runtime() -> tokio::runtime::Runtime {
+    flotilla_proto::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A fresh key and CSR for a renewal.
+fn csr() -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    (key, csr)
+}
+
+#[test]
+fn renewals_and_session_opens_in_a_loop_are_slowed_and_their_audit_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token: JoinToken = server.token("store", 1, &[]).parse().unwrap();
+    let rt = runtime();
+    let (node_id, renewed, refused) = rt.block_on(async {
+        let mut node = enroll::enroll_identity(&server, "127.0.0.1", &token, None, "m-1")
+            .await
+            .unwrap();
+        let (mut renewed, mut refused) = (0, Vec::new());
+        // Each time with the newest certificate, as a node that means it.
+        for _ in 0..20 {
+            let (key, csr) = csr();
+            let mut client = node.client(&server).await.unwrap();
+            match client
+                .renew_certificate(pb::RenewCertificateRequest { csr_der: csr })
+                .await
+            {
+                Ok(r) => {
+                    renewed += 1;
+                    node = Enrolled {
+                        node_id: node.node_id.clone(),
+                        cert_pem: r.into_inner().certificate_pem,
+                        key_pem: key.serialize_pem(),
+                    };
+                }
+                Err(s) => refused.push(s),
+            }
+        }
+        (node.node_id, renewed, refused)
+    });
+    assert_eq!(renewed, 5, "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|s| s.code() == tonic::Code::ResourceExhausted
+                && s.message()
+                    .contains("certificate renewals faster than one every")),
+        "{refused:?}"
+    );
+    let audit = server.cli_json(&["audit", "--limit", "500"]);
+    let renew_entries = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "node.renew" && e["target"] == node_id.as_str())
+        .count();
+    assert_eq!(renew_entries, 5, "{audit}");
+
+    // Sessions opened and dropped in a loop, each Hello with other facts: a
+    // burst, then refused (the agent's backoff retries later).
+    let token: JoinToken = server.token("store", 1, &[]).parse().unwrap();
+    let codes = rt.block_on(async {
+        let node = enroll::enroll_identity(&server, "127.0.0.1", &token, None, "m-2")
+            .await
+            .unwrap();
+        let mut client = node.client(&server).await.unwrap();
+        let mut codes = Vec::new();
+        for i in 0..40 {
+            let mut facts = enroll::facts("m-2");
+            facts.hostname = format!("host-{i}");
+            let hello = pb::AgentMessage {
+                kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                    last_revision: 0,
+                    facts: Some(facts),
+                })),
+            };
+            let opened = client
+                .session(tokio_stream::iter(vec![hello]))
+                .await
+                .map(|_| ());
+            codes.push(opened.err().map(|s| s.code()));
+        }
+        codes
+    });
+    let opened = codes.iter().filter(|c| c.is_none()).count();
+    assert!((30..=32).contains(&opened), "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .flatten()
+            .all(|c| *c == tonic::Code::ResourceExhausted),
+        "{codes:?}"
+    );
+}
+
+#[test]
+fn artifact_downloads_are_capped_per_node_and_pending_nodes_get_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = patch::key(d, "release");
+    let mut server = Server::init(d);
+    server.start();
+    server.cli(&[
+        "trust",
+        "set",
+        "--threshold",
+        "1",
+        "--key",
+        key.public.to_str().unwrap(),
+    ]);
+    // Large enough that an unread download stays open (flow control).
+    let tar = d.join("big.tar");
+    patch::tar(&tar, &[("blob.bin", &patch::noise(16 << 20, 7), 0o644)]);
+    let spec = patch::files_spec(d, "big-1.0.0", "1.0.0", &tar, "");
+    let manifest = patch::build(&server, &spec, &d.join("big"));
+    patch::sign(&server, &manifest, &key);
+    let (ok, out, err) = patch::publish(&server, &manifest);
+    assert!(ok, "{out}{err}");
+
+    let token: JoinToken = server.token("store", 1, &[]).parse().unwrap();
+    let approval: JoinToken = server.token("store", 1, &["--approval"]).parse().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let (_, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "m-1")
+            .await
+            .unwrap();
+        let (beat, mut states) = enroll::open_session(&mut node, "m-1").await;
+        let (_, offered) = enroll::offered(&mut states, "big-1.0.0").await;
+        let m = flotilla_proto::manifest::Manifest::parse(&offered.manifest).unwrap();
+        let sha = m.artifacts[0].sha256.clone();
+        let fetch = || pb::FetchArtifactRequest {
+            sha256: sha.clone(),
+            offset: 0,
+        };
+        // Opened, never read.
+        let mut open = Vec::new();
+        for _ in 0..8 {
+            open.push(node.fetch_artifact(fetch()).await.unwrap().into_inner());
+        }
+        let e = node.fetch_artifact(fetch()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("8 artifact downloads open"), "{e:?}");
+        // One given up: its place comes back.
+        open.pop();
+        let mut again = None;
+        for _ in 0..100 {
+            match node.fetch_artifact(fetch()).await {
+                Ok(s) => {
+                    again = Some(s.into_inner());
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        assert!(again.is_some(), "a download's place was not given back");
+        beat.abort();
+
+        // A node waiting for approval is offered nothing and fetches nothing.
+        let (_, mut pending) = enroll::enroll(&server, "127.0.0.1", &approval, None, "m-2")
+            .await
+            .unwrap();
+        let e = pending.fetch_artifact(fetch()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().contains("waiting for an operator's approval"),
+            "{e:?}"
+        );
+    });
+}
