@@ -204,15 +204,22 @@ async fn place(app: &App, req: &JoinRequest, clones_new_node: bool) -> Result<Pl
              --new-node-for-clones",
             existing.id, existing.facts.machine_id
         ));
-        app.audit
-            .record(
-                &format!("token:{}", req.token_id),
-                crate::audit::Action::NodeClone,
-                &existing.id,
-                serde_json::json!({ "machine_id": existing.facts.machine_id, "outcome": "refused" }),
-            )
-            .await?;
-        return Err(refusal);
+        // Audited within the guard's budget, against the source: a peer that
+        // asks again and again cannot grow the audit log as it likes.
+        let failure = app.join_guard.failed(req.source, None);
+        if let Some(report) = failure.report {
+            report
+                .tell(
+                    &app.audit,
+                    crate::audit::Action::NodeClone,
+                    "refused clone join",
+                    &existing.id,
+                    "outcome",
+                    "refused",
+                )
+                .await;
+        }
+        return Err(failure.slowed.unwrap_or(refusal));
     }
     if online || fresh {
         return Ok(Placement::New {
@@ -272,7 +279,16 @@ pub async fn join(app: &App, req: JoinRequest) -> Result<Joined> {
         return Err(e);
     }
 
-    let placement = place(app, &req, rec.as_ref().is_some_and(|t| t.clones_new_node)).await?;
+    let placement = match place(app, &req, rec.as_ref().is_some_and(|t| t.clones_new_node)).await {
+        Ok(p) => p,
+        // A proof of a node's key that fails is guessing at it, as a wrong
+        // secret is (the token's own allowance is not charged: its secret
+        // was right).
+        Err(e) if req.proof.is_some() => {
+            return Err(failed_join(app, req.source, &req.token_id, None, e).await);
+        }
+        Err(e) => return Err(e),
+    };
     let node_id = match &placement {
         Placement::Existing(n) => n.id.clone(),
         Placement::New { .. } => format!("node-{}", random_string(12)),

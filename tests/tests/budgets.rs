@@ -196,3 +196,90 @@ fn artifact_downloads_are_capped_per_node_and_pending_nodes_get_none() {
         );
     });
 }
+
+#[test]
+fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let token: JoinToken = server.token("store", 100, &[]).parse().unwrap();
+    let rt = runtime();
+    let (proof_codes, clone_codes) = rt.block_on(async {
+        let (node_id, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "m-1")
+            .await
+            .unwrap();
+        // Online, so a join with its machine id and another key is a clone.
+        let (beat, _states) = enroll::open_session(&mut node, "m-1").await;
+        let anon = || async {
+            let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            pb::agent_service_client::AgentServiceClient::new(channel)
+        };
+        let join = |proof: Option<pb::KeyProof>| pb::EnrollRequest {
+            token_id: token.id.clone(),
+            token_secret: token.secret.clone(),
+            csr_der: csr().1,
+            facts: Some(enroll::facts("m-1")),
+            labels: Default::default(),
+            proof,
+        };
+        // The right token, a proof of the node's key that does not verify.
+        let mut proof_codes = Vec::new();
+        for _ in 0..14 {
+            let forged = pb::KeyProof {
+                node_id: node_id.clone(),
+                at_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+                signature: vec![7u8; 64].into(),
+            };
+            let e = anon().await.enroll(join(Some(forged))).await.unwrap_err();
+            proof_codes.push(e.code());
+        }
+        // Without a proof, from the second address: a refused clone each time.
+        let mut clone_codes = Vec::new();
+        for _ in 0..14 {
+            let e = enroll::enroll_identity(&server, "127.0.0.2", &token, None, "m-1")
+                .await
+                .err()
+                .expect("refused while the node is online");
+            clone_codes.push(e.code());
+        }
+        beat.abort();
+        (proof_codes, clone_codes)
+    });
+    // Counted as guesses: ten back to back, then slowed.
+    assert_ne!(
+        proof_codes[0],
+        tonic::Code::ResourceExhausted,
+        "{proof_codes:?}"
+    );
+    assert_eq!(
+        proof_codes.last(),
+        Some(&tonic::Code::ResourceExhausted),
+        "{proof_codes:?}"
+    );
+    assert_eq!(
+        clone_codes[0],
+        tonic::Code::FailedPrecondition,
+        "{clone_codes:?}"
+    );
+    assert_eq!(
+        clone_codes.last(),
+        Some(&tonic::Code::ResourceExhausted),
+        "{clone_codes:?}"
+    );
+    // One audit entry per source a minute, not one per attempt.
+    let audit = server.cli_json(&["audit", "--limit", "500"]);
+    let count = |action: &str| {
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .count()
+    };
+    assert_eq!(count("join.failed"), 1, "{audit}");
+    assert_eq!(count("node.clone"), 1, "{audit}");
+}
