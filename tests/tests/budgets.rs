@@ -232,7 +232,7 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
             let forged = pb::KeyProof {
                 node_id: node_id.clone(),
                 at_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
-                signature: vec![7u8; 64].into(),
+                signature: vec![7u8; 64],
             };
             let e = anon().await.enroll(join(Some(forged))).await.unwrap_err();
             proof_codes.push(e.code());
