@@ -120,13 +120,22 @@ pub struct EventLog {
     /// Woken after each local append: this replica's deliveries and
     /// followers look at once (other replicas' appends are polled).
     pub appended: std::sync::Arc<tokio::sync::Notify>,
+    /// Event streams open per operator credential (each a task and a
+    /// poll of the store every half second while it follows).
+    pub followers: std::sync::Arc<crate::slots::KeyedSlots>,
 }
+
+/// Event streams one credential may hold open at once.
+pub const MAX_FOLLOWERS_PER_CREDENTIAL: usize = 8;
 
 impl EventLog {
     pub fn new(db: Db) -> Self {
         Self {
             db,
             appended: Default::default(),
+            followers: std::sync::Arc::new(crate::slots::KeyedSlots::new(
+                MAX_FOLLOWERS_PER_CREDENTIAL,
+            )),
         }
     }
 

@@ -156,3 +156,37 @@ pub async fn offered(
     .await
     .expect("the patch is offered within 30s")
 }
+
+/// An admin client calling as the server's first credential, to send what
+/// the CLI would refuse to send (or more of it than the CLI would).
+pub async fn admin(
+    server: &Server,
+) -> pb::admin_service_client::AdminServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl tonic::service::Interceptor + use<>,
+    >,
+> {
+    let file = std::fs::read_to_string(server.credential()).expect("credential file");
+    let credential = file
+        .lines()
+        .find_map(|l| l.strip_prefix("credential = "))
+        .expect("a credential line")
+        .trim_matches('"')
+        .to_string();
+    let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {credential}")
+        .parse()
+        .expect("header value");
+    pb::admin_service_client::AdminServiceClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        },
+    )
+}

@@ -283,3 +283,44 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
     assert_eq!(count("join.failed"), 1, "{audit}");
     assert_eq!(count("node.clone"), 1, "{audit}");
 }
+
+#[test]
+fn one_credential_follows_the_event_log_on_a_bounded_number_of_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    server.start();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut admin = enroll::admin(&server).await;
+        let follow = || pb::WatchEventsRequest {
+            follow: true,
+            ..Default::default()
+        };
+        let mut open = Vec::new();
+        for _ in 0..8 {
+            open.push(admin.watch_events(follow()).await.unwrap().into_inner());
+        }
+        let e = admin.watch_events(follow()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("8 event streams open"), "{e:?}");
+        // Closing one gives its place back (within the follower's next look).
+        open.pop();
+        let mut again = None;
+        for _ in 0..100 {
+            match admin.watch_events(follow()).await {
+                Ok(s) => {
+                    again = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        assert!(
+            again.is_some(),
+            "a closed stream's place was not given back"
+        );
+    });
+}

@@ -9,39 +9,8 @@ use flotilla_e2e::{Server, enroll, patch};
 use flotilla_proto::delta::{DeltaIndex, INDEX_FILE};
 use flotilla_proto::manifest::Manifest;
 use flotilla_proto::pb;
-use flotilla_proto::pb::admin_service_client::AdminServiceClient;
-use tonic::transport::Channel;
 
 const ID: &str = "app-1.0.1";
-
-/// An admin client calling as the server's first credential, to send what
-/// the CLI would refuse to send.
-async fn admin(
-    server: &Server,
-) -> AdminServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        impl tonic::service::Interceptor + use<>,
-    >,
-> {
-    let file = std::fs::read_to_string(server.credential()).unwrap();
-    let credential = file
-        .lines()
-        .find_map(|l| l.strip_prefix("credential = "))
-        .expect("a credential line")
-        .trim_matches('"')
-        .to_string();
-    let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {credential}").parse().unwrap();
-    AdminServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    })
-}
 
 fn refused(e: tonic::Status, code: tonic::Code, want: &str) {
     assert_eq!(e.code(), code, "{e}");
@@ -115,7 +84,7 @@ fn a_patch_built_with_delta_from_carries_a_small_delta_to_the_fleet() {
         .unwrap();
     flotilla_proto::install_crypto_provider();
     rt.block_on(async {
-        let mut admin = admin(&server).await;
+        let mut admin = enroll::admin(&server).await;
         let request = |deltas: Vec<u8>| pb::PublishPatchRequest {
             manifest: manifest_bytes.clone(),
             signatures: vec![signature.clone()],

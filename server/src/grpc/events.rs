@@ -15,6 +15,9 @@ use crate::model::OperatorRole;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::FleetEvent, Status>> + Send>>;
 
+/// How long an event stream waits for its reader to take the next event.
+const SEND_WITHIN: Duration = Duration::from_secs(60);
+
 /// Most events one answer or catch-up sends before the live ones.
 const MAX_LAST: u32 = 1000;
 
@@ -106,7 +109,14 @@ pub async fn watch_events(
     api: &AdminApi,
     request: Request<pb::WatchEventsRequest>,
 ) -> Result<Response<EventStream>, Status> {
-    api.caller(&request, OperatorRole::Viewer).await?;
+    let caller = api.caller(&request, OperatorRole::Viewer).await?;
+    let place = api.app.events.followers.take(&caller.name).ok_or_else(|| {
+        Status::resource_exhausted(format!(
+            "credential {} has {} event streams open already: close one first",
+            caller.name,
+            api.app.events.followers.max_per_key()
+        ))
+    })?;
     let r = request.into_inner();
     let kinds = parse_kinds(&r.kinds)?;
     let log = api.app.events.clone();
@@ -119,6 +129,7 @@ pub async fn watch_events(
     };
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let _place = place;
         loop {
             let appended = log.appended.notified();
             let batch = match log.after(after, MAX_LAST as usize).await {
@@ -134,7 +145,9 @@ pub async fn watch_events(
                 if !kinds.is_empty() && !kinds.contains(&e.kind) {
                     continue;
                 }
-                if tx.send(Ok(to_pb(e))).await.is_err() {
+                // A follower that stops reading gives its place back.
+                let sent = tokio::time::timeout(SEND_WITHIN, tx.send(Ok(to_pb(e)))).await;
+                if !matches!(sent, Ok(Ok(()))) {
                     return;
                 }
             }
