@@ -44,6 +44,16 @@ impl KeyedSlots {
         })
     }
 
+    /// Places `key` holds now.
+    pub fn held(&self, key: &str) -> usize {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Keys holding a place now.
     pub fn keys(&self) -> usize {
         self.held

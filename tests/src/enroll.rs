@@ -7,6 +7,16 @@ use tonic::transport::Channel;
 
 use crate::Server;
 
+/// A single-threaded runtime for calls made by hand, the crypto provider
+/// installed.
+pub fn runtime() -> tokio::runtime::Runtime {
+    flotilla_proto::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Facts of a made-up host.
 pub fn facts(machine: &str) -> pb::NodeFacts {
     pb::NodeFacts {

@@ -14,6 +14,22 @@ pub struct Key {
     pub public: PathBuf,
 }
 
+/// A started server that trusts one new key, "release" (threshold 1).
+pub fn trusting_server(dir: &Path) -> (Server, Key) {
+    let key = key(dir, "release");
+    let mut server = Server::init(dir);
+    server.start();
+    server.cli(&[
+        "trust",
+        "set",
+        "--threshold",
+        "1",
+        "--key",
+        key.public.to_str().expect("a UTF-8 path"),
+    ]);
+    (server, key)
+}
+
 pub fn key(dir: &Path, name: &str) -> Key {
     let prefix = dir.join(name);
     let out = Command::new(bin("flotilla"))

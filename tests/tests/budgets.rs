@@ -11,14 +11,6 @@ use flotilla_e2e::{Server, patch};
 use flotilla_proto::pb;
 use flotilla_proto::token::JoinToken;
 
-fn runtime() -> tokio::runtime::Runtime {
-    flotilla_proto::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A fresh key and CSR for a renewal.
 fn csr() -> (rcgen::KeyPair, Vec<u8>) {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -37,7 +29,7 @@ fn renewals_and_session_opens_in_a_loop_are_slowed_and_their_audit_bounded() {
     let mut server = Server::init(dir.path());
     server.start();
     let token: JoinToken = server.token("store", 1, &[]).parse().unwrap();
-    let rt = runtime();
+    let rt = enroll::runtime();
     let (node_id, renewed, refused) = rt.block_on(async {
         let mut node = enroll::enroll_identity(&server, "127.0.0.1", &token, None, "m-1")
             .await
@@ -123,17 +115,7 @@ fn renewals_and_session_opens_in_a_loop_are_slowed_and_their_audit_bounded() {
 fn artifact_downloads_are_capped_per_node_and_pending_nodes_get_none() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = patch::key(d, "release");
-    let mut server = Server::init(d);
-    server.start();
-    server.cli(&[
-        "trust",
-        "set",
-        "--threshold",
-        "1",
-        "--key",
-        key.public.to_str().unwrap(),
-    ]);
+    let (server, key) = patch::trusting_server(d);
     // Large enough that an unread download stays open (flow control).
     let tar = d.join("big.tar");
     patch::tar(&tar, &[("blob.bin", &patch::noise(16 << 20, 7), 0o644)]);
@@ -145,7 +127,7 @@ fn artifact_downloads_are_capped_per_node_and_pending_nodes_get_none() {
 
     let token: JoinToken = server.token("store", 1, &[]).parse().unwrap();
     let approval: JoinToken = server.token("store", 1, &["--approval"]).parse().unwrap();
-    let rt = runtime();
+    let rt = enroll::runtime();
     rt.block_on(async {
         let (_, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "m-1")
             .await
@@ -203,7 +185,7 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
     let mut server = Server::init(dir.path());
     server.start();
     let token: JoinToken = server.token("store", 100, &[]).parse().unwrap();
-    let rt = runtime();
+    let rt = enroll::runtime();
     let (proof_codes, clone_codes) = rt.block_on(async {
         let (node_id, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "m-1")
             .await
@@ -289,7 +271,7 @@ fn one_credential_follows_the_event_log_on_a_bounded_number_of_streams() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::init(dir.path());
     server.start();
-    let rt = runtime();
+    let rt = enroll::runtime();
     rt.block_on(async {
         let mut admin = enroll::admin(&server).await;
         let follow = || pb::WatchEventsRequest {

@@ -21,17 +21,7 @@ fn refused(e: tonic::Status, code: tonic::Code, want: &str) {
 fn a_patch_built_with_delta_from_carries_a_small_delta_to_the_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = patch::key(d, "release");
-    let mut server = Server::init(d);
-    server.start();
-    server.cli(&[
-        "trust",
-        "set",
-        "--threshold",
-        "1",
-        "--key",
-        key.public.to_str().unwrap(),
-    ]);
+    let (server, key) = patch::trusting_server(d);
 
     // 1.0.0 with a 5 MiB artifact; 1.0.1 changes a few bytes and adds some.
     let v1 = patch::noise(5 << 20, 1);

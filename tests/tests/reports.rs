@@ -10,14 +10,6 @@ use flotilla_proto::token::JoinToken;
 
 const FORGED: usize = 10_000;
 
-fn runtime() -> tokio::runtime::Runtime {
-    flotilla_proto::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn report(manifest_id: &str, seq: usize, error: &str) -> pb::ReportRequest {
     pb::ReportRequest {
         report_id: format!("r-{seq}"),
@@ -55,7 +47,7 @@ fn nodes_report_only_on_patches_they_were_offered() {
     let pending = server.token("other", 1, &["--approval"]);
     let db = server.data_dir.join("db");
     let pid = server.pid().unwrap();
-    let forger = runtime().block_on(async {
+    let forger = enroll::runtime().block_on(async {
         let other: JoinToken = other.parse().unwrap();
         let pending: JoinToken = pending.parse().unwrap();
         let (forger, mut node) = enroll::enroll(&server, "127.0.0.1", &other, None, "forger")
@@ -203,7 +195,7 @@ fn reports_go_only_as_far_as_the_offer_and_never_out_of_a_final_phase() {
     patch::sign(&server, &manifest, &key);
     assert!(patch::publish(&server, &manifest).0);
 
-    let rt = runtime();
+    let rt = enroll::runtime();
     let token: JoinToken = token.parse().unwrap();
     let enrolled = Instant::now();
     let forger = rt.block_on(async {

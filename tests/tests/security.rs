@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_e2e::{Agent, Server, wait_until};
+use flotilla_e2e::{Agent, Server, enroll, wait_until};
 use flotilla_proto::pb;
 use flotilla_proto::pb::agent_service_client::AgentServiceClient;
 use flotilla_proto::pb::replica_service_client::ReplicaServiceClient;
@@ -13,14 +13,6 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
-
-fn runtime() -> tokio::runtime::Runtime {
-    flotilla_proto::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn revoked_node_is_cut_off_and_cannot_reconnect() {
@@ -256,7 +248,7 @@ fn server_builds_node_certificates_itself_and_requires_mtls() {
     let url = server.url();
     let ca = server.ca_pem();
     let data_dir = server.data_dir.clone();
-    runtime().block_on(async {
+    enroll::runtime().block_on(async {
         let channel = flotilla_proto::tls::endpoint(&url, &ca, None)
             .unwrap()
             .connect()

@@ -3,67 +3,47 @@
 //! server at a time; the others are told to try again, which their agents do
 //! with backoff (a failure that may pass).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use crate::slots::{KeyedSlot, KeyedSlots};
 
 /// Downloads in flight per site (`group/site`).
-#[derive(Default)]
 pub struct SiteSlots {
     max: usize,
-    busy: Arc<Mutex<HashMap<String, usize>>>,
+    slots: KeyedSlots,
 }
 
 /// One download's place in its site's count; given back when dropped (the
 /// stream ended, however).
-pub struct SiteSlot {
-    site: String,
-    busy: Arc<Mutex<HashMap<String, usize>>>,
+pub type SiteSlot = KeyedSlot;
+
+impl Default for SiteSlots {
+    fn default() -> Self {
+        Self::new(0)
+    }
 }
 
 impl SiteSlots {
     /// At most `max` downloads at once per site (0: no cap).
     pub fn new(max: u32) -> Self {
+        let max = max as usize;
         Self {
-            max: max as usize,
-            busy: Arc::default(),
+            max,
+            slots: KeyedSlots::new(if max == 0 { usize::MAX } else { max }),
         }
     }
 
     /// A slot for one more download at `site`, or None when its downloads are
     /// at the cap (and the cap is on).
     pub fn take(&self, site: &str) -> Option<SiteSlot> {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let n = busy.entry(site.to_string()).or_default();
-        if self.max > 0 && *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(SiteSlot {
-            site: site.to_string(),
-            busy: self.busy.clone(),
-        })
+        self.slots.take(site)
     }
 
     /// Downloads in flight at `site` now.
     pub fn in_flight(&self, site: &str) -> usize {
-        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        busy.get(site).copied().unwrap_or(0)
+        self.slots.held(site)
     }
 
     pub fn max(&self) -> usize {
         self.max
-    }
-}
-
-impl Drop for SiteSlot {
-    fn drop(&mut self) {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = busy.get_mut(&self.site) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                busy.remove(&self.site);
-            }
-        }
     }
 }
 
