@@ -338,28 +338,7 @@ sleep 30",
             matches!(outcome, HookOutcome::TimedOut { .. }),
             "{outcome:?}"
         );
-        let pid = std::fs::read_to_string(&pidfile).unwrap();
-        let stat = std::path::Path::new("/proc").join(pid.trim()).join("stat");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            // Gone, or dead and waiting to be reaped by whoever adopted it.
-            match std::fs::read_to_string(&stat) {
-                Err(_) => break,
-                Ok(s)
-                    if s.rsplit(')')
-                        .next()
-                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-                {
-                    break;
-                }
-                Ok(_) => {}
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the hook's child {pid} outlived its timeout"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::install::tests_util::wait_dead(&pidfile, Duration::from_secs(10)).await;
     }
 
     #[tokio::test]

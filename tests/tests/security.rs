@@ -14,14 +14,21 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 
+/// A started server and an agent ("till", group pos) joined to it, not
+/// running yet; its node id.
+fn joined(dir: &std::path::Path) -> (Server, Agent, String) {
+    let mut server = Server::init(dir);
+    server.start();
+    let token = server.token("pos", 1, &[]);
+    let a = Agent::new(dir, "till");
+    let id = a.join(&server.url(), &token);
+    (server, a, id)
+}
+
 #[test]
 fn revoked_node_is_cut_off_and_cannot_reconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::init(dir.path());
-    server.start();
-    let token = server.token("pos", 1, &[]);
-    let mut a = Agent::new(dir.path(), "till");
-    let id = a.join(&server.url(), &token);
+    let (server, mut a, id) = joined(dir.path());
     a.start(&[server.url()]);
     wait_until("the node to be online", T, || {
         (server.node(&id)["online"] == true).then_some(())
@@ -44,11 +51,7 @@ fn revoked_node_is_cut_off_and_cannot_reconnect() {
 #[test]
 fn one_server_refusing_does_not_stop_an_agent_that_has_others() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::init(dir.path());
-    server.start();
-    let token = server.token("pos", 1, &[]);
-    let mut a = Agent::new(dir.path(), "till");
-    let id = a.join(&server.url(), &token);
+    let (server, mut a, id) = joined(dir.path());
     // The same server under two names: two servers to the agent.
     let port = server.url().rsplit(':').next().unwrap().to_string();
     let other = format!("https://localhost:{port}");
@@ -93,11 +96,7 @@ fn alert_sender() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
 fn an_unauthenticated_tls_alert_never_stops_the_agent() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::init(dir.path());
-    server.start();
-    let token = server.token("pos", 1, &[]);
-    let mut a = Agent::new(dir.path(), "till");
-    let id = a.join(&server.url(), &token);
+    let (server, mut a, id) = joined(dir.path());
     let (alerting, seen) = alert_sender();
     // First in the list: the agent moves on to the real server.
     a.start(&[alerting.clone(), server.url()]);

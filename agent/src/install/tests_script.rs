@@ -93,28 +93,7 @@ async fn a_timeout_kills_the_whole_process_group() {
     );
 
     // The background child was killed too (gone, or a zombie awaiting its reaper).
-    let pid = fs::read_to_string(&pidfile).expect("pid file");
-    let stat = Path::new("/proc").join(pid.trim()).join("stat");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match fs::read_to_string(&stat) {
-            Err(_) => break,
-            Ok(s)
-                if s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-            {
-                break;
-            }
-            Ok(s) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "background sleep still alive: {s}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::install::tests_util::wait_dead(&pidfile, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Test helpers: tar archives built entry by entry (malicious names written straight
 //! into the header bytes, past the `tar` crate's own checks), whole-tree snapshots
-//! to prove a host was left untouched or restored exactly, and a policy.
+//! to prove a host was left untouched or restored exactly, a policy, and a wait
+//! for a process to be dead.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -195,4 +196,30 @@ pub(crate) fn fill(path: &Path, max: usize) {
         }
     }
     let _ = f.sync_all();
+}
+
+/// Waits until the process whose pid `pidfile` holds is gone, or dead and
+/// waiting for whoever adopted it to reap it; fails past `within`.
+pub async fn wait_dead(pidfile: &std::path::Path, within: std::time::Duration) {
+    let pid = std::fs::read_to_string(pidfile).expect("pid file");
+    let stat = std::path::Path::new("/proc").join(pid.trim()).join("stat");
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match std::fs::read_to_string(&stat) {
+            Err(_) => return,
+            Ok(s)
+                if s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+            {
+                return;
+            }
+            Ok(s) => assert!(
+                std::time::Instant::now() < deadline,
+                "process {} still alive: {s}",
+                pid.trim()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
