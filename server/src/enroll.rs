@@ -99,6 +99,17 @@ pub async fn reenroll(
         Err(e) => return Err(failed_join(app, source, &proof.node_id, None, e).await),
     };
     let now = now_secs();
+    // The proof first: every proof that fails is counted, whatever the
+    // certificate's state, and only the key's holder learns that state.
+    if let Err(e) = crate::key_proof::verify(
+        &node,
+        flotilla_proto::key_proof::REENROLL,
+        csr_der,
+        proof,
+        now,
+    ) {
+        return Err(failed_join(app, source, &proof.node_id, None, e).await);
+    }
     let expired_for = now - node.cert_not_after;
     if expired_for < 0 {
         return Err(Error::FailedPrecondition(format!(
@@ -116,15 +127,6 @@ pub async fn reenroll(
             crate::compliance::duration(expired_for),
             humantime::format_duration(window)
         )));
-    }
-    if let Err(e) = crate::key_proof::verify(
-        &node,
-        flotilla_proto::key_proof::REENROLL,
-        csr_der,
-        proof,
-        now,
-    ) {
-        return Err(failed_join(app, source, &proof.node_id, None, e).await);
     }
     if csr_der.is_empty() || csr_der.len() > limits::MAX_CSR_BYTES {
         return Err(Error::InvalidArgument(format!(

@@ -35,11 +35,13 @@ pub struct AgentApi {
 /// cache a few at a time.
 pub const DOWNLOADS_PER_NODE: usize = 8;
 
-/// The node a call comes from: the subject and serial of its client
-/// certificate, and its status now.
+/// The node a call comes from: the subject, serial and validity (Unix
+/// seconds) of its client certificate, and its status now.
 struct Peer {
     node_id: String,
     serial: String,
+    not_before: i64,
+    not_after: i64,
     status: crate::model::NodeStatus,
 }
 
@@ -58,6 +60,8 @@ fn peer_of<T>(req: &Request<T>) -> Result<Peer, Status> {
     Ok(Peer {
         node_id,
         serial: hex::encode(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
         status: crate::model::NodeStatus::Pending,
     })
 }
@@ -326,9 +330,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        let node_id = self.authorize(&request).await?;
+        let peer = self.authorized_peer(&request).await?;
+        let node_id = peer.node_id;
         // Each renewal is a CA signature, a store write and an audit entry
-        // kept for good.
+        // kept for good: a node no operator has accepted gets the one its
+        // agent needs while it waits (a refusal takes nothing from its rate).
+        if peer.status != crate::model::NodeStatus::Accepted {
+            super::renewal::check_pending(
+                &node_id,
+                peer.not_before,
+                peer.not_after,
+                crate::model::now_secs(),
+            )?;
+        }
         self.renewals.check(&node_id)?;
         let csr = request.into_inner().csr_der;
         let cert = self
@@ -471,7 +485,15 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::AuthorizeSitePeerRequest>,
     ) -> Result<Response<pb::AuthorizeSitePeerResponse>, Status> {
-        let node_id = self.authorize(&request).await?;
+        let peer = self.authorized_peer(&request).await?;
+        let node_id = peer.node_id;
+        // Only accepted nodes serve a site: a pending one has no business
+        // asking what its peers were offered.
+        if peer.status != crate::model::NodeStatus::Accepted {
+            return Err(Status::permission_denied(format!(
+                "node {node_id} is waiting for an operator's approval: it serves no site peers until accepted"
+            )));
+        }
         let r = request.into_inner();
         crate::artifacts::check_sha256(&r.sha256)?;
         limits::check_text("peer node id", &r.peer_node_id, limits::MAX_FACT_LEN)

@@ -52,6 +52,17 @@ pub async fn serve(
     offset: u64,
     held: impl Send + 'static,
 ) -> Result<ChunkStream, Status> {
+    serve_within(artifacts, sha256, offset, held, SEND_WITHIN).await
+}
+
+/// [`serve`], a reader that takes no chunk for `send_within` ending it.
+async fn serve_within(
+    artifacts: &ArtifactStore,
+    sha256: &str,
+    offset: u64,
+    held: impl Send + 'static,
+    send_within: std::time::Duration,
+) -> Result<ChunkStream, Status> {
     let (mut body, len) = match artifacts.in_memory(sha256).await? {
         Some(bytes) => {
             let len = bytes.len() as u64;
@@ -196,7 +207,7 @@ pub async fn serve(
                     faults.sent(n).await;
                     let chunk = pb::ArtifactChunk { offset, data };
                     offset += n as u64;
-                    match tokio::time::timeout(SEND_WITHIN, tx.send(Ok(chunk))).await {
+                    match tokio::time::timeout(send_within, tx.send(Ok(chunk))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break,
                         Err(_) => {
@@ -218,6 +229,8 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::Body;
+    use std::time::Duration;
+    use tokio_stream::StreamExt;
 
     /// Reads `body` to its end from `offset` in chunks of `max`.
     async fn read_all(mut body: Body, mut offset: u64, max: usize) -> Vec<Vec<u8>> {
@@ -255,5 +268,34 @@ mod tests {
                 .await
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_download_whose_reader_stops_reading_ends_and_gives_back_what_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::artifacts::ArtifactStore::open(dir.path()).unwrap();
+        // Past the 8 MiB held in memory: served from an open file.
+        let sha = "ab".repeat(32);
+        let len = 9 << 20;
+        std::fs::write(store.path(&sha), vec![7u8; len]).unwrap();
+        // The places a download holds: given back when the sender is dropped.
+        let (held, given_back) = tokio::sync::oneshot::channel::<()>();
+        let mut stream = super::serve_within(&store, &sha, 0, held, Duration::from_millis(200))
+            .await
+            .unwrap();
+        // Never read while the deadline passes (the test's own limit is far
+        // longer: only that it ends is checked).
+        let ended = tokio::time::timeout(Duration::from_secs(30), given_back).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the stalled download still holds its places"
+        );
+        // What was queued before it ended is still delivered, then the end:
+        // a cut short download, which the agent resumes from its offset.
+        let mut got = 0;
+        while let Some(chunk) = stream.next().await {
+            got += chunk.unwrap().data.len();
+        }
+        assert!(got > 0 && got < len, "{got} of {len} bytes");
     }
 }

@@ -10,6 +10,7 @@ pub mod artifact_stream;
 pub mod events;
 pub mod publish;
 pub mod rate;
+pub mod renewal;
 pub mod replica;
 pub mod rollout;
 pub mod views;
