@@ -1,8 +1,9 @@
 //! What one node can make the server do in a loop stays bounded: its
 //! certificate renewals (a CA signature, a store write and an audit entry
 //! each), its session opens (each may store its facts) and its artifact
-//! downloads open at once; a pending node downloads nothing. Real server,
-//! real TLS, nodes enrolled by hand as a misbehaving agent would.
+//! downloads open at once; a pending node downloads nothing and renews only
+//! the certificate it needs. Real server, real TLS, nodes enrolled by hand as
+//! a misbehaving agent would.
 
 use std::time::Duration;
 
@@ -23,6 +24,35 @@ fn csr() -> (rcgen::KeyPair, Vec<u8>) {
     (key, csr)
 }
 
+/// One renewal as `node`, on a fresh key: the node with its new certificate.
+async fn renew(server: &Server, node: &Enrolled) -> Result<Enrolled, tonic::Status> {
+    let (key, csr) = csr();
+    let renewed = node
+        .client(server)
+        .await?
+        .renew_certificate(pb::RenewCertificateRequest { csr_der: csr })
+        .await?;
+    Ok(Enrolled {
+        node_id: node.node_id.clone(),
+        cert_pem: renewed.into_inner().certificate_pem,
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A client of `server` without a certificate, from local address `source`.
+async fn anon(
+    server: &Server,
+    source: &str,
+) -> pb::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+    let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
+        .unwrap()
+        .local_address(Some(source.parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    pb::agent_service_client::AgentServiceClient::new(channel)
+}
+
 #[test]
 fn renewals_and_session_opens_in_a_loop_are_slowed_and_their_audit_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,20 +66,11 @@ fn renewals_and_session_opens_in_a_loop_are_slowed_and_their_audit_bounded() {
             .unwrap();
         let (mut renewed, mut refused) = (0, Vec::new());
         // Each time with the newest certificate, as a node that means it.
-        for _ in 0..20 {
-            let (key, csr) = csr();
-            let mut client = node.client(&server).await.unwrap();
-            match client
-                .renew_certificate(pb::RenewCertificateRequest { csr_der: csr })
-                .await
-            {
-                Ok(r) => {
+        for _ in 0..50 {
+            match renew(&server, &node).await {
+                Ok(n) => {
                     renewed += 1;
-                    node = Enrolled {
-                        node_id: node.node_id.clone(),
-                        cert_pem: r.into_inner().certificate_pem,
-                        key_pem: key.serialize_pem(),
-                    };
+                    node = n;
                 }
                 Err(s) => refused.push(s),
             }
@@ -109,6 +130,90 @@ fn renewals_and_session_opens_in_a_loop_are_slowed_and_their_audit_bounded() {
             .all(|c| *c == tonic::Code::ResourceExhausted),
         "{codes:?}"
     );
+}
+
+#[test]
+fn a_node_waiting_for_approval_renews_only_the_certificate_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::init(dir.path());
+    // Short-lived certificates: one reaches the second half of its life while
+    // the test waits.
+    server
+        .extra_args
+        .extend(["--node-cert-lifetime".into(), "16s".into()]);
+    server.start();
+    let approval: JoinToken = server.token("store", 1, &["--approval"]).parse().unwrap();
+    let rt = enroll::runtime();
+    let renewed = rt.block_on(async {
+        let node = enroll::enroll_identity(&server, "127.0.0.1", &approval, None, "m-1")
+            .await
+            .unwrap();
+        // Straight after its join: refused, told why and from when.
+        let e = renew(&server, &node)
+            .await
+            .err()
+            .expect("refused while fresh");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains(&format!(
+                "node {} is waiting for an operator's approval",
+                node.node_id
+            )) && e
+                .message()
+                .contains("second half of the certificate's life"),
+            "{e:?}"
+        );
+        // Nor may it ask what its site's peers were offered.
+        let e = node
+            .client(&server)
+            .await
+            .unwrap()
+            .authorize_site_peer(pb::AuthorizeSitePeerRequest {
+                peer_node_id: "node-aaaaaaaaaaaa".into(),
+                sha256: "ab".repeat(32),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().contains("serves no site peers until accepted"),
+            "{e:?}"
+        );
+        // Asked again as its agent would, the renewal is taken once the
+        // certificate is half way through its life (well before it expires).
+        let renewed = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match renew(&server, &node).await {
+                    Ok(n) => return n,
+                    Err(e) => {
+                        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a pending node's certificate is renewed in the second half of its life");
+        // Its new certificate is a fresh one: refused again.
+        let e = renew(&server, &renewed).await.err().expect("refused");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        renewed
+    });
+    let renew_entries = |server: &Server| {
+        let audit = server.cli_json(&["audit", "--limit", "500"]);
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "node.renew" && e["target"] == renewed.node_id.as_str())
+            .count()
+    };
+    // However often it asked: one renewal, one audit entry.
+    assert_eq!(renew_entries(&server), 1);
+    // Accepted, it renews as any node does.
+    server.cli(&["nodes", "accept", &renewed.node_id]);
+    rt.block_on(renew(&server, &renewed)).unwrap();
+    assert_eq!(renew_entries(&server), 2);
 }
 
 #[test]
@@ -186,20 +291,12 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
     server.start();
     let token: JoinToken = server.token("store", 100, &[]).parse().unwrap();
     let rt = enroll::runtime();
-    let (proof_codes, clone_codes) = rt.block_on(async {
+    let (proof_codes, reenroll_codes, clone_codes) = rt.block_on(async {
         let (node_id, mut node) = enroll::enroll(&server, "127.0.0.1", &token, None, "m-1")
             .await
             .unwrap();
         // Online, so a join with its machine id and another key is a clone.
         let (beat, _states) = enroll::open_session(&mut node, "m-1").await;
-        let anon = || async {
-            let channel = flotilla_proto::tls::endpoint(&server.url(), &server.ca_pem(), None)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            pb::agent_service_client::AgentServiceClient::new(channel)
-        };
         let join = |proof: Option<pb::KeyProof>| pb::EnrollRequest {
             token_id: token.id.clone(),
             token_secret: token.secret.clone(),
@@ -208,16 +305,35 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
             labels: Default::default(),
             proof,
         };
+        let forged = || pb::KeyProof {
+            node_id: node_id.clone(),
+            at_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+            signature: vec![7u8; 64],
+        };
         // The right token, a proof of the node's key that does not verify.
         let mut proof_codes = Vec::new();
         for _ in 0..14 {
-            let forged = pb::KeyProof {
-                node_id: node_id.clone(),
-                at_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
-                signature: vec![7u8; 64],
-            };
-            let e = anon().await.enroll(join(Some(forged))).await.unwrap_err();
+            let e = anon(&server, "127.0.0.1")
+                .await
+                .enroll(join(Some(forged())))
+                .await
+                .unwrap_err();
             proof_codes.push(e.code());
+        }
+        // A renewal by proof of the key, from a third address: the
+        // certificate is still valid, and the forged proof counts all the
+        // same (it is checked first).
+        let mut reenroll_codes = Vec::new();
+        for _ in 0..14 {
+            let e = anon(&server, "127.0.0.3")
+                .await
+                .reenroll(pb::ReenrollRequest {
+                    csr_der: csr().1,
+                    proof: Some(forged()),
+                })
+                .await
+                .unwrap_err();
+            reenroll_codes.push(e.code());
         }
         // Without a proof, from the second address: a refused clone each time.
         let mut clone_codes = Vec::new();
@@ -229,7 +345,7 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
             clone_codes.push(e.code());
         }
         beat.abort();
-        (proof_codes, clone_codes)
+        (proof_codes, reenroll_codes, clone_codes)
     });
     // Counted as guesses: ten back to back, then slowed.
     assert_ne!(
@@ -241,6 +357,16 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
         proof_codes.last(),
         Some(&tonic::Code::ResourceExhausted),
         "{proof_codes:?}"
+    );
+    assert_eq!(
+        reenroll_codes[0],
+        tonic::Code::PermissionDenied,
+        "{reenroll_codes:?}"
+    );
+    assert_eq!(
+        reenroll_codes.last(),
+        Some(&tonic::Code::ResourceExhausted),
+        "{reenroll_codes:?}"
     );
     assert_eq!(
         clone_codes[0],
@@ -262,7 +388,8 @@ fn failed_key_proofs_and_refused_clone_joins_are_guesses_with_a_bounded_audit() 
             .filter(|e| e["action"] == action)
             .count()
     };
-    assert_eq!(count("join.failed"), 1, "{audit}");
+    // Two sources of failed proofs: one entry each.
+    assert_eq!(count("join.failed"), 2, "{audit}");
     assert_eq!(count("node.clone"), 1, "{audit}");
 }
 

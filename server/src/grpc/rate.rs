@@ -152,4 +152,22 @@ mod tests {
         rate.check("node-b").unwrap();
         assert_eq!(rate.tracked(), 2);
     }
+
+    #[test]
+    fn renewals_take_a_burst_then_one_each_tenth_of_a_lifetime_capped_at_an_hour() {
+        // Default 30-day certificates: an agent renews once in 20 days, and
+        // a few retries of a renewal that failed fit in the burst.
+        let rate = NodeRate::renewals(Duration::from_secs(30 * 86_400));
+        for _ in 0..RENEWAL_BURST {
+            rate.check("node-a").unwrap();
+        }
+        let err = rate.check("node-a").unwrap_err().to_string();
+        assert!(
+            err.contains("node node-a sends certificate renewals faster than one every 1h"),
+            "{err}"
+        );
+        // Test-sized certificates are not held back past their renewal.
+        let short = NodeRate::renewals(Duration::from_secs(6));
+        assert_eq!(short.limit, "one every 1s");
+    }
 }
