@@ -19,6 +19,7 @@ pub mod events;
 pub mod fleet;
 pub mod grpc;
 pub mod guess_guard;
+pub mod handoff;
 pub mod key_proof;
 pub mod maintenance;
 pub mod membership;

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::artifacts::ArtifactStore;
+use crate::handoff::Handed;
 
 pub type ChunkStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
 
@@ -207,10 +208,10 @@ async fn serve_within(
                     faults.sent(n).await;
                     let chunk = pb::ArtifactChunk { offset, data };
                     offset += n as u64;
-                    match tokio::time::timeout(send_within, tx.send(Ok(chunk))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break,
-                        Err(_) => {
+                    match crate::handoff::hand(&tx, Ok(chunk), send_within).await {
+                        Handed::Taken => {}
+                        Handed::ReaderGone => break,
+                        Handed::Stalled => {
                             tracing::info!(%sha256, offset, "an artifact download stopped reading; ending it");
                             break;
                         }

@@ -146,8 +146,8 @@ pub async fn watch_events(
                     continue;
                 }
                 // A follower that stops reading gives its place back.
-                let sent = tokio::time::timeout(SEND_WITHIN, tx.send(Ok(to_pb(e)))).await;
-                if !matches!(sent, Ok(Ok(()))) {
+                let sent = crate::handoff::hand(&tx, Ok(to_pb(e)), SEND_WITHIN).await;
+                if sent != crate::handoff::Handed::Taken {
                     return;
                 }
             }

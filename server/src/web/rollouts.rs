@@ -270,10 +270,7 @@ const SEND_WITHIN: Duration = Duration::from_secs(30);
 /// Queues `event` for the stream's reader; false when the reader is gone or
 /// has not read for [`SEND_WITHIN`] (the stream then ends).
 async fn send(tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>, event: Event) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_WITHIN, tx.send(Ok(event))).await,
-        Ok(Ok(()))
-    )
+    crate::handoff::hand(tx, Ok(event), SEND_WITHIN).await == crate::handoff::Handed::Taken
 }
 
 /// The live section again each time it changes: on a rollout event, or a
